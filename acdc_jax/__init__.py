@@ -1,0 +1,13 @@
+"""acdc-jax: automatic circuit discovery for transformers, in JAX."""
+
+from .checkpoint import load, save
+from .errors import CheckpointError, ConfigError, MetricError, TaskError
+from .graph import CircuitGraph, Edge, Node, expected_edge_count
+from .model import SenderActivations, Transformer, TransformerConfig
+from .patching import Corruption, patched_forward
+
+__all__ = [
+    "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "MetricError", "Node",
+    "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
+    "patched_forward", "save",
+]

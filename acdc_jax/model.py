@@ -1,0 +1,393 @@
+"""The transformer: its config and a plain Equinox forward pass.
+
+The plain forward is the reference that the edge-decomposed forward in
+`patching.py` is checked against.
+
+Dimension names used in the jaxtyping shapes of this package:
+``batch pos d_model n_heads d_head d_mlp d_vocab d_vocab_out n_layers n_ctx``.
+Weights follow TransformerLens' layout (``W_Q`` [n_heads, d_model, d_head],
+``W_O`` [n_heads, d_head, d_model], ``W_in`` [d_model, d_mlp]) so that each
+head's write to the residual stream is an edge sender, and the per-layer
+weights are stacked on a leading ``n_layers`` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .errors import ConfigError
+
+ACT_FNS = ("gelu_new", "gelu", "relu")
+NORMALIZATIONS = ("LN", "LNPre", "none")
+POSITIONALS = ("learned", "shortformer", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of a decoder-only transformer.
+
+    ``normalization``: ``"LN"`` (LayerNorm with weight and bias), ``"LNPre"``
+    (centre and scale only, as after TransformerLens' ``fold_ln``) or ``"none"``.
+    ``positional``: ``"learned"`` (added to the residual stream),
+    ``"shortformer"`` (added to the query and key inputs only, after LN) or
+    ``"none"``. ``d_mlp=None`` makes an attention-only model.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    d_mlp: Optional[int] = None
+    d_vocab_out: Optional[int] = None
+    act_fn: str = "gelu_new"
+    normalization: str = "LN"
+    positional: str = "learned"
+    causal: bool = True
+    ln_eps: float = 1e-5
+    attn_scale: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
+            _check_positive_int(name, getattr(self, name))
+        if self.d_mlp is not None:
+            _check_positive_int("d_mlp", self.d_mlp)
+        if self.d_vocab_out is None:
+            object.__setattr__(self, "d_vocab_out", self.d_vocab)
+        _check_positive_int("d_vocab_out", self.d_vocab_out)
+        for name, allowed in (
+            ("act_fn", ACT_FNS),
+            ("normalization", NORMALIZATIONS),
+            ("positional", POSITIONALS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"TransformerConfig.{name}={getattr(self, name)!r} is not supported; "
+                    f"use one of {allowed}."
+                )
+        if not isinstance(self.causal, bool):
+            raise ConfigError(f"TransformerConfig.causal must be a bool, got {self.causal!r}.")
+        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0):
+            raise ConfigError(f"TransformerConfig.ln_eps must be a positive float, got {self.ln_eps!r}.")
+        if self.attn_scale is None:
+            object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
+        if not (isinstance(self.attn_scale, (int, float)) and self.attn_scale > 0):
+            raise ConfigError(
+                f"TransformerConfig.attn_scale must be a positive float, got {self.attn_scale!r}."
+            )
+        object.__setattr__(self, "attn_scale", float(self.attn_scale))
+        object.__setattr__(self, "ln_eps", float(self.ln_eps))
+
+    @property
+    def attn_only(self) -> bool:
+        return self.d_mlp is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown TransformerConfig field(s) {unknown}; known fields are {sorted(known)}."
+            )
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in d
+        )
+        if missing:
+            raise ConfigError(f"TransformerConfig is missing required field(s) {missing}.")
+        return cls(**d)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
+    return 0.02 * jr.normal(key, shape, dtype=jnp.float32)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis. ``w``/``b`` are None unless mode is "LN"."""
+
+    w: Optional[Float[Array, " d_model"]]
+    b: Optional[Float[Array, " d_model"]]
+    mode: str = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, d_model: int, mode: str, eps: float):
+        self.mode, self.eps = mode, eps
+        if mode == "LN":
+            self.w = jnp.ones((d_model,), jnp.float32)
+            self.b = jnp.zeros((d_model,), jnp.float32)
+        else:
+            self.w = self.b = None
+
+    def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
+        if self.mode == "none":
+            return x
+        x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        if self.mode == "LN":
+            x = x * _lead(self.w, x.ndim) + _lead(self.b, x.ndim)
+        return x
+
+
+def _lead(a: Array, ndim: int) -> Array:
+    """Give `a` leading unit axes up to `ndim` (rank promotion is explicit here)."""
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+def attend(
+    q: Float[Array, "n_heads pos d_head"],
+    k: Float[Array, "n_heads pos d_head"],
+    v: Float[Array, "n_heads pos d_head"],
+    scale: float,
+    causal: bool,
+) -> Float[Array, "n_heads pos d_head"]:
+    """Scaled dot-product attention per head; returns z (before W_O)."""
+    scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
+    if causal:
+        n = q.shape[1]
+        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    pattern = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("hqk,hkd->hqd", pattern, v)
+
+
+class Attention(eqx.Module):
+    W_Q: Float[Array, "n_heads d_model d_head"]
+    b_Q: Float[Array, "n_heads d_head"]
+    W_K: Float[Array, "n_heads d_model d_head"]
+    b_K: Float[Array, "n_heads d_head"]
+    W_V: Float[Array, "n_heads d_model d_head"]
+    b_V: Float[Array, "n_heads d_head"]
+    W_O: Float[Array, "n_heads d_head d_model"]
+    b_O: Float[Array, " d_model"]
+    scale: float = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        H, D, K = config.n_heads, config.d_model, config.d_head
+        kq, kk, kv, ko = jr.split(key, 4)
+        self.W_Q, self.W_K, self.W_V = (_normal(k, (H, D, K)) for k in (kq, kk, kv))
+        self.b_Q = self.b_K = self.b_V = jnp.zeros((H, K), jnp.float32)
+        self.W_O = _normal(ko, (H, K, D))
+        self.b_O = jnp.zeros((D,), jnp.float32)
+        self.scale, self.causal = config.attn_scale, config.causal
+
+    def head_results(
+        self,
+        xq: Float[Array, "n_heads pos d_model"],
+        xk: Float[Array, "n_heads pos d_model"],
+        xv: Float[Array, "n_heads pos d_model"],
+    ) -> Float[Array, "n_heads pos d_model"]:
+        """Each head's write to the residual stream (without b_O), from its own
+        (already normalised) query, key and value inputs."""
+        q = jnp.einsum("hpd,hdk->hpk", xq, self.W_Q) + self.b_Q[:, None, :]
+        k = jnp.einsum("hpd,hdk->hpk", xk, self.W_K) + self.b_K[:, None, :]
+        v = jnp.einsum("hpd,hdk->hpk", xv, self.W_V) + self.b_V[:, None, :]
+        z = attend(q, k, v, self.scale, self.causal)
+        return jnp.einsum("hpk,hkd->hpd", z, self.W_O)
+
+
+def activation(name: str, x: Array) -> Array:
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.relu(x)
+
+
+class MLP(eqx.Module):
+    W_in: Float[Array, "d_model d_mlp"]
+    b_in: Float[Array, " d_mlp"]
+    W_out: Float[Array, "d_mlp d_model"]
+    b_out: Float[Array, " d_model"]
+    act_fn: str = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        k1, k2 = jr.split(key)
+        self.W_in = _normal(k1, (config.d_model, config.d_mlp))
+        self.b_in = jnp.zeros((config.d_mlp,), jnp.float32)
+        self.W_out = _normal(k2, (config.d_mlp, config.d_model))
+        self.b_out = jnp.zeros((config.d_model,), jnp.float32)
+        self.act_fn = config.act_fn
+
+    def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
+        h = activation(self.act_fn, x @ self.W_in + _lead(self.b_in, x.ndim))
+        return h @ self.W_out + _lead(self.b_out, x.ndim)
+
+
+class Block(eqx.Module):
+    ln1: LayerNorm
+    attn: Attention
+    ln2: Optional[LayerNorm]
+    mlp: Optional[MLP]
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ka, km = jr.split(key)
+        self.ln1 = LayerNorm(config.d_model, config.normalization, config.ln_eps)
+        self.attn = Attention(config, key=ka)
+        if config.attn_only:
+            self.ln2 = self.mlp = None
+        else:
+            self.ln2 = LayerNorm(config.d_model, config.normalization, config.ln_eps)
+            self.mlp = MLP(config, key=km)
+
+
+class Embedding(eqx.Module):
+    W_E: Float[Array, "d_vocab d_model"]
+    W_pos: Optional[Float[Array, "n_ctx d_model"]]
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ke, kp = jr.split(key)
+        self.W_E = _normal(ke, (config.d_vocab, config.d_model))
+        self.W_pos = None if config.positional == "none" else _normal(kp, (config.n_ctx, config.d_model))
+
+
+class Unembed(eqx.Module):
+    W_U: Float[Array, "d_model d_vocab_out"]
+    b_U: Float[Array, " d_vocab_out"]
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        self.W_U = _normal(key, (config.d_model, config.d_vocab_out))
+        self.b_U = jnp.zeros((config.d_vocab_out,), jnp.float32)
+
+    def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_vocab_out"]:
+        return x @ self.W_U + _lead(self.b_U, x.ndim)
+
+
+class SenderActivations(eqx.Module):
+    """What each edge sender writes to the residual stream, for one or more prompts.
+
+    ``tok``/``pos`` are the token and (learned) position embeddings, ``heads``
+    each head's output without the attention bias ``b_O`` (which is constant
+    and belongs to no edge), ``mlps`` each MLP's output including its bias.
+    Leading ``*batch`` axes are optional.
+    """
+
+    tok: Float[Array, "*batch pos d_model"]
+    pos: Optional[Float[Array, "*batch pos d_model"]]
+    heads: Float[Array, "*batch n_layers n_heads pos d_model"]
+    mlps: Optional[Float[Array, "*batch n_layers pos d_model"]]
+
+
+def layer(blocks: Block, index: int) -> Block:
+    """The parameters of one layer from the stacked blocks."""
+    return jax.tree_util.tree_map(lambda a: a[index], blocks)
+
+
+class Transformer(eqx.Module):
+    """A decoder-only transformer with a plain forward pass.
+
+    ``model(tokens)`` takes int tokens [batch, pos] (or [pos]) and returns
+    logits [batch, pos, d_vocab_out]. Layers are stacked in ``blocks`` and the
+    plain forward scans over them.
+    """
+
+    config: TransformerConfig = eqx.field(static=True)
+    embed: Embedding
+    blocks: Block
+    ln_final: LayerNorm
+    unembed: Unembed
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ke, kb, ku = jr.split(key, 3)
+        self.config = config
+        self.embed = Embedding(config, key=ke)
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(jr.split(kb, config.n_layers))
+        self.ln_final = LayerNorm(config.d_model, config.normalization, config.ln_eps)
+        self.unembed = Unembed(config, key=ku)
+
+    def __call__(self, tokens: Int[Array, "*batch pos"]) -> Float[Array, "*batch pos d_vocab_out"]:
+        return _map_batch(lambda t: self._forward(t, collect=False)[0], tokens)
+
+    def run_with_senders(
+        self, tokens: Int[Array, "*batch pos"]
+    ) -> tuple[Float[Array, "*batch pos d_vocab_out"], SenderActivations]:
+        """Logits plus every edge sender's activation (the "hook_result",
+        "hook_mlp_out" and embedding hooks of TransformerLens)."""
+        return _map_batch(lambda t: self._forward(t, collect=True), tokens)
+
+    def embeddings(self, tokens: Int[Array, " pos"]):
+        """Token embedding, residual position embedding, and the shortformer
+        position embedding that is added to queries and keys (or None)."""
+        check_tokens(tokens, self.config)
+        n = tokens.shape[-1]
+        tok = self.embed.W_E[tokens]
+        pos = self.embed.W_pos[:n] if self.config.positional == "learned" else None
+        pos_qk = self.embed.W_pos[:n] if self.config.positional == "shortformer" else None
+        return tok, pos, pos_qk
+
+    def _forward(self, tokens: Int[Array, " pos"], collect: bool):
+        tok, pos, pos_qk = self.embeddings(tokens)
+        resid = tok if pos is None else tok + pos
+
+        def step(resid, block: Block):
+            x = block.ln1(resid)
+            xqk = x if pos_qk is None else x + pos_qk
+            attn = block.attn
+            q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
+            k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
+            v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
+            z = attend(q, k, v, attn.scale, attn.causal)
+            if collect:
+                heads = jnp.einsum("hpk,hkd->hpd", z, attn.W_O)
+                resid = resid + heads.sum(0) + attn.b_O[None]
+            else:
+                heads = None
+                resid = resid + jnp.einsum("hpk,hkd->pd", z, attn.W_O) + attn.b_O[None]
+            mlp_out = None
+            if block.mlp is not None:
+                mlp_out = block.mlp(block.ln2(resid))
+                resid = resid + mlp_out
+            return resid, (heads, mlp_out if collect else None)
+
+        resid, (heads, mlps) = jax.lax.scan(step, resid, self.blocks)
+        logits = self.unembed(self.ln_final(resid))
+        if not collect:
+            return logits, None
+        return logits, SenderActivations(tok=tok, pos=pos, heads=heads, mlps=mlps)
+
+
+def check_tokens(tokens: Array, config: TransformerConfig) -> None:
+    """Shape and dtype checks that hold under jit (values are not checked)."""
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}.")
+    if tokens.shape[-1] > config.n_ctx:
+        raise ValueError(
+            f"Sequence length {tokens.shape[-1]} exceeds the model's context n_ctx={config.n_ctx}."
+        )
+
+
+def _map_batch(fn, tokens):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim == 0:
+        raise ValueError("tokens must have shape [pos] or [batch, pos], got a scalar.")
+    if tokens.ndim == 1:
+        return fn(tokens)
+    lead = tokens.shape[:-1]
+    out = jax.vmap(fn)(tokens.reshape((-1, tokens.shape[-1])))
+    return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
+def cast(model: Transformer, dtype) -> Transformer:
+    """The model with every floating-point weight cast to `dtype`."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model
+    )

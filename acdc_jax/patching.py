@@ -1,0 +1,239 @@
+"""The edge-decomposed ("patched") forward pass.
+
+Every receiver r reads
+
+    x_r = corrupt_r + qkv_mask[r] * sum_s mask[s, r] * (act_s - corrupt_act_s)
+
+where ``corrupt_r`` is the residual stream the corrupted run gives r (the sum
+of every upstream sender's corrupted output plus the constant attention
+biases), ``act_s`` is sender s's output in this same pass (so a cut edge
+changes everything downstream of it: path patching), and ``qkv_mask`` is the
+q/k/v-step edge (1 for MLP inputs and the logits). With all masks 1 this is the
+plain forward; with all masks 0 it is the corrupted run.
+
+Layers are unrolled in Python: the set of upstream senders grows with depth, so
+each layer mixes a different number of rows and no padding is wasted. A pass
+can start at any layer from cached deviations of the senders before it
+(`run_from`), which is what batched ACDC uses.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .errors import TaskError
+from .graph import CircuitGraph
+from .model import SenderActivations, Transformer, layer
+
+
+class Corruption(eqx.Module):
+    """What a cut edge carries instead of the sender's clean activation.
+
+    ``"prompts"``: the sender's activation on the matching corrupted prompt;
+    ``"mean"``: its mean over a dataset, per position; ``"zeros"``: zero.
+    Build with `from_prompts`, `mean` or `zeros`.
+    """
+
+    kind: str = eqx.field(static=True)
+    acts: Optional[SenderActivations]
+
+    @classmethod
+    def from_prompts(cls, model: Transformer, corrupted_tokens: Int[Array, "batch pos"]) -> "Corruption":
+        tokens = jnp.asarray(corrupted_tokens)
+        if tokens.ndim != 2:
+            raise TaskError(f"corrupted tokens must have shape [batch, pos], got {tokens.shape}.")
+        return cls("prompts", _senders(model, tokens))
+
+    @classmethod
+    def mean(cls, model: Transformer, tokens: Int[Array, "batch pos"]) -> "Corruption":
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise TaskError(f"tokens for a mean corruption must have shape [batch, pos], got {tokens.shape}.")
+        acts = jax.tree_util.tree_map(lambda a: a.mean(0), _senders(model, tokens))
+        return cls("mean", acts)
+
+    @classmethod
+    def zeros(cls) -> "Corruption":
+        return cls("zeros", None)
+
+    def check(self, tokens: Array) -> None:
+        if self.kind == "prompts" and self.acts.tok.shape[:2] != tokens.shape[:2]:
+            raise TaskError(
+                f"Clean tokens have shape {tuple(tokens.shape)} but the corrupted prompts have shape "
+                f"{tuple(self.acts.tok.shape[:2])}; give one corrupted prompt of equal length per clean prompt."
+            )
+        if self.kind == "mean" and self.acts.tok.shape[0] < tokens.shape[1]:
+            raise TaskError(
+                f"The mean corruption covers {self.acts.tok.shape[0]} positions, the prompts have {tokens.shape[1]}."
+            )
+
+
+@eqx.filter_jit
+def _senders(model: Transformer, tokens):
+    return model.run_with_senders(tokens)[1]
+
+
+def example_corruption(corruption: Corruption, model: Transformer, n_pos: int, acts) -> SenderActivations:
+    """Corrupted sender outputs for one example (`acts` is this example's slice, if any)."""
+    c = model.config
+    if corruption.kind == "zeros":
+        dt = model.embed.W_E.dtype
+        z = jnp.zeros((n_pos, c.d_model), dt)
+        return SenderActivations(
+            tok=z,
+            pos=z if c.positional == "learned" else None,
+            heads=jnp.zeros((c.n_layers, c.n_heads, n_pos, c.d_model), dt),
+            mlps=None if c.attn_only else jnp.zeros((c.n_layers, n_pos, c.d_model), dt),
+        )
+    if corruption.kind == "mean":
+        return jax.tree_util.tree_map(lambda a: a[..., :n_pos, :], acts)
+    return acts
+
+
+def corruption_axes(corruption: Corruption):
+    """vmap axes for `Corruption.acts` over the prompt batch."""
+    return 0 if corruption.kind == "prompts" else None
+
+
+def embed_deviations(
+    model: Transformer, graph: CircuitGraph, tokens: Int[Array, " pos"], corr: SenderActivations
+) -> Float[Array, "n_embed pos d_model"]:
+    """Clean minus corrupted output of the embedding sender(s)."""
+    tok, pos, _ = model.embeddings(tokens)
+    if graph.split_embed:
+        rows = [tok - corr.tok] + ([pos - corr.pos] if pos is not None else [])
+        return jnp.stack(rows)
+    clean = tok if pos is None else tok + pos
+    corrupt = corr.tok if pos is None else corr.tok + corr.pos
+    return (clean - corrupt)[None]
+
+
+def start_point(graph: CircuitGraph, layer_index: int, stage: str) -> int:
+    """Index of a point in the pass: 2*layer for attention, 2*layer+1 for the
+    MLP, 2*n_layers for the unembedding."""
+    return 2 * layer_index + (stage == "mlp")
+
+
+def senders_before(graph: CircuitGraph, point: int) -> int:
+    if point >= 2 * graph.n_layers:
+        return graph.n_senders
+    l, is_mlp = divmod(point, 2)
+    return graph.n_senders_before_mlp(l) if is_mlp else graph.n_senders_before_attn(l)
+
+
+def run_from(
+    model: Transformer,
+    graph: CircuitGraph,
+    point: int,
+    up: Float[Array, "n_up pos d_model"],
+    m_add: Float[Array, "n_senders n_columns"],
+    m_dir: Float[Array, " n_columns"],
+    corr: SenderActivations,
+    pos_qk: Optional[Float[Array, "pos d_model"]],
+    out_positions: Optional[np.ndarray] = None,
+) -> tuple[Float[Array, "pos d_vocab_out"], Float[Array, "n_down pos d_model"]]:
+    """Run one example from `point` to the logits.
+
+    `up` holds the deviations (act - corrupt) of the senders before `point`;
+    they are read, never recomputed. Returns the logits (at `out_positions`,
+    or all) and the deviations of the senders computed here.
+    """
+    c = model.config
+    H, L = c.n_heads, c.n_layers
+    n_up = up.shape[0]
+    if n_up != senders_before(graph, point):
+        raise ValueError(f"start point {point} needs {senders_before(graph, point)} cached senders, got {n_up}.")
+    n_pos = up.shape[1]
+    down = jnp.zeros((graph.n_senders - n_up, n_pos, c.d_model), up.dtype)
+
+    # Corrupted residual stream at the start point.
+    base = corr.tok if corr.pos is None else corr.tok + corr.pos
+    for l in range(L):
+        if 2 * l < point:
+            base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
+        if c.d_mlp is not None and 2 * l + 1 < point:
+            base = base + corr.mlps[l]
+
+    def mix(columns: np.ndarray, n_total: int) -> Array:
+        """sum over senders [0, n_total) of mask * deviation, for each column."""
+        out = jnp.einsum("sr,spd->rpd", m_add[:n_up][:, columns], up)
+        if n_total > n_up:
+            out = out + jnp.einsum("sr,spd->rpd", m_add[n_up:n_total][:, columns], down[: n_total - n_up])
+        return out
+
+    for l in range(L):
+        blk = layer(model.blocks, l)
+        if 2 * l >= point:
+            cols = graph.qkv_columns(l)
+            x = base[None] + m_dir[cols][:, None, None] * mix(cols, graph.n_senders_before_attn(l))
+            xq, xk, xv = blk.ln1(x[:H]), blk.ln1(x[H:2 * H]), blk.ln1(x[2 * H:])
+            if pos_qk is not None:
+                xq, xk = xq + pos_qk[None], xk + pos_qk[None]
+            results = blk.attn.head_results(xq, xk, xv)
+            first = graph.n_senders_before_attn(l) - n_up
+            down = down.at[first:first + H].set(results - corr.heads[l])
+            base = base + corr.heads[l].sum(0) + blk.attn.b_O[None]
+        if blk.mlp is not None and 2 * l + 1 >= point:
+            col = graph.mlp_column(l)
+            x = base + mix(np.array([col]), graph.n_senders_before_mlp(l))[0]
+            out = blk.mlp(blk.ln2(x))
+            slot = graph.n_senders_before_mlp(l) - n_up
+            down = down.at[slot].set(out - corr.mlps[l])
+            base = base + corr.mlps[l]
+
+    x = base + mix(np.array([graph.logits_column]), graph.n_senders)[0]
+    if out_positions is not None:
+        x = x[out_positions]
+    return model.unembed(model.ln_final(x)), down
+
+
+def patched_forward(
+    model: Transformer,
+    tokens: Int[Array, "batch pos"],
+    masks: Float[Array, " n_edges"],
+    corruption: Corruption,
+    graph: Optional[CircuitGraph] = None,
+) -> Float[Array, "batch pos d_vocab_out"]:
+    """Logits of the model with each edge scaled by its mask (0 = patched to
+    the corruption, 1 = kept, fractions interpolate). Jit-compiled, vmappable
+    over a leading batch of mask sets, and differentiable in `masks`."""
+    graph = graph if graph is not None else CircuitGraph(model.config)
+    if graph.config != model.config:
+        raise ValueError("The graph was built for a different model config.")
+    tokens = jnp.asarray(tokens)
+    single = tokens.ndim == 1
+    if single:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}.")
+    if masks.shape != (graph.n_edges,):
+        raise ValueError(f"masks must have shape ({graph.n_edges},) for {graph!r}, got {tuple(masks.shape)}.")
+    corruption.check(tokens)
+    logits = _patched(model, graph, tokens, masks, corruption)
+    return logits[0] if single else logits
+
+
+@eqx.filter_jit
+def _patched(model, graph, tokens, masks, corruption):
+    return patched_logits_and_deviations(model, graph, tokens, masks, corruption)[0]
+
+
+def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None):
+    """Batched patched forward that also returns every sender's deviation
+    (act - corrupt), [batch, n_senders, pos, d_model]."""
+    m_add, m_dir = graph.dense_masks(masks.astype(model.embed.W_E.dtype))
+
+    def one(tok, acts):
+        corr = example_corruption(corruption, model, tok.shape[0], acts)
+        up = embed_deviations(model, graph, tok, corr)
+        _, _, pos_qk = model.embeddings(tok)
+        logits, down = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions)
+        return logits, jnp.concatenate([up, down])
+
+    return jax.vmap(one, in_axes=(0, corruption_axes(corruption)))(tokens, corruption.acts)

@@ -1,0 +1,1 @@
+"""Tasks: clean and corrupted prompts, a metric, and a canonical circuit."""

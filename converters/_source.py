@@ -1,0 +1,67 @@
+"""Bookkeeping shared by the converters: take each source tensor once, check
+its shape, and refuse to finish while any tensor is left unused."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from acdc_jax.errors import CheckpointError, ConfigError
+
+
+class Source:
+    """A checkpoint's named tensors, consumed one by one."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], origin: str):
+        self.tensors = dict(tensors)
+        self.origin = origin
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.tensors:
+            raise CheckpointError(f"Missing tensor {key!r} in {self.origin} (expected shape {shape}).")
+        value = np.asarray(self.tensors[key])
+        if value.shape != tuple(shape):
+            raise CheckpointError(
+                f"Tensor {key!r} in {self.origin} has shape {value.shape}, expected {tuple(shape)}. "
+                "The config does not match the weights."
+            )
+        self.used.add(key)
+        return value.astype(np.float32)
+
+    def ignore(self, keys: Iterable[str]) -> None:
+        """Mark non-parameter buffers (causal masks and the like) as handled."""
+        self.used.update(k for k in keys if k in self.tensors)
+
+    def finish(self) -> None:
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            shown = unused[:8] + (["..."] if len(unused) > 8 else [])
+            raise CheckpointError(
+                f"{len(unused)} tensor(s) in {self.origin} were not used: {shown}. "
+                "The checkpoint has parts this converter does not handle."
+            )
+
+
+def check_fields(config: Mapping, *, handled: set[str], ignored: set[str], origin: str) -> None:
+    """Reject config fields that are neither converted nor known to be irrelevant."""
+    unknown = sorted(set(config) - handled - ignored)
+    if unknown:
+        raise ConfigError(
+            f"Unsupported config field(s) {unknown} in {origin}. This converter does not know "
+            "how they change the forward pass."
+        )
+
+
+def require(config: Mapping, key: str, origin: str):
+    if key not in config:
+        raise ConfigError(f"Config {origin} is missing the field {key!r}.")
+    return config[key]
+
+
+def stack(per_layer: list[np.ndarray]) -> np.ndarray:
+    return np.stack(per_layer, axis=0)

@@ -1,0 +1,35 @@
+"""Small models shared by the tests: random Hugging Face GPT-2s with every
+tensor perturbed (so biases and LayerNorm weights are exercised), saved and
+converted through the public converter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab=61, n_positions=24, seed=0, **extra):
+    """(torch model in eval mode, acdc_jax model converted from its saved files)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import converters
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra,
+    )
+    pt = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in pt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / f"gpt2_{'tied' if tied else 'untied'}_{seed}"
+    pt.save_pretrained(out)
+    return pt, converters.convert(out)
+
+
+def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return pt(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()

@@ -1,0 +1,168 @@
+"""Logits parity between each converter's output and the model it came from."""
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import converters
+from acdc_jax import load, save
+from converters.transformer_lens import from_transformer_lens, to_transformer_lens
+
+from .helpers import random_hf_gpt2, torch_logits
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_gpt2_safetensors_parity(tmp_path, tied):
+    pt, model = random_hf_gpt2(tmp_path, tied=tied)
+    tokens = np.random.default_rng(0).integers(0, 61, (3, 20))
+    err = np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+    assert err <= 1e-4
+
+
+def test_hf_gpt2_pytorch_bin_parity(tmp_path):
+    import torch
+
+    pt, _ = random_hf_gpt2(tmp_path, tied=False, seed=3)
+    d = tmp_path / "bin"
+    d.mkdir()
+    pt.config.to_json_file(d / "config.json")
+    torch.save(pt.state_dict(), d / "pytorch_model.bin")
+    model = converters.convert(d)
+    tokens = np.random.default_rng(1).integers(0, 61, (2, 24))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-4
+
+
+def test_flax_msgpack_parity():
+    # Both files were written by Hugging Face from the same model (see make_gpt2_flax_fixture.py).
+    from transformers import GPT2LMHeadModel
+
+    src = DATA / "gpt2_flax_tiny"
+    assert converters.detect_format(src / "flax_model.msgpack") == "flax-gpt2"
+    model = converters.convert(src / "flax_model.msgpack")
+    pt = GPT2LMHeadModel.from_pretrained(src).eval()
+    tokens = np.random.default_rng(2).integers(0, 64, (2, 32))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-4
+
+
+# --- TransformerLens layout, against a reference forward written here ---------
+
+def _tl_state_dict(cfg, rng):
+    L, D, H, K, V = cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["d_head"], cfg["d_vocab"]
+    r = lambda *s: (0.2 * rng.standard_normal(s)).astype(np.float32)
+    sd = {"embed.W_E": r(V, D), "pos_embed.W_pos": r(cfg["n_ctx"], D), "unembed.W_U": r(D, V), "unembed.b_U": r(V)}
+    for l in range(L):
+        p = f"blocks.{l}."
+        for n in "QKV":
+            sd[p + f"attn.W_{n}"], sd[p + f"attn.b_{n}"] = r(H, D, K), r(H, K)
+        sd[p + "attn.W_O"], sd[p + "attn.b_O"] = r(H, K, D), r(D)
+        sd[p + "attn.mask"] = np.tril(np.ones((cfg["n_ctx"], cfg["n_ctx"]), bool))
+        sd[p + "attn.IGNORE"] = np.array(-np.inf, np.float32)
+        lns = ["ln1"] + ([] if cfg["attn_only"] else ["ln2"])
+        if cfg["normalization_type"] == "LN":
+            for ln in lns:
+                sd[p + f"{ln}.w"], sd[p + f"{ln}.b"] = 1 + r(D), r(D)
+        if not cfg["attn_only"]:
+            M = cfg["d_mlp"]
+            sd[p + "mlp.W_in"], sd[p + "mlp.b_in"], sd[p + "mlp.W_out"], sd[p + "mlp.b_out"] = r(D, M), r(M), r(M, D), r(D)
+    if cfg["normalization_type"] == "LN":
+        sd["ln_final.w"], sd["ln_final.b"] = 1 + r(D), r(D)
+    return sd
+
+
+def _reference_tl_forward(sd, cfg, tokens):
+    """A from-scratch numpy forward in float64 following TransformerLens' definitions."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    n = tokens.shape[-1]
+
+    def ln(x, key):
+        if cfg["normalization_type"] is None:
+            return x
+        x = x - x.mean(-1, keepdims=True)
+        x = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.get("eps", 1e-5))
+        return x * sd[key + ".w"] + sd[key + ".b"] if cfg["normalization_type"] == "LN" else x
+
+    def act(x):
+        if cfg["act_fn"] == "relu":
+            return np.maximum(x, 0)
+        assert cfg["act_fn"] == "gelu_new"
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    shortformer = cfg.get("positional_embedding_type") == "shortformer"
+    pos = sd["pos_embed.W_pos"][:n]
+    resid = sd["embed.W_E"][tokens] + (0 if shortformer else pos)
+    for l in range(cfg["n_layers"]):
+        p = f"blocks.{l}."
+        x = ln(resid, p + "ln1")
+        xqk = x + pos if shortformer else x
+        q = np.einsum("bpd,hdk->bphk", xqk, sd[p + "attn.W_Q"]) + sd[p + "attn.b_Q"]
+        k = np.einsum("bpd,hdk->bphk", xqk, sd[p + "attn.W_K"]) + sd[p + "attn.b_K"]
+        v = np.einsum("bpd,hdk->bphk", x, sd[p + "attn.W_V"]) + sd[p + "attn.b_V"]
+        scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(cfg["d_head"])
+        if cfg.get("attention_dir", "causal") == "causal":
+            scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        pattern = scores / scores.sum(-1, keepdims=True)
+        z = np.einsum("bhqs,bshk->bqhk", pattern, v)
+        resid = resid + np.einsum("bqhk,hkd->bqd", z, sd[p + "attn.W_O"]) + sd[p + "attn.b_O"]
+        if not cfg["attn_only"]:
+            h = act(ln(resid, p + "ln2") @ sd[p + "mlp.W_in"] + sd[p + "mlp.b_in"])
+            resid = resid + h @ sd[p + "mlp.W_out"] + sd[p + "mlp.b_out"]
+    return ln(resid, "ln_final") @ sd["unembed.W_U"] + sd["unembed.b_U"]
+
+
+TL_CONFIGS = {
+    "attn-only-LN": dict(attn_only=True, normalization_type="LN", act_fn="gelu_new"),
+    "gelu-LNPre": dict(attn_only=False, d_mlp=48, normalization_type="LNPre", act_fn="gelu_new"),
+    "shortformer": dict(attn_only=True, normalization_type="LN", act_fn="gelu_new", positional_embedding_type="shortformer"),
+    "relu-noLN-bidirectional": dict(attn_only=False, d_mlp=20, normalization_type=None, act_fn="relu", attention_dir="bidirectional"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TL_CONFIGS))
+def test_transformer_lens_parity(name):
+    cfg = dict(n_layers=3, d_model=24, n_heads=3, d_head=8, d_vocab=37, n_ctx=16, **TL_CONFIGS[name])
+    rng = np.random.default_rng(4)
+    sd = _tl_state_dict(cfg, rng)
+    model = from_transformer_lens(sd, cfg)
+    tokens = rng.integers(0, 37, (2, 16))
+    ref = _reference_tl_forward(sd, cfg, tokens)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max() <= 1e-4
+    # And back: our TransformerLens export converts to the same model.
+    sd2, cfg2 = to_transformer_lens(model)
+    again = from_transformer_lens(sd2, cfg2)
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+
+
+def test_transformer_lens_file_and_neel_config(tmp_path):
+    """A safetensors file with Neel Nanda's config.json keys converts through `convert`."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=29, n_ctx=12, attn_only=True,
+               normalization_type="LN", act_fn="gelu_new", positional_embedding_type="shortformer")
+    sd = _tl_state_dict(cfg, np.random.default_rng(7))
+    neel = {k: v for k, v in cfg.items() if k not in ("normalization_type", "positional_embedding_type")}
+    neel.update(normalization="LN", shortformer_pos=True, d_mlp=-1, tokenizer_name="NeelNanda/gpt-neox-tokenizer-digits")
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items() if v.dtype != bool}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(neel))
+    model = converters.convert(tmp_path)
+    tokens = np.random.default_rng(8).integers(0, 29, (2, 12))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - _reference_tl_forward(sd, cfg, tokens)).max() <= 1e-4
+
+
+def test_save_load_roundtrip_and_cli(tmp_path):
+    from converters.__main__ import main
+
+    pt, model = random_hf_gpt2(tmp_path, tied=True, seed=11)
+    src = tmp_path / "gpt2_tied_11"
+    assert main([str(src), "--out", str(tmp_path / "converted")]) == 0
+    loaded = load(tmp_path / "converted")
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 61, (2, 10)))
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
+    save(loaded, tmp_path / "again")
+    np.testing.assert_array_equal(np.asarray(load(tmp_path / "again")(tokens)), np.asarray(model(tokens)))

@@ -1,0 +1,203 @@
+"""The edge-decomposed forward against independent references: the plain
+forward, the corrupted run, hand-written PyTorch hooks, separate calls, and
+finite differences."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax.model import cast
+from converters.transformer_lens import from_transformer_lens
+
+from .helpers import random_hf_gpt2, torch_logits
+from .test_converters import _tl_state_dict
+
+VOCAB = 61
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return random_hf_gpt2(tmp_path_factory.mktemp("gpt2"), tied=False, n_layer=3, n_embd=24, n_head=3, seed=1)
+
+
+def _tokens(seed, shape=(3, 9), vocab=VOCAB):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
+
+
+def _shortformer_model():
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=VOCAB, n_ctx=16, attn_only=True,
+               normalization_type="LN", act_fn="gelu_new", positional_embedding_type="shortformer")
+    return from_transformer_lens(_tl_state_dict(cfg, np.random.default_rng(0)), cfg)
+
+
+GRAPH_OPTIONS = [dict(), dict(split_qkv=False), dict(split_embed=True), dict(qkv_edges=False)]
+
+
+@pytest.mark.parametrize("options", GRAPH_OPTIONS, ids=str)
+def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(gpt2, options):
+    _, model = gpt2
+    graph = CircuitGraph(model.config, **options)
+    clean, corrupt = _tokens(0), _tokens(1)
+    corruption = Corruption.from_prompts(model, corrupt)
+    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
+    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
+    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
+    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+
+
+def test_all_ones_matches_for_shortformer_and_tracr():
+    model = _shortformer_model()
+    clean = _tokens(2)
+    for corruption in (Corruption.zeros(), Corruption.mean(model, _tokens(3, (5, 9))), Corruption.from_prompts(model, _tokens(4))):
+        out = patched_forward(model, clean, CircuitGraph(model.config).ones(), corruption)
+        assert np.abs(np.asarray(out - model(clean))).max() <= 1e-5
+    pytest.importorskip("tracr")
+    from acdc_jax.tasks.tracr_programs import compile_tracr_model
+
+    tracr = compile_tracr_model("reverse")
+    toks = jnp.asarray([[3, 0, 1, 2], [3, 2, 1, 0]])
+    g = CircuitGraph(tracr.config, split_embed=True)
+    out = patched_forward(tracr, toks, g.ones(), Corruption.zeros(), g)
+    assert np.abs(np.asarray(out - tracr(toks))).max() <= 1e-5
+
+
+def test_zero_and_mean_ablation_of_everything(gpt2):
+    """With every edge cut, each receiver reads only the replaced sender outputs
+    plus the attention biases b_O (which belong to no edge)."""
+    _, model = gpt2
+    graph = CircuitGraph(model.config)
+    clean, data = _tokens(5), _tokens(6, (7, 9))
+    b_O = np.asarray(model.blocks.attn.b_O).sum(0)
+    ln_f = lambda x: model.unembed(model.ln_final(jnp.asarray(x)))
+    out = patched_forward(model, clean, jnp.zeros(graph.n_edges), Corruption.zeros(), graph)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(ln_f(b_O[None])), out.shape), atol=1e-5)
+    _, acts = model.run_with_senders(data)
+    mean_senders = np.asarray(acts.tok + acts.pos + acts.heads.sum((1, 2)) + acts.mlps.sum(1)).mean(0)
+    out = patched_forward(model, clean, jnp.zeros(graph.n_edges), Corruption.mean(model, data), graph)
+    expected = ln_f(mean_senders + b_O)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(expected), out.shape), atol=1e-5)
+
+
+# --- one edge patched, against hooks on the PyTorch model ----------------------
+
+def _torch_patched_logits(pt, clean, corrupt, edge):
+    """Cut one edge by hand with forward hooks on HF GPT-2: the receiver's input
+    becomes the clean input minus (clean - corrupted) output of the sender."""
+    import torch
+
+    n_head = pt.config.n_head
+    d = pt.config.n_embd
+    dh = d // n_head
+    blocks = pt.transformer.h
+
+    def record(tokens):
+        """Each sender's output and each block's input residual, by hooks."""
+        acts, hooks = {}, []
+        for l, blk in enumerate(blocks):
+            def z_hook(mod, args, l=l):
+                z = args[0]
+                W = mod.weight  # Conv1D [in, out]
+                for h in range(n_head):
+                    acts[("head", l, h)] = z[..., h * dh:(h + 1) * dh] @ W[h * dh:(h + 1) * dh]
+            def mlp_hook(mod, args, out, l=l):
+                acts[("mlp", l)] = out
+            def resid_hook(mod, args, kwargs, l=l):
+                acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
+            hooks += [blk.attn.c_proj.register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
+                      blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
+        with torch.no_grad():
+            pt(tokens)
+        for hk in hooks:
+            hk.remove()
+        wte, wpe = pt.transformer.wte.weight, pt.transformer.wpe.weight
+        acts[("embed",)] = wte[tokens] + wpe[: tokens.shape[1]][None]
+        return acts
+
+    clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
+    a_clean, a_corr = record(clean_t), record(corrupt_t)
+    kind, sender, receiver = edge
+    delta = None if kind == "qkv" else a_clean[sender] - a_corr[sender]
+
+    hooks = []
+    if receiver[0] in ("q", "k", "v"):
+        letter, l, h = receiver
+        blk = blocks[l]
+        def qkv_hook(mod, args, out):
+            # This head's q/k/v slice recomputed from the patched residual (or,
+            # for a cut q/k/v step, from the corrupted run's residual).
+            resid = a_corr[("resid", l)] if kind == "qkv" else a_clean[("resid", l)] - delta
+            new = blk.ln_1(resid) @ mod.weight + mod.bias  # Conv1D, computed by hand
+            col = "qkv".index(letter) * d + h * dh
+            out = out.clone()
+            out[..., col:col + dh] = new[..., col:col + dh]
+            return out
+        hooks.append(blk.attn.c_attn.register_forward_hook(qkv_hook))
+    elif receiver[0] == "mlp_in":
+        hooks.append(blocks[receiver[1]].ln_2.register_forward_pre_hook(lambda mod, args: (args[0] - delta,)))
+    else:
+        hooks.append(pt.transformer.ln_f.register_forward_pre_hook(lambda mod, args: (args[0] - delta,)))
+    with torch.no_grad():
+        out = pt(clean_t).logits.numpy()
+    for hk in hooks:
+        hk.remove()
+    return out
+
+
+EDGES = {
+    # edge name: (kind, sender, receiver) for the hook reference
+    "blocks.0.hook_resid_pre->blocks.1.hook_q_input[0]": ("residual", ("embed",), ("q", 1, 0)),
+    "blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]": ("residual", ("head", 0, 1), ("k", 2, 2)),
+    "blocks.1.attn.hook_result[0]->blocks.2.hook_v_input[1]": ("residual", ("head", 1, 0), ("v", 2, 1)),
+    "blocks.0.hook_mlp_out->blocks.1.hook_mlp_in": ("residual", ("mlp", 0), ("mlp_in", 1)),
+    "blocks.1.attn.hook_result[2]->blocks.1.hook_mlp_in": ("residual", ("head", 1, 2), ("mlp_in", 1)),
+    "blocks.2.attn.hook_result[1]->blocks.2.hook_resid_post": ("residual", ("head", 2, 1), ("logits",)),
+    "blocks.2.hook_mlp_out->blocks.2.hook_resid_post": ("residual", ("mlp", 2), ("logits",)),
+    "blocks.1.hook_v_input[2]->blocks.1.attn.hook_v[2]": ("qkv", None, ("v", 1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGES))
+def test_one_patched_edge_matches_pytorch_hooks(gpt2, name):
+    pt, model = gpt2
+    graph = CircuitGraph(model.config)
+    clean, corrupt = _tokens(7), _tokens(8)
+    masks = graph.ones().at[graph.edge_index(name)].set(0.0)
+    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
+    ref = _torch_patched_logits(pt, clean, corrupt, EDGES[name])
+    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+
+
+def test_vmapped_masks_equal_separate_calls(gpt2):
+    _, model = gpt2
+    graph = CircuitGraph(model.config)
+    clean, corruption = _tokens(9), Corruption.from_prompts(model, _tokens(10))
+    masks = jnp.asarray(np.random.default_rng(0).uniform(size=(8, graph.n_edges)), jnp.float32)
+    batched = jax.vmap(lambda m: patched_forward(model, clean, m, corruption, graph))(masks)
+    for i in range(8):
+        single = patched_forward(model, clean, masks[i], corruption, graph)
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single), atol=1e-5)
+
+
+def test_grad_wrt_masks_matches_finite_differences(gpt2):
+    _, model = gpt2
+    graph = CircuitGraph(model.config)
+    with jax.enable_x64(True):
+        m64 = cast(model, jnp.float64)
+        clean, corruption = _tokens(11), Corruption.from_prompts(m64, _tokens(12))
+        masks = jnp.asarray(np.random.default_rng(1).uniform(size=graph.n_edges), jnp.float64)
+
+        def f(m):
+            logp = jax.nn.log_softmax(patched_forward(m64, clean, m, corruption, graph)[:, -1])
+            return logp[:, 3].mean()
+
+        grad = eqx.filter_jit(jax.grad(f))(masks)
+        rng = np.random.default_rng(2)
+        for i in rng.choice(graph.n_edges, 12, replace=False):
+            eps = 1e-5
+            e = jnp.zeros_like(masks).at[i].set(eps)
+            fd = (f(masks + e) - f(masks - e)) / (2 * eps)
+            np.testing.assert_allclose(float(grad[i]), float(fd), rtol=1e-5, atol=1e-8)
