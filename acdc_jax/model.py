@@ -152,6 +152,17 @@ def _lead(a: Array, ndim: int) -> Array:
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
 
+def attention_pattern(
+    q: Float[Array, "n_heads pos d_head"], k: Float[Array, "n_heads pos d_head"], scale: float, causal: bool
+) -> Float[Array, "n_heads pos pos"]:
+    scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
+    if causal:
+        n = q.shape[1]
+        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def attend(
     q: Float[Array, "n_heads pos d_head"],
     k: Float[Array, "n_heads pos d_head"],
@@ -160,13 +171,7 @@ def attend(
     causal: bool,
 ) -> Float[Array, "n_heads pos d_head"]:
     """Scaled dot-product attention per head; returns z (before W_O)."""
-    scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
-    if causal:
-        n = q.shape[1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    pattern = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("hqk,hkd->hqd", pattern, v)
+    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal), v)
 
 
 class Attention(eqx.Module):
@@ -324,6 +329,10 @@ class Transformer(eqx.Module):
         "hook_mlp_out" and embedding hooks of TransformerLens)."""
         return _map_batch(lambda t: self._forward(t, collect=True), tokens)
 
+    def attention_patterns(self, tokens: Int[Array, "*batch pos"]) -> Float[Array, "*batch n_layers n_heads pos pos"]:
+        """Every head's attention pattern (query position x key position)."""
+        return _map_batch(lambda t: self._forward(t, collect="patterns")[1], tokens)
+
     def embeddings(self, tokens: Int[Array, " pos"]):
         """Token embedding, residual position embedding, and the shortformer
         position embedding that is added to queries and keys (or None)."""
@@ -334,7 +343,8 @@ class Transformer(eqx.Module):
         pos_qk = self.embed.W_pos[:n] if self.config.positional == "shortformer" else None
         return tok, pos, pos_qk
 
-    def _forward(self, tokens: Int[Array, " pos"], collect: bool):
+    def _forward(self, tokens: Int[Array, " pos"], collect):
+        """collect: False (logits only), True (and sender activations) or "patterns"."""
         tok, pos, pos_qk = self.embeddings(tokens)
         resid = tok if pos is None else tok + pos
 
@@ -345,8 +355,12 @@ class Transformer(eqx.Module):
             q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
             k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
             v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
-            z = attend(q, k, v, attn.scale, attn.causal)
-            if collect:
+            pattern = attention_pattern(q, k, attn.scale, attn.causal)
+            z = jnp.einsum("hqk,hkd->hqd", pattern, v)
+            if collect == "patterns":
+                heads = pattern
+                resid = resid + jnp.einsum("hpk,hkd->pd", z, attn.W_O) + attn.b_O[None]
+            elif collect:
                 heads = jnp.einsum("hpk,hkd->hpd", z, attn.W_O)
                 resid = resid + heads.sum(0) + attn.b_O[None]
             else:
@@ -356,10 +370,12 @@ class Transformer(eqx.Module):
             if block.mlp is not None:
                 mlp_out = block.mlp(block.ln2(resid))
                 resid = resid + mlp_out
-            return resid, (heads, mlp_out if collect else None)
+            return resid, (heads, mlp_out if collect is True else None)
 
         resid, (heads, mlps) = jax.lax.scan(step, resid, self.blocks)
         logits = self.unembed(self.ln_final(resid))
+        if collect == "patterns":
+            return logits, heads
         if not collect:
             return logits, None
         return logits, SenderActivations(tok=tok, pos=pos, heads=heads, mlps=mlps)

@@ -114,23 +114,17 @@ def embed_deviations(
     return (clean - corrupt)[None]
 
 
-def start_point(graph: CircuitGraph, layer_index: int, stage: str) -> int:
-    """Index of a point in the pass: 2*layer for attention, 2*layer+1 for the
-    MLP, 2*n_layers for the unembedding."""
-    return 2 * layer_index + (stage == "mlp")
-
-
-def senders_before(graph: CircuitGraph, point: int) -> int:
-    if point >= 2 * graph.n_layers:
+def senders_before(graph: CircuitGraph, start_layer: int) -> int:
+    """Senders upstream of layer `start_layer` (all of them for n_layers: the unembedding)."""
+    if start_layer >= graph.n_layers:
         return graph.n_senders
-    l, is_mlp = divmod(point, 2)
-    return graph.n_senders_before_mlp(l) if is_mlp else graph.n_senders_before_attn(l)
+    return graph.n_senders_before_attn(start_layer)
 
 
 def run_from(
     model: Transformer,
     graph: CircuitGraph,
-    point: int,
+    start_layer: int,
     up: Float[Array, "n_up pos d_model"],
     m_add: Float[Array, "n_senders n_columns"],
     m_dir: Float[Array, " n_columns"],
@@ -138,56 +132,65 @@ def run_from(
     pos_qk: Optional[Float[Array, "pos d_model"]],
     out_positions: Optional[np.ndarray] = None,
 ) -> tuple[Float[Array, "pos d_vocab_out"], Float[Array, "n_down pos d_model"]]:
-    """Run one example from `point` to the logits.
+    """Run one example from layer `start_layer` to the logits.
 
-    `up` holds the deviations (act - corrupt) of the senders before `point`;
-    they are read, never recomputed. Returns the logits (at `out_positions`,
-    or all) and the deviations of the senders computed here.
+    `up` holds the deviations (act - corrupt) of the senders before that layer;
+    they are read, never recomputed. The layers are a `lax.scan`, so the
+    compiled program does not grow with depth; the deviations of the senders
+    computed here form the scan's carry (rows of later senders are still zero
+    when a layer reads them, and their masks are zero too). Returns the logits
+    (at `out_positions`, or all) and those deviations.
     """
     c = model.config
-    H, L = c.n_heads, c.n_layers
+    H, L, E = c.n_heads, c.n_layers, graph.n_embed
     n_up = up.shape[0]
-    if n_up != senders_before(graph, point):
-        raise ValueError(f"start point {point} needs {senders_before(graph, point)} cached senders, got {n_up}.")
+    if n_up != senders_before(graph, start_layer):
+        raise ValueError(f"start layer {start_layer} needs {senders_before(graph, start_layer)} cached senders, got {n_up}.")
     n_pos = up.shape[1]
-    down = jnp.zeros((graph.n_senders - n_up, n_pos, c.d_model), up.dtype)
+    per_layer = H + int(graph.has_mlp)
+    width = graph._layer_columns
 
-    # Corrupted residual stream at the start point.
     base = corr.tok if corr.pos is None else corr.tok + corr.pos
-    for l in range(L):
-        if 2 * l < point:
-            base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
-        if c.d_mlp is not None and 2 * l + 1 < point:
+    for l in range(start_layer):
+        base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
+        if c.d_mlp is not None:
             base = base + corr.mlps[l]
 
-    def mix(columns: np.ndarray, n_total: int) -> Array:
-        """sum over senders [0, n_total) of mask * deviation, for each column."""
-        out = jnp.einsum("sr,spd->rpd", m_add[:n_up][:, columns], up)
-        if n_total > n_up:
-            out = out + jnp.einsum("sr,spd->rpd", m_add[n_up:n_total][:, columns], down[: n_total - n_up])
+    def mix(m_cols, down):
+        """sum over senders of mask * deviation, for each of the mask's columns."""
+        out = jnp.einsum("sr,spd->rpd", m_cols[:n_up], up)
+        if down.shape[0]:
+            out = out + jnp.einsum("sr,spd->rpd", m_cols[n_up:], down)
         return out
 
-    for l in range(L):
-        blk = layer(model.blocks, l)
-        if 2 * l >= point:
-            cols = graph.qkv_columns(l)
-            x = base[None] + m_dir[cols][:, None, None] * mix(cols, graph.n_senders_before_attn(l))
-            xq, xk, xv = blk.ln1(x[:H]), blk.ln1(x[H:2 * H]), blk.ln1(x[2 * H:])
-            if pos_qk is not None:
-                xq, xk = xq + pos_qk[None], xk + pos_qk[None]
-            results = blk.attn.head_results(xq, xk, xv)
-            first = graph.n_senders_before_attn(l) - n_up
-            down = down.at[first:first + H].set(results - corr.heads[l])
-            base = base + corr.heads[l].sum(0) + blk.attn.b_O[None]
-        if blk.mlp is not None and 2 * l + 1 >= point:
-            col = graph.mlp_column(l)
-            x = base + mix(np.array([col]), graph.n_senders_before_mlp(l))[0]
+    def layer_step(carry, xs):
+        down, base = carry
+        blk, l, corr_heads, corr_mlp = xs
+        cols = l * width + jnp.arange(3 * H)
+        x = base[None] + m_dir[cols][:, None, None] * mix(jnp.take(m_add, cols, axis=1), down)
+        xq, xk, xv = blk.ln1(x[:H]), blk.ln1(x[H:2 * H]), blk.ln1(x[2 * H:])
+        if pos_qk is not None:
+            xq, xk = xq + pos_qk[None], xk + pos_qk[None]
+        results = blk.attn.head_results(xq, xk, xv)
+        slot = E + l * per_layer - n_up
+        down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
+        base = base + corr_heads.sum(0) + blk.attn.b_O[None]
+        if blk.mlp is not None:
+            col = l * width + 3 * H
+            x = base + mix(jax.lax.dynamic_slice_in_dim(m_add, col, 1, axis=1), down)[0]
             out = blk.mlp(blk.ln2(x))
-            slot = graph.n_senders_before_mlp(l) - n_up
-            down = down.at[slot].set(out - corr.mlps[l])
-            base = base + corr.mlps[l]
+            down = jax.lax.dynamic_update_slice_in_dim(down, (out - corr_mlp)[None], slot + H, axis=0)
+            base = base + corr_mlp
+        return (down, base), None
 
-    x = base + mix(np.array([graph.logits_column]), graph.n_senders)[0]
+    down = jnp.zeros((graph.n_senders - n_up, n_pos, c.d_model), up.dtype)
+    if start_layer < L:
+        blocks = jax.tree_util.tree_map(lambda a: a[start_layer:], model.blocks)
+        mlps = corr.mlps[start_layer:] if corr.mlps is not None else None
+        xs = (blocks, jnp.arange(start_layer, L), corr.heads[start_layer:], mlps)
+        (down, base), _ = jax.lax.scan(layer_step, (down, base), xs)
+
+    x = base + mix(m_add[:, graph.logits_column][:, None], down)[0]
     if out_positions is not None:
         x = x[out_positions]
     return model.unembed(model.ln_final(x)), down

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab=61, n_positions=24, seed=0, **extra):
+def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab=61, n_positions=24, seed=0, scale=0.1, **extra):
     """(torch model in eval mode, acdc_jax model converted from its saved files)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -22,7 +22,7 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
     pt = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for p in pt.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     out = tmp_path / f"gpt2_{'tied' if tied else 'untied'}_{seed}"
     pt.save_pretrained(out)
     return pt, converters.convert(out)
