@@ -1,0 +1,220 @@
+"""ACDC (Conmy et al. 2023), exact, with batched evaluation.
+
+For each unit of the schedule (see `schedule.py`) and each of its edges in
+order: remove the edge, compute the metric of the whole current circuit, and
+keep the removal when ``metric_new - metric_current < tau`` (``abs(...)`` with
+``abs_value``); then ``metric_current = metric_new``. Otherwise restore it.
+
+``mode="sequential"`` runs that loop literally, one full forward pass per edge.
+``mode="batched"`` (default) asks the schedule for the next trials assuming all
+are accepted (the chain of cumulative removals e1, e1+e2, ...), scores the
+chain in one vmapped pass that starts at the earliest layer it touches from
+cached upstream activations, keeps the prefix up to the first rejection and
+restarts after it. Each kept decision is the one the loop would make; a
+receiver costs (rejections + 1) passes instead of one per edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from .circuit import Circuit, Decision
+from .errors import MetricError
+from .graph import CircuitGraph
+from .model import Transformer
+from .patching import Corruption
+from .runlog import RunLog, model_fingerprint
+from .schedule import Schedule
+from .scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
+from .tasks.base import Task
+
+MetricArg = Union[None, str, Callable]
+
+
+def check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}. ACDC removes an edge when the metric rises by less than tau.")
+    return float(tau)
+
+
+def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
+    if metric is None or isinstance(metric, str):
+        name = metric or task.default_metric
+        return name, task.metric(name)
+    if not callable(metric):
+        raise TypeError(f"metric must be a name, a callable f(logits, task) -> scalar, or None; got {metric!r}.")
+    return getattr(metric, "__name__", repr(metric)), metric
+
+
+def resolve_corruption(model: Transformer, task: Task, corruption) -> tuple[str, Corruption]:
+    if isinstance(corruption, Corruption):
+        return corruption.kind, corruption
+    kind = corruption or task.corruption
+    return kind, task.make_corruption(model, kind)
+
+
+def acdc(
+    model: Transformer,
+    task: Task,
+    tau: float,
+    *,
+    metric: MetricArg = None,
+    corruption: Union[None, str, Corruption] = None,
+    mode: str = "batched",
+    abs_value: bool = False,
+    head_order: str = "ascending",
+    graph: Optional[CircuitGraph] = None,
+    max_width: Optional[int] = None,
+    log_path: Union[None, str, Path] = None,
+    resume: Union[None, str, Path] = None,
+    progress: bool = True,
+    callback: Optional[Callable[[Decision], None]] = None,
+) -> Circuit:
+    """Find the circuit for `task` in `model` at threshold `tau`.
+
+    metric: a name from ``task.metrics`` (default ``task.default_metric``, KL to
+      the full model for language tasks) or a callable ``f(logits, task)`` that
+      is minimised; logits are at ``task.positions``.
+    corruption: "prompts" (the task's corrupted prompts), "zeros", "mean", or a
+      `Corruption`; default ``task.corruption``.
+    head_order: order of a layer's heads within a receiver's senders.
+    max_width: most candidates per batched pass (default: 256 on accelerators,
+      32 on CPU), lowered to fit in half the free memory.
+    log_path: JSON-lines decision log, written as the run goes.
+    resume: a log from an interrupted run with the same settings; the run
+      continues from its last decision (and appends to it).
+    callback: called with each Decision as it is made.
+    """
+    tau = check_tau(tau)
+    if mode not in ("batched", "sequential"):
+        raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
+    graph = graph or task.graph(model)
+    task.check_canonical(graph)
+    metric_name, metric_fn = resolve_metric(task, metric)
+    corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
+    unbound, task = task, task.bind(model)
+    schedule = Schedule(graph, head_order)
+    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound)
+    settings = {
+        "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
+        "abs_value": bool(abs_value), "head_order": head_order, "n_prompts": int(task.clean.shape[0]),
+        "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
+                                                     "split_embed": graph.split_embed},
+        "model": model_fingerprint(model),
+    }
+
+    mask = np.ones(graph.n_edges, np.float32)
+    full_metric = scorer.full(mask)
+    if not math.isfinite(full_metric):
+        raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; it must be a finite number.")
+    state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[])
+    log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
+    if resume is not None:
+        log.replay(schedule, state)
+
+    width = 1
+    if mode == "batched":
+        per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
+        width = choose_width(per, max_width or default_max_width())
+    bar = _progress(progress, graph.n_edges, len(state.decisions))
+    start = time.perf_counter()
+    try:
+        while not schedule.finished(state.cursor):
+            events = schedule.simulate(state.mask, state.cursor, width)
+            new = _run_chain(events, state, scorer, tau, abs_value, graph, mode, width)
+            log.write(new)
+            for d in new:
+                if callback is not None:
+                    callback(d)
+            if bar is not None:
+                bar.update(len(new))
+                bar.set_postfix(unit=f"{min(state.cursor[0], len(schedule.units))}/{len(schedule.units)}",
+                                removed=sum(not d.kept for d in state.decisions), metric=f"{state.metric:.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    settings.update(mode=mode, width=width, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3))
+    scores = np.full(graph.n_edges, np.nan)
+    for d in state.decisions:
+        if d.tried:
+            scores[d.index] = d.result
+    return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
+
+
+@dataclasses.dataclass
+class _State:
+    mask: np.ndarray
+    cursor: tuple
+    metric: float
+    decisions: list
+
+    def apply(self, decision: Decision, cursor) -> None:
+        if not decision.kept:
+            self.mask[decision.index] = 0.0
+        if decision.tried and not decision.kept:
+            self.metric = decision.metric_after
+        self.cursor = cursor
+        self.decisions.append(decision)
+
+
+def _run_chain(events, state: _State, scorer: Scorer, tau, abs_value, graph, mode, width) -> list[Decision]:
+    """Decide the events' trials in order up to the first rejection; return the decisions made."""
+    trial_at = [k for k, ev in enumerate(events) if ev.kind == "trial"]
+    if mode == "sequential":
+        trial_at = trial_at[:1]
+    metrics = []
+    if trial_at:
+        masks = np.repeat(state.mask[None], len(trial_at), axis=0)
+        removed = state.mask.copy()
+        row = 0
+        for k, ev in enumerate(events[: trial_at[-1] + 1]):
+            removed[ev.edge] = 0.0
+            if k == trial_at[row]:
+                masks[row] = removed
+                row += 1
+        if mode == "sequential":
+            metrics = [scorer.full(masks[0])]
+        else:
+            start_layer = min(ev.layer for ev in events[: trial_at[-1] + 1])
+            metrics = scorer.batch(masks, start_layer, width)
+    made: list[Decision] = []
+    names = graph.edge_names
+    row = 0
+    for k, ev in enumerate(events):
+        if ev.kind == "prune":
+            d = Decision(names[ev.edge], ev.edge, tried=False, kept=False)
+            state.apply(d, ev.cursor)
+            made.append(d)
+            continue
+        if row == len(metrics):
+            break
+        new = float(metrics[row])
+        row += 1
+        if not math.isfinite(new):
+            raise MetricError(f"The metric is {new} after removing {names[ev.edge]}; it must stay finite.")
+        result = new - state.metric
+        if abs_value:
+            result = abs(result)
+        keep = not result < tau
+        d = Decision(names[ev.edge], ev.edge, tried=True, kept=keep, metric_before=state.metric, metric_after=new)
+        state.apply(d, ev.cursor)
+        made.append(d)
+        if keep:
+            break
+    return made
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="ACDC edges", unit="edge", dynamic_ncols=True)

@@ -1,0 +1,114 @@
+"""The result of a circuit search: kept edges, decisions, scores, settings; JSON I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .graph import CircuitGraph
+from .model import TransformerConfig
+
+CIRCUIT_FORMAT = "acdc-jax-circuit"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One ACDC step. ``tried=False`` marks an edge dropped without a trial
+    because its receiver no longer reaches the output."""
+
+    edge: str
+    index: int
+    tried: bool
+    kept: bool
+    metric_before: Optional[float] = None
+    metric_after: Optional[float] = None
+
+    @property
+    def result(self) -> Optional[float]:
+        if self.metric_before is None or self.metric_after is None:
+            return None
+        return self.metric_after - self.metric_before
+
+    def to_json(self) -> dict:
+        return {"edge": self.edge, "index": self.index, "tried": self.tried, "kept": self.kept,
+                "metric_before": self.metric_before, "metric_after": self.metric_after}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Decision":
+        return cls(d["edge"], int(d["index"]), bool(d["tried"]), bool(d["kept"]), d.get("metric_before"), d.get("metric_after"))
+
+
+@dataclasses.dataclass
+class Circuit:
+    """A subgraph: ``mask[i] = 1`` keeps edge i of ``graph``.
+
+    ``scores`` are per-edge numbers from the method that found the circuit
+    (ACDC: the metric change when the edge was tried; NaN if never tried).
+    """
+
+    graph: CircuitGraph
+    mask: np.ndarray
+    metric: Optional[float] = None
+    decisions: list = dataclasses.field(default_factory=list)
+    settings: dict = dataclasses.field(default_factory=dict)
+    scores: Optional[np.ndarray] = None
+
+    @property
+    def edges(self) -> list[str]:
+        return self.graph.edges_in(self.mask)
+
+    @property
+    def n_edges(self) -> int:
+        return int((np.asarray(self.mask) > 0.5).sum())
+
+    def __contains__(self, edge: str) -> bool:
+        return bool(np.asarray(self.mask)[self.graph.edge_index(edge)] > 0.5)
+
+    def __repr__(self) -> str:
+        return f"Circuit({self.n_edges} of {self.graph.n_edges} edges, metric={self.metric})"
+
+    def to_json(self) -> dict[str, Any]:
+        g = self.graph
+        out = {
+            "format": CIRCUIT_FORMAT,
+            "version": 1,
+            "model_config": g.config.to_dict(),
+            "graph": {"split_qkv": g.split_qkv, "qkv_edges": g.qkv_edges, "split_embed": g.split_embed,
+                      "n_edges": g.n_edges},
+            "settings": self.settings,
+            "metric": self.metric,
+            "n_kept": self.n_edges,
+            "edges": self.edges,
+            "decisions": [d.to_json() for d in self.decisions],
+        }
+        if self.scores is not None:
+            out["scores"] = {name: (None if not np.isfinite(s) else float(s)) for name, s in zip(g.edge_names, np.asarray(self.scores))}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Circuit":
+        if d.get("format") != CIRCUIT_FORMAT:
+            raise ValueError(f"Not an acdc-jax circuit file (format={d.get('format')!r}).")
+        opts = d["graph"]
+        graph = CircuitGraph(TransformerConfig.from_dict(d["model_config"]), split_qkv=opts["split_qkv"],
+                             qkv_edges=opts["qkv_edges"], split_embed=opts["split_embed"])
+        mask = np.asarray(graph.mask(d["edges"]))
+        scores = None
+        if "scores" in d:
+            scores = np.array([np.nan if d["scores"].get(n) is None else d["scores"][n] for n in graph.edge_names])
+        return cls(graph, mask, d.get("metric"), [Decision.from_json(x) for x in d.get("decisions", [])],
+                   d.get("settings", {}), scores)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Circuit":
+        return cls.from_json(json.loads(Path(path).read_text()))

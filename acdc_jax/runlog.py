@@ -1,0 +1,109 @@
+"""The decision log of a long run (JSON lines), and resuming from it.
+
+The first line is a header with the run's settings and the full model's
+metric; every later line is one Decision, appended (and flushed) as soon as it
+is made. Resuming checks that the settings match, replays the logged decisions
+against the schedule (so a log from a different run is refused), and continues
+with the metric values the log recorded, which gives the same result as a run
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .circuit import Decision
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of every weight, to refuse resuming with another model."""
+    import equinox as eqx
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+class RunLog:
+    def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision]):
+        self.path = path
+        self.settings = settings
+        self.initial_metric = initial_metric
+        self.logged = logged
+        self._file = open(path, "a") if path is not None else None
+
+    @classmethod
+    def open(cls, path, settings: dict, initial_metric: float, resume: bool) -> "RunLog":
+        if path is None:
+            return cls(None, settings, initial_metric, [])
+        path = Path(path)
+        if not resume:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            header = {"type": "header", "version": 1, "settings": settings, "initial_metric": initial_metric}
+            path.write_text(json.dumps(header) + "\n")
+            return cls(path, settings, initial_metric, [])
+        if not path.is_file():
+            raise FileNotFoundError(f"No decision log to resume from at {path}.")
+        lines = path.read_text().splitlines()
+        if not lines:
+            raise ValueError(f"The decision log {path} is empty.")
+        header = json.loads(lines[0])
+        if header.get("type") != "header":
+            raise ValueError(f"{path} does not start with an acdc-jax log header.")
+        differ = {k: (header["settings"].get(k), v) for k, v in settings.items() if header["settings"].get(k) != v}
+        if differ:
+            raise ValueError(f"Cannot resume from {path}: the settings differ (logged, now): {differ}.")
+        logged, good = [], 1
+        for line in lines[1:]:
+            try:
+                logged.append(Decision.from_json(json.loads(line)))
+                good += 1
+            except (json.JSONDecodeError, KeyError):
+                break  # a line cut off by the interruption; it is rewritten below
+        path.write_text("\n".join(lines[:good]) + "\n")
+        return cls(path, settings, header["initial_metric"], logged)
+
+    def replay(self, schedule, state) -> None:
+        """Re-apply the logged decisions to `state`, checking each against the schedule."""
+        state.metric = self.initial_metric
+        events, pos = [], 0
+        for i, d in enumerate(self.logged):
+            if pos == len(events):
+                events, pos = schedule.simulate(state.mask, state.cursor, 1), 0
+            ev = events[pos]
+            if ev.edge != d.index or (ev.kind == "trial") != d.tried:
+                raise ValueError(
+                    f"Decision {i} of the log ({d.edge}, tried={d.tried}) is not what the schedule does next "
+                    f"({schedule.graph.edge_names[ev.edge]}, {ev.kind}); the log belongs to another run."
+                )
+            state.apply(d, ev.cursor)
+            pos = len(events) if (d.tried and d.kept) else pos + 1
+        # Finish a group of prunes the interruption split (they share a cursor).
+        rest = [ev for ev in events[pos:] if ev.kind == "prune" and ev.cursor == state.cursor]
+        if rest and pos > 0 and events[pos - 1].kind == "prune":
+            done = [Decision(schedule.graph.edge_names[ev.edge], ev.edge, tried=False, kept=False) for ev in rest]
+            for ev, d in zip(rest, done):
+                state.apply(d, ev.cursor)
+            self.write(done)
+
+    def write(self, decisions: list[Decision]) -> None:
+        if self._file is None or not decisions:
+            return
+        self._file.write("".join(json.dumps(d.to_json()) + "\n" for d in decisions))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

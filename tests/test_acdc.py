@@ -1,0 +1,145 @@
+"""ACDC against independent references: a plain re-implementation of the
+original loop (tests/reference_acdc.py), the sequential mode, and tracr's
+compiled ground truth."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax import Corruption, MetricError, TaskError, patched_forward
+from acdc_jax.acdc import acdc
+from acdc_jax.tasks.base import Task, kl_divergence
+
+from .helpers import random_hf_gpt2
+from .reference_acdc import reference_acdc
+
+
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory):
+    _, model = random_hf_gpt2(tmp_path_factory.mktemp("acdc"), n_layer=2, n_embd=16, n_head=2, vocab=31, seed=4)
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 31, (6, 7))
+    task = Task("random-kl", clean, rng.integers(0, 31, (6, 7)), positions=np.array([5, 6]),
+                metrics={"kl": kl_divergence})
+    return model, task
+
+
+@pytest.fixture(scope="module")
+def tracr_reverse():
+    pytest.importorskip("tracr")
+    from acdc_jax.tasks.tracr import reverse_task
+
+    return reverse_task()
+
+
+def _decisions(circuit):
+    return [(d.edge, d.tried, d.kept) for d in circuit.decisions]
+
+
+def _reference(model, task, tau, corruption, **kw):
+    graph = task.graph(model)
+    bound = task.bind(model)
+    tokens = jnp.asarray(task.clean)
+    metric = task.metric()
+
+    def metric_of(present):
+        logits = patched_forward(model, tokens, graph.mask(present), corruption, graph)[:, task.positions]
+        return float(metric(logits, bound))
+
+    return reference_acdc(model.config, metric_of, tau, split_embed=graph.split_embed, **kw)
+
+
+@pytest.mark.parametrize("tau", [0.0005, 0.002, 0.005])
+def test_matches_reference_implementation_gpt2(small_gpt2, tau):
+    model, task = small_gpt2
+    ref = _reference(model, task, tau, task.make_corruption(model))
+    for mode in ("sequential", "batched"):
+        ours = acdc(model, task, tau, mode=mode, progress=False, max_width=8)
+        assert _decisions(ours) == ref
+    assert any(kept for _, _, kept in ref) and any(not kept for _, tried, kept in ref if tried)
+
+
+def test_matches_reference_with_abs_value_and_descending_heads(small_gpt2):
+    model, task = small_gpt2
+    ref = _reference(model, task, 0.005, task.make_corruption(model), abs_value=True, indices_mode="normal")
+    ours = acdc(model, task, 0.005, abs_value=True, head_order="descending", progress=False, max_width=4)
+    assert _decisions(ours) == ref
+
+
+@pytest.mark.parametrize("corruption", ["zeros", "prompts"])
+def test_matches_reference_tracr(tracr_reverse, corruption):
+    model, task = tracr_reverse
+    ref = _reference(model, task, 1e-3, task.make_corruption(model, corruption))
+    ours = acdc(model, task, 1e-3, corruption=corruption, progress=False)
+    assert _decisions(ours) == ref
+
+
+def test_tracr_zero_ablation_recovers_compiled_circuit(tracr_reverse):
+    model, task = tracr_reverse
+    circuit = acdc(model, task, 1e-3, corruption="zeros", progress=False)
+    assert set(circuit.edges) == set(task.canonical)
+    assert circuit.metric < 1e-3
+
+
+def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
+    model, task = small_gpt2
+    whole = acdc(model, task, 0.004, progress=False, max_width=4)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_midway(decision):
+        seen.append(decision)
+        if len(seen) == 40:
+            raise Stop
+
+    log = tmp_path / "decisions.jsonl"
+    with pytest.raises(Stop):
+        acdc(model, task, 0.004, progress=False, max_width=4, log_path=log, callback=stop_midway)
+    lines = log.read_text().splitlines()
+    assert 1 + 40 <= len(lines) < 1 + len(whole.decisions)
+    log.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])  # a line cut by the crash
+    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log, mode="sequential")
+    assert _decisions(resumed) == _decisions(whole)
+    assert np.array_equal(resumed.mask, whole.mask)
+    assert len(log.read_text().splitlines()) == 1 + len(whole.decisions)
+    assert all(json.loads(x)["edge"] for x in log.read_text().splitlines()[1:])
+    with pytest.raises(ValueError, match="settings differ"):
+        acdc(model, task, 0.5, progress=False, resume=log)
+
+
+@pytest.mark.parametrize("tau", [-0.1, math.nan, math.inf, "0.1"])
+def test_bad_tau(small_gpt2, tau):
+    model, task = small_gpt2
+    with pytest.raises(ValueError, match="tau must be a finite number >= 0"):
+        acdc(model, task, tau, progress=False)
+
+
+def test_nan_metric_is_an_error(small_gpt2):
+    model, task = small_gpt2
+
+    def nan_after_cut(logits, t):
+        return jnp.where(jnp.abs(logits - t.reference).max() > 1e-4, jnp.nan, 0.0)
+
+    with pytest.raises(MetricError, match="metric is nan after removing"):
+        acdc(model, task, 0.1, metric=nan_after_cut, progress=False)
+    with pytest.raises(MetricError, match="full model is nan"):
+        acdc(model, task, 0.1, metric=lambda logits, t: jnp.nan * logits.sum(), progress=False)
+
+
+def test_task_input_errors(small_gpt2):
+    model, task = small_gpt2
+    with pytest.raises(TaskError, match="clean prompts have shape .* corrupted prompts have shape"):
+        Task("t", task.clean, task.clean[:, :-1], positions=[1], metrics={"kl": kl_divergence})
+    import dataclasses
+
+    bad = dataclasses.replace(task, canonical=frozenset({"blocks.9.attn.hook_result[0]->blocks.9.hook_resid_post"}))
+    with pytest.raises(TaskError, match="canonical circuit names 1 edge"):
+        acdc(model, bad, 0.1, progress=False)
+    with pytest.raises(TaskError, match="corrupted tokens must have shape"):
+        Corruption.from_prompts(model, jnp.zeros((3,), jnp.int32))  # not [batch, pos]
