@@ -1,1 +1,75 @@
-"""Tasks: clean and corrupted prompts, a metric, and a canonical circuit."""
+"""Tasks: clean and corrupted prompts, metrics, and canonical circuits.
+
+``model, task = acdc_jax.tasks.get(name, checkpoint=..., tokenizer=...)``
+
+===================  ==========================  =================================
+task                 model                       needs
+===================  ==========================  =================================
+``tracr-reverse``    compiled with tracr-pypi    ``pip install 'acdc-jax[tracr]'``
+``tracr-proportion`` compiled with tracr-pypi    ``pip install 'acdc-jax[tracr]'``
+``induction``        ships with the package      nothing
+``ioi``              GPT-2 small                 ``checkpoint``, ``tokenizer``
+``greater-than``     GPT-2 small                 ``checkpoint``, ``tokenizer``
+``docstring``        attn-only-4l                ``checkpoint``, ``tokenizer``
+===================  ==========================  =================================
+
+``checkpoint`` is any local checkpoint ``python -m converters`` reads;
+``tokenizer`` a local tokenizer (see `text.load_tokenizer`). Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import TaskError
+from .base import Task, kl_divergence, squared_error
+
+NEEDS_WEIGHTS = {"ioi": "GPT-2 small", "greater-than": "GPT-2 small", "docstring": "attn-only-4l"}
+TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than", "docstring")
+
+
+def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None,
+        n_examples: Optional[int] = None, seed: int = 0):
+    """(model, task) for a named task."""
+    if name not in TASKS:
+        raise TaskError(f"Unknown task {name!r}; choose from {TASKS}.")
+    kw = {} if n_examples is None else {"n_examples": n_examples}
+    if name.startswith("tracr-"):
+        if checkpoint is not None:
+            raise TaskError(f"{name} compiles its own model; do not pass a checkpoint.")
+        from .tracr import proportion_task, reverse_task
+
+        return reverse_task(seed) if name == "tracr-reverse" else proportion_task(seed=seed, **kw)
+    if name == "induction":
+        from .induction import induction_task, load_induction_model
+
+        model = load_induction_model() if checkpoint is None else _convert(checkpoint)
+        return model, induction_task(seed=seed, **kw)
+    if checkpoint is None or tokenizer is None:
+        raise TaskError(
+            f"Task {name} needs {NEEDS_WEIGHTS[name]} weights and its tokenizer as local files: pass "
+            "checkpoint=DIR (a Hugging Face or TransformerLens checkpoint, or a converted model) and "
+            "tokenizer=PATH. Weights are never downloaded."
+        )
+    model = _convert(checkpoint)
+    if name == "ioi":
+        from .ioi import ioi
+
+        return model, ioi(model, tokenizer, seed=seed, **kw)
+    if name == "greater-than":
+        from .greaterthan import greaterthan
+
+        return model, greaterthan(model, tokenizer, seed=seed, **kw)
+    from .docstring import docstring
+
+    return model, docstring(model, tokenizer, seed=seed, **kw)
+
+
+def _convert(checkpoint: str):
+    import converters
+
+    return converters.convert(checkpoint)
+
+
+__all__ = ["TASKS", "Task", "get", "kl_divergence", "squared_error"]
