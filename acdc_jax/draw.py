@@ -1,0 +1,167 @@
+"""Pictures of circuits: Graphviz DOT text, rendered to SVG by ``dot`` when it is
+installed, otherwise drawn to PNG with networkx and matplotlib.
+
+Nodes are model parts (embedding, heads ``a{layer}.{head}``, MLPs ``m{layer}``,
+logits); an edge is drawn for each kept residual edge, labelled and coloured by
+the input it enters (q, k, v; MLP and logits edges are grey). Given a canonical
+circuit, edges outside it are drawn red and thick, and canonical edges the
+circuit missed are drawn grey and dashed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .circuit import Circuit
+from .graph import CircuitGraph
+
+COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "attn_in": "#8c564b", "mlp_in": "#7f7f7f", "logits": "#7f7f7f"}
+EXTRA = "#e41a1c"  # kept, but not in the canonical circuit
+
+
+def _fill(component: str) -> str:
+    if component.startswith("a"):
+        return "#dbe9f6"
+    if component.startswith("m"):
+        return "#e8e8e8"
+    return "#fff2ae"
+
+
+def drawn_edges(graph: CircuitGraph, names: Iterable[str]) -> dict[tuple[str, str, str], str]:
+    """(sender part, receiver part, input letter) -> an example edge name, for residual edges."""
+    out = {}
+    for name in names:
+        e = graph.edge(name)
+        if e.kind != "residual":
+            continue
+        letter = e.receiver.kind if e.receiver.kind in ("q", "k", "v") else ""
+        out.setdefault((e.sender.component, e.receiver.component, letter), name)
+    return out
+
+
+def to_dot(circuit: Circuit, canonical: Optional[Iterable[str]] = None, title: str = "") -> str:
+    g = circuit.graph
+    kept = drawn_edges(g, circuit.edges)
+    truth = drawn_edges(g, canonical) if canonical is not None else None
+    nodes = {n for s, r, _ in kept for n in (s, r)} | ({n for s, r, _ in truth for n in (s, r)} if truth else set())
+    lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];',
+             '  edge [fontname="Helvetica", fontsize=10];']
+    if title:
+        lines.append(f'  labelloc="t"; label="{title}";')
+    by_rank: dict[int, list[str]] = {}
+    for n in sorted(nodes):
+        by_rank.setdefault(_rank(n, g.n_layers), []).append(n)
+        lines.append(f'  "{n}" [fillcolor="{_fill(n)}"];')
+    for rank in sorted(by_rank):
+        lines.append("  { rank=same; " + " ".join(f'"{n}";' for n in by_rank[rank]) + " }")
+    for (s, r, letter) in sorted(kept):
+        color = COLORS.get(letter or ("mlp_in" if r.startswith("m") else "logits"))
+        width = 1.0
+        if truth is not None and (s, r, letter) not in truth:
+            color, width = EXTRA, 2.5
+        lines.append(f'  "{s}" -> "{r}" [color="{color}", fontcolor="{color}", penwidth={width}, label="{letter}"];')
+    if truth is not None:
+        for (s, r, letter) in sorted(set(truth) - set(kept)):
+            lines.append(f'  "{s}" -> "{r}" [color="#aaaaaa", style=dashed, label="{letter}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _rank(component: str, n_layers: int) -> int:
+    if component in ("embed", "pos"):
+        return 0
+    if component == "logits":
+        return 2 * n_layers + 1
+    if component.startswith("m"):
+        return 2 * int(component[1:]) + 2
+    return 2 * int(component[1:].split(".")[0]) + 1
+
+
+def render(circuit: Circuit, out_base: str | Path, canonical: Optional[Iterable[str]] = None, title: str = "") -> list[Path]:
+    """Write ``out_base.dot`` and ``out_base.svg`` (Graphviz) or ``out_base.png``."""
+    out_base = Path(out_base)
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    dot_path = out_base.with_suffix(".dot")
+    dot_path.write_text(to_dot(circuit, canonical, title))
+    written = [dot_path]
+    if shutil.which("dot"):
+        svg = out_base.with_suffix(".svg")
+        subprocess.run(["dot", "-Tsvg", str(dot_path), "-o", str(svg)], check=True)
+        written.append(svg)
+    else:
+        written.append(_matplotlib_png(circuit, out_base.with_suffix(".png"), canonical, title))
+    return written
+
+
+def _matplotlib_png(circuit: Circuit, path: Path, canonical, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = circuit.graph
+    kept = drawn_edges(g, circuit.edges)
+    truth = drawn_edges(g, canonical) if canonical is not None else {}
+    dg = nx.MultiDiGraph()
+    for (s, r, letter) in kept:
+        color = COLORS.get(letter or ("mlp_in" if r.startswith("m") else "logits"))
+        width = 1.0
+        if canonical is not None and (s, r, letter) not in truth:
+            color, width = EXTRA, 2.5
+        dg.add_edge(s, r, color=color, style="solid", width=width, letter=letter)
+    for (s, r, letter) in set(truth) - set(kept):
+        dg.add_edge(s, r, color="#aaaaaa", style="dashed", width=1.0, letter=letter)
+    ranks: dict[int, list[str]] = {}
+    for n in dg.nodes:
+        ranks.setdefault(_rank(n, g.n_layers), []).append(n)
+    pos = {}
+    for rank, names in ranks.items():
+        for i, n in enumerate(sorted(names)):
+            pos[n] = (i - (len(names) - 1) / 2, rank)
+    width = max(6.0, 1.2 * max((len(v) for v in ranks.values()), default=1))
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.9 * len(ranks)))
+    for u, v, d in dg.edges(data=True):
+        nx.draw_networkx_edges(dg, pos, edgelist=[(u, v)], edge_color=d["color"], style=d["style"], ax=ax,
+                               width=d["width"], arrows=True, connectionstyle="arc3,rad=0.08", node_size=900)
+        if d["letter"]:
+            (x0, y0), (x1, y1) = pos[u], pos[v]
+            ax.text(x0 + 0.8 * (x1 - x0), y0 + 0.8 * (y1 - y0), d["letter"], color=d["color"], fontsize=8)
+    nx.draw_networkx_nodes(dg, pos, node_color=[_fill(n) for n in dg.nodes], node_size=900, edgecolors="#555555", ax=ax)
+    nx.draw_networkx_labels(dg, pos, font_size=8, ax=ax)
+    ax.set_title(title or f"{circuit.n_edges} of {g.n_edges} edges")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(points_by_label: dict, path: str | Path, title: str = "") -> Path:
+    """ROC curves: {label: [(fpr, tpr), ...]} -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import auc
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for label, points in points_by_label.items():
+        pts = sorted({(0.0, 0.0), (1.0, 1.0), *map(tuple, points)})
+        xs, ys = np.array(pts).T
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{label} (AUC {auc(points):.3f})")
+    ax.plot([0, 1], [0, 1], color="#cccccc", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)

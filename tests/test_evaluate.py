@@ -1,0 +1,137 @@
+"""Evaluation against ground truth: the tracr circuits (derived from the
+compiled programs, checked against the lists the ACDC authors published) and
+the shipped induction model (heads named by measured attention scores)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from acdc_jax import evaluate
+from acdc_jax.acdc import acdc
+
+# The canonical tracr circuits published with the original ACDC code
+# (acdc/tracr_task/utils.py), as (receiver, sender) hook names. Edges inside a
+# head (result <- q/k/v) and inside an MLP (mlp_out <- mlp_in) are not edges of
+# our graph and are left out.
+ACDC_PUBLISHED = {
+    "tracr-reverse": [
+        ("blocks.3.hook_resid_post", "blocks.3.attn.hook_result"),
+        ("blocks.3.attn.hook_q", "blocks.3.hook_q_input"),
+        ("blocks.3.attn.hook_k", "blocks.3.hook_k_input"),
+        ("blocks.3.attn.hook_v", "blocks.3.hook_v_input"),
+        ("blocks.3.hook_q_input", "blocks.2.hook_mlp_out"),
+        ("blocks.3.hook_k_input", "hook_pos_embed"),
+        ("blocks.3.hook_v_input", "hook_embed"),
+        ("blocks.2.hook_mlp_in", "blocks.1.hook_mlp_out"),
+        ("blocks.1.hook_mlp_in", "blocks.0.hook_mlp_out"),
+        ("blocks.1.hook_mlp_in", "hook_embed"),
+        ("blocks.1.hook_mlp_in", "hook_pos_embed"),
+        ("blocks.0.hook_mlp_in", "blocks.0.attn.hook_result"),
+        ("blocks.0.hook_mlp_in", "hook_embed"),
+        ("blocks.0.attn.hook_v", "blocks.0.hook_v_input"),
+        ("blocks.0.hook_v_input", "hook_embed"),
+    ],
+    "tracr-proportion": [
+        ("blocks.1.hook_resid_post", "blocks.1.attn.hook_result"),
+        ("blocks.1.attn.hook_q", "blocks.1.hook_q_input"),
+        ("blocks.1.attn.hook_k", "blocks.1.hook_k_input"),
+        ("blocks.1.attn.hook_v", "blocks.1.hook_v_input"),
+        ("blocks.1.hook_q_input", "hook_embed"),
+        ("blocks.1.hook_q_input", "hook_pos_embed"),
+        ("blocks.1.hook_k_input", "hook_embed"),
+        ("blocks.1.hook_k_input", "hook_pos_embed"),
+        ("blocks.1.hook_v_input", "blocks.0.hook_mlp_out"),
+        ("blocks.0.hook_mlp_in", "hook_embed"),
+    ],
+}
+
+
+def _our_name(receiver: str, sender: str) -> str:
+    """ACDC's (receiver, sender) hook pair -> our edge name (tracr models have one head per layer)."""
+    head = lambda hook: f"{hook}[0]" if "attn.hook" in hook or "_input" in hook else hook
+    return f"{head(sender)}->{head(receiver)}"
+
+
+@pytest.fixture(scope="module")
+def tracr_tasks():
+    pytest.importorskip("tracr")
+    from acdc_jax.tasks.tracr import proportion_task, reverse_task
+
+    return {"tracr-reverse": reverse_task(), "tracr-proportion": proportion_task()}
+
+
+@pytest.mark.parametrize("name", ["tracr-reverse", "tracr-proportion"])
+def test_derived_ground_truth_equals_the_published_tracr_circuits(tracr_tasks, name):
+    _, task = tracr_tasks[name]
+    published = {_our_name(r, s) for r, s in ACDC_PUBLISHED[name]}
+    assert set(task.canonical) == published
+
+
+@pytest.mark.parametrize("name", ["tracr-reverse", "tracr-proportion"])
+def test_acdc_recovers_tracr_circuits_with_edge_auc_one(tracr_tasks, name):
+    model, task = tracr_tasks[name]
+    result = evaluate.roc(model, task, [1e-5, 1e-3, 1e-1, 10.0], corruption="zeros", progress=False)
+    assert result.edge_auc == 1.0 and result.node_auc == 1.0
+    exact = [set(c.edges) == set(task.canonical) for c in result.circuits]
+    assert any(exact)
+    assert result.circuits[-1].n_edges < len(task.canonical)  # a huge tau cuts real edges: the sweep is not trivial
+
+
+def _measured_head_scores(model, tokens, source):
+    """Previous-token and induction scores from the model's attention patterns."""
+    pats = np.asarray(model.attention_patterns(tokens))  # [batch, layer, head, q, k]
+    q = np.arange(1, tokens.shape[1])
+    prev = pats[:, :, :, q, q - 1].mean(axis=(0, 3))
+    b, p = np.nonzero(source >= 0)
+    ind = pats[b, :, :, p, source[b, p]].mean(axis=0)
+    return prev, ind
+
+
+def test_shipped_induction_scores_are_reproduced():
+    from acdc_jax.tasks.induction import DATA, load_induction_model, repeated_sequences
+
+    meta = json.loads((DATA / "scores.json").read_text())
+    model = load_induction_model()
+    tokens, source = repeated_sequences(np.random.default_rng(12345), 256)
+    prev, ind = _measured_head_scores(model, tokens, source)
+    np.testing.assert_allclose(prev, meta["scores"]["previous_token"], atol=2e-4)
+    np.testing.assert_allclose(ind, meta["scores"]["induction"], atol=2e-4)
+    th = meta["thresholds"]
+    assert [[0, h] for h in range(4) if prev[0, h] >= th["previous_token"]] == meta["previous_token_heads"]
+    assert [[1, h] for h in range(4) if ind[1, h] >= th["induction"]] == meta["induction_heads"]
+    assert meta["previous_token_heads"] and meta["induction_heads"]
+    # the model really does induction: it predicts the second copy of a segment
+    pred = np.asarray(model(tokens).argmax(-1))[:, :-1]
+    assert (pred == tokens[:, 1:])[source[:, :-1] >= 0].mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def induction():
+    from acdc_jax.tasks import get
+
+    return get("induction", n_examples=40)
+
+
+def test_acdc_recovers_the_induction_circuit(induction):
+    model, task = induction
+    circuit = acdc(model, task, 0.01, progress=False)
+    assert set(task.canonical) <= set(circuit.edges)
+    assert circuit.n_edges < 0.7 * circuit.graph.n_edges
+    fpr, tpr = evaluate.rates(set(circuit.edges), set(task.canonical), set(circuit.graph.edge_names))
+    assert tpr == 1.0 and fpr < 0.5
+
+    faith = evaluate.faithfulness(model, task, circuit)
+    assert faith["full"] == pytest.approx(0.0, abs=1e-5)  # KL of the full model to itself
+    assert faith["circuit"] == pytest.approx(circuit.metric, rel=1e-4, abs=1e-6)
+    assert faith["empty"] > 10 * faith["circuit"]
+    assert 0.9 < faith["normalized"] <= 1.0
+
+
+@pytest.mark.slow
+def test_induction_roc(induction):
+    model, task = induction
+    result = evaluate.roc(model, task, [0.001, 0.01, 0.1, 1.0], progress=False)
+    assert result.edge_auc > 0.8 and result.node_auc > 0.8
+    sizes = [c.n_edges for c in result.circuits]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
