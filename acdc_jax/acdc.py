@@ -10,8 +10,13 @@ keep the removal when ``metric_new - metric_current < tau`` (``abs(...)`` with
 are accepted (the chain of cumulative removals e1, e1+e2, ...), scores the
 chain in one vmapped pass that starts at the earliest layer it touches from
 cached upstream activations, keeps the prefix up to the first rejection and
-restarts after it. Each kept decision is the one the loop would make; a
-receiver costs (rejections + 1) passes instead of one per edge.
+restarts after it. Each kept decision is the one the loop would make. In the
+start layer only the heads the chain touches are recomputed per candidate.
+
+On a CPU a candidate costs about as much as a pass of its own, so candidates
+after a rejection are wasted work: the chain length adapts (it doubles after
+a fully accepted chain and shrinks to the accepted run after a rejection).
+On accelerators, where width is nearly free, it stays at the widest that fits.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def acdc(
     mode: str = "batched",
     abs_value: bool = False,
     head_order: str = "ascending",
+    order: Optional[list] = None,
     graph: Optional[CircuitGraph] = None,
     max_width: Optional[int] = None,
     log_path: Union[None, str, Path] = None,
@@ -84,6 +90,8 @@ def acdc(
     corruption: "prompts" (the task's corrupted prompts), "zeros", "mean", or a
       `Corruption`; default ``task.corruption``.
     head_order: order of a layer's heads within a receiver's senders.
+    order: instead of ACDC's schedule, try every edge (names or indices) in
+      this order, skipping none (to reproduce another implementation's run).
     max_width: most candidates per batched pass (default: 256 on accelerators,
       32 on CPU), lowered to fit in half the free memory.
     log_path: JSON-lines decision log, written as the run goes.
@@ -99,11 +107,13 @@ def acdc(
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
     unbound, task = task, task.bind(model)
-    schedule = Schedule(graph, head_order)
+    schedule = Schedule(graph, head_order, order)
     scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound)
     settings = {
         "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-        "abs_value": bool(abs_value), "head_order": head_order, "n_prompts": int(task.clean.shape[0]),
+        "abs_value": bool(abs_value), "head_order": head_order,
+        "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
+        "n_prompts": int(task.clean.shape[0]),
         "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
                                                      "split_embed": graph.split_embed},
         "model": model_fingerprint(model),
@@ -118,16 +128,18 @@ def acdc(
     if resume is not None:
         log.replay(schedule, state)
 
-    width = 1
+    width = _Width(1, 1)
     if mode == "batched":
         per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
-        width = choose_width(per, max_width or default_max_width())
+        cap = choose_width(per, max_width or default_max_width())
+        width = _Width(cap, 1 if adaptive_width(model) else cap)
     bar = _progress(progress, graph.n_edges, len(state.decisions))
     start = time.perf_counter()
     try:
         while not schedule.finished(state.cursor):
-            events = schedule.simulate(state.mask, state.cursor, width)
-            new = _run_chain(events, state, scorer, tau, abs_value, graph, mode, width)
+            events = schedule.simulate(state.mask, state.cursor, width.now)
+            new = _run_chain(events, state, scorer, tau, abs_value, graph, mode, width.now)
+            width.update(new)
             log.write(new)
             for d in new:
                 if callback is not None:
@@ -141,12 +153,40 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3))
+    settings.update(mode=mode, width=width.cap, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3))
     scores = np.full(graph.n_edges, np.nan)
     for d in state.decisions:
         if d.tried:
             scores[d.index] = d.result
     return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
+
+
+def adaptive_width(model: Transformer) -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+class _Width:
+    """Chain length for the next batched pass: a power of 4 (few compiled
+    shapes) between `floor` and `cap`."""
+
+    def __init__(self, cap: int, floor: int):
+        self.cap, self.floor = cap, floor
+        self.now = self._round(8)
+
+    def _round(self, n: int) -> int:
+        w = 1
+        while w < n and w * 4 <= self.cap:
+            w *= 4
+        return max(self.floor, min(self.cap, w))
+
+    def update(self, decisions: list[Decision]) -> None:
+        tried = [d for d in decisions if d.tried]
+        if tried and tried[-1].kept:
+            self.now = self._round(len(tried) - 1 or 1)
+        elif len(tried) >= self.now:
+            self.now = self._round(4 * self.now)
 
 
 @dataclasses.dataclass
@@ -184,7 +224,7 @@ def _run_chain(events, state: _State, scorer: Scorer, tau, abs_value, graph, mod
             metrics = [scorer.full(masks[0])]
         else:
             start_layer = min(ev.layer for ev in events[: trial_at[-1] + 1])
-            metrics = scorer.batch(masks, start_layer, width)
+            metrics = scorer.batch(masks, start_layer, width, base=state.mask)
     made: list[Decision] = []
     names = graph.edge_names
     row = 0

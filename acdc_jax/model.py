@@ -197,17 +197,20 @@ class Attention(eqx.Module):
 
     def head_results(
         self,
-        xq: Float[Array, "n_heads pos d_model"],
-        xk: Float[Array, "n_heads pos d_model"],
-        xv: Float[Array, "n_heads pos d_model"],
-    ) -> Float[Array, "n_heads pos d_model"]:
+        xq: Float[Array, "n pos d_model"],
+        xk: Float[Array, "n pos d_model"],
+        xv: Float[Array, "n pos d_model"],
+        heads: Optional[Int[Array, " n"]] = None,
+    ) -> Float[Array, "n pos d_model"]:
         """Each head's write to the residual stream (without b_O), from its own
-        (already normalised) query, key and value inputs."""
-        q = jnp.einsum("hpd,hdk->hpk", xq, self.W_Q) + self.b_Q[:, None, :]
-        k = jnp.einsum("hpd,hdk->hpk", xk, self.W_K) + self.b_K[:, None, :]
-        v = jnp.einsum("hpd,hdk->hpk", xv, self.W_V) + self.b_V[:, None, :]
+        (already normalised) query, key and value inputs; for the heads listed
+        in `heads` only, if given."""
+        pick = (lambda a: a) if heads is None else (lambda a: jnp.take(a, heads, axis=0))
+        q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
+        k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
+        v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
         z = attend(q, k, v, self.scale, self.causal)
-        return jnp.einsum("hpk,hkd->hpd", z, self.W_O)
+        return jnp.einsum("hpk,hkd->hpd", z, pick(self.W_O))
 
 
 def activation(name: str, x: Array) -> Array:

@@ -11,9 +11,7 @@ changes everything downstream of it: path patching), and ``qkv_mask`` is the
 q/k/v-step edge (1 for MLP inputs and the logits). With all masks 1 this is the
 plain forward; with all masks 0 it is the corrupted run.
 
-Layers are unrolled in Python: the set of upstream senders grows with depth, so
-each layer mixes a different number of rows and no padding is wasted. A pass
-can start at any layer from cached deviations of the senders before it
+A pass can start at any layer from cached deviations of the senders before it
 (`run_from`), which is what batched ACDC uses.
 """
 
@@ -121,6 +119,50 @@ def senders_before(graph: CircuitGraph, start_layer: int) -> int:
     return graph.n_senders_before_attn(start_layer)
 
 
+def _corrupt_base(model: Transformer, corr: SenderActivations, start_layer: int):
+    """The corrupted residual stream before layer `start_layer`."""
+    base = corr.tok if corr.pos is None else corr.tok + corr.pos
+    for l in range(start_layer):
+        base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
+        if model.config.d_mlp is not None:
+            base = base + corr.mlps[l]
+    return base
+
+
+def _heads_at(blk, graph: CircuitGraph, l, base, mix, m_add, m_dir, pos_qk, heads=None):
+    """Results of layer l's heads (all, or those in `heads`) from their masked inputs."""
+    H = graph.n_heads
+    hs = jnp.arange(H) if heads is None else heads
+    n = hs.shape[0]
+    cols = l * graph._layer_columns + jnp.concatenate([hs, H + hs, 2 * H + hs])
+    x = base[None] + m_dir[cols][:, None, None] * mix(jnp.take(m_add, cols, axis=1))
+    xq, xk, xv = blk.ln1(x[:n]), blk.ln1(x[n:2 * n]), blk.ln1(x[2 * n:])
+    if pos_qk is not None:
+        xq, xk = xq + pos_qk[None], xk + pos_qk[None]
+    return blk.attn.head_results(xq, xk, xv, heads)
+
+
+def _mixer(up, down):
+    n_up = up.shape[0]
+
+    def mix(m_cols):
+        """sum over senders of mask * deviation, for each of the mask's columns."""
+        out = jnp.einsum("sr,spd->rpd", m_cols[:n_up], up)
+        if down is not None and down.shape[0]:
+            out = out + jnp.einsum("sr,spd->rpd", m_cols[n_up:], down)
+        return out
+
+    return mix
+
+
+def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, heads=None) -> Float[Array, "n pos d_model"]:
+    """Results of layer `start_layer`'s heads (all, or `heads`) for one mask,
+    from the deviations `up` of the senders before it."""
+    blk = jax.tree_util.tree_map(lambda a: a[start_layer], model.blocks)
+    return _heads_at(blk, graph, start_layer, _corrupt_base(model, corr, start_layer), _mixer(up, None),
+                     m_add, m_dir, pos_qk, heads)
+
+
 def run_from(
     model: Transformer,
     graph: CircuitGraph,
@@ -131,66 +173,65 @@ def run_from(
     corr: SenderActivations,
     pos_qk: Optional[Float[Array, "pos d_model"]],
     out_positions: Optional[np.ndarray] = None,
+    first: Optional[tuple] = None,
 ) -> tuple[Float[Array, "pos d_vocab_out"], Float[Array, "n_down pos d_model"]]:
     """Run one example from layer `start_layer` to the logits.
 
     `up` holds the deviations (act - corrupt) of the senders before that layer;
-    they are read, never recomputed. The layers are a `lax.scan`, so the
-    compiled program does not grow with depth; the deviations of the senders
-    computed here form the scan's carry (rows of later senders are still zero
-    when a layer reads them, and their masks are zero too). Returns the logits
-    (at `out_positions`, or all) and those deviations.
+    they are read, never recomputed. The layers after the first are a
+    `lax.scan`, so the compiled program does not grow with depth; the
+    deviations of the senders computed here form the scan's carry (rows of
+    later senders are still zero when a layer reads them, and their masks are
+    zero too). `first = (results, heads)` gives the start layer's head results
+    under another mask that differs from this one only at the inputs of
+    `heads`; only those heads are recomputed. Returns the logits (at
+    `out_positions`, or all) and the deviations.
     """
     c = model.config
     H, L, E = c.n_heads, c.n_layers, graph.n_embed
     n_up = up.shape[0]
     if n_up != senders_before(graph, start_layer):
         raise ValueError(f"start layer {start_layer} needs {senders_before(graph, start_layer)} cached senders, got {n_up}.")
-    n_pos = up.shape[1]
     per_layer = H + int(graph.has_mlp)
-    width = graph._layer_columns
+    base = _corrupt_base(model, corr, start_layer)
 
-    base = corr.tok if corr.pos is None else corr.tok + corr.pos
-    for l in range(start_layer):
-        base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
-        if c.d_mlp is not None:
-            base = base + corr.mlps[l]
-
-    def mix(m_cols, down):
-        """sum over senders of mask * deviation, for each of the mask's columns."""
-        out = jnp.einsum("sr,spd->rpd", m_cols[:n_up], up)
-        if down.shape[0]:
-            out = out + jnp.einsum("sr,spd->rpd", m_cols[n_up:], down)
-        return out
-
-    def layer_step(carry, xs):
-        down, base = carry
-        blk, l, corr_heads, corr_mlp = xs
-        cols = l * width + jnp.arange(3 * H)
-        x = base[None] + m_dir[cols][:, None, None] * mix(jnp.take(m_add, cols, axis=1), down)
-        xq, xk, xv = blk.ln1(x[:H]), blk.ln1(x[H:2 * H]), blk.ln1(x[2 * H:])
-        if pos_qk is not None:
-            xq, xk = xq + pos_qk[None], xk + pos_qk[None]
-        results = blk.attn.head_results(xq, xk, xv)
+    def finish_layer(blk, l, results, down, base, corr_heads, corr_mlp):
         slot = E + l * per_layer - n_up
         down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
         base = base + corr_heads.sum(0) + blk.attn.b_O[None]
         if blk.mlp is not None:
-            col = l * width + 3 * H
-            x = base + mix(jax.lax.dynamic_slice_in_dim(m_add, col, 1, axis=1), down)[0]
+            col = l * graph._layer_columns + 3 * H
+            x = base + _mixer(up, down)(jax.lax.dynamic_slice_in_dim(m_add, col, 1, axis=1))[0]
             out = blk.mlp(blk.ln2(x))
             down = jax.lax.dynamic_update_slice_in_dim(down, (out - corr_mlp)[None], slot + H, axis=0)
             base = base + corr_mlp
-        return (down, base), None
+        return down, base
 
-    down = jnp.zeros((graph.n_senders - n_up, n_pos, c.d_model), up.dtype)
+    def layer_step(carry, xs):
+        down, base = carry
+        blk, l, corr_heads, corr_mlp = xs
+        results = _heads_at(blk, graph, l, base, _mixer(up, down), m_add, m_dir, pos_qk)
+        return finish_layer(blk, l, results, down, base, corr_heads, corr_mlp), None
+
+    down = jnp.zeros((graph.n_senders - n_up, up.shape[1], c.d_model), up.dtype)
+    mlps = corr.mlps if corr.mlps is not None else [None] * L
     if start_layer < L:
-        blocks = jax.tree_util.tree_map(lambda a: a[start_layer:], model.blocks)
-        mlps = corr.mlps[start_layer:] if corr.mlps is not None else None
-        xs = (blocks, jnp.arange(start_layer, L), corr.heads[start_layer:], mlps)
+        l0 = start_layer
+        blk = jax.tree_util.tree_map(lambda a: a[l0], model.blocks)
+        mix = _mixer(up, down)
+        if first is None:
+            results = _heads_at(blk, graph, l0, base, mix, m_add, m_dir, pos_qk)
+        else:
+            results, heads = first
+            results = results.at[heads].set(_heads_at(blk, graph, l0, base, mix, m_add, m_dir, pos_qk, heads))
+        down, base = finish_layer(blk, l0, results, down, base, corr.heads[l0], mlps[l0])
+    if start_layer + 1 < L:
+        blocks = jax.tree_util.tree_map(lambda a: a[start_layer + 1:], model.blocks)
+        rest_mlps = corr.mlps[start_layer + 1:] if corr.mlps is not None else None
+        xs = (blocks, jnp.arange(start_layer + 1, L), corr.heads[start_layer + 1:], rest_mlps)
         (down, base), _ = jax.lax.scan(layer_step, (down, base), xs)
 
-    x = base + mix(m_add[:, graph.logits_column][:, None], down)[0]
+    x = base + _mixer(up, down)(m_add[:, graph.logits_column][:, None])[0]
     if out_positions is not None:
         x = x[out_positions]
     return model.unembed(model.ln_final(x)), down

@@ -13,6 +13,11 @@ edges are dropped ("pruned"). A head reaches the logits while any of its
 outgoing edges is kept; an input with a q/k/v step reaches it while that step
 is kept; an MLP input while the MLP has a kept outgoing edge.
 
+An explicit `order` (every edge once) replaces all of this: each edge is tried
+in that order and nothing is skipped, which reproduces other implementations'
+runs (auto-circuit tries edges by receiver layer, last first, with no
+skipping).
+
 `simulate` looks ahead: the events (prunes and trials) the sequential
 algorithm would produce if every trial were accepted. Batched ACDC scores all
 those trials in one pass and keeps the prefix up to the first rejection, which
@@ -49,7 +54,7 @@ class Event:
 
 
 class Schedule:
-    def __init__(self, graph: CircuitGraph, head_order: str = "ascending"):
+    def __init__(self, graph: CircuitGraph, head_order: str = "ascending", order: Optional[list] = None):
         if head_order not in ("ascending", "descending"):
             raise ValueError(f"head_order must be 'ascending' or 'descending', got {head_order!r}.")
         self.graph = graph
@@ -66,7 +71,16 @@ class Schedule:
                 self._qkv_edge[e.sender.name] = e.index
         self._head_slot = {(s.layer, s.head): i for i, s in enumerate(graph.senders) if s.kind == "head"}
         self._mlp_slot = {s.layer: i for i, s in enumerate(graph.senders) if s.kind == "mlp"}
-        self.units = self._units(incoming)
+        self.units = self._units(incoming) if order is None else self._explicit(order)
+
+    def _explicit(self, order: list) -> list[Unit]:
+        """One unit per edge, in the given order, never skipped."""
+        g = self.graph
+        index = [g.edge_index(e) for e in order]
+        if sorted(index) != list(range(g.n_edges)):
+            raise ValueError(f"order must name every one of the graph's {g.n_edges} edges exactly once, "
+                             f"got {len(index)} entries ({len(set(index))} distinct).")
+        return [Unit(g.edge_names[i], (i,), (i,), g.edges[i].receiver.layer, None, None, None) for i in index]
 
     def _sender_rank(self, sender: Node, head_order: str) -> tuple:
         """Sort key: latest layer first, MLP before heads, embeddings last."""

@@ -1,10 +1,12 @@
 """Scoring candidate circuits: the metric of many edge masks in one pass.
 
 `Scorer` caches every sender's clean deviation (act - corrupt) once. A batch
-of candidate masks that only differ at receivers from some point of the
-forward pass onwards starts there: senders before that point keep their cached
-values, and only the rest of the model is recomputed, vmapped over the
-candidates. Logits are computed only at the positions the metric reads.
+of candidate masks that only differ from a base mask at receivers from some
+layer onwards starts there: senders before that layer keep their cached
+values; in that layer only the heads whose inputs a candidate changes are
+recomputed per candidate (the others are computed once, under the base mask);
+the later layers run vmapped over the candidates. Logits are computed only at
+the positions the metric reads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 
 from .graph import CircuitGraph
 from .model import Transformer
-from .patching import Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from, senders_before
+from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
+                       senders_before, start_layer_heads)
 from .tasks.base import Task, TaskArrays, task_arrays
 
 
@@ -90,6 +93,10 @@ class Scorer:
         ones = graph.ones().astype(self._dtype)
         self.deviations = _deviations(model, graph, self.tokens, ones, corruption)
         self.passes = 0
+        self._heads_cache = None
+        add, direct = graph._gather
+        self._edge_columns = [np.unique(np.concatenate([np.nonzero(add == e)[1], np.nonzero(direct == e)[0]]))
+                              for e in range(graph.n_edges)]
 
     @property
     def _dtype(self):
@@ -102,17 +109,85 @@ class Scorer:
                            jnp.asarray(mask, self._dtype), self.tokens, self.positions)
         return float(out)
 
-    def batch(self, masks: np.ndarray, start_layer: int, width: int) -> np.ndarray:
+    def value_and_grads(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Metric and its gradient with respect to the edge masks, for each of
+        `masks` [n, n_edges] (one forward and one backward pass each)."""
+        self.passes += len(masks)
+        values, grads = _metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
+                                      jnp.asarray(masks, self._dtype), self.tokens, self.positions)
+        return np.asarray(values, np.float64), np.asarray(grads, np.float64)
+
+    def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:
+        """Each head's dense q/k/v input columns of `layer` under `mask`, [H, n_senders + 1, 3]."""
+        add, direct = self.graph._gather
+        ext = np.concatenate([mask, [0.0, 1.0]]).astype(np.float32)
+        H, first = self.graph.n_heads, layer * self.graph._layer_columns
+        cols = first + np.arange(3 * H).reshape(3, H).T  # [H, 3]: q, k, v columns of each head
+        return np.concatenate([ext[add][:, cols].transpose(1, 0, 2), ext[direct][cols][:, None]], axis=1)
+
+    def _base_heads(self, base: np.ndarray, layer: int, skip: set) -> jax.Array:
+        """The start layer's head results under `base` [batch, H, pos, d_model],
+        cached: only heads whose inputs changed since they were computed (and
+        that the chain does not recompute anyway: `skip`) are computed again."""
+        cols = self._head_columns(base, layer)
+        cached = self._heads_cache if self._heads_cache and self._heads_cache[0] == layer else None
+        if cached is None:
+            stale = list(range(self.graph.n_heads))
+            results = None
+        else:
+            _, results, seen = cached
+            stale = [h for h in range(self.graph.n_heads) if h not in skip and not np.array_equal(seen[h], cols[h])]
+            cols = np.where(np.isin(np.arange(len(cols)), stale)[:, None, None], cols, seen)
+        if stale:
+            heads = _pad_pow2(stale, self.graph.n_heads)
+            fresh = _layer_heads(self.model, self.graph, layer, self.corruption, jnp.asarray(base, self._dtype),
+                                 self.tokens, self.deviations, jnp.asarray(heads))
+            results = fresh if results is None or len(heads) == self.graph.n_heads else results.at[:, heads].set(fresh)
+        self._heads_cache = (layer, results, cols)
+        return results
+
+    def changed_heads(self, masks: np.ndarray, base: np.ndarray, layer: int) -> list[int]:
+        """Heads of `layer` whose q/k/v inputs differ between `base` and any of `masks`."""
+        changed = np.nonzero(np.any(masks != base[None], axis=0))[0]
+        first, H = layer * self.graph._layer_columns, self.graph.n_heads
+        cols = np.concatenate([self._edge_columns[e] for e in changed]) if changed.size else np.zeros(0, int)
+        return sorted({int(c - first) % H for c in cols if first <= c < first + 3 * H})
+
+    def batch(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> np.ndarray:
         """Metrics of `masks` [n, n_edges] from a pass that starts at
-        `start_layer`. Batches are padded to `width`, so at most n_layers + 1
-        programs are compiled."""
+        `start_layer`. With `base` (a mask that equals every candidate at the
+        receivers before `start_layer`), the start layer's heads that no
+        candidate changes come from a cache kept under `base`; only the changed
+        heads are computed per candidate. Batches are padded to `width` and the
+        changed heads to a power of two, so few programs are compiled."""
         n = masks.shape[0]
+        heads = None
+        if base is not None and start_layer < self.graph.n_layers:
+            touched = self.changed_heads(masks, base, start_layer) or [0]
+            padded = _pad_pow2(touched, self.graph.n_heads)
+            if len(padded) < self.graph.n_heads:
+                heads = padded
+                base_results = self._base_heads(base, start_layer, set(touched))
         if n < width:
             masks = np.concatenate([masks, np.repeat(masks[-1:], width - n, axis=0)])
         self.passes += 1
-        out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays,
-                            jnp.asarray(masks, self._dtype), self.tokens, self.deviations, self.positions)
+        if heads is None:
+            out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
+                                self.arrays, jnp.asarray(masks, self._dtype), self.tokens, self.deviations,
+                                self.positions)
+        else:
+            out = _batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
+                                      self.arrays, jnp.asarray(masks, self._dtype), self.tokens, self.deviations,
+                                      self.positions, base_results, jnp.asarray(heads))
         return np.asarray(out)[:n]
+
+
+def _pad_pow2(heads: list[int], n_heads: int) -> np.ndarray:
+    """`heads` padded (by repeating the last) to a power of two, or all heads."""
+    size = 1 << (len(heads) - 1).bit_length()
+    if size >= n_heads:
+        return np.arange(n_heads, dtype=np.int32)
+    return np.asarray(heads + heads[-1:] * (size - len(heads)), np.int32)
 
 
 @eqx.filter_jit
@@ -120,27 +195,70 @@ def _deviations(model, graph, tokens, masks, corruption):
     return patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32))[1]
 
 
-@eqx.filter_jit
-def _full_metric(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
-    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption)[0][:, np.asarray(positions)]
+def _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
+    out_positions = np.asarray(positions)
+    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions=out_positions)[0]
     return metric(logits, TaskArrays(task, arrays))
 
 
+_full_metric = eqx.filter_jit(_metric_of_mask)
+
+
 @eqx.filter_jit
-def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions):
-    n_up = senders_before(graph, start_layer)
-    up_all = deviations[:, :n_up]
+def _metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens, positions):
+    def f(mask):
+        return _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
+
+    return jax.lax.map(jax.value_and_grad(f), masks)
+
+
+def _example_inputs(model, corruption, tok, acts):
+    corr = example_corruption(corruption, model, tok.shape[0], acts)
+    return corr, model.embeddings(tok)[2]
+
+
+@eqx.filter_jit
+def _layer_heads(model, graph, layer, corruption, mask, tokens, deviations, heads):
+    """Results of `heads` of `layer` under `mask`, for every prompt [batch, n, pos, d_model]."""
+    m_add, m_dir = graph.dense_masks(mask)
+
+    def one(tok, up, acts):
+        corr, pos_qk = _example_inputs(model, corruption, tok, acts)
+        return start_layer_heads(model, graph, layer, up, m_add, m_dir, corr, pos_qk, heads)
+
+    up_all = deviations[:, :senders_before(graph, layer)]
+    return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
+
+
+def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                       positions, base_results=None, heads=None):
+    up_all = deviations[:, :senders_before(graph, start_layer)]
     out_positions = np.asarray(positions)
+    axes = corruption_axes(corruption)
 
     def one_candidate(mask):
         m_add, m_dir = graph.dense_masks(mask)
 
-        def one_example(tok, up, acts):
-            corr = example_corruption(corruption, model, tok.shape[0], acts)
-            _, _, pos_qk = model.embeddings(tok)
-            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions)[0]
+        def one_example(tok, up, acts, results):
+            corr, pos_qk = _example_inputs(model, corruption, tok, acts)
+            first = None if results is None else (results, heads)
+            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first)[0]
 
-        logits = jax.vmap(one_example, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
+        logits = jax.vmap(one_example, in_axes=(0, 0, axes, 0 if base_results is not None else None))(
+            tokens, up_all, corruption.acts, base_results)
         return metric(logits, TaskArrays(task, arrays))
 
     return jax.vmap(one_candidate)(masks)
+
+
+@eqx.filter_jit
+def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions):
+    return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                              positions)
+
+
+@eqx.filter_jit
+def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                        positions, base_results, heads):
+    return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                              positions, base_results, heads)
