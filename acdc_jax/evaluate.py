@@ -109,3 +109,119 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     span = empty - full
     return {"circuit": value, "full": full, "empty": empty,
             "normalized": float((empty - value) / span) if span != 0 else float("nan")}
+
+
+def ranking_auc(importance: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC of ranking by `importance` (ties count one half): the chance that
+    a true item outranks a false one."""
+    importance, truth = np.asarray(importance, np.float64), np.asarray(truth, bool)
+    n_pos, n_neg = truth.sum(), (~truth).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(importance, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average ranks, 1-based
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_from_scores(circuit: Circuit, canonical: Iterable[str], max_points: int = 200) -> RocResult:
+    """ROC of a scored circuit: edges ranked by |score| (nodes by their best
+    edge), against `canonical`. AUCs are exact; `max_points` thresholds are
+    kept for plotting."""
+    graph = circuit.graph
+    canonical = set(canonical)
+    importance = np.abs(np.nan_to_num(np.asarray(circuit.scores, np.float64), nan=-np.inf))
+    truth = np.array([n in canonical for n in graph.edge_names])
+    node_names = sorted(all_nodes(graph))
+    node_truth_set = nodes_of(graph, canonical)
+    node_best = {n: -np.inf for n in node_names}
+    for e, s in zip(graph.edges, importance):
+        for n in (e.sender, e.receiver):
+            if n.component in node_best:
+                node_best[n.component] = max(node_best[n.component], s)
+    node_imp = np.array([node_best[n] for n in node_names])
+    node_truth = np.array([n in node_truth_set for n in node_names])
+    thresholds = np.unique(importance)[::-1]
+    if len(thresholds) > max_points:
+        thresholds = thresholds[np.linspace(0, len(thresholds) - 1, max_points).astype(int)]
+    edge_points = [(float((importance[~truth] >= t).mean()), float((importance[truth] >= t).mean())) for t in thresholds]
+    node_points = [(float((node_imp[~node_truth] >= t).mean()) if (~node_truth).any() else 0.0,
+                    float((node_imp[node_truth] >= t).mean()) if node_truth.any() else 0.0) for t in thresholds]
+    return RocResult([float(t) for t in thresholds], edge_points, node_points, ranking_auc(importance, truth),
+                     ranking_auc(node_imp, node_truth), [circuit])
+
+
+FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+ACDC_TAUS = (1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+def _curve_area(points: Sequence[tuple[float, float]], f: Callable[[float], float]) -> float:
+    pts = sorted(points)
+    xs = np.array([p[0] for p in pts])
+    ys = np.array([f(p[1]) for p in pts])
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+
+
+def faithfulness_curve(model: Transformer, task: Task, masks: Sequence[np.ndarray], *, metric=None,
+                       corruption=None) -> list[tuple[float, float]]:
+    """(fraction of edges kept, normalised faithfulness) for each mask; MIB's
+    CPR is the area under this curve (higher is better) and CMD the area
+    between it and 1 (lower is better)."""
+    from .acdc import resolve_corruption, resolve_metric
+    from .scoring import Scorer
+
+    graph = task.graph(model)
+    _, metric_fn = resolve_metric(task, metric)
+    _, corr = resolve_corruption(model, task, corruption)
+    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task)
+    full = scorer.full(np.ones(graph.n_edges, np.float32))
+    empty = scorer.full(np.zeros(graph.n_edges, np.float32))
+    span = empty - full if empty != full else float("nan")
+    return [(float(np.mean(m > 0.5)), float((empty - scorer.full(np.asarray(m, np.float32))) / span)) for m in masks]
+
+
+def top_fraction_masks(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS) -> list[np.ndarray]:
+    """Masks keeping the top fraction of edges by |score| (ties broken by index)."""
+    order = np.argsort(-np.abs(np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)), kind="stable")
+    masks = []
+    for f in fractions:
+        m = np.zeros(len(order), np.float32)
+        m[order[: int(round(f * len(order)))]] = 1.0
+        masks.append(m)
+    return masks
+
+
+def compare(methods: dict, tasks: dict, *, taus: Sequence[float] = ACDC_TAUS, corruption=None,
+            metric=None, fractions: Sequence[float] = FRACTIONS) -> list[dict]:
+    """Each method on each task: edge and node ROC AUC against the canonical
+    circuit, the faithfulness curve with CPR and CMD, and the wall time.
+
+    methods: name -> callable(model, task, corruption=...) returning a scored
+    Circuit; the name "acdc" (value None) runs ACDC over `taus` instead.
+    tasks: name -> (model, task) with a canonical circuit.
+    metric: a metric name for every task, or a dict task name -> metric name
+    (default: each task's).
+    """
+    import time
+
+    rows = []
+    for task_name, (model, task) in tasks.items():
+        task_metric = metric.get(task_name) if isinstance(metric, dict) else metric
+        for name, method in methods.items():
+            start = time.perf_counter()
+            if method is None:
+                result = roc(model, task, list(taus), corruption=corruption, metric=task_metric, progress=False)
+                masks = [c.mask for c in result.circuits]
+            else:
+                circuit = method(model, task, corruption=corruption, metric=task_metric)
+                result = roc_from_scores(circuit, task.canonical)
+                masks = top_fraction_masks(circuit.scores, fractions)
+            seconds = time.perf_counter() - start
+            curve = faithfulness_curve(model, task, masks, corruption=corruption, metric=task_metric)
+            if method is None:
+                curve = sorted({(0.0, 0.0), (1.0, 1.0), *curve})
+            rows.append({
+                "task": task_name, "method": name, "metric": task_metric or task.default_metric, "edge_auc": result.edge_auc, "node_auc": result.node_auc,
+                "cpr": _curve_area(curve, lambda y: y), "cmd": _curve_area(curve, lambda y: abs(1.0 - y)),
+                "seconds": seconds, "curve": curve, "edge_points": result.edge_points,
+            })
+    return rows

@@ -45,6 +45,14 @@ def squared_error(logits: jax.Array, task: "Task") -> jax.Array:
     return _weighted_mean(jnp.mean((logits - jnp.asarray(task.reference, logits.dtype)) ** 2, axis=-1), task)
 
 
+def predicted_logit(logits: jax.Array, task: "Task") -> jax.Array:
+    """Minus the logit of the full model's top token: unlike KL and L2, its
+    gradient does not vanish at the full model, so gradient methods (EAP) see it."""
+    ref = jnp.asarray(task.reference, logits.dtype)
+    picked = jnp.take_along_axis(logits, jnp.argmax(ref, axis=-1)[..., None], axis=-1)[..., 0]
+    return -_weighted_mean(picked, task)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     """Clean and corrupted prompts, the positions and metrics, and the canonical circuit.

@@ -32,7 +32,7 @@ import numpy as np
 from ..graph import CircuitGraph
 from ..model import Transformer
 from ..patching import Corruption, patched_forward
-from .base import Task, squared_error
+from .base import Task, predicted_logit, squared_error
 from .tracr_programs import compile_tracr, compile_tracr_model
 
 GRAPH_OPTIONS = {"split_embed": True}
@@ -56,11 +56,12 @@ def reverse_task(seed: int = 0) -> tuple[Transformer, Task]:
         clean=clean,
         corrupted=clean[_derangement(len(clean), rng)],
         positions=np.arange(1, 4),
-        metrics={"l2": squared_error},
+        metrics={"l2": squared_error, "logit": predicted_logit},
         default_metric="l2",
         graph_options=GRAPH_OPTIONS,
         corrupt_positions=rng.permutation(4),
-        description="tracr reverse of (1, 2, 3) permutations; squared error of the outputs at positions 1-3.",
+        description="tracr reverse of (1, 2, 3) permutations; squared error of the outputs at positions 1-3 "
+                    "('logit': minus the logit of the right token, for gradient methods).",
     )
     return model, _with_ground_truth(model, task)
 
@@ -76,7 +77,7 @@ def proportion_task(n_examples: int = 50, seed: int = 0) -> tuple[Transformer, T
         clean=clean,
         corrupted=clean[rng.permutation(n_examples)],
         positions=np.arange(1, 4),
-        metrics={"l2": squared_error},
+        metrics={"l2": squared_error, "output": predicted_logit},
         default_metric="l2",
         graph_options=GRAPH_OPTIONS,
         corrupt_positions=rng.permutation(4),

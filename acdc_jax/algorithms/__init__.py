@@ -1,0 +1,18 @@
+"""Circuit-finding methods on the same edge masks as ACDC; each returns a
+`Circuit` whose ``scores`` estimate how much the metric rises when an edge is
+cut (or, for the trained masks, how strongly it is kept)."""
+
+from .attribution import circuit_from_scores, eap, eap_ig, exact_patching, hisp, top_k_threshold
+from .pruning import edge_pruning, subnetwork_probing
+
+METHODS = {
+    "eap": eap,
+    "eap_ig": eap_ig,
+    "exact_patching": exact_patching,
+    "edge_pruning": edge_pruning,
+    "subnetwork_probing": subnetwork_probing,
+    "hisp": hisp,
+}
+
+__all__ = ["METHODS", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "exact_patching", "hisp",
+           "subnetwork_probing", "top_k_threshold"]

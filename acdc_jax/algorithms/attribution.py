@@ -1,0 +1,170 @@
+"""Edge scores from the patched forward: exact single-edge patching, edge
+attribution patching (EAP), EAP with integrated gradients, and the head
+importance score (HISP).
+
+Every score estimates the same quantity: how much the metric (minimised)
+rises when the edge is cut, ``metric(all edges but e) - metric(all edges)``.
+Because a mask multiplies ``act_s - corrupt_s``, the gradient of the metric
+with respect to the mask of edge s -> r is ``(act_s - corrupt_s) . dmetric/dx_r``,
+so EAP's ``(corrupt_s - act_s) . dmetric/dx_r`` is minus that gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..circuit import Circuit
+from ..graph import CircuitGraph
+from ..scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
+
+
+def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None):
+    """The graph, a Scorer and the settings shared by the methods."""
+    from ..acdc import resolve_corruption, resolve_metric
+
+    graph = graph or task.graph(model)
+    task.check_canonical(graph)
+    metric_name, metric_fn = resolve_metric(task, metric)
+    corruption_kind, corr = resolve_corruption(model, task, corruption)
+    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task)
+    settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
+                "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
+                "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed}}
+    return graph, scorer, settings
+
+
+def top_k_threshold(importance: np.ndarray, k: int) -> float:
+    """The smallest threshold t (binary search over the sorted importances)
+    with exactly k edges at or above it; ties at the boundary are an error."""
+    values = np.sort(np.asarray(importance, np.float64))[::-1]
+    if not 0 <= k <= len(values):
+        raise ValueError(f"k must be between 0 and {len(values)}, got {k}.")
+    if k == 0:
+        return np.inf
+    lo, hi = 0, len(values) - 1  # find the last index holding values[k-1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if values[mid] >= values[k - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo != k - 1:
+        raise ValueError(f"{lo - k + 2} edges tie at the score of the {k}-th edge; no threshold keeps exactly {k}.")
+    return float(values[k - 1])
+
+
+def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict, *, n_edges: Optional[int] = None,
+                        threshold: Optional[float] = None, metric: Optional[float] = None) -> Circuit:
+    """Keep the `n_edges` edges of highest |score|, or those with |score| >= `threshold`
+    (default: every edge with a nonzero score)."""
+    importance = np.abs(np.asarray(scores, np.float64))
+    if n_edges is not None:
+        threshold = top_k_threshold(importance, n_edges)
+        mask = importance >= threshold
+    elif threshold is not None:
+        mask = importance >= threshold
+    else:
+        mask = importance > 0
+    settings = dict(settings, n_edges=n_edges, threshold=threshold)
+    return Circuit(graph, mask.astype(np.float32), metric, [], settings, np.asarray(scores, np.float64))
+
+
+def _done(graph, scores, settings, start, scorer, **keep) -> Circuit:
+    settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes)
+    return circuit_from_scores(graph, scores, settings, **keep)
+
+
+def receiver_layers(graph: CircuitGraph) -> np.ndarray:
+    """The layer of each edge's receiver (n_layers for the logits)."""
+    return np.array([e.receiver.layer for e in graph.edges])
+
+
+def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
+                   n_edges=None, threshold=None) -> Circuit:
+    """The true effect of cutting each edge alone, in vmapped batches that
+    start at the edge's receiver layer."""
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    ones = np.ones(graph.n_edges, np.float32)
+    full = scorer.full(ones)
+    per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
+    width = choose_width(per, max_width or default_max_width())
+    layers = receiver_layers(graph)
+    scores = np.zeros(graph.n_edges)
+    for layer in sorted(set(layers.tolist())):
+        edges = np.nonzero(layers == layer)[0]
+        for i in range(0, len(edges), width):
+            chunk = edges[i:i + width]
+            masks = np.repeat(ones[None], len(chunk), axis=0)
+            masks[np.arange(len(chunk)), chunk] = 0.0
+            scores[chunk] = scorer.batch(masks, int(layer), width, base=ones) - full
+    settings.update(method="exact_patching", full_metric=full)
+    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
+
+
+def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
+    """Edge attribution patching (Syed et al. 2023): one gradient with respect
+    to the masks at the full model (a clean and a corrupted forward pass and
+    one backward pass)."""
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
+    settings.update(method="eap", full_metric=float(value[0]))
+    return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold)
+
+
+def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
+           threshold=None) -> Circuit:
+    """EAP with integrated gradients (Hanna et al. 2024) along the path of
+    masks alpha * 1 from the corrupted run (alpha = 0) to the clean run
+    (alpha = 1), with `steps` midpoint samples. The scores add up to the
+    effect of cutting every edge, ``metric(empty) - metric(full)``, up to an
+    O(1/steps^2) error."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    alphas = (np.arange(steps) + 0.5) / steps
+    _, grads = scorer.value_and_grads(alphas[:, None] * np.ones((1, graph.n_edges), np.float32))
+    settings.update(method="eap_ig", steps=steps)
+    return _done(graph, -grads.mean(axis=0), settings, start, scorer, n_edges=n_edges, threshold=threshold)
+
+
+def node_scores_to_edges(graph: CircuitGraph, node_score: dict) -> np.ndarray:
+    """An edge scores the smaller of its two ends' node scores; the embedding,
+    the logits and a head's own q/k/v steps do not limit it."""
+    def score(node):
+        if node.kind in ("head", "mlp", "mlp_in"):
+            return node_score[node.component]
+        if node.kind in ("q", "k", "v", "attn_in", "q_out", "k_out", "v_out"):
+            return node_score[f"a{node.layer}.{node.head}"]
+        return np.inf
+
+    return np.array([min(score(e.sender), score(e.receiver)) for e in graph.edges])
+
+
+def sender_groups(graph: CircuitGraph) -> dict:
+    """Each head's and MLP's outgoing residual edges, by component name."""
+    groups: dict = {}
+    for e in graph.edges:
+        if e.kind == "residual" and e.sender.kind in ("head", "mlp"):
+            groups.setdefault(e.sender.component, []).append(e.index)
+    return groups
+
+
+def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
+    """Head importance scores (Michel et al. 2019, as the ACDC paper uses them):
+    |d metric / d gate| for a gate on each head's (and MLP's) output,
+    interpolating it towards the corruption. A gate scales all of a node's
+    outgoing edges, so its gradient is the sum of their mask gradients. The
+    metric is taken over the whole batch. Edges score as their weaker end."""
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    _, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
+    nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
+    settings.update(method="hisp", node_scores=nodes)
+    return _done(graph, node_scores_to_edges(graph, nodes), settings, start, scorer, n_edges=n_edges,
+                 threshold=threshold)

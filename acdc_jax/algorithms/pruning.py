@@ -1,0 +1,124 @@
+"""Optimised masks: Edge Pruning (Bhaskar et al. 2024) over edges and
+subnetwork probing (SP, as in the ACDC paper) over heads and MLPs.
+
+Both learn hard-concrete gates (Louizos et al. 2018) with optax, minimising
+``metric(sampled mask) + l1 * gap + l2 * gap**2`` with ``gap = expected
+density - target``, where the Lagrange multipliers l1, l2 follow gradient
+ascent (as in Edge Pruning), so training ends near the requested sparsity.
+The learned log-alphas, shifted to start at 0, are the scores; the final circuit keeps exactly the k
+highest (threshold found by binary search).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..scoring import _metric_of_mask
+from .attribution import _done, node_scores_to_edges, sender_groups, setup
+
+BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
+INIT = 5.0  # initial log-alpha: gates start open, so training starts from the full model
+
+
+def hard_concrete(log_alpha, key):
+    """A sample of the stretched, clipped hard-concrete gate."""
+    u = jax.random.uniform(key, log_alpha.shape, minval=1e-6, maxval=1 - 1e-6)
+    s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / BETA)
+    return jnp.clip(s * (RIGHT - LEFT) + LEFT, 0.0, 1.0)
+
+
+def expected_density(log_alpha):
+    """The expected fraction of gates that are nonzero."""
+    return jax.nn.sigmoid(log_alpha - BETA * np.log(-LEFT / RIGHT)).mean()
+
+
+def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int):
+    """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    target = 1.0 - sparsity
+    s = scorer
+    args = (s.model, s.graph, s.corruption, s.metric, s.task, s.arrays)
+    opt = optax.adam(lr)
+    key = jax.random.PRNGKey(seed)
+    key, init = jax.random.split(key)
+    # gates start mostly open; the small spread breaks ties between gates the metric never tells apart
+    log_alpha = (INIT + 0.01 * jax.random.normal(init, (n_params,))).astype(s._dtype)
+    state = opt.init(log_alpha)
+
+    @eqx.filter_jit
+    def step(log_alpha, state, lam, key, args, tokens):
+        def loss(la):
+            gates = hard_concrete(la, key)
+            value = _metric_of_mask(*args, to_edges(gates), tokens, s.positions)
+            gap = expected_density(la) - target
+            return value + lam[0] * gap + lam[1] * gap ** 2, (value, gap)
+
+        (_, (value, gap)), grad = jax.value_and_grad(loss, has_aux=True)(log_alpha)
+        updates, state = opt.update(grad, state)
+        lam = lam + lambda_lr * jnp.stack([gap, gap ** 2])  # ascent on the multipliers
+        return optax.apply_updates(log_alpha, updates), state, lam, value, gap
+
+    lam = jnp.zeros((2,), s._dtype)
+    history = []
+    for i in range(steps):
+        key, sub = jax.random.split(key)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
+            log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
+        if i % max(1, steps // 20) == 0 or i == steps - 1:
+            history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
+    s.passes += steps
+    log_alpha = np.asarray(log_alpha, np.float64)
+    # scores must be >= 0 and rank like log-alpha: circuits and ROC rank by |score|
+    return log_alpha - log_alpha.min(), float(expected_density(jnp.asarray(log_alpha))), history
+
+
+def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
+                 lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
+    """Hard-concrete edge masks trained to `sparsity` (the fraction of edges
+    removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges."""
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed)
+    k = int(round((1.0 - sparsity) * graph.n_edges))
+    settings.update(method="edge_pruning", sparsity=sparsity, steps=steps, lr=lr, expected_density=density,
+                    history=history)
+    return _done(graph, log_alpha, settings, start, scorer, n_edges=k) if k else _done(
+        graph, log_alpha, settings, start, scorer, threshold=np.inf)
+
+
+def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500, lr: float = 0.05,
+                       lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
+    """Hard-concrete gates on each head's and MLP's output (all its outgoing
+    edges), trained to `sparsity` (the fraction of nodes removed). Edges score
+    as their weaker end; the circuit keeps the edges between kept nodes."""
+    start = time.perf_counter()
+    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    groups = sender_groups(graph)
+    names = sorted(groups)
+    owner = np.full(graph.n_edges, len(names), np.int32)  # edges not out of a head/MLP: gate index n (always 1)
+    for i, name in enumerate(names):
+        owner[groups[name]] = i
+    owner = jnp.asarray(owner)
+
+    def to_edges(gates):
+        return jnp.concatenate([gates, jnp.ones((1,), gates.dtype)])[owner]
+
+    log_alpha, density, history = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed)
+    nodes = dict(zip(names, log_alpha.tolist()))
+    k_nodes = int(round((1.0 - sparsity) * len(names)))
+    kept = set(sorted(names, key=lambda n: -nodes[n])[:k_nodes])
+    settings.update(method="subnetwork_probing", sparsity=sparsity, steps=steps, lr=lr, expected_density=density,
+                    node_scores=nodes, kept_nodes=sorted(kept), history=history)
+    scores = node_scores_to_edges(graph, nodes)
+    threshold = min((nodes[n] for n in kept), default=np.inf)
+    return _done(graph, scores, settings, start, scorer, threshold=threshold)
