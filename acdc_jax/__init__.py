@@ -5,8 +5,12 @@ from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .graph import CircuitGraph, Edge, Node, expected_edge_count
 from .model import SenderActivations, Transformer, TransformerConfig
 from .patching import Corruption, patched_forward
+from .circuit import Circuit, Decision
+from .acdc import acdc
+from . import algorithms, evaluate
 
 __all__ = [
+    "Circuit", "Decision", "acdc", "algorithms", "evaluate",
     "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "MetricError", "Node",
     "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
     "patched_forward", "save",

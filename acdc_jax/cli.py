@@ -36,9 +36,11 @@ def _summary(circuit, task, faith) -> list[str]:
     from .evaluate import nodes_of, rates
 
     s = circuit.settings
+    how = f"tau={s['tau']}" if s.get("method", "acdc") == "acdc" else s["method"]
+    mode = f", {s['mode']}" if "mode" in s else ""
     lines = [
-        f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges at tau={s['tau']} "
-        f"({s['metric']}, corruption={s['corruption']}, {s['mode']}) in {s['seconds']:.1f}s, {s['passes']} passes",
+        f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "
+        f"({s['metric']}, corruption={s['corruption']}{mode}) in {s['seconds']:.1f}s, {s['passes']} passes",
         f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit {faith['empty']:.4g}; "
         f"faithfulness {faith['normalized']:.3f}",
     ]
@@ -53,8 +55,31 @@ def _summary(circuit, task, faith) -> list[str]:
     return lines
 
 
+def _run_method(args, model, task):
+    """A scored circuit from a method other than ACDC."""
+    from .algorithms import METHODS
+
+    kw = {"metric": args.metric, "corruption": args.corruption}
+    if args.method == "eap_ig":
+        kw["steps"] = args.steps or 16
+    if args.method in ("edge_pruning", "subnetwork_probing"):
+        kw["steps"] = args.steps or 1500
+        if args.sparsity is not None:
+            kw["sparsity"] = args.sparsity
+    circuit = METHODS[args.method](model, task, **kw)
+    if args.method in ("edge_pruning", "subnetwork_probing"):
+        return circuit
+    from .algorithms import circuit_from_scores
+
+    if args.n_edges is None and args.tau is None:
+        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-scoring edges) or --tau T "
+                         "(keep edges with |score| >= T).")
+    return circuit_from_scores(circuit.graph, circuit.scores, circuit.settings, n_edges=args.n_edges,
+                               threshold=None if args.n_edges is not None else args.tau)
+
+
 def cmd_discover(args) -> int:
-    """Run ACDC and write circuit.json, decisions.jsonl, circuit.dot and a picture."""
+    """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot and a picture."""
     from .acdc import acdc
     from .draw import render
     from .evaluate import faithfulness
@@ -63,18 +88,24 @@ def cmd_discover(args) -> int:
     out = Path(args.out or f"runs/{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "decisions.jsonl"
-    circuit = acdc(model, task, args.tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
-                   abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
-                   log_path=None if args.resume else log, resume=log if args.resume else None,
-                   progress=not args.no_progress)
+    if args.method == "acdc":
+        if args.tau is None:
+            raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau).")
+        circuit = acdc(model, task, args.tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
+                       abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
+                       log_path=None if args.resume else log, resume=log if args.resume else None,
+                       progress=not args.no_progress)
+    else:
+        circuit = _run_method(args, model, task)
+        log = None
     faith = faithfulness(model, task, circuit)
     circuit.settings["faithfulness"] = faith
     circuit.save(out / "circuit.json")
     pictures = render(circuit, out / "circuit", canonical=task.canonical,
-                      title=f"{task.name}, tau={args.tau}: {circuit.n_edges} edges")
+                      title=f"{task.name}, {args.method}: {circuit.n_edges} edges")
     for line in _summary(circuit, task, faith):
         print(line)
-    print("wrote " + ", ".join(str(p) for p in [out / "circuit.json", log, *pictures]))
+    print("wrote " + ", ".join(str(p) for p in [out / "circuit.json", *([log] if log else []), *pictures]))
     return 0
 
 
@@ -87,17 +118,26 @@ def cmd_roc(args) -> int:
     out = Path(args.out or f"runs/{args.task}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
-                 mode=args.mode, progress=not args.no_progress)
-    payload = {"task": task.name, "metric": args.metric or task.default_metric,
+    if args.method == "acdc":
+        result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
+                     mode=args.mode, progress=not args.no_progress)
+    else:
+        from .evaluate import roc_from_scores
+
+        if task.canonical is None:
+            raise ValueError(f"Task {task.name} has no canonical circuit to compare with.")
+        args.n_edges, args.tau = None, 0.0
+        result = roc_from_scores(_run_method(args, model, task), task.canonical)
+    payload = {"task": task.name, "method": args.method, "metric": args.metric or task.default_metric,
                "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
                **result.to_json()}
     (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
-             title=f"ACDC on {task.name} ({payload['corruption']})")
-    print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
-    for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
-        print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
+             title=f"{args.method} on {task.name} ({payload['corruption']})")
+    if args.method == "acdc":
+        print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
+        for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
+            print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
     print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}")
     return 0
 
@@ -149,6 +189,10 @@ def _task_args(p) -> None:
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--method", default="acdc", choices=["acdc", "eap", "eap_ig", "exact_patching", "edge_pruning",
+                                                        "subnetwork_probing", "hisp"])
+    p.add_argument("--steps", type=int, help="eap_ig: interpolation steps (16); edge_pruning/SP: training steps (1500)")
+    p.add_argument("--sparsity", type=float, help="edge_pruning/SP: fraction of edges/nodes removed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("discover", help=cmd_discover.__doc__)
     _task_args(p)
-    p.add_argument("--tau", type=float, required=True, help="threshold: an edge is removed when the metric rises by less")
+    p.add_argument("--tau", type=float, help="ACDC threshold: an edge is removed when the metric rises by less; "
+                   "for scoring methods, keep edges with |score| >= tau")
+    p.add_argument("--n-edges", type=int, help="scoring methods: keep this many highest-scoring edges")
     p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
     p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")
     p.add_argument("--max-width", type=int, help="most candidates per batched pass")
