@@ -1,0 +1,133 @@
+"""ACDC wall time: sequential loop vs batched chains vs auto-circuit's ACDC.
+
+One process, one model, one task, the same thresholds. The model has the shape
+of attn-only-4l (the docstring model of the ACDC paper: 4 layers, 8 heads,
+d_model 512, vocabulary 48262, shortformer positions) with random weights,
+written as a TransformerLens checkpoint so that auto-circuit can load the very
+same weights. The task is random clean and corrupted prompts, KL divergence at
+the last position. The graph is auto-circuit's: q/k/v inputs split, no q/k/v
+step edges, one embedding sender.
+
+auto-circuit runs where its interpreter is given (``--auto-circuit-python``,
+a venv made as auto_circuit_acdc.py says). Its ACDC visits
+edges in its own order (all edges sorted by receiver layer, in Python set order
+within a layer, with no skipping of receivers cut off from the output), so its
+circuit need not equal the paper's ACDC; the table reports the overlap. To check
+that both compute the same thing, acdc-jax is also run (batched) with
+``order=`` auto-circuit's order, which must give auto-circuit's circuit.
+
+    python benchmarks/bench_acdc.py [--taus 0.02 0.1] [--auto-circuit-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, print_table, write_json  # noqa: E402
+
+from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
+
+ATTN_ONLY_4L = dict(n_layers=4, d_model=512, n_heads=8, d_head=64, d_vocab=48262, d_vocab_out=48262, n_ctx=64,
+                    attn_only=True, normalization_type="LN", act_fn="gelu_new", positional_embedding_type="shortformer",
+                    eps=1e-5, attention_dir="causal", d_mlp=None)
+
+
+def random_tl_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    L, D, H, K, V = cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["d_head"], cfg["d_vocab"]
+    r = lambda std, *s: (std * rng.standard_normal(s)).astype(np.float32)
+    sd = {"embed.W_E": r(0.2, V, D), "pos_embed.W_pos": r(0.2, cfg["n_ctx"], D), "unembed.W_U": r(0.2, D, V),
+          "unembed.b_U": r(0.2, V), "ln_final.w": 1 + r(0.2, D), "ln_final.b": r(0.2, D)}
+    for l in range(L):
+        p = f"blocks.{l}."
+        for n in "QKV":
+            sd[p + f"attn.W_{n}"], sd[p + f"attn.b_{n}"] = r(0.06, H, D, K), r(0.2, H, K)
+        sd[p + "attn.W_O"], sd[p + "attn.b_O"] = r(0.06, H, K, D), r(0.2, D)
+        sd[p + "ln1.w"], sd[p + "ln1.b"] = 1 + r(0.2, D), r(0.2, D)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def run_ours(model, task, tau, mode, order=None):
+    start = time.perf_counter()
+    circuit = acdc(model, task, tau, mode=mode, progress=False, order=order)
+    return time.perf_counter() - start, circuit
+
+
+def run_auto_circuit(python: str, directory: Path, prompts: Path, tau: float):
+    script = Path(__file__).with_name("auto_circuit_acdc.py")
+    out = subprocess.run([python, str(script), str(directory), str(prompts), repr(tau)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.02, 0.1])
+    parser.add_argument("--n-prompts", type=int, default=20)
+    parser.add_argument("--n-pos", type=int, default=24)
+    parser.add_argument("--auto-circuit-python", default=None)
+    args = parser.parse_args(argv)
+
+    import converters
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_acdc_"))
+    random_tl_checkpoint(tmp / "model", ATTN_ONLY_4L)
+    model = converters.convert(tmp / "model", format="transformer-lens")
+    rng = np.random.default_rng(1)
+    shape = (args.n_prompts, args.n_pos)
+    clean, corrupted = rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape), rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape)
+    np.savez(tmp / "prompts.npz", clean=clean, corrupted=corrupted)
+    task = Task("random-prompts", clean, corrupted, positions=np.array([args.n_pos - 1]), metrics={"kl": kl_divergence},
+                graph_options=dict(split_qkv=True, qkv_edges=False, split_embed=False))
+
+    rows = []
+    for tau in args.taus:
+        t_seq, seq = run_ours(model, task, tau, "sequential")
+        t_bat, bat = run_ours(model, task, tau, "batched")
+        n = seq.graph.n_edges
+        row = {"tau": tau, "edges": n, "kept": bat.n_edges, "sequential_s": t_seq, "batched_s": t_bat,
+               "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
+               "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask))}
+        if args.auto_circuit_python:
+            ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
+            ours, theirs = set(bat.edges), set(ac["kept"])
+            t_ord, in_their_order = run_ours(model, task, tau, "batched", order=ac["order"])
+            row.update(auto_circuit_s=ac["seconds"], auto_circuit_kept=len(theirs), auto_circuit_edges=ac["n_edges"],
+                       speedup_vs_auto_circuit=ac["seconds"] / t_bat, jaccard_acdc_vs_auto_circuit=len(ours & theirs)
+                       / max(len(ours | theirs), 1), batched_in_their_order_s=t_ord,
+                       same_circuit_in_their_order=set(in_their_order.edges) == theirs)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    columns = ["tau", "edges", "kept", "sequential_s", "batched_s", "speedup", "seq_passes", "bat_passes",
+               "same_as_sequential"]
+    if args.auto_circuit_python:
+        columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
+                    "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]
+    print_table(rows, columns)
+    write_json("bench_acdc", {
+        "environment": environment(),
+        "model": ATTN_ONLY_4L, "weights": "random (seeded), TransformerLens layout",
+        "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
+                 "corruption": "random corrupted prompts"},
+        "timing": "wall time of one acdc() call including compilation; auto-circuit: its acdc_prune_scores call",
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
