@@ -27,16 +27,19 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .circuit import Circuit, Decision
 from .errors import MetricError
 from .graph import CircuitGraph
-from .model import Transformer
+from .model import Transformer, cast
 from .patching import Corruption
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
 from .scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
+from .sharding import candidate_shards, parse_mesh, prompt_shards
 from .tasks.base import Task
 
 MetricArg = Union[None, str, Callable]
@@ -59,7 +62,9 @@ def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
 
 def resolve_corruption(model: Transformer, task: Task, corruption) -> tuple[str, Corruption]:
     if isinstance(corruption, Corruption):
-        return corruption.kind, corruption
+        dtype = model.embed.W_E.dtype
+        return corruption.kind, Corruption(corruption.kind, jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                                                                                 corruption.acts))
     kind = corruption or task.corruption
     return kind, task.make_corruption(model, kind)
 
@@ -77,6 +82,8 @@ def acdc(
     order: Optional[list] = None,
     graph: Optional[CircuitGraph] = None,
     max_width: Optional[int] = None,
+    mesh=None,
+    dtype: str = "float32",
     log_path: Union[None, str, Path] = None,
     resume: Union[None, str, Path] = None,
     progress: bool = True,
@@ -94,6 +101,11 @@ def acdc(
       this order, skipping none (to reproduce another implementation's run).
     max_width: most candidates per batched pass (default: 256 on accelerators,
       32 on CPU), lowered to fit in half the free memory.
+    mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (or "auto": every
+      device) to split candidates and prompts over devices and hosts.
+    dtype: "float32", or "bfloat16" for bf16 weights and activations (the
+      metric is still computed in float32); see benchmarks/bench_precision.py
+      for how often that changes decisions.
     log_path: JSON-lines decision log, written as the run goes.
     resume: a log from an interrupted run with the same settings; the run
       continues from its last decision (and appends to it).
@@ -104,13 +116,17 @@ def acdc(
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
     graph = graph or task.graph(model)
     task.check_canonical(graph)
+    model = cast_for(model, dtype)
+    if isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
     unbound, task = task, task.bind(model)
     schedule = Schedule(graph, head_order, order)
-    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound)
+    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh)
     settings = {
         "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
+        "dtype": dtype,
         "abs_value": bool(abs_value), "head_order": head_order,
         "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
         "n_prompts": int(task.clean.shape[0]),
@@ -124,14 +140,17 @@ def acdc(
     if not math.isfinite(full_metric):
         raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; it must be a finite number.")
     state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[])
-    log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
+    log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
+                      write=jax.process_index() == 0)
     if resume is not None:
         log.replay(schedule, state)
 
     width = _Width(1, 1)
     if mode == "batched":
         per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
-        cap = choose_width(per, max_width or default_max_width())
+        shards = candidate_shards(mesh)
+        per_device = choose_width(per // prompt_shards(mesh), max(1, (max_width or default_max_width()) // shards))
+        cap = per_device * shards
         width = _Width(cap, 1 if adaptive_width(model) else cap)
     bar = _progress(progress, graph.n_edges, len(state.decisions))
     start = time.perf_counter()
@@ -153,7 +172,8 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width.cap, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3))
+    settings.update(mode=mode, width=width.cap, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3),
+                    mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
     for d in state.decisions:
         if d.tried:
@@ -161,9 +181,13 @@ def acdc(
     return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
 
 
-def adaptive_width(model: Transformer) -> bool:
-    import jax
+def cast_for(model: Transformer, dtype: str) -> Transformer:
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+    return cast(model, jnp.bfloat16) if dtype == "bfloat16" else model
 
+
+def adaptive_width(model: Transformer) -> bool:
     return jax.default_backend() == "cpu"
 
 

@@ -93,7 +93,7 @@ def cmd_discover(args) -> int:
             raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau).")
         circuit = acdc(model, task, args.tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
                        abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
-                       log_path=None if args.resume else log, resume=log if args.resume else None,
+                       mesh=args.mesh, dtype=args.dtype, log_path=None if args.resume else log, resume=log if args.resume else None,
                        progress=not args.no_progress)
     else:
         circuit = _run_method(args, model, task)
@@ -120,7 +120,7 @@ def cmd_roc(args) -> int:
     start = time.perf_counter()
     if args.method == "acdc":
         result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
-                     mode=args.mode, progress=not args.no_progress)
+                     mode=args.mode, mesh=args.mesh, dtype=args.dtype, progress=not args.no_progress)
     else:
         from .evaluate import roc_from_scores
 
@@ -187,6 +187,10 @@ def _task_args(p) -> None:
     p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
     p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched")
+    p.add_argument("--mesh", help="spread ACDC over devices: 'auto' (all, on candidates) or CxP, e.g. 4x2 "
+                                  "(candidate shards x prompt shards)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations (the metric is always float32)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--method", default="acdc", choices=["acdc", "eap", "eap_ig", "exact_patching", "edge_pruning",

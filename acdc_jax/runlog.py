@@ -35,16 +35,18 @@ def model_fingerprint(model) -> str:
 
 
 class RunLog:
-    def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision]):
+    def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision],
+                 write: bool = True):
         self.path = path
         self.settings = settings
         self.initial_metric = initial_metric
         self.logged = logged
-        self._file = open(path, "a") if path is not None else None
+        self._file = open(path, "a") if path is not None and write else None
 
     @classmethod
-    def open(cls, path, settings: dict, initial_metric: float, resume: bool) -> "RunLog":
-        if path is None:
+    def open(cls, path, settings: dict, initial_metric: float, resume: bool, write: bool = True) -> "RunLog":
+        """`write=False` (the other processes of a multi-host run) reads a log but never writes one."""
+        if path is None or (not write and not resume):
             return cls(None, settings, initial_metric, [])
         path = Path(path)
         if not resume:
@@ -70,8 +72,9 @@ class RunLog:
                 good += 1
             except (json.JSONDecodeError, KeyError):
                 break  # a line cut off by the interruption; it is rewritten below
-        path.write_text("\n".join(lines[:good]) + "\n")
-        return cls(path, settings, header["initial_metric"], logged)
+        if write:
+            path.write_text("\n".join(lines[:good]) + "\n")
+        return cls(path, settings, header["initial_metric"], logged, write)
 
     def replay(self, schedule, state) -> None:
         """Re-apply the logged decisions to `state`, checking each against the schedule."""

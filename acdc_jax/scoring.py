@@ -22,6 +22,7 @@ from .graph import CircuitGraph
 from .model import Transformer
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads)
+from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .tasks.base import Task, TaskArrays, task_arrays
 
 
@@ -81,17 +82,24 @@ class Scorer:
     `task` must be bound (`Task.bind`); `static_task` is the object the metric
     sees for non-array attributes. Passing the same unbound task across runs
     lets them share compiled passes (the arrays are arguments, not constants).
+    `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over devices.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
-                 static_task: Optional[Task] = None):
+                 static_task: Optional[Task] = None, mesh=None):
+        check_prompts(mesh, task.clean.shape[0])
+        self.mesh = mesh
+        if mesh is not None:
+            model = put_replicated(model, mesh)
+            acts = put_prompts(corruption.acts, mesh) if corruption.kind == "prompts" else put_replicated(
+                corruption.acts, mesh)
+            corruption = Corruption(corruption.kind, acts)
         self.model, self.graph, self.corruption, self.metric = model, graph, corruption, metric
         self.task = static_task if static_task is not None else task
-        self.tokens = jnp.asarray(task.clean)
+        self.tokens = put_prompts(jnp.asarray(task.clean), mesh)
         self.positions = tuple(int(p) for p in task.positions)
-        self.arrays = task_arrays(task)
-        ones = graph.ones().astype(self._dtype)
-        self.deviations = _deviations(model, graph, self.tokens, ones, corruption)
+        self.arrays = put_replicated(task_arrays(task), mesh)
+        self.deviations = _deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
         self.passes = 0
         self._heads_cache = None
         add, direct = graph._gather
@@ -102,20 +110,24 @@ class Scorer:
     def _dtype(self):
         return self.model.embed.W_E.dtype
 
+    def _rep(self, masks) -> jax.Array:
+        """Masks in the model's dtype, on every device of the mesh."""
+        return put_replicated(jnp.asarray(np.asarray(masks, np.float32), self._dtype), self.mesh)
+
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
         self.passes += 1
         out = _full_metric(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                           jnp.asarray(mask, self._dtype), self.tokens, self.positions)
-        return float(out)
+                           self._rep(mask), self.tokens, self.positions)
+        return float(fetch(out))
 
     def value_and_grads(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Metric and its gradient with respect to the edge masks, for each of
         `masks` [n, n_edges] (one forward and one backward pass each)."""
         self.passes += len(masks)
         values, grads = _metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                                      jnp.asarray(masks, self._dtype), self.tokens, self.positions)
-        return np.asarray(values, np.float64), np.asarray(grads, np.float64)
+                                      self._rep(masks), self.tokens, self.positions)
+        return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
 
     def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:
         """Each head's dense q/k/v input columns of `layer` under `mask`, [H, n_senders + 1, 3]."""
@@ -140,8 +152,8 @@ class Scorer:
             cols = np.where(np.isin(np.arange(len(cols)), stale)[:, None, None], cols, seen)
         if stale:
             heads = _pad_pow2(stale, self.graph.n_heads)
-            fresh = _layer_heads(self.model, self.graph, layer, self.corruption, jnp.asarray(base, self._dtype),
-                                 self.tokens, self.deviations, jnp.asarray(heads))
+            fresh = _layer_heads(self.model, self.graph, layer, self.corruption, self._rep(base),
+                                 self.tokens, self.deviations, put_replicated(jnp.asarray(heads), self.mesh))
             results = fresh if results is None or len(heads) == self.graph.n_heads else results.at[:, heads].set(fresh)
         self._heads_cache = (layer, results, cols)
         return results
@@ -168,18 +180,19 @@ class Scorer:
             if len(padded) < self.graph.n_heads:
                 heads = padded
                 base_results = self._base_heads(base, start_layer, set(touched))
+        width = round_width(max(width, n), self.mesh)
         if n < width:
             masks = np.concatenate([masks, np.repeat(masks[-1:], width - n, axis=0)])
         self.passes += 1
+        masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
         if heads is None:
             out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                self.arrays, jnp.asarray(masks, self._dtype), self.tokens, self.deviations,
-                                self.positions)
+                                self.arrays, masks, self.tokens, self.deviations, self.positions)
         else:
             out = _batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                      self.arrays, jnp.asarray(masks, self._dtype), self.tokens, self.deviations,
-                                      self.positions, base_results, jnp.asarray(heads))
-        return np.asarray(out)[:n]
+                                      self.arrays, masks, self.tokens, self.deviations, self.positions,
+                                      base_results, put_replicated(jnp.asarray(heads), self.mesh))
+        return fetch(out)[:n]
 
 
 def _pad_pow2(heads: list[int], n_heads: int) -> np.ndarray:
@@ -198,7 +211,7 @@ def _deviations(model, graph, tokens, masks, corruption):
 def _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
     out_positions = np.asarray(positions)
     logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions=out_positions)[0]
-    return metric(logits, TaskArrays(task, arrays))
+    return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
 
 
 _full_metric = eqx.filter_jit(_metric_of_mask)
@@ -246,7 +259,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
 
         logits = jax.vmap(one_example, in_axes=(0, 0, axes, 0 if base_results is not None else None))(
             tokens, up_all, corruption.acts, base_results)
-        return metric(logits, TaskArrays(task, arrays))
+        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
 
     return jax.vmap(one_candidate)(masks)
 

@@ -1,0 +1,41 @@
+"""Run in a fresh process with 4 host devices (see test_sharding.py): ACDC and
+mask gradients on one device and on several meshes, printed as JSON."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from acdc_jax import tasks  # noqa: E402
+from acdc_jax.acdc import acdc, resolve_corruption  # noqa: E402
+from acdc_jax.scoring import Scorer  # noqa: E402
+from acdc_jax.sharding import make_mesh  # noqa: E402
+
+
+def main(name: str, n_examples: int):
+    model, task = tasks.get(name, n_examples=n_examples)
+    out = {"devices": len(jax.devices()), "runs": {}}
+    meshes = {"one": None, "4x1": make_mesh(4, 1), "2x2": make_mesh(2, 2), "1x4": make_mesh(1, 4)}
+    for label, mesh in meshes.items():
+        runs = {}
+        for tau in (0.001, 0.05):
+            c = acdc(model, task, tau, mode="batched", progress=False, mesh=mesh)
+            runs[str(tau)] = {"decisions": [[d.edge, d.tried, d.kept] for d in c.decisions],
+                              "metrics": [d.metric_after for d in c.decisions if d.tried], "final": c.metric}
+        bound = task.bind(model)
+        _, corruption = resolve_corruption(model, bound, None)
+        scorer = Scorer(model, task.graph(model), bound, corruption, task.metric(task.default_metric), mesh=mesh)
+        masks = np.random.default_rng(0).uniform(size=(2, scorer.graph.n_edges)).astype(np.float32)
+        values, grads = scorer.value_and_grads(masks)
+        runs["grads"] = {"values": values.tolist(), "grads": grads.tolist()}
+        out["runs"][label] = runs
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
