@@ -87,6 +87,7 @@ def acdc(
     log_path: Union[None, str, Path] = None,
     resume: Union[None, str, Path] = None,
     progress: bool = True,
+    stop_after: Optional[float] = None,
     callback: Optional[Callable[[Decision], None]] = None,
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
@@ -109,6 +110,9 @@ def acdc(
     log_path: JSON-lines decision log, written as the run goes.
     resume: a log from an interrupted run with the same settings; the run
       continues from its last decision (and appends to it).
+    stop_after: stop after the first pass that ends this many seconds in and return the circuit so far
+      (``settings["finished"]`` is False; edges not yet tried count as kept);
+      with `log_path`, a later call with `resume=` carries on.
     callback: called with each Decision as it is made.
     """
     tau = check_tau(tau)
@@ -167,12 +171,15 @@ def acdc(
                 bar.update(len(new))
                 bar.set_postfix(unit=f"{min(state.cursor[0], len(schedule.units))}/{len(schedule.units)}",
                                 removed=sum(not d.kept for d in state.decisions), metric=f"{state.metric:.4g}")
+            if stop_after is not None and time.perf_counter() - start > stop_after:
+                break
     finally:
         if bar is not None:
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width.cap, passes=scorer.passes, seconds=round(time.perf_counter() - start, 3),
+    settings.update(mode=mode, width=width.cap, passes=scorer.passes, flops=scorer.flops,
+                    finished=schedule.finished(state.cursor), seconds=round(time.perf_counter() - start, 3),
                     mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
     for d in state.decisions:

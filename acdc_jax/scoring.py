@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .flops import base_heads_flops, pass_flops
 from .graph import CircuitGraph
 from .model import Transformer
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
@@ -101,6 +102,7 @@ class Scorer:
         self.arrays = put_replicated(task_arrays(task), mesh)
         self.deviations = _deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
         self.passes = 0
+        self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
         add, direct = graph._gather
         self._edge_columns = [np.unique(np.concatenate([np.nonzero(add == e)[1], np.nonzero(direct == e)[0]]))
@@ -114,9 +116,14 @@ class Scorer:
         """Masks in the model's dtype, on every device of the mesh."""
         return put_replicated(jnp.asarray(np.asarray(masks, np.float32), self._dtype), self.mesh)
 
+    def _pass_flops(self, start_layer: int, heads: int) -> int:
+        n_prompts, n_pos = self.tokens.shape
+        return n_prompts * pass_flops(self.graph, start_layer, heads, n_pos, len(self.positions))["total"]
+
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
         self.passes += 1
+        self.flops += self._pass_flops(0, self.graph.n_heads)
         out = _full_metric(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
                            self._rep(mask), self.tokens, self.positions)
         return float(fetch(out))
@@ -125,6 +132,7 @@ class Scorer:
         """Metric and its gradient with respect to the edge masks, for each of
         `masks` [n, n_edges] (one forward and one backward pass each)."""
         self.passes += len(masks)
+        self.flops += 3 * len(masks) * self._pass_flops(0, self.graph.n_heads)  # backward ~ 2x forward
         values, grads = _metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
                                       self._rep(masks), self.tokens, self.positions)
         return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
@@ -152,6 +160,7 @@ class Scorer:
             cols = np.where(np.isin(np.arange(len(cols)), stale)[:, None, None], cols, seen)
         if stale:
             heads = _pad_pow2(stale, self.graph.n_heads)
+            self.flops += self.tokens.shape[0] * base_heads_flops(self.graph, layer, len(heads), self.tokens.shape[1])
             fresh = _layer_heads(self.model, self.graph, layer, self.corruption, self._rep(base),
                                  self.tokens, self.deviations, put_replicated(jnp.asarray(heads), self.mesh))
             results = fresh if results is None or len(heads) == self.graph.n_heads else results.at[:, heads].set(fresh)
@@ -184,6 +193,7 @@ class Scorer:
         if n < width:
             masks = np.concatenate([masks, np.repeat(masks[-1:], width - n, axis=0)])
         self.passes += 1
+        self.flops += width * self._pass_flops(start_layer, self.graph.n_heads if heads is None else len(heads))
         masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
         if heads is None:
             out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,

@@ -72,3 +72,28 @@ def write_json(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+# Dense peak FLOP/s per device from the vendors' data sheets: (float32 matmuls
+# as XLA runs them by default, i.e. TF32 on NVIDIA tensor cores; bfloat16).
+PEAKS = {
+    "H100": (494e12, 989e12), "H200": (494e12, 989e12), "A100": (156e12, 312e12), "L4": (60e12, 121e12),
+    "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5p": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),
+}
+
+
+def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """The device's peak matmul FLOP/s: from PEAKS for known accelerators,
+    else measured with a large matmul (CPUs), with where the figure comes from."""
+    kind = jax.devices()[0].device_kind
+    for name, (f32, bf16) in PEAKS.items():
+        if name.lower() in kind.lower():
+            return (bf16 if dtype == "bfloat16" else f32), f"data sheet ({name}, dense)"
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    seconds = timeit(lambda: f(a), repeats=5)
+    return 2 * n ** 3 / seconds, f"measured: {n}x{n} {dtype} matmul on {kind}"

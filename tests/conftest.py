@@ -13,3 +13,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def getkey():
     keys = iter(jr.split(jr.PRNGKey(5678), 10_000))
     return lambda: next(keys)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drop the compiled programs when the process holds many memory maps: each
+    XLA CPU executable keeps a few, and a long session otherwise reaches the
+    kernel's limit (vm.max_map_count, 65530 by default) and crashes in XLA."""
+    yield
+    try:
+        with open("/proc/self/maps") as f:
+            n_maps = sum(1 for _ in f)
+    except OSError:  # not Linux
+        return
+    if n_maps > 20_000:
+        jax.clear_caches()

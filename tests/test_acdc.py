@@ -113,6 +113,19 @@ def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
         acdc(model, task, 0.5, progress=False, resume=log)
 
 
+def test_stop_after_then_resume(small_gpt2, tmp_path):
+    model, task = small_gpt2
+    whole = acdc(model, task, 0.004, progress=False, max_width=4)
+    assert whole.settings["finished"] and whole.settings["flops"] > 0
+    log = tmp_path / "decisions.jsonl"
+    part = acdc(model, task, 0.004, progress=False, max_width=4, log_path=log, stop_after=0.0)
+    assert not part.settings["finished"]
+    assert 0 < len(part.decisions) < len(whole.decisions)
+    assert _decisions(part) == _decisions(whole)[: len(part.decisions)]
+    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
+    assert resumed.settings["finished"] and _decisions(resumed) == _decisions(whole)
+
+
 @pytest.mark.parametrize("tau", [-0.1, math.nan, math.inf, "0.1"])
 def test_bad_tau(small_gpt2, tau):
     model, task = small_gpt2

@@ -1,0 +1,52 @@
+"""Matrix-multiply FLOPs (2 per multiply-add) of the passes ACDC runs.
+
+Counted from the shapes, as `patching.run_from` computes them, and checked
+against XLA's own cost analysis in tests/test_flops.py. Elementwise work
+(LayerNorm, softmax, GELU) is left out; it is a few percent.
+"""
+
+from __future__ import annotations
+
+from .graph import CircuitGraph
+from .model import TransformerConfig
+
+
+def _attention(c: TransformerConfig, heads: int, n_pos: int) -> int:
+    qkv = 3 * 2 * n_pos * c.d_model * c.d_head * heads
+    pattern = 2 * 2 * heads * n_pos * n_pos * c.d_head
+    out = 2 * heads * n_pos * c.d_head * c.d_model
+    return qkv + pattern + out
+
+
+def _mlp(c: TransformerConfig, n_pos: int) -> int:
+    return 0 if c.d_mlp is None else 2 * 2 * n_pos * c.d_model * c.d_mlp
+
+
+def forward_flops(c: TransformerConfig, n_pos: int, n_out: int | None = None) -> int:
+    """One example through the plain model, logits at `n_out` positions (all by default)."""
+    n_out = n_pos if n_out is None else n_out
+    body = c.n_layers * (_attention(c, c.n_heads, n_pos) + _mlp(c, n_pos))
+    return body + 2 * n_out * c.d_model * c.d_vocab_out
+
+
+def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_out: int) -> dict:
+    """One example and one candidate mask through the patched model from
+    `start_layer`, recomputing `heads` heads there; split into ``mixing``
+    (each receiver's masked sum over the sender stack), ``model`` (attention,
+    MLPs, unembedding) and ``total``."""
+    c, N, H = graph.config, graph.n_senders, graph.n_heads
+    column = 2 * N * n_pos * c.d_model  # every column sums over the whole stack
+    mixing = model = 0
+    for layer in range(start_layer, c.n_layers):
+        k = heads if layer == start_layer else H
+        mixing += 3 * k * column + (column if graph.has_mlp else 0)
+        model += _attention(c, k, n_pos) + _mlp(c, n_pos)
+    mixing += column
+    model += 2 * n_out * c.d_model * c.d_vocab_out
+    return {"mixing": mixing, "model": model, "total": mixing + model}
+
+
+def base_heads_flops(graph: CircuitGraph, layer: int, heads: int, n_pos: int) -> int:
+    """One example: `heads` heads of `layer` from the cached upstream senders."""
+    c = graph.config
+    return 3 * heads * 2 * graph.n_senders_before_attn(layer) * n_pos * c.d_model + _attention(c, heads, n_pos)

@@ -1,0 +1,70 @@
+"""Every benchmark on whatever backend JAX finds (CPU, GPU or TPU).
+
+Each benchmark runs in its own process and writes its JSON under
+benchmarks/results/ (named by backend and device kind); this script adds a
+summary, run_all-<backend>-<device>.json, with each one's command, exit status
+and wall time. On a CPU the sizes are cut so that the whole takes well under an
+hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
+a projection); on an accelerator everything runs at full size.
+
+    python benchmarks/run_all.py [--only patching acdc methods precision sweep] [--auto-circuit-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, print_table, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def plan(cpu: bool, args) -> dict[str, list[str]]:
+    sweep = ["bench_gpt2_sweep.py"] + (["--stop-after", str(args.cpu_sweep_seconds)] if cpu else [])
+    runs = {
+        "patching": ["bench_patching.py"],
+        "acdc": ["bench_acdc.py", "--n-prompts", "10"] if cpu else ["bench_acdc.py"],
+        "methods": ["roc_table.py"],
+        "precision": ["bench_precision.py"],
+        "sweep": sweep,
+    }
+    if args.auto_circuit_python:
+        runs["acdc"] += ["--auto-circuit-python", args.auto_circuit_python]
+    if not cpu:
+        runs["sweep-bf16"] = sweep + ["--dtype", "bfloat16"]
+        if jax.device_count() > 1:
+            runs["sweep-all-devices"] = sweep + ["--mesh", "auto"]
+    return runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", help="a subset of: patching acdc methods precision sweep ...")
+    parser.add_argument("--auto-circuit-python", help="interpreter of a venv with auto-circuit (see bench_acdc.py)")
+    parser.add_argument("--cpu-sweep-seconds", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    cpu = jax.default_backend() == "cpu"
+    rows = []
+    for name, command in plan(cpu, args).items():
+        if args.only and name not in args.only:
+            continue
+        cmd = [sys.executable, str(HERE / command[0]), *command[1:]]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=HERE.parent).returncode
+        rows.append({"benchmark": name, "command": " ".join(command), "exit": rc,
+                     "seconds": round(time.perf_counter() - start, 1)})
+    print_table(rows, ["benchmark", "exit", "seconds", "command"])
+    write_json("run_all", {"environment": environment(), "rows": rows})
+    return 1 if any(r["exit"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

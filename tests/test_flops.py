@@ -1,0 +1,64 @@
+"""The analytic FLOP counts agree with XLA's cost analysis of the same passes.
+
+A 2-layer model keeps every count exact on XLA's side: its cost analysis
+counts a scan's body once, and the patched pass scans over the layers after
+the first. XLA also counts elementwise work, so ours is a little lower."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax import scoring
+from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops
+from acdc_jax.graph import CircuitGraph
+from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.patching import Corruption
+from acdc_jax.tasks.base import Task, kl_divergence
+
+B, P, W = 3, 12, 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256)
+    model = Transformer(c, key=jax.random.PRNGKey(0))
+    graph = CircuitGraph(c)
+    rng = np.random.default_rng(0)
+    clean, corrupted = rng.integers(0, 500, (B, P)), rng.integers(0, 500, (B, P))
+    task = Task("t", clean, corrupted, positions=np.array([P - 1]), metrics={"kl": kl_divergence}).bind(model)
+    corruption = Corruption.from_prompts(model, corrupted)
+    return model, graph, corruption, scoring.Scorer(model, graph, task, corruption, kl_divergence)
+
+
+def _close(ours, xla):
+    assert 0.8 * xla <= ours <= xla, (ours, xla)  # elementwise work is a larger share at this toy width
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_pass_flops(setup, start):
+    model, graph, corruption, s = setup
+    masks = jnp.ones((W, graph.n_edges))
+    lowered = scoring._batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
+                                          s.tokens, s.deviations, s.positions)
+    _close(W * B * pass_flops(graph, start, graph.n_heads, P, 1)["total"], lowered.lowered.cost_analysis()["flops"])
+
+
+def test_base_heads_and_forward_flops(setup):
+    model, graph, corruption, s = setup
+    heads = jnp.arange(2)
+    lowered = scoring._layer_heads.lower(model, graph, 1, corruption, jnp.ones(graph.n_edges), s.tokens,
+                                         s.deviations, heads)
+    _close(B * base_heads_flops(graph, 1, 2, P), lowered.lowered.cost_analysis()["flops"])
+    one_layer = TransformerConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256)
+    m1 = Transformer(one_layer, key=jax.random.PRNGKey(1))
+    lowered = eqx.filter_jit(lambda m, t: m(t)).lower(m1, s.tokens)
+    _close(B * forward_flops(one_layer, P), lowered.lowered.cost_analysis()["flops"])
+
+
+def test_scorer_counts_flops(setup):
+    model, graph, corruption, s = setup
+    before = s.flops
+    s.batch(np.ones((2, graph.n_edges), np.float32), 1, 4)
+    assert s.flops - before == 4 * B * pass_flops(graph, 1, graph.n_heads, P, 1)["total"]
