@@ -38,7 +38,7 @@ from .model import Transformer, cast
 from .patching import Corruption
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
-from .scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
+from .scoring import Scorer, default_max_width, plan_batch
 from .sharding import candidate_shards, parse_mesh, prompt_shards
 from .tasks.base import Task
 
@@ -83,6 +83,7 @@ def acdc(
     graph: Optional[CircuitGraph] = None,
     max_width: Optional[int] = None,
     mesh=None,
+    prompt_chunk: Optional[int] = None,
     dtype: str = "float32",
     log_path: Union[None, str, Path] = None,
     resume: Union[None, str, Path] = None,
@@ -104,6 +105,8 @@ def acdc(
       32 on CPU), lowered to fit in half the free memory.
     mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (or "auto": every
       device) to split candidates and prompts over devices and hosts.
+    prompt_chunk: prompts per step inside a batched pass (default: all, or
+      fewer when memory would otherwise allow fewer than 8 candidates).
     dtype: "float32", or "bfloat16" for bf16 weights and activations (the
       metric is still computed in float32); see benchmarks/bench_precision.py
       for how often that changes decisions.
@@ -151,10 +154,9 @@ def acdc(
 
     width = _Width(1, 1)
     if mode == "batched":
-        per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
-        shards = candidate_shards(mesh)
-        per_device = choose_width(per // prompt_shards(mesh), max(1, (max_width or default_max_width()) // shards))
-        cap = per_device * shards
+        cap, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                                max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+        scorer.prompt_chunk = prompt_chunk if prompt_chunk is not None else chunk
         width = _Width(cap, 1 if adaptive_width(model) else cap)
     bar = _progress(progress, graph.n_edges, len(state.decisions))
     start = time.perf_counter()
@@ -178,7 +180,7 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width.cap, passes=scorer.passes, flops=scorer.flops,
+    settings.update(mode=mode, width=width.cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes, flops=scorer.flops,
                     finished=schedule.finished(state.cursor), seconds=round(time.perf_counter() - start, 3),
                     mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)

@@ -62,6 +62,25 @@ def bytes_per_candidate(model: Transformer, graph: CircuitGraph, n_prompts: int,
     return 3 * model.embed.W_E.dtype.itemsize * floats
 
 
+def plan_batch(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int, max_width: int,
+               candidate_shards: int = 1, prompt_shards: int = 1, min_width: int = 8,
+               available: Optional[int] = None) -> tuple[int, Optional[int]]:
+    """(chain width, prompt chunk) for batched passes. The width is the
+    largest power of two that fits (`choose_width`); while it is below
+    `min_width`, the prompts are halved into chunks that a pass runs one after
+    another, keeping only the logits of the others."""
+    local = n_prompts // prompt_shards
+    chunk, cap = local, max(1, max_width // candidate_shards)
+    logits = 3 * model.embed.W_E.dtype.itemsize * n_out * model.config.d_vocab_out
+    while True:
+        per = bytes_per_candidate(model, graph, chunk, n_pos, n_out) + (local - chunk) * logits
+        width = choose_width(per, cap, available=available)
+        if width >= min(min_width, cap) or chunk % 2 or prompt_shards > 1:
+            break
+        chunk //= 2
+    return width * candidate_shards, None if chunk == local else chunk
+
+
 def choose_width(per_candidate: int, max_width: int, budget_fraction: float = 0.5, available: Optional[int] = None) -> int:
     """The largest power of two <= max_width whose candidates fit in the budget."""
     available = available_memory_bytes() if available is None else available
@@ -101,6 +120,7 @@ class Scorer:
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
         self.deviations = _deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
+        self.prompt_chunk: Optional[int] = None  # prompts per step inside a batched pass (None: all)
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
@@ -197,11 +217,11 @@ class Scorer:
         masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
         if heads is None:
             out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                self.arrays, masks, self.tokens, self.deviations, self.positions)
+                                self.arrays, masks, self.tokens, self.deviations, self.positions, self.prompt_chunk)
         else:
             out = _batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
                                       self.arrays, masks, self.tokens, self.deviations, self.positions,
-                                      base_results, put_replicated(jnp.asarray(heads), self.mesh))
+                                      base_results, put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk)
         return fetch(out)[:n]
 
 
@@ -253,8 +273,30 @@ def _layer_heads(model, graph, layer, corruption, mask, tokens, deviations, head
     return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
 
 
+def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None):
+    """``jax.vmap(fn, in_axes=axes)(*args)`` over the prompt axis; with `chunk`,
+    that many prompts at a time in a loop, so that only one chunk's
+    activations are alive at once (the results are the same)."""
+    if chunk is None:
+        return jax.vmap(fn, in_axes=axes)(*args)
+    mapped = [i for i, ax in enumerate(axes) if ax == 0]
+    n = jax.tree_util.tree_leaves(args[mapped[0]])[0].shape[0]
+    if n % chunk:
+        raise ValueError(f"prompt_chunk={chunk} must divide the {n} prompts.")
+
+    def step(chunk_args):
+        full = list(args)
+        for i, a in zip(mapped, chunk_args):
+            full[i] = a
+        return jax.vmap(fn, in_axes=axes)(*full)
+
+    split = [jax.tree_util.tree_map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), args[i]) for i in mapped]
+    out = jax.lax.map(step, split)
+    return jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), out)
+
+
 def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                       positions, base_results=None, heads=None):
+                       positions, chunk, base_results=None, heads=None):
     up_all = deviations[:, :senders_before(graph, start_layer)]
     out_positions = np.asarray(positions)
     axes = corruption_axes(corruption)
@@ -267,21 +309,22 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
             first = None if results is None else (results, heads)
             return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first)[0]
 
-        logits = jax.vmap(one_example, in_axes=(0, 0, axes, 0 if base_results is not None else None))(
-            tokens, up_all, corruption.acts, base_results)
+        logits = map_prompts(one_example, (tokens, up_all, corruption.acts, base_results),
+                             (0, 0, axes, 0 if base_results is not None else None), chunk)
         return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
 
     return jax.vmap(one_candidate)(masks)
 
 
 @eqx.filter_jit
-def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions):
+def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
+                  chunk=None):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions)
+                              positions, chunk)
 
 
 @eqx.filter_jit
 def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                        positions, base_results, heads):
+                        positions, base_results, heads, chunk=None):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, base_results, heads)
+                              positions, chunk, base_results, heads)

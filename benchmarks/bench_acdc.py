@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.flops import forward_flops  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 ATTN_ONLY_4L = dict(n_layers=4, d_model=512, n_heads=8, d_head=64, d_vocab=48262, d_vocab_out=48262, n_ctx=64,
@@ -94,6 +95,7 @@ def main(argv=None):
     task = Task("random-prompts", clean, corrupted, positions=np.array([args.n_pos - 1]), metrics={"kl": kl_divergence},
                 graph_options=dict(split_qkv=True, qkv_edges=False, split_embed=False))
 
+    fwd = args.n_prompts * forward_flops(model.config, args.n_pos)  # the plain model, logits everywhere
     rows = []
     for tau in args.taus:
         t_seq, seq = run_ours(model, task, tau, "sequential")
@@ -101,7 +103,9 @@ def main(argv=None):
         n = seq.graph.n_edges
         row = {"tau": tau, "edges": n, "kept": bat.n_edges, "sequential_s": t_seq, "batched_s": t_bat,
                "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
-               "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask))}
+               "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask)),
+               "seq_flops_per_edge_over_forward": seq.settings["flops"] / n / fwd,
+               "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd}
         if args.auto_circuit_python:
             ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
             ours, theirs = set(bat.edges), set(ac["kept"])
@@ -114,7 +118,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     columns = ["tau", "edges", "kept", "sequential_s", "batched_s", "speedup", "seq_passes", "bat_passes",
-               "same_as_sequential"]
+               "same_as_sequential", "seq_flops_per_edge_over_forward", "bat_flops_per_edge_over_forward"]
     if args.auto_circuit_python:
         columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
                     "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]

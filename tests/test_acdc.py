@@ -113,6 +113,32 @@ def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
         acdc(model, task, 0.5, progress=False, resume=log)
 
 
+def test_prompt_chunks_make_the_same_decisions(small_gpt2):
+    model, task = small_gpt2
+    seq = acdc(model, task, 0.004, progress=False, mode="sequential")
+    for chunk in (2, 3):
+        bat = acdc(model, task, 0.004, progress=False, max_width=4, prompt_chunk=chunk)
+        assert bat.settings["prompt_chunk"] == chunk
+        assert _decisions(bat) == _decisions(seq)
+        np.testing.assert_allclose([d.metric_after for d in bat.decisions if d.tried],
+                                   [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="must divide"):
+        acdc(model, task, 0.004, progress=False, prompt_chunk=4)
+
+
+def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
+    from acdc_jax.scoring import bytes_per_candidate, choose_width, plan_batch
+
+    model, task = small_gpt2
+    graph = task.graph(model)
+    per = bytes_per_candidate(model, graph, 6, 7, 2)
+    assert plan_batch(model, graph, 6, 7, 2, 32, available=100 * per) == (32, None)
+    width, chunk = plan_batch(model, graph, 6, 7, 2, 32, available=4 * per)
+    assert chunk == 3  # halved once: 6 is even, 3 is not
+    assert width >= choose_width(per, 32, available=4 * per)
+    assert plan_batch(model, graph, 6, 7, 2, 32, available=4 * per, prompt_shards=2)[1] is None
+
+
 def test_stop_after_then_resume(small_gpt2, tmp_path):
     model, task = small_gpt2
     whole = acdc(model, task, 0.004, progress=False, max_width=4)
