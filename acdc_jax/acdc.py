@@ -180,8 +180,8 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width.cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes, flops=scorer.flops,
-                    finished=schedule.finished(state.cursor), seconds=round(time.perf_counter() - start, 3),
+    settings.update(mode=mode, width=width.cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
+                    flops=scorer.flops, finished=schedule.finished(state.cursor), seconds=round(time.perf_counter() - start, 3),
                     mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
     for d in state.decisions:

@@ -35,11 +35,12 @@ def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_
     (each receiver's masked sum over the sender stack), ``model`` (attention,
     MLPs, unembedding) and ``total``."""
     c, N, H = graph.config, graph.n_senders, graph.n_heads
-    column = 2 * N * n_pos * c.d_model  # every column sums over the whole stack
+    column = 2 * N * n_pos * c.d_model  # a column sums over the whole stack,
+    first = 2 * graph.n_senders_before_attn(start_layer) * n_pos * c.d_model  # the start layer's over `up` only
     mixing = model = 0
     for layer in range(start_layer, c.n_layers):
         k = heads if layer == start_layer else H
-        mixing += 3 * k * column + (column if graph.has_mlp else 0)
+        mixing += 3 * k * (first if layer == start_layer else column) + (column if graph.has_mlp else 0)
         model += _attention(c, k, n_pos) + _mlp(c, n_pos)
     mixing += column
     model += 2 * n_out * c.d_model * c.d_vocab_out

@@ -218,7 +218,7 @@ def run_from(
     if start_layer < L:
         l0 = start_layer
         blk = jax.tree_util.tree_map(lambda a: a[l0], model.blocks)
-        mix = _mixer(up, down)
+        mix = _mixer(up, None)  # no sender after `up` has been computed yet
         if first is None:
             results = _heads_at(blk, graph, l0, base, mix, m_add, m_dir, pos_qk)
         else:
