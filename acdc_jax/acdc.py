@@ -130,7 +130,14 @@ def acdc(
     corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
     unbound, task = task, task.bind(model)
     schedule = Schedule(graph, head_order, order)
-    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh)
+    width, chunk = _Width(1, 1), None
+    if mode == "batched":
+        cap, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                                max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+        chunk = prompt_chunk if prompt_chunk is not None else chunk
+        width = _Width(cap, 1 if adaptive_width() else cap)
+    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
+                    prompt_chunk=chunk)
     settings = {
         "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
         "dtype": dtype,
@@ -152,12 +159,6 @@ def acdc(
     if resume is not None:
         log.replay(schedule, state)
 
-    width = _Width(1, 1)
-    if mode == "batched":
-        cap, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                                max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
-        scorer.prompt_chunk = prompt_chunk if prompt_chunk is not None else chunk
-        width = _Width(cap, 1 if adaptive_width(model) else cap)
     bar = _progress(progress, graph.n_edges, len(state.decisions))
     start = time.perf_counter()
     try:
@@ -181,8 +182,8 @@ def acdc(
         log.close()
 
     settings.update(mode=mode, width=width.cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
-                    flops=scorer.flops, finished=schedule.finished(state.cursor), seconds=round(time.perf_counter() - start, 3),
-                    mesh=None if mesh is None else dict(mesh.shape))
+                    flops=scorer.flops, finished=schedule.finished(state.cursor),
+                    seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
     for d in state.decisions:
         if d.tried:
@@ -196,7 +197,7 @@ def cast_for(model: Transformer, dtype: str) -> Transformer:
     return cast(model, jnp.bfloat16) if dtype == "bfloat16" else model
 
 
-def adaptive_width(model: Transformer) -> bool:
+def adaptive_width() -> bool:
     return jax.default_backend() == "cpu"
 
 

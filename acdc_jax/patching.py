@@ -155,9 +155,11 @@ def _mixer(up, down):
     return mix
 
 
-def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, heads=None) -> Float[Array, "n pos d_model"]:
+def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk,
+                      heads=None) -> Float[Array, "n pos d_model"]:
     """Results of layer `start_layer`'s heads (all, or `heads`) for one mask,
-    from the deviations `up` of the senders before it."""
+    from the deviations `up` of the senders before it (nothing after them has
+    been computed yet, so only `up` is mixed)."""
     blk = jax.tree_util.tree_map(lambda a: a[start_layer], model.blocks)
     return _heads_at(blk, graph, start_layer, _corrupt_base(model, corr, start_layer), _mixer(up, None),
                      m_add, m_dir, pos_qk, heads)
@@ -217,13 +219,13 @@ def run_from(
     mlps = corr.mlps if corr.mlps is not None else [None] * L
     if start_layer < L:
         l0 = start_layer
-        blk = jax.tree_util.tree_map(lambda a: a[l0], model.blocks)
-        mix = _mixer(up, None)  # no sender after `up` has been computed yet
         if first is None:
-            results = _heads_at(blk, graph, l0, base, mix, m_add, m_dir, pos_qk)
+            results = start_layer_heads(model, graph, l0, up, m_add, m_dir, corr, pos_qk)
         else:
             results, heads = first
-            results = results.at[heads].set(_heads_at(blk, graph, l0, base, mix, m_add, m_dir, pos_qk, heads))
+            fresh = start_layer_heads(model, graph, l0, up, m_add, m_dir, corr, pos_qk, heads)
+            results = results.at[heads].set(fresh)
+        blk = jax.tree_util.tree_map(lambda a: a[l0], model.blocks)
         down, base = finish_layer(blk, l0, results, down, base, corr.heads[l0], mlps[l0])
     if start_layer + 1 < L:
         blocks = jax.tree_util.tree_map(lambda a: a[start_layer + 1:], model.blocks)

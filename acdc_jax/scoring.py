@@ -102,12 +102,15 @@ class Scorer:
     `task` must be bound (`Task.bind`); `static_task` is the object the metric
     sees for non-array attributes. Passing the same unbound task across runs
     lets them share compiled passes (the arrays are arguments, not constants).
-    `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over devices.
+    `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
+    devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
-                 static_task: Optional[Task] = None, mesh=None):
+                 static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None):
         check_prompts(mesh, task.clean.shape[0])
+        if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:
+            raise ValueError(f"prompt_chunk={prompt_chunk} must divide the {task.clean.shape[0]} prompts.")
         self.mesh = mesh
         if mesh is not None:
             model = put_replicated(model, mesh)
@@ -120,7 +123,7 @@ class Scorer:
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
         self.deviations = _deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
-        self.prompt_chunk: Optional[int] = None  # prompts per step inside a batched pass (None: all)
+        self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None

@@ -27,15 +27,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_peak_flops, environment, print_table, write_json  # noqa: E402
+from common import GPT2_SMALL, device_peak_flops, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
 from acdc_jax.flops import forward_flops  # noqa: E402
-from acdc_jax.model import Transformer, TransformerConfig  # noqa: E402
+from acdc_jax.model import Transformer  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
-
-GPT2_SMALL = TransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_vocab=50257, n_ctx=1024, d_mlp=3072)
-
 
 def gpt2_shaped(seed: int = 0) -> Transformer:
     """Random GPT-2-small-shaped weights; embeddings and unembedding scaled up

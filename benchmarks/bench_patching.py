@@ -19,13 +19,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import print_table, timeit, write_json
+from common import GPT2_SMALL, print_table, timeit, write_json
 
 from acdc_jax import CircuitGraph, Corruption, Transformer, TransformerConfig, patched_forward
 
 MODELS = {
     "tiny": TransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=512, n_ctx=64, d_mlp=256),
-    "gpt2-small": TransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_vocab=50257, n_ctx=1024, d_mlp=3072),
+    "gpt2-small": GPT2_SMALL,
 }
 
 

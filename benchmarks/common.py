@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: timing, environment facts, table and JSON output."""
+"""Shared by the benchmarks: timing, environment facts, table and JSON output, model shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from typing import Callable, Sequence
 
 import jax
 
+from acdc_jax.model import TransformerConfig
+
 RESULTS = Path(__file__).parent / "results"
+GPT2_SMALL = TransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_vocab=50257, n_ctx=1024, d_mlp=3072)
 
 
 def environment() -> dict:
