@@ -11,10 +11,12 @@ from .graph import CircuitGraph
 from .model import TransformerConfig
 
 
-def _attention(c: TransformerConfig, heads: int, n_pos: int) -> int:
-    qkv = 3 * 2 * n_pos * c.d_model * c.d_head * heads
-    pattern = 2 * 2 * heads * n_pos * n_pos * c.d_head
-    out = 2 * heads * n_pos * c.d_head * c.d_model
+def _attention(c: TransformerConfig, heads: int, n_pos: int, n_q: int | None = None) -> int:
+    """`heads` heads over `n_pos` keys, with queries at `n_q` positions (default all)."""
+    n_q = n_pos if n_q is None else n_q
+    qkv = 2 * (n_q + 2 * n_pos) * c.d_model * c.d_head * heads
+    pattern = 2 * 2 * heads * n_q * n_pos * c.d_head
+    out = 2 * heads * n_q * c.d_head * c.d_model
     return qkv + pattern + out
 
 
@@ -31,18 +33,20 @@ def forward_flops(c: TransformerConfig, n_pos: int, n_out: int | None = None) ->
 
 def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_out: int) -> dict:
     """One example and one candidate mask through the patched model from
-    `start_layer`, recomputing `heads` heads there; split into ``mixing``
+    `start_layer`, recomputing `heads` heads there, with the last layer's
+    queries, MLP and logits at the `n_out` metric positions only (the
+    Scorer's passes: `run_from(..., narrow=True)`); split into ``mixing``
     (each receiver's masked sum over the sender stack), ``model`` (attention,
     MLPs, unembedding) and ``total``."""
-    c, N, H = graph.config, graph.n_senders, graph.n_heads
-    column = 2 * N * n_pos * c.d_model  # a column sums over the whole stack,
-    first = 2 * graph.n_senders_before_attn(start_layer) * n_pos * c.d_model  # the start layer's over `up` only
+    c, N, H, L = graph.config, graph.n_senders, graph.n_heads, graph.n_layers
     mixing = model = 0
-    for layer in range(start_layer, c.n_layers):
+    for layer in range(start_layer, L):
         k = heads if layer == start_layer else H
-        mixing += 3 * k * (first if layer == start_layer else column) + (column if graph.has_mlp else 0)
-        model += _attention(c, k, n_pos) + _mlp(c, n_pos)
-    mixing += column
+        n_q = n_out if layer == L - 1 else n_pos
+        rows = graph.n_senders_before_attn(start_layer) if layer == start_layer else N  # the start layer mixes `up` only
+        mixing += 2 * k * rows * (n_q + 2 * n_pos) * c.d_model + (2 * N * n_q * c.d_model if graph.has_mlp else 0)
+        model += _attention(c, k, n_pos, n_q) + _mlp(c, n_q)
+    mixing += 2 * N * n_out * c.d_model
     model += 2 * n_out * c.d_model * c.d_vocab_out
     return {"mixing": mixing, "model": model, "total": mixing + model}
 

@@ -153,25 +153,31 @@ def _lead(a: Array, ndim: int) -> Array:
 
 
 def attention_pattern(
-    q: Float[Array, "n_heads pos d_head"], k: Float[Array, "n_heads pos d_head"], scale: float, causal: bool
-) -> Float[Array, "n_heads pos pos"]:
+    q: Float[Array, "n_heads q_pos d_head"],
+    k: Float[Array, "n_heads pos d_head"],
+    scale: float,
+    causal: bool,
+    q_positions: Optional[Int[Array, " q_pos"]] = None,
+) -> Float[Array, "n_heads q_pos pos"]:
+    """Softmax attention weights; queries sit at `q_positions` (default: every position)."""
     scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
     if causal:
-        n = q.shape[1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None]
+        at = jnp.arange(q.shape[1]) if q_positions is None else q_positions
+        allowed = (jnp.arange(k.shape[1])[None, :] <= at[:, None])[None]
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(scores, axis=-1)
 
 
 def attend(
-    q: Float[Array, "n_heads pos d_head"],
+    q: Float[Array, "n_heads q_pos d_head"],
     k: Float[Array, "n_heads pos d_head"],
     v: Float[Array, "n_heads pos d_head"],
     scale: float,
     causal: bool,
-) -> Float[Array, "n_heads pos d_head"]:
+    q_positions: Optional[Int[Array, " q_pos"]] = None,
+) -> Float[Array, "n_heads q_pos d_head"]:
     """Scaled dot-product attention per head; returns z (before W_O)."""
-    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal), v)
+    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions), v)
 
 
 class Attention(eqx.Module):
@@ -197,19 +203,21 @@ class Attention(eqx.Module):
 
     def head_results(
         self,
-        xq: Float[Array, "n pos d_model"],
+        xq: Float[Array, "n q_pos d_model"],
         xk: Float[Array, "n pos d_model"],
         xv: Float[Array, "n pos d_model"],
         heads: Optional[Int[Array, " n"]] = None,
-    ) -> Float[Array, "n pos d_model"]:
+        q_positions: Optional[Int[Array, " q_pos"]] = None,
+    ) -> Float[Array, "n q_pos d_model"]:
         """Each head's write to the residual stream (without b_O), from its own
         (already normalised) query, key and value inputs; for the heads listed
-        in `heads` only, if given."""
+        in `heads` only, if given, and at the query positions `q_positions`
+        only, if given (then `xq` holds just those)."""
         pick = (lambda a: a) if heads is None else (lambda a: jnp.take(a, heads, axis=0))
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        z = attend(q, k, v, self.scale, self.causal)
+        z = attend(q, k, v, self.scale, self.causal, q_positions)
         return jnp.einsum("hpk,hkd->hpd", z, pick(self.W_O))
 
 

@@ -129,40 +129,52 @@ def _corrupt_base(model: Transformer, corr: SenderActivations, start_layer: int)
     return base
 
 
-def _heads_at(blk, graph: CircuitGraph, l, base, mix, m_add, m_dir, pos_qk, heads=None):
-    """Results of layer l's heads (all, or those in `heads`) from their masked inputs."""
-    H = graph.n_heads
-    hs = jnp.arange(H) if heads is None else heads
-    n = hs.shape[0]
-    cols = l * graph._layer_columns + jnp.concatenate([hs, H + hs, 2 * H + hs])
-    x = base[None] + m_dir[cols][:, None, None] * mix(jnp.take(m_add, cols, axis=1))
-    xq, xk, xv = blk.ln1(x[:n]), blk.ln1(x[n:2 * n]), blk.ln1(x[2 * n:])
-    if pos_qk is not None:
-        xq, xk = xq + pos_qk[None], xk + pos_qk[None]
-    return blk.attn.head_results(xq, xk, xv, heads)
-
-
-def _mixer(up, down):
-    n_up = up.shape[0]
+def _mixer(*stacks, positions=None):
+    """mix(m_cols): for each mask column, the sum over the senders of `stacks`
+    (deviations [n, pos, d_model], concatenated in order) of mask * deviation;
+    at `positions` only, if given."""
+    stacks = [s if positions is None else s[:, positions] for s in stacks if s is not None and s.shape[0]]
 
     def mix(m_cols):
-        """sum over senders of mask * deviation, for each of the mask's columns."""
-        out = jnp.einsum("sr,spd->rpd", m_cols[:n_up], up)
-        if down is not None and down.shape[0]:
-            out = out + jnp.einsum("sr,spd->rpd", m_cols[n_up:], down)
+        out, row = 0, 0
+        for stack in stacks:
+            out = out + jnp.einsum("sr,spd->rpd", m_cols[row:row + stack.shape[0]], stack)
+            row += stack.shape[0]
         return out
 
     return mix
 
 
-def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk,
-                      heads=None) -> Float[Array, "n pos d_model"]:
-    """Results of layer `start_layer`'s heads (all, or `heads`) for one mask,
-    from the deviations `up` of the senders before it (nothing after them has
-    been computed yet, so only `up` is mixed)."""
-    blk = jax.tree_util.tree_map(lambda a: a[start_layer], model.blocks)
-    return _heads_at(blk, graph, start_layer, _corrupt_base(model, corr, start_layer), _mixer(up, None),
-                     m_add, m_dir, pos_qk, heads)
+def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, heads=None, q_positions=None):
+    """Results of layer l's heads (all, or those in `heads`) from their masked
+    inputs over the senders in `stacks`; at the query positions `q_positions`
+    only, if given (keys and values still read every position)."""
+    H = graph.n_heads
+    hs = jnp.arange(H) if heads is None else heads
+    n = hs.shape[0]
+    cols = l * graph._layer_columns + jnp.concatenate([hs, H + hs, 2 * H + hs])
+    scale, m_cols = m_dir[cols][:, None, None], jnp.take(m_add, cols, axis=1)
+    if q_positions is None:
+        x = base[None] + scale * _mixer(*stacks)(m_cols)
+        xq, xkv = x[:n], x[n:]
+    else:
+        xq = base[q_positions][None] + scale[:n] * _mixer(*stacks, positions=q_positions)(m_cols[:, :n])
+        xkv = base[None] + scale[n:] * _mixer(*stacks)(m_cols[:, n:])
+    xq, xk, xv = blk.ln1(xq), blk.ln1(xkv[:n]), blk.ln1(xkv[n:])
+    if pos_qk is not None:
+        xq = xq + (pos_qk if q_positions is None else pos_qk[q_positions])[None]
+        xk = xk + pos_qk[None]
+    return blk.attn.head_results(xq, xk, xv, heads, q_positions)
+
+
+def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, heads=None,
+                      q_positions=None) -> Float[Array, "n q_pos d_model"]:
+    """Results of layer `start_layer`'s heads (all, or `heads`; at
+    `q_positions` only, if given) for one mask, from the deviations `up` of
+    the senders before it (nothing after them has been computed yet, so only
+    `up` is mixed)."""
+    return _heads_at(layer(model.blocks, start_layer), graph, start_layer, _corrupt_base(model, corr, start_layer),
+                     (up,), m_add, m_dir, pos_qk, heads, q_positions)
 
 
 def run_from(
@@ -176,18 +188,22 @@ def run_from(
     pos_qk: Optional[Float[Array, "pos d_model"]],
     out_positions: Optional[np.ndarray] = None,
     first: Optional[tuple] = None,
-) -> tuple[Float[Array, "pos d_vocab_out"], Float[Array, "n_down pos d_model"]]:
+    narrow: bool = False,
+) -> tuple[Float[Array, "pos d_vocab_out"], Optional[Float[Array, "n_down pos d_model"]]]:
     """Run one example from layer `start_layer` to the logits.
 
     `up` holds the deviations (act - corrupt) of the senders before that layer;
-    they are read, never recomputed. The layers after the first are a
-    `lax.scan`, so the compiled program does not grow with depth; the
-    deviations of the senders computed here form the scan's carry (rows of
-    later senders are still zero when a layer reads them, and their masks are
-    zero too). `first = (results, heads)` gives the start layer's head results
-    under another mask that differs from this one only at the inputs of
-    `heads`; only those heads are recomputed. Returns the logits (at
-    `out_positions`, or all) and the deviations.
+    they are read, never recomputed. The middle layers are a `lax.scan`, so
+    the compiled program does not grow with depth; the deviations of the
+    senders computed here form the scan's carry (rows of later senders are
+    still zero when a layer reads them, and their masks are zero too).
+    `first = (results, heads)` gives the start layer's head results under
+    another mask that differs from this one only at the inputs of `heads`;
+    only those heads are recomputed. With `narrow` (and `out_positions`) the
+    last layer runs its queries, its MLP and the logits at `out_positions`
+    only, since nothing else reaches the logits there; the deviations are then
+    not returned. Returns the logits (at `out_positions`, or all) and the
+    deviations.
     """
     c = model.config
     H, L, E = c.n_heads, c.n_layers, graph.n_embed
@@ -195,9 +211,22 @@ def run_from(
     if n_up != senders_before(graph, start_layer):
         raise ValueError(f"start layer {start_layer} needs {senders_before(graph, start_layer)} cached senders, got {n_up}.")
     per_layer = H + int(graph.has_mlp)
+    narrow = narrow and out_positions is not None
+    n_full = L - 1 if narrow else L  # layers start_layer .. n_full - 1 run at every position
     base = _corrupt_base(model, corr, start_layer)
+    mlps = corr.mlps if corr.mlps is not None else [None] * L
 
-    def finish_layer(blk, l, results, down, base, corr_heads, corr_mlp):
+    def heads_of(blk, l, up, down, base, q_positions=None):
+        if l != start_layer:  # a Python int here; the scanned layers call _heads_at directly
+            return _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, q_positions)
+        if first is None:
+            return start_layer_heads(model, graph, l, up, m_add, m_dir, corr, pos_qk, None, q_positions)
+        results, heads = first
+        results = results if q_positions is None else results[:, q_positions]
+        return results.at[heads].set(start_layer_heads(model, graph, l, up, m_add, m_dir, corr, pos_qk, heads,
+                                                       q_positions))
+
+    def finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp):
         slot = E + l * per_layer - n_up
         down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
         base = base + corr_heads.sum(0) + blk.attn.b_O[None]
@@ -212,31 +241,36 @@ def run_from(
     def layer_step(carry, xs):
         down, base = carry
         blk, l, corr_heads, corr_mlp = xs
-        results = _heads_at(blk, graph, l, base, _mixer(up, down), m_add, m_dir, pos_qk)
-        return finish_layer(blk, l, results, down, base, corr_heads, corr_mlp), None
+        results = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk)
+        return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp), None
 
     down = jnp.zeros((graph.n_senders - n_up, up.shape[1], c.d_model), up.dtype)
-    mlps = corr.mlps if corr.mlps is not None else [None] * L
-    if start_layer < L:
-        l0 = start_layer
-        if first is None:
-            results = start_layer_heads(model, graph, l0, up, m_add, m_dir, corr, pos_qk)
-        else:
-            results, heads = first
-            fresh = start_layer_heads(model, graph, l0, up, m_add, m_dir, corr, pos_qk, heads)
-            results = results.at[heads].set(fresh)
-        blk = jax.tree_util.tree_map(lambda a: a[l0], model.blocks)
-        down, base = finish_layer(blk, l0, results, down, base, corr.heads[l0], mlps[l0])
-    if start_layer + 1 < L:
-        blocks = jax.tree_util.tree_map(lambda a: a[start_layer + 1:], model.blocks)
-        rest_mlps = corr.mlps[start_layer + 1:] if corr.mlps is not None else None
-        xs = (blocks, jnp.arange(start_layer + 1, L), corr.heads[start_layer + 1:], rest_mlps)
+    if start_layer < n_full:
+        blk = layer(model.blocks, start_layer)
+        results = heads_of(blk, start_layer, up, down, base)
+        down, base = finish_layer(blk, start_layer, results, up, down, base, corr.heads[start_layer],
+                                  mlps[start_layer])
+    if start_layer + 1 < n_full:
+        rest = slice(start_layer + 1, n_full)
+        blocks = jax.tree_util.tree_map(lambda a: a[rest], model.blocks)
+        xs = (blocks, jnp.arange(rest.start, rest.stop), corr.heads[rest], None if corr.mlps is None else corr.mlps[rest])
         (down, base), _ = jax.lax.scan(layer_step, (down, base), xs)
+    if not narrow:
+        x = base + _mixer(up, down)(m_add[:, graph.logits_column][:, None])[0]
+        x = x if out_positions is None else x[out_positions]
+        return model.unembed(model.ln_final(x)), down
 
+    at = np.asarray(out_positions)
+    if start_layer < L:
+        l, blk = L - 1, layer(model.blocks, L - 1)
+        results = heads_of(blk, l, up, down, base, at)
+        up, down, base = up[:, at], down[:, at], base[at]
+        down, base = finish_layer(blk, l, results, up, down, base, corr.heads[l][:, at],
+                                  None if mlps[l] is None else mlps[l][at])
+    else:
+        up, base = up[:, at], base[at]
     x = base + _mixer(up, down)(m_add[:, graph.logits_column][:, None])[0]
-    if out_positions is not None:
-        x = x[out_positions]
-    return model.unembed(model.ln_final(x)), down
+    return model.unembed(model.ln_final(x)), None
 
 
 def patched_forward(
@@ -270,16 +304,17 @@ def _patched(model, graph, tokens, masks, corruption):
     return patched_logits_and_deviations(model, graph, tokens, masks, corruption)[0]
 
 
-def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None):
+def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None, narrow=False):
     """Batched patched forward that also returns every sender's deviation
-    (act - corrupt), [batch, n_senders, pos, d_model]."""
+    (act - corrupt), [batch, n_senders, pos, d_model]; with `narrow`, only the
+    logits at `out_positions` (see `run_from`) and None."""
     m_add, m_dir = graph.dense_masks(masks.astype(model.embed.W_E.dtype))
 
     def one(tok, acts):
         corr = example_corruption(corruption, model, tok.shape[0], acts)
         up = embed_deviations(model, graph, tok, corr)
         _, _, pos_qk = model.embeddings(tok)
-        logits, down = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions)
-        return logits, jnp.concatenate([up, down])
+        logits, down = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow)
+        return logits, None if down is None else jnp.concatenate([up, down])
 
     return jax.vmap(one, in_axes=(0, corruption_axes(corruption)))(tokens, corruption.acts)

@@ -243,7 +243,7 @@ def _deviations(model, graph, tokens, masks, corruption):
 
 def _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
     out_positions = np.asarray(positions)
-    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions=out_positions)[0]
+    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions, narrow=True)[0]
     return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
 
 
@@ -310,7 +310,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
         def one_example(tok, up, acts, results):
             corr, pos_qk = _example_inputs(model, corruption, tok, acts)
             first = None if results is None else (results, heads)
-            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first)[0]
+            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first, narrow=True)[0]
 
         logits = map_prompts(one_example, (tokens, up_all, corruption.acts, base_results),
                              (0, 0, axes, 0 if base_results is not None else None), chunk)

@@ -201,3 +201,32 @@ def test_grad_wrt_masks_matches_finite_differences(gpt2):
             e = jnp.zeros_like(masks).at[i].set(eps)
             fd = (f(masks + e) - f(masks - e)) / (2 * eps)
             np.testing.assert_allclose(float(grad[i]), float(fd), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "shortformer"])
+def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
+    """A pass started at any layer from cached deviations, with the last layer
+    run at the metric positions only (and the start layer's heads partly taken
+    from a cache), gives the full forward's logits at those positions."""
+    from acdc_jax.patching import example_corruption, patched_logits_and_deviations, run_from, senders_before, \
+        start_layer_heads
+
+    model = gpt2[1] if which == "gpt2" else _shortformer_model()
+    graph = CircuitGraph(model.config)
+    clean, corruption = _tokens(13), Corruption.from_prompts(model, _tokens(14))
+    mask = jnp.asarray(np.random.default_rng(3).uniform(size=graph.n_edges), jnp.float32)
+    at = np.array([3, 8])
+    full = patched_forward(model, clean, mask, corruption, graph)[:, at]
+    deviations = patched_logits_and_deviations(model, graph, clean, mask, corruption)[1]
+    m_add, m_dir = graph.dense_masks(mask)
+    for start in range(graph.n_layers + 1):
+        for b in (0, 2):
+            corr = example_corruption(corruption, model, clean.shape[1], jax.tree_util.tree_map(lambda a: a[b], corruption.acts))
+            pos_qk = model.embeddings(clean[b])[2]
+            up = deviations[b, :senders_before(graph, start)]
+            first = None
+            if start < graph.n_layers:
+                first = (start_layer_heads(model, graph, start, up, m_add, m_dir, corr, pos_qk), jnp.array([1]))
+            logits, down = run_from(model, graph, start, up, m_add, m_dir, corr, pos_qk, at, first, narrow=True)
+            assert down is None
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(full[b]), atol=2e-5)
