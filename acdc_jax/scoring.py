@@ -5,8 +5,8 @@ of candidate masks that only differ from a base mask at receivers from some
 layer onwards starts there: senders before that layer keep their cached
 values; in that layer only the heads whose inputs a candidate changes are
 recomputed per candidate (the others are computed once, under the base mask);
-the later layers run vmapped over the candidates. Logits are computed only at
-the positions the metric reads.
+the later layers run vmapped over the candidates. The logits, and the last
+layer's queries and MLP, are computed only at the positions the metric reads.
 """
 
 from __future__ import annotations
