@@ -31,24 +31,37 @@ def forward_flops(c: TransformerConfig, n_pos: int, n_out: int | None = None) ->
     return body + 2 * n_out * c.d_model * c.d_vocab_out
 
 
-def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_out: int) -> dict:
+def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_out: int,
+               upstream_rows: int | None = None) -> dict:
     """One example and one candidate mask through the patched model from
     `start_layer`, recomputing `heads` heads there, with the last layer's
     queries, MLP and logits at the `n_out` metric positions only (the
     Scorer's passes: `run_from(..., narrow=True)`); split into ``mixing``
     (each receiver's masked sum over the sender stack), ``model`` (attention,
-    MLPs, unembedding) and ``total``."""
+    MLPs, unembedding) and ``total``. With `upstream_rows`, the receivers
+    after the start layer read the cached senders through a shared sum
+    (`patching.upstream_mix`, counted by `upstream_flops`) plus that many rows."""
     c, N, H, L = graph.config, graph.n_senders, graph.n_heads, graph.n_layers
+    n_up = graph.n_senders_before_attn(start_layer) if start_layer < L else N
+    later = N if upstream_rows is None else N - n_up + upstream_rows  # rows a receiver after the start layer mixes
     mixing = model = 0
     for layer in range(start_layer, L):
         k = heads if layer == start_layer else H
         n_q = n_out if layer == L - 1 else n_pos
-        rows = graph.n_senders_before_attn(start_layer) if layer == start_layer else N  # the start layer mixes `up` only
-        mixing += 2 * k * rows * (n_q + 2 * n_pos) * c.d_model + (2 * N * n_q * c.d_model if graph.has_mlp else 0)
+        rows = n_up if layer == start_layer else later  # the start layer's heads mix `up` only
+        mlp_rows = N if layer == start_layer else later
+        mixing += 2 * k * rows * (n_q + 2 * n_pos) * c.d_model + (2 * mlp_rows * n_q * c.d_model if graph.has_mlp else 0)
         model += _attention(c, k, n_pos, n_q) + _mlp(c, n_q)
-    mixing += 2 * N * n_out * c.d_model
+    mixing += 2 * (later if start_layer < L else N) * n_out * c.d_model
     model += 2 * n_out * c.d_model * c.d_vocab_out
     return {"mixing": mixing, "model": model, "total": mixing + model}
+
+
+def upstream_flops(graph: CircuitGraph, start_layer: int, n_pos: int) -> int:
+    """One example: the cached senders' sum into every receiver after `start_layer`, once per pass."""
+    n_up = graph.n_senders_before_attn(start_layer)
+    later = graph.n_columns - min((start_layer + 1) * graph._layer_columns, graph.n_columns - 1)
+    return 2 * n_up * later * n_pos * graph.config.d_model
 
 
 def base_heads_flops(graph: CircuitGraph, layer: int, heads: int, n_pos: int) -> int:

@@ -129,23 +129,57 @@ def _corrupt_base(model: Transformer, corr: SenderActivations, start_layer: int)
     return base
 
 
-def _mixer(*stacks, positions=None):
-    """mix(m_cols): for each mask column, the sum over the senders of `stacks`
-    (deviations [n, pos, d_model], concatenated in order) of mask * deviation;
-    at `positions` only, if given."""
-    stacks = [s if positions is None else s[:, positions] for s in stacks if s is not None and s.shape[0]]
+class UpstreamMix(eqx.Module):
+    """The cached upstream senders' part of every receiver after the start
+    layer, summed once under a base mask and shared by all the candidates of a
+    pass. A candidate adds its own differences from the base at `rows`: the
+    upstream senders whose edges into those receivers any candidate changes."""
 
-    def mix(m_cols):
-        out, row = 0, 0
-        for stack in stacks:
-            out = out + jnp.einsum("sr,spd->rpd", m_cols[row:row + stack.shape[0]], stack)
+    shared: Float[Array, "n_later pos d_model"]
+    rows: Int[Array, " k"]
+    base_rows: Float[Array, "k n_columns"]
+    offset: int = eqx.field(static=True)  # first column after the start layer
+
+    def at(self, positions) -> "UpstreamMix":
+        return UpstreamMix(self.shared[:, positions], self.rows, self.base_rows, self.offset)
+
+
+def upstream_offset(graph: CircuitGraph, start_layer: int) -> int:
+    """The first receiver column after layer `start_layer` (the logits' after the last layer)."""
+    return min((start_layer + 1) * graph._layer_columns, graph.logits_column)
+
+
+def upstream_mix(graph: CircuitGraph, start_layer: int, up: Float[Array, "n_up pos d_model"],
+                 base_add: Float[Array, "n_senders n_columns"], rows: Int[Array, " k"]) -> UpstreamMix:
+    """`UpstreamMix` of the senders `up` under the dense base mask `base_add`."""
+    offset = upstream_offset(graph, start_layer)
+    shared = jnp.einsum("sc,spd->cpd", base_add[:up.shape[0], offset:], up)
+    return UpstreamMix(shared, rows, base_add[rows], offset)
+
+
+def _masked_sum(m_add, stacks, cols, positions=None, upstream: Optional[UpstreamMix] = None):
+    """For each receiver column in `cols`, the sum over the senders of `stacks`
+    (deviations [n, pos, d_model], concatenated in order) of mask * deviation,
+    at `positions` only if given. With `upstream`, the first stack (the cached
+    upstream senders) is read through it instead of being mixed again."""
+    pick = (lambda a: a) if positions is None else (lambda a: a[:, positions])
+    out, row = 0, 0
+    if upstream is not None:
+        up, stacks = stacks[0], stacks[1:]
+        delta = jnp.take(m_add[upstream.rows] - upstream.base_rows, cols, axis=1)
+        shared = jnp.take(upstream.shared, cols - upstream.offset, axis=0)
+        out = pick(shared) + jnp.einsum("kr,kpd->rpd", delta, pick(up[upstream.rows]))
+        row = up.shape[0]
+    for stack in stacks:
+        if stack.shape[0]:
+            m_cols = jnp.take(m_add[row:row + stack.shape[0]], cols, axis=1)
+            out = out + jnp.einsum("sr,spd->rpd", m_cols, pick(stack))
             row += stack.shape[0]
-        return out
-
-    return mix
+    return out
 
 
-def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, heads=None, q_positions=None):
+def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, heads=None, q_positions=None,
+              upstream=None):
     """Results of layer l's heads (all, or those in `heads`) from their masked
     inputs over the senders in `stacks`; at the query positions `q_positions`
     only, if given (keys and values still read every position)."""
@@ -153,13 +187,13 @@ def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, h
     hs = jnp.arange(H) if heads is None else heads
     n = hs.shape[0]
     cols = l * graph._layer_columns + jnp.concatenate([hs, H + hs, 2 * H + hs])
-    scale, m_cols = m_dir[cols][:, None, None], jnp.take(m_add, cols, axis=1)
+    scale = m_dir[cols][:, None, None]
     if q_positions is None:
-        x = base[None] + scale * _mixer(*stacks)(m_cols)
+        x = base[None] + scale * _masked_sum(m_add, stacks, cols, None, upstream)
         xq, xkv = x[:n], x[n:]
     else:
-        xq = base[q_positions][None] + scale[:n] * _mixer(*stacks, positions=q_positions)(m_cols[:, :n])
-        xkv = base[None] + scale[n:] * _mixer(*stacks)(m_cols[:, n:])
+        xq = base[q_positions][None] + scale[:n] * _masked_sum(m_add, stacks, cols[:n], q_positions, upstream)
+        xkv = base[None] + scale[n:] * _masked_sum(m_add, stacks, cols[n:], None, upstream)
     xq, xk, xv = blk.ln1(xq), blk.ln1(xkv[:n]), blk.ln1(xkv[n:])
     if pos_qk is not None:
         xq = xq + (pos_qk if q_positions is None else pos_qk[q_positions])[None]
@@ -189,6 +223,7 @@ def run_from(
     out_positions: Optional[np.ndarray] = None,
     first: Optional[tuple] = None,
     narrow: bool = False,
+    upstream: Optional[UpstreamMix] = None,
 ) -> tuple[Float[Array, "pos d_vocab_out"], Optional[Float[Array, "n_down pos d_model"]]]:
     """Run one example from layer `start_layer` to the logits.
 
@@ -199,17 +234,20 @@ def run_from(
     still zero when a layer reads them, and their masks are zero too).
     `first = (results, heads)` gives the start layer's head results under
     another mask that differs from this one only at the inputs of `heads`;
-    only those heads are recomputed. With `narrow` (and `out_positions`) the
-    last layer runs its queries, its MLP and the logits at `out_positions`
-    only, since nothing else reaches the logits there; the deviations are then
-    not returned. Returns the logits (at `out_positions`, or all) and the
-    deviations.
+    only those heads are recomputed. `upstream` (see `upstream_mix`) gives
+    `up`'s share of the later receivers' inputs, summed once for many masks.
+    With `narrow` (and `out_positions`) the last layer runs its queries, its
+    MLP and the logits at `out_positions` only, since nothing else reaches the
+    logits there; the deviations are then not returned. Returns the logits (at
+    `out_positions`, or all) and the deviations.
     """
     c = model.config
     H, L, E = c.n_heads, c.n_layers, graph.n_embed
     n_up = up.shape[0]
     if n_up != senders_before(graph, start_layer):
         raise ValueError(f"start layer {start_layer} needs {senders_before(graph, start_layer)} cached senders, got {n_up}.")
+    if upstream is not None and (start_layer >= L or upstream.offset != upstream_offset(graph, start_layer)):
+        raise ValueError(f"The upstream mix does not belong to a pass from layer {start_layer}.")
     per_layer = H + int(graph.has_mlp)
     narrow = narrow and out_positions is not None
     n_full = L - 1 if narrow else L  # layers start_layer .. n_full - 1 run at every position
@@ -218,7 +256,7 @@ def run_from(
 
     def heads_of(blk, l, up, down, base, q_positions=None):
         if l != start_layer:  # a Python int here; the scanned layers call _heads_at directly
-            return _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, q_positions)
+            return _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, q_positions, upstream)
         if first is None:
             return start_layer_heads(model, graph, l, up, m_add, m_dir, corr, pos_qk, None, q_positions)
         results, heads = first
@@ -226,13 +264,13 @@ def run_from(
         return results.at[heads].set(start_layer_heads(model, graph, l, up, m_add, m_dir, corr, pos_qk, heads,
                                                        q_positions))
 
-    def finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp):
+    def finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, later):
         slot = E + l * per_layer - n_up
         down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
         base = base + corr_heads.sum(0) + blk.attn.b_O[None]
         if blk.mlp is not None:
-            col = l * graph._layer_columns + 3 * H
-            x = base + _mixer(up, down)(jax.lax.dynamic_slice_in_dim(m_add, col, 1, axis=1))[0]
+            col = jnp.atleast_1d(l * graph._layer_columns + 3 * H)
+            x = base + _masked_sum(m_add, (up, down), col, None, later)[0]
             out = blk.mlp(blk.ln2(x))
             down = jax.lax.dynamic_update_slice_in_dim(down, (out - corr_mlp)[None], slot + H, axis=0)
             base = base + corr_mlp
@@ -241,35 +279,37 @@ def run_from(
     def layer_step(carry, xs):
         down, base = carry
         blk, l, corr_heads, corr_mlp = xs
-        results = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk)
-        return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp), None
+        results = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, None, upstream)
+        return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, upstream), None
 
     down = jnp.zeros((graph.n_senders - n_up, up.shape[1], c.d_model), up.dtype)
     if start_layer < n_full:
         blk = layer(model.blocks, start_layer)
         results = heads_of(blk, start_layer, up, down, base)
         down, base = finish_layer(blk, start_layer, results, up, down, base, corr.heads[start_layer],
-                                  mlps[start_layer])
+                                  mlps[start_layer], None)
     if start_layer + 1 < n_full:
         rest = slice(start_layer + 1, n_full)
         blocks = jax.tree_util.tree_map(lambda a: a[rest], model.blocks)
         xs = (blocks, jnp.arange(rest.start, rest.stop), corr.heads[rest], None if corr.mlps is None else corr.mlps[rest])
         (down, base), _ = jax.lax.scan(layer_step, (down, base), xs)
+    logits_col = np.array([graph.logits_column])
     if not narrow:
-        x = base + _mixer(up, down)(m_add[:, graph.logits_column][:, None])[0]
+        x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream)[0]
         x = x if out_positions is None else x[out_positions]
         return model.unembed(model.ln_final(x)), down
 
     at = np.asarray(out_positions)
+    upstream_at = None if upstream is None else upstream.at(at)
     if start_layer < L:
         l, blk = L - 1, layer(model.blocks, L - 1)
         results = heads_of(blk, l, up, down, base, at)
         up, down, base = up[:, at], down[:, at], base[at]
         down, base = finish_layer(blk, l, results, up, down, base, corr.heads[l][:, at],
-                                  None if mlps[l] is None else mlps[l][at])
+                                  None if mlps[l] is None else mlps[l][at], None if l == start_layer else upstream_at)
     else:
         up, base = up[:, at], base[at]
-    x = base + _mixer(up, down)(m_add[:, graph.logits_column][:, None])[0]
+    x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream_at)[0]
     return model.unembed(model.ln_final(x)), None
 
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .flops import base_heads_flops, pass_flops
+from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph
 from .model import Transformer
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
-                       senders_before, start_layer_heads)
+                       senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .tasks.base import Task, TaskArrays, task_arrays
 
@@ -139,9 +139,10 @@ class Scorer:
         """Masks in the model's dtype, on every device of the mesh."""
         return put_replicated(jnp.asarray(np.asarray(masks, np.float32), self._dtype), self.mesh)
 
-    def _pass_flops(self, start_layer: int, heads: int) -> int:
+    def _pass_flops(self, start_layer: int, heads: int, upstream_rows: Optional[int] = None) -> int:
         n_prompts, n_pos = self.tokens.shape
-        return n_prompts * pass_flops(self.graph, start_layer, heads, n_pos, len(self.positions))["total"]
+        return n_prompts * pass_flops(self.graph, start_layer, heads, n_pos, len(self.positions),
+                                      upstream_rows)["total"]
 
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
@@ -197,34 +198,64 @@ class Scorer:
         cols = np.concatenate([self._edge_columns[e] for e in changed]) if changed.size else np.zeros(0, int)
         return sorted({int(c - first) % H for c in cols if first <= c < first + 3 * H})
 
+    def upstream_rows(self, masks: np.ndarray, base: np.ndarray, start_layer: int) -> Optional[np.ndarray]:
+        """The senders before `start_layer` whose edges into receivers after it
+        differ between `base` and any of `masks` (unchanged ones pad the count
+        to a power of 4); None where sharing the upstream sum saves nothing."""
+        g = self.graph
+        if start_layer >= g.n_layers:
+            return None
+        n_up = senders_before(g, start_layer)
+        add = g._gather[0][:n_up, upstream_offset(g, start_layer):]
+        ext = lambda m: np.concatenate([m, np.zeros(m.shape[:-1] + (1,)), np.ones(m.shape[:-1] + (1,))], axis=-1)
+        differ = np.any(ext(masks)[:, add] != ext(base)[add][None], axis=(0, 2))
+        changed = np.flatnonzero(differ)
+        k = 1
+        while k < len(changed):
+            k *= 4
+        if 2 * k > n_up:
+            return None
+        return np.concatenate([changed, np.flatnonzero(~differ)[:k - len(changed)]]).astype(np.int32)
+
     def batch(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> np.ndarray:
         """Metrics of `masks` [n, n_edges] from a pass that starts at
         `start_layer`. With `base` (a mask that equals every candidate at the
         receivers before `start_layer`), the start layer's heads that no
-        candidate changes come from a cache kept under `base`; only the changed
-        heads are computed per candidate. Batches are padded to `width` and the
-        changed heads to a power of two, so few programs are compiled."""
+        candidate changes come from a cache kept under `base`, only the changed
+        heads are computed per candidate, and the cached senders' share of the
+        later receivers' inputs is summed once under `base` (`upstream_mix`).
+        Batches are padded to `width` and the changed heads to a power of two,
+        so few programs are compiled."""
         n = masks.shape[0]
-        heads = None
+        heads = rows = None
         if base is not None and start_layer < self.graph.n_layers:
             touched = self.changed_heads(masks, base, start_layer) or [0]
             padded = _pad_pow2(touched, self.graph.n_heads)
             if len(padded) < self.graph.n_heads:
                 heads = padded
                 base_results = self._base_heads(base, start_layer, set(touched))
+            rows = self.upstream_rows(masks, base, start_layer)
         width = round_width(max(width, n), self.mesh)
         if n < width:
             masks = np.concatenate([masks, np.repeat(masks[-1:], width - n, axis=0)])
         self.passes += 1
-        self.flops += width * self._pass_flops(start_layer, self.graph.n_heads if heads is None else len(heads))
+        self.flops += width * self._pass_flops(start_layer, self.graph.n_heads if heads is None else len(heads),
+                                               None if rows is None else len(rows))
+        upstream = None
+        if rows is not None:
+            n_prompts, n_pos = self.tokens.shape
+            self.flops += n_prompts * upstream_flops(self.graph, start_layer, n_pos)
+            upstream = (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
         if heads is None:
             out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                self.arrays, masks, self.tokens, self.deviations, self.positions, self.prompt_chunk)
+                                self.arrays, masks, self.tokens, self.deviations, self.positions, self.prompt_chunk,
+                                upstream)
         else:
             out = _batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
                                       self.arrays, masks, self.tokens, self.deviations, self.positions,
-                                      base_results, put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk)
+                                      base_results, put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
+                                      upstream)
         return fetch(out)[:n]
 
 
@@ -299,10 +330,11 @@ def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None):
 
 
 def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                       positions, chunk, base_results=None, heads=None):
+                       positions, chunk, base_results=None, heads=None, upstream=None):
     up_all = deviations[:, :senders_before(graph, start_layer)]
     out_positions = np.asarray(positions)
     axes = corruption_axes(corruption)
+    base_add = None if upstream is None else graph.dense_masks(upstream[0])[0]
 
     def one_candidate(mask):
         m_add, m_dir = graph.dense_masks(mask)
@@ -310,7 +342,10 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
         def one_example(tok, up, acts, results):
             corr, pos_qk = _example_inputs(model, corruption, tok, acts)
             first = None if results is None else (results, heads)
-            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first, narrow=True)[0]
+            # the same for every candidate, so vmap leaves it unbatched: computed once per pass
+            shared = None if base_add is None else upstream_mix(graph, start_layer, up, base_add, upstream[1])
+            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first,
+                            narrow=True, upstream=shared)[0]
 
         logits = map_prompts(one_example, (tokens, up_all, corruption.acts, base_results),
                              (0, 0, axes, 0 if base_results is not None else None), chunk)
@@ -321,13 +356,13 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
 
 @eqx.filter_jit
 def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
-                  chunk=None):
+                  chunk=None, upstream=None):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk)
+                              positions, chunk, upstream=upstream)
 
 
 @eqx.filter_jit
 def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                        positions, base_results, heads, chunk=None):
+                        positions, base_results, heads, chunk=None, upstream=None):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, base_results, heads)
+                              positions, chunk, base_results, heads, upstream)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from acdc_jax import scoring
-from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops
+from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, upstream_flops
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import Transformer, TransformerConfig
 from acdc_jax.patching import Corruption
@@ -43,6 +43,16 @@ def test_pass_flops(setup, start):
     lowered = scoring._batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
                                           s.tokens, s.deviations, s.positions)
     _close(W * B * pass_flops(graph, start, graph.n_heads, P, 1)["total"], lowered.lowered.cost_analysis()["flops"])
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_pass_flops_with_a_shared_upstream_sum(setup, start):
+    model, graph, corruption, s = setup
+    masks, rows = jnp.ones((W, graph.n_edges)), jnp.array([0])
+    lowered = scoring._batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
+                                          s.tokens, s.deviations, s.positions, None, (masks[0], rows))
+    ours = W * B * pass_flops(graph, start, graph.n_heads, P, 1, upstream_rows=1)["total"]
+    _close(ours + B * upstream_flops(graph, start, P), lowered.lowered.cost_analysis()["flops"])
 
 
 def test_base_heads_and_forward_flops(setup):

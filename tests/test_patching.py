@@ -209,7 +209,7 @@ def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
     run at the metric positions only (and the start layer's heads partly taken
     from a cache), gives the full forward's logits at those positions."""
     from acdc_jax.patching import example_corruption, patched_logits_and_deviations, run_from, senders_before, \
-        start_layer_heads
+        start_layer_heads, upstream_mix
 
     model = gpt2[1] if which == "gpt2" else _shortformer_model()
     graph = CircuitGraph(model.config)
@@ -219,6 +219,7 @@ def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
     full = patched_forward(model, clean, mask, corruption, graph)[:, at]
     deviations = patched_logits_and_deviations(model, graph, clean, mask, corruption)[1]
     m_add, m_dir = graph.dense_masks(mask)
+    other_add = graph.dense_masks(jnp.asarray(np.random.default_rng(4).uniform(size=graph.n_edges), jnp.float32))[0]
     for start in range(graph.n_layers + 1):
         for b in (0, 2):
             corr = example_corruption(corruption, model, clean.shape[1], jax.tree_util.tree_map(lambda a: a[b], corruption.acts))
@@ -230,3 +231,44 @@ def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
             logits, down = run_from(model, graph, start, up, m_add, m_dir, corr, pos_qk, at, first, narrow=True)
             assert down is None
             np.testing.assert_allclose(np.asarray(logits), np.asarray(full[b]), atol=2e-5)
+            if start < graph.n_layers:  # the upstream senders summed under another mask, corrected at every row
+                shared = upstream_mix(graph, start, up, other_add, jnp.arange(up.shape[0]))
+                logits = run_from(model, graph, start, up, m_add, m_dir, corr, pos_qk, at, first, narrow=True,
+                                  upstream=shared)[0]
+                np.testing.assert_allclose(np.asarray(logits), np.asarray(full[b]), atol=2e-5)
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_shared_upstream_sum_in_a_chain_across_layers(gpt2, start):
+    """A chain that crosses from the receivers after the start layer into it,
+    as ACDC's do: the Scorer sums the cached senders once under the base mask
+    and corrects only the changed rows; every candidate's metric equals a
+    full pass's."""
+    from acdc_jax.scoring import Scorer
+    from acdc_jax.tasks.base import Task, kl_divergence
+
+    model = gpt2[1]
+    graph = CircuitGraph(model.config)
+    clean, corrupted = _tokens(21), _tokens(22)
+    task = Task("t", clean, corrupted, positions=np.array([6, 8]), metrics={"kl": kl_divergence}).bind(model)
+    scorer = Scorer(model, graph, task, Corruption.from_prompts(model, corrupted), kl_divergence)
+    rng = np.random.default_rng(5)
+    base = (rng.uniform(size=graph.n_edges) > 0.1).astype(np.float32)
+    base[[e.index for e in graph.edges if e.receiver.layer < start]] = 1.0  # ACDC has not reached them yet
+    slot = {n.name: i for i, n in enumerate(graph.senders)}
+    n_up = graph.n_senders_before_attn(start)
+    kept = [e for e in graph.edges if base[e.index] == 1]
+    later_from_up = [e for e in kept if e.receiver.layer > start and e.kind == "residual" and slot[e.sender.name] < n_up]
+    into_start = [e for e in kept if e.receiver.layer == start]
+    # one changed upstream row after layer 1 (5 cached senders), two (padded to 4) after layer 2 (9)
+    second = [e for e in later_from_up if (e.sender == later_from_up[0].sender) == (start == 1)][-1]
+    chain = [later_from_up[0], second] + into_start[:3]
+    masks = np.repeat(base[None], len(chain), axis=0)
+    for k, e in enumerate(chain):
+        masks[k:, e.index] = 0.0
+    rows = scorer.upstream_rows(masks, base, start)
+    changed = {slot[later_from_up[0].sender.name], slot[second.sender.name]}
+    assert len(changed) == start
+    assert rows is not None and changed <= set(rows.tolist()) and len(rows) < n_up
+    batched = scorer.batch(masks, start, 8, base=base)
+    np.testing.assert_allclose(batched, [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
