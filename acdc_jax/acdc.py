@@ -6,17 +6,18 @@ keep the removal when ``metric_new - metric_current < tau`` (``abs(...)`` with
 ``abs_value``); then ``metric_current = metric_new``. Otherwise restore it.
 
 ``mode="sequential"`` runs that loop literally, one full forward pass per edge.
-``mode="batched"`` (default) asks the schedule for the next trials assuming all
-are accepted (the chain of cumulative removals e1, e1+e2, ...), scores the
-chain in one vmapped pass that starts at the earliest layer it touches from
-cached upstream activations, keeps the prefix up to the first rejection and
-restarts after it. Each kept decision is the one the loop would make. In the
-start layer only the heads the chain touches are recomputed per candidate.
+``mode="batched"`` (default) scores several future trials in one vmapped
+pass that starts at the earliest layer they touch, from cached upstream
+activations (in that layer only the heads they change are recomputed). Which
+trials: the outcome of a trial decides the circuit the next one starts from,
+so the pass guesses outcomes (`speculate.py`): the chain of cumulative
+removals e1, e1+e2, ... when most trials remove their edge, single removals
+when most keep it, a tree of both in between. A score is used only when the
+guesses before it were right, so every decision is the one the loop makes.
 
-On a CPU a candidate costs about as much as a pass of its own, so candidates
-after a rejection are wasted work: the chain length adapts (it doubles after
-a fully accepted chain and shrinks to the accepted run after a rejection).
-On accelerators, where width is nearly free, it stays at the widest that fits.
+On accelerators a wider pass costs little more, so each pass is as wide as
+memory allows. On a CPU each candidate costs about a pass of its own, and the
+width is the one that decides the most edges per unit of work.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .model import Transformer, cast
 from .patching import Corruption
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
+from .speculate import RemovalRate, next_trial, plan
 from .scoring import Scorer, default_max_width, plan_batch
 from .sharding import candidate_shards, parse_mesh, prompt_shards
 from .tasks.base import Task
@@ -102,7 +104,7 @@ def acdc(
     order: instead of ACDC's schedule, try every edge (names or indices) in
       this order, skipping none (to reproduce another implementation's run).
     max_width: most candidates per batched pass (default: 256 on accelerators,
-      32 on CPU), lowered to fit in half the free memory.
+      16 on CPU), lowered to fit in half the free memory.
     mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (or "auto": every
       device) to split candidates and prompts over devices and hosts.
     prompt_chunk: prompts per step inside a batched pass (default: all, or
@@ -130,12 +132,11 @@ def acdc(
     corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
     unbound, task = task, task.bind(model)
     schedule = Schedule(graph, head_order, order)
-    width, chunk = _Width(1, 1), None
+    cap, chunk = 1, None
     if mode == "batched":
         cap, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
                                 max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
         chunk = prompt_chunk if prompt_chunk is not None else chunk
-        width = _Width(cap, 1 if adaptive_width() else cap)
     scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                     prompt_chunk=chunk)
     settings = {
@@ -160,12 +161,16 @@ def acdc(
         log.replay(schedule, state)
 
     bar = _progress(progress, graph.n_edges, len(state.decisions))
+    rate = RemovalRate(graph)
+    rate.update(state.decisions)
     start = time.perf_counter()
     try:
         while not schedule.finished(state.cursor):
-            events = schedule.simulate(state.mask, state.cursor, width.now)
-            new = _run_chain(events, state, scorer, tau, abs_value, graph, mode, width.now)
-            width.update(new)
+            nodes = plan(schedule, state.mask, state.cursor, cap, rate.p)
+            new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, cap)
+            if not nodes:  # the schedule ends with skipped receivers
+                new = _apply_prunes(next_trial(schedule, state.mask, state.cursor)[0], state, graph)
+            rate.update(new)
             log.write(new)
             for d in new:
                 if callback is not None:
@@ -181,7 +186,7 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=width.cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
+    settings.update(mode=mode, width=cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
                     flops=scorer.flops, finished=schedule.finished(state.cursor),
                     seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
@@ -201,26 +206,28 @@ def adaptive_width() -> bool:
     return jax.default_backend() == "cpu"
 
 
-class _Width:
-    """Chain length for the next batched pass: a power of 4 (few compiled
-    shapes) between `floor` and `cap`."""
+def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = lambda layer: 1.0,
+               overhead: float = 1.0) -> int:
+    """How many of the plan's nodes to score in one pass. On accelerators a
+    wider pass costs little more, so all of them. On a CPU each candidate costs
+    about as much as a pass of its own, and every candidate of a pass starts at
+    the earliest layer any of them needs (`candidate_cost(layer)`); the width
+    in 1, 4, 16, ... (few compiled shapes) is the one that decides the most
+    edges per unit of work: the sum of the nodes' probabilities over the
+    pass's cost, counted in candidates from the first node's layer plus
+    `overhead` of them per pass."""
+    if not adaptive_width() or not nodes:
+        return cap
+    widths = sorted({min(4 ** k, cap) for k in range(8)})
+    reach = np.cumsum([n.prob for n in nodes])
+    start = np.minimum.accumulate([min(n.layers()) for n in nodes])
+    unit = candidate_cost(int(start[0]))
 
-    def __init__(self, cap: int, floor: int):
-        self.cap, self.floor = cap, floor
-        self.now = self._round(8)
+    def gain(w):
+        i = min(w, len(nodes)) - 1
+        return reach[i] / (overhead + w * candidate_cost(int(start[i])) / unit)
 
-    def _round(self, n: int) -> int:
-        w = 1
-        while w < n and w * 4 <= self.cap:
-            w *= 4
-        return max(self.floor, min(self.cap, w))
-
-    def update(self, decisions: list[Decision]) -> None:
-        tried = [d for d in decisions if d.tried]
-        if tried and tried[-1].kept:
-            self.now = self._round(len(tried) - 1 or 1)
-        elif len(tried) >= self.now:
-            self.now = self._round(4 * self.now)
+    return max(widths, key=gain)
 
 
 @dataclasses.dataclass
@@ -239,50 +246,45 @@ class _State:
         self.decisions.append(decision)
 
 
-def _run_chain(events, state: _State, scorer: Scorer, tau, abs_value, graph, mode, width) -> list[Decision]:
-    """Decide the events' trials in order up to the first rejection; return the decisions made."""
-    trial_at = [k for k, ev in enumerate(events) if ev.kind == "trial"]
+def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
+    made = []
+    for ev in prunes:
+        d = Decision(graph.edge_names[ev.edge], ev.edge, tried=False, kept=False)
+        state.apply(d, ev.cursor)
+        made.append(d)
+    return made
+
+
+def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, cap) -> list[Decision]:
+    """Score the plan's nodes, then walk the tree along the real outcomes from
+    node 0, deciding each trial, until the next node was not scored."""
+    if not nodes:
+        return []
     if mode == "sequential":
-        trial_at = trial_at[:1]
-    metrics = []
-    if trial_at:
-        masks = np.repeat(state.mask[None], len(trial_at), axis=0)
-        removed = state.mask.copy()
-        row = 0
-        for k, ev in enumerate(events[: trial_at[-1] + 1]):
-            removed[ev.edge] = 0.0
-            if k == trial_at[row]:
-                masks[row] = removed
-                row += 1
-        if mode == "sequential":
-            metrics = [scorer.full(masks[0])]
-        else:
-            start_layer = min(ev.layer for ev in events[: trial_at[-1] + 1])
-            metrics = scorer.batch(masks, start_layer, width, base=state.mask)
+        nodes = nodes[:1]
+        metrics = [scorer.full(nodes[0].candidate())]
+    else:
+        width = pass_width(nodes, cap, scorer.candidate_flops)
+        nodes = nodes[:width]
+        start_layer = min(layer for n in nodes for layer in n.layers())
+        metrics = scorer.batch(np.stack([n.candidate() for n in nodes]), start_layer, width, base=state.mask)
     made: list[Decision] = []
-    names = graph.edge_names
-    row = 0
-    for k, ev in enumerate(events):
-        if ev.kind == "prune":
-            d = Decision(names[ev.edge], ev.edge, tried=False, kept=False)
-            state.apply(d, ev.cursor)
-            made.append(d)
-            continue
-        if row == len(metrics):
-            break
-        new = float(metrics[row])
-        row += 1
+    i = 0
+    while i is not None and i < len(nodes):
+        node = nodes[i]
+        made += _apply_prunes(node.prunes, state, graph)
+        new = float(metrics[i])
+        name = graph.edge_names[node.trial.edge]
         if not math.isfinite(new):
-            raise MetricError(f"The metric is {new} after removing {names[ev.edge]}; it must stay finite.")
+            raise MetricError(f"The metric is {new} after removing {name}; it must stay finite.")
         result = new - state.metric
         if abs_value:
             result = abs(result)
         keep = not result < tau
-        d = Decision(names[ev.edge], ev.edge, tried=True, kept=keep, metric_before=state.metric, metric_after=new)
-        state.apply(d, ev.cursor)
+        d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=state.metric, metric_after=new)
+        state.apply(d, node.trial.cursor)
         made.append(d)
-        if keep:
-            break
+        i = node.children.get(not keep)
     return made
 
 

@@ -19,9 +19,8 @@ runs (auto-circuit tries edges by receiver layer, last first, with no
 skipping).
 
 `simulate` looks ahead: the events (prunes and trials) the sequential
-algorithm would produce if every trial were accepted. Batched ACDC scores all
-those trials in one pass and keeps the prefix up to the first rejection, which
-makes exactly the decisions of the one-at-a-time loop.
+algorithm would produce if every trial removed its edge; `speculate.plan`
+builds on it to look ahead along any guessed outcomes.
 """
 
 from __future__ import annotations

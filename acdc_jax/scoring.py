@@ -93,7 +93,7 @@ def choose_width(per_candidate: int, max_width: int, budget_fraction: float = 0.
 
 def default_max_width() -> int:
     """Wide batches pay off on accelerators; on a CPU the pass is compute-bound."""
-    return 256 if jax.default_backend() != "cpu" else 32
+    return 256 if jax.default_backend() != "cpu" else 16
 
 
 class Scorer:
@@ -143,6 +143,10 @@ class Scorer:
         n_prompts, n_pos = self.tokens.shape
         return n_prompts * pass_flops(self.graph, start_layer, heads, n_pos, len(self.positions),
                                       upstream_rows)["total"]
+
+    def candidate_flops(self, start_layer: int) -> int:
+        """FLOPs of one candidate in a pass from `start_layer` that recomputes one head there."""
+        return self._pass_flops(start_layer, 1)
 
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""

@@ -1,0 +1,115 @@
+"""The speculative plan: its tree against the schedule, and batched ACDC with
+any guess of the removal rate against the one-edge-at-a-time loop."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from acdc_jax import speculate
+from acdc_jax.acdc import acdc, pass_width
+from acdc_jax.graph import CircuitGraph
+from acdc_jax.model import TransformerConfig
+from acdc_jax.schedule import Schedule
+
+from .helpers import random_hf_gpt2
+from .test_acdc import _decisions
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    cfg = TransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8, d_mlp=16)
+    return Schedule(CircuitGraph(cfg))
+
+
+def _trials(schedule, mask, n):
+    return [ev.edge for ev in schedule.simulate(mask, (0, 0), n) if ev.kind == "trial"]
+
+
+def test_all_removed_guess_is_the_chain_of_cumulative_removals(schedule):
+    mask = np.ones(schedule.graph.n_edges, np.float32)
+    nodes = speculate.plan(schedule, mask, (0, 0), 6, p_remove=lambda e: 0.99)
+    chain = _trials(schedule, mask, 6)
+    assert [n.trial.edge for n in nodes] == chain
+    assert all(n.children == {True: i + 1} for i, n in enumerate(nodes[:-1]))
+    cumulative = mask.copy()
+    for n, e in zip(nodes, chain):
+        cumulative[e] = 0.0
+        assert np.array_equal(n.candidate(), cumulative)
+
+
+def test_all_kept_guess_is_single_removals(schedule):
+    mask = np.ones(schedule.graph.n_edges, np.float32)
+    nodes = speculate.plan(schedule, mask, (0, 0), 5, p_remove=lambda e: 0.01)
+    for i, (n, e) in enumerate(zip(nodes, _trials(schedule, mask, 5))):
+        single = mask.copy()
+        single[e] = 0.0
+        assert n.trial.edge == e and np.array_equal(n.candidate(), single)
+        assert i == len(nodes) - 1 or n.children == {False: i + 1}
+
+
+def test_plan_is_a_tree_of_both_outcomes(schedule):
+    mask = np.ones(schedule.graph.n_edges, np.float32)
+    nodes = speculate.plan(schedule, mask, (0, 0), 7, p_remove=lambda e: 0.5)
+    assert len(nodes) == 7 and nodes[0].prob == 1.0
+    assert nodes[0].children == {True: 1, False: 2} or nodes[0].children == {False: 1, True: 2}
+    for i, n in enumerate(nodes):
+        for removed, j in n.children.items():
+            assert j > i and nodes[j].prob == pytest.approx(n.prob * 0.5)
+            # the child starts from the parent's circuit with the parent's edge cut or not
+            expect = n.candidate() if removed else n.mask
+            changed = np.flatnonzero(nodes[j].mask != expect)
+            assert all(ev.kind == "prune" for ev in nodes[j].prunes)
+            assert sorted(changed) == sorted(ev.edge for ev in nodes[j].prunes)
+
+
+def test_pass_width_on_cpu_weighs_reach_against_work(schedule):
+    mask = np.ones(schedule.graph.n_edges, np.float32)
+    certain = speculate.plan(schedule, mask, (0, 0), 32, p_remove=lambda e: 0.001)
+    coin = speculate.plan(schedule, mask, (0, 0), 32, p_remove=lambda e: 0.5)
+    assert pass_width(certain, 32) == 32
+    assert pass_width(coin, 32) in (1, 4)
+
+
+def test_removal_rate_follows_each_kind_of_edge(schedule):
+    from acdc_jax.circuit import Decision
+
+    g = schedule.graph
+    rate = speculate.RemovalRate(g)
+    assert rate.p(0) == 0.5
+    into_logits = [e.index for e in g.edges if e.receiver.kind == "logits" and e.sender.layer == 1]
+    into_mlp0 = next(e.index for e in g.edges if e.receiver.kind == "mlp_in" and e.receiver.layer == 0)
+    rate.update([Decision(g.edge_names[e], e, tried=True, kept=False) for e in into_logits])
+    rate.update([Decision(g.edge_names[into_mlp0], into_mlp0, tried=False, kept=False)])  # prunes say nothing
+    removed_before = rate.p(into_logits[0])
+    other = next(e.index for e in g.edges if e.receiver.kind == "q")
+    assert removed_before > rate.p(other) > 0.5  # the group's own history, then the overall rate
+    rate.update([Decision(g.edge_names[other], other, tried=True, kept=True)] * 3)
+    assert rate.p(other) < 0.5 < rate.p(into_logits[0]) < 1
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from acdc_jax.tasks.base import Task, kl_divergence
+
+    _, model = random_hf_gpt2(tmp_path_factory.mktemp("spec"), n_layer=2, n_embd=16, n_head=2, vocab=31, seed=5)
+    rng = np.random.default_rng(3)
+    task = Task("random-kl", rng.integers(0, 31, (5, 6)), rng.integers(0, 31, (5, 6)), positions=np.array([5]),
+                metrics={"kl": kl_divergence})
+    return model, task
+
+
+@pytest.mark.parametrize("p", [0.03, 0.5, 0.97, "alternating"])
+def test_any_guess_makes_the_loops_decisions(small, monkeypatch, p):
+    model, task = small
+    tau = 0.003
+    seq = acdc(model, task, tau, mode="sequential", progress=False)
+    guess = (lambda edge: (0.1, 0.9)[edge % 2]) if p == "alternating" else (lambda edge: p)
+    monkeypatch.setattr(speculate.RemovalRate, "p", lambda self, edge: guess(edge))
+    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)  # score every planned node
+    bat = acdc(model, task, tau, mode="batched", progress=False, max_width=16)
+    assert 0 < seq.n_edges < seq.graph.n_edges
+    assert _decisions(bat) == _decisions(seq)
+    assert [d.metric_after for d in bat.decisions if d.tried] == pytest.approx(
+        [d.metric_after for d in seq.decisions if d.tried], rel=1e-4, abs=1e-6)
+    assert bat.settings["passes"] < seq.settings["passes"]
