@@ -39,7 +39,7 @@ from .model import Transformer, cast
 from .patching import Corruption
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
-from .speculate import RemovalRate, next_trial, plan
+from .speculate import RemovalRate, candidates, plan
 from .scoring import Scorer, default_max_width, plan_batch
 from .sharding import candidate_shards, parse_mesh, prompt_shards
 from .tasks.base import Task
@@ -169,7 +169,7 @@ def acdc(
             nodes = plan(schedule, state.mask, state.cursor, cap, rate.p)
             new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, cap)
             if not nodes:  # the schedule ends with skipped receivers
-                new = _apply_prunes(next_trial(schedule, state.mask, state.cursor)[0], state, graph)
+                new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
             rate.update(new)
             log.write(new)
             for d in new:
@@ -267,7 +267,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         width = pass_width(nodes, cap, scorer.candidate_flops)
         nodes = nodes[:width]
         start_layer = min(layer for n in nodes for layer in n.layers())
-        metrics = scorer.batch(np.stack([n.candidate() for n in nodes]), start_layer, width, base=state.mask)
+        metrics = scorer.batch(candidates(nodes), start_layer, width, base=state.mask)
     made: list[Decision] = []
     i = 0
     while i is not None and i < len(nodes):

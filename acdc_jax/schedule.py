@@ -156,5 +156,26 @@ class Schedule:
             trials += 1
         return events
 
+    def next_trial(self, mask: np.ndarray, cursor: tuple[int, int]) -> tuple[list[Event], np.ndarray, Optional[Event]]:
+        """From `cursor`: the prunes before the next trial, the mask after them
+        (`mask` itself when nothing is pruned; never changed in place), and
+        that trial (None when the schedule ends first)."""
+        u, j = cursor
+        prunes: list[Event] = []
+        while u < len(self.units):
+            unit = self.units[u]
+            if j == 0 and not self.connected(unit, mask):
+                for e in unit.prune_order:
+                    if mask[e] > 0.5:
+                        mask = mask.copy() if not prunes else mask
+                        mask[e] = 0.0
+                        prunes.append(Event("prune", e, unit.layer, (u + 1, 0)))
+                u += 1
+                continue
+            e = unit.candidates[j]
+            after = (u, j + 1) if j + 1 < len(unit.candidates) else (u + 1, 0)
+            return prunes, mask, Event("trial", e, unit.layer, after)
+        return prunes, mask, None
+
     def finished(self, cursor: tuple[int, int]) -> bool:
         return cursor[0] >= len(self.units)

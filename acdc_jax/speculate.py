@@ -45,45 +45,37 @@ class TrialNode:
         return [ev.layer for ev in self.prunes] + [self.trial.layer]
 
 
-def next_trial(schedule: Schedule, mask: np.ndarray, cursor) -> tuple[list[Event], np.ndarray, Optional[Event]]:
-    """From `cursor`: the prunes before the next trial, the mask after them,
-    and that trial (None when the schedule ends first)."""
-    events = schedule.simulate(mask, cursor, 1)
-    mask = mask.copy()
-    prunes = []
-    for ev in events:
-        if ev.kind == "trial":
-            return prunes, mask, ev
-        mask[ev.edge] = 0.0
-        prunes.append(ev)
-    return prunes, mask, None
-
-
 def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Callable[[int], float]) -> list[TrialNode]:
     """Up to `width` trial nodes, most probable first; node 0 is the next
     trial from (`mask`, `cursor`). A node's parent always comes before it.
     `p_remove(edge)` estimates how likely a trial of `edge` removes it. Empty
     when no trial is left."""
     nodes: list[TrialNode] = []
-    heap = [(-1.0, 0, None, None, mask, cursor)]
+    heap = [(-1.0, 0, None, False, mask, cursor)]  # a child's mask is its parent's, cut when popped
     count = 1
     while heap and len(nodes) < width:
         neg, _, parent, removed, m, cur = heapq.heappop(heap)
-        prunes, m, trial = next_trial(schedule, m, cur)
+        if removed:
+            m = m.copy()
+            m[nodes[parent].trial.edge] = 0.0
+        prunes, m, trial = schedule.next_trial(m, cur)
         if trial is None:
             continue
-        node = TrialNode(prunes, trial, m, -neg)
         if parent is not None:
             nodes[parent].children[removed] = len(nodes)
-        nodes.append(node)
-        cut = m.copy()
-        cut[trial.edge] = 0.0
-        i = len(nodes) - 1
+        nodes.append(TrialNode(prunes, trial, m, -neg))
         p = p_remove(trial.edge)
-        for outcome, q, child_mask in ((True, p, cut), (False, 1.0 - p, m)):
-            heapq.heappush(heap, (neg * q, count, i, outcome, child_mask, trial.cursor))
+        for outcome, q in ((True, p), (False, 1.0 - p)):
+            heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, m, trial.cursor))
             count += 1
     return nodes
+
+
+def candidates(nodes: list[TrialNode]) -> np.ndarray:
+    """Each node's candidate circuit, stacked [n, n_edges]."""
+    masks = np.stack([n.mask for n in nodes])
+    masks[np.arange(len(nodes)), [n.trial.edge for n in nodes]] = 0.0
+    return masks
 
 
 class RemovalRate:

@@ -52,6 +52,7 @@ def test_plan_is_a_tree_of_both_outcomes(schedule):
     mask = np.ones(schedule.graph.n_edges, np.float32)
     nodes = speculate.plan(schedule, mask, (0, 0), 7, p_remove=lambda e: 0.5)
     assert len(nodes) == 7 and nodes[0].prob == 1.0
+    assert np.array_equal(speculate.candidates(nodes), np.stack([n.candidate() for n in nodes]))
     assert nodes[0].children == {True: 1, False: 2} or nodes[0].children == {False: 1, True: 2}
     for i, n in enumerate(nodes):
         for removed, j in n.children.items():
