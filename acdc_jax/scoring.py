@@ -65,7 +65,7 @@ def bytes_per_candidate(model: Transformer, graph: CircuitGraph, n_prompts: int,
 def plan_batch(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int, max_width: int,
                candidate_shards: int = 1, prompt_shards: int = 1, min_width: int = 8,
                available: Optional[int] = None) -> tuple[int, Optional[int]]:
-    """(chain width, prompt chunk) for batched passes. The width is the
+    """(pass width, prompt chunk) for batched passes. The width is the
     largest power of two that fits (`choose_width`); while it is below
     `min_width`, the prompts are halved into chunks that a pass runs one after
     another, keeping only the logits of the others."""
@@ -176,7 +176,7 @@ class Scorer:
     def _base_heads(self, base: np.ndarray, layer: int, skip: set) -> jax.Array:
         """The start layer's head results under `base` [batch, H, pos, d_model],
         cached: only heads whose inputs changed since they were computed (and
-        that the chain does not recompute anyway: `skip`) are computed again."""
+        that the pass recomputes per candidate anyway: `skip`) are computed again."""
         cols = self._head_columns(base, layer)
         cached = self._heads_cache if self._heads_cache and self._heads_cache[0] == layer else None
         if cached is None:

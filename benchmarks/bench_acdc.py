@@ -1,4 +1,4 @@
-"""ACDC wall time: sequential loop vs batched chains vs auto-circuit's ACDC.
+"""ACDC wall time: sequential loop vs batched (speculative) passes vs auto-circuit's ACDC.
 
 One process, one model, one task, the same thresholds. The model has the shape
 of attn-only-4l (the docstring model of the ACDC paper: 4 layers, 8 heads,
