@@ -167,8 +167,9 @@ def acdc(
     try:
         while not schedule.finished(state.cursor):
             nodes = plan(schedule, state.mask, state.cursor, cap, rate.p)
-            new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, cap)
-            if not nodes:  # the schedule ends with skipped receivers
+            if nodes:
+                new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, cap)
+            else:  # the schedule ends with skipped receivers
                 new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
             rate.update(new)
             log.write(new)
@@ -258,8 +259,6 @@ def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
 def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, cap) -> list[Decision]:
     """Score the plan's nodes, then walk the tree along the real outcomes from
     node 0, deciding each trial, until the next node was not scored."""
-    if not nodes:
-        return []
     if mode == "sequential":
         nodes = nodes[:1]
         metrics = [scorer.full(nodes[0].candidate())]

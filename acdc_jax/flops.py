@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .graph import CircuitGraph
 from .model import TransformerConfig
+from .patching import upstream_offset
 
 
 def _attention(c: TransformerConfig, heads: int, n_pos: int, n_q: int | None = None) -> int:
@@ -60,7 +61,7 @@ def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_
 def upstream_flops(graph: CircuitGraph, start_layer: int, n_pos: int) -> int:
     """One example: the cached senders' sum into every receiver after `start_layer`, once per pass."""
     n_up = graph.n_senders_before_attn(start_layer)
-    later = graph.n_columns - min((start_layer + 1) * graph._layer_columns, graph.n_columns - 1)
+    later = graph.n_columns - upstream_offset(graph, start_layer)
     return 2 * n_up * later * n_pos * graph.config.d_model
 
 

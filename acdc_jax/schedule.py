@@ -133,27 +133,15 @@ class Schedule:
         """Events from `cursor` on, assuming every trial is accepted, up to
         `max_trials` trials (and the prunes that follow the last one)."""
         mask = mask.copy()
-        u, j = cursor
         events: list[Event] = []
-        trials = 0
-        while u < len(self.units):
-            unit = self.units[u]
-            if j == 0 and not self.connected(unit, mask):
-                for e in unit.prune_order:
-                    if mask[e] > 0.5:
-                        mask[e] = 0.0
-                        events.append(Event("prune", e, unit.layer, (u + 1, 0)))
-                u += 1
-                continue
-            if trials == max_trials:
+        for trials in range(max_trials + 1):
+            prunes, mask, trial = self.next_trial(mask, cursor)
+            events += prunes
+            if trial is None or trials == max_trials:
                 break
-            e = unit.candidates[j]
-            j += 1
-            if j == len(unit.candidates):
-                u, j = u + 1, 0
-            mask[e] = 0.0
-            events.append(Event("trial", e, unit.layer, (u, j)))
-            trials += 1
+            mask[trial.edge] = 0.0  # ours: copied above, or a fresh copy from next_trial
+            events.append(trial)
+            cursor = trial.cursor
         return events
 
     def next_trial(self, mask: np.ndarray, cursor: tuple[int, int]) -> tuple[list[Event], np.ndarray, Optional[Event]]:

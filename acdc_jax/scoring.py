@@ -168,7 +168,7 @@ class Scorer:
     def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:
         """Each head's dense q/k/v input columns of `layer` under `mask`, [H, n_senders + 1, 3]."""
         add, direct = self.graph._gather
-        ext = np.concatenate([mask, [0.0, 1.0]]).astype(np.float32)
+        ext = _with_sentinels(mask)
         H, first = self.graph.n_heads, layer * self.graph._layer_columns
         cols = first + np.arange(3 * H).reshape(3, H).T  # [H, 3]: q, k, v columns of each head
         return np.concatenate([ext[add][:, cols].transpose(1, 0, 2), ext[direct][cols][:, None]], axis=1)
@@ -211,8 +211,7 @@ class Scorer:
             return None
         n_up = senders_before(g, start_layer)
         add = g._gather[0][:n_up, upstream_offset(g, start_layer):]
-        ext = lambda m: np.concatenate([m, np.zeros(m.shape[:-1] + (1,)), np.ones(m.shape[:-1] + (1,))], axis=-1)
-        differ = np.any(ext(masks)[:, add] != ext(base)[add][None], axis=(0, 2))
+        differ = np.any(_with_sentinels(masks)[:, add] != _with_sentinels(base)[add][None], axis=(0, 2))
         changed = np.flatnonzero(differ)
         k = 1
         while k < len(changed):
@@ -261,6 +260,13 @@ class Scorer:
                                       base_results, put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
                                       upstream)
         return fetch(out)[:n]
+
+
+def _with_sentinels(masks: np.ndarray) -> np.ndarray:
+    """Masks [..., n_edges] with the two entries the graph's gather indices
+    point past the edges: 0 (no edge there) and 1 (no q/k/v step edge)."""
+    pad = np.ones(masks.shape[:-1] + (1,), np.float32)
+    return np.concatenate([np.asarray(masks, np.float32), np.zeros_like(pad), pad], axis=-1)
 
 
 def _pad_pow2(heads: list[int], n_heads: int) -> np.ndarray:
