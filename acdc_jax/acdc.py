@@ -188,6 +188,7 @@ def acdc(
         log.close()
 
     settings.update(mode=mode, width=cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
+                    programs=len(scorer.programs.compiled), passes_in_larger_programs=scorer.programs.reused,
                     flops=scorer.flops, finished=schedule.finished(state.cursor),
                     seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)
@@ -264,9 +265,16 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         metrics = [scorer.full(nodes[0].candidate())]
     else:
         width = pass_width(nodes, cap, scorer.candidate_flops)
-        nodes = nodes[:width]
-        start_layer = min(layer for n in nodes for layer in n.layers())
-        metrics = scorer.batch(candidates(nodes), start_layer, width, base=state.mask)
+        chosen = nodes[:width]
+        start_layer = min(layer for n in chosen for layer in n.layers())
+        shape = scorer.choose(candidates(chosen), start_layer, width, base=state.mask)
+        if shape.width > len(chosen) and len(nodes) > len(chosen):  # a larger compiled program: fill it
+            more = nodes[:shape.width]
+            if (min(layer for n in more for layer in n.layers()) == start_layer
+                    and scorer.fits(candidates(more), start_layer, shape, base=state.mask)):
+                chosen = more
+        nodes = chosen
+        metrics = scorer.batch(candidates(nodes), start_layer, shape.width, base=state.mask, shape=shape)
     made: list[Decision] = []
     i = 0
     while i is not None and i < len(nodes):

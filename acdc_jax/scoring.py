@@ -21,6 +21,7 @@ import numpy as np
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph
 from .model import Transformer
+from .programs import Programs, Shape
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
@@ -127,6 +128,7 @@ class Scorer:
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
+        self.programs = Programs()
         add, direct = graph._gather
         self._edge_columns = [np.unique(np.concatenate([np.nonzero(add == e)[1], np.nonzero(direct == e)[0]]))
                               for e in range(graph.n_edges)]
@@ -151,10 +153,11 @@ class Scorer:
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
         self.passes += 1
-        self.flops += self._pass_flops(0, self.graph.n_heads)
-        out = _full_metric(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                           self._rep(mask), self.tokens, self.positions)
-        return float(fetch(out))
+        flops = self._pass_flops(0, self.graph.n_heads)
+        self.flops += flops
+        return self.programs.run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(_full_metric(
+            self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
+            self.positions))))
 
     def value_and_grads(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Metric and its gradient with respect to the edge masks, for each of
@@ -177,21 +180,24 @@ class Scorer:
         """The start layer's head results under `base` [batch, H, pos, d_model],
         cached: only heads whose inputs changed since they were computed (and
         that the pass recomputes per candidate anyway: `skip`) are computed again."""
-        cols = self._head_columns(base, layer)
+        H, now = self.graph.n_heads, self._head_columns(base, layer)
         cached = self._heads_cache if self._heads_cache and self._heads_cache[0] == layer else None
         if cached is None:
-            stale = list(range(self.graph.n_heads))
-            results = None
+            stale, results, cols = list(range(H)), None, now
         else:
-            _, results, seen = cached
-            stale = [h for h in range(self.graph.n_heads) if h not in skip and not np.array_equal(seen[h], cols[h])]
-            cols = np.where(np.isin(np.arange(len(cols)), stale)[:, None, None], cols, seen)
+            _, results, cols = cached
+            stale = [h for h in range(H) if h not in skip and not np.array_equal(cols[h], now[h])]
         if stale:
-            heads = _pad_pow2(stale, self.graph.n_heads)
-            self.flops += self.tokens.shape[0] * base_heads_flops(self.graph, layer, len(heads), self.tokens.shape[1])
-            fresh = _layer_heads(self.model, self.graph, layer, self.corruption, self._rep(base),
-                                 self.tokens, self.deviations, put_replicated(jnp.asarray(heads), self.mesh))
-            results = fresh if results is None or len(heads) == self.graph.n_heads else results.at[:, heads].set(fresh)
+            need = Shape("heads", layer, 1, _pow2(len(stale), H), None)
+            shape = need if results is None else self.programs.choose(need, self._shape_flops)
+            heads = _pad_heads(stale, shape.heads, H)
+            flops = self._shape_flops(shape)
+            self.flops += flops
+            fresh = self.programs.run(shape, flops, lambda: _layer_heads(
+                self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
+                put_replicated(jnp.asarray(heads), self.mesh)))
+            results = fresh if results is None or len(heads) == H else results.at[:, heads].set(fresh)
+            cols = np.where(np.isin(np.arange(H), heads)[:, None, None], now, cols)
         self._heads_cache = (layer, results, cols)
         return results
 
@@ -202,10 +208,12 @@ class Scorer:
         cols = np.concatenate([self._edge_columns[e] for e in changed]) if changed.size else np.zeros(0, int)
         return sorted({int(c - first) % H for c in cols if first <= c < first + 3 * H})
 
-    def upstream_rows(self, masks: np.ndarray, base: np.ndarray, start_layer: int) -> Optional[np.ndarray]:
+    def upstream_rows(self, masks: np.ndarray, base: np.ndarray, start_layer: int,
+                      size: Optional[int] = None) -> Optional[np.ndarray]:
         """The senders before `start_layer` whose edges into receivers after it
         differ between `base` and any of `masks` (unchanged ones pad the count
-        to a power of 4); None where sharing the upstream sum saves nothing."""
+        to a power of 4, or to `size`); None where sharing the upstream sum
+        saves nothing."""
         g = self.graph
         if start_layer >= g.n_layers:
             return None
@@ -216,50 +224,86 @@ class Scorer:
         k = 1
         while k < len(changed):
             k *= 4
-        if 2 * k > n_up:
+        if size is not None:
+            k = size
+        elif 2 * k > n_up:
             return None
+        if len(changed) > k:
+            raise ValueError(f"{len(changed)} changed upstream senders do not fit in {k} rows.")
         return np.concatenate([changed, np.flatnonzero(~differ)[:k - len(changed)]]).astype(np.int32)
 
-    def batch(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> np.ndarray:
+    def _shape_flops(self, shape: Shape) -> float:
+        n_prompts, n_pos = self.tokens.shape
+        H = self.graph.n_heads
+        if shape.kind == "heads":
+            return n_prompts * base_heads_flops(self.graph, shape.start_layer, shape.heads or H, n_pos)
+        total = shape.width * self._pass_flops(shape.start_layer, shape.heads or H, shape.rows)
+        if shape.rows is not None:
+            total += n_prompts * upstream_flops(self.graph, shape.start_layer, n_pos)
+        return total
+
+    def need(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> Shape:
+        """The smallest program shape that scores `masks` from `start_layer`
+        (heads padded to a power of two, upstream rows to a power of 4, at
+        least `width` candidates)."""
+        heads = rows = None
+        if base is not None and start_layer < self.graph.n_layers:
+            touched = self.changed_heads(masks, base, start_layer) or [0]
+            k = _pow2(len(touched), self.graph.n_heads)
+            heads = k if k < self.graph.n_heads else None
+            up = self.upstream_rows(masks, base, start_layer)
+            rows = None if up is None else len(up)
+        return Shape("pass", start_layer, round_width(max(width, masks.shape[0]), self.mesh), heads, rows)
+
+    def choose(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> Shape:
+        """The program that will score `masks`: their own shape, or a larger
+        one already compiled while that is cheaper (see `programs.py`)."""
+        need = self.need(masks, start_layer, width, base)
+        return self.programs.choose(need, self._shape_flops)
+
+    def fits(self, masks: np.ndarray, start_layer: int, shape: Shape, base: Optional[np.ndarray] = None) -> bool:
+        return shape.covers(self.need(masks, start_layer, 1, base))
+
+    def batch(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None,
+              shape: Optional[Shape] = None) -> np.ndarray:
         """Metrics of `masks` [n, n_edges] from a pass that starts at
         `start_layer`. With `base` (a mask that equals every candidate at the
         receivers before `start_layer`), the start layer's heads that no
         candidate changes come from a cache kept under `base`, only the changed
         heads are computed per candidate, and the cached senders' share of the
         later receivers' inputs is summed once under `base` (`upstream_mix`).
-        Batches are padded to `width` and the changed heads to a power of two,
-        so few programs are compiled."""
+        The program is `shape` (from `choose`, which it does by default):
+        batches are padded to its width, the changed heads to its head count
+        and the upstream rows to its row count, so few programs are compiled."""
         n = masks.shape[0]
-        heads = rows = None
-        if base is not None and start_layer < self.graph.n_layers:
+        shape = shape or self.choose(masks, start_layer, width, base)
+        if not shape.covers(self.need(masks, start_layer, 1, base)) or (shape.heads or shape.rows) and base is None:
+            raise ValueError(f"The program {shape} cannot score these {n} candidates from layer {start_layer}.")
+        heads = rows = base_results = None
+        if shape.heads is not None:
             touched = self.changed_heads(masks, base, start_layer) or [0]
-            padded = _pad_pow2(touched, self.graph.n_heads)
-            if len(padded) < self.graph.n_heads:
-                heads = padded
-                base_results = self._base_heads(base, start_layer, set(touched))
-            rows = self.upstream_rows(masks, base, start_layer)
-        width = round_width(max(width, n), self.mesh)
-        if n < width:
-            masks = np.concatenate([masks, np.repeat(masks[-1:], width - n, axis=0)])
+            heads = _pad_heads(touched, shape.heads, self.graph.n_heads)
+            base_results = self._base_heads(base, start_layer, set(touched))
+        if shape.rows is not None:
+            rows = self.upstream_rows(masks, base, start_layer, size=shape.rows)
+        if n < shape.width:
+            masks = np.concatenate([masks, np.repeat(masks[-1:], shape.width - n, axis=0)])
         self.passes += 1
-        self.flops += width * self._pass_flops(start_layer, self.graph.n_heads if heads is None else len(heads),
-                                               None if rows is None else len(rows))
-        upstream = None
-        if rows is not None:
-            n_prompts, n_pos = self.tokens.shape
-            self.flops += n_prompts * upstream_flops(self.graph, start_layer, n_pos)
-            upstream = (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
+        flops = self._shape_flops(shape)
+        self.flops += flops
+        upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
         if heads is None:
-            out = _batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                self.arrays, masks, self.tokens, self.deviations, self.positions, self.prompt_chunk,
-                                upstream)
+            run = lambda: fetch(_batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric,
+                                              self.task, self.arrays, masks, self.tokens, self.deviations,
+                                              self.positions, self.prompt_chunk, upstream))
         else:
-            out = _batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric, self.task,
-                                      self.arrays, masks, self.tokens, self.deviations, self.positions,
-                                      base_results, put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
-                                      upstream)
-        return fetch(out)[:n]
+            run = lambda: fetch(_batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric,
+                                                    self.task, self.arrays, masks, self.tokens, self.deviations,
+                                                    self.positions, base_results,
+                                                    put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
+                                                    upstream))
+        return self.programs.run(shape, flops, run)[:n]
 
 
 def _with_sentinels(masks: np.ndarray) -> np.ndarray:
@@ -269,10 +313,14 @@ def _with_sentinels(masks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(masks, np.float32), np.zeros_like(pad), pad], axis=-1)
 
 
-def _pad_pow2(heads: list[int], n_heads: int) -> np.ndarray:
-    """`heads` padded (by repeating the last) to a power of two, or all heads."""
-    size = 1 << (len(heads) - 1).bit_length()
-    if size >= n_heads:
+def _pow2(n: int, n_heads: int) -> int:
+    """`n` heads rounded up to a power of two, at most all of them."""
+    return min(1 << (n - 1).bit_length(), n_heads)
+
+
+def _pad_heads(heads: list[int], size: Optional[int], n_heads: int) -> np.ndarray:
+    """`heads` padded (by repeating the last) to `size`, or all heads."""
+    if size is None or size >= n_heads:
         return np.arange(n_heads, dtype=np.int32)
     return np.asarray(heads + heads[-1:] * (size - len(heads)), np.int32)
 

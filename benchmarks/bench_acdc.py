@@ -36,6 +36,7 @@ from common import environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
 from acdc_jax.flops import forward_flops  # noqa: E402
+from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 ATTN_ONLY_4L = dict(n_layers=4, d_model=512, n_heads=8, d_head=64, d_vocab=48262, d_vocab_out=48262, n_ctx=64,
@@ -63,8 +64,9 @@ def random_tl_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> None:
 
 
 def run_ours(model, task, tau, mode, order=None):
-    start = time.perf_counter()
+    start, compiling = time.perf_counter(), compile_seconds()
     circuit = acdc(model, task, tau, mode=mode, progress=False, order=order)
+    circuit.settings["compile_s"] = compile_seconds() - compiling
     return time.perf_counter() - start, circuit
 
 
@@ -107,7 +109,10 @@ def main(argv=None):
                "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
                "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask)),
                "seq_flops_per_edge_over_forward": seq.settings["flops"] / n / fwd,
-               "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd}
+               "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd,
+               "seq_compile_s": seq.settings["compile_s"], "bat_compile_s": bat.settings["compile_s"],
+               "bat_programs": bat.settings["programs"],
+               "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"]}
         if args.warm:
             row["sequential_warm_s"] = run_ours(model, task, tau, "sequential")[0]
             row["batched_warm_s"] = run_ours(model, task, tau, "batched")[0]
@@ -124,7 +129,8 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     columns = ["tau", "edges", "kept", "sequential_s", "batched_s", "speedup", "seq_passes", "bat_passes",
-               "same_as_sequential", "seq_flops_per_edge_over_forward", "bat_flops_per_edge_over_forward"]
+               "same_as_sequential", "seq_flops_per_edge_over_forward", "bat_flops_per_edge_over_forward",
+               "bat_compile_s", "bat_programs"]
     if args.warm:
         columns += ["sequential_warm_s", "batched_warm_s", "speedup_warm"]
     if args.auto_circuit_python:
@@ -136,7 +142,8 @@ def main(argv=None):
         "model": ATTN_ONLY_4L, "weights": "random (seeded), TransformerLens layout",
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
                  "corruption": "random corrupted prompts"},
-        "timing": "wall time of one acdc() call including compilation; auto-circuit: its acdc_prune_scores call",
+        "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "
+                  "compilation, from jax.monitoring); auto-circuit: its acdc_prune_scores call",
         "rows": rows,
     })
 

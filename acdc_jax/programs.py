@@ -1,0 +1,115 @@
+"""Which compiled program runs a batched pass: compile a new shape, or reuse a larger one.
+
+A batched pass's shape (its start layer, how many candidates, how many heads
+it recomputes there, how many cached senders it re-mixes) picks the XLA
+program. Every new shape costs a compilation, a second or more on a CPU,
+which for a small model is more than a hundred passes. A pass can also run in
+any compiled program that is at least as large in every dimension (padding
+repeats a candidate, a head or an unchanged sender), paying for the extra
+FLOPs instead. `Programs` decides as in ski rental: it keeps renting (using
+the cheapest larger compiled program) until the seconds paid in extra work
+for lack of the exact shape add up to what compiling it costs, then buys
+(compiles it). That never spends more than twice the best choice made with
+hindsight, per shape. The costs are measured as the run goes: compile
+seconds from `jax.monitoring`, seconds per FLOP from the passes themselves.
+Where compiling is free (programs already compiled earlier in the process),
+the measured cost is near zero and every pass gets its exact shape.
+
+The choice changes which program computes a score, never which candidates
+are scored, so decisions are the same (up to float rounding, as between any
+two programs). Runs over several processes always take the exact shape, so
+that every process runs the same programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import jax
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # in this process, so far
+
+
+def _listen(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def compile_seconds() -> float:
+    """Seconds spent tracing, lowering and compiling in this process so far."""
+    return _compile_seconds[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A compiled program's shape. kind: "pass" (a batched pass) or "heads"
+    (the start layer's heads under the base mask, computed once per pass).
+    heads: heads recomputed in the start layer (None: all of them); rows:
+    cached senders each candidate re-mixes (None: no shared upstream sum,
+    every candidate mixes them all)."""
+
+    kind: str
+    start_layer: int
+    width: int
+    heads: Optional[int]
+    rows: Optional[int]
+
+    def covers(self, need: "Shape") -> bool:
+        """Whether a pass of shape `need` can run in this program."""
+        return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width
+                and (self.heads is None or (need.heads is not None and self.heads >= need.heads))
+                and (self.rows is None or (need.rows is not None and self.rows >= need.rows)))
+
+
+class Programs:
+    """The shapes compiled for one Scorer, and the choice for each new pass."""
+
+    def __init__(self, adaptive: bool = True):
+        self.adaptive = adaptive and jax.process_count() == 1
+        self.compiled: set[Shape] = set()
+        self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
+        self.compile_costs: dict[str, list[float]] = {}
+        self.seconds_per_flop: Optional[float] = None
+        self.reused = 0  # passes run in a larger program than they needed
+
+    def estimate_compile(self, kind: str) -> float:
+        seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
+        return sum(seen) / len(seen) if seen else 0.0
+
+    def choose(self, need: Shape, flops: Callable[[Shape], float]) -> Shape:
+        """The shape to run a pass that needs `need`: `need` itself, or a
+        compiled one that covers it while renting is still cheaper."""
+        if need in self.compiled or not self.adaptive or self.seconds_per_flop is None:
+            return need
+        larger = [s for s in self.compiled if s.covers(need)]
+        if not larger:
+            return need
+        best = min(larger, key=flops)
+        extra = max(flops(best) - flops(need), 0.0) * self.seconds_per_flop
+        paid = self.regret.get(need, 0.0) + extra
+        if paid >= self.estimate_compile(need.kind):
+            return need
+        self.regret[need] = paid
+        self.reused += 1
+        return best
+
+    def run(self, shape: Shape, flops: float, fn: Callable[[], object]):
+        """Call `fn` (which runs the program `shape` and returns host values),
+        measuring its compile seconds and its seconds per FLOP."""
+        before, start = compile_seconds(), time.perf_counter()
+        out = fn()
+        wall, compiled = time.perf_counter() - start, compile_seconds() - before
+        if shape not in self.compiled:
+            self.compiled.add(shape)
+            self.compile_costs.setdefault(shape.kind, []).append(compiled)
+        if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
+            rate = max(wall - compiled, 0.0) / flops
+            self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
+        return out

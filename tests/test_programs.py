@@ -1,0 +1,99 @@
+"""Program choice for batched passes: which shapes cover which, the ski-rental
+rule, and that a pass run in a larger program scores every candidate as its
+own shape and a full pass do."""
+
+import math
+
+import numpy as np
+import pytest
+
+from acdc_jax.graph import CircuitGraph
+from acdc_jax.patching import Corruption
+from acdc_jax.programs import Programs, Shape
+from acdc_jax.scoring import Scorer
+from acdc_jax.tasks.base import Task, kl_divergence
+
+from .test_converters import _tl_state_dict
+
+
+def test_covers():
+    need = Shape("pass", 2, 4, 2, 4)
+    assert Shape("pass", 2, 16, 4, 16).covers(need)
+    assert Shape("pass", 2, 4, None, None).covers(need)  # all heads, no shared sum: any pass from layer 2
+    assert not Shape("pass", 1, 16, None, None).covers(need)  # another start layer
+    assert not Shape("pass", 2, 1, None, None).covers(need)  # too narrow
+    assert not Shape("pass", 2, 4, 1, 4).covers(need)  # too few heads
+    assert not Shape("pass", 2, 4, 2, 4).covers(Shape("pass", 2, 4, None, 4))  # needs every head
+    assert not Shape("pass", 2, 4, 2, 4).covers(Shape("pass", 2, 4, 2, None))  # needs every upstream row
+    assert not Shape("heads", 2, 4, 2, 4).covers(need)
+
+
+def _programs(compile_s: float, seconds_per_flop: float) -> Programs:
+    p = Programs()
+    p.compiled = {Shape("pass", 1, 16, None, None)}
+    p.compile_costs = {"pass": [compile_s]}
+    p.seconds_per_flop = seconds_per_flop
+    return p
+
+
+@pytest.mark.parametrize("compile_s, extra_s", [(1.0, 0.3), (1.0, 0.25), (2.0, 0.7), (0.5, 2.0)])
+def test_ski_rental(compile_s, extra_s):
+    """Rent the larger program while the extra seconds paid stay below the
+    compile cost; then compile the exact shape and keep using it."""
+    flops = lambda s: s.width * (2.0 if s.heads is None else 1.0)
+    need = Shape("pass", 1, 4, 2, None)
+    extra_flops = flops(Shape("pass", 1, 16, None, None)) - flops(need)
+    p = _programs(compile_s, extra_s / extra_flops)
+    picks = [p.choose(need, flops) for _ in range(10)]
+    rentals = math.ceil(compile_s / extra_s - 1e-9) - 1
+    assert picks[:rentals] == [Shape("pass", 1, 16, None, None)] * rentals
+    assert picks[rentals] == need and p.reused == rentals
+    p.compiled.add(need)
+    assert p.choose(need, flops) == need
+    assert p.choose(Shape("pass", 0, 4, None, None), flops) == Shape("pass", 0, 4, None, None)  # nothing covers it
+
+
+def test_free_compilation_always_takes_the_exact_shape():
+    p = _programs(0.0, 1e-9)
+    need = Shape("pass", 1, 4, 1, 1)
+    assert p.choose(need, lambda s: float(s.width)) == need
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from converters.transformer_lens import from_transformer_lens
+
+    cfg = dict(n_layers=3, d_model=16, n_heads=4, d_head=4, d_vocab=23, n_ctx=8, attn_only=False, d_mlp=32,
+               normalization_type="LN", act_fn="gelu_new", positional_embedding_type="standard")
+    model = from_transformer_lens(_tl_state_dict(cfg, np.random.default_rng(2)), cfg)
+    rng = np.random.default_rng(3)
+    clean, corrupted = rng.integers(0, 23, (6, 7)), rng.integers(0, 23, (6, 7))
+    task = Task("t", clean, corrupted, positions=np.array([5, 6]), metrics={"kl": kl_divergence}).bind(model)
+    return Scorer(model, CircuitGraph(model.config), task, Corruption.from_prompts(model, corrupted), kl_divergence)
+
+
+def test_larger_programs_score_like_the_exact_one(scorer):
+    """Candidates that cut edges into two heads of layer 1 and from one cached
+    sender into layer 2, scored in their own program and in every larger
+    one: wider, with more or all heads, more or all upstream rows."""
+    graph = scorer.graph
+    rng = np.random.default_rng(4)
+    base = (rng.uniform(size=graph.n_edges) > 0.2).astype(np.float32)
+    base[[e.index for e in graph.edges if e.receiver.layer < 1]] = 1.0
+    kept = [e for e in graph.edges if base[e.index] == 1 and e.kind == "residual"]
+    into = [next(e for e in kept if e.receiver.layer == 1 and e.receiver.head == h) for h in (0, 2)]
+    later = [e for e in kept if e.receiver.layer == 2 and e.sender.name == "hook_embed"][:1]
+    chain = later + into
+    masks = np.repeat(base[None], len(chain), axis=0)
+    for k, e in enumerate(chain):
+        masks[k:, e.index] = 0.0
+    need = scorer.need(masks, 1, 4, base)
+    assert need == Shape("pass", 1, 4, 2, 1)
+    exact = scorer.batch(masks, 1, 4, base=base, shape=need)
+    np.testing.assert_allclose(exact, [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
+    for larger in (Shape("pass", 1, 16, 2, 1), Shape("pass", 1, 4, 4, 4), Shape("pass", 1, 4, None, 1),
+                   Shape("pass", 1, 4, 2, None), Shape("pass", 1, 16, None, None)):
+        assert larger.covers(need)
+        np.testing.assert_allclose(scorer.batch(masks, 1, 4, base=base, shape=larger), exact, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="cannot score"):
+        scorer.batch(masks, 1, 4, base=base, shape=Shape("pass", 1, 4, 1, 1))
