@@ -188,7 +188,7 @@ def acdc(
         log.close()
 
     settings.update(mode=mode, width=cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
-                    programs=len(scorer.programs.compiled), passes_in_larger_programs=scorer.programs.reused,
+                    programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
                     flops=scorer.flops, finished=schedule.finished(state.cursor),
                     seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
     scores = np.full(graph.n_edges, np.nan)

@@ -23,9 +23,10 @@ that every process runs the same programs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import jax
 
@@ -69,7 +70,9 @@ class Shape:
 
 
 class Programs:
-    """The shapes compiled for one Scorer, and the choice for each new pass."""
+    """The shapes compiled for one kind of pass (one model shape, graph, task,
+    metric, ...: see `Scorer`), and the choice for each new pass. `shared`
+    keeps one per kind in the process, as XLA's compiled programs are kept."""
 
     def __init__(self, adaptive: bool = True):
         self.adaptive = adaptive and jax.process_count() == 1
@@ -108,8 +111,24 @@ class Programs:
         wall, compiled = time.perf_counter() - start, compile_seconds() - before
         if shape not in self.compiled:
             self.compiled.add(shape)
-            self.compile_costs.setdefault(shape.kind, []).append(compiled)
+            if compiled > 0:  # zero: JAX had it compiled already (another Scorer of the same kind)
+                self.compile_costs.setdefault(shape.kind, []).append(compiled)
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
         return out
+
+
+_shared: "collections.OrderedDict[Hashable, Programs]" = collections.OrderedDict()
+
+
+def shared(key: Hashable, keep: int = 32) -> Programs:
+    """The process's `Programs` for passes of kind `key` (the most recent
+    `keep` kinds are remembered). A wrong key costs time, never correctness:
+    a shape believed compiled is compiled when first run."""
+    if key not in _shared:
+        _shared[key] = Programs()
+        while len(_shared) > keep:
+            _shared.popitem(last=False)
+    _shared.move_to_end(key)
+    return _shared[key]

@@ -21,7 +21,7 @@ import numpy as np
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph
 from .model import Transformer
-from .programs import Programs, Shape
+from .programs import Shape, shared
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
@@ -128,7 +128,10 @@ class Scorer:
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
-        self.programs = Programs()
+        self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
+                                prompt_chunk, mesh, str(model.embed.W_E.dtype)))
+        self.shapes: set[Shape] = set()  # the programs this Scorer ran
+        self.reused = 0  # passes run in a larger program than they needed
         add, direct = graph._gather
         self._edge_columns = [np.unique(np.concatenate([np.nonzero(add == e)[1], np.nonzero(direct == e)[0]]))
                               for e in range(graph.n_edges)]
@@ -155,7 +158,7 @@ class Scorer:
         self.passes += 1
         flops = self._pass_flops(0, self.graph.n_heads)
         self.flops += flops
-        return self.programs.run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(_full_metric(
+        return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(_full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
             self.positions))))
 
@@ -189,11 +192,11 @@ class Scorer:
             stale = [h for h in range(H) if h not in skip and not np.array_equal(cols[h], now[h])]
         if stale:
             need = Shape("heads", layer, 1, _pow2(len(stale), H), None)
-            shape = need if results is None else self.programs.choose(need, self._shape_flops)
+            shape = need if results is None else self._choose(need)
             heads = _pad_heads(stale, shape.heads, H)
             flops = self._shape_flops(shape)
             self.flops += flops
-            fresh = self.programs.run(shape, flops, lambda: _layer_heads(
+            fresh = self._run(shape, flops, lambda: _layer_heads(
                 self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
                 put_replicated(jnp.asarray(heads), self.mesh)))
             results = fresh if results is None or len(heads) == H else results.at[:, heads].set(fresh)
@@ -258,8 +261,16 @@ class Scorer:
     def choose(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> Shape:
         """The program that will score `masks`: their own shape, or a larger
         one already compiled while that is cheaper (see `programs.py`)."""
-        need = self.need(masks, start_layer, width, base)
-        return self.programs.choose(need, self._shape_flops)
+        return self._choose(self.need(masks, start_layer, width, base))
+
+    def _choose(self, need: Shape) -> Shape:
+        shape = self.programs.choose(need, self._shape_flops)
+        self.reused += shape != need
+        return shape
+
+    def _run(self, shape: Shape, flops: float, fn):
+        self.shapes.add(shape)
+        return self.programs.run(shape, flops, fn)
 
     def fits(self, masks: np.ndarray, start_layer: int, shape: Shape, base: Optional[np.ndarray] = None) -> bool:
         return shape.covers(self.need(masks, start_layer, 1, base))
@@ -303,7 +314,7 @@ class Scorer:
                                                     self.positions, base_results,
                                                     put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
                                                     upstream))
-        return self.programs.run(shape, flops, run)[:n]
+        return self._run(shape, flops, run)[:n]
 
 
 def _with_sentinels(masks: np.ndarray) -> np.ndarray:

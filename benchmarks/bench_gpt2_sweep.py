@@ -32,6 +32,7 @@ from common import GPT2_SMALL, device_peak_flops, environment, print_table, writ
 from acdc_jax.acdc import acdc  # noqa: E402
 from acdc_jax.flops import forward_flops  # noqa: E402
 from acdc_jax.model import Transformer  # noqa: E402
+from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 def gpt2_shaped(seed: int = 0) -> Transformer:
@@ -62,10 +63,10 @@ def main(argv=None):
     clean, corrupted = rng.integers(0, GPT2_SMALL.d_vocab, shape), rng.integers(0, GPT2_SMALL.d_vocab, shape)
     task = Task("random-prompts", clean, corrupted, positions=np.array([args.n_pos - 1]), metrics={"kl": kl_divergence})
 
-    start = time.perf_counter()
+    start, compiling = time.perf_counter(), compile_seconds()
     with (jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()):
         circuit = acdc(model, task, args.tau, progress=False, stop_after=stop, dtype=args.dtype, mesh=args.mesh)
-    seconds = time.perf_counter() - start
+    seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
     n_edges = circuit.graph.n_edges
     decided = len(circuit.decisions)
     fwd = args.n_prompts * forward_flops(GPT2_SMALL, args.n_pos)
@@ -73,12 +74,15 @@ def main(argv=None):
     peak, peak_source = device_peak_flops(args.dtype)
     row = {"edges": n_edges, "decided": decided, "finished": circuit.settings["finished"], "seconds": seconds,
            "edges_per_s": decided / seconds, "projected_full_sweep_s": n_edges / (decided / seconds),
-           "passes": circuit.settings["passes"], "width": circuit.settings["width"],
+           "passes": circuit.settings["passes"], "width": circuit.settings["width"], "compile_s": compiling,
+           "programs": circuit.settings["programs"],
+           "passes_in_larger_programs": circuit.settings["passes_in_larger_programs"],
            "kept_so_far": int(sum(d.kept for d in circuit.decisions)),
            "flops_per_edge": flops / decided, "forward_flops": fwd, "flops_per_edge_over_forward": flops / decided / fwd,
            "achieved_flops_per_s": flops / seconds, "peak_flops_per_s": peak,
            "fraction_of_peak": None if peak is None else flops / seconds / peak}
-    print_table([row], ["edges", "decided", "finished", "seconds", "edges_per_s", "projected_full_sweep_s",
+    print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "edges_per_s",
+                        "projected_full_sweep_s",
                         "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak"])
     write_json(f"bench_gpt2_sweep-{args.dtype}", {
         "environment": environment(), "model": GPT2_SMALL.to_dict(),
