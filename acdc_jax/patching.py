@@ -224,6 +224,7 @@ def run_from(
     first: Optional[tuple] = None,
     narrow: bool = False,
     upstream: Optional[UpstreamMix] = None,
+    residual: bool = False,
 ) -> tuple[Float[Array, "pos d_vocab_out"], Optional[Float[Array, "n_down pos d_model"]]]:
     """Run one example from layer `start_layer` to the logits.
 
@@ -239,7 +240,8 @@ def run_from(
     With `narrow` (and `out_positions`) the last layer runs its queries, its
     MLP and the logits at `out_positions` only, since nothing else reaches the
     logits there; the deviations are then not returned. Returns the logits (at
-    `out_positions`, or all) and the deviations.
+    `out_positions`, or all; with `residual`, the final residual stream before
+    `ln_final` and the unembedding instead) and the deviations.
     """
     c = model.config
     H, L, E = c.n_heads, c.n_layers, graph.n_embed
@@ -297,7 +299,7 @@ def run_from(
     if not narrow:
         x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream)[0]
         x = x if out_positions is None else x[out_positions]
-        return model.unembed(model.ln_final(x)), down
+        return (x if residual else model.unembed(model.ln_final(x))), down
 
     at = np.asarray(out_positions)
     upstream_at = None if upstream is None else upstream.at(at)
@@ -310,7 +312,7 @@ def run_from(
     else:
         up, base = up[:, at], base[at]
     x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream_at)[0]
-    return model.unembed(model.ln_final(x)), None
+    return (x if residual else model.unembed(model.ln_final(x))), None
 
 
 def patched_forward(

@@ -130,6 +130,8 @@ class Scorer:
         self._heads_cache = None
         self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
                                 prompt_chunk, mesh, str(model.embed.W_E.dtype)))
+        # on one CPU device a pass that runs full layers loops over its candidates (`_candidates_metric`)
+        self.loop = mesh is None and jax.default_backend() == "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
         add, direct = graph._gather
@@ -304,16 +306,17 @@ class Scorer:
         self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
+        loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
         if heads is None:
             run = lambda: fetch(_batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric,
                                               self.task, self.arrays, masks, self.tokens, self.deviations,
-                                              self.positions, self.prompt_chunk, upstream))
+                                              self.positions, self.prompt_chunk, upstream, loop))
         else:
             run = lambda: fetch(_batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric,
                                                     self.task, self.arrays, masks, self.tokens, self.deviations,
                                                     self.positions, base_results,
                                                     put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
-                                                    upstream))
+                                                    upstream, loop))
         return self._run(shape, flops, run)[:n]
 
 
@@ -376,10 +379,14 @@ def _layer_heads(model, graph, layer, corruption, mask, tokens, deviations, head
     return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
 
 
-def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None):
+def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None, out_axis: Optional[int] = None):
     """``jax.vmap(fn, in_axes=axes)(*args)`` over the prompt axis; with `chunk`,
     that many prompts at a time in a loop, so that only one chunk's
-    activations are alive at once (the results are the same)."""
+    activations are alive at once (the results are the same). With
+    `out_axis`, `fn` itself takes a chunk (args mapped over their first axis)
+    and puts the prompts at that axis of its result."""
+    if out_axis is not None and chunk is None:
+        return fn(*args)
     if chunk is None:
         return jax.vmap(fn, in_axes=axes)(*args)
     mapped = [i for i, ax in enumerate(axes) if ax == 0]
@@ -391,47 +398,80 @@ def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None):
         full = list(args)
         for i, a in zip(mapped, chunk_args):
             full[i] = a
-        return jax.vmap(fn, in_axes=axes)(*full)
+        return fn(*full) if out_axis is not None else jax.vmap(fn, in_axes=axes)(*full)
 
     split = [jax.tree_util.tree_map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), args[i]) for i in mapped]
     out = jax.lax.map(step, split)
+    if out_axis is not None:  # [n_chunks, ..., chunk, ...] -> [..., n, ...]
+        out = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, out_axis), out)
+        return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[:out_axis] + (n,) + x.shape[out_axis + 2:]), out)
     return jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
 
 def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                       positions, chunk, base_results=None, heads=None, upstream=None):
+                       positions, chunk, base_results=None, heads=None, upstream=None, loop=False):
     up_all = deviations[:, :senders_before(graph, start_layer)]
     out_positions = np.asarray(positions)
     axes = corruption_axes(corruption)
     base_add = None if upstream is None else graph.dense_masks(upstream[0])[0]
 
-    def one_candidate(mask):
+    def one_example(mask, tok, up, acts, results, shared):
         m_add, m_dir = graph.dense_masks(mask)
+        corr, pos_qk = _example_inputs(model, corruption, tok, acts)
+        first = None if results is None else (results, heads)
+        if shared is None and base_add is not None:  # the same for every candidate: vmap computes it once
+            shared = upstream_mix(graph, start_layer, up, base_add, upstream[1])
+        return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first,
+                        narrow=True, upstream=shared, residual=True)[0]
 
-        def one_example(tok, up, acts, results):
-            corr, pos_qk = _example_inputs(model, corruption, tok, acts)
-            first = None if results is None else (results, heads)
-            # the same for every candidate, so vmap leaves it unbatched: computed once per pass
-            shared = None if base_add is None else upstream_mix(graph, start_layer, up, base_add, upstream[1])
-            return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first,
-                            narrow=True, upstream=shared)[0]
-
-        logits = map_prompts(one_example, (tokens, up_all, corruption.acts, base_results),
-                             (0, 0, axes, 0 if base_results is not None else None), chunk)
+    def metric_of(resid):
+        logits = model.unembed(model.ln_final(resid))
         return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
 
-    return jax.vmap(one_candidate)(masks)
+    in_axes = (0, 0, axes, 0 if base_results is not None else None)
+    args = (tokens, up_all, corruption.acts, base_results)
+    if not loop:
+        def one_candidate(mask):
+            resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
+            return metric_of(resid)
+
+        return jax.vmap(one_candidate)(masks)
+
+    # CPU: one candidate at a time over each chunk of prompts (its activations stay in cache), the
+    # cached senders' shared sum once per chunk, then the unembedding and metric over groups of candidates
+    def prompts_step(*chunk_args):
+        shared = None
+        if base_add is not None:
+            shared = jax.vmap(lambda up: upstream_mix(graph, start_layer, up, base_add, upstream[1]))(chunk_args[1])
+        ex_axes = in_axes + (None if shared is None else 0,)
+        return jax.lax.map(lambda mask: jax.vmap(lambda *a: one_example(mask, *a), in_axes=ex_axes)(
+            *chunk_args, shared), masks)
+
+    resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
+    n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
+    out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
+    return out.reshape(n)
+
+
+def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:
+    """Candidates per unembedding step on a CPU: about `rows` rows of logits
+    (enough to amortise reading the unembedding, few enough to stay in
+    cache), a power of two that divides `n`."""
+    g = 1
+    while 2 * g * rows_per_candidate <= rows and n % (2 * g) == 0:
+        g *= 2
+    return g
 
 
 @eqx.filter_jit
 def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
-                  chunk=None, upstream=None):
+                  chunk=None, upstream=None, loop=False):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, upstream=upstream)
+                              positions, chunk, upstream=upstream, loop=loop)
 
 
 @eqx.filter_jit
 def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                        positions, base_results, heads, chunk=None, upstream=None):
+                        positions, base_results, heads, chunk=None, upstream=None, loop=False):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, base_results, heads, upstream)
+                              positions, chunk, base_results, heads, upstream, loop)

@@ -97,3 +97,30 @@ def test_larger_programs_score_like_the_exact_one(scorer):
         np.testing.assert_allclose(scorer.batch(masks, 1, 4, base=base, shape=larger), exact, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="cannot score"):
         scorer.batch(masks, 1, 4, base=base, shape=Shape("pass", 1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_candidate_loop_scores_like_vmap(scorer, chunk):
+    """On a CPU a pass over full layers loops over its candidates (and groups
+    them for the unembedding); it scores them as the vmapped pass does, with
+    and without prompt chunks, from a cached base and from the embedding."""
+    graph = scorer.graph
+    rng = np.random.default_rng(6)
+    base = (rng.uniform(size=graph.n_edges) > 0.2).astype(np.float32)
+    base[[e.index for e in graph.edges if e.receiver.layer < 1]] = 1.0
+    masks = np.repeat(base[None], 8, axis=0)
+    into = [e.index for e in graph.edges if e.receiver.layer >= 1 and base[e.index] == 1]
+    for k in range(8):
+        masks[k, rng.choice(into, size=k + 1, replace=False)] = 0.0
+    scorer.prompt_chunk = chunk
+    try:
+        for start, b in ((1, base), (0, None)):
+            shape = scorer.need(masks, start, 8, b)
+            results = []
+            for loop in (True, False):
+                scorer.loop = loop
+                results.append(scorer.batch(masks, start, 8, base=b, shape=shape))
+            np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(results[0], [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
+    finally:
+        scorer.prompt_chunk, scorer.loop = None, True
