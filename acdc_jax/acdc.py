@@ -217,7 +217,7 @@ def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = l
     in 1, 4, 16, ... (few compiled shapes) is the one that decides the most
     edges per unit of work: the sum of the nodes' probabilities over the
     pass's cost, counted in candidates from the first node's layer plus
-    `overhead` of them per pass."""
+    `overhead` of them per pass (measured as the run goes: `Programs.overhead`)."""
     if not adaptive_width() or not nodes:
         return cap
     widths = sorted({min(4 ** k, cap) for k in range(8)})
@@ -264,7 +264,8 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         nodes = nodes[:1]
         metrics = [scorer.full(nodes[0].candidate())]
     else:
-        width = pass_width(nodes, cap, scorer.candidate_flops)
+        first = min(nodes[0].layers())
+        width = pass_width(nodes, cap, scorer.candidate_flops, scorer.programs.overhead(first))
         chosen = nodes[:width]
         start_layer = min(layer for n in chosen for layer in n.layers())
         shape = scorer.choose(candidates(chosen), start_layer, width, base=state.mask)

@@ -29,6 +29,7 @@ import time
 from typing import Callable, Hashable, Optional
 
 import jax
+import numpy as np
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -80,6 +81,7 @@ class Programs:
         self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
+        self.pass_seconds: dict[int, dict[int, float]] = {}  # start layer -> width -> seconds (moving average)
         self.reused = 0  # passes run in a larger program than they needed
 
     def estimate_compile(self, kind: str) -> float:
@@ -116,7 +118,25 @@ class Programs:
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
+        if shape.kind == "pass" and not compiled:
+            seen = self.pass_seconds.setdefault(shape.start_layer, {})
+            seen[shape.width] = wall if shape.width not in seen else 0.8 * seen[shape.width] + 0.2 * wall
         return out
+
+    def overhead(self, start_layer: int, default: float = 1.0) -> float:
+        """A pass's fixed cost from `start_layer`, in candidates: the intercept
+        over the slope of seconds against width, fitted to the passes timed so
+        far (reading the unembedding, dispatch); `default` until two widths
+        have been timed."""
+        seen = self.pass_seconds.get(start_layer, {})
+        if len(seen) < 2 or not self.adaptive:  # several processes must choose alike
+            return default
+        w = np.array(list(seen), float)
+        t = np.array(list(seen.values()))
+        slope, intercept = np.polyfit(w, t, 1)
+        if slope <= 0 or intercept <= 0:
+            return default
+        return float(np.clip(intercept / slope, 0.25, 16.0))
 
 
 _shared: "collections.OrderedDict[Hashable, Programs]" = collections.OrderedDict()
