@@ -222,7 +222,7 @@ def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = l
         return cap
     widths = sorted({min(4 ** k, cap) for k in range(8)})
     reach = np.cumsum([n.prob for n in nodes])
-    start = np.minimum.accumulate([min(n.layers()) for n in nodes])
+    start = np.minimum.accumulate([n.first_layer for n in nodes])
     unit = candidate_cost(int(start[0]))
 
     def gain(w):
@@ -264,18 +264,20 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         nodes = nodes[:1]
         metrics = [scorer.full(nodes[0].candidate())]
     else:
-        first = min(nodes[0].layers())
+        first = nodes[0].first_layer
         width = pass_width(nodes, cap, scorer.candidate_flops, scorer.programs.overhead(first))
         chosen = nodes[:width]
-        start_layer = min(layer for n in chosen for layer in n.layers())
-        shape = scorer.choose(candidates(chosen), start_layer, width, base=state.mask)
+        start_layer = min(n.first_layer for n in chosen)
+        cands = candidates(chosen, state.mask)
+        shape = scorer.choose(cands, start_layer, width)
         if shape.width > len(chosen) and len(nodes) > len(chosen):  # a larger compiled program: fill it
             more = nodes[:shape.width]
-            if (min(layer for n in more for layer in n.layers()) == start_layer
-                    and scorer.fits(candidates(more), start_layer, shape, base=state.mask)):
-                chosen = more
+            if min(n.first_layer for n in more) == start_layer:
+                more_cands = candidates(more, state.mask)
+                if scorer.fits(more_cands, start_layer, shape):
+                    chosen, cands = more, more_cands
         nodes = chosen
-        metrics = scorer.batch(candidates(nodes), start_layer, shape.width, base=state.mask, shape=shape)
+        metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
     made: list[Decision] = []
     i = 0
     while i is not None and i < len(nodes):

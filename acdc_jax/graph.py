@@ -302,6 +302,27 @@ class CircuitGraph:
                 direct[self._columns_of(e.sender)] = e.index
         return add, direct
 
+    @cached_property
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each edge sits in the dense masks, one row per place, sorted
+        by edge: (edge, sender row or -1 for a q/k/v step edge, column). An
+        unsplit head input has three places (its q, k and v columns)."""
+        add, direct = self._gather
+        rows, cols = np.nonzero(add < self.n_edges)
+        steps = np.flatnonzero(direct < self.n_edges)
+        edge = np.concatenate([add[rows, cols], direct[steps]])
+        order = np.argsort(edge, kind="stable")
+        return (edge[order], np.concatenate([rows, np.full(len(steps), -1)])[order],
+                np.concatenate([cols, steps])[order])
+
+    def places(self, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sender rows, columns) of the dense-mask places of `edges`."""
+        edge, rows, cols = self._entries
+        start, stop = np.searchsorted(edge, edges), np.searchsorted(edge, edges, side="right")
+        n = stop - start
+        at = np.arange(n.sum()) + np.repeat(start - (np.cumsum(n) - n), n)
+        return rows[at], cols[at]
+
     def dense_masks(
         self, masks: Float[Array, " n_edges"]
     ) -> tuple[Float[Array, "n_senders n_columns"], Float[Array, " n_columns"]]:

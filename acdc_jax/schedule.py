@@ -144,10 +144,11 @@ class Schedule:
             cursor = trial.cursor
         return events
 
-    def next_trial(self, mask: np.ndarray, cursor: tuple[int, int]) -> tuple[list[Event], np.ndarray, Optional[Event]]:
+    def next_trial(self, mask: np.ndarray, cursor: tuple[int, int], in_place: bool = False
+                   ) -> tuple[list[Event], np.ndarray, Optional[Event]]:
         """From `cursor`: the prunes before the next trial, the mask after them
-        (`mask` itself when nothing is pruned; never changed in place), and
-        that trial (None when the schedule ends first)."""
+        (`mask` itself when nothing is pruned; changed in place only with
+        `in_place`), and that trial (None when the schedule ends first)."""
         u, j = cursor
         prunes: list[Event] = []
         while u < len(self.units):
@@ -155,7 +156,7 @@ class Schedule:
             if j == 0 and not self.connected(unit, mask):
                 for e in unit.prune_order:
                     if mask[e] > 0.5:
-                        mask = mask.copy() if not prunes else mask
+                        mask = mask.copy() if not (prunes or in_place) else mask
                         mask[e] = 0.0
                         prunes.append(Event("prune", e, unit.layer, (u + 1, 0)))
                 u += 1

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph
 from .model import Transformer
@@ -132,11 +133,10 @@ class Scorer:
                                 prompt_chunk, mesh, str(model.embed.W_E.dtype)))
         # on one CPU device a pass that runs full layers loops over its candidates (`_candidates_metric`)
         self.loop = mesh is None and jax.default_backend() == "cpu"
+        # on one accelerator only the base and the cut edges cross, and the dense masks are made there
+        self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
-        add, direct = graph._gather
-        self._edge_columns = [np.unique(np.concatenate([np.nonzero(add == e)[1], np.nonzero(direct == e)[0]]))
-                              for e in range(graph.n_edges)]
 
     @property
     def _dtype(self):
@@ -179,7 +179,7 @@ class Scorer:
         ext = _with_sentinels(mask)
         H, first = self.graph.n_heads, layer * self.graph._layer_columns
         cols = first + np.arange(3 * H).reshape(3, H).T  # [H, 3]: q, k, v columns of each head
-        return np.concatenate([ext[add][:, cols].transpose(1, 0, 2), ext[direct][cols][:, None]], axis=1)
+        return np.concatenate([ext[add[:, cols]].transpose(1, 0, 2), ext[direct[cols]][:, None]], axis=1)
 
     def _base_heads(self, base: np.ndarray, layer: int, skip: set) -> jax.Array:
         """The start layer's head results under `base` [batch, H, pos, d_model],
@@ -206,25 +206,24 @@ class Scorer:
         self._heads_cache = (layer, results, cols)
         return results
 
-    def changed_heads(self, masks: np.ndarray, base: np.ndarray, layer: int) -> list[int]:
-        """Heads of `layer` whose q/k/v inputs differ between `base` and any of `masks`."""
-        changed = np.nonzero(np.any(masks != base[None], axis=0))[0]
+    def changed_heads(self, cands: Candidates, layer: int) -> list[int]:
+        """Heads of `layer` whose q/k/v inputs some candidate changes."""
+        _, cols = cands.places(self.graph)
         first, H = layer * self.graph._layer_columns, self.graph.n_heads
-        cols = np.concatenate([self._edge_columns[e] for e in changed]) if changed.size else np.zeros(0, int)
-        return sorted({int(c - first) % H for c in cols if first <= c < first + 3 * H})
+        cols = cols[(cols >= first) & (cols < first + 3 * H)]
+        return sorted(set(((cols - first) % H).tolist()))
 
-    def upstream_rows(self, masks: np.ndarray, base: np.ndarray, start_layer: int,
-                      size: Optional[int] = None) -> Optional[np.ndarray]:
+    def upstream_rows(self, cands: Candidates, start_layer: int, size: Optional[int] = None) -> Optional[np.ndarray]:
         """The senders before `start_layer` whose edges into receivers after it
-        differ between `base` and any of `masks` (unchanged ones pad the count
-        to a power of 4, or to `size`); None where sharing the upstream sum
-        saves nothing."""
+        some candidate cuts (unchanged ones pad the count to a power of 4, or
+        to `size`); None where sharing the upstream sum saves nothing."""
         g = self.graph
         if start_layer >= g.n_layers:
             return None
         n_up = senders_before(g, start_layer)
-        add = g._gather[0][:n_up, upstream_offset(g, start_layer):]
-        differ = np.any(_with_sentinels(masks)[:, add] != _with_sentinels(base)[add][None], axis=(0, 2))
+        rows, cols = cands.places(g)
+        differ = np.zeros(n_up, bool)
+        differ[rows[(rows >= 0) & (rows < n_up) & (cols >= upstream_offset(g, start_layer))]] = True
         changed = np.flatnonzero(differ)
         k = 1
         while k < len(changed):
@@ -247,23 +246,23 @@ class Scorer:
             total += n_prompts * upstream_flops(self.graph, shape.start_layer, n_pos)
         return total
 
-    def need(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> Shape:
-        """The smallest program shape that scores `masks` from `start_layer`
+    def need(self, cands: Candidates, start_layer: int, width: int) -> Shape:
+        """The smallest program shape that scores `cands` from `start_layer`
         (heads padded to a power of two, upstream rows to a power of 4, at
         least `width` candidates)."""
         heads = rows = None
-        if base is not None and start_layer < self.graph.n_layers:
-            touched = self.changed_heads(masks, base, start_layer) or [0]
+        if start_layer < self.graph.n_layers:
+            touched = self.changed_heads(cands, start_layer) or [0]
             k = _pow2(len(touched), self.graph.n_heads)
             heads = k if k < self.graph.n_heads else None
-            up = self.upstream_rows(masks, base, start_layer)
+            up = self.upstream_rows(cands, start_layer)
             rows = None if up is None else len(up)
-        return Shape("pass", start_layer, round_width(max(width, masks.shape[0]), self.mesh), heads, rows)
+        return Shape("pass", start_layer, round_width(max(width, len(cands)), self.mesh), heads, rows)
 
-    def choose(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None) -> Shape:
-        """The program that will score `masks`: their own shape, or a larger
+    def choose(self, cands: Candidates, start_layer: int, width: int) -> Shape:
+        """The program that will score `cands`: their own shape, or a larger
         one already compiled while that is cheaper (see `programs.py`)."""
-        return self._choose(self.need(masks, start_layer, width, base))
+        return self._choose(self.need(cands, start_layer, width))
 
     def _choose(self, need: Shape) -> Shape:
         shape = self.programs.choose(need, self._shape_flops)
@@ -274,38 +273,44 @@ class Scorer:
         self.shapes.add(shape)
         return self.programs.run(shape, flops, fn)
 
-    def fits(self, masks: np.ndarray, start_layer: int, shape: Shape, base: Optional[np.ndarray] = None) -> bool:
-        return shape.covers(self.need(masks, start_layer, 1, base))
+    def fits(self, cands: Candidates, start_layer: int, shape: Shape) -> bool:
+        return shape.covers(self.need(cands, start_layer, 1))
 
-    def batch(self, masks: np.ndarray, start_layer: int, width: int, base: Optional[np.ndarray] = None,
-              shape: Optional[Shape] = None) -> np.ndarray:
-        """Metrics of `masks` [n, n_edges] from a pass that starts at
-        `start_layer`. With `base` (a mask that equals every candidate at the
-        receivers before `start_layer`), the start layer's heads that no
-        candidate changes come from a cache kept under `base`, only the changed
-        heads are computed per candidate, and the cached senders' share of the
-        later receivers' inputs is summed once under `base` (`upstream_mix`).
-        The program is `shape` (from `choose`, which it does by default):
-        batches are padded to its width, the changed heads to its head count
-        and the upstream rows to its row count, so few programs are compiled."""
-        n = masks.shape[0]
-        shape = shape or self.choose(masks, start_layer, width, base)
-        if not shape.covers(self.need(masks, start_layer, 1, base)) or (shape.heads or shape.rows) and base is None:
+    def batch(self, cands: Candidates, start_layer: int, width: int, shape: Optional[Shape] = None) -> np.ndarray:
+        """Metrics of `cands` from a pass that starts at `start_layer`: the
+        candidates may cut only edges into that layer's receivers or later
+        ones (the senders before it keep their cached deviations). The start
+        layer's heads that no candidate changes come from a cache kept under
+        `cands.base`, only the changed heads are computed per candidate, and
+        the cached senders' share of the later receivers' inputs is summed
+        once under the base (`upstream_mix`). The program is `shape` (from
+        `choose`, which it does by default; a shape without heads or rows uses
+        neither cache): batches are padded to its width, the changed heads to
+        its head count and the upstream rows to its row count, so few programs
+        are compiled."""
+        n = len(cands)
+        _, cols = cands.places(self.graph)
+        if cols.size and cols.min() < start_layer * self.graph._layer_columns:
+            raise ValueError(f"The candidates cut edges into receivers before layer {start_layer}, where this pass "
+                             "starts; start it at the earliest receiver layer they cut.")
+        shape = shape or self.choose(cands, start_layer, width)
+        if not shape.covers(self.need(cands, start_layer, 1)):
             raise ValueError(f"The program {shape} cannot score these {n} candidates from layer {start_layer}.")
-        heads = rows = base_results = None
+        base, heads, rows, base_results = cands.base, None, None, None
         if shape.heads is not None:
-            touched = self.changed_heads(masks, base, start_layer) or [0]
+            touched = self.changed_heads(cands, start_layer) or [0]
             heads = _pad_heads(touched, shape.heads, self.graph.n_heads)
             base_results = self._base_heads(base, start_layer, set(touched))
         if shape.rows is not None:
-            rows = self.upstream_rows(masks, base, start_layer, size=shape.rows)
-        if n < shape.width:
-            masks = np.concatenate([masks, np.repeat(masks[-1:], shape.width - n, axis=0)])
+            rows = self.upstream_rows(cands, start_layer, size=shape.rows)
         self.passes += 1
         flops = self._shape_flops(shape)
         self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
-        masks = put_candidates(np.asarray(masks, self._dtype), self.mesh)
+        if self.cuts_to_device:
+            masks = cands.on_device(shape.width, self._dtype)
+        else:
+            masks = put_candidates(np.asarray(cands.masks(shape.width), self._dtype), self.mesh)
         loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
         if heads is None:
             run = lambda: fetch(_batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric,

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .candidates import Candidates
 from .graph import CircuitGraph
 from .schedule import Event, Schedule
 
@@ -31,18 +32,24 @@ from .schedule import Event, Schedule
 class TrialNode:
     prunes: list[Event]  # receivers skipped (edges dropped untried) before this trial
     trial: Event
-    mask: np.ndarray  # the circuit the trial starts from, after the prunes
+    plan_mask: np.ndarray  # the circuit the plan starts from
+    cut: tuple[int, ...]  # the edges cut from it (guessed removals, prunes) before this trial
     prob: float  # estimated probability that the run reaches this node
+    first_layer: int  # the earliest receiver layer of the prunes and the trial
     children: dict = dataclasses.field(default_factory=dict)  # removed (bool) -> index in the plan
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The circuit the trial starts from, after the prunes."""
+        m = self.plan_mask.copy()
+        m[list(self.cut)] = 0.0
+        return m
 
     def candidate(self) -> np.ndarray:
         """The circuit whose metric decides this trial: `mask` without the trial's edge."""
-        m = self.mask.copy()
+        m = self.mask
         m[self.trial.edge] = 0.0
         return m
-
-    def layers(self) -> list[int]:
-        return [ev.layer for ev in self.prunes] + [self.trial.layer]
 
 
 def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Callable[[int], float]) -> list[TrialNode]:
@@ -51,31 +58,33 @@ def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Cal
     `p_remove(edge)` estimates how likely a trial of `edge` removes it. Empty
     when no trial is left."""
     nodes: list[TrialNode] = []
-    heap = [(-1.0, 0, None, False, mask, cursor)]  # a child's mask is its parent's, cut when popped
+    heap = [(-1.0, 0, None, False, cursor, ())]  # a child's cuts are its parent's, and its edge if removed
+    mask = mask.copy()  # the nodes' reference, whatever the caller does with its own later
+    scratch = mask.copy()  # a node's circuit: `mask` with its cuts applied, then restored
     count = 1
     while heap and len(nodes) < width:
-        neg, _, parent, removed, m, cur = heapq.heappop(heap)
+        neg, _, parent, removed, cur, cut = heapq.heappop(heap)
         if removed:
-            m = m.copy()
-            m[nodes[parent].trial.edge] = 0.0
-        prunes, m, trial = schedule.next_trial(m, cur)
+            cut = cut + (nodes[parent].trial.edge,)
+        scratch[list(cut)] = 0.0
+        prunes, _, trial = schedule.next_trial(scratch, cur, in_place=True)
+        cut = cut + tuple(ev.edge for ev in prunes)
+        scratch[list(cut)] = mask[list(cut)]
         if trial is None:
             continue
         if parent is not None:
             nodes[parent].children[removed] = len(nodes)
-        nodes.append(TrialNode(prunes, trial, m, -neg))
+        nodes.append(TrialNode(prunes, trial, mask, cut, -neg, min([ev.layer for ev in prunes] + [trial.layer])))
         p = p_remove(trial.edge)
         for outcome, q in ((True, p), (False, 1.0 - p)):
-            heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, m, trial.cursor))
+            heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, trial.cursor, cut))
             count += 1
     return nodes
 
 
-def candidates(nodes: list[TrialNode]) -> np.ndarray:
-    """Each node's candidate circuit, stacked [n, n_edges]."""
-    masks = np.stack([n.mask for n in nodes])
-    masks[np.arange(len(nodes)), [n.trial.edge for n in nodes]] = 0.0
-    return masks
+def candidates(nodes: list[TrialNode], mask: np.ndarray) -> Candidates:
+    """Each node's candidate circuit, as cuts from the plan's circuit `mask`."""
+    return Candidates(mask, [n.cut + (n.trial.edge,) for n in nodes])
 
 
 class RemovalRate:
@@ -92,14 +101,22 @@ class RemovalRate:
         self.recent: collections.deque = collections.deque(maxlen=window)
         self.by_group = [collections.deque(maxlen=group_window) for _ in index]
         self.prior_weight = prior_weight
+        self._removed = [0] * len(index)  # removals in each group's window
+        self._overall = 0.5
+
 
     def update(self, decisions) -> None:
+        touched = set()
         for d in decisions:
             if d.tried:
+                g = self.group[d.index]
                 self.recent.append(not d.kept)
-                self.by_group[self.group[d.index]].append(not d.kept)
+                self.by_group[g].append(not d.kept)
+                touched.add(g)
+        for g in touched:
+            self._removed[g] = sum(self.by_group[g])
+        self._overall = (sum(self.recent) + 1) / (len(self.recent) + 2)
 
     def p(self, edge: int) -> float:
-        overall = (sum(self.recent) + 1) / (len(self.recent) + 2)
-        seen = self.by_group[self.group[edge]]
-        return (sum(seen) + self.prior_weight * overall) / (len(seen) + self.prior_weight)
+        g = self.group[edge]
+        return (self._removed[g] + self.prior_weight * self._overall) / (len(self.by_group[g]) + self.prior_weight)

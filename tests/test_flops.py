@@ -12,9 +12,11 @@ import pytest
 
 from acdc_jax import scoring
 from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, upstream_flops
+from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import Transformer, TransformerConfig
 from acdc_jax.patching import Corruption
+from acdc_jax.programs import Shape
 from acdc_jax.tasks.base import Task, kl_divergence
 
 B, P, W = 3, 12, 4
@@ -70,5 +72,6 @@ def test_base_heads_and_forward_flops(setup):
 def test_scorer_counts_flops(setup):
     model, graph, corruption, s = setup
     before = s.flops
-    s.batch(np.ones((2, graph.n_edges), np.float32), 1, 4)
+    ones = np.ones(graph.n_edges, np.float32)
+    s.batch(Candidates(ones, [[], []]), 1, 4, shape=Shape("pass", 1, 4, None, None))
     assert s.flops - before == 4 * B * pass_flops(graph, 1, graph.n_heads, P, 1)["total"]

@@ -92,3 +92,35 @@ def test_graph_hash_and_equality():
     assert CircuitGraph(config) == CircuitGraph(config)
     assert hash(CircuitGraph(config)) == hash(CircuitGraph(config))
     assert CircuitGraph(config) != CircuitGraph(config, split_embed=True)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(qkv_edges=False), dict(split_qkv=False)])
+def test_places_follow_the_dense_layout(options):
+    """Each edge's places in the dense masks, from the layout the docs give:
+    per layer, the q, k and v columns of each head then the MLP input; the
+    logits last; the sender's slot as the row; a q/k/v step edge has no row
+    and sits at its input's column."""
+    graph = CircuitGraph(TransformerConfig(n_layers=3, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8, d_mlp=8),
+                         **options)
+    H, per_layer = graph.n_heads, 3 * graph.n_heads + 1
+    row = {s.name: i for i, s in enumerate(graph.senders)}
+
+    def columns(node):
+        if node.kind == "logits":
+            return [graph.n_layers * per_layer]
+        if node.kind == "mlp_in":
+            return [node.layer * per_layer + 3 * H]
+        letters = "qkv" if node.kind == "attn_in" else node.kind
+        return [node.layer * per_layer + "qkv".index(c) * H + node.head for c in letters]
+
+    expected = {}
+    for e in graph.edges:
+        if e.kind == "residual":
+            expected[e.index] = {(row[e.sender.name], c) for c in columns(e.receiver)}
+        else:
+            expected[e.index] = {(-1, c) for c in columns(e.sender)}
+    rng = np.random.default_rng(0)
+    for edges in ([0], [graph.n_edges - 1], sorted(rng.choice(graph.n_edges, 17, replace=False).tolist())):
+        rows, cols = graph.places(np.array(edges))
+        assert set(zip(rows.tolist(), cols.tolist())) == set().union(*(expected[e] for e in edges))
+        assert len(rows) == sum(len(expected[e]) for e in edges)

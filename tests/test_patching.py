@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax.candidates import Candidates
 from acdc_jax.model import cast
 from converters.transformer_lens import from_transformer_lens
 
@@ -266,9 +267,10 @@ def test_shared_upstream_sum_in_a_chain_across_layers(gpt2, start):
     masks = np.repeat(base[None], len(chain), axis=0)
     for k, e in enumerate(chain):
         masks[k:, e.index] = 0.0
-    rows = scorer.upstream_rows(masks, base, start)
+    cands = Candidates.from_masks(masks, base)
+    rows = scorer.upstream_rows(cands, start)
     changed = {slot[later_from_up[0].sender.name], slot[second.sender.name]}
     assert len(changed) == start
     assert rows is not None and changed <= set(rows.tolist()) and len(rows) < n_up
-    batched = scorer.batch(masks, start, 8, base=base)
+    batched = scorer.batch(cands, start, 8)
     np.testing.assert_allclose(batched, [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)

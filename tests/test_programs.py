@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.patching import Corruption
 from acdc_jax.programs import Programs, Shape
@@ -96,16 +97,19 @@ def test_larger_programs_score_like_the_exact_one(scorer):
     masks = np.repeat(base[None], len(chain), axis=0)
     for k, e in enumerate(chain):
         masks[k:, e.index] = 0.0
-    need = scorer.need(masks, 1, 4, base)
+    cands = Candidates.from_masks(masks, base)
+    need = scorer.need(cands, 1, 4)
     assert need == Shape("pass", 1, 4, 2, 1)
-    exact = scorer.batch(masks, 1, 4, base=base, shape=need)
+    exact = scorer.batch(cands, 1, 4, shape=need)
     np.testing.assert_allclose(exact, [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
     for larger in (Shape("pass", 1, 16, 2, 1), Shape("pass", 1, 4, 4, 4), Shape("pass", 1, 4, None, 1),
                    Shape("pass", 1, 4, 2, None), Shape("pass", 1, 16, None, None)):
         assert larger.covers(need)
-        np.testing.assert_allclose(scorer.batch(masks, 1, 4, base=base, shape=larger), exact, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(scorer.batch(cands, 1, 4, shape=larger), exact, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="cannot score"):
-        scorer.batch(masks, 1, 4, base=base, shape=Shape("pass", 1, 4, 1, 1))
+        scorer.batch(cands, 1, 4, shape=Shape("pass", 1, 4, 1, 1))
+    with pytest.raises(ValueError, match="before layer 2"):
+        scorer.batch(cands, 2, 4)
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
@@ -123,12 +127,12 @@ def test_candidate_loop_scores_like_vmap(scorer, chunk):
         masks[k, rng.choice(into, size=k + 1, replace=False)] = 0.0
     scorer.prompt_chunk = chunk
     try:
-        for start, b in ((1, base), (0, None)):
-            shape = scorer.need(masks, start, 8, b)
+        cands = Candidates.from_masks(masks, base)
+        for start, shape in ((1, scorer.need(cands, 1, 8)), (0, Shape("pass", 0, 8, None, None))):
             results = []
             for loop in (True, False):
                 scorer.loop = loop
-                results.append(scorer.batch(masks, start, 8, base=b, shape=shape))
+                results.append(scorer.batch(cands, start, 8, shape=shape))
             np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(results[0], [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
     finally:

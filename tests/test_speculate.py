@@ -52,7 +52,7 @@ def test_plan_is_a_tree_of_both_outcomes(schedule):
     mask = np.ones(schedule.graph.n_edges, np.float32)
     nodes = speculate.plan(schedule, mask, (0, 0), 7, p_remove=lambda e: 0.5)
     assert len(nodes) == 7 and nodes[0].prob == 1.0
-    assert np.array_equal(speculate.candidates(nodes), np.stack([n.candidate() for n in nodes]))
+    assert np.array_equal(speculate.candidates(nodes, mask).masks(), np.stack([n.candidate() for n in nodes]))
     assert nodes[0].children == {True: 1, False: 2} or nodes[0].children == {False: 1, True: 2}
     for i, n in enumerate(nodes):
         for removed, j in n.children.items():
@@ -62,6 +62,20 @@ def test_plan_is_a_tree_of_both_outcomes(schedule):
             changed = np.flatnonzero(nodes[j].mask != expect)
             assert all(ev.kind == "prune" for ev in nodes[j].prunes)
             assert sorted(changed) == sorted(ev.edge for ev in nodes[j].prunes)
+
+
+def test_candidates_as_cuts_match_the_planned_masks(schedule):
+    """Deep in a plan, with receivers pruned on the way, the cuts each node
+    records from the plan's circuit give the masks that the walk built."""
+    g = schedule.graph
+    rng = np.random.default_rng(0)
+    mask = (rng.uniform(size=g.n_edges) > 0.3).astype(np.float32)
+    nodes = speculate.plan(schedule, mask, (0, 0), 64, p_remove=lambda e: 0.9)
+    assert any(n.prunes for n in nodes)
+    cands = speculate.candidates(nodes, mask)
+    assert np.array_equal(cands.masks(), np.stack([n.candidate() for n in nodes]))
+    assert np.array_equal(cands.masks(70)[64:], np.repeat(nodes[-1].candidate()[None], 6, axis=0))
+    assert set(cands.changed.tolist()) == set(np.flatnonzero((cands.masks() != mask).any(0)).tolist())
 
 
 def test_pass_width_on_cpu_weighs_reach_against_work(schedule):

@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
 from ..scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
@@ -98,9 +99,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
         edges = np.nonzero(layers == layer)[0]
         for i in range(0, len(edges), width):
             chunk = edges[i:i + width]
-            masks = np.repeat(ones[None], len(chunk), axis=0)
-            masks[np.arange(len(chunk)), chunk] = 0.0
-            scores[chunk] = scorer.batch(masks, int(layer), width, base=ones) - full
+            scores[chunk] = scorer.batch(Candidates(ones, chunk[:, None]), int(layer), width) - full
     settings.update(method="exact_patching", full_metric=full)
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
 
