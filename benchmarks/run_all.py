@@ -7,7 +7,8 @@ and wall time. On a CPU the sizes are cut so that the whole takes well under an
 hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
-    python benchmarks/run_all.py [--only patching acdc methods precision sweep] [--auto-circuit-python PATH]
+    python benchmarks/run_all.py [--only sweep acdc host patching precision methods] [--timeout S]
+                                 [--sweep-seconds S] [--auto-circuit-python PATH]
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def plan(cpu: bool, args) -> dict[str, list[str]]:
-    sweep = ["bench_gpt2_sweep.py"] + (["--stop-after", str(args.cpu_sweep_seconds)] if cpu else [])
+    stop = args.sweep_seconds if args.sweep_seconds is not None else (args.cpu_sweep_seconds if cpu else None)
+    sweep = ["bench_gpt2_sweep.py"] + (["--stop-after", str(stop)] if stop is not None else [])
     runs = {
         "patching": ["bench_patching.py"],
         "acdc": ["bench_acdc.py", "--n-prompts", "10"] if cpu else ["bench_acdc.py"],
         "methods": ["roc_table.py"],
         "precision": ["bench_precision.py"],
+        "host": ["bench_host_overhead.py"],
         "sweep": sweep,
     }
     if args.auto_circuit_python:
@@ -46,19 +49,28 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", help="a subset of: patching acdc methods precision sweep ...")
+    parser.add_argument("--only", nargs="+",
+                        help="a subset of: patching acdc methods precision host sweep ..., run in the order given")
     parser.add_argument("--auto-circuit-python", help="interpreter of a venv with auto-circuit (see bench_acdc.py)")
     parser.add_argument("--cpu-sweep-seconds", type=float, default=300.0)
+    parser.add_argument("--sweep-seconds", type=float, help="stop the GPT-2-small sweep after this long, on any backend")
+    parser.add_argument("--timeout", type=float, help="seconds each benchmark may run before it is stopped")
     args = parser.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
+    runs = plan(cpu, args)
+    unknown = set(args.only or []) - set(runs)
+    if unknown:
+        parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {sorted(runs)}")
     rows = []
-    for name, command in plan(cpu, args).items():
-        if args.only and name not in args.only:
-            continue
+    for name in args.only or runs:
+        command = runs[name]
         cmd = [sys.executable, str(HERE / command[0]), *command[1:]]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=HERE.parent).returncode
+        try:
+            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
         rows.append({"benchmark": name, "command": " ".join(command), "exit": rc,
                      "seconds": round(time.perf_counter() - start, 1)})
     print_table(rows, ["benchmark", "exit", "seconds", "command"])

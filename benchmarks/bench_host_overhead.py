@@ -1,0 +1,154 @@
+"""Host-side cost of batched ACDC per pass, on the GPT-2-small graph, with the device work left out.
+
+On an accelerator a pass of many candidates takes milliseconds, so the Python
+around it (planning the speculative tree, working out which heads and cached
+senders the candidates change, padding to a compiled shape, making the masks)
+decides whether a 32,923-edge sweep can finish in a minute. This benchmark
+runs the real `acdc()` loop with accelerator settings (a fixed pass width, the
+vmapped pass rather than the CPU's candidate loop, dense masks made on the
+device from the cut edges) on a model with GPT-2
+small's graph (12 layers x 12 heads with MLPs; the widths are tiny, since no
+pass runs), and replaces each pass by a synthetic metric of the masks: every
+cut edge adds a fixed random effect, counted only while its receiver still
+reaches the output (as in a real model, where cutting the inputs of a node
+that no longer reaches the logits changes nothing). The threshold sets the
+fraction of tried edges kept. Host seconds are the loop's wall time minus the
+time spent waiting for those synthetic passes and minus compilation.
+
+    python benchmarks/bench_host_overhead.py [--widths 16 64 256] [--kept 0.05 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+from acdc_jax.graph import CircuitGraph  # noqa: E402
+from acdc_jax.model import Transformer, TransformerConfig  # noqa: E402
+from acdc_jax.programs import compile_seconds  # noqa: E402
+from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
+
+# GPT-2 small's graph (32,923 edges) on a model too narrow to cost anything
+GRAPH_OF_GPT2 = TransformerConfig(n_layers=12, d_model=16, n_heads=12, d_head=2, d_vocab=64, n_ctx=16, d_mlp=16)
+N_PROMPTS = 8  # few, so that the memory estimate never narrows the widths asked for
+
+
+def synthetic_metric(graph: CircuitGraph, effect: np.ndarray):
+    """masks [n, n_edges] -> [n]: the summed effects of the cut edges whose
+    receiver reaches the output (the node it feeds has a kept outgoing edge,
+    and a q/k/v input's step edge is kept)."""
+    E, slot = graph.n_edges, {s.name: i for i, s in enumerate(graph.senders)}
+    out_edges, owner = [], []
+    for e in graph.edges:
+        if e.kind == "residual":
+            out_edges.append(e.index)
+            owner.append(slot[e.sender.name])
+    step = {e.sender.name: e.index for e in graph.edges if e.kind == "qkv"}
+    gate, through = np.full(E, graph.n_senders), np.full(E, E)  # defaults: always reaches, no step
+    for e in graph.edges:
+        r = e.receiver
+        if r.kind == "mlp_in":
+            gate[e.index] = slot[f"blocks.{r.layer}.hook_mlp_out"]
+        elif r.kind != "logits":  # a head's input, or its q/k/v step
+            gate[e.index] = slot[f"blocks.{r.layer}.attn.hook_result[{r.head}]"]
+            through[e.index] = step.get(r.name, E)
+    out_edges, owner = jnp.asarray(out_edges), jnp.asarray(owner)
+    gate, through, effect = jnp.asarray(gate), jnp.asarray(through), jnp.asarray(effect, jnp.float32)
+
+    @jax.jit
+    def metric(masks):
+        ext = jnp.concatenate([masks, jnp.ones((masks.shape[0], 1), masks.dtype)], axis=1)
+        alive = jax.ops.segment_max(ext[:, out_edges].T, owner, num_segments=graph.n_senders).T
+        alive = jnp.concatenate([alive, jnp.ones((masks.shape[0], 1), masks.dtype)], axis=1)
+        reach = alive[:, gate] * ext[:, through]
+        return ((1.0 - masks) * reach) @ effect
+
+    return metric
+
+
+def run(width: int, kept: float, seed: int = 0) -> dict:
+    """One ACDC sweep of the GPT-2 graph at a fixed pass width with synthetic passes."""
+    scoring = importlib.import_module("acdc_jax.scoring")
+    acdc_module = importlib.import_module("acdc_jax.acdc")
+    model = Transformer(GRAPH_OF_GPT2, key=jax.random.PRNGKey(seed))
+    graph = CircuitGraph(GRAPH_OF_GPT2)
+    rng = np.random.default_rng(seed)
+    effect = rng.exponential(1.0, graph.n_edges)
+    tau = float(np.quantile(effect, 1.0 - kept))
+    metric = synthetic_metric(graph, effect)
+    waited = [0.0]
+
+    def fetch(x):
+        start = time.perf_counter()
+        out = np.asarray(jax.device_get(x))
+        waited[0] += time.perf_counter() - start
+        return out
+
+    saved = {name: getattr(scoring, name) for name in
+             ("fetch", "_batch_metric", "_batch_metric_heads", "_full_metric", "_layer_heads", "_deviations")}
+    saved_width = acdc_module.adaptive_width
+    scoring.fetch = fetch
+    scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: metric(masks)
+    scoring._batch_metric_heads = scoring._batch_metric
+    scoring._full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
+    scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
+    scoring._deviations = lambda *a: None
+    acdc_module.adaptive_width = lambda: False  # an accelerator's choice: every pass as wide as allowed
+    # the vmapped pass, with the dense masks made from the cuts on the device
+    for name, value in (("loop", False), ("cuts_to_device", True)):
+        setattr(scoring.Scorer, name, property(lambda self, value=value: value, lambda self, _: None))
+    try:
+        tokens = rng.integers(0, GRAPH_OF_GPT2.d_vocab, (N_PROMPTS, 16))
+        task = Task("synthetic", tokens, tokens, positions=np.array([15]), metrics={"kl": kl_divergence})
+        start, compiling = time.perf_counter(), compile_seconds()
+        circuit = acdc_module.acdc(model, task, tau, progress=False, max_width=width)
+        wall, compiling = time.perf_counter() - start, compile_seconds() - compiling
+    finally:
+        for name, fn in saved.items():
+            setattr(scoring, name, fn)
+        acdc_module.adaptive_width = saved_width
+        del scoring.Scorer.loop, scoring.Scorer.cuts_to_device
+    tried = [d for d in circuit.decisions if d.tried]
+    passes = circuit.settings["passes"]
+    if circuit.settings["width"] != width:
+        raise RuntimeError(f"The pass width became {circuit.settings['width']}, not {width}.")
+    host = wall - waited[0] - compiling
+    return {"width": width, "target_kept": kept, "edges": graph.n_edges, "tried": len(tried),
+            "kept": sum(d.kept for d in tried), "passes": passes, "decisions_per_pass": len(circuit.decisions) / passes,
+            "wall_s": wall, "synthetic_pass_s": waited[0], "compile_s": compiling, "host_s": host,
+            "host_ms_per_pass": 1e3 * host / passes, "host_us_per_edge": 1e6 * host / graph.n_edges}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.05, 0.5],
+                        help="fractions of tried edges to keep (each sets tau)")
+    args = parser.parse_args(argv)
+    rows = []
+    for kept in args.kept:
+        for width in args.widths:
+            rows.append(run(width, kept))
+            print(rows[-1], flush=True)
+    print_table(rows, ["width", "target_kept", "tried", "kept", "passes", "decisions_per_pass", "wall_s",
+                       "synthetic_pass_s", "compile_s", "host_s", "host_ms_per_pass", "host_us_per_edge"])
+    write_json("bench_host_overhead", {
+        "graph": "GPT-2 small (12 layers x 12 heads, MLPs, split q/k/v with steps): 32,923 edges",
+        "task": {"n_prompts": N_PROMPTS, "n_pos": 16},
+        "passes": "synthetic: summed random per-edge effects of the cut edges whose receiver reaches the output",
+        "host_s": "wall time of acdc() minus waiting for the synthetic passes minus compilation",
+        "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

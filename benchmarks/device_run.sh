@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU figures in one command, for a short lease on a lent accelerator
+# (no network there: the project runs from the checkout on PYTHONPATH, with the
+# image's JAX). From the repository root:
+#
+#   bash benchmarks/device_run.sh                      # sweep acdc host patching (about 8 minutes)
+#   bash benchmarks/device_run.sh --only precision methods --timeout 240
+#
+# Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
+# compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
+# for the machine's Python in .whl/ (the README's "GPU" section has the pip
+# download line); they are installed into /tmp/site. Every JSON written goes
+# back packed as $OUT/results.tar.gz (the device tool returns few files).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
+if [ $# -eq 0 ]; then
+  set -- --only sweep acdc host patching --timeout 200 --sweep-seconds 150
+fi
+python3 benchmarks/run_all.py "$@"
+rc=$?
+if [ -n "${OUT:-}" ]; then
+  tar -czf "$OUT/results.tar.gz" benchmarks/results
+fi
+exit $rc
