@@ -40,7 +40,8 @@ from .patching import Corruption
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
 from .speculate import RemovalRate, candidates, plan
-from .scoring import Scorer, default_max_width, plan_batch
+from .memory import default_max_width, plan_batch
+from .scoring import Scorer
 from .sharding import candidate_shards, parse_mesh, prompt_shards
 from .tasks.base import Task
 

@@ -1,12 +1,13 @@
 """Scoring candidate circuits: the metric of many edge masks in one pass.
 
 `Scorer` caches every sender's clean deviation (act - corrupt) once. A batch
-of candidate masks that only differ from a base mask at receivers from some
-layer onwards starts there: senders before that layer keep their cached
-values; in that layer only the heads whose inputs a candidate changes are
-recomputed per candidate (the others are computed once, under the base mask);
-the later layers run vmapped over the candidates. The logits, and the last
-layer's queries and MLP, are computed only at the positions the metric reads.
+of candidates (`Candidates`: a base circuit with some edges cut) that cut only
+edges into receivers from some layer onwards starts there: senders before
+that layer keep their cached values; in that layer only the heads whose
+inputs a candidate changes are recomputed per candidate (the others are
+computed once, under the base mask); the later layers run vmapped over the
+candidates. The logits, and the last layer's queries and MLP, are computed
+only at the positions the metric reads.
 """
 
 from __future__ import annotations
@@ -27,75 +28,6 @@ from .patching import (Corruption, corruption_axes, example_corruption, patched_
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .tasks.base import Task, TaskArrays, task_arrays
-
-
-def available_memory_bytes(device=None) -> int:
-    """Free memory on the device (accelerators) or in the host (CPU)."""
-    device = device or jax.devices()[0]
-    try:
-        stats = device.memory_stats()
-    except Exception:  # pragma: no cover - backend specific
-        stats = None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux hosts
-        pass
-    return 4 << 30
-
-
-def bytes_per_candidate(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int) -> int:
-    """A generous estimate of one candidate's activation memory in a pass from
-    the start of the model: the sender deviation stack, a layer's q/k/v inputs
-    and attention scores, the MLP hidden layer and the logits, times 3 for
-    XLA's temporaries."""
-    c = model.config
-    floats = n_prompts * (
-        graph.n_senders * n_pos * c.d_model
-        + 4 * 3 * c.n_heads * n_pos * c.d_model
-        + 2 * c.n_heads * n_pos * n_pos
-        + (4 * n_pos * c.d_mlp if c.d_mlp else 0)
-        + 2 * n_out * c.d_vocab_out
-    )
-    return 3 * model.embed.W_E.dtype.itemsize * floats
-
-
-def plan_batch(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int, max_width: int,
-               candidate_shards: int = 1, prompt_shards: int = 1, min_width: int = 8,
-               available: Optional[int] = None) -> tuple[int, Optional[int]]:
-    """(pass width, prompt chunk) for batched passes. The width is the
-    largest power of two that fits (`choose_width`); while it is below
-    `min_width`, the prompts are halved into chunks that a pass runs one after
-    another, keeping only the logits of the others."""
-    local = n_prompts // prompt_shards
-    chunk, cap = local, max(1, max_width // candidate_shards)
-    logits = 3 * model.embed.W_E.dtype.itemsize * n_out * model.config.d_vocab_out
-    while True:
-        per = bytes_per_candidate(model, graph, chunk, n_pos, n_out) + (local - chunk) * logits
-        width = choose_width(per, cap, available=available)
-        if width >= min(min_width, cap) or chunk % 2 or prompt_shards > 1:
-            break
-        chunk //= 2
-    return width * candidate_shards, None if chunk == local else chunk
-
-
-def choose_width(per_candidate: int, max_width: int, budget_fraction: float = 0.5, available: Optional[int] = None) -> int:
-    """The largest power of two <= max_width whose candidates fit in the budget."""
-    available = available_memory_bytes() if available is None else available
-    fit = max(1, int(budget_fraction * available // max(per_candidate, 1)))
-    width = 1
-    while width * 2 <= min(fit, max_width):
-        width *= 2
-    return width
-
-
-def default_max_width() -> int:
-    """Wide batches pay off on accelerators; on a CPU the pass is compute-bound."""
-    return 256 if jax.default_backend() != "cpu" else 16
 
 
 class Scorer:

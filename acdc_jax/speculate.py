@@ -69,7 +69,8 @@ def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Cal
         scratch[list(cut)] = 0.0
         prunes, _, trial = schedule.next_trial(scratch, cur, in_place=True)
         cut = cut + tuple(ev.edge for ev in prunes)
-        scratch[list(cut)] = mask[list(cut)]
+        undo = list(cut)
+        scratch[undo] = mask[undo]
         if trial is None:
             continue
         if parent is not None:

@@ -127,7 +127,7 @@ def test_prompt_chunks_make_the_same_decisions(small_gpt2):
 
 
 def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
-    from acdc_jax.scoring import bytes_per_candidate, choose_width, plan_batch
+    from acdc_jax.memory import bytes_per_candidate, choose_width, plan_batch
 
     model, task = small_gpt2
     graph = task.graph(model)

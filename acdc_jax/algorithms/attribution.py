@@ -19,7 +19,8 @@ import numpy as np
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
-from ..scoring import Scorer, bytes_per_candidate, choose_width, default_max_width
+from ..memory import bytes_per_candidate, choose_width, default_max_width
+from ..scoring import Scorer
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None):
