@@ -133,9 +133,9 @@ def acdc(
     corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
     unbound, task = task, task.bind(model)
     schedule = Schedule(graph, head_order, order)
-    cap, chunk = 1, None
+    caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
     if mode == "batched":
-        cap, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+        caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
                                 max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
         chunk = prompt_chunk if prompt_chunk is not None else chunk
     scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
@@ -167,9 +167,9 @@ def acdc(
     start = time.perf_counter()
     try:
         while not schedule.finished(state.cursor):
-            nodes = plan(schedule, state.mask, state.cursor, cap, rate.p)
+            nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], rate.p)
             if nodes:
-                new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, cap)
+                new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
             else:  # the schedule ends with skipped receivers
                 new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
             rate.update(new)
@@ -188,7 +188,7 @@ def acdc(
             bar.close()
         log.close()
 
-    settings.update(mode=mode, width=cap, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
+    settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
                     programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
                     flops=scorer.flops, finished=schedule.finished(state.cursor),
                     seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
@@ -258,7 +258,7 @@ def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
     return made
 
 
-def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, cap) -> list[Decision]:
+def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, caps) -> list[Decision]:
     """Score the plan's nodes, then walk the tree along the real outcomes from
     node 0, deciding each trial, until the next node was not scored."""
     if mode == "sequential":
@@ -266,9 +266,13 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         metrics = [scorer.full(nodes[0].candidate())]
     else:
         first = nodes[0].first_layer
-        width = pass_width(nodes, cap, scorer.candidate_flops, scorer.programs.overhead(first))
+        width = pass_width(nodes, caps[first], scorer.candidate_flops, scorer.programs.overhead(first))
         chosen = nodes[:width]
         start_layer = min(n.first_layer for n in chosen)
+        while len(chosen) > caps[start_layer]:  # a pass from an earlier layer holds fewer candidates
+            width = caps[start_layer]
+            chosen = nodes[:width]
+            start_layer = min(n.first_layer for n in chosen)
         cands = candidates(chosen, state.mask)
         shape = scorer.choose(cands, start_layer, width)
         if shape.width > len(chosen) and len(nodes) > len(chosen):  # a larger compiled program: fill it

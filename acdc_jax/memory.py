@@ -1,9 +1,22 @@
 """How many candidates a batched pass can hold: the memory side of batching.
 
-The width of a pass is the largest power of two whose candidates' activations
-fit in half the free device memory (an estimate per candidate, with headroom
-for XLA's temporaries); when fewer than 8 would fit, the prompts are run in
-chunks inside the pass instead.
+A pass from layer `start` holds, beyond the weights: every sender's clean
+deviation and corrupted activation for all prompts, XLA's temporaries around
+them and, where the cached senders' share of the later receivers is summed
+once (`patching.upstream_mix`), that sum (`pass_bytes`'s fixed part); and per
+candidate and prompt, the deviations of the senders computed in the pass (the
+scan's carry, held twice), one layer's working set (each head's q/k/v
+inputs, mixed and normalised, its result and deviation: about 12 sender-sized
+arrays per head, half as many in the last layer, whose queries run at the
+metric positions only; the attention scores; the MLP hidden layer), and the logits
+at the metric positions. The terms are checked against XLA's own
+buffer assignment of the compiled pass (`tests/test_memory.py`), with 1.5x
+headroom over what it allocates.
+
+A pass from a later layer needs less, so each start layer gets its own width:
+the largest power of two that fits in 70% of the free device memory. When
+fewer than 8 candidates would fit from layer 0, the prompts run in chunks
+inside the pass.
 """
 
 from __future__ import annotations
@@ -14,6 +27,9 @@ import jax
 
 from .graph import CircuitGraph
 from .model import Transformer
+
+HEADROOM = 1.5  # over the counted floats: XLA allocated up to 1.3x as much (tests/test_memory.py)
+BUDGET_FRACTION = 0.7
 
 
 def available_memory_bytes(device=None) -> int:
@@ -35,45 +51,72 @@ def available_memory_bytes(device=None) -> int:
     return 4 << 30
 
 
-def bytes_per_candidate(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int) -> int:
-    """A generous estimate of one candidate's activation memory in a pass from
-    the start of the model: the sender deviation stack, a layer's q/k/v inputs
-    and attention scores, the MLP hidden layer and the logits, times 3 for
-    XLA's temporaries."""
-    c = model.config
-    floats = n_prompts * (
-        graph.n_senders * n_pos * c.d_model
-        + 4 * 3 * c.n_heads * n_pos * c.d_model
-        + 2 * c.n_heads * n_pos * n_pos
-        + (4 * n_pos * c.d_mlp if c.d_mlp else 0)
-        + 2 * n_out * c.d_vocab_out
-    )
-    return 3 * model.embed.W_E.dtype.itemsize * floats
+def pass_bytes(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int,
+               start_layer: int = 0, prompt_chunk: Optional[int] = None) -> tuple[int, int]:
+    """(fixed, per candidate) bytes of a batched pass from `start_layer`
+    (`graph.n_layers`: the logits only), running `prompt_chunk` prompts at a
+    time (default all)."""
+    c, g = model.config, graph
+    H, L = c.n_heads, c.n_layers
+    sender = n_pos * c.d_model  # one sender's deviation for one prompt
+    before = g.n_senders if start_layer >= L else g.n_senders_before_attn(start_layer)
+    chunk = n_prompts if prompt_chunk is None else prompt_chunk
+    fixed = n_prompts * 4 * g.n_senders * sender  # deviations, corrupted activations and XLA's copies
+    if 0 < start_layer < L:  # the shared upstream sum over the later receivers, per prompt chunk
+        fixed += chunk * 3 * ((L - start_layer - 1) * g._layer_columns + 1) * sender
+    act = 0
+    if start_layer < L:  # the last layer alone runs its queries and MLP at the metric positions only
+        per_head = 12 if start_layer < L - 1 else 6
+        act = 2 * (g.n_senders - before) * sender + per_head * H * sender + H * n_pos * n_pos + 2 * n_pos * (c.d_mlp or 0)
+    logits = 2 * n_out * c.d_vocab_out
+    size = model.embed.W_E.dtype.itemsize
+    per = HEADROOM * (chunk * act + n_prompts * logits) * size
+    return int(fixed * size), int(per)
+
+
+def bytes_per_candidate(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int,
+                        start_layer: int = 0) -> int:
+    """One candidate's activation memory in a pass from `start_layer` (see `pass_bytes`)."""
+    return pass_bytes(model, graph, n_prompts, n_pos, n_out, start_layer)[1]
+
+
+def layer_widths(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int, max_width: int,
+                 prompt_chunk: Optional[int] = None, available: Optional[int] = None) -> list[int]:
+    """The widest pass (a power of two <= max_width) that fits from each
+    start layer 0 .. n_layers."""
+    available = available_memory_bytes() if available is None else available
+    widths = []
+    for start in range(graph.n_layers + 1):
+        fixed, per = pass_bytes(model, graph, n_prompts, n_pos, n_out, start, prompt_chunk)
+        widths.append(choose_width(per, max_width, available=available, fixed=fixed))
+    return widths
 
 
 def plan_batch(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int, max_width: int,
                candidate_shards: int = 1, prompt_shards: int = 1, min_width: int = 8,
-               available: Optional[int] = None) -> tuple[int, Optional[int]]:
-    """(pass width, prompt chunk) for batched passes. The width is the
-    largest power of two that fits (`choose_width`); while it is below
-    `min_width`, the prompts are halved into chunks that a pass runs one after
-    another, keeping only the logits of the others."""
+               available: Optional[int] = None) -> tuple[list[int], Optional[int]]:
+    """(pass width for each start layer 0 .. n_layers, prompt chunk), per
+    device when sharded (`layer_widths`). While the width from layer 0 is
+    below `min_width`, the prompts are halved into chunks that a pass runs one
+    after another, keeping only the logits of the others."""
     local = n_prompts // prompt_shards
-    chunk, cap = local, max(1, max_width // candidate_shards)
-    logits = 3 * model.embed.W_E.dtype.itemsize * n_out * model.config.d_vocab_out
+    cap = max(1, max_width // candidate_shards)
+    available = available_memory_bytes() if available is None else available
+    chunk = local
     while True:
-        per = bytes_per_candidate(model, graph, chunk, n_pos, n_out) + (local - chunk) * logits
-        width = choose_width(per, cap, available=available)
-        if width >= min(min_width, cap) or chunk % 2 or prompt_shards > 1:
+        widths = layer_widths(model, graph, local, n_pos, n_out, cap, None if chunk == local else chunk, available)
+        if widths[0] >= min(min_width, cap) or chunk % 2 or prompt_shards > 1:
             break
         chunk //= 2
-    return width * candidate_shards, None if chunk == local else chunk
+    return [w * candidate_shards for w in widths], None if chunk == local else chunk
 
 
-def choose_width(per_candidate: int, max_width: int, budget_fraction: float = 0.5, available: Optional[int] = None) -> int:
-    """The largest power of two <= max_width whose candidates fit in the budget."""
+def choose_width(per_candidate: int, max_width: int, budget_fraction: float = BUDGET_FRACTION,
+                 available: Optional[int] = None, fixed: int = 0) -> int:
+    """The largest power of two <= max_width whose candidates, with the
+    pass's `fixed` bytes, fit in the budget (at least 1)."""
     available = available_memory_bytes() if available is None else available
-    fit = max(1, int(budget_fraction * available // max(per_candidate, 1)))
+    fit = max(1, int((budget_fraction * available - fixed) // max(per_candidate, 1)))
     width = 1
     while width * 2 <= min(fit, max_width):
         width *= 2

@@ -168,3 +168,7 @@ class Schedule:
 
     def finished(self, cursor: tuple[int, int]) -> bool:
         return cursor[0] >= len(self.units)
+
+    def layer_at(self, cursor: tuple[int, int]) -> int:
+        """The receiver layer of the unit at `cursor` (n_layers, the logits', once finished)."""
+        return self.units[cursor[0]].layer if cursor[0] < len(self.units) else self.graph.n_layers

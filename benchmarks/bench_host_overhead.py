@@ -120,8 +120,8 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
         del scoring.Scorer.loop, scoring.Scorer.cuts_to_device
     tried = [d for d in circuit.decisions if d.tried]
     passes = circuit.settings["passes"]
-    if circuit.settings["width"] != width:
-        raise RuntimeError(f"The pass width became {circuit.settings['width']}, not {width}.")
+    if set(circuit.settings["widths"]) != {width}:
+        raise RuntimeError(f"The pass widths became {circuit.settings['widths']}, not {width} from every layer.")
     host = wall - waited[0] - compiling
     return {"width": width, "target_kept": kept, "edges": graph.n_edges, "tried": len(tried),
             "kept": sum(d.kept for d in tried), "passes": passes, "decisions_per_pass": len(circuit.decisions) / passes,

@@ -127,16 +127,48 @@ def test_prompt_chunks_make_the_same_decisions(small_gpt2):
 
 
 def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
-    from acdc_jax.memory import bytes_per_candidate, choose_width, plan_batch
+    from acdc_jax.memory import pass_bytes, plan_batch
 
     model, task = small_gpt2
     graph = task.graph(model)
-    per = bytes_per_candidate(model, graph, 6, 7, 2)
-    assert plan_batch(model, graph, 6, 7, 2, 32, available=100 * per) == (32, None)
-    width, chunk = plan_batch(model, graph, 6, 7, 2, 32, available=4 * per)
+    fixed, per = pass_bytes(model, graph, 6, 7, 2)
+    assert plan_batch(model, graph, 6, 7, 2, 32, available=10 * (fixed + 100 * per)) == ([32] * 3, None)
+    budget = 4 * per + fixed  # 70% of it: about 2.8 candidates from layer 0
+    widths, chunk = plan_batch(model, graph, 6, 7, 2, 32, available=budget)
     assert chunk == 3  # halved once: 6 is even, 3 is not
-    assert width >= choose_width(per, 32, available=4 * per)
-    assert plan_batch(model, graph, 6, 7, 2, 32, available=4 * per, prompt_shards=2)[1] is None
+    c_fixed, c_per = pass_bytes(model, graph, 6, 7, 2, 0, prompt_chunk=3)
+    assert widths[0] == 2 ** int(np.log2((0.7 * budget - c_fixed) // c_per))
+    assert widths == sorted(widths)  # passes from later layers hold more candidates
+    assert plan_batch(model, graph, 6, 7, 2, 32, available=budget, prompt_shards=2)[1] is None
+
+
+def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
+    """With a narrower pass allowed from earlier layers, no pass holds more
+    candidates than its start layer allows, and the decisions stay the loop's."""
+    import sys
+
+    from acdc_jax.scoring import Scorer
+
+    acdc_module = sys.modules["acdc_jax.acdc"]  # the package's `acdc` attribute is the function
+
+    model, task = small_gpt2
+    widths = [1, 2, 8]
+    monkeypatch.setattr(acdc_module, "plan_batch", lambda *a, **k: (list(widths), None))
+    seen = []
+    batch = Scorer.batch
+
+    def spy(self, cands, start_layer, width, shape=None):
+        seen.append((start_layer, len(cands), width))
+        return batch(self, cands, start_layer, width, shape)
+
+    monkeypatch.setattr(Scorer, "batch", spy)
+    for tau in (0.0005, 0.005):
+        seq = acdc(model, task, tau, mode="sequential", progress=False)
+        bat = acdc(model, task, tau, progress=False)
+        assert _decisions(bat) == _decisions(seq)
+        assert bat.settings["widths"] == widths and bat.settings["width"] == 8
+    assert seen and all(n <= widths[start] for start, n, _ in seen)
+    assert {start for start, _, _ in seen} >= {0, 2} and max(n for start, n, _ in seen if start == 2) > 2
 
 
 def test_stop_after_then_resume(small_gpt2, tmp_path):

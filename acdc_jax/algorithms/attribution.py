@@ -19,7 +19,7 @@ import numpy as np
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
-from ..memory import bytes_per_candidate, choose_width, default_max_width
+from ..memory import default_max_width, layer_widths
 from ..scoring import Scorer
 
 
@@ -92,12 +92,13 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     graph, scorer, settings = setup(model, task, metric, corruption, graph)
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
-    per = bytes_per_candidate(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions))
-    width = choose_width(per, max_width or default_max_width())
+    widths = layer_widths(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                          max_width or default_max_width())
     layers = receiver_layers(graph)
     scores = np.zeros(graph.n_edges)
     for layer in sorted(set(layers.tolist())):
         edges = np.nonzero(layers == layer)[0]
+        width = widths[layer]
         for i in range(0, len(edges), width):
             chunk = edges[i:i + width]
             scores[chunk] = scorer.batch(Candidates(ones, chunk[:, None]), int(layer), width) - full
