@@ -79,9 +79,11 @@ def _run_method(args, model, task):
 
 
 def cmd_discover(args) -> int:
-    """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot and a picture."""
+    """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot, a picture
+    and edges.html."""
     from .acdc import acdc
     from .draw import render
+    from .explore import write_html
     from .evaluate import faithfulness
 
     model, task = _task(args)
@@ -103,6 +105,7 @@ def cmd_discover(args) -> int:
     circuit.save(out / "circuit.json")
     pictures = render(circuit, out / "circuit", canonical=task.canonical,
                       title=f"{task.name}, {args.method}: {circuit.n_edges} edges")
+    pictures.append(write_html(circuit, out / "edges.html"))
     for line in _summary(circuit, task, faith):
         print(line)
     print("wrote " + ", ".join(str(p) for p in [out / "circuit.json", *([log] if log else []), *pictures]))
