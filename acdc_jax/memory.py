@@ -126,3 +126,34 @@ def choose_width(per_candidate: int, max_width: int, budget_fraction: float = BU
 def default_max_width() -> int:
     """Wide batches pay off on accelerators; on a CPU the pass is compute-bound."""
     return 256 if jax.default_backend() != "cpu" else 16
+
+
+def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False) -> Optional[dict]:
+    """What XLA allocates for `scorer`'s vmapped batched pass (the program
+    accelerators run) from `start_layer` at `width`, from the compiled
+    executable's `memory_analysis()` (compiling it; nothing runs): its
+    temporaries, and the cached deviations and corrupted activations it reads
+    (the weights are already in use). With `upstream`, the pass recomputes one
+    start-layer head and shares the cached senders' sum, as most passes after
+    layer 0 do. None where the backend reports no analysis."""
+    import jax.numpy as jnp
+
+    from .scoring import _batch_metric, _batch_metric_heads
+
+    s = scorer
+    masks = jnp.ones((width, s.graph.n_edges), s.model.embed.W_E.dtype)
+    args = (s.model, s.graph, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, s.deviations,
+            s.positions)
+    if upstream:
+        n, pos = s.tokens.shape
+        base = jnp.zeros((n, s.graph.n_heads, pos, s.model.config.d_model), masks.dtype)
+        rows = (jnp.ones(s.graph.n_edges, masks.dtype), jnp.arange(2, dtype=jnp.int32))
+        lowered = _batch_metric_heads.lower(*args, base, jnp.zeros(1, jnp.int32), s.prompt_chunk, rows, False)
+    else:
+        lowered = _batch_metric.lower(*args, s.prompt_chunk, None, False)
+    analysis = lowered.compile().compiled.memory_analysis()
+    if analysis is None:
+        return None
+    data = sum(x.nbytes for x in jax.tree_util.tree_leaves((s.deviations, s.corruption.acts)))
+    return {"temp": int(analysis.temp_size_in_bytes), "data": int(data),
+            "total": int(analysis.temp_size_in_bytes + data)}

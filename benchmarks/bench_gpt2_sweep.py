@@ -74,7 +74,9 @@ def main(argv=None):
     peak, peak_source = device_peak_flops(args.dtype)
     row = {"edges": n_edges, "decided": decided, "finished": circuit.settings["finished"], "seconds": seconds,
            "edges_per_s": decided / seconds, "projected_full_sweep_s": n_edges / (decided / seconds),
-           "passes": circuit.settings["passes"], "width": circuit.settings["width"], "compile_s": compiling,
+           "passes": circuit.settings["passes"], "width": circuit.settings["width"],
+           "widths_per_start_layer": circuit.settings["widths"], "prompt_chunk": circuit.settings["prompt_chunk"],
+           "compile_s": compiling,
            "programs": circuit.settings["programs"],
            "passes_in_larger_programs": circuit.settings["passes_in_larger_programs"],
            "kept_so_far": int(sum(d.kept for d in circuit.decisions)),

@@ -2,14 +2,13 @@
 batched pass (the vmapped program that accelerators run), on this backend."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from acdc_jax.acdc import resolve_corruption, resolve_metric
-from acdc_jax.memory import layer_widths, pass_bytes
+from acdc_jax.memory import layer_widths, pass_bytes, xla_pass_bytes
 from acdc_jax.model import Transformer, TransformerConfig
-from acdc_jax.scoring import Scorer, _batch_metric, _batch_metric_heads
+from acdc_jax.scoring import Scorer
 from acdc_jax.tasks.base import Task, kl_divergence
 
 
@@ -27,25 +26,10 @@ def _scorer(config, n_prompts, n_pos, chunk):
 
 
 def _xla_bytes(s: Scorer, start: int, width: int, upstream: bool = False) -> int:
-    """What the compiled pass allocates beyond the weights: its temporaries
-    plus the cached deviations and corrupted activations it reads. With
-    `upstream`, the pass recomputes one start-layer head and shares the cached
-    senders' sum (`patching.upstream_mix`), as most passes after layer 0 do."""
-    masks = jnp.ones((width, s.graph.n_edges), s.model.embed.W_E.dtype)
-    args = (s.model, s.graph, start, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, s.deviations,
-            s.positions)
-    if upstream:
-        n, pos = s.tokens.shape
-        base = jnp.zeros((n, s.graph.n_heads, pos, s.model.config.d_model), masks.dtype)
-        rows = (jnp.ones(s.graph.n_edges, masks.dtype), jnp.arange(2, dtype=jnp.int32))
-        lowered = _batch_metric_heads.lower(*args, base, jnp.zeros(1, jnp.int32), s.prompt_chunk, rows, False)
-    else:
-        lowered = _batch_metric.lower(*args, s.prompt_chunk, None, False)
-    analysis = lowered.compile().compiled.memory_analysis()
-    if analysis is None:
+    measured = xla_pass_bytes(s, start, width, upstream)
+    if measured is None:
         pytest.skip("this backend reports no memory analysis")
-    data = sum(x.nbytes for x in jax.tree_util.tree_leaves((s.deviations, s.corruption.acts)))
-    return analysis.temp_size_in_bytes + data
+    return measured["total"]
 
 
 @pytest.mark.parametrize("d_mlp, chunk", [(256, None), pytest.param(None, None, marks=pytest.mark.slow),
