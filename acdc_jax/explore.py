@@ -76,19 +76,18 @@ def figure(circuit: Circuit):
     """A treescope figure: the title, the kept edges and (if the circuit has
     scores) the scores, each a labelled sender x receiver matrix."""
     from penzai import pz
-    from treescope import figures
 
-    parts = [figures.bolded(_title(circuit))]
+    parts = [pz.ts.bolded(_title(circuit))]
     for view in VIEWS if circuit.scores is not None else VIEWS[:1]:
         values, valid = named(circuit, view)
         _, _, senders, receivers = edge_matrix(circuit, view)
         caption = "kept edges (1 kept, 0 removed)" if view == "kept" else (
             "scores (metric change when the edge was tried; blank: not tried)")
-        parts += [figures.inline(caption), pz.ts.render_array(
+        parts += [pz.ts.inline(caption), pz.ts.render_array(
             values, valid_mask=valid, rows=["sender"], columns=["receiver"], around_zero=view == "score",
             axis_item_labels={"sender": senders, "receiver": receivers}, truncate=False, maximum_size=10 ** 6,
             cutoff_size_per_axis=4096, pixels_per_cell=max(4, min(16, 1200 // len(receivers))))]
-    return figures.inline(*[x for p in parts for x in (p, "\n")])
+    return pz.ts.inline(*[x for p in parts for x in (p, "\n")])
 
 
 def show(circuit: Circuit) -> None:
