@@ -94,7 +94,11 @@ def show(circuit: Circuit) -> None:
     """Display `figure` in a notebook (IPython)."""
     from penzai import pz
 
-    pz.show(figure(circuit))
+    try:
+        pz.show(figure(circuit))
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} Outside a notebook, write the page with "
+                           "acdc_jax.explore.write_html(circuit, 'edges.html') and open it in a browser.") from e
 
 
 def write_html(circuit: Circuit, path: Union[str, Path]) -> Path:

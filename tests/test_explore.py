@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from acdc_jax.circuit import Circuit
-from acdc_jax.explore import edge_matrix, named, write_html
+from acdc_jax.explore import edge_matrix, named, show, write_html
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import TransformerConfig
 
@@ -60,3 +60,8 @@ def test_write_html_is_a_standalone_page(circuit, tmp_path):
     assert "treescope-container" in text and "a1.2.q" in text  # the renderer and the receiver labels
     # a circuit without scores shows the kept edges only
     assert "scores (metric change" not in write_html(Circuit(circuit.graph, circuit.mask), tmp_path / "k.html").read_text()
+
+
+def test_show_outside_a_notebook_points_to_the_page(circuit):
+    with pytest.raises(RuntimeError, match="write_html"):
+        show(circuit)
