@@ -57,9 +57,12 @@ def edge_matrix(circuit: Circuit, view: str = "kept") -> tuple[np.ndarray, np.nd
 
 def named(circuit: Circuit, view: str = "kept"):
     """`edge_matrix` as penzai named arrays (values, valid), axes "sender" and "receiver"."""
+    return _named(*edge_matrix(circuit, view)[:2])
+
+
+def _named(values: np.ndarray, valid: np.ndarray):
     from penzai import pz
 
-    values, valid, _, _ = edge_matrix(circuit, view)
     return pz.nx.wrap(values).tag("sender", "receiver"), pz.nx.wrap(valid).tag("sender", "receiver")
 
 
@@ -79,8 +82,8 @@ def figure(circuit: Circuit):
 
     parts = [pz.ts.bolded(_title(circuit))]
     for view in VIEWS if circuit.scores is not None else VIEWS[:1]:
-        values, valid = named(circuit, view)
-        _, _, senders, receivers = edge_matrix(circuit, view)
+        values, valid, senders, receivers = edge_matrix(circuit, view)
+        values, valid = _named(values, valid)
         caption = "kept edges (1 kept, 0 removed)" if view == "kept" else (
             "scores (metric change when the edge was tried; blank: not tried)")
         parts += [pz.ts.inline(caption), pz.ts.render_array(

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpt2_sweep import gpt2_shaped  # noqa: E402
 from common import GPT2_SMALL, environment, print_table, write_json  # noqa: E402
 
-from acdc_jax.acdc import cast_for, resolve_corruption, resolve_metric  # noqa: E402
+from acdc_jax.acdc import cast_for  # noqa: E402
+from acdc_jax.algorithms.attribution import receiver_layers, setup  # noqa: E402
 from acdc_jax.candidates import Candidates  # noqa: E402
 from acdc_jax.memory import available_memory_bytes, default_max_width, pass_bytes, plan_batch, xla_pass_bytes  # noqa: E402
-from acdc_jax.scoring import Scorer  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 GB = 1e9
@@ -60,11 +60,9 @@ def main(argv=None):
     graph = task.graph(model)
     available = available_memory_bytes()
     widths, chunk = plan_batch(model, graph, args.n_prompts, args.n_pos, 1, default_max_width(), available=available)
-    _, metric = resolve_metric(task, None)
-    _, corruption = resolve_corruption(model, task, None)
-    scorer = Scorer(model, graph, task.bind(model), corruption, metric, static_task=task, prompt_chunk=chunk)
+    _, scorer, _ = setup(model, task, graph=graph, prompt_chunk=chunk)
     ones = np.ones(graph.n_edges, np.float32)
-    layers = np.array([e.receiver.layer for e in graph.edges])
+    layers = receiver_layers(graph)
     rows = []
     for start in args.starts:
         width = widths[start]

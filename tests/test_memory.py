@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from acdc_jax.acdc import resolve_corruption, resolve_metric
+from acdc_jax.algorithms.attribution import setup
 from acdc_jax.memory import layer_widths, pass_bytes, xla_pass_bytes
 from acdc_jax.model import Transformer, TransformerConfig
 from acdc_jax.scoring import Scorer
@@ -18,11 +18,8 @@ def _scorer(config, n_prompts, n_pos, chunk):
     task = Task("random", rng.integers(0, config.d_vocab, (n_prompts, n_pos)),
                 rng.integers(0, config.d_vocab, (n_prompts, n_pos)), positions=np.array([n_pos - 1]),
                 metrics={"kl": kl_divergence})
-    graph = task.graph(model)
-    _, metric = resolve_metric(task, None)
-    _, corruption = resolve_corruption(model, task, None)
-    return model, graph, Scorer(model, graph, task.bind(model), corruption, metric, static_task=task,
-                                prompt_chunk=chunk)
+    graph, scorer, _ = setup(model, task, prompt_chunk=chunk)
+    return model, graph, scorer
 
 
 def _xla_bytes(s: Scorer, start: int, width: int, upstream: bool = False) -> int:

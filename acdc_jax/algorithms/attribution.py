@@ -23,7 +23,8 @@ from ..memory import default_max_width, layer_widths
 from ..scoring import Scorer
 
 
-def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None):
+def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
+          prompt_chunk: Optional[int] = None):
     """The graph, a Scorer and the settings shared by the methods."""
     from ..acdc import resolve_corruption, resolve_metric
 
@@ -31,7 +32,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     task.check_canonical(graph)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
-    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task)
+    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
                 "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed}}
