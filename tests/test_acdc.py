@@ -11,6 +11,7 @@ import pytest
 
 from acdc_jax import Corruption, MetricError, TaskError, patched_forward
 from acdc_jax.acdc import acdc
+from acdc_jax.candidates import Candidates
 from acdc_jax.tasks.base import Task, kl_divergence
 
 from .helpers import random_hf_gpt2
@@ -170,6 +171,31 @@ def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
         assert bat.settings["widths"] == widths and bat.settings["width"] == 8
     assert seen and all(n <= widths[start] for start, n, _ in seen)
     assert {start for start, _, _ in seen} >= {0, 2} and max(n for start, n, _ in seen if start == 2) > 2
+
+
+def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
+    """On one accelerator a pass vmaps over its candidates (no CPU loop) and
+    only the base and the cut edges cross to the device, where the dense
+    masks are made; forced here on the CPU, that path decides as the loop."""
+    from acdc_jax.scoring import Scorer
+
+    init = Scorer.__init__
+
+    def as_on_accelerator(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.loop, self.cuts_to_device = False, True
+
+    model, task = small_gpt2
+    seq = acdc(model, task, 0.002, mode="sequential", progress=False)
+    monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
+    densified = []
+    on_device = Candidates.on_device
+    monkeypatch.setattr(Candidates, "on_device", lambda self, *a: densified.append(len(self)) or on_device(self, *a))
+    bat = acdc(model, task, 0.002, progress=False, max_width=8)
+    assert densified and max(densified) > 1
+    assert _decisions(bat) == _decisions(seq)
+    np.testing.assert_allclose([d.metric_after for d in bat.decisions if d.tried],
+                               [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
 
 
 def test_stop_after_then_resume(small_gpt2, tmp_path):
