@@ -22,6 +22,7 @@ width is the one that decides the most edges per unit of work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -88,6 +89,7 @@ def acdc(
     mesh=None,
     prompt_chunk: Optional[int] = None,
     dtype: str = "float32",
+    precision: str = "float32",
     log_path: Union[None, str, Path] = None,
     resume: Union[None, str, Path] = None,
     progress: bool = True,
@@ -113,6 +115,12 @@ def acdc(
     dtype: "float32", or "bfloat16" for bf16 weights and activations (the
       metric is still computed in float32); see benchmarks/bench_precision.py
       for how often that changes decisions.
+    precision: how float32 matrix products are multiplied (`jax.default_matmul_precision`
+      for the whole run, the full model's reference logits included):
+      "float32" (default) in full float32, as PyTorch does; "tensorfloat32"
+      allows NVIDIA tensor cores' TF32 (10-bit mantissas, several times the
+      throughput on an A100/H100); "default" is JAX's platform default (TF32 on
+      NVIDIA GPUs, one bf16 pass on TPUs). The same on CPUs.
     log_path: JSON-lines decision log, written as the run goes.
     resume: a log from an interrupted run with the same settings; the run
       continues from its last decision (and appends to it).
@@ -124,6 +132,16 @@ def acdc(
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
+    cast_for(model, dtype)  # checks dtype
+    check_precision(precision)
+    # bf16 operands leave nothing to choose
+    with jax.default_matmul_precision(precision) if dtype == "float32" else contextlib.nullcontext():
+        return _run(model, task, tau, metric, corruption, mode, abs_value, head_order, order, graph, max_width, mesh,
+                    prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback)
+
+
+def _run(model, task, tau, metric, corruption, mode, abs_value, head_order, order, graph, max_width, mesh,
+         prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback) -> Circuit:
     graph = graph or task.graph(model)
     task.check_canonical(graph)
     model = cast_for(model, dtype)
@@ -142,7 +160,7 @@ def acdc(
                     prompt_chunk=chunk)
     settings = {
         "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-        "dtype": dtype,
+        "dtype": dtype, "precision": precision if dtype == "float32" else None,
         "abs_value": bool(abs_value), "head_order": head_order,
         "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
         "n_prompts": int(task.clean.shape[0]),
@@ -197,6 +215,17 @@ def acdc(
         if d.tried:
             scores[d.index] = d.result
     return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
+
+
+PRECISIONS = ("float32", "tensorfloat32", "default")
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}: 'float32' multiplies in full "
+                         "float32; 'tensorfloat32' and 'default' let NVIDIA GPUs use TF32 tensor cores (faster, "
+                         "10-bit mantissas).")
+    return precision
 
 
 def cast_for(model: Transformer, dtype: str) -> Transformer:

@@ -62,7 +62,8 @@ class Scorer:
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
         self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
-                                prompt_chunk, mesh, str(model.embed.W_E.dtype)))
+                                prompt_chunk, mesh, str(model.embed.W_E.dtype),
+                                jax.config.jax_default_matmul_precision))
         # on one CPU device a pass that runs full layers loops over its candidates (`_candidates_metric`)
         self.loop = mesh is None and jax.default_backend() == "cpu"
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there

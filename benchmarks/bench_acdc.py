@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
-from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.acdc import PRECISIONS, acdc  # noqa: E402
 from acdc_jax.flops import forward_flops  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
@@ -63,9 +63,9 @@ def random_tl_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> None:
     (directory / "config.json").write_text(json.dumps(cfg))
 
 
-def run_ours(model, task, tau, mode, order=None):
+def run_ours(model, task, tau, mode, order=None, precision="float32"):
     start, compiling = time.perf_counter(), compile_seconds()
-    circuit = acdc(model, task, tau, mode=mode, progress=False, order=order)
+    circuit = acdc(model, task, tau, mode=mode, progress=False, order=order, precision=precision)
     circuit.settings["compile_s"] = compile_seconds() - compiling
     return time.perf_counter() - start, circuit
 
@@ -83,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--n-prompts", type=int, default=20)
     parser.add_argument("--n-pos", type=int, default=24)
     parser.add_argument("--auto-circuit-python", default=None)
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="float32 matmuls: full float32 (acdc's default) or TF32 tensor cores on NVIDIA GPUs")
     parser.add_argument("--warm", action="store_true",
                         help="also time a second run of each mode in the same process (compiled programs reused)")
     args = parser.parse_args(argv)
@@ -102,8 +104,8 @@ def main(argv=None):
     fwd = args.n_prompts * forward_flops(model.config, args.n_pos)  # the plain model, logits everywhere
     rows = []
     for tau in args.taus:
-        t_seq, seq = run_ours(model, task, tau, "sequential")
-        t_bat, bat = run_ours(model, task, tau, "batched")
+        t_seq, seq = run_ours(model, task, tau, "sequential", precision=args.precision)
+        t_bat, bat = run_ours(model, task, tau, "batched", precision=args.precision)
         n = seq.graph.n_edges
         row = {"tau": tau, "edges": n, "kept": bat.n_edges, "sequential_s": t_seq, "batched_s": t_bat,
                "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
@@ -114,13 +116,13 @@ def main(argv=None):
                "bat_programs": bat.settings["programs"],
                "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"]}
         if args.warm:
-            row["sequential_warm_s"] = run_ours(model, task, tau, "sequential")[0]
-            row["batched_warm_s"] = run_ours(model, task, tau, "batched")[0]
+            row["sequential_warm_s"] = run_ours(model, task, tau, "sequential", precision=args.precision)[0]
+            row["batched_warm_s"] = run_ours(model, task, tau, "batched", precision=args.precision)[0]
             row["speedup_warm"] = row["sequential_warm_s"] / row["batched_warm_s"]
         if args.auto_circuit_python:
             ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
             ours, theirs = set(bat.edges), set(ac["kept"])
-            t_ord, in_their_order = run_ours(model, task, tau, "batched", order=ac["order"])
+            t_ord, in_their_order = run_ours(model, task, tau, "batched", order=ac["order"], precision=args.precision)
             row.update(auto_circuit_s=ac["seconds"], auto_circuit_kept=len(theirs), auto_circuit_edges=ac["n_edges"],
                        speedup_vs_auto_circuit=ac["seconds"] / t_bat, jaccard_acdc_vs_auto_circuit=len(ours & theirs)
                        / max(len(ours | theirs), 1), batched_in_their_order_s=t_ord,
@@ -137,9 +139,9 @@ def main(argv=None):
         columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
                     "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]
     print_table(rows, columns)
-    write_json("bench_acdc", {
+    write_json("bench_acdc" + ("" if args.precision == "float32" else f"-{args.precision}"), {
         "environment": environment(),
-        "model": ATTN_ONLY_4L, "weights": "random (seeded), TransformerLens layout",
+        "model": ATTN_ONLY_4L, "precision": args.precision, "weights": "random (seeded), TransformerLens layout",
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
                  "corruption": "random corrupted prompts"},
         "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "

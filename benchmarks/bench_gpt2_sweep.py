@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GPT2_SMALL, device_peak_flops, environment, print_table, write_json  # noqa: E402
 
-from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.acdc import PRECISIONS, acdc  # noqa: E402
 from acdc_jax.flops import forward_flops  # noqa: E402
 from acdc_jax.model import Transformer  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
@@ -52,6 +52,8 @@ def main(argv=None):
     parser.add_argument("--tau", type=float, default=0.001)
     parser.add_argument("--stop-after", type=float, help="seconds (default: 300 on CPU, none elsewhere)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="float32 matmuls: full float32 (acdc's default) or TF32 tensor cores on NVIDIA GPUs")
     parser.add_argument("--mesh", default=None, help="'auto' or CxP to use several devices")
     parser.add_argument("--trace", help="write a jax.profiler trace here (open with TensorBoard or Perfetto)")
     args = parser.parse_args(argv)
@@ -65,13 +67,14 @@ def main(argv=None):
 
     start, compiling = time.perf_counter(), compile_seconds()
     with (jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()):
-        circuit = acdc(model, task, args.tau, progress=False, stop_after=stop, dtype=args.dtype, mesh=args.mesh)
+        circuit = acdc(model, task, args.tau, progress=False, stop_after=stop, dtype=args.dtype,
+                       precision=args.precision, mesh=args.mesh)
     seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
     n_edges = circuit.graph.n_edges
     decided = len(circuit.decisions)
     fwd = args.n_prompts * forward_flops(GPT2_SMALL, args.n_pos)
     flops = circuit.settings["flops"]
-    peak, peak_source = device_peak_flops(args.dtype)
+    peak, peak_source = device_peak_flops(args.dtype, args.precision)
     row = {"edges": n_edges, "decided": decided, "finished": circuit.settings["finished"], "seconds": seconds,
            "edges_per_s": decided / seconds, "projected_full_sweep_s": n_edges / (decided / seconds),
            "passes": circuit.settings["passes"], "width": circuit.settings["width"],
@@ -86,11 +89,12 @@ def main(argv=None):
     print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "edges_per_s",
                         "projected_full_sweep_s",
                         "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak"])
-    write_json(f"bench_gpt2_sweep-{args.dtype}", {
+    tag = args.dtype if args.dtype != "float32" or args.precision == "float32" else args.precision
+    write_json(f"bench_gpt2_sweep-{tag}", {
         "environment": environment(), "model": GPT2_SMALL.to_dict(),
         "weights": "random (seeded), embeddings x5 and unembedding x20 for a peaked output",
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position", "tau": args.tau},
-        "dtype": args.dtype, "mesh": args.mesh, "stop_after_s": stop, "peak_source": peak_source,
+        "dtype": args.dtype, "precision": circuit.settings["precision"], "mesh": args.mesh, "stop_after_s": stop, "peak_source": peak_source,
         "note": "projected_full_sweep_s extrapolates edges_per_s over all edges when the run was stopped early; "
                 "FLOPs are matrix-multiply FLOPs counted by acdc_jax.flops",
         "rows": [row]})

@@ -77,22 +77,31 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-# Dense peak FLOP/s per device from the vendors' data sheets: (float32 matmuls
-# as XLA runs them by default, i.e. TF32 on NVIDIA tensor cores; bfloat16).
+# Dense peak matmul FLOP/s per device from the vendors' data sheets, for
+# float32 operands multiplied in full float32, in TF32 (NVIDIA tensor cores;
+# on TPUs 3 bf16 passes) and for bfloat16 operands. A TPU's full float32 is 6
+# bf16 passes.
 PEAKS = {
-    "H100": (494e12, 989e12), "H200": (494e12, 989e12), "A100": (156e12, 312e12), "L4": (60e12, 121e12),
-    "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5p": (459e12, 459e12),
-    "TPU v6 lite": (918e12, 918e12),
+    "H100": (67e12, 494e12, 989e12), "H200": (67e12, 494e12, 989e12), "A100": (19.5e12, 156e12, 312e12),
+    "L4": (30.3e12, 60e12, 121e12), "TPU v4": (275e12 / 6, 275e12 / 3, 275e12),
+    "TPU v5 lite": (197e12 / 6, 197e12 / 3, 197e12), "TPU v5p": (459e12 / 6, 459e12 / 3, 459e12),
+    "TPU v6 lite": (918e12 / 6, 918e12 / 3, 918e12),
 }
 
 
-def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
-    """The device's peak matmul FLOP/s: from PEAKS for known accelerators,
-    else measured with a large matmul (CPUs), with where the figure comes from."""
+def device_peak_flops(dtype: str = "float32", precision: str = "float32") -> tuple[float, str]:
+    """The device's peak matmul FLOP/s for `dtype` operands multiplied at
+    `precision` (acdc's: "float32", "tensorfloat32" or "default", which is
+    TF32 on NVIDIA GPUs and one bf16 pass on TPUs): from PEAKS for known
+    accelerators, else measured with a large matmul (CPUs), with where the
+    figure comes from."""
     kind = jax.devices()[0].device_kind
-    for name, (f32, bf16) in PEAKS.items():
+    for name, (f32, tf32, bf16) in PEAKS.items():
         if name.lower() in kind.lower():
-            return (bf16 if dtype == "bfloat16" else f32), f"data sheet ({name}, dense)"
+            if dtype == "bfloat16" or (precision == "default" and name.startswith("TPU")):
+                return bf16, f"data sheet ({name}, dense, bfloat16)"
+            full = precision == "float32"
+            return (f32 if full else tf32), f"data sheet ({name}, dense, {'float32' if full else 'tensorfloat32'})"
     import jax.numpy as jnp
 
     n = 2048

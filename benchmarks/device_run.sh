@@ -3,7 +3,7 @@
 # (no network there: the project runs from the checkout on PYTHONPATH, with the
 # image's JAX). From the repository root:
 #
-#   bash benchmarks/device_run.sh                      # memory sweep acdc host patching (about 9 minutes)
+#   bash benchmarks/device_run.sh                      # memory sweep-tf32 acdc host patching (about 9 minutes)
 #   bash benchmarks/device_run.sh --only precision methods --timeout 240
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
@@ -21,7 +21,7 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only memory sweep acdc host patching --timeout 200 --sweep-seconds 150
+  set -- --only memory sweep-tf32 acdc host patching --timeout 200 --sweep-seconds 150
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?

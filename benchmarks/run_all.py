@@ -7,7 +7,7 @@ and wall time. On a CPU the sizes are cut so that the whole takes well under an
 hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
-    python benchmarks/run_all.py [--only sweep acdc host memory patching precision methods] [--timeout S]
+    python benchmarks/run_all.py [--only sweep acdc host memory patching precision methods ...] [--timeout S]
                                  [--sweep-seconds S] [--auto-circuit-python PATH]
 """
 
@@ -41,7 +41,8 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
     }
     if args.auto_circuit_python:
         runs["acdc"] += ["--auto-circuit-python", args.auto_circuit_python]
-    if not cpu:
+    if not cpu:  # TF32 tensor cores (JAX's default for float32 on NVIDIA GPUs) and bf16
+        runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]
         runs["sweep-bf16"] = sweep + ["--dtype", "bfloat16"]
         if jax.device_count() > 1:
             runs["sweep-all-devices"] = sweep + ["--mesh", "auto"]

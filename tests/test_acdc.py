@@ -211,6 +211,34 @@ def test_stop_after_then_resume(small_gpt2, tmp_path):
     assert resumed.settings["finished"] and _decisions(resumed) == _decisions(whole)
 
 
+def test_precision_applies_to_every_program_of_the_run(small_gpt2):
+    """The matmul precision holds while each pass is traced (the metric is
+    traced inside every pass program), is recorded, and is not left behind."""
+    import jax
+
+    model, task = small_gpt2
+    seen = []
+
+    def kl_noting_precision(logits, t):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return kl_divergence(logits, t)
+
+    circuit = acdc(model, task, 0.002, metric=kl_noting_precision, precision="tensorfloat32", progress=False,
+                   max_width=4)
+    assert circuit.settings["precision"] == "tensorfloat32"
+    assert len(seen) >= 2 and set(seen) == {"tensorfloat32"}  # the full pass and the batched ones
+    seen.clear()
+    circuit = acdc(model, task, 0.002, metric=kl_noting_precision, mode="sequential", progress=False)
+    assert circuit.settings["precision"] == "float32" and seen and set(seen) == {"float32"}  # the default
+    assert jax.config.jax_default_matmul_precision is None
+    seen.clear()
+    circuit = acdc(model, task, 0.002, metric=kl_noting_precision, dtype="bfloat16", mode="sequential",
+                   progress=False)
+    assert circuit.settings["precision"] is None and seen and set(seen) == {None}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        acdc(model, task, 0.002, precision="highest", progress=False)
+
+
 @pytest.mark.parametrize("tau", [-0.1, math.nan, math.inf, "0.1"])
 def test_bad_tau(small_gpt2, tau):
     model, task = small_gpt2
