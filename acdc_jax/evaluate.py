@@ -4,9 +4,11 @@ model)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Iterable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from .circuit import Circuit
@@ -96,16 +98,19 @@ def roc(model: Transformer, task: Task, taus: Sequence[float], **kwargs) -> RocR
 def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=None, corruption=None) -> dict:
     """The circuit's metric next to the full model's and the empty circuit's.
     ``normalized`` = (empty - circuit) / (empty - full): 1 is as good as the
-    full model, 0 as bad as cutting every edge."""
+    full model, 0 as bad as cutting every edge. The metric, corruption and
+    matmul precision are the circuit's own unless given."""
     from .acdc import resolve_corruption, resolve_metric
     from .scoring import Scorer
 
     _, metric_fn = resolve_metric(task, metric if metric is not None else circuit.settings.get("metric"))
     _, corr = resolve_corruption(model, task, corruption if corruption is not None else circuit.settings.get("corruption"))
-    scorer = Scorer(model, circuit.graph, task.bind(model), corr, metric_fn, static_task=task)
-    full = scorer.full(np.ones(circuit.graph.n_edges, np.float32))
-    empty = scorer.full(np.zeros(circuit.graph.n_edges, np.float32))
-    value = scorer.full(np.asarray(circuit.mask, np.float32))
+    precision = circuit.settings.get("precision")
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        scorer = Scorer(model, circuit.graph, task.bind(model), corr, metric_fn, static_task=task)
+        full = scorer.full(np.ones(circuit.graph.n_edges, np.float32))
+        empty = scorer.full(np.zeros(circuit.graph.n_edges, np.float32))
+        value = scorer.full(np.asarray(circuit.mask, np.float32))
     span = empty - full
     return {"circuit": value, "full": full, "empty": empty,
             "normalized": float((empty - value) / span) if span != 0 else float("nan")}

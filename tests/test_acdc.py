@@ -12,6 +12,7 @@ import pytest
 from acdc_jax import Corruption, MetricError, TaskError, patched_forward
 from acdc_jax.acdc import acdc
 from acdc_jax.candidates import Candidates
+from acdc_jax.evaluate import faithfulness
 from acdc_jax.tasks.base import Task, kl_divergence
 
 from .helpers import random_hf_gpt2
@@ -223,10 +224,16 @@ def test_precision_applies_to_every_program_of_the_run(small_gpt2):
         seen.append(jax.config.jax_default_matmul_precision)
         return kl_divergence(logits, t)
 
+    def kl_noting_again(logits, t):  # another function: traced afresh, not taken from the jit cache
+        return kl_noting_precision(logits, t)
+
     circuit = acdc(model, task, 0.002, metric=kl_noting_precision, precision="tensorfloat32", progress=False,
                    max_width=4)
     assert circuit.settings["precision"] == "tensorfloat32"
     assert len(seen) >= 2 and set(seen) == {"tensorfloat32"}  # the full pass and the batched ones
+    seen.clear()
+    faithfulness(model, task, circuit, metric=kl_noting_again)  # at the circuit's precision
+    assert seen and set(seen) == {"tensorfloat32"}
     seen.clear()
     circuit = acdc(model, task, 0.002, metric=kl_noting_precision, mode="sequential", progress=False)
     assert circuit.settings["precision"] == "float32" and seen and set(seen) == {"float32"}  # the default

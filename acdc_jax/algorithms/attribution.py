@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import jax
 import numpy as np
 
 from ..candidates import Candidates
@@ -35,7 +36,8 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
-                "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed}}
+                "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed},
+                "precision": jax.config.jax_default_matmul_precision}  # in effect (None: JAX's platform default)
     return graph, scorer, settings
 
 
