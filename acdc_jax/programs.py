@@ -14,6 +14,9 @@ hindsight, per shape. The costs are measured as the run goes: compile
 seconds from `jax.monitoring`, seconds per FLOP from the passes themselves.
 Where compiling is free (programs already compiled earlier in the process),
 the measured cost is near zero and every pass gets its exact shape.
+On accelerators, where a pass takes milliseconds, the first program from a
+layer is a cover (every head, no shared upstream sum) that all later passes
+from that layer can rent (`Scorer._choose`; see benchmarks/bench_programs.py).
 
 The choice changes which program computes a score, never which candidates
 are scored, so decisions are the same (up to float rounding, as between any
@@ -88,13 +91,18 @@ class Programs:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
 
-    def choose(self, need: Shape, flops: Callable[[Shape], float]) -> Shape:
+    def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None) -> Shape:
         """The shape to run a pass that needs `need`: `need` itself, or a
-        compiled one that covers it while renting is still cheaper."""
-        if need in self.compiled or not self.adaptive or self.seconds_per_flop is None:
+        compiled one that covers it while renting is still cheaper. `cover`
+        (a shape that covers every pass from `need`'s start layer) is
+        compiled instead of `need` when nothing compiled covers it yet, so
+        that the later passes from that layer can rent it."""
+        if need in self.compiled or not self.adaptive:
             return need
         larger = [s for s in self.compiled if s.covers(need)]
         if not larger:
+            return need if cover is None else cover
+        if self.seconds_per_flop is None:
             return need
         best = min(larger, key=flops)
         extra = max(flops(best) - flops(need), 0.0) * self.seconds_per_flop

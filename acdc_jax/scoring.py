@@ -68,6 +68,8 @@ class Scorer:
         self.loop = mesh is None and jax.default_backend() == "cpu"
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
         self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
+        # the first pass program compiled from a layer covers every pass from it (`Programs.choose`)
+        self.cover_first = jax.default_backend() != "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
 
@@ -198,7 +200,10 @@ class Scorer:
         return self._choose(self.need(cands, start_layer, width))
 
     def _choose(self, need: Shape) -> Shape:
-        shape = self.programs.choose(need, self._shape_flops)
+        cover = None
+        if self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers:
+            cover = Shape("pass", need.start_layer, need.width, None, None)  # every head, no shared upstream sum
+        shape = self.programs.choose(need, self._shape_flops, cover)
         self.reused += shape != need
         return shape
 

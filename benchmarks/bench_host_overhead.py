@@ -104,8 +104,8 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
     scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
     scoring._deviations = lambda *a: None
     acdc_module.adaptive_width = lambda: False  # an accelerator's choice: every pass as wide as allowed
-    # the vmapped pass, with the dense masks made from the cuts on the device
-    for name, value in (("loop", False), ("cuts_to_device", True)):
+    # the vmapped pass, with the dense masks made from the cuts on the device, covers first
+    for name, value in (("loop", False), ("cuts_to_device", True), ("cover_first", True)):
         setattr(scoring.Scorer, name, property(lambda self, value=value: value, lambda self, _: None))
     try:
         tokens = rng.integers(0, GRAPH_OF_GPT2.d_vocab, (N_PROMPTS, 16))
@@ -117,7 +117,7 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
         for name, fn in saved.items():
             setattr(scoring, name, fn)
         acdc_module.adaptive_width = saved_width
-        del scoring.Scorer.loop, scoring.Scorer.cuts_to_device
+        del scoring.Scorer.loop, scoring.Scorer.cuts_to_device, scoring.Scorer.cover_first
     tried = [d for d in circuit.decisions if d.tried]
     passes = circuit.settings["passes"]
     if set(circuit.settings["widths"]) != {width}:

@@ -7,7 +7,7 @@ and wall time. On a CPU the sizes are cut so that the whole takes well under an
 hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
-    python benchmarks/run_all.py [--only sweep acdc host memory patching precision methods ...] [--timeout S]
+    python benchmarks/run_all.py [--only sweep acdc host memory programs patching precision methods ...] [--timeout S]
                                  [--sweep-seconds S] [--auto-circuit-python PATH]
 """
 
@@ -37,6 +37,7 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         "precision": ["bench_precision.py"],
         "host": ["bench_host_overhead.py"],
         "memory": ["bench_memory.py"],
+        "programs": ["bench_programs.py"],
         "sweep": sweep,
     }
     if args.auto_circuit_python:

@@ -175,25 +175,33 @@ def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
 
 
 def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
-    """On one accelerator a pass vmaps over its candidates (no CPU loop) and
+    """On one accelerator a pass vmaps over its candidates (no CPU loop),
     only the base and the cut edges cross to the device, where the dense
-    masks are made; forced here on the CPU, that path decides as the loop."""
+    masks are made, and the first program from each layer covers every pass
+    from it; forced here on the CPU, that path decides as the loop."""
     from acdc_jax.scoring import Scorer
 
     init = Scorer.__init__
 
     def as_on_accelerator(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.loop, self.cuts_to_device = False, True
+        self.loop, self.cuts_to_device, self.cover_first = False, True, True
 
     model, task = small_gpt2
     seq = acdc(model, task, 0.002, mode="sequential", progress=False)
     monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
-    densified = []
+    densified, ran = [], []
     on_device = Candidates.on_device
     monkeypatch.setattr(Candidates, "on_device", lambda self, *a: densified.append(len(self)) or on_device(self, *a))
+    run = Scorer._run
+    monkeypatch.setattr(Scorer, "_run", lambda self, shape, *a: ran.append(shape) or run(self, shape, *a))
     bat = acdc(model, task, 0.002, progress=False, max_width=8)
     assert densified and max(densified) > 1
+    first = {}
+    for shape in ran:
+        if shape.kind == "pass" and shape.start_layer < model.config.n_layers:
+            first.setdefault(shape.start_layer, shape)
+    assert first and all(s.heads is None and s.rows is None for s in first.values())  # each layer's cover
     assert _decisions(bat) == _decisions(seq)
     np.testing.assert_allclose([d.metric_after for d in bat.decisions if d.tried],
                                [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)

@@ -54,6 +54,26 @@ def test_ski_rental(compile_s, extra_s):
     assert p.choose(Shape("pass", 0, 4, None, None), flops) == Shape("pass", 0, 4, None, None)  # nothing covers it
 
 
+def test_cover_is_compiled_first_then_rented():
+    """With a cover, the first pass from a layer compiles the cover instead of
+    its own shape; later passes from that layer rent it (ski rental as
+    before), and passes from another layer get their own cover."""
+    flops = lambda s: s.width * (4.0 if s.heads is None else s.heads) * (2.0 if s.rows is None else 1.0)
+    p = Programs()
+    p.compile_costs = {"pass": [1.0]}
+    p.seconds_per_flop = 0.01  # renting the cover costs 0.01 s per extra FLOP
+    cover = lambda need: Shape("pass", need.start_layer, need.width, None, None)
+    first, second = Shape("pass", 2, 4, 1, 1), Shape("pass", 2, 4, 2, 4)
+    assert p.choose(first, flops, cover(first)) == cover(first)
+    p.compiled.add(cover(first))
+    picks = [p.choose(second, flops, cover(second)) for _ in range(30)]
+    rentals = math.ceil(1.0 / ((flops(cover(second)) - flops(second)) * 0.01) - 1e-9) - 1
+    assert picks[:rentals] == [cover(second)] * rentals and picks[rentals] == second
+    other = Shape("pass", 1, 4, 1, 1)
+    assert p.choose(other, flops, cover(other)) == cover(other)
+    assert p.choose(other, flops) == other  # no cover offered: the exact shape
+
+
 @pytest.mark.parametrize("fixed, per_candidate", [(0.03, 0.01), (0.005, 0.02)])
 def test_pass_overhead_is_fitted_from_timed_passes(fixed, per_candidate):
     p = Programs()

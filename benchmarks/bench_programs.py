@@ -1,0 +1,104 @@
+"""How many programs a GPT-2-small sweep compiles on an accelerator, and what they cost.
+
+Every new pass shape (start layer, width, heads recomputed, cached senders
+re-mixed) is an XLA compilation, seconds each, against passes of milliseconds
+on a GPU; a 60 s sweep cannot afford dozens. This benchmark records the pass
+shapes that a GPT-2-small-graph sweep needs, in order, from the synthetic
+accelerator run of bench_host_overhead.py (the real acdc() loop with synthetic
+passes), and replays them through the program chooser (`programs.Programs`)
+with a given compile time and device FLOP rate, the FLOPs of each shape
+counted for GPT-2 small with 100 prompts x 16 tokens: once choosing exact
+shapes (with ski rental), once compiling a cover (every head, no shared
+upstream sum) as the first program from each layer, as acdc-jax does on
+accelerators. The outputs are a replay under stated costs, not timings: the
+compile seconds and FLOP rate are inputs; bench_gpt2_sweep.py measures them.
+
+    python benchmarks/bench_programs.py [--width 32] [--kept 0.05 0.5] [--compile-s 1 3] [--tflops 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host_overhead import run  # noqa: E402
+from common import GPT2_SMALL, print_table, write_json  # noqa: E402
+
+from acdc_jax.flops import pass_flops, upstream_flops  # noqa: E402
+from acdc_jax.graph import CircuitGraph  # noqa: E402
+from acdc_jax.programs import Programs, Shape  # noqa: E402
+from acdc_jax.scoring import Scorer  # noqa: E402
+
+N_PROMPTS, N_POS = 100, 16
+
+
+def shapes_needed(width: int, kept: float) -> list[Shape]:
+    """The pass shapes a synthetic accelerator sweep asks for, in order."""
+    needs, choose = [], Scorer.choose
+
+    def record(self, cands, start_layer, w):
+        needs.append(self.need(cands, start_layer, w))
+        return choose(self, cands, start_layer, w)
+
+    Scorer.choose = record
+    try:
+        run(width, kept)
+    finally:
+        Scorer.choose = choose
+    return needs
+
+
+def replay(needs: list[Shape], compile_s: float, flops_per_s: float, cover_first: bool) -> dict:
+    graph = CircuitGraph(GPT2_SMALL)
+    H, L = graph.n_heads, graph.n_layers
+
+    def flops(s: Shape) -> float:
+        total = s.width * N_PROMPTS * pass_flops(graph, s.start_layer, s.heads or H, N_POS, 1, s.rows)["total"]
+        return float(total + (N_PROMPTS * upstream_flops(graph, s.start_layer, N_POS) if s.rows is not None else 0))
+
+    programs = Programs()
+    programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
+    compiled, work, extra, cached_heads = 0, 0.0, 0.0, set()
+    for need in needs:
+        cover = Shape("pass", need.start_layer, need.width, None, None) if cover_first and need.start_layer < L else None
+        shape = programs.choose(need, flops, cover)
+        if shape not in programs.compiled:
+            programs.compiled.add(shape)
+            compiled += 1
+        if shape.heads is not None:  # the layer's head cache runs a program of its own
+            cached_heads.add(shape.start_layer)
+        work += flops(need) / flops_per_s
+        extra += (flops(shape) - flops(need)) / flops_per_s
+    n = compiled + len(cached_heads)
+    return {"policy": "cover first" if cover_first else "exact shapes", "compile_s_each": compile_s,
+            "tflops": flops_per_s / 1e12, "passes": len(needs), "pass_programs": compiled,
+            "head_cache_programs": len(cached_heads), "compile_s": n * compile_s, "needed_work_s": work,
+            "extra_work_s": extra, "total_s": n * compile_s + work + extra}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=32, help="pass width (an H100's plan: 8-32)")
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.05, 0.5])
+    parser.add_argument("--compile-s", type=float, nargs="+", default=[1.0, 3.0], help="seconds per compilation")
+    parser.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s of the passes")
+    args = parser.parse_args(argv)
+    rows = []
+    for kept in args.kept:
+        needs = shapes_needed(args.width, kept)
+        for compile_s in args.compile_s:
+            for cover_first in (False, True):
+                rows.append({"target_kept": kept, **replay(needs, compile_s, args.tflops * 1e12, cover_first)})
+    print_table(rows, ["target_kept", "policy", "compile_s_each", "passes", "pass_programs", "head_cache_programs",
+                       "compile_s", "needed_work_s", "extra_work_s", "total_s"])
+    write_json("bench_programs", {
+        "graph": "GPT-2 small: 32,923 edges", "task": {"n_prompts": N_PROMPTS, "n_pos": N_POS},
+        "width": args.width, "shapes": "recorded from bench_host_overhead's synthetic accelerator sweep",
+        "note": "a replay under the stated compile seconds and FLOP rate (inputs), not a timing",
+        "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
