@@ -179,6 +179,9 @@ def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
     only the base and the cut edges cross to the device, where the dense
     masks are made, and the first program from each layer covers every pass
     from it; forced here on the CPU, that path decides as the loop."""
+    import collections
+
+    from acdc_jax import programs
     from acdc_jax.scoring import Scorer
 
     init = Scorer.__init__
@@ -195,6 +198,7 @@ def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
     monkeypatch.setattr(Candidates, "on_device", lambda self, *a: densified.append(len(self)) or on_device(self, *a))
     run = Scorer._run
     monkeypatch.setattr(Scorer, "_run", lambda self, shape, *a: ran.append(shape) or run(self, shape, *a))
+    monkeypatch.setattr(programs, "_shared", collections.OrderedDict())  # no shape compiled by earlier tests
     bat = acdc(model, task, 0.002, progress=False, max_width=8)
     assert densified and max(densified) > 1
     first = {}
