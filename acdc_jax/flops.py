@@ -69,3 +69,15 @@ def base_heads_flops(graph: CircuitGraph, layer: int, heads: int, n_pos: int) ->
     """One example: `heads` heads of `layer` from the cached upstream senders."""
     c = graph.config
     return 3 * heads * 2 * graph.n_senders_before_attn(layer) * n_pos * c.d_model + _attention(c, heads, n_pos)
+
+
+def sweep_floor(graph: CircuitGraph, n_pos: int, n_out: int) -> int:
+    """One example: every edge scored once, in a pass from its receiver's
+    layer that recomputes one head there and reads the cached senders through
+    a shared sum (one changed row); the least FLOPs the batched passes can
+    spend on a sweep, with no candidate wasted."""
+    per_layer = {}
+    for e in graph.edges:  # the logits' layer is n_layers
+        per_layer[e.receiver.layer] = per_layer.get(e.receiver.layer, 0) + 1
+    return sum(n * pass_flops(graph, layer, 1, n_pos, n_out, 1 if 0 < layer < graph.n_layers else None)["total"]
+               for layer, n in per_layer.items())

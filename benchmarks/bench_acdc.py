@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import PRECISIONS, acdc  # noqa: E402
-from acdc_jax.flops import forward_flops  # noqa: E402
+from acdc_jax.flops import forward_flops, sweep_floor  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
@@ -112,6 +112,7 @@ def main(argv=None):
                "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask)),
                "seq_flops_per_edge_over_forward": seq.settings["flops"] / n / fwd,
                "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd,
+               "floor_flops_per_edge_over_forward": args.n_prompts * sweep_floor(seq.graph, args.n_pos, 1) / n / fwd,
                "seq_compile_s": seq.settings["compile_s"], "bat_compile_s": bat.settings["compile_s"],
                "bat_programs": bat.settings["programs"],
                "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"]}
@@ -132,6 +133,7 @@ def main(argv=None):
 
     columns = ["tau", "edges", "kept", "sequential_s", "batched_s", "speedup", "seq_passes", "bat_passes",
                "same_as_sequential", "seq_flops_per_edge_over_forward", "bat_flops_per_edge_over_forward",
+               "floor_flops_per_edge_over_forward",
                "bat_compile_s", "bat_programs"]
     if args.warm:
         columns += ["sequential_warm_s", "batched_warm_s", "speedup_warm"]

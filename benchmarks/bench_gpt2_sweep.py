@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GPT2_SMALL, device_peak_flops, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import PRECISIONS, acdc  # noqa: E402
-from acdc_jax.flops import forward_flops  # noqa: E402
+from acdc_jax.flops import forward_flops, sweep_floor  # noqa: E402
 from acdc_jax.model import Transformer  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
@@ -75,6 +75,7 @@ def main(argv=None):
     fwd = args.n_prompts * forward_flops(GPT2_SMALL, args.n_pos)
     flops = circuit.settings["flops"]
     peak, peak_source = device_peak_flops(args.dtype, args.precision)
+    floor = args.n_prompts * sweep_floor(circuit.graph, args.n_pos, 1)  # every edge once, nothing wasted
     row = {"edges": n_edges, "decided": decided, "finished": circuit.settings["finished"], "seconds": seconds,
            "edges_per_s": decided / seconds, "projected_full_sweep_s": n_edges / (decided / seconds),
            "passes": circuit.settings["passes"], "width": circuit.settings["width"],
@@ -84,10 +85,11 @@ def main(argv=None):
            "passes_in_larger_programs": circuit.settings["passes_in_larger_programs"],
            "kept_so_far": int(sum(d.kept for d in circuit.decisions)),
            "flops_per_edge": flops / decided, "forward_flops": fwd, "flops_per_edge_over_forward": flops / decided / fwd,
+           "floor_flops_per_edge_over_forward": floor / n_edges / fwd, "floor_s_at_peak": floor / peak,
            "achieved_flops_per_s": flops / seconds, "peak_flops_per_s": peak,
            "fraction_of_peak": None if peak is None else flops / seconds / peak}
     print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "edges_per_s",
-                        "projected_full_sweep_s",
+                        "projected_full_sweep_s", "floor_s_at_peak",
                         "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak"])
     tag = args.dtype if args.dtype != "float32" or args.precision == "float32" else args.precision
     write_json(f"bench_gpt2_sweep-{tag}", {

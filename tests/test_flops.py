@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from acdc_jax import scoring
-from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, upstream_flops
+from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, sweep_floor, upstream_flops
 from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import Transformer, TransformerConfig
@@ -75,3 +75,20 @@ def test_scorer_counts_flops(setup):
     ones = np.ones(graph.n_edges, np.float32)
     s.batch(Candidates(ones, [[], []]), 1, 4, shape=Shape("pass", 1, 4, None, None))
     assert s.flops - before == 4 * B * pass_flops(graph, 1, graph.n_heads, P, 1)["total"]
+
+
+def test_sweep_floor_counts_each_edge_once_from_its_receivers_layer():
+    """One attention-only layer of H heads (split q/k/v, no step edges): 3H
+    edges from the embedding into the heads, scored from layer 0, and H + 1
+    into the logits, scored from the end; and the floor lies between the
+    unembedding alone and the sequential loop's full passes."""
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=3, d_head=4, d_vocab=50, n_ctx=8)
+    graph = CircuitGraph(cfg, split_qkv=True, qkv_edges=False)
+    H, n_pos, n_out = cfg.n_heads, 6, 2
+    assert graph.n_edges == 3 * H + H + 1
+    want = (3 * H * pass_flops(graph, 0, 1, n_pos, n_out)["total"]
+            + (H + 1) * pass_flops(graph, 1, 1, n_pos, n_out)["total"])
+    assert sweep_floor(graph, n_pos, n_out) == want
+    big = CircuitGraph(TransformerConfig(n_layers=3, d_model=16, n_heads=4, d_head=4, d_vocab=40, n_ctx=8, d_mlp=32))
+    floor = sweep_floor(big, n_pos, n_out)
+    assert big.n_edges * 2 * n_out * 16 * 40 < floor < big.n_edges * pass_flops(big, 0, 4, n_pos, n_out)["total"]
