@@ -303,7 +303,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
             chosen = nodes[:width]
             start_layer = min(n.first_layer for n in chosen)
         cands = candidates(chosen, state.mask)
-        shape = scorer.choose(cands, start_layer, width)
+        shape = scorer.choose(cands, start_layer, width, max_width=caps[start_layer])
         if shape.width > len(chosen) and len(nodes) > len(chosen):  # a larger compiled program: fill it
             more = nodes[:shape.width]
             if min(n.first_layer for n in more) == start_layer:

@@ -91,15 +91,17 @@ class Programs:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
 
-    def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None) -> Shape:
+    def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None,
+               max_width: Optional[int] = None) -> Shape:
         """The shape to run a pass that needs `need`: `need` itself, or a
-        compiled one that covers it while renting is still cheaper. `cover`
-        (a shape that covers every pass from `need`'s start layer) is
-        compiled instead of `need` when nothing compiled covers it yet, so
-        that the later passes from that layer can rent it."""
+        compiled one (at most `max_width` wide: memory) that covers it while
+        renting is still cheaper. `cover` (a shape that covers every pass
+        from `need`'s start layer) is compiled instead of `need` when nothing
+        compiled covers it yet, so that the later passes from that layer can
+        rent it."""
         if need in self.compiled or not self.adaptive:
             return need
-        larger = [s for s in self.compiled if s.covers(need)]
+        larger = [s for s in self.compiled if s.covers(need) and (max_width is None or s.width <= max_width)]
         if not larger:
             return need if cover is None else cover
         if self.seconds_per_flop is None:

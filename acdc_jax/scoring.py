@@ -194,16 +194,18 @@ class Scorer:
             rows = None if up is None else len(up)
         return Shape("pass", start_layer, round_width(max(width, len(cands)), self.mesh), heads, rows)
 
-    def choose(self, cands: Candidates, start_layer: int, width: int) -> Shape:
+    def choose(self, cands: Candidates, start_layer: int, width: int, max_width: Optional[int] = None) -> Shape:
         """The program that will score `cands`: their own shape, or a larger
-        one already compiled while that is cheaper (see `programs.py`)."""
-        return self._choose(self.need(cands, start_layer, width))
+        one already compiled (at most `max_width` wide, default `width`) while
+        that is cheaper (see `programs.py`)."""
+        need = self.need(cands, start_layer, width)
+        return self._choose(need, max(need.width, max_width or width))
 
-    def _choose(self, need: Shape) -> Shape:
+    def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
         cover = None
         if self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers:
             cover = Shape("pass", need.start_layer, need.width, None, None)  # every head, no shared upstream sum
-        shape = self.programs.choose(need, self._shape_flops, cover)
+        shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape
 

@@ -147,7 +147,8 @@ def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
 
 def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
     """With a narrower pass allowed from earlier layers, no pass holds more
-    candidates than its start layer allows, and the decisions stay the loop's."""
+    candidates than its start layer allows (nor runs in a wider program
+    compiled before), and the decisions stay the loop's."""
     import sys
 
     from acdc_jax.scoring import Scorer
@@ -155,6 +156,8 @@ def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
     acdc_module = sys.modules["acdc_jax.acdc"]  # the package's `acdc` attribute is the function
 
     model, task = small_gpt2
+    for tau in (0.0005, 0.005):  # wide programs from every layer, compiled and there to rent
+        acdc(model, task, tau, progress=False, max_width=8)
     widths = [1, 2, 8]
     monkeypatch.setattr(acdc_module, "plan_batch", lambda *a, **k: (list(widths), None))
     seen = []
@@ -170,7 +173,7 @@ def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
         bat = acdc(model, task, tau, progress=False)
         assert _decisions(bat) == _decisions(seq)
         assert bat.settings["widths"] == widths and bat.settings["width"] == 8
-    assert seen and all(n <= widths[start] for start, n, _ in seen)
+    assert seen and all(n <= widths[start] and w <= widths[start] for start, n, w in seen)
     assert {start for start, _, _ in seen} >= {0, 2} and max(n for start, n, _ in seen if start == 2) > 2
 
 

@@ -54,6 +54,14 @@ def test_ski_rental(compile_s, extra_s):
     assert p.choose(Shape("pass", 0, 4, None, None), flops) == Shape("pass", 0, 4, None, None)  # nothing covers it
 
 
+def test_no_program_wider_than_memory_allows_is_rented():
+    p = _programs(10.0, 1e-9)  # renting is far cheaper than compiling
+    need, wide = Shape("pass", 1, 4, 2, None), Shape("pass", 1, 16, None, None)
+    flops = lambda s: float(s.width)
+    assert p.choose(need, flops) == wide
+    assert p.choose(need, flops, max_width=8) == need  # 16 candidates would not fit
+
+
 def test_cover_is_compiled_first_then_rented():
     """With a cover, the first pass from a layer compiles the cover instead of
     its own shape; later passes from that layer rent it (ski rental as
