@@ -6,7 +6,7 @@ senders the candidates change, padding to a compiled shape, making the masks)
 decides whether a 32,923-edge sweep can finish in a minute. This benchmark
 runs the real `acdc()` loop with accelerator settings (a fixed pass width, the
 vmapped pass rather than the CPU's candidate loop, dense masks made on the
-device from the cut edges) on a model with GPT-2
+device from the cut edges, a covering program first from each layer) on a model with GPT-2
 small's graph (12 layers x 12 heads with MLPs; the widths are tiny, since no
 pass runs), and replaces each pass by a synthetic metric of the masks: every
 cut edge adds a fixed random effect, counted only while its receiver still
