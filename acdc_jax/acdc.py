@@ -132,10 +132,10 @@ def acdc(
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
-    cast_for(model, dtype)  # checks dtype
+    model = cast_for(model, dtype)
     check_precision(precision)
-    # bf16 operands leave nothing to choose
-    with jax.default_matmul_precision(precision) if dtype == "float32" else contextlib.nullcontext():
+    precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
+    with matmul_precision(precision):
         return _run(model, task, tau, metric, corruption, mode, abs_value, head_order, order, graph, max_width, mesh,
                     prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback)
 
@@ -144,7 +144,6 @@ def _run(model, task, tau, metric, corruption, mode, abs_value, head_order, orde
          prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback) -> Circuit:
     graph = graph or task.graph(model)
     task.check_canonical(graph)
-    model = cast_for(model, dtype)
     if isinstance(mesh, str):
         mesh = parse_mesh(mesh)
     metric_name, metric_fn = resolve_metric(task, metric)
@@ -160,7 +159,7 @@ def _run(model, task, tau, metric, corruption, mode, abs_value, head_order, orde
                     prompt_chunk=chunk)
     settings = {
         "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-        "dtype": dtype, "precision": precision if dtype == "float32" else None,
+        "dtype": dtype, "precision": precision,
         "abs_value": bool(abs_value), "head_order": head_order,
         "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
         "n_prompts": int(task.clean.shape[0]),
@@ -226,6 +225,11 @@ def check_precision(precision) -> str:
                          "float32; 'tensorfloat32' and 'default' let NVIDIA GPUs use TF32 tensor cores (faster, "
                          "10-bit mantissas).")
     return precision
+
+
+def matmul_precision(precision: Optional[str]):
+    """`jax.default_matmul_precision(precision)`; None leaves it as it is."""
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
 def cast_for(model: Transformer, dtype: str) -> Transformer:

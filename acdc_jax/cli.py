@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .acdc import PRECISIONS
+from .acdc import PRECISIONS, matmul_precision
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 
 
@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _compilation_cache()
     try:
-        if getattr(args, "dtype", None) != "float32":
-            return args.func(args)
-        import jax
-
-        with jax.default_matmul_precision(args.precision):  # the other methods and faithfulness too
+        # the other methods and faithfulness too; bf16 operands leave nothing to choose
+        with matmul_precision(args.precision if getattr(args, "dtype", None) == "float32" else None):
             return args.func(args)
     except (CheckpointError, ConfigError, TaskError, MetricError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,11 +4,9 @@ model)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, Iterable, Optional, Sequence
 
-import jax
 import numpy as np
 
 from .circuit import Circuit
@@ -100,13 +98,12 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     ``normalized`` = (empty - circuit) / (empty - full): 1 is as good as the
     full model, 0 as bad as cutting every edge. The metric, corruption and
     matmul precision are the circuit's own unless given."""
-    from .acdc import resolve_corruption, resolve_metric
+    from .acdc import matmul_precision, resolve_corruption, resolve_metric
     from .scoring import Scorer
 
     _, metric_fn = resolve_metric(task, metric if metric is not None else circuit.settings.get("metric"))
     _, corr = resolve_corruption(model, task, corruption if corruption is not None else circuit.settings.get("corruption"))
-    precision = circuit.settings.get("precision")
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+    with matmul_precision(circuit.settings.get("precision")):
         scorer = Scorer(model, circuit.graph, task.bind(model), corr, metric_fn, static_task=task)
         full = scorer.full(np.ones(circuit.graph.n_edges, np.float32))
         empty = scorer.full(np.zeros(circuit.graph.n_edges, np.float32))

@@ -66,6 +66,11 @@ class Shape:
     heads: Optional[int]
     rows: Optional[int]
 
+    def cover(self) -> "Shape":
+        """The pass program that covers every pass from this one's start layer
+        at this width: every head recomputed, no shared upstream sum."""
+        return Shape("pass", self.start_layer, self.width, None, None)
+
     def covers(self, need: "Shape") -> bool:
         """Whether a pass of shape `need` can run in this program."""
         return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width

@@ -172,14 +172,7 @@ class Scorer:
         return np.concatenate([changed, np.flatnonzero(~differ)[:k - len(changed)]]).astype(np.int32)
 
     def _shape_flops(self, shape: Shape) -> float:
-        n_prompts, n_pos = self.tokens.shape
-        H = self.graph.n_heads
-        if shape.kind == "heads":
-            return n_prompts * base_heads_flops(self.graph, shape.start_layer, shape.heads or H, n_pos)
-        total = shape.width * self._pass_flops(shape.start_layer, shape.heads or H, shape.rows)
-        if shape.rows is not None:
-            total += n_prompts * upstream_flops(self.graph, shape.start_layer, n_pos)
-        return total
+        return shape_flops(self.graph, shape, *self.tokens.shape, len(self.positions))
 
     def need(self, cands: Candidates, start_layer: int, width: int) -> Shape:
         """The smallest program shape that scores `cands` from `start_layer`
@@ -202,9 +195,8 @@ class Scorer:
         return self._choose(need, max(need.width, max_width or width))
 
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
-        cover = None
-        if self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers:
-            cover = Shape("pass", need.start_layer, need.width, None, None)  # every head, no shared upstream sum
+        first = self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers
+        cover = need.cover() if first else None
         shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape
@@ -263,6 +255,19 @@ class Scorer:
                                                     put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
                                                     upstream, loop))
         return self._run(shape, flops, run)[:n]
+
+
+def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:
+    """FLOPs of one run of the program `shape` (all its candidates, and the
+    shared upstream sum or the head cache's heads) over `n_prompts` prompts."""
+    H = graph.n_heads
+    if shape.kind == "heads":
+        return n_prompts * base_heads_flops(graph, shape.start_layer, shape.heads or H, n_pos)
+    total = shape.width * n_prompts * pass_flops(graph, shape.start_layer, shape.heads or H, n_pos, n_out,
+                                                 shape.rows)["total"]
+    if shape.rows is not None:
+        total += n_prompts * upstream_flops(graph, shape.start_layer, n_pos)
+    return total
 
 
 def _with_sentinels(masks: np.ndarray) -> np.ndarray:
