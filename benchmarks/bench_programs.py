@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host_overhead import run  # noqa: E402
 from common import GPT2_SMALL, print_table, write_json  # noqa: E402
 
-from acdc_jax.flops import pass_flops, upstream_flops  # noqa: E402
 from acdc_jax.graph import CircuitGraph  # noqa: E402
 from acdc_jax.programs import Programs, Shape  # noqa: E402
-from acdc_jax.scoring import Scorer  # noqa: E402
+from acdc_jax.scoring import Scorer, shape_flops  # noqa: E402
 
 N_PROMPTS, N_POS = 100, 16
 
@@ -38,9 +37,9 @@ def shapes_needed(width: int, kept: float) -> list[Shape]:
     """The pass shapes a synthetic accelerator sweep asks for, in order."""
     needs, choose = [], Scorer.choose
 
-    def record(self, cands, start_layer, w):
+    def record(self, cands, start_layer, w, **kwargs):
         needs.append(self.need(cands, start_layer, w))
-        return choose(self, cands, start_layer, w)
+        return choose(self, cands, start_layer, w, **kwargs)
 
     Scorer.choose = record
     try:
@@ -52,17 +51,13 @@ def shapes_needed(width: int, kept: float) -> list[Shape]:
 
 def replay(needs: list[Shape], compile_s: float, flops_per_s: float, cover_first: bool) -> dict:
     graph = CircuitGraph(GPT2_SMALL)
-    H, L = graph.n_heads, graph.n_layers
-
-    def flops(s: Shape) -> float:
-        total = s.width * N_PROMPTS * pass_flops(graph, s.start_layer, s.heads or H, N_POS, 1, s.rows)["total"]
-        return float(total + (N_PROMPTS * upstream_flops(graph, s.start_layer, N_POS) if s.rows is not None else 0))
+    flops = lambda s: float(shape_flops(graph, s, N_PROMPTS, N_POS, 1))  # as the Scorer counts them
 
     programs = Programs()
     programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
     compiled, work, extra, cached_heads = 0, 0.0, 0.0, set()
     for need in needs:
-        cover = Shape("pass", need.start_layer, need.width, None, None) if cover_first and need.start_layer < L else None
+        cover = need.cover() if cover_first and need.start_layer < graph.n_layers else None
         shape = programs.choose(need, flops, cover)
         if shape not in programs.compiled:
             programs.compiled.add(shape)
