@@ -22,7 +22,6 @@ width is the one that decides the most edges per unit of work.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -38,6 +37,7 @@ from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
 from .patching import Corruption
+from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
 from .speculate import RemovalRate, candidates, plan
@@ -136,100 +136,79 @@ def acdc(
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
     with matmul_precision(precision):
-        return _run(model, task, tau, metric, corruption, mode, abs_value, head_order, order, graph, max_width, mesh,
-                    prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback)
+        graph = graph or task.graph(model)
+        task.check_canonical(graph)
+        if isinstance(mesh, str):
+            mesh = parse_mesh(mesh)
+        metric_name, metric_fn = resolve_metric(task, metric)
+        corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
+        unbound, task = task, task.bind(model)
+        schedule = Schedule(graph, head_order, order)
+        caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
+        if mode == "batched":
+            caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                                    max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+            chunk = prompt_chunk if prompt_chunk is not None else chunk
+        scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
+                        prompt_chunk=chunk)
+        settings = {
+            "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
+            "dtype": dtype, "precision": precision,
+            "abs_value": bool(abs_value), "head_order": head_order,
+            "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
+            "n_prompts": int(task.clean.shape[0]),
+            "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
+                                                         "split_embed": graph.split_embed},
+            "model": model_fingerprint(model),
+        }
 
+        mask = np.ones(graph.n_edges, np.float32)
+        full_metric = scorer.full(mask)
+        if not math.isfinite(full_metric):
+            raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; "
+                              "it must be a finite number.")
+        state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[])
+        log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
+                          write=jax.process_index() == 0)
+        if resume is not None:
+            log.replay(schedule, state)
 
-def _run(model, task, tau, metric, corruption, mode, abs_value, head_order, order, graph, max_width, mesh,
-         prompt_chunk, dtype, precision, log_path, resume, progress, stop_after, callback) -> Circuit:
-    graph = graph or task.graph(model)
-    task.check_canonical(graph)
-    if isinstance(mesh, str):
-        mesh = parse_mesh(mesh)
-    metric_name, metric_fn = resolve_metric(task, metric)
-    corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
-    unbound, task = task, task.bind(model)
-    schedule = Schedule(graph, head_order, order)
-    caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
-    if mode == "batched":
-        caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                                max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
-        chunk = prompt_chunk if prompt_chunk is not None else chunk
-    scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
-                    prompt_chunk=chunk)
-    settings = {
-        "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-        "dtype": dtype, "precision": precision,
-        "abs_value": bool(abs_value), "head_order": head_order,
-        "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
-        "n_prompts": int(task.clean.shape[0]),
-        "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
-                                                     "split_embed": graph.split_embed},
-        "model": model_fingerprint(model),
-    }
-
-    mask = np.ones(graph.n_edges, np.float32)
-    full_metric = scorer.full(mask)
-    if not math.isfinite(full_metric):
-        raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; it must be a finite number.")
-    state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[])
-    log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
-                      write=jax.process_index() == 0)
-    if resume is not None:
-        log.replay(schedule, state)
-
-    bar = _progress(progress, graph.n_edges, len(state.decisions))
-    rate = RemovalRate(graph)
-    rate.update(state.decisions)
-    start = time.perf_counter()
-    try:
-        while not schedule.finished(state.cursor):
-            nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], rate.p)
-            if nodes:
-                new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
-            else:  # the schedule ends with skipped receivers
-                new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
-            rate.update(new)
-            log.write(new)
-            for d in new:
-                if callback is not None:
-                    callback(d)
+        bar = _progress(progress, graph.n_edges, len(state.decisions))
+        rate = RemovalRate(graph)
+        rate.update(state.decisions)
+        start = time.perf_counter()
+        try:
+            while not schedule.finished(state.cursor):
+                nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], rate.p)
+                if nodes:
+                    new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
+                else:  # the schedule ends with skipped receivers
+                    new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
+                rate.update(new)
+                log.write(new)
+                for d in new:
+                    if callback is not None:
+                        callback(d)
+                if bar is not None:
+                    bar.update(len(new))
+                    bar.set_postfix(unit=f"{min(state.cursor[0], len(schedule.units))}/{len(schedule.units)}",
+                                    removed=sum(not d.kept for d in state.decisions), metric=f"{state.metric:.4g}")
+                if stop_after is not None and time.perf_counter() - start > stop_after:
+                    break
+        finally:
             if bar is not None:
-                bar.update(len(new))
-                bar.set_postfix(unit=f"{min(state.cursor[0], len(schedule.units))}/{len(schedule.units)}",
-                                removed=sum(not d.kept for d in state.decisions), metric=f"{state.metric:.4g}")
-            if stop_after is not None and time.perf_counter() - start > stop_after:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
+                bar.close()
+            log.close()
 
-    settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk, passes=scorer.passes,
-                    programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
-                    flops=scorer.flops, finished=schedule.finished(state.cursor),
-                    seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
-    scores = np.full(graph.n_edges, np.nan)
-    for d in state.decisions:
-        if d.tried:
-            scores[d.index] = d.result
-    return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
-
-
-PRECISIONS = ("float32", "tensorfloat32", "default")
-
-
-def check_precision(precision) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}: 'float32' multiplies in full "
-                         "float32; 'tensorfloat32' and 'default' let NVIDIA GPUs use TF32 tensor cores (faster, "
-                         "10-bit mantissas).")
-    return precision
-
-
-def matmul_precision(precision: Optional[str]):
-    """`jax.default_matmul_precision(precision)`; None leaves it as it is."""
-    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+        settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
+                        passes=scorer.passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
+                        flops=scorer.flops, finished=schedule.finished(state.cursor),
+                        seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
+        scores = np.full(graph.n_edges, np.nan)
+        for d in state.decisions:
+            if d.tried:
+                scores[d.index] = d.result
+        return Circuit(graph, state.mask.copy(), state.metric, list(state.decisions), settings, scores)
 
 
 def cast_for(model: Transformer, dtype: str) -> Transformer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .acdc import PRECISIONS, matmul_precision
+from .precision import PRECISIONS, matmul_precision
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 
 
@@ -60,7 +60,7 @@ def _run_method(args, model, task):
     """A scored circuit from a method other than ACDC."""
     from .algorithms import METHODS
 
-    kw = {"metric": args.metric, "corruption": args.corruption}
+    kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision}
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
     if args.method in ("edge_pruning", "subnetwork_probing"):

@@ -98,7 +98,8 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     ``normalized`` = (empty - circuit) / (empty - full): 1 is as good as the
     full model, 0 as bad as cutting every edge. The metric, corruption and
     matmul precision are the circuit's own unless given."""
-    from .acdc import matmul_precision, resolve_corruption, resolve_metric
+    from .acdc import resolve_corruption, resolve_metric
+    from .precision import matmul_precision
     from .scoring import Scorer
 
     _, metric_fn = resolve_metric(task, metric if metric is not None else circuit.settings.get("metric"))

@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
-from acdc_jax.acdc import PRECISIONS, acdc  # noqa: E402
+from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.precision import PRECISIONS  # noqa: E402
 from acdc_jax.flops import forward_flops, sweep_floor  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402

@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, print_table, write_json  # noqa: E402
 
@@ -58,8 +56,7 @@ def main(argv=None):
                                  n_examples=args.examples)
     methods = {m: (None if m == "acdc" else METHODS[m]) for m in args.methods}
     metric = TASK_METRICS if args.metrics == "task" else None
-    with jax.default_matmul_precision("float32"):  # every method as ACDC runs: full float32 on GPUs too
-        rows = evaluate.compare(methods, tasks, corruption=args.corruption, metric=metric)
+    rows = evaluate.compare(methods, tasks, corruption=args.corruption, metric=metric)  # all in full float32
     kind = "zeros" if args.corruption == "zeros" else "task"
     for r in rows:
         if r["method"] == "acdc" and args.metrics == "default":  # the paper's metrics: KL, tracr L2

@@ -2,6 +2,8 @@
 exact single-edge patching done one mask at a time, linearity, integrated
 gradients' completeness, the requested sparsity, and the tracr ground truth."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,30 @@ def test_every_method_recovers_tracr_reverse(tracr_reverse, name):
         assert result.edge_auc == pytest.approx(1.0)
     elif name in ("eap", "eap_ig"):
         assert result.edge_auc > 0.98
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_at_its_precision(name):
+    """Each method runs in full float32 unless told otherwise (as ACDC does):
+    the precision holds while its metric is traced, is recorded, and is not
+    left behind; a bad value raises."""
+    cfg = dict(CFG, n_layers=1)
+    model, seen = _model(cfg), []
+
+    def metric(logits, task):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return _mean_logit(logits, task)
+
+    def metric_again(logits, task):  # another function: traced afresh, not taken from the jit cache
+        return metric(logits, task)
+
+    fast = {"edge_pruning": {"steps": 2}, "subnetwork_probing": {"steps": 2}, "eap_ig": {"steps": 2}}.get(name, {})
+    circuit = METHODS[name](model, _task(cfg, metric), **fast)
+    assert circuit.settings["precision"] == "float32" and seen and set(seen) == {"float32"}
+    seen.clear()
+    circuit = METHODS[name](model, _task(cfg, metric_again), precision="tensorfloat32", **fast)
+    assert circuit.settings["precision"] == "tensorfloat32" and seen and set(seen) == {"tensorfloat32"}
+    assert jax.config.jax_default_matmul_precision is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        METHODS[name](model, _task(cfg, metric), precision="highest", **fast)
+    assert inspect.signature(METHODS[name]).parameters["precision"].default == "float32"

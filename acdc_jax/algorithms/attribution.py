@@ -7,6 +7,9 @@ rises when the edge is cut, ``metric(all edges but e) - metric(all edges)``.
 Because a mask multiplies ``act_s - corrupt_s``, the gradient of the metric
 with respect to the mask of edge s -> r is ``(act_s - corrupt_s) . dmetric/dx_r``,
 so EAP's ``(corrupt_s - act_s) . dmetric/dx_r`` is minus that gradient.
+
+Every method takes ``precision="float32"`` (`acdc_jax.precision`): it runs in
+full float32 matmuls, as ACDC does, unless given "tensorfloat32" or "default".
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
 from ..memory import default_max_width, layer_widths
+from ..precision import takes_precision
 from ..scoring import Scorer
 
 
@@ -87,6 +91,7 @@ def receiver_layers(graph: CircuitGraph) -> np.ndarray:
     return np.array([e.receiver.layer for e in graph.edges])
 
 
+@takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
                    n_edges=None, threshold=None) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
@@ -109,6 +114,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
 
 
+@takes_precision
 def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
     """Edge attribution patching (Syed et al. 2023): one gradient with respect
     to the masks at the full model (a clean and a corrupted forward pass and
@@ -120,6 +126,7 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold)
 
 
+@takes_precision
 def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
            threshold=None) -> Circuit:
     """EAP with integrated gradients (Hanna et al. 2024) along the path of
@@ -159,6 +166,7 @@ def sender_groups(graph: CircuitGraph) -> dict:
     return groups
 
 
+@takes_precision
 def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
     """Head importance scores (Michel et al. 2019, as the ACDC paper uses them):
     |d metric / d gate| for a gate on each head's (and MLP's) output,

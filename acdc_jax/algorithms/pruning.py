@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..precision import takes_precision
 from ..scoring import _metric_of_mask
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
 
@@ -82,6 +83,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     return log_alpha - log_alpha.min(), float(expected_density(jnp.asarray(log_alpha))), history
 
 
+@takes_precision
 def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
                  lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
     """Hard-concrete edge masks trained to `sparsity` (the fraction of edges
@@ -96,6 +98,7 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
         graph, log_alpha, settings, start, scorer, threshold=np.inf)
 
 
+@takes_precision
 def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500, lr: float = 0.05,
                        lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
     """Hard-concrete gates on each head's and MLP's output (all its outgoing
