@@ -1,5 +1,9 @@
 """acdc-jax: automatic circuit discovery for transformers, in JAX."""
 
+from .xla_cpu import turn_off_ynn_reductions
+
+turn_off_ynn_reductions()  # before JAX starts: its CPU backend miscomputes some large reductions otherwise
+
 from .checkpoint import load, save
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .graph import CircuitGraph, Edge, Node, expected_edge_count

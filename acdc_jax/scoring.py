@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph
@@ -43,6 +44,7 @@ class Scorer:
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None):
         check_prompts(mesh, task.clean.shape[0])
+        xla_cpu.check()
         if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:
             raise ValueError(f"prompt_chunk={prompt_chunk} must divide the {task.clean.shape[0]} prompts.")
         self.mesh = mesh

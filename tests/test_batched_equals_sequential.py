@@ -48,6 +48,29 @@ def test_induction(tau):
     assert 0 < c.n_edges < c.graph.n_edges
 
 
+def test_induction_in_wide_passes_as_on_an_accelerator(monkeypatch):
+    """Every pass as wide as allowed (64 candidates of 50 prompts x 28
+    positions, vmapped): the metric's reductions then exceed 2^15 rows, which
+    XLA's CPU backend got wrong before `acdc_jax.xla_cpu` (candidates 23-63
+    of a pass were scored as others, and decision 4 differed)."""
+    import importlib
+
+    from acdc_jax.scoring import Scorer
+    from acdc_jax.tasks import get
+
+    init = Scorer.__init__
+
+    def as_on_accelerator(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.loop, self.cuts_to_device, self.cover_first = False, True, True
+
+    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)
+    monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
+    model, task = get("induction")
+    seq = _same(model, task, 3e-3, max_width=64)
+    assert seq.settings["n_prompts"] * len(task.positions) * 64 > 2 ** 15
+
+
 @pytest.fixture(scope="module")
 def gpt2_tasks(tmp_path_factory):
     from acdc_jax.tasks.greaterthan import greaterthan
