@@ -13,7 +13,10 @@ trials: the outcome of a trial decides the circuit the next one starts from,
 so the pass guesses outcomes (`speculate.py`): the chain of cumulative
 removals e1, e1+e2, ... when most trials remove their edge, single removals
 when most keep it, a tree of both in between. A score is used only when the
-guesses before it were right, so every decision is the one the loop makes.
+guesses before it were right, so every decision is the one the loop makes;
+a trial whose metric change lies within float32 rounding of tau is rescored
+in the loop's own full passes (`_rescore`), so that rounding in another
+program cannot decide it otherwise.
 
 On accelerators a wider pass costs little more, so each pass is as wide as
 memory allows. On a CPU each candidate costs about a pass of its own, and the
@@ -40,7 +43,7 @@ from .patching import Corruption
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
-from .speculate import RemovalRate, candidates, plan
+from .speculate import Forecast, candidates, node_effects, plan
 from .memory import default_max_width, plan_batch
 from .scoring import Scorer
 from .sharding import candidate_shards, parse_mesh, prompt_shards
@@ -167,24 +170,26 @@ def acdc(
         if not math.isfinite(full_metric):
             raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; "
                               "it must be a finite number.")
-        state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[])
+        state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
+                       tie_scale=1.0 if dtype == "float32" else 0.0)
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
             log.replay(schedule, state)
 
         bar = _progress(progress, graph.n_edges, len(state.decisions))
-        rate = RemovalRate(graph)
-        rate.update(state.decisions)
+        forecast = Forecast(graph, tau, abs_value)
+        forecast.update(state.decisions)
         start = time.perf_counter()
         try:
             while not schedule.finished(state.cursor):
-                nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], rate.p)
+                nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], forecast.p)
                 if nodes:
-                    new = _decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
+                    new, nodes, effects = _decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
+                    forecast.update(new, nodes, effects)
                 else:  # the schedule ends with skipped receivers
                     new = _apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
-                rate.update(new)
+                    forecast.update(new)
                 log.write(new)
                 for d in new:
                     if callback is not None:
@@ -251,6 +256,15 @@ class _State:
     cursor: tuple
     metric: float
     decisions: list
+    tie_scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
+    full_cache: Optional[tuple] = None  # (circuit bytes, its metric from a full pass)
+
+    def tie_band(self, before: float, new: float) -> float:
+        """How far a batched result may lie from the sequential loop's for the
+        same trial: float32 rounding in another program (measured: up to
+        2e-7 for KL, whatever its value, on the test models), widened by
+        `_rescore` where a rescored trial was further off."""
+        return self.tie_scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
 
     def apply(self, decision: Decision, cursor) -> None:
         if not decision.kept:
@@ -259,6 +273,24 @@ class _State:
             self.metric = decision.metric_after
         self.cursor = cursor
         self.decisions.append(decision)
+
+
+def _result(before: float, new: float, abs_value: bool) -> float:
+    return abs(new - before) if abs_value else new - before
+
+
+def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool) -> tuple[float, float]:
+    """A trial whose result lies within float32 rounding of tau, scored as the
+    sequential loop scores it: both circuits in full passes (the same program
+    and arithmetic), so that batched and sequential runs decide it alike.
+    Widens the band where the batched score was further off than expected."""
+    key = node.mask.tobytes()
+    if state.full_cache is None or state.full_cache[0] != key:
+        state.full_cache = (key, scorer.full(node.mask))
+    before, new = state.full_cache[1], scorer.full(node.candidate())
+    if abs(_result(before, new, abs_value) - result) > 0.25 * state.tie_band(before, new):
+        state.tie_scale *= 4.0
+    return before, new
 
 
 def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
@@ -270,9 +302,10 @@ def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
     return made
 
 
-def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, caps) -> list[Decision]:
+def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, caps):
     """Score the plan's nodes, then walk the tree along the real outcomes from
-    node 0, deciding each trial, until the next node was not scored."""
+    node 0, deciding each trial, until the next node was not scored. Returns
+    the decisions, the nodes scored and their effects (`node_effects`)."""
     if mode == "sequential":
         nodes = nodes[:1]
         metrics = [scorer.full(nodes[0].candidate())]
@@ -295,24 +328,26 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
                     chosen, cands = more, more_cands
         nodes = chosen
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
+    effects = node_effects(nodes, metrics, state.metric, abs_value)
     made: list[Decision] = []
     i = 0
     while i is not None and i < len(nodes):
         node = nodes[i]
         made += _apply_prunes(node.prunes, state, graph)
-        new = float(metrics[i])
+        before, new = state.metric, float(metrics[i])
         name = graph.edge_names[node.trial.edge]
         if not math.isfinite(new):
             raise MetricError(f"The metric is {new} after removing {name}; it must stay finite.")
-        result = new - state.metric
-        if abs_value:
-            result = abs(result)
+        result = _result(before, new, abs_value)
+        if mode == "batched" and abs(result - tau) < state.tie_band(before, new):
+            before, new = _rescore(node, state, scorer, result, abs_value)
+            result = _result(before, new, abs_value)
         keep = not result < tau
-        d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=state.metric, metric_after=new)
+        d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=before, metric_after=new)
         state.apply(d, node.trial.cursor)
         made.append(d)
         i = node.children.get(not keep)
-    return made
+    return made, nodes, effects
 
 
 def _progress(enabled: bool, total: int, done: int):

@@ -8,8 +8,9 @@ every guess it rests on was right, so the decisions are exactly the loop's.
 The possible futures form a binary tree: each trial node has a "removed" and
 a "kept" child (the next trial after the edge is cut or restored, with any
 receivers that the cut disconnects skipped on the way). `plan` picks the
-nodes most likely to be reached, given an estimate of how often a trial
-removes its edge (`RemovalRate`, per kind of edge). With every guess "removed" the plan is the
+nodes most likely to be reached, given an estimate of how likely each trial
+removes its edge (`Forecast`: from scores earlier passes left for the edge,
+else `RemovalRate`, per kind of edge). With every guess "removed" the plan is the
 chain of cumulative removals e1, e1+e2, ...; with every guess "kept" it is
 single-edge removals from the current circuit; in between it branches.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -121,3 +123,61 @@ class RemovalRate:
     def p(self, edge: int) -> float:
         g = self.group[edge]
         return (self._removed[g] + self.prior_weight * self._overall) / (len(self.by_group[g]) + self.prior_weight)
+
+
+def node_effects(nodes: list[TrialNode], metrics, current: float, abs_value: bool) -> np.ndarray:
+    """Each scored node's metric rise (ACDC's result) over the circuit it
+    starts from: its "removed" parent's candidate, or the circuit its "kept"
+    parent started from (`current` at node 0); prunes change no metric."""
+    start = np.empty(len(nodes))
+    start[0] = current
+    for i, node in enumerate(nodes):
+        for removed, j in node.children.items():
+            if j < len(nodes):
+                start[j] = float(metrics[i]) if removed else start[i]
+    rise = np.asarray(metrics[:len(nodes)], np.float64) - start
+    return np.abs(rise) if abs_value else rise
+
+
+class Forecast:
+    """How likely a trial removes its edge, for `plan`. A pass scores trials
+    on guessed circuits; most guesses turn out wrong, but each such score is
+    still the edge's effect on a circuit close to the one the run reaches.
+    Where an edge has one, the guess is P(effect < tau) under the spread of
+    such scores around the true results of the edges decided since;
+    otherwise the kind's removal rate (`RemovalRate`). Where about half the
+    edges are kept, the kind alone guesses little and a pass branches at every
+    edge; with the scores it can follow the likely path far. Which trials a
+    pass scores changes, never a decision."""
+
+    def __init__(self, graph: CircuitGraph, tau: float, abs_value: bool = False, window: int = 64,
+                 floor: float = 0.01):
+        self.tau, self.abs_value, self.floor = tau, abs_value, floor
+        self.rate = RemovalRate(graph)
+        self.effect = np.full(graph.n_edges, np.nan)  # the latest score of each undecided edge
+        self.errors: collections.deque = collections.deque(maxlen=window)
+        self.spread = max(tau, 1e-12)  # until errors are measured
+
+    def update(self, decisions, nodes: Optional[list[TrialNode]] = None, effects: Optional[np.ndarray] = None) -> None:
+        """Learn from a pass: its decisions against the scores held for them, then its other scores."""
+        self.rate.update(decisions)
+        for d in decisions:
+            if d.tried and not np.isnan(self.effect[d.index]):
+                result = abs(d.result) if self.abs_value else d.result
+                self.errors.append(abs(result - self.effect[d.index]))
+            self.effect[d.index] = np.nan
+        if len(self.errors) >= 4:
+            self.spread = max(1.5 * float(np.median(self.errors)), 1e-6 * self.tau, 1e-12)
+        decided = {d.index for d in decisions}
+        for node, effect in zip(nodes or [], [] if effects is None else effects):
+            e = node.trial.edge
+            if e not in decided:  # nodes come most probable first: keep that one's score
+                decided.add(e)
+                self.effect[e] = effect
+
+    def p(self, edge: int) -> float:
+        effect = self.effect[edge]
+        if np.isnan(effect):
+            return self.rate.p(edge)
+        z = min(max((self.tau - effect) / self.spread, -50.0), 50.0)
+        return min(max(1.0 / (1.0 + math.exp(-z)), self.floor), 1.0 - self.floor)

@@ -38,6 +38,7 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         "host": ["bench_host_overhead.py"],
         "memory": ["bench_memory.py"],
         "programs": ["bench_programs.py"],
+        "speculation": ["bench_speculation.py"],
         "sweep": sweep,
     }
     if args.auto_circuit_python:
