@@ -7,14 +7,16 @@ candidate circuits, then returns wrong values for the elements past 2^15: a
 batched ACDC pass of 32 candidates on the induction task (50 prompts x 28
 positions each) scored its candidates 23-31 as other candidates. Importing
 acdc_jax turns that fusion off when JAX has not started its CPU backend yet
-(`FLAG`, added to ``XLA_FLAGS``; only where this jaxlib knows the flag, since
-XLA aborts on unknown ones). `check` runs a small case of the bug on the CPU
+(`FLAG`, added to ``XLA_FLAGS``; only where this jaxlib documents the flag and
+its "-" syntax, since XLA aborts on unknown flags and values, and not where a
+GPU or TPU plugin will run the passes). `check` runs a small case of the bug on the CPU
 backend and raises if the results are still wrong.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import importlib.util
 import mmap
 import os
@@ -25,14 +27,21 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 _checked = False
 
 
-def _jaxlib_knows(name: bytes) -> bool:
+def _jaxlib_knows(*texts: bytes) -> bool:
+    """Whether one of jaxlib's libraries holds all of `texts` (flag names and help)."""
     spec = importlib.util.find_spec("jaxlib")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         for path in glob.glob(os.path.join(folder, "*.so")):
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(name) >= 0:
+                if all(m.find(t) >= 0 for t in texts):
                     return True
     return False
+
+
+def _accelerator_plugin() -> bool:
+    """A GPU or TPU plugin is installed: JAX will run the passes there, not on the CPU."""
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in importlib.metadata.distributions()}
+    return any(n.startswith(("jax-cuda", "jax-rocm", "libtpu")) for n in names)
 
 
 def turn_off_ynn_reductions() -> bool:
@@ -48,7 +57,9 @@ def turn_off_ynn_reductions() -> bool:
             return False
     except (ImportError, AttributeError):
         return False
-    if not _jaxlib_knows(FLAG[2:].split("=")[0].encode()):
+    # XLA aborts on an unknown flag or value: only where this jaxlib documents both, and only for CPU runs
+    if _accelerator_plugin() or not _jaxlib_knows(b"xla_cpu_experimental_ynn_fusion_type", b"YNN fusion types",
+                                                   b"'+' or '-' prefix"):
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True
