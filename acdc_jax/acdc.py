@@ -43,7 +43,7 @@ from .patching import Corruption
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
-from .speculate import Forecast, candidates, node_effects, plan
+from .speculate import Forecast, candidates, node_effects, plan, trial_result
 from .memory import default_max_width, plan_batch
 from .scoring import Scorer
 from .sharding import candidate_shards, parse_mesh, prompt_shards
@@ -275,20 +275,17 @@ class _State:
         self.decisions.append(decision)
 
 
-def _result(before: float, new: float, abs_value: bool) -> float:
-    return abs(new - before) if abs_value else new - before
-
-
 def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool) -> tuple[float, float]:
     """A trial whose result lies within float32 rounding of tau, scored as the
     sequential loop scores it: both circuits in full passes (the same program
     and arithmetic), so that batched and sequential runs decide it alike.
     Widens the band where the batched score was further off than expected."""
-    key = node.mask.tobytes()
+    circuit = node.mask
+    key = circuit.tobytes()
     if state.full_cache is None or state.full_cache[0] != key:
-        state.full_cache = (key, scorer.full(node.mask))
+        state.full_cache = (key, scorer.full(circuit))
     before, new = state.full_cache[1], scorer.full(node.candidate())
-    if abs(_result(before, new, abs_value) - result) > 0.25 * state.tie_band(before, new):
+    if abs(trial_result(before, new, abs_value) - result) > 0.25 * state.tie_band(before, new):
         state.tie_scale *= 4.0
     return before, new
 
@@ -338,10 +335,10 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         name = graph.edge_names[node.trial.edge]
         if not math.isfinite(new):
             raise MetricError(f"The metric is {new} after removing {name}; it must stay finite.")
-        result = _result(before, new, abs_value)
+        result = trial_result(before, new, abs_value)
         if mode == "batched" and abs(result - tau) < state.tie_band(before, new):
             before, new = _rescore(node, state, scorer, result, abs_value)
-            result = _result(before, new, abs_value)
+            result = trial_result(before, new, abs_value)
         keep = not result < tau
         d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=before, metric_after=new)
         state.apply(d, node.trial.cursor)

@@ -125,6 +125,12 @@ class RemovalRate:
         return (self._removed[g] + self.prior_weight * self._overall) / (len(self.by_group[g]) + self.prior_weight)
 
 
+def trial_result(before, after, abs_value: bool):
+    """What ACDC compares with tau: the metric's rise when the edge is cut
+    (its size with `abs_value`); numbers or arrays."""
+    return abs(after - before) if abs_value else after - before
+
+
 def node_effects(nodes: list[TrialNode], metrics, current: float, abs_value: bool) -> np.ndarray:
     """Each scored node's metric rise (ACDC's result) over the circuit it
     starts from: its "removed" parent's candidate, or the circuit its "kept"
@@ -135,8 +141,7 @@ def node_effects(nodes: list[TrialNode], metrics, current: float, abs_value: boo
         for removed, j in node.children.items():
             if j < len(nodes):
                 start[j] = float(metrics[i]) if removed else start[i]
-    rise = np.asarray(metrics[:len(nodes)], np.float64) - start
-    return np.abs(rise) if abs_value else rise
+    return trial_result(start, np.asarray(metrics[:len(nodes)], np.float64), abs_value)
 
 
 class Forecast:
@@ -163,7 +168,7 @@ class Forecast:
         self.rate.update(decisions)
         for d in decisions:
             if d.tried and not np.isnan(self.effect[d.index]):
-                result = abs(d.result) if self.abs_value else d.result
+                result = trial_result(d.metric_before, d.metric_after, self.abs_value)
                 self.errors.append(abs(result - self.effect[d.index]))
             self.effect[d.index] = np.nan
         if len(self.errors) >= 4:

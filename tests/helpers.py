@@ -1,6 +1,6 @@
-"""Small models shared by the tests: random Hugging Face GPT-2s with every
-tensor perturbed (so biases and LayerNorm weights are exercised), saved and
-converted through the public converter."""
+"""Shared by the tests: small random Hugging Face GPT-2s with every tensor
+perturbed (so biases and LayerNorm weights are exercised), saved and
+converted through the public converter; the accelerator path forced on the CPU."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return pt(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def force_accelerator_path(monkeypatch) -> None:
+    """Scorers made from now on take one accelerator's path on the CPU:
+    vmapped candidates (no CPU loop), dense masks made on the device from the
+    cut edges, and a covering program first from each layer."""
+    from acdc_jax.scoring import Scorer
+
+    init = Scorer.__init__
+
+    def as_on_accelerator(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.loop, self.cuts_to_device, self.cover_first = False, True, True
+
+    monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)

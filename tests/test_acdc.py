@@ -15,7 +15,7 @@ from acdc_jax.candidates import Candidates
 from acdc_jax.evaluate import faithfulness
 from acdc_jax.tasks.base import Task, kl_divergence
 
-from .helpers import random_hf_gpt2
+from .helpers import force_accelerator_path, random_hf_gpt2
 from .reference_acdc import reference_acdc
 
 
@@ -187,15 +187,9 @@ def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
     from acdc_jax import programs
     from acdc_jax.scoring import Scorer
 
-    init = Scorer.__init__
-
-    def as_on_accelerator(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.loop, self.cuts_to_device, self.cover_first = False, True, True
-
     model, task = small_gpt2
     seq = acdc(model, task, 0.002, mode="sequential", progress=False)
-    monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
+    force_accelerator_path(monkeypatch)
     densified, ran = [], []
     on_device = Candidates.on_device
     monkeypatch.setattr(Candidates, "on_device", lambda self, *a: densified.append(len(self)) or on_device(self, *a))

@@ -6,7 +6,7 @@ import pytest
 
 from acdc_jax.acdc import acdc
 
-from .helpers import random_hf_gpt2
+from .helpers import force_accelerator_path, random_hf_gpt2
 from .test_converters import _tl_state_dict
 from .test_tasks import _docstring_texts, _language_texts
 from .tokenizers_for_tests import build_tokenizer
@@ -55,17 +55,10 @@ def test_induction_in_wide_passes_as_on_an_accelerator(monkeypatch):
     of a pass were scored as others, and decision 4 differed)."""
     import importlib
 
-    from acdc_jax.scoring import Scorer
     from acdc_jax.tasks import get
 
-    init = Scorer.__init__
-
-    def as_on_accelerator(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.loop, self.cuts_to_device, self.cover_first = False, True, True
-
     monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)
-    monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
+    force_accelerator_path(monkeypatch)
     model, task = get("induction")
     seq = _same(model, task, 3e-3, max_width=64)
     assert seq.settings["n_prompts"] * len(task.positions) * 64 > 2 ** 15
