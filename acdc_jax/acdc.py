@@ -14,9 +14,10 @@ so the pass guesses outcomes (`speculate.py`): the chain of cumulative
 removals e1, e1+e2, ... when most trials remove their edge, single removals
 when most keep it, a tree of both in between. A score is used only when the
 guesses before it were right, so every decision is the one the loop makes;
-a trial whose metric change lies within float32 rounding of tau is rescored
-in the loop's own full passes (`_rescore`), so that rounding in another
-program cannot decide it otherwise.
+a trial whose metric change lies within rounding of tau is rescored in the
+loop's own full passes (`_rescore`), so that rounding in another program
+cannot decide it otherwise; the width of that band is measured against full
+passes as the run goes (`_calibrate`).
 
 On accelerators a wider pass costs little more, so each pass is as wide as
 memory allows. On a CPU each candidate costs about a pass of its own, and the
@@ -257,14 +258,30 @@ class _State:
     metric: float
     decisions: list
     tie_scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
-    full_cache: Optional[tuple] = None  # (circuit bytes, its metric from a full pass)
+    full_values: dict = dataclasses.field(default_factory=dict)  # circuit bytes -> its metric from a full pass
+    calibrated: set = dataclasses.field(default_factory=set)  # the pass programs checked against full passes
 
     def tie_band(self, before: float, new: float) -> float:
         """How far a batched result may lie from the sequential loop's for the
         same trial: float32 rounding in another program (measured: up to
-        2e-7 for KL, whatever its value, on the test models), widened by
-        `_rescore` where a rescored trial was further off."""
+        2e-7 for KL, whatever its value, on the test models), widened where
+        a program's scores were measured further off (`widen`)."""
         return self.tie_scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
+
+    def widen(self, discrepancy: float, before: float, new: float) -> None:
+        """Make the band at least 4x a measured gap between a batched result and the loop's."""
+        band = self.tie_band(before, new)
+        if band and 4 * discrepancy > band:
+            self.tie_scale *= 4 * discrepancy / band
+
+    def full(self, scorer: Scorer, circuit: np.ndarray) -> float:
+        """The metric of `circuit` as the sequential loop computes it (a full pass, remembered)."""
+        key = circuit.tobytes()
+        if key not in self.full_values:
+            if len(self.full_values) >= 16:
+                self.full_values.pop(next(iter(self.full_values)))
+            self.full_values[key] = scorer.full(circuit)
+        return self.full_values[key]
 
     def apply(self, decision: Decision, cursor) -> None:
         if not decision.kept:
@@ -280,14 +297,19 @@ def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool
     sequential loop scores it: both circuits in full passes (the same program
     and arithmetic), so that batched and sequential runs decide it alike.
     Widens the band where the batched score was further off than expected."""
-    circuit = node.mask
-    key = circuit.tobytes()
-    if state.full_cache is None or state.full_cache[0] != key:
-        state.full_cache = (key, scorer.full(circuit))
-    before, new = state.full_cache[1], scorer.full(node.candidate())
-    if abs(trial_result(before, new, abs_value) - result) > 0.25 * state.tie_band(before, new):
-        state.tie_scale *= 4.0
+    before, new = state.full(scorer, node.mask), state.full(scorer, node.candidate())
+    state.widen(abs(trial_result(before, new, abs_value) - result), before, new)
     return before, new
+
+
+def _calibrate(node, metric: float, state: _State, scorer: Scorer) -> None:
+    """The first time a pass program runs, score its first candidate in a full
+    pass too and widen the band to the gap: a trial's result (two metrics)
+    can be off by twice as much. So the band follows the rounding that the
+    programs really show (larger models, other precisions), not only the
+    trials that happen to fall inside it."""
+    full = state.full(scorer, node.candidate())
+    state.widen(2 * abs(metric - full), state.metric, full)
 
 
 def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
@@ -325,6 +347,9 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
                     chosen, cands = more, more_cands
         nodes = chosen
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
+        if state.tie_scale and shape not in state.calibrated:
+            state.calibrated.add(shape)
+            _calibrate(nodes[0], float(metrics[0]), state, scorer)
     effects = node_effects(nodes, metrics, state.metric, abs_value)
     made: list[Decision] = []
     i = 0

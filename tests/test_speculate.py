@@ -193,3 +193,31 @@ def test_trials_within_rounding_of_tau_are_decided_as_the_loop_decides_them(monk
     monkeypatch.setattr(acdc_module, "adaptive_width", lambda: False)  # as on an accelerator: 64-wide passes
     bat = acdc(model, task, 1e-6, progress=False, max_width=64)
     assert rescored and _decisions(bat) == _decisions(seq)
+
+
+def test_the_band_follows_the_rounding_the_pass_programs_show(monkeypatch):
+    """Every batched score is moved by 1e-3 (up or down, fixed per circuit,
+    as a program's rounding is), far beyond the band's starting width. The
+    first pass of each program is checked against a full pass, which widens
+    the band, so every trial near tau is rescored and decided as the loop
+    decides it. Without that check some trials are decided otherwise."""
+    import hashlib
+
+    from acdc_jax.scoring import Scorer
+    from acdc_jax.tasks import get
+
+    acdc_module = importlib.import_module("acdc_jax.acdc")
+    model, task = get("induction")
+    batch = Scorer.batch
+
+    def off_by_rounding(self, cands, *args, **kwargs):
+        metrics = np.array(batch(self, cands, *args, **kwargs), np.float64)
+        signs = [1 if hashlib.sha256(m.tobytes()).digest()[0] % 2 else -1 for m in cands.masks().astype(np.float32)]
+        return metrics + 1e-3 * np.array(signs + [0] * (len(metrics) - len(signs)))
+
+    monkeypatch.setattr(Scorer, "batch", off_by_rounding)
+    taus = (1e-3, 3e-3)
+    loop = [_decisions(acdc(model, task, tau, mode="sequential", progress=False)) for tau in taus]
+    assert [_decisions(acdc(model, task, tau, progress=False)) for tau in taus] == loop
+    monkeypatch.setattr(acdc_module, "_calibrate", lambda *args: None)
+    assert [_decisions(acdc(model, task, tau, progress=False)) for tau in taus] != loop
