@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import accelerator_path, print_table, write_json  # noqa: E402
 
 from acdc_jax.graph import CircuitGraph  # noqa: E402
 from acdc_jax.model import Transformer, TransformerConfig  # noqa: E402
@@ -96,28 +96,22 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
 
     saved = {name: getattr(scoring, name) for name in
              ("fetch", "_batch_metric", "_batch_metric_heads", "_full_metric", "_layer_heads", "_deviations")}
-    saved_width = acdc_module.adaptive_width
     scoring.fetch = fetch
     scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: metric(masks)
     scoring._batch_metric_heads = scoring._batch_metric
     scoring._full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
     scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
     scoring._deviations = lambda *a: None
-    acdc_module.adaptive_width = lambda: False  # an accelerator's choice: every pass as wide as allowed
-    # the vmapped pass, with the dense masks made from the cuts on the device, covers first
-    for name, value in (("loop", False), ("cuts_to_device", True), ("cover_first", True)):
-        setattr(scoring.Scorer, name, property(lambda self, value=value: value, lambda self, _: None))
     try:
         tokens = rng.integers(0, GRAPH_OF_GPT2.d_vocab, (N_PROMPTS, 16))
         task = Task("synthetic", tokens, tokens, positions=np.array([15]), metrics={"kl": kl_divergence})
-        start, compiling = time.perf_counter(), compile_seconds()
-        circuit = acdc_module.acdc(model, task, tau, progress=False, max_width=width)
-        wall, compiling = time.perf_counter() - start, compile_seconds() - compiling
+        with accelerator_path():
+            start, compiling = time.perf_counter(), compile_seconds()
+            circuit = acdc_module.acdc(model, task, tau, progress=False, max_width=width)
+            wall, compiling = time.perf_counter() - start, compile_seconds() - compiling
     finally:
         for name, fn in saved.items():
             setattr(scoring, name, fn)
-        acdc_module.adaptive_width = saved_width
-        del scoring.Scorer.loop, scoring.Scorer.cuts_to_device, scoring.Scorer.cover_first
     tried = [d for d in circuit.decisions if d.tried]
     passes = circuit.settings["passes"]
     if set(circuit.settings["widths"]) != {width}:
