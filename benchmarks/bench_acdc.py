@@ -64,6 +64,23 @@ def random_tl_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> None:
     (directory / "config.json").write_text(json.dumps(cfg))
 
 
+def model_and_task(tmp: Path, n_prompts: int, n_pos: int):
+    """The benchmark model (written to `tmp`/model as a TransformerLens checkpoint
+    and converted from it) and its task: random clean and corrupted prompts
+    (saved to `tmp`/prompts.npz), KL at the last position, auto-circuit's graph."""
+    import converters
+
+    random_tl_checkpoint(tmp / "model", ATTN_ONLY_4L)
+    model = converters.convert(tmp / "model", format="transformer-lens")
+    rng = np.random.default_rng(1)
+    shape = (n_prompts, n_pos)
+    clean, corrupted = rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape), rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape)
+    np.savez(tmp / "prompts.npz", clean=clean, corrupted=corrupted)
+    task = Task("random-prompts", clean, corrupted, positions=np.array([n_pos - 1]), metrics={"kl": kl_divergence},
+                graph_options=dict(split_qkv=True, qkv_edges=False, split_embed=False))
+    return model, task
+
+
 def run_ours(model, task, tau, mode, order=None, precision="float32"):
     start, compiling = time.perf_counter(), compile_seconds()
     circuit = acdc(model, task, tau, mode=mode, progress=False, order=order, precision=precision)
@@ -90,17 +107,8 @@ def main(argv=None):
                         help="also time a second run of each mode in the same process (compiled programs reused)")
     args = parser.parse_args(argv)
 
-    import converters
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_acdc_"))
-    random_tl_checkpoint(tmp / "model", ATTN_ONLY_4L)
-    model = converters.convert(tmp / "model", format="transformer-lens")
-    rng = np.random.default_rng(1)
-    shape = (args.n_prompts, args.n_pos)
-    clean, corrupted = rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape), rng.integers(0, ATTN_ONLY_4L["d_vocab"], shape)
-    np.savez(tmp / "prompts.npz", clean=clean, corrupted=corrupted)
-    task = Task("random-prompts", clean, corrupted, positions=np.array([args.n_pos - 1]), metrics={"kl": kl_divergence},
-                graph_options=dict(split_qkv=True, qkv_edges=False, split_embed=False))
+    model, task = model_and_task(tmp, args.n_prompts, args.n_pos)
 
     fwd = args.n_prompts * forward_flops(model.config, args.n_pos)  # the plain model, logits everywhere
     floor = args.n_prompts * sweep_floor(task.graph(model), args.n_pos, 1)  # every edge once, nothing wasted
