@@ -11,11 +11,12 @@ from .model import SenderActivations, Transformer, TransformerConfig
 from .patching import Corruption, patched_forward
 from .circuit import Circuit, Decision
 from .acdc import acdc
+from .programs import use_disk_cache
 from . import algorithms, evaluate
 
 __all__ = [
     "Circuit", "Decision", "acdc", "algorithms", "evaluate",
     "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "MetricError", "Node",
     "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
-    "patched_forward", "save",
+    "patched_forward", "save", "use_disk_cache",
 ]

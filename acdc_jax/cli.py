@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,18 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .precision import PRECISIONS, matmul_precision
+from .programs import use_disk_cache
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
-
-
-def _compilation_cache() -> None:
-    """Keep XLA's compiled programs between runs (ACDC_JAX_CACHE=off disables)."""
-    where = os.environ.get("ACDC_JAX_CACHE", str(Path.home() / ".cache" / "acdc-jax" / "xla"))
-    if where.lower() == "off":
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _task(args):
@@ -240,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _compilation_cache()
+    use_disk_cache()  # CLI runs share compiled programs (ACDC_JAX_CACHE=off disables)
     try:
         # the other methods and faithfulness too; bf16 operands leave nothing to choose
         with matmul_precision(args.precision if getattr(args, "dtype", None) == "float32" else None):

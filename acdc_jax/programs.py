@@ -47,6 +47,23 @@ def _listen(event: str, duration: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_listen)
 
 
+def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so
+    that a later process loads them instead of compiling: a batched run on a
+    CPU spends more time compiling than scoring. `directory` defaults to
+    ``$ACDC_JAX_CACHE`` or ``~/.cache/acdc-jax/xla``; "off" leaves the cache
+    off. Call it before the first run. Returns the directory, or None."""
+    import os
+    from pathlib import Path
+
+    where = directory or os.environ.get("ACDC_JAX_CACHE") or str(Path.home() / ".cache" / "acdc-jax" / "xla")
+    if str(where).lower() == "off":
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # a pass's small programs add up too
+    return str(where)
+
+
 def compile_seconds() -> float:
     """Seconds spent tracing, lowering and compiling in this process so far."""
     return _compile_seconds[0]

@@ -103,11 +103,24 @@ def main(argv=None):
     parser.add_argument("--auto-circuit-python", default=None)
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="float32 matmuls: full float32 (acdc's default) or TF32 tensor cores on NVIDIA GPUs")
+    parser.add_argument("--disk-cache", action="store_true",
+                        help="also time batched runs in fresh processes: the first fills a compilation cache on "
+                             "disk (acdc_jax.use_disk_cache), the second loads its programs from there")
+    parser.add_argument("--child", nargs=2, metavar=("TAU", "CACHE_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true",
                         help="also time a second run of each mode in the same process (compiled programs reused)")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_acdc_"))
+    if args.child:  # one batched run in this fresh process, its programs cached on disk
+        from acdc_jax.programs import use_disk_cache
+
+        use_disk_cache(args.child[1])
+        model, task = model_and_task(tmp, args.n_prompts, args.n_pos)
+        seconds, circuit = run_ours(model, task, float(args.child[0]), "batched", precision=args.precision)
+        print(json.dumps({"seconds": seconds, "compile_s": circuit.settings["compile_s"],
+                          "mask": circuit.mask.astype(int).tolist()}))
+        return
     model, task = model_and_task(tmp, args.n_prompts, args.n_pos)
 
     fwd = args.n_prompts * forward_flops(model.config, args.n_pos)  # the plain model, logits everywhere
@@ -130,6 +143,16 @@ def main(argv=None):
             row["sequential_warm_s"] = run_ours(model, task, tau, "sequential", precision=args.precision)[0]
             row["batched_warm_s"] = run_ours(model, task, tau, "batched", precision=args.precision)[0]
             row["speedup_warm"] = row["sequential_warm_s"] / row["batched_warm_s"]
+        if args.disk_cache:
+            cache = tmp / f"xla-{tau}"
+            child = [sys.executable, __file__, "--child", repr(tau), str(cache), "--n-prompts", str(args.n_prompts),
+                     "--n-pos", str(args.n_pos), "--precision", args.precision]
+            fresh, cached = (json.loads(subprocess.run(child, capture_output=True, text=True, check=True)
+                                        .stdout.strip().splitlines()[-1]) for _ in range(2))
+            row.update(batched_fresh_process_s=fresh["seconds"], batched_disk_cached_s=cached["seconds"],
+                       batched_disk_cached_compile_s=cached["compile_s"],
+                       speedup_disk_cached=t_seq / cached["seconds"],
+                       disk_cached_same_circuit=fresh["mask"] == cached["mask"] == bat.mask.astype(int).tolist())
         if args.auto_circuit_python:
             ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
             ours, theirs = set(bat.edges), set(ac["kept"])
@@ -147,6 +170,9 @@ def main(argv=None):
                "bat_compile_s", "bat_programs"]
     if args.warm:
         columns += ["sequential_warm_s", "batched_warm_s", "speedup_warm"]
+    if args.disk_cache:
+        columns += ["batched_fresh_process_s", "batched_disk_cached_s", "batched_disk_cached_compile_s",
+                    "speedup_disk_cached", "disk_cached_same_circuit"]
     if args.auto_circuit_python:
         columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
                     "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]
@@ -157,7 +183,9 @@ def main(argv=None):
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
                  "corruption": "random corrupted prompts"},
         "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "
-                  "compilation, from jax.monitoring); auto-circuit: its acdc_prune_scores call",
+                  "compilation, from jax.monitoring); disk_cached: the same call in a fresh process whose programs "
+                  "a previous fresh process left in acdc_jax.use_disk_cache's directory; auto-circuit: its "
+                  "acdc_prune_scores call",
         "rows": rows,
     })
 

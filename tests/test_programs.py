@@ -165,3 +165,39 @@ def test_candidate_loop_scores_like_vmap(scorer, chunk):
             np.testing.assert_allclose(results[0], [scorer.full(m) for m in masks], rtol=1e-5, atol=1e-7)
     finally:
         scorer.prompt_chunk, scorer.loop = None, True
+
+
+_DISK_CACHE_RUN = """
+import json, sys
+import jax, numpy as np
+import acdc_jax
+where = acdc_jax.use_disk_cache(sys.argv[1])
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(1) if event.endswith("/cache_hits") else None)
+from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.tasks.base import Task, kl_divergence
+config = TransformerConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_vocab=40, n_ctx=8, d_mlp=None)
+rng = np.random.default_rng(0)
+task = Task("random-kl", rng.integers(0, 40, (4, 6)), rng.integers(0, 40, (4, 6)), positions=np.array([5]),
+            metrics={"kl": kl_divergence})
+circuit = acdc_jax.acdc(Transformer(config, key=jax.random.PRNGKey(0)), task, 1e-3, progress=False)
+print(json.dumps({"where": where, "hits": len(hits), "decisions": [[d.index, d.kept] for d in circuit.decisions]}))
+"""
+
+
+def test_a_later_process_loads_the_programs_from_disk(tmp_path):
+    """With `use_disk_cache`, a second process finds the first one's compiled
+    programs on disk and makes the same decisions with them."""
+    import json
+    import subprocess
+    import sys
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _DISK_CACHE_RUN, str(tmp_path / "xla")], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["where"] == str(tmp_path / "xla") and any((tmp_path / "xla").iterdir())
+    assert second["hits"] > first["hits"]  # (one process can hit its own entries: equal programs in two jits)
+    assert second["decisions"] == first["decisions"]
