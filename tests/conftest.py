@@ -1,4 +1,6 @@
 
+import os
+
 import jax
 import jax.random as jr
 import pytest
@@ -7,6 +9,9 @@ import pytest
 # library code states every broadcast and cast it relies on.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The CLI keeps compiled programs on disk; tests that run it in this process
+# must neither write to the user's cache nor load programs from earlier runs.
+os.environ["ACDC_JAX_CACHE"] = "off"
 
 
 @pytest.fixture
