@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
+from pathlib import Path
 from typing import Callable, Hashable, Optional
 
 import jax
@@ -53,9 +55,6 @@ def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
     CPU spends more time compiling than scoring. `directory` defaults to
     ``$ACDC_JAX_CACHE`` or ``~/.cache/acdc-jax/xla``; "off" leaves the cache
     off. Call it before the first run. Returns the directory, or None."""
-    import os
-    from pathlib import Path
-
     where = directory or os.environ.get("ACDC_JAX_CACHE") or str(Path.home() / ".cache" / "acdc-jax" / "xla")
     if str(where).lower() == "off":
         return None
