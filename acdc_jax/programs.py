@@ -54,7 +54,8 @@ def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
     that a later process loads them instead of compiling: a batched run on a
     CPU spends more time compiling than scoring. `directory` defaults to
     ``$ACDC_JAX_CACHE`` or ``~/.cache/acdc-jax/xla``; "off" leaves the cache
-    off. Call it before the first run. Returns the directory, or None."""
+    off. Programs compiled before the call are not saved, and JAX keeps the
+    first directory a process saved to. Returns the directory, or None."""
     where = directory or os.environ.get("ACDC_JAX_CACHE") or str(Path.home() / ".cache" / "acdc-jax" / "xla")
     if str(where).lower() == "off":
         return None
