@@ -55,7 +55,8 @@ def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
     CPU spends more time compiling than scoring. `directory` defaults to
     ``$ACDC_JAX_CACHE`` or ``~/.cache/acdc-jax/xla``; "off" leaves the cache
     off. Programs compiled before the call are not saved, and JAX keeps the
-    first directory a process saved to. Returns the directory, or None."""
+    first directory a process saved to. Its entries are machine code that
+    JAX runs: use a directory only you can write to. Returns the directory, or None."""
     where = directory or os.environ.get("ACDC_JAX_CACHE") or str(Path.home() / ".cache" / "acdc-jax" / "xla")
     if str(where).lower() == "off":
         return None
