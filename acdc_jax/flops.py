@@ -12,7 +12,7 @@ from .model import TransformerConfig
 from .patching import upstream_offset
 
 
-def _attention(c: TransformerConfig, heads: int, n_pos: int, n_q: int | None = None) -> int:
+def attention_flops(c: TransformerConfig, heads: int, n_pos: int, n_q: int | None = None) -> int:
     """`heads` heads over `n_pos` keys, with queries at `n_q` positions (default all)."""
     n_q = n_pos if n_q is None else n_q
     qkv = 2 * (n_q + 2 * n_pos) * c.d_model * c.d_head * heads
@@ -21,14 +21,14 @@ def _attention(c: TransformerConfig, heads: int, n_pos: int, n_q: int | None = N
     return qkv + pattern + out
 
 
-def _mlp(c: TransformerConfig, n_pos: int) -> int:
+def mlp_flops(c: TransformerConfig, n_pos: int) -> int:
     return 0 if c.d_mlp is None else 2 * 2 * n_pos * c.d_model * c.d_mlp
 
 
 def forward_flops(c: TransformerConfig, n_pos: int, n_out: int | None = None) -> int:
     """One example through the plain model, logits at `n_out` positions (all by default)."""
     n_out = n_pos if n_out is None else n_out
-    body = c.n_layers * (_attention(c, c.n_heads, n_pos) + _mlp(c, n_pos))
+    body = c.n_layers * (attention_flops(c, c.n_heads, n_pos) + mlp_flops(c, n_pos))
     return body + 2 * n_out * c.d_model * c.d_vocab_out
 
 
@@ -52,7 +52,7 @@ def pass_flops(graph: CircuitGraph, start_layer: int, heads: int, n_pos: int, n_
         rows = n_up if layer == start_layer else later  # the start layer's heads mix `up` only
         mlp_rows = N if layer == start_layer else later
         mixing += 2 * k * rows * (n_q + 2 * n_pos) * c.d_model + (2 * mlp_rows * n_q * c.d_model if graph.has_mlp else 0)
-        model += _attention(c, k, n_pos, n_q) + _mlp(c, n_q)
+        model += attention_flops(c, k, n_pos, n_q) + mlp_flops(c, n_q)
     mixing += 2 * (later if start_layer < L else N) * n_out * c.d_model
     model += 2 * n_out * c.d_model * c.d_vocab_out
     return {"mixing": mixing, "model": model, "total": mixing + model}
@@ -68,7 +68,7 @@ def upstream_flops(graph: CircuitGraph, start_layer: int, n_pos: int) -> int:
 def base_heads_flops(graph: CircuitGraph, layer: int, heads: int, n_pos: int) -> int:
     """One example: `heads` heads of `layer` from the cached upstream senders."""
     c = graph.config
-    return 3 * heads * 2 * graph.n_senders_before_attn(layer) * n_pos * c.d_model + _attention(c, heads, n_pos)
+    return 3 * heads * 2 * graph.n_senders_before_attn(layer) * n_pos * c.d_model + attention_flops(c, heads, n_pos)
 
 
 def sweep_floor(graph: CircuitGraph, n_pos: int, n_out: int) -> int:

@@ -41,7 +41,7 @@ from bench_acdc import ATTN_ONLY_4L, model_and_task  # noqa: E402
 from common import environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
-from acdc_jax.flops import _attention, _mlp, forward_flops, pass_flops  # noqa: E402
+from acdc_jax.flops import attention_flops, forward_flops, mlp_flops, pass_flops  # noqa: E402
 
 
 def _sender_key(node) -> tuple:
@@ -80,9 +80,9 @@ def trial_costs(graph, mask: np.ndarray, edge: int, n_pos: int, n_out: int) -> d
         n_q = n_pos if p in all_positions else n_out
         before = sum(1 for q in changed if q[0] != "logits" and (q[1], q[0] == "mlp") < (p[1], p[0] == "mlp"))
         if p[0] == "head":
-            downstream += _attention(c, 1, n_pos, n_q) + 2 * before * (n_q + 2 * n_pos) * c.d_model
+            downstream += attention_flops(c, 1, n_pos, n_q) + 2 * before * (n_q + 2 * n_pos) * c.d_model
         else:
-            downstream += _mlp(c, n_q) + 2 * before * n_q * c.d_model
+            downstream += mlp_flops(c, n_q) + 2 * before * n_q * c.d_model
     to_logits = [p for p in order if ("logits",) in (r for r, _ in readers[p])]
     downstream += 2 * len(to_logits) * n_out * c.d_model
     dense = 2 * n_out * c.d_model * c.d_vocab_out
