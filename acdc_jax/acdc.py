@@ -209,6 +209,8 @@ def acdc(
         settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
                         passes=scorer.passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),
+                        rescored=state.rescored, checked_programs=len(state.calibrated),
+                        near_tie_scale=state.tie_scale,
                         seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)
         for d in state.decisions:
@@ -260,6 +262,7 @@ class _State:
     tie_scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
     full_values: dict = dataclasses.field(default_factory=dict)  # circuit bytes -> its metric from a full pass
     calibrated: set = dataclasses.field(default_factory=set)  # the pass programs checked against full passes
+    rescored: int = 0  # trials decided from full passes
 
     def tie_band(self, before: float, new: float) -> float:
         """How far a batched result may lie from the sequential loop's for the
@@ -363,6 +366,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         result = trial_result(before, new, abs_value)
         if mode == "batched" and abs(result - tau) < state.tie_band(before, new):
             before, new = _rescore(node, state, scorer, result, abs_value)
+            state.rescored += 1
             result = trial_result(before, new, abs_value)
         keep = not result < tau
         d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=before, metric_after=new)

@@ -137,7 +137,8 @@ def main(argv=None):
                "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd,
                "floor_flops_per_edge_over_forward": floor / n / fwd,
                "seq_compile_s": seq.settings["compile_s"], "bat_compile_s": bat.settings["compile_s"],
-               "bat_programs": bat.settings["programs"],
+               "bat_programs": bat.settings["programs"], "bat_rescored": bat.settings["rescored"],
+               "bat_near_tie_scale": bat.settings["near_tie_scale"],
                "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"]}
         if args.warm:
             row["sequential_warm_s"] = run_ours(model, task, tau, "sequential", precision=args.precision)[0]

@@ -218,6 +218,11 @@ def test_the_band_follows_the_rounding_the_pass_programs_show(monkeypatch):
     monkeypatch.setattr(Scorer, "batch", off_by_rounding)
     taus = (1e-3, 3e-3)
     loop = [_decisions(acdc(model, task, tau, mode="sequential", progress=False)) for tau in taus]
-    assert [_decisions(acdc(model, task, tau, progress=False)) for tau in taus] == loop
+    batched = [acdc(model, task, tau, progress=False) for tau in taus]
+    assert [_decisions(c) for c in batched] == loop
+    for c in batched:  # the band grew to the 1e-3 gaps (2e-3 a result, x4), and trials were rescored in it
+        s = c.settings
+        assert s["checked_programs"] >= 1 and s["rescored"] >= 1
+        assert s["near_tie_scale"] * (1e-6 + 1e-5 * 2 * c.metric) > 4e-3
     monkeypatch.setattr(acdc_module, "_calibrate", lambda *args: None)
     assert [_decisions(acdc(model, task, tau, progress=False)) for tau in taus] != loop
