@@ -302,6 +302,7 @@ def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool
     Widens the band where the batched score was further off than expected."""
     before, new = state.full(scorer, node.mask), state.full(scorer, node.candidate())
     state.widen(abs(trial_result(before, new, abs_value) - result), before, new)
+    state.rescored += 1
     return before, new
 
 
@@ -366,7 +367,6 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         result = trial_result(before, new, abs_value)
         if mode == "batched" and abs(result - tau) < state.tie_band(before, new):
             before, new = _rescore(node, state, scorer, result, abs_value)
-            state.rescored += 1
             result = trial_result(before, new, abs_value)
         keep = not result < tau
         d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=before, metric_after=new)

@@ -53,17 +53,24 @@ def _sender_key(node) -> tuple:
     return ("logits",) if node.kind == "logits" else ("embed",)
 
 
-def trial_costs(graph, mask: np.ndarray, edge: int, n_pos: int, n_out: int) -> dict:
-    """FLOPs of one example's trial of `edge` from circuit `mask`, four ways (see the module docstring)."""
+def edge_parts(graph) -> list[tuple]:
+    """(index, sender part, receiver part, receiver kind) of each residual edge."""
+    return [(x.index, _sender_key(x.sender), _sender_key(x.receiver), x.receiver.kind) for x in graph.edges
+            if x.kind == "residual"]
+
+
+def trial_costs(graph, parts: list[tuple], mask: np.ndarray, edge: int, n_pos: int, n_out: int) -> dict:
+    """FLOPs of one example's trial of `edge` from circuit `mask`, four ways (see
+    the module docstring); `parts` from `edge_parts(graph)`."""
     c, L, H = graph.config, graph.n_layers, graph.n_heads
     e = graph.edges[edge]
     layer = e.receiver.layer
     m = mask.copy()
     m[edge] = 0.0
     readers = defaultdict(list)  # sender part -> (receiver part, receiver kind) over the kept edges
-    for x in graph.edges:
-        if m[x.index] and x.kind == "residual":
-            readers[_sender_key(x.sender)].append((_sender_key(x.receiver), x.receiver.kind))
+    for index, sender, receiver, kind in parts:
+        if m[index]:
+            readers[sender].append((receiver, kind))
     changed, stack = {_sender_key(e.receiver)}, [_sender_key(e.receiver)]
     while stack:
         for part, _ in readers[stack.pop()]:
@@ -108,9 +115,10 @@ def main(argv=None):
     for tau in args.taus:
         circuit = acdc(model, task, tau, progress=False)
         graph, mask, sums, heads, to_logits = circuit.graph, np.ones(circuit.graph.n_edges, np.float32), defaultdict(int), [], []
+        parts = edge_parts(graph)
         for d in circuit.decisions:
             if d.tried:
-                cost = trial_costs(graph, mask, d.index, args.n_pos, len(task.positions))
+                cost = trial_costs(graph, parts, mask, d.index, args.n_pos, len(task.positions))
                 for k in ("loop", "floor", "downstream", "low_rank"):
                     sums[k] += cost[k]
                 heads.append(cost["changed_heads"])
