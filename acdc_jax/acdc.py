@@ -99,6 +99,7 @@ def acdc(
     progress: bool = True,
     stop_after: Optional[float] = None,
     callback: Optional[Callable[[Decision], None]] = None,
+    sparse: Optional[bool] = None,
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
 
@@ -132,6 +133,11 @@ def acdc(
       (``settings["finished"]`` is False; edges not yet tried count as kept);
       with `log_path`, a later call with `resume=` carries on.
     callback: called with each Decision as it is made.
+    sparse: in attention-only models, score a pass in a sparse program
+      (`sparse.py`: only the heads the cuts reach, a low-rank unembedding)
+      where that saves more than compiling it costs (None, the default: on
+      CPUs only; accelerators are not measured yet); True: wherever it
+      costs fewer FLOPs; False: dense passes only.
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
@@ -154,7 +160,7 @@ def acdc(
                                     max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
-                        prompt_chunk=chunk)
+                        prompt_chunk=chunk, sparse=sparse)
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision,
@@ -211,6 +217,8 @@ def acdc(
                         flops=scorer.flops, finished=schedule.finished(state.cursor),
                         rescored=state.rescored, checked_programs=len(state.calibrated),
                         near_tie_scale=state.tie_scale,
+                        sparse_passes=scorer.sparse.passes,
+                        rebases=scorer.sparse.rebases,
                         seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)
         for d in state.decisions:

@@ -213,12 +213,23 @@ class Attention(eqx.Module):
         (already normalised) query, key and value inputs; for the heads listed
         in `heads` only, if given, and at the query positions `q_positions`
         only, if given (then `xq` holds just those)."""
+        z = self.head_z(xq, xk, xv, heads, q_positions)
+        return jnp.einsum("hpk,hkd->hpd", z, self.W_O if heads is None else jnp.take(self.W_O, heads, axis=0))
+
+    def head_z(
+        self,
+        xq: Float[Array, "n q_pos d_model"],
+        xk: Float[Array, "n pos d_model"],
+        xv: Float[Array, "n pos d_model"],
+        heads: Optional[Int[Array, " n"]] = None,
+        q_positions: Optional[Int[Array, " q_pos"]] = None,
+    ) -> Float[Array, "n q_pos d_head"]:
+        """`head_results` before W_O."""
         pick = (lambda a: a) if heads is None else (lambda a: jnp.take(a, heads, axis=0))
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        z = attend(q, k, v, self.scale, self.causal, q_positions)
-        return jnp.einsum("hpk,hkd->hpd", z, pick(self.W_O))
+        return attend(q, k, v, self.scale, self.causal, q_positions)
 
 
 def activation(name: str, x: Array) -> Array:

@@ -179,10 +179,11 @@ def _masked_sum(m_add, stacks, cols, positions=None, upstream: Optional[Upstream
 
 
 def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, heads=None, q_positions=None,
-              upstream=None):
+              upstream=None, z=False):
     """Results of layer l's heads (all, or those in `heads`) from their masked
     inputs over the senders in `stacks`; at the query positions `q_positions`
-    only, if given (keys and values still read every position)."""
+    only, if given (keys and values still read every position). With `z`,
+    the heads' z (before W_O) instead."""
     H = graph.n_heads
     hs = jnp.arange(H) if heads is None else heads
     n = hs.shape[0]
@@ -198,7 +199,7 @@ def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, h
     if pos_qk is not None:
         xq = xq + (pos_qk if q_positions is None else pos_qk[q_positions])[None]
         xk = xk + pos_qk[None]
-    return blk.attn.head_results(xq, xk, xv, heads, q_positions)
+    return (blk.attn.head_z if z else blk.attn.head_results)(xq, xk, xv, heads, q_positions)
 
 
 def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, heads=None,

@@ -72,8 +72,9 @@ def compile_seconds() -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """A compiled program's shape. kind: "pass" (a batched pass) or "heads"
-    (the start layer's heads under the base mask, computed once per pass).
+    """A compiled program's shape. kind: "pass" (a batched pass), "heads"
+    (the start layer's heads under the base mask, computed once per pass), or
+    "sparse" and "rebase" (`sparse.py`).
     heads: heads recomputed in the start layer (None: all of them); rows:
     cached senders each candidate re-mixes (None: no shared upstream sum,
     every candidate mixes them all)."""
@@ -83,6 +84,7 @@ class Shape:
     width: int
     heads: Optional[int]
     rows: Optional[int]
+    reach: Optional[tuple] = None  # "sparse" and "rebase" programs: heads per layer, then heads into the logits
 
     def cover(self) -> "Shape":
         """The pass program that covers every pass from this one's start layer
@@ -91,6 +93,10 @@ class Shape:
 
     def covers(self, need: "Shape") -> bool:
         """Whether a pass of shape `need` can run in this program."""
+        if self.reach is not None or need.reach is not None:
+            return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width
+                    and len(self.reach or ()) == len(need.reach or ())
+                    and all(a >= b for a, b in zip(self.reach, need.reach)))
         return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width
                 and (self.heads is None or (need.heads is not None and self.heads >= need.heads))
                 and (self.rows is None or (need.rows is not None and self.rows >= need.rows)))
@@ -113,6 +119,18 @@ class Programs:
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
+
+    def worth_compiling(self, need: Shape, saved_flops: float) -> bool:
+        """Whether to run a pass in a program of shape `need` (or a compiled
+        one that covers it) rather than in a compiled program that costs
+        `saved_flops` more: yes once one covers it, or once the seconds those
+        FLOPs cost, added up over the passes that asked, reach the cost of
+        compiling it (ski rental, as in `choose`)."""
+        if not self.adaptive or self.seconds_per_flop is None or any(s.covers(need) for s in self.compiled):
+            return True
+        paid = self.regret.get(need, 0.0) + max(saved_flops, 0.0) * self.seconds_per_flop
+        self.regret[need] = paid
+        return paid >= self.estimate_compile(need.kind)
 
     def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None,
                max_width: Optional[int] = None) -> Shape:
@@ -151,7 +169,7 @@ class Programs:
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
-        if shape.kind == "pass" and not compiled:
+        if shape.kind in ("pass", "sparse") and not compiled:
             seen = self.pass_seconds.setdefault(shape.start_layer, {})
             seen[shape.width] = wall if shape.width not in seen else 0.8 * seen[shape.width] + 0.2 * wall
         return out

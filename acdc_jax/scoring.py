@@ -28,6 +28,7 @@ from .programs import Shape, shared
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
+from .sparse import SparsePasses, sparse_flops
 from .tasks.base import Task, TaskArrays, task_arrays
 
 
@@ -39,10 +40,15 @@ class Scorer:
     lets them share compiled passes (the arrays are arguments, not constants).
     `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
+    `sparse`: attention-only models score a pass in a sparse program
+    (`sparse.py`) where that costs fewer FLOPs (True), or where it also
+    saves more than compiling it costs (None: on CPUs only, where it was
+    measured), or never (False).
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
-                 static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None):
+                 static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
+                 sparse: Optional[bool] = None):
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
         if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:
@@ -74,6 +80,9 @@ class Scorer:
         self.cover_first = jax.default_backend() != "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
+        self.sparse = SparsePasses(self)
+        self.sparse.ok = self.sparse.ok and (jax.default_backend() == "cpu" if sparse is None else sparse)
+        self.sparse.forced = sparse is True
 
     @property
     def _dtype(self):
@@ -194,6 +203,11 @@ class Scorer:
         one already compiled (at most `max_width` wide, default `width`) while
         that is cheaper (see `programs.py`)."""
         need = self.need(cands, start_layer, width)
+        sparse = self.sparse.need(cands, start_layer, width)
+        if sparse is not None:
+            saved = self._shape_flops(need) - self._shape_flops(sparse) - self.sparse.rebase_flops(cands.base)
+            if saved > 0 and (self.sparse.forced or self.programs.worth_compiling(sparse, saved)):
+                return self._choose(sparse, max(sparse.width, max_width or width))
         return self._choose(need, max(need.width, max_width or width))
 
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
@@ -208,6 +222,9 @@ class Scorer:
         return self.programs.run(shape, flops, fn)
 
     def fits(self, cands: Candidates, start_layer: int, shape: Shape) -> bool:
+        if shape.kind == "sparse":
+            need = self.sparse.need(cands, start_layer, 1)
+            return need is not None and shape.covers(need)
         return shape.covers(self.need(cands, start_layer, 1))
 
     def batch(self, cands: Candidates, start_layer: int, width: int, shape: Optional[Shape] = None) -> np.ndarray:
@@ -228,8 +245,15 @@ class Scorer:
             raise ValueError(f"The candidates cut edges into receivers before layer {start_layer}, where this pass "
                              "starts; start it at the earliest receiver layer they cut.")
         shape = shape or self.choose(cands, start_layer, width)
-        if not shape.covers(self.need(cands, start_layer, 1)):
+        if not self.fits(cands, start_layer, shape):
             raise ValueError(f"The program {shape} cannot score these {n} candidates from layer {start_layer}.")
+        if self.cuts_to_device:
+            masks = cands.on_device(shape.width, self._dtype)
+        else:
+            masks = put_candidates(np.asarray(cands.masks(shape.width), self._dtype), self.mesh)
+        if shape.kind == "sparse":
+            self.passes += 1
+            return self.sparse.batch(cands, start_layer, shape, masks)[:n]
         base, heads, rows, base_results = cands.base, None, None, None
         if shape.heads is not None:
             touched = self.changed_heads(cands, start_layer) or [0]
@@ -241,10 +265,6 @@ class Scorer:
         flops = self._shape_flops(shape)
         self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
-        if self.cuts_to_device:
-            masks = cands.on_device(shape.width, self._dtype)
-        else:
-            masks = put_candidates(np.asarray(cands.masks(shape.width), self._dtype), self.mesh)
         loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
         if heads is None:
             run = lambda: fetch(_batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric,
@@ -263,6 +283,9 @@ def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n
     """FLOPs of one run of the program `shape` (all its candidates, and the
     shared upstream sum or the head cache's heads) over `n_prompts` prompts."""
     H = graph.n_heads
+    if shape.kind in ("sparse", "rebase"):
+        return shape.width * n_prompts * sparse_flops(graph, shape.start_layer, shape.reach, n_pos, n_out,
+                                                      shape.kind == "rebase")
     if shape.kind == "heads":
         return n_prompts * base_heads_flops(graph, shape.start_layer, shape.heads or H, n_pos)
     total = shape.width * n_prompts * pass_flops(graph, shape.start_layer, shape.heads or H, n_pos, n_out,

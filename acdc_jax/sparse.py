@@ -1,0 +1,340 @@
+"""Sparse passes for attention-only models: recompute only the heads a cut
+reaches, and unembed only the change.
+
+A candidate that cuts edges into receivers from layer L on changes the heads
+those receivers belong to, then the heads that read a changed head through an
+edge of the base circuit, and so on (`reach` finds that superset on the
+host). Every other sender keeps its deviation under the base circuit, held in
+a `BaseState` that follows the base as ACDC removes edges (`rebase`, itself a
+sparse pass). The candidates cut no logits edge, so their final residual
+differs from the base's only through the changed heads' z and W_O, and the
+unembedded numerator of ln_final (centred, times gamma) is the base's plus
+``u @ G_h`` per changed head h, with ``G_h = W_O_h P diag(gamma) W_U``
+[d_head, vocab] computed once (`head_maps`): d_head x vocab multiply-adds per
+changed head instead of d_model x vocab. The scale 1/sigma comes from the
+candidate's own residual. The metric equals the dense pass's up to float
+rounding (another summation order), which ACDC's near-tie band measures as it
+does for every program.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .flops import attention_flops
+from .graph import CircuitGraph
+from .model import Transformer, _lead, layer
+from .patching import _corrupt_base, _heads_at, corruption_axes, example_corruption
+from .programs import Shape
+from .tasks.base import TaskArrays
+
+
+class BaseState(eqx.Module):
+    """Every sender's deviation (act - corrupt) under a base circuit, for every prompt."""
+
+    mid: Float[Array, "batch n_mid pos d_model"]  # the senders before the last layer, at every position
+    last: Float[Array, "batch n_heads n_out d_model"]  # the last layer's heads, at the metric positions
+    z: Float[Array, "batch n_all_heads n_out d_head"]  # every head's z at the metric positions
+    pre: Float[Array, "batch n_out d_vocab_out"]  # ln_final's numerator of the final residual, unembedded
+
+
+def eligible(graph: CircuitGraph) -> bool:
+    return not graph.has_mlp
+
+
+def _edge_mask(base: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(base, np.float32), [0.0, 1.0]])
+
+
+def reach(graph: CircuitGraph, base: np.ndarray, cols: np.ndarray, start_layer: int) -> tuple[list, list]:
+    """The heads of each layer from `start_layer` whose output a cut at the
+    receiver columns `cols` can change, when every other edge is as in `base`
+    (or absent), and those of them with an edge into the logits in `base`
+    (global head index l * n_heads + h)."""
+    add, _ = graph._gather
+    m_add = _edge_mask(base)[add] != 0
+    H, E = graph.n_heads, graph.n_embed
+    changed: list[int] = []
+    out = []
+    for l in range(start_layer, graph.n_layers):
+        first = l * graph._layer_columns
+        mine = cols[(cols >= first) & (cols < first + 3 * H)]
+        hs = set(((mine - first) % H).tolist())
+        if changed:
+            hs |= set((np.flatnonzero(m_add[changed, first:first + 3 * H].any(0)) % H).tolist())
+        out.append(sorted(hs))
+        changed += [E + l * H + h for h in sorted(hs)]
+    to_logits = [r - E for r in changed if m_add[r, graph.logits_column]]
+    return out, to_logits
+
+
+def pow2(n: int, most: int) -> int:
+    return 0 if n == 0 else min(1 << (n - 1).bit_length(), most)
+
+
+def sizes(heads: list, to_logits: list, graph: CircuitGraph) -> tuple:
+    """A program's padded sizes: heads per layer, then heads into the logits."""
+    H = graph.n_heads
+    return tuple(pow2(len(hs), H) for hs in heads) + (pow2(len(to_logits), graph.n_layers * H),)
+
+
+def padded(heads: list, to_logits: list, size: tuple, graph: CircuitGraph):
+    """Index arrays for a program of `size`: each layer's heads (padded with
+    one of them, or head 0: recomputing an unchanged head changes nothing but
+    rounding), the place of each logits head among the recomputed heads'
+    concatenated z, its global index, and 1 (0 for padding)."""
+    layers = [np.asarray((hs + [hs[-1] if hs else 0] * k)[:k], np.int32) for hs, k in zip(heads, size[:-1])]
+    start, place = 0, {}
+    L, H = graph.n_layers, graph.n_heads
+    first = L - len(heads)
+    for i, hs in enumerate(heads):
+        for j, h in enumerate(hs):
+            place[(first + i) * H + h] = start + j
+        start += size[i]
+    k = size[-1]
+    pick = np.zeros(k, np.int32)
+    glob = np.zeros(k, np.int32)
+    valid = np.zeros(k, np.float32)
+    for i, g in enumerate(to_logits):
+        pick[i], glob[i], valid[i] = place[g], g, 1.0
+    return tuple(layers), pick, glob, valid
+
+
+def low_rank(k: int, c) -> bool:
+    """Whether `k` heads' maps have fewer rows than the residual stream."""
+    return k * c.d_head < c.d_model
+
+
+def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int, n_out: int, rebase: bool) -> int:
+    """Matrix-multiply FLOPs of one candidate and one example in a sparse pass
+    of `size` (a rebase also unembeds the whole residual)."""
+    c, L = graph.config, graph.n_layers
+    total = 0
+    for l, k in zip(range(start_layer, L), size[:-1]):
+        n_q = n_out if l == L - 1 else n_pos
+        total += 2 * k * graph.n_senders_before_attn(l) * (n_q + 2 * n_pos) * c.d_model + attention_flops(c, k, n_pos, n_q)
+    total += 2 * graph.n_senders * n_out * c.d_model
+    total += 2 * n_out * c.d_vocab_out * (c.d_head * size[-1] if not rebase and low_rank(size[-1], c) else c.d_model)
+    return total
+
+
+def _numerator(ln, x):
+    """ln_final's numerator: x centred, times gamma (as its mode has them)."""
+    if ln.mode == "none":
+        return x
+    x = x - x.mean(-1, keepdims=True)
+    return x * _lead(ln.w, x.ndim) if ln.mode == "LN" else x
+
+
+def _logits(model: Transformer, x, pre):
+    """Logits of the final residual `x`, given its numerator unembedded (`pre`)."""
+    ln, un = model.ln_final, model.unembed
+    bias = un.b_U + ln.b @ un.W_U if ln.mode == "LN" else un.b_U
+    if ln.mode == "none":
+        return pre + _lead(bias, pre.ndim)
+    xc = x - x.mean(-1, keepdims=True)
+    return pre * jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + ln.eps) + _lead(bias, pre.ndim)
+
+
+@eqx.filter_jit
+def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
+    """G_h = W_O_h P diag(gamma) W_U for every head (layer-major)."""
+    W_O = model.blocks.attn.W_O
+    maps = jnp.einsum("lhkd,dv->lhkv", _numerator(model.ln_final, W_O), model.unembed.W_U)
+    return maps.reshape((-1,) + maps.shape[2:])
+
+
+def _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at):
+    """Layer by layer from `start_layer`, the `heads` of each under the masks,
+    written into the deviations `mid` and `last`; also their z at `out_at`,
+    concatenated [sum of sizes, n_out, d_head]."""
+    L = graph.n_layers
+    zs = []
+    for l, hs in zip(range(start_layer, L), heads):
+        if hs.shape[0] == 0:
+            continue
+        blk, before, is_last = layer(model.blocks, l), graph.n_senders_before_attn(l), l == L - 1
+        z = _heads_at(blk, graph, l, _corrupt_base(model, corr, l), (mid[:before],), m_add, m_dir, pos_qk, hs,
+                      out_at if is_last else None, z=True)
+        corrupt = jnp.take(corr.heads[l], hs, axis=0)
+        dev = jnp.einsum("hpk,hkd->hpd", z, jnp.take(blk.attn.W_O, hs, axis=0)) - (corrupt[:, out_at] if is_last else corrupt)
+        if is_last:
+            last = last.at[hs].set(dev)
+            zs.append(z)
+        else:
+            mid = mid.at[before + hs].set(dev)
+            zs.append(z[:, out_at])
+    z = jnp.concatenate(zs) if zs else jnp.zeros((1, len(out_at), model.config.d_head), mid.dtype)
+    return mid, last, z
+
+
+def _final_residual(model, graph, corr, mid, last, m_add, out_at):
+    base = _corrupt_base(model, corr, graph.n_layers)[out_at]
+    devs = jnp.concatenate([mid[:, out_at], last])
+    return base + jnp.einsum("s,spd->pd", m_add[:, graph.logits_column], devs)
+
+
+def _inputs(model, corruption, tok, acts):
+    return example_corruption(corruption, model, tok.shape[0], acts), model.embeddings(tok)[2]
+
+
+@eqx.filter_jit
+def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at) -> BaseState:
+    """`state` moved to the circuit `mask`, which differs from its own only at
+    the inputs of `heads` (per layer from `start_layer`) and at the logits:
+    those heads are recomputed (their global indices: `changed`, in order)."""
+    m_add, m_dir = graph.dense_masks(mask)
+    out_at = np.asarray(out_at)
+
+    def one(tok, acts, mid, last):
+        corr, pos_qk = _inputs(model, corruption, tok, acts)
+        mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+        x = _final_residual(model, graph, corr, mid, last, m_add, out_at)
+        return mid, last, z, _numerator(model.ln_final, x) @ model.unembed.W_U
+
+    mid, last, z, pre = jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0))(
+        tokens, corruption.acts, state.mid, state.last)
+    z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z[:, :changed.shape[0]])
+    return BaseState(mid, last, z, pre)
+
+
+@eqx.filter_jit
+def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, state: BaseState,
+                  maps, heads, pick, glob, valid, out_at, loop: bool = True):
+    """Metric of each candidate mask (each the base of `state` with some
+    edges cut, none into the logits, all into `heads`' inputs or reaching
+    only them: see `reach`). `pick`, `glob`, `valid`: the heads into the
+    logits (`padded`). On a CPU the candidates run one at a time and share
+    one low-rank unembedding (reading the maps once)."""
+    out_at = np.asarray(out_at)
+    E = graph.n_embed
+
+    def per_candidate(mask):
+        m_add, m_dir = graph.dense_masks(mask)
+        coef = valid * m_add[E + glob, graph.logits_column]
+
+        def one(tok, acts, mid, last, z_base):
+            corr, pos_qk = _inputs(model, corruption, tok, acts)
+            mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+            u = coef[:, None, None] * (z[pick] - z_base[glob])
+            return _final_residual(model, graph, corr, mid, last, m_add, out_at), u
+
+        return jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0, 0))(
+            tokens, corruption.acts, state.mid, state.last, state.z)
+
+    x, u = jax.lax.map(per_candidate, masks) if loop else jax.vmap(per_candidate)(masks)
+    if low_rank(glob.shape[0], model.config):
+        pre = state.pre[None] + jnp.einsum("cpknd,kdv->cpnv", u, jnp.take(maps, glob, axis=0))
+    else:  # as many maps' rows as the residual has: unembed the residual itself
+        pre = _numerator(model.ln_final, x) @ model.unembed.W_U
+    logits = _logits(model, x, pre)
+    score = lambda lg: metric(lg.astype(jnp.float32), TaskArrays(task, arrays))
+    return jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)
+
+
+def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vocab: int) -> BaseState:
+    """A placeholder to rebase from with every head: only the embedding rows are read."""
+    n_mid = graph.n_senders_before_attn(graph.n_layers - 1)
+    batch, _, _, d = deviations.shape
+    dt = deviations.dtype
+    return BaseState(deviations[:, :n_mid], jnp.zeros((batch, graph.n_heads, n_out, d), dt),
+                     jnp.zeros((batch, graph.n_layers * graph.n_heads, n_out, d_head), dt),
+                     jnp.zeros((batch, n_out, d_vocab), dt))
+
+
+def all_heads(graph: CircuitGraph) -> tuple[list, list]:
+    H = graph.n_heads
+    return [list(range(H))] * graph.n_layers, list(range(graph.n_layers * H))
+
+
+def diff_columns(graph: CircuitGraph, old: Optional[np.ndarray], new: np.ndarray) -> np.ndarray:
+    """Receiver columns of the edges where two circuits differ."""
+    if old is None:
+        return np.arange(graph.n_columns)
+    edges = np.flatnonzero(np.asarray(old) != np.asarray(new))
+    return np.unique(graph.places(edges)[1])
+
+
+class SparsePasses:
+    """A `Scorer`'s sparse passes: the base state they start from, kept at
+    the last base scored, and the head maps (made at the first pass)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.ok = eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
+        self.state: Optional[BaseState] = None
+        self.maps = None
+        self.forced = False  # sparse wherever it costs fewer FLOPs, compiled or not
+        self.rebases = 0
+        self.passes = 0
+
+    def _reach(self, cands, start_layer: int):
+        g = self.scorer.graph
+        if not self.ok or start_layer >= g.n_layers:
+            return None
+        cols = np.unique(cands.places(g)[1])
+        if cols.size and (cols.max() >= g.logits_column or cols.min() < start_layer * g._layer_columns):
+            return None
+        return reach(g, cands.base, cols, start_layer)
+
+    def need(self, cands, start_layer: int, width: int) -> Optional[Shape]:
+        """The sparse program that scores `cands`, or None where there is none."""
+        found = self._reach(cands, start_layer)
+        if found is None:
+            return None
+        return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
+
+    def _rebase_plan(self, base: np.ndarray):
+        """(shape, heads per layer) of the rebase to `base`, or None if the state is there."""
+        g = self.scorer.graph
+        if self.mask is not None and np.array_equal(self.mask, base):
+            return None
+        if self.state is None:
+            start, (heads, _) = 0, all_heads(g)
+        else:
+            cols = diff_columns(g, self.mask, base)
+            start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
+            heads, _ = reach(g, base, cols, start)
+        return Shape("rebase", start, 1, None, None, sizes(heads, [], g)), heads
+
+    def rebase_flops(self, base: np.ndarray) -> float:
+        plan = self._rebase_plan(base)
+        return 0.0 if plan is None else self.scorer._shape_flops(plan[0])
+
+    def _move_to(self, base: np.ndarray) -> None:
+        plan = self._rebase_plan(base)
+        if plan is None:
+            return
+        s, g = self.scorer, self.scorer.graph
+        need, heads = plan
+        shape = s._choose(need)
+        layers = padded(heads, [], shape.reach, g)[0]
+        changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
+        state = self.state if self.state is not None else initial_state(
+            g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
+        flops = s._shape_flops(shape)
+        s.flops += flops
+        self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
+            s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions)))
+        self.mask = np.array(base, np.float32)
+        self.rebases += 1
+
+    def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
+        s, g = self.scorer, self.scorer.graph
+        self._move_to(cands.base)
+        if self.maps is None:
+            self.maps = head_maps(s.model)
+        layers, pick, glob, valid = padded(*self._reach(cands, start_layer), shape.reach, g)
+        flops = s._shape_flops(shape)
+        s.flops += flops
+        self.passes += 1
+        return s._run(shape, flops, lambda: np.asarray(sparse_metric(
+            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self.maps,
+            layers, pick, glob, valid, s.positions, s.loop)))

@@ -1,0 +1,124 @@
+"""Sparse passes (`acdc_jax/sparse.py`) score candidates like full patched
+forward passes, follow the base circuit exactly, and recompute at least every
+head whose output a cut changes."""
+
+import numpy as np
+import pytest
+
+from acdc_jax import acdc
+from acdc_jax.candidates import Candidates
+from acdc_jax.graph import CircuitGraph
+from acdc_jax.patching import Corruption, patched_logits_and_deviations
+from acdc_jax.scoring import Scorer
+from acdc_jax.sparse import reach
+from acdc_jax.tasks.base import Task, kl_divergence
+from converters.transformer_lens import from_transformer_lens
+
+from .test_converters import _tl_state_dict
+
+CASES = [("LN", "standard", "prompts", False, [6]), ("LNPre", "shortformer", "zeros", True, [5, 6]),
+         (None, "standard", "mean", False, [3, 6])]
+
+
+def _setup(norm, pos_type, corruption, qkv_edges, positions, seed=0, d_mlp=None):
+    cfg = dict(n_layers=3, d_model=16, n_heads=4, d_head=4, d_vocab=23, n_ctx=8, attn_only=d_mlp is None,
+               d_mlp=d_mlp, normalization_type=norm, act_fn="gelu_new", positional_embedding_type=pos_type)
+    model = from_transformer_lens(_tl_state_dict(cfg, np.random.default_rng(seed)), cfg)
+    rng = np.random.default_rng(seed + 1)
+    clean, corrupted = rng.integers(0, 23, (5, 7)), rng.integers(0, 23, (5, 7))
+    task = Task("t", clean, corrupted, positions=np.array(positions), metrics={"kl": kl_divergence}).bind(model)
+    graph = CircuitGraph(model.config, split_qkv=True, qkv_edges=qkv_edges)
+    corr = {"prompts": Corruption.from_prompts(model, corrupted), "zeros": Corruption.zeros(),
+            "mean": Corruption.mean(model, corrupted)}[corruption]
+    return model, graph, corr, task, Scorer(model, graph, task, corr, kl_divergence)
+
+
+def _receiver_layers(graph):
+    return np.array([e.receiver.layer if e.receiver.kind != "logits" else graph.n_layers for e in graph.edges])
+
+
+def _random_candidates(graph, rng, start, base=None):
+    layers = _receiver_layers(graph)
+    if base is None:
+        base = (rng.uniform(size=graph.n_edges) > 0.3).astype(np.float32)
+        base[layers < start] = 1.0
+    kept = np.flatnonzero((base == 1) & (layers >= start) & (layers < graph.n_layers))
+    cuts = [rng.choice(kept, size=int(rng.integers(1, 4)), replace=False) for _ in range(5)]
+    return Candidates(base, cuts)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sparse_passes_score_like_full_passes(case):
+    """Random circuits (each next one neither a subset nor a superset of the
+    last, so the base state moves both ways) with a few edges cut, from every
+    start layer: the sparse program's metric equals a full patched forward's."""
+    model, graph, corr, task, scorer = _setup(*case)
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        start = trial % graph.n_layers
+        cands = _random_candidates(graph, rng, start)
+        shape = scorer.sparse.need(cands, start, 8)
+        assert shape is not None and shape.kind == "sparse"
+        got = scorer.batch(cands, start, 8, shape=shape)
+        full = np.array([scorer.full(m) for m in cands.masks()])
+        np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-6)
+    assert scorer.sparse.rebases == 6
+
+
+def test_the_base_state_follows_the_circuit():
+    """After a chain of rebases (edges removed one layer at a time, as ACDC
+    does, then one added back), the state holds every sender's deviation
+    under the last circuit, as the full patched forward computes them."""
+    model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [5, 6])
+    rng = np.random.default_rng(3)
+    mask = np.ones(graph.n_edges, np.float32)
+    layers = _receiver_layers(graph)
+    for layer in (3, 2, 1, 0):
+        at = np.flatnonzero(layers == layer)
+        mask[rng.choice(at, size=len(at) // 3, replace=False)] = 0.0
+        scorer.sparse._move_to(mask)
+    mask[np.flatnonzero(mask == 0)[0]] = 1.0
+    scorer.sparse._move_to(mask)
+    _, devs = patched_logits_and_deviations(model, graph, scorer.tokens, mask, corr)
+    state, n_mid, out = scorer.sparse.state, graph.n_senders_before_attn(graph.n_layers - 1), np.array([5, 6])
+    np.testing.assert_allclose(state.mid, devs[:, :n_mid], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.last, devs[:, n_mid:][:, :, out], rtol=1e-5, atol=1e-6)
+
+
+def test_reach_holds_every_head_a_cut_changes():
+    """The heads whose deviation differs between the base and a candidate (by
+    full patched forwards) all lie in `reach`; heads outside it are unchanged."""
+    model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [6])
+    rng = np.random.default_rng(11)
+    E, H = graph.n_embed, graph.n_heads
+    for start in (0, 1, 2):
+        cands = _random_candidates(graph, rng, start)
+        heads, to_logits = reach(graph, cands.base, np.unique(cands.places(graph)[1]), start)
+        reached = {(start + i) * H + h for i, hs in enumerate(heads) for h in hs}
+        _, base_devs = patched_logits_and_deviations(model, graph, scorer.tokens, cands.base, corr)
+        for m in cands.masks():
+            _, devs = patched_logits_and_deviations(model, graph, scorer.tokens, m, corr)
+            moved = np.abs(np.asarray(devs - base_devs)).max(axis=(0, 2, 3))[E:] > 1e-6
+            assert set(np.flatnonzero(moved).tolist()) <= reached
+        assert set(to_logits) <= reached
+
+
+def test_models_with_mlps_use_dense_passes():
+    *_, scorer = _setup("LN", "standard", "prompts", False, [6], d_mlp=32)
+    cands = _random_candidates(scorer.graph, np.random.default_rng(0), 1)
+    assert scorer.sparse.need(cands, 1, 4) is None
+    assert scorer.choose(cands, 1, 4).kind == "pass"
+
+
+def test_acdc_with_sparse_passes_decides_like_the_sequential_loop():
+    """On a 3-layer attention-only model at three thresholds, a batched run
+    that scores passes in sparse programs decides every edge as the
+    sequential loop does."""
+    model, graph, corr, task, _ = _setup("LN", "shortformer", "prompts", False, [6], seed=4)
+    task = Task("t", task.clean, task.corrupted, positions=task.positions, metrics={"kl": kl_divergence},
+                graph_options=dict(split_qkv=True, qkv_edges=False))
+    for tau in (3e-4, 3e-3, 3e-2):
+        loop = acdc(model, task, tau, mode="sequential", progress=False)
+        fast = acdc(model, task, tau, progress=False, sparse=True)
+        assert fast.settings["sparse_passes"] > 0
+        assert [(d.edge, d.kept) for d in fast.decisions] == [(d.edge, d.kept) for d in loop.decisions]
