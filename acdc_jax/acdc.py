@@ -99,7 +99,7 @@ def acdc(
     progress: bool = True,
     stop_after: Optional[float] = None,
     callback: Optional[Callable[[Decision], None]] = None,
-    sparse: Optional[bool] = None,
+    sparse: bool = False,
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
 
@@ -135,9 +135,9 @@ def acdc(
     callback: called with each Decision as it is made.
     sparse: in attention-only models, score a pass in a sparse program
       (`sparse.py`: only the heads the cuts reach, a low-rank unembedding)
-      where that saves more than compiling it costs (None, the default: on
-      CPUs only; accelerators are not measured yet); True: wherever it
-      costs fewer FLOPs; False: dense passes only.
+      wherever that costs fewer FLOPs than the dense one. Off by default: on
+      a CPU its extra programs cost more to compile than a single run saves
+      (see the README's Benchmarks); it pays in a process that runs many.
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -87,7 +87,7 @@ def cmd_discover(args) -> int:
                        abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                        log_path=None if args.resume else log, resume=log if args.resume else None,
-                       progress=not args.no_progress, sparse={"auto": None, "on": True, "off": False}[args.sparse])
+                       progress=not args.no_progress, sparse=args.sparse)
     else:
         circuit = _run_method(args, model, task)
         log = None
@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
     p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")
     p.add_argument("--max-width", type=int, help="most candidates per batched pass")
-    p.add_argument("--sparse", choices=["auto", "on", "off"], default="auto",
-                   help="sparse passes for attention-only models (auto: on CPUs, where they save more than they cost to compile; on: wherever they cost fewer FLOPs)")
+    p.add_argument("--sparse", action="store_true",
+                   help="attention-only models: sparse passes wherever they cost fewer FLOPs (more programs to compile)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl")
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)

@@ -113,24 +113,13 @@ class Programs:
         self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
+        self.rates: dict[tuple, float] = {}  # (kind, start layer) -> seconds per FLOP (moving average)
         self.pass_seconds: dict[int, dict[int, float]] = {}  # start layer -> width -> seconds (moving average)
         self.reused = 0  # passes run in a larger program than they needed
 
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
-
-    def worth_compiling(self, need: Shape, saved_flops: float) -> bool:
-        """Whether to run a pass in a program of shape `need` (or a compiled
-        one that covers it) rather than in a compiled program that costs
-        `saved_flops` more: yes once one covers it, or once the seconds those
-        FLOPs cost, added up over the passes that asked, reach the cost of
-        compiling it (ski rental, as in `choose`)."""
-        if not self.adaptive or self.seconds_per_flop is None or any(s.covers(need) for s in self.compiled):
-            return True
-        paid = self.regret.get(need, 0.0) + max(saved_flops, 0.0) * self.seconds_per_flop
-        self.regret[need] = paid
-        return paid >= self.estimate_compile(need.kind)
 
     def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None,
                max_width: Optional[int] = None) -> Shape:
@@ -169,10 +158,22 @@ class Programs:
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
+            if not compiled:
+                key = (shape.kind, shape.start_layer)
+                self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
         if shape.kind in ("pass", "sparse") and not compiled:
             seen = self.pass_seconds.setdefault(shape.start_layer, {})
             seen[shape.width] = wall if shape.width not in seen else 0.8 * seen[shape.width] + 0.2 * wall
         return out
+
+    def seconds(self, shape: Shape, flops: float, prior: float = 1.0) -> float:
+        """Estimated seconds of a run of `shape` costing `flops`: at the rate
+        measured for its kind and start layer (small programs run fewer FLOPs
+        per second), else at the overall rate times `prior`."""
+        rate = self.rates.get((shape.kind, shape.start_layer))
+        if rate is None:
+            rate = (self.seconds_per_flop or 1.0) * prior
+        return flops * rate
 
     def overhead(self, start_layer: int, default: float = 1.0) -> float:
         """A pass's fixed cost from `start_layer`, in candidates: the intercept

@@ -41,14 +41,12 @@ class Scorer:
     `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     `sparse`: attention-only models score a pass in a sparse program
-    (`sparse.py`) where that costs fewer FLOPs (True), or where it also
-    saves more than compiling it costs (None: on CPUs only, where it was
-    measured), or never (False).
+    (`sparse.py`) where that costs fewer FLOPs.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
-                 sparse: Optional[bool] = None):
+                 sparse: bool = False):
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
         if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:
@@ -80,9 +78,7 @@ class Scorer:
         self.cover_first = jax.default_backend() != "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
-        self.sparse = SparsePasses(self)
-        self.sparse.ok = self.sparse.ok and (jax.default_backend() == "cpu" if sparse is None else sparse)
-        self.sparse.forced = sparse is True
+        self.sparse = SparsePasses(self, sparse)
 
     @property
     def _dtype(self):
@@ -205,9 +201,12 @@ class Scorer:
         need = self.need(cands, start_layer, width)
         sparse = self.sparse.need(cands, start_layer, width)
         if sparse is not None:
-            saved = self._shape_flops(need) - self._shape_flops(sparse) - self.sparse.rebase_flops(cands.base)
-            if saved > 0 and (self.sparse.forced or self.programs.worth_compiling(sparse, saved)):
-                return self._choose(sparse, max(sparse.width, max_width or width))
+            dense = self.programs.seconds(need, self._shape_flops(need))
+            rebase = self.sparse.rebase_seconds(cands.base)
+            if self.sparse.seconds(sparse) + rebase < dense:
+                shape = self._choose(sparse, max(sparse.width, max_width or width))
+                if self.sparse.seconds(shape) + rebase < dense:  # a larger sparse program may cost more
+                    return shape
         return self._choose(need, max(need.width, max_width or width))
 
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:

@@ -30,7 +30,7 @@ def _setup(norm, pos_type, corruption, qkv_edges, positions, seed=0, d_mlp=None)
     graph = CircuitGraph(model.config, split_qkv=True, qkv_edges=qkv_edges)
     corr = {"prompts": Corruption.from_prompts(model, corrupted), "zeros": Corruption.zeros(),
             "mean": Corruption.mean(model, corrupted)}[corruption]
-    return model, graph, corr, task, Scorer(model, graph, task, corr, kl_divergence)
+    return model, graph, corr, task, Scorer(model, graph, task, corr, kl_divergence, sparse=True)
 
 
 def _receiver_layers(graph):
@@ -110,10 +110,13 @@ def test_models_with_mlps_use_dense_passes():
     assert scorer.choose(cands, 1, 4).kind == "pass"
 
 
-def test_acdc_with_sparse_passes_decides_like_the_sequential_loop():
+def test_acdc_with_sparse_passes_decides_like_the_sequential_loop(monkeypatch):
     """On a 3-layer attention-only model at three thresholds, a batched run
-    that scores passes in sparse programs decides every edge as the
-    sequential loop does."""
+    that scores every pass it can in a sparse program (their estimated cost
+    set to zero) decides every edge as the sequential loop does."""
+    from acdc_jax import sparse
+
+    monkeypatch.setattr(sparse.SparsePasses, "seconds", lambda self, shape: 0.0)
     model, graph, corr, task, _ = _setup("LN", "shortformer", "prompts", False, [6], seed=4)
     task = Task("t", task.clean, task.corrupted, positions=task.positions, metrics={"kl": kl_divergence},
                 graph_options=dict(split_qkv=True, qkv_edges=False))
@@ -122,3 +125,31 @@ def test_acdc_with_sparse_passes_decides_like_the_sequential_loop():
         fast = acdc(model, task, tau, progress=False, sparse=True)
         assert fast.settings["sparse_passes"] > 0
         assert [(d.edge, d.kept) for d in fast.decisions] == [(d.edge, d.kept) for d in loop.decisions]
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_sparse_flops_agree_with_xla(start):
+    """`sparse_flops` (which the choice between sparse and dense passes
+    weighs) against XLA's cost analysis of the same vmapped sparse pass."""
+    import jax
+
+    from acdc_jax.model import Transformer, TransformerConfig
+    from acdc_jax.sparse import head_maps, padded, sparse_flops, sparse_metric
+
+    c = TransformerConfig(n_layers=3, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=None)
+    model = Transformer(c, key=jax.random.PRNGKey(0))
+    graph = CircuitGraph(c)
+    rng = np.random.default_rng(0)
+    clean, corrupted = rng.integers(0, 500, (3, 12)), rng.integers(0, 500, (3, 12))
+    task = Task("t", clean, corrupted, positions=np.array([11]), metrics={"kl": kl_divergence}).bind(model)
+    scorer = Scorer(model, graph, task, Corruption.from_prompts(model, corrupted), kl_divergence, sparse=True)
+    cands = _random_candidates(graph, rng, start)
+    shape = scorer.sparse.need(cands, start, 8)
+    scorer.sparse._move_to(cands.base)
+    layers, pick, glob, valid = padded(*scorer.sparse._reach(cands, start), shape.reach, graph)
+    lowered = sparse_metric.lower(model, graph, start, scorer.corruption, kl_divergence, scorer.task, scorer.arrays,
+                                  cands.masks(8), scorer.tokens, scorer.sparse.state, head_maps(model), layers, pick,
+                                  glob, valid, scorer.positions, False)
+    ours = 8 * 3 * sparse_flops(graph, start, shape.reach, 12, 1, rebase=False)
+    xla = lowered.lowered.cost_analysis()["flops"]
+    assert 0.8 * xla <= ours <= xla, (ours, xla)
