@@ -7,7 +7,7 @@ and wall time. On a CPU the sizes are cut so that the whole takes well under an
 hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
-    python benchmarks/run_all.py [--only sweep acdc host memory programs patching precision methods ...] [--timeout S]
+    python benchmarks/run_all.py [--only sweep acdc host memory programs patching precision methods sparse ...] [--timeout S]
                                  [--sweep-seconds S] [--auto-circuit-python PATH]
 """
 
@@ -39,6 +39,7 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         "memory": ["bench_memory.py"],
         "programs": ["bench_programs.py"],
         "speculation": ["bench_speculation.py"],
+        "sparse": ["bench_sparse.py", "--n-prompts"] + (["10", "40"] if cpu else ["40", "160"]),
         "sweep": sweep,
     }
     if args.auto_circuit_python:
