@@ -135,9 +135,10 @@ def acdc(
     callback: called with each Decision as it is made.
     sparse: in attention-only models, score a pass in a sparse program
       (`sparse.py`: only the heads the cuts reach, a low-rank unembedding)
-      wherever that costs fewer FLOPs than the dense one. Off by default: on
-      a CPU its extra programs cost more to compile than a single run saves
-      (see the README's Benchmarks); it pays in a process that runs many.
+      wherever that is estimated to take less time than the dense one. Off
+      by default: on a CPU it pays where the circuit is sparse (a high tau)
+      and costs a little where it is dense (more programs to compile; see
+      the README's Benchmarks).
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -41,7 +41,7 @@ class Scorer:
     `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     `sparse`: attention-only models score a pass in a sparse program
-    (`sparse.py`) where that costs fewer FLOPs.
+    (`sparse.py`) where that is estimated to take less time.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
