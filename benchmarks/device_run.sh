@@ -4,7 +4,7 @@
 # image's JAX). From the repository root:
 #
 #   bash benchmarks/device_run.sh                      # memory sweep-tf32 acdc host patching (about 9 minutes)
-#   bash benchmarks/device_run.sh --only precision methods speculation --timeout 240
+#   bash benchmarks/device_run.sh --only precision methods speculation sparse --timeout 240
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
 # compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
