@@ -375,3 +375,11 @@ def expected_edge_count(
     r = 3 if split_qkv else 1
     residual = sum(r * H * (e + l * (H + m)) + m * (e + l * (H + m) + H) for l in range(L)) + e + L * (H + m)
     return residual + (3 * H * L if qkv_edges else 0)
+
+
+def with_sentinels(masks: np.ndarray) -> np.ndarray:
+    """Masks [..., n_edges] (numpy) with the two entries the graph's gather
+    indices point past the edges: 0 (no edge there) and 1 (no q/k/v step
+    edge); `CircuitGraph.dense_masks` does the same on traced arrays."""
+    pad = np.ones(masks.shape[:-1] + (1,), np.float32)
+    return np.concatenate([np.asarray(masks, np.float32), np.zeros_like(pad), pad], axis=-1)

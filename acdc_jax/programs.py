@@ -157,13 +157,13 @@ class Programs:
                 self.compile_costs.setdefault(shape.kind, []).append(compiled)
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
-            self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.8 * self.seconds_per_flop + 0.2 * rate
+            self.seconds_per_flop = _average(self.seconds_per_flop, rate)
             if not compiled:
                 key = (shape.kind, shape.start_layer)
-                self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
+                self.rates[key] = _average(self.rates.get(key), rate)
         if shape.kind in ("pass", "sparse") and not compiled:
             seen = self.pass_seconds.setdefault(shape.start_layer, {})
-            seen[shape.width] = wall if shape.width not in seen else 0.8 * seen[shape.width] + 0.2 * wall
+            seen[shape.width] = _average(seen.get(shape.width), wall)
         return out
 
     def seconds(self, shape: Shape, flops: float, prior: float = 1.0) -> float:
@@ -189,6 +189,11 @@ class Programs:
         if slope <= 0 or intercept <= 0:
             return default
         return float(np.clip(intercept / slope, 0.25, 16.0))
+
+
+def _average(old: Optional[float], new: float) -> float:
+    """A moving average that follows recent passes (`new` alone at first)."""
+    return new if old is None else 0.8 * old + 0.2 * new
 
 
 _shared: "collections.OrderedDict[Hashable, Programs]" = collections.OrderedDict()

@@ -22,7 +22,7 @@ import numpy as np
 from . import xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
-from .graph import CircuitGraph
+from .graph import CircuitGraph, with_sentinels
 from .model import Transformer
 from .programs import Shape, shared
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
@@ -118,7 +118,7 @@ class Scorer:
     def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:
         """Each head's dense q/k/v input columns of `layer` under `mask`, [H, n_senders + 1, 3]."""
         add, direct = self.graph._gather
-        ext = _with_sentinels(mask)
+        ext = with_sentinels(mask)
         H, first = self.graph.n_heads, layer * self.graph._layer_columns
         cols = first + np.arange(3 * H).reshape(3, H).T  # [H, 3]: q, k, v columns of each head
         return np.concatenate([ext[add[:, cols]].transpose(1, 0, 2), ext[direct[cols]][:, None]], axis=1)
@@ -292,13 +292,6 @@ def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n
     if shape.rows is not None:
         total += n_prompts * upstream_flops(graph, shape.start_layer, n_pos)
     return total
-
-
-def _with_sentinels(masks: np.ndarray) -> np.ndarray:
-    """Masks [..., n_edges] with the two entries the graph's gather indices
-    point past the edges: 0 (no edge there) and 1 (no q/k/v step edge)."""
-    pad = np.ones(masks.shape[:-1] + (1,), np.float32)
-    return np.concatenate([np.asarray(masks, np.float32), np.zeros_like(pad), pad], axis=-1)
 
 
 def _pow2(n: int, n_heads: int) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .flops import attention_flops
-from .graph import CircuitGraph
+from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_corruption
 from .programs import Shape
@@ -48,17 +48,13 @@ def eligible(graph: CircuitGraph) -> bool:
     return not graph.has_mlp
 
 
-def _edge_mask(base: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(base, np.float32), [0.0, 1.0]])
-
-
 def reach(graph: CircuitGraph, base: np.ndarray, cols: np.ndarray, start_layer: int) -> tuple[list, list]:
     """The heads of each layer from `start_layer` whose output a cut at the
     receiver columns `cols` can change, when every other edge is as in `base`
     (or absent), and those of them with an edge into the logits in `base`
     (global head index l * n_heads + h)."""
     add, _ = graph._gather
-    m_add = _edge_mask(base)[add] != 0
+    m_add = with_sentinels(base)[add] != 0
     H, E = graph.n_heads, graph.n_embed
     changed: list[int] = []
     out = []
@@ -200,7 +196,7 @@ def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask
 
     mid, last, z, pre = jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0))(
         tokens, corruption.acts, state.mid, state.last)
-    z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z[:, :changed.shape[0]])
+    z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z)  # one index per recomputed slot
     return BaseState(mid, last, z, pre)
 
 
@@ -248,15 +244,8 @@ def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vo
                      jnp.zeros((batch, n_out, d_vocab), dt))
 
 
-def all_heads(graph: CircuitGraph) -> tuple[list, list]:
-    H = graph.n_heads
-    return [list(range(H))] * graph.n_layers, list(range(graph.n_layers * H))
-
-
-def diff_columns(graph: CircuitGraph, old: Optional[np.ndarray], new: np.ndarray) -> np.ndarray:
+def diff_columns(graph: CircuitGraph, old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """Receiver columns of the edges where two circuits differ."""
-    if old is None:
-        return np.arange(graph.n_columns)
     edges = np.flatnonzero(np.asarray(old) != np.asarray(new))
     return np.unique(graph.places(edges)[1])
 
@@ -296,7 +285,7 @@ class SparsePasses:
         if self.mask is not None and np.array_equal(self.mask, base):
             return None
         if self.state is None:
-            start, (heads, _) = 0, all_heads(g)
+            start, heads = 0, [list(range(g.n_heads))] * g.n_layers
         else:
             cols = diff_columns(g, self.mask, base)
             start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
