@@ -74,7 +74,7 @@ def compile_seconds() -> float:
 class Shape:
     """A compiled program's shape. kind: "pass" (a batched pass), "heads"
     (the start layer's heads under the base mask, computed once per pass), or
-    "sparse" and "rebase" (`sparse.py`).
+    "sparse", "rebase", "update" (`sparse.py`) and "receivers" (`receivers.py`).
     heads: heads recomputed in the start layer (None: all of them); rows:
     cached senders each candidate re-mixes (None: no shared upstream sum,
     every candidate mixes them all)."""
@@ -84,7 +84,7 @@ class Shape:
     width: int
     heads: Optional[int]
     rows: Optional[int]
-    reach: Optional[tuple] = None  # "sparse" and "rebase" programs: heads per layer, then heads into the logits
+    reach: Optional[tuple] = None  # sparse.py's programs: heads per layer, then heads into the logits
 
     def cover(self) -> "Shape":
         """The pass program that covers every pass from this one's start layer

@@ -28,6 +28,7 @@ from .programs import Shape, shared
 from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
+from .receivers import cache_flops
 from .sparse import SparsePasses, sparse_flops
 from .tasks.base import Task, TaskArrays, task_arrays
 
@@ -282,9 +283,10 @@ def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n
     """FLOPs of one run of the program `shape` (all its candidates, and the
     shared upstream sum or the head cache's heads) over `n_prompts` prompts."""
     H = graph.n_heads
-    if shape.kind in ("sparse", "rebase"):
-        return shape.width * n_prompts * sparse_flops(graph, shape.start_layer, shape.reach, n_pos, n_out,
-                                                      shape.kind == "rebase")
+    if shape.kind == "receivers":
+        return n_prompts * cache_flops(graph, shape.start_layer, n_pos)
+    if shape.kind in ("sparse", "rebase", "update"):
+        return shape.width * n_prompts * sparse_flops(graph, shape.start_layer, shape.reach, n_pos, n_out, shape.kind)
     if shape.kind == "heads":
         return n_prompts * base_heads_flops(graph, shape.start_layer, shape.heads or H, n_pos)
     total = shape.width * n_prompts * pass_flops(graph, shape.start_layer, shape.heads or H, n_pos, n_out,

@@ -32,6 +32,7 @@ from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_corruption
 from .programs import Shape
+from .receivers import ReceiverCache, cached_flops, cached_z, receiver_cache
 from .tasks.base import TaskArrays
 
 
@@ -107,16 +108,23 @@ def low_rank(k: int, c) -> bool:
     return k * c.d_head < c.d_model
 
 
-def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int, n_out: int, rebase: bool) -> int:
-    """Matrix-multiply FLOPs of one candidate and one example in a sparse pass
-    of `size` (a rebase also unembeds the whole residual)."""
+def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int, n_out: int, kind: str) -> int:
+    """Matrix-multiply FLOPs of one candidate and one example in a program of
+    `kind` ("sparse", "rebase" or "update") and `size`: a sparse pass
+    computes its start layer from the receiver cache, a rebase also unembeds
+    the whole residual, an update only the recomputed heads' change."""
     c, L = graph.config, graph.n_layers
     total = 0
     for l, k in zip(range(start_layer, L), size[:-1]):
         n_q = n_out if l == L - 1 else n_pos
+        if l == start_layer and kind == "sparse":  # from the receiver cache
+            total += cached_flops(graph, l, k, n_pos, n_q) + 2 * k * n_q * c.d_head * c.d_model
+            continue
         total += 2 * k * graph.n_senders_before_attn(l) * (n_q + 2 * n_pos) * c.d_model + attention_flops(c, k, n_pos, n_q)
+    if kind == "update":
+        return total + 2 * n_out * c.d_vocab_out * c.d_head * sum(size[:-1])
     total += 2 * graph.n_senders * n_out * c.d_model
-    total += 2 * n_out * c.d_vocab_out * (c.d_head * size[-1] if not rebase and low_rank(size[-1], c) else c.d_model)
+    total += 2 * n_out * c.d_vocab_out * (c.d_head * size[-1] if kind == "sparse" and low_rank(size[-1], c) else c.d_model)
     return total
 
 
@@ -139,25 +147,44 @@ def _logits(model: Transformer, x, pre):
 
 
 @eqx.filter_jit
-def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
-    """G_h = W_O_h P diag(gamma) W_U for every head (layer-major)."""
+def _head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
     W_O = model.blocks.attn.W_O
     maps = jnp.einsum("lhkd,dv->lhkv", _numerator(model.ln_final, W_O), model.unembed.W_U)
     return maps.reshape((-1,) + maps.shape[2:])
 
 
-def _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at):
+_maps_cache: list = []  # [(the weights the maps were made from, the maps)]: the last model's
+
+
+def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
+    """G_h = W_O_h P diag(gamma) W_U for every head (layer-major); kept for
+    the last model asked, as a threshold sweep asks again for each tau (they
+    take as long as a few dozen forward passes to make)."""
+    key = (model.ln_final.mode, model.blocks.attn.W_O, model.ln_final.w, model.unembed.W_U)
+    old = _maps_cache[0][0] if _maps_cache else None
+    if old is None or old[0] != key[0] or any(a is not b for a, b in zip(old[1:], key[1:])):
+        _maps_cache[:] = [(key, _head_maps(model))]
+    return _maps_cache[0][1]
+
+
+def _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
+               cache: Optional[ReceiverCache] = None):
     """Layer by layer from `start_layer`, the `heads` of each under the masks,
     written into the deviations `mid` and `last`; also their z at `out_at`,
-    concatenated [sum of sizes, n_out, d_head]."""
+    concatenated [sum of sizes, n_out, d_head]. With `cache` (one prompt's),
+    the start layer's heads come from it (`receivers.py`)."""
     L = graph.n_layers
     zs = []
     for l, hs in zip(range(start_layer, L), heads):
         if hs.shape[0] == 0:
             continue
         blk, before, is_last = layer(model.blocks, l), graph.n_senders_before_attn(l), l == L - 1
-        z = _heads_at(blk, graph, l, _corrupt_base(model, corr, l), (mid[:before],), m_add, m_dir, pos_qk, hs,
-                      out_at if is_last else None, z=True)
+        q_at = out_at if is_last else None
+        if cache is not None and l == start_layer:
+            z = cached_z(model, graph, l, cache, m_add, m_dir, hs, q_at)
+        else:
+            z = _heads_at(blk, graph, l, _corrupt_base(model, corr, l), (mid[:before],), m_add, m_dir, pos_qk, hs,
+                          q_at, z=True)
         corrupt = jnp.take(corr.heads[l], hs, axis=0)
         dev = jnp.einsum("hpk,hkd->hpd", z, jnp.take(blk.attn.W_O, hs, axis=0)) - (corrupt[:, out_at] if is_last else corrupt)
         if is_last:
@@ -181,28 +208,40 @@ def _inputs(model, corruption, tok, acts):
 
 
 @eqx.filter_jit
-def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at) -> BaseState:
+def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at,
+           maps=None, weights=None) -> BaseState:
     """`state` moved to the circuit `mask`, which differs from its own only at
     the inputs of `heads` (per layer from `start_layer`) and at the logits:
-    those heads are recomputed (their global indices: `changed`, in order)."""
+    those heads are recomputed (their global indices: `changed`, in order).
+    With `maps` (and no logits edge changed), the unembedded numerator is
+    updated by each recomputed head's change of z times its map (`weights`:
+    1 for each head's first slot, 0 for padding) instead of unembedding the
+    whole residual again."""
     m_add, m_dir = graph.dense_masks(mask)
     out_at = np.asarray(out_at)
 
     def one(tok, acts, mid, last):
         corr, pos_qk = _inputs(model, corruption, tok, acts)
         mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+        if maps is not None:
+            return mid, last, z, None
         x = _final_residual(model, graph, corr, mid, last, m_add, out_at)
         return mid, last, z, _numerator(model.ln_final, x) @ model.unembed.W_U
 
     mid, last, z, pre = jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0))(
         tokens, corruption.acts, state.mid, state.last)
+    if maps is not None:  # one product per recomputed head, over every prompt
+        u = (weights * m_add[graph.n_embed + changed, graph.logits_column])[None, :, None, None] * (z - state.z[:, changed])
+        pre = state.pre
+        for i in range(changed.shape[0]):
+            pre = pre + jnp.einsum("bnd,dv->bnv", u[:, i], maps[changed[i]])
     z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z)  # one index per recomputed slot
     return BaseState(mid, last, z, pre)
 
 
 @eqx.filter_jit
 def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, state: BaseState,
-                  maps, heads, pick, glob, valid, out_at, loop: bool = True):
+                  maps, cache: ReceiverCache, heads, pick, glob, valid, out_at, loop: bool = True):
     """Metric of each candidate mask (each the base of `state` with some
     edges cut, none into the logits, all into `heads`' inputs or reaching
     only them: see `reach`). `pick`, `glob`, `valid`: the heads into the
@@ -215,14 +254,15 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         m_add, m_dir = graph.dense_masks(mask)
         coef = valid * m_add[E + glob, graph.logits_column]
 
-        def one(tok, acts, mid, last, z_base):
+        def one(tok, acts, mid, last, z_base, cache):
             corr, pos_qk = _inputs(model, corruption, tok, acts)
-            mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+            mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
+                                      cache)
             u = coef[:, None, None] * (z[pick] - z_base[glob])
             return _final_residual(model, graph, corr, mid, last, m_add, out_at), u
 
-        return jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0, 0))(
-            tokens, corruption.acts, state.mid, state.last, state.z)
+        return jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0, 0, 0))(
+            tokens, corruption.acts, state.mid, state.last, state.z, cache)
 
     x, u = jax.lax.map(per_candidate, masks) if loop else jax.vmap(per_candidate)(masks)
     if low_rank(glob.shape[0], model.config):
@@ -254,6 +294,8 @@ class SparsePasses:
     """A `Scorer`'s sparse passes: the base state they start from, kept at
     the last base scored, and the head maps (made at the first pass)."""
 
+    REFRESH = 4  # updates between two rebases
+
     def __init__(self, scorer, enabled: bool):
         self.scorer = scorer
         self.ok = enabled and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
@@ -261,6 +303,8 @@ class SparsePasses:
         self.state: Optional[BaseState] = None
         self.maps = None
         self.rebases = 0
+        self.updates = 0  # moves by "update" since the last "rebase"
+        self.caches: dict[int, ReceiverCache] = {}  # start layer -> its receiver cache under the state
         self.passes = 0
 
     def _reach(self, cands, start_layer: int):
@@ -280,17 +324,25 @@ class SparsePasses:
         return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
 
     def _rebase_plan(self, base: np.ndarray):
-        """(shape, heads per layer) of the rebase to `base`, or None if the state is there."""
+        """(shape, heads per layer) of the move of the state to `base`, or None
+        if it is there: a "rebase" (the residual unembedded again) after an
+        edge into the logits changed, every `REFRESH` moves (so that float
+        rounding cannot pile up), or where the maps would have as many rows
+        as the residual; else an "update" (the heads' change through the maps)."""
         g = self.scorer.graph
         if self.mask is not None and np.array_equal(self.mask, base):
             return None
         if self.state is None:
-            start, heads = 0, [list(range(g.n_heads))] * g.n_layers
+            start, heads, kind = 0, [list(range(g.n_heads))] * g.n_layers, "rebase"
         else:
             cols = diff_columns(g, self.mask, base)
             start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
             heads, _ = reach(g, base, cols, start)
-        return Shape("rebase", start, 1, None, None, sizes(heads, [], g)), heads
+            size = sizes(heads, [], g)
+            update = (self.updates < self.REFRESH and not (cols.size and cols.max() >= g.logits_column)
+                      and low_rank(sum(size[:-1]), g.config))
+            kind = "update" if update else "rebase"
+        return Shape(kind, start, 1, None, None, sizes(heads, [], g)), heads
 
     def seconds(self, shape: Shape) -> float:
         """Estimated seconds of a sparse or rebase program: at the rate measured
@@ -314,22 +366,49 @@ class SparsePasses:
         changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
         state = self.state if self.state is not None else initial_state(
             g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
+        maps = weights = None
+        if shape.kind == "update":
+            maps = self._maps()
+            weights = np.zeros(len(changed), np.float32)
+            weights[np.unique(changed, return_index=True)[1]] = 1.0
+        self.updates = self.updates + 1 if shape.kind == "update" else 0
         flops = s._shape_flops(shape)
         s.flops += flops
         self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
-            s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions)))
+            s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
+            maps, weights)))
         self.mask = np.array(base, np.float32)
         self.rebases += 1
+        moved = [shape.start_layer + i for i, hs in enumerate(layers) if len(hs)]
+        if moved:  # the heads recomputed are senders of every later layer
+            self.caches = {l: c for l, c in self.caches.items() if l <= moved[0]}
+
+    def _cache(self, l: int) -> ReceiverCache:
+        """Layer `l`'s receiver cache under the state (made if missing; two are kept)."""
+        if l not in self.caches:
+            s = self.scorer
+            shape = Shape("receivers", l, 1, None, None)
+            flops = s._shape_flops(shape)
+            s.flops += flops
+            cache = s._run(shape, flops, lambda: jax.block_until_ready(receiver_cache(
+                s.model, s.graph, l, s.corruption, s.tokens, self.state.mid)))
+            self.caches = {k: c for k, c in list(self.caches.items())[-1:]}
+            self.caches[l] = cache
+        return self.caches[l]
+
+    def _maps(self):
+        if self.maps is None:
+            self.maps = head_maps(self.scorer.model)
+        return self.maps
 
     def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
         s, g = self.scorer, self.scorer.graph
         self._move_to(cands.base)
-        if self.maps is None:
-            self.maps = head_maps(s.model)
         layers, pick, glob, valid = padded(*self._reach(cands, start_layer), shape.reach, g)
+        cache = self._cache(start_layer)
         flops = s._shape_flops(shape)
         s.flops += flops
         self.passes += 1
         return s._run(shape, flops, lambda: np.asarray(sparse_metric(
-            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self.maps,
-            layers, pick, glob, valid, s.positions, s.loop)))
+            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self._maps(), cache,
+            layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))
