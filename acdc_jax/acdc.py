@@ -134,11 +134,11 @@ def acdc(
       with `log_path`, a later call with `resume=` carries on.
     callback: called with each Decision as it is made.
     sparse: in attention-only models, score a pass in a sparse program
-      (`sparse.py`: only the heads the cuts reach, a low-rank unembedding)
-      wherever that is estimated to take less time than the dense one. Off
-      by default: on a CPU it pays where the circuit is sparse (a high tau)
-      and costs a little where it is dense (more programs to compile; see
-      the README's Benchmarks).
+      (`sparse.py`: only the heads the cuts reach, the start layer from
+      cached sender projections, a low-rank unembedding) wherever that costs
+      fewer FLOPs than the dense one. Off by default: on a CPU it pays where
+      the circuit is sparse (a high tau) and costs about 10% where it is
+      dense (more programs to compile; see the README's Benchmarks).
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -74,7 +74,7 @@ def compile_seconds() -> float:
 class Shape:
     """A compiled program's shape. kind: "pass" (a batched pass), "heads"
     (the start layer's heads under the base mask, computed once per pass), or
-    "sparse", "rebase", "update" (`sparse.py`) and "receivers" (`receivers.py`).
+    "sparse" and "rebase" (`sparse.py`), and "receivers" (`receivers.py`).
     heads: heads recomputed in the start layer (None: all of them); rows:
     cached senders each candidate re-mixes (None: no shared upstream sum,
     every candidate mixes them all)."""
@@ -113,7 +113,6 @@ class Programs:
         self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
-        self.rates: dict[tuple, float] = {}  # (kind, start layer) -> seconds per FLOP (moving average)
         self.pass_seconds: dict[int, dict[int, float]] = {}  # start layer -> width -> seconds (moving average)
         self.reused = 0  # passes run in a larger program than they needed
 
@@ -158,22 +157,10 @@ class Programs:
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = _average(self.seconds_per_flop, rate)
-            if not compiled:
-                key = (shape.kind, shape.start_layer)
-                self.rates[key] = _average(self.rates.get(key), rate)
         if shape.kind in ("pass", "sparse") and not compiled:
             seen = self.pass_seconds.setdefault(shape.start_layer, {})
             seen[shape.width] = _average(seen.get(shape.width), wall)
         return out
-
-    def seconds(self, shape: Shape, flops: float, prior: float = 1.0) -> float:
-        """Estimated seconds of a run of `shape` costing `flops`: at the rate
-        measured for its kind and start layer (small programs run fewer FLOPs
-        per second), else at the overall rate times `prior`."""
-        rate = self.rates.get((shape.kind, shape.start_layer))
-        if rate is None:
-            rate = (self.seconds_per_flop or 1.0) * prior
-        return flops * rate
 
     def overhead(self, start_layer: int, default: float = 1.0) -> float:
         """A pass's fixed cost from `start_layer`, in candidates: the intercept

@@ -29,7 +29,8 @@ from .patching import (Corruption, corruption_axes, example_corruption, patched_
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .receivers import cache_flops
-from .sparse import SparsePasses, sparse_flops
+from .sparse import sparse_flops
+from .sparse_passes import SparsePasses
 from .tasks.base import Task, TaskArrays, task_arrays
 
 
@@ -42,7 +43,7 @@ class Scorer:
     `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     `sparse`: attention-only models score a pass in a sparse program
-    (`sparse.py`) where that is estimated to take less time.
+    (`sparse.py`) where that costs fewer FLOPs.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
@@ -201,13 +202,10 @@ class Scorer:
         that is cheaper (see `programs.py`)."""
         need = self.need(cands, start_layer, width)
         sparse = self.sparse.need(cands, start_layer, width)
-        if sparse is not None:
-            dense = self.programs.seconds(need, self._shape_flops(need))
-            rebase = self.sparse.rebase_seconds(cands.base)
-            if self.sparse.seconds(sparse) + rebase < dense:
-                shape = self._choose(sparse, max(sparse.width, max_width or width))
-                if self.sparse.seconds(shape) + rebase < dense:  # a larger sparse program may cost more
-                    return shape
+        if sparse is not None and self.sparse.cheaper(sparse, need, cands.base):
+            shape = self._choose(sparse, max(sparse.width, max_width or width))
+            if self.sparse.cheaper(shape, need, cands.base):  # a larger compiled one may not be
+                return shape
         return self._choose(need, max(need.width, max_width or width))
 
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
@@ -285,7 +283,7 @@ def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n
     H = graph.n_heads
     if shape.kind == "receivers":
         return n_prompts * cache_flops(graph, shape.start_layer, n_pos)
-    if shape.kind in ("sparse", "rebase", "update"):
+    if shape.kind in ("sparse", "rebase"):
         return shape.width * n_prompts * sparse_flops(graph, shape.start_layer, shape.reach, n_pos, n_out, shape.kind)
     if shape.kind == "heads":
         return n_prompts * base_heads_flops(graph, shape.start_layer, shape.heads or H, n_pos)

@@ -5,16 +5,17 @@ A candidate that cuts edges into receivers from layer L on changes the heads
 those receivers belong to, then the heads that read a changed head through an
 edge of the base circuit, and so on (`reach` finds that superset on the
 host). Every other sender keeps its deviation under the base circuit, held in
-a `BaseState` that follows the base as ACDC removes edges (`rebase`, itself a
-sparse pass). The candidates cut no logits edge, so their final residual
-differs from the base's only through the changed heads' z and W_O, and the
-unembedded numerator of ln_final (centred, times gamma) is the base's plus
-``u @ G_h`` per changed head h, with ``G_h = W_O_h P diag(gamma) W_U``
-[d_head, vocab] computed once (`head_maps`): d_head x vocab multiply-adds per
-changed head instead of d_model x vocab. The scale 1/sigma comes from the
-candidate's own residual. The metric equals the dense pass's up to float
-rounding (another summation order), which ACDC's near-tie band measures as it
-does for every program.
+a `BaseState` that follows the base as ACDC removes edges (`rebase`: the
+heads the removals reach are recomputed). The start layer's heads come from
+the receiver cache (`receivers.py`). The candidates cut no logits edge, so
+their final residual differs from the base's only through the changed heads'
+z and W_O, and the unembedded numerator of ln_final (centred, times gamma) is
+the base's plus ``u @ G_h`` per changed head h, with
+``G_h = W_O_h P diag(gamma) W_U`` [d_head, vocab] computed once
+(`head_maps`): d_head x vocab multiply-adds per changed head instead of
+d_model x vocab. The scale 1/sigma comes from the candidate's own residual.
+The metric equals the dense pass's up to float rounding (another summation
+order), which ACDC's near-tie band measures as it does for every program.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from .flops import attention_flops
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_corruption
-from .programs import Shape
-from .receivers import ReceiverCache, cached_flops, cached_z, receiver_cache
+from .receivers import ReceiverCache, cached_flops, cached_z
 from .tasks.base import TaskArrays
 
 
@@ -110,9 +110,9 @@ def low_rank(k: int, c) -> bool:
 
 def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int, n_out: int, kind: str) -> int:
     """Matrix-multiply FLOPs of one candidate and one example in a program of
-    `kind` ("sparse", "rebase" or "update") and `size`: a sparse pass
-    computes its start layer from the receiver cache, a rebase also unembeds
-    the whole residual, an update only the recomputed heads' change."""
+    `size`: a sparse pass (`kind` "sparse") computes its start layer from the
+    receiver cache; a move of the base state unembeds the whole residual
+    ("rebase") or only the recomputed heads' change ("update")."""
     c, L = graph.config, graph.n_layers
     total = 0
     for l, k in zip(range(start_layer, L), size[:-1]):
@@ -208,33 +208,43 @@ def _inputs(model, corruption, tok, acts):
 
 
 @eqx.filter_jit
-def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at,
-           maps=None, weights=None) -> BaseState:
+def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
+           weights, dense) -> BaseState:
     """`state` moved to the circuit `mask`, which differs from its own only at
     the inputs of `heads` (per layer from `start_layer`) and at the logits:
     those heads are recomputed (their global indices: `changed`, in order).
-    With `maps` (and no logits edge changed), the unembedded numerator is
+    The unembedded numerator is then made again from the final residual
+    where `dense` (a traced flag, so that both ways share one program) or
+    where the maps would have as many rows as the residual; else it is
     updated by each recomputed head's change of z times its map (`weights`:
-    1 for each head's first slot, 0 for padding) instead of unembedding the
-    whole residual again."""
+    1 for each head's first slot, 0 for padding)."""
     m_add, m_dir = graph.dense_masks(mask)
     out_at = np.asarray(out_at)
+    axes = corruption_axes(corruption)
 
     def one(tok, acts, mid, last):
         corr, pos_qk = _inputs(model, corruption, tok, acts)
-        mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
-        if maps is not None:
-            return mid, last, z, None
-        x = _final_residual(model, graph, corr, mid, last, m_add, out_at)
-        return mid, last, z, _numerator(model.ln_final, x) @ model.unembed.W_U
+        return _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
 
-    mid, last, z, pre = jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0))(
-        tokens, corruption.acts, state.mid, state.last)
-    if maps is not None:  # one product per recomputed head, over every prompt
+    def unembed(mid, last):
+        def one_pre(tok, acts, mid, last):
+            x = _final_residual(model, graph, _inputs(model, corruption, tok, acts)[0], mid, last, m_add, out_at)
+            return _numerator(model.ln_final, x) @ model.unembed.W_U
+
+        return jax.vmap(one_pre, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, mid, last)
+
+    def update(mid, last):  # one product per recomputed head, over every prompt
         u = (weights * m_add[graph.n_embed + changed, graph.logits_column])[None, :, None, None] * (z - state.z[:, changed])
         pre = state.pre
         for i in range(changed.shape[0]):
             pre = pre + jnp.einsum("bnd,dv->bnv", u[:, i], maps[changed[i]])
+        return pre
+
+    mid, last, z = jax.vmap(one, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
+    if low_rank(changed.shape[0], model.config):
+        pre = jax.lax.cond(dense, unembed, update, mid, last)
+    else:
+        pre = unembed(mid, last)
     z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z)  # one index per recomputed slot
     return BaseState(mid, last, z, pre)
 
@@ -288,127 +298,3 @@ def diff_columns(graph: CircuitGraph, old: np.ndarray, new: np.ndarray) -> np.nd
     """Receiver columns of the edges where two circuits differ."""
     edges = np.flatnonzero(np.asarray(old) != np.asarray(new))
     return np.unique(graph.places(edges)[1])
-
-
-class SparsePasses:
-    """A `Scorer`'s sparse passes: the base state they start from, kept at
-    the last base scored, and the head maps (made at the first pass)."""
-
-    REFRESH = 4  # updates between two rebases
-
-    def __init__(self, scorer, enabled: bool):
-        self.scorer = scorer
-        self.ok = enabled and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
-        self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
-        self.state: Optional[BaseState] = None
-        self.maps = None
-        self.rebases = 0
-        self.updates = 0  # moves by "update" since the last "rebase"
-        self.caches: dict[int, ReceiverCache] = {}  # start layer -> its receiver cache under the state
-        self.passes = 0
-
-    def _reach(self, cands, start_layer: int):
-        g = self.scorer.graph
-        if not self.ok or start_layer >= g.n_layers:
-            return None
-        cols = np.unique(cands.places(g)[1])
-        if cols.size and (cols.max() >= g.logits_column or cols.min() < start_layer * g._layer_columns):
-            return None
-        return reach(g, cands.base, cols, start_layer)
-
-    def need(self, cands, start_layer: int, width: int) -> Optional[Shape]:
-        """The sparse program that scores `cands`, or None where there is none."""
-        found = self._reach(cands, start_layer)
-        if found is None:
-            return None
-        return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
-
-    def _rebase_plan(self, base: np.ndarray):
-        """(shape, heads per layer) of the move of the state to `base`, or None
-        if it is there: a "rebase" (the residual unembedded again) after an
-        edge into the logits changed, every `REFRESH` moves (so that float
-        rounding cannot pile up), or where the maps would have as many rows
-        as the residual; else an "update" (the heads' change through the maps)."""
-        g = self.scorer.graph
-        if self.mask is not None and np.array_equal(self.mask, base):
-            return None
-        if self.state is None:
-            start, heads, kind = 0, [list(range(g.n_heads))] * g.n_layers, "rebase"
-        else:
-            cols = diff_columns(g, self.mask, base)
-            start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
-            heads, _ = reach(g, base, cols, start)
-            size = sizes(heads, [], g)
-            update = (self.updates < self.REFRESH and not (cols.size and cols.max() >= g.logits_column)
-                      and low_rank(sum(size[:-1]), g.config))
-            kind = "update" if update else "rebase"
-        return Shape(kind, start, 1, None, None, sizes(heads, [], g)), heads
-
-    def seconds(self, shape: Shape) -> float:
-        """Estimated seconds of a sparse or rebase program: at the rate measured
-        for its kind and layer, or at first at half the overall rate (small
-        matrix products; measured on a CPU: 53-85 GFLOP/s against 70-145 for
-        dense passes)."""
-        return self.scorer.programs.seconds(shape, self.scorer._shape_flops(shape), prior=2.0)
-
-    def rebase_seconds(self, base: np.ndarray) -> float:
-        plan = self._rebase_plan(base)
-        return 0.0 if plan is None else self.seconds(plan[0])
-
-    def _move_to(self, base: np.ndarray) -> None:
-        plan = self._rebase_plan(base)
-        if plan is None:
-            return
-        s, g = self.scorer, self.scorer.graph
-        need, heads = plan
-        shape = s._choose(need)
-        layers = padded(heads, [], shape.reach, g)[0]
-        changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
-        state = self.state if self.state is not None else initial_state(
-            g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
-        maps = weights = None
-        if shape.kind == "update":
-            maps = self._maps()
-            weights = np.zeros(len(changed), np.float32)
-            weights[np.unique(changed, return_index=True)[1]] = 1.0
-        self.updates = self.updates + 1 if shape.kind == "update" else 0
-        flops = s._shape_flops(shape)
-        s.flops += flops
-        self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
-            s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
-            maps, weights)))
-        self.mask = np.array(base, np.float32)
-        self.rebases += 1
-        moved = [shape.start_layer + i for i, hs in enumerate(layers) if len(hs)]
-        if moved:  # the heads recomputed are senders of every later layer
-            self.caches = {l: c for l, c in self.caches.items() if l <= moved[0]}
-
-    def _cache(self, l: int) -> ReceiverCache:
-        """Layer `l`'s receiver cache under the state (made if missing; two are kept)."""
-        if l not in self.caches:
-            s = self.scorer
-            shape = Shape("receivers", l, 1, None, None)
-            flops = s._shape_flops(shape)
-            s.flops += flops
-            cache = s._run(shape, flops, lambda: jax.block_until_ready(receiver_cache(
-                s.model, s.graph, l, s.corruption, s.tokens, self.state.mid)))
-            self.caches = {k: c for k, c in list(self.caches.items())[-1:]}
-            self.caches[l] = cache
-        return self.caches[l]
-
-    def _maps(self):
-        if self.maps is None:
-            self.maps = head_maps(self.scorer.model)
-        return self.maps
-
-    def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
-        s, g = self.scorer, self.scorer.graph
-        self._move_to(cands.base)
-        layers, pick, glob, valid = padded(*self._reach(cands, start_layer), shape.reach, g)
-        cache = self._cache(start_layer)
-        flops = s._shape_flops(shape)
-        s.flops += flops
-        self.passes += 1
-        return s._run(shape, flops, lambda: np.asarray(sparse_metric(
-            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self._maps(), cache,
-            layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))

@@ -22,7 +22,9 @@ that both compute the same thing, acdc-jax is also run (batched) with
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_acdc_"))
+    atexit.register(shutil.rmtree, tmp, True)  # the model's checkpoint is 200 MB
     if args.child:  # one batched run in this fresh process, its programs cached on disk
         from acdc_jax.programs import use_disk_cache
 

@@ -109,7 +109,8 @@ def main(argv=None):
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--n-pos", type=int, default=24)
     args = parser.parse_args(argv)
-    model, task = model_and_task(Path(tempfile.mkdtemp(prefix="bench_floor_")), args.n_prompts, args.n_pos)
+    with tempfile.TemporaryDirectory(prefix="bench_floor_") as tmp:  # the model's checkpoint is 200 MB
+        model, task = model_and_task(Path(tmp), args.n_prompts, args.n_pos)
     fwd = forward_flops(model.config, args.n_pos)
     rows = []
     for tau in args.taus:

@@ -28,7 +28,8 @@ def child(n_prompts: int, n_pos: int, tau: float, sparse: bool) -> dict:
     from acdc_jax import acdc
     from acdc_jax.programs import compile_seconds
 
-    model, task = model_and_task(Path(tempfile.mkdtemp(prefix="bench_sparse_")), n_prompts, n_pos)
+    with tempfile.TemporaryDirectory(prefix="bench_sparse_") as tmp:  # the model's checkpoint is 200 MB
+        model, task = model_and_task(Path(tmp), n_prompts, n_pos)
     out = {}
     for name in ("cold", "warm"):
         start, compiling = time.perf_counter(), compile_seconds()

@@ -1,0 +1,140 @@
+"""A `Scorer`'s sparse passes (`sparse.py`): the base state they start
+from, the moves that keep it at the circuit being scored, the receiver
+caches and head maps, and the choice between a sparse and a dense pass."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import numpy as np
+
+from .programs import Shape
+from .receivers import ReceiverCache, receiver_cache
+from .sparse import (BaseState, diff_columns, eligible, head_maps, initial_state, low_rank, padded, reach, rebase,
+                     sizes, sparse_flops, sparse_metric)
+
+
+class SparsePasses:
+    """A `Scorer`'s sparse passes: the base state they start from, kept at
+    the last base scored, and the head maps (made at the first pass)."""
+
+    REFRESH = 4  # moves through the maps between two dense ones
+
+    def __init__(self, scorer, enabled: bool):
+        self.scorer = scorer
+        self.ok = enabled and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
+        self.state: Optional[BaseState] = None
+        self.maps = None
+        self.rebases = 0
+        self.updates = 0  # moves through the maps since the last dense one
+        self.caches: dict[int, ReceiverCache] = {}  # start layer -> its receiver cache under the state
+        self.passes = 0
+
+    def _reach(self, cands, start_layer: int):
+        g = self.scorer.graph
+        if not self.ok or start_layer >= g.n_layers:
+            return None
+        cols = np.unique(cands.places(g)[1])
+        if cols.size and (cols.max() >= g.logits_column or cols.min() < start_layer * g._layer_columns):
+            return None
+        return reach(g, cands.base, cols, start_layer)
+
+    def need(self, cands, start_layer: int, width: int) -> Optional[Shape]:
+        """The sparse program that scores `cands`, or None where there is none."""
+        found = self._reach(cands, start_layer)
+        if found is None:
+            return None
+        return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
+
+    def _rebase_plan(self, base: np.ndarray):
+        """(shape, heads per layer, dense) of the move of the state to `base`,
+        or None if it is there. Dense (the residual unembedded again) after an
+        edge into the logits changed and every `REFRESH` moves (so that float
+        rounding cannot pile up); else the heads' change goes through the maps.
+        A layer's head count is padded to 2 or all heads: moves are cheap, and
+        few shapes are few programs to compile."""
+        g = self.scorer.graph
+        if self.mask is not None and np.array_equal(self.mask, base):
+            return None
+        if self.state is None:
+            start, heads, dense = 0, [list(range(g.n_heads))] * g.n_layers, True
+        else:
+            cols = diff_columns(g, self.mask, base)
+            start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
+            heads, _ = reach(g, base, cols, start)
+            dense = self.updates >= self.REFRESH or bool(cols.size and cols.max() >= g.logits_column)
+        size = tuple(0 if not hs else min(2, g.n_heads) if len(hs) <= 2 else g.n_heads for hs in heads) + (0,)
+        dense = dense or not low_rank(sum(size), g.config)
+        return Shape("rebase", start, 1, None, None, size), heads, dense
+
+    def _move_flops(self, shape: Shape, dense: bool) -> float:
+        n_prompts, n_pos = self.scorer.tokens.shape
+        return n_prompts * sparse_flops(self.scorer.graph, shape.start_layer, shape.reach, n_pos,
+                                        len(self.scorer.positions), "rebase" if dense else "update")
+
+    def cheaper(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
+        """Whether the sparse program `shape`, with the move of the state to
+        `base`, costs fewer FLOPs than the dense pass `dense`. FLOPs, not
+        measured seconds: a choice that does not drift with the timings
+        compiles the same programs in every run (measured seconds per FLOP
+        made later runs choose, and compile, other shapes)."""
+        plan = self._rebase_plan(base)
+        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
+        return self.scorer._shape_flops(shape) + move < self.scorer._shape_flops(dense)
+
+    def _move_to(self, base: np.ndarray) -> None:
+        plan = self._rebase_plan(base)
+        if plan is None:
+            return
+        s, g = self.scorer, self.scorer.graph
+        need, heads, dense = plan
+        shape = s._choose(need)
+        layers = padded(heads, [], shape.reach, g)[0]
+        changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
+        state = self.state if self.state is not None else initial_state(
+            g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
+        weights = np.zeros(len(changed), np.float32)
+        weights[np.unique(changed, return_index=True)[1]] = 1.0
+        self.updates = 0 if dense else self.updates + 1
+        flops = self._move_flops(shape, dense)
+        s.flops += flops
+        self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
+            s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
+            self._maps(), weights, np.asarray(dense))))
+        self.mask = np.array(base, np.float32)
+        self.rebases += 1
+        moved = [shape.start_layer + i for i, hs in enumerate(layers) if len(hs)]
+        if moved:  # the heads recomputed are senders of every later layer
+            self.caches = {l: c for l, c in self.caches.items() if l <= moved[0]}
+
+    def _cache(self, l: int) -> ReceiverCache:
+        """Layer `l`'s receiver cache under the state (made if missing; two are kept)."""
+        if l not in self.caches:
+            s = self.scorer
+            shape = Shape("receivers", l, 1, None, None)
+            flops = s._shape_flops(shape)
+            s.flops += flops
+            cache = s._run(shape, flops, lambda: jax.block_until_ready(receiver_cache(
+                s.model, s.graph, l, s.corruption, s.tokens, self.state.mid)))
+            self.caches = {k: c for k, c in list(self.caches.items())[-1:]}
+            self.caches[l] = cache
+        return self.caches[l]
+
+    def _maps(self):
+        if self.maps is None:
+            self.maps = head_maps(self.scorer.model)
+        return self.maps
+
+    def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
+        s, g = self.scorer, self.scorer.graph
+        self._move_to(cands.base)
+        layers, pick, glob, valid = padded(*self._reach(cands, start_layer), shape.reach, g)
+        cache = self._cache(start_layer)
+        flops = s._shape_flops(shape)
+        s.flops += flops
+        self.passes += 1
+        return s._run(shape, flops, lambda: np.asarray(sparse_metric(
+            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self._maps(), cache,
+            layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))
