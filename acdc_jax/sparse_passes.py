@@ -17,7 +17,8 @@ from .sparse import (BaseState, diff_columns, eligible, head_maps, initial_state
 
 class SparsePasses:
     """A `Scorer`'s sparse passes: the base state they start from, kept at
-    the last base scored, and the head maps (made at the first pass)."""
+    the last base scored, the receiver caches of the last two start layers,
+    and the head maps (made at the first pass)."""
 
     REFRESH = 4  # moves through the maps between two dense ones
 
@@ -136,5 +137,5 @@ class SparsePasses:
         s.flops += flops
         self.passes += 1
         return s._run(shape, flops, lambda: np.asarray(sparse_metric(
-            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state, self._maps(), cache,
-            layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))
+            s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
+            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))
