@@ -94,6 +94,12 @@ def example_corruption(corruption: Corruption, model: Transformer, n_pos: int, a
     return acts
 
 
+def example_inputs(corruption: Corruption, model: Transformer, tokens, acts):
+    """One example's corrupted sender outputs and its shortformer position
+    embedding (added to queries and keys; None for other position types)."""
+    return example_corruption(corruption, model, tokens.shape[0], acts), model.embeddings(tokens)[2]
+
+
 def corruption_axes(corruption: Corruption):
     """vmap axes for `Corruption.acts` over the prompt batch."""
     return 0 if corruption.kind == "prompts" else None
@@ -354,9 +360,8 @@ def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_p
     m_add, m_dir = graph.dense_masks(masks.astype(model.embed.W_E.dtype))
 
     def one(tok, acts):
-        corr = example_corruption(corruption, model, tok.shape[0], acts)
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
         up = embed_deviations(model, graph, tok, corr)
-        _, _, pos_qk = model.embeddings(tok)
         logits, down = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow)
         return logits, None if down is None else jnp.concatenate([up, down])
 

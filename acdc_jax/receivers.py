@@ -27,7 +27,7 @@ from jaxtyping import Array, Float
 
 from .graph import CircuitGraph
 from .model import Transformer, attend, layer
-from .patching import _corrupt_base, corruption_axes, example_corruption
+from .patching import _corrupt_base, corruption_axes, example_inputs
 
 
 class ReceiverCache(eqx.Module):
@@ -52,8 +52,7 @@ def receiver_cache(model: Transformer, graph: CircuitGraph, l: int, corruption, 
     n = graph.n_senders_before_attn(l)
 
     def one(tok, acts, mid):
-        corr = example_corruption(corruption, model, tok.shape[0], acts)
-        pos_qk = model.embeddings(tok)[2]
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
         x = jnp.concatenate([mid[:n], _corrupt_base(model, corr, l)[None]])
         gram = None
         if ln.mode != "none":

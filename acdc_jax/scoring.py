@@ -25,7 +25,7 @@ from .flops import base_heads_flops, pass_flops, upstream_flops
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer
 from .programs import Shape, shared
-from .patching import (Corruption, corruption_axes, example_corruption, patched_logits_and_deviations, run_from,
+from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, run_from,
                        senders_before, start_layer_heads, upstream_mix, upstream_offset)
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .receivers import cache_flops
@@ -328,18 +328,13 @@ def _metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens,
     return jax.lax.map(jax.value_and_grad(f), masks)
 
 
-def _example_inputs(model, corruption, tok, acts):
-    corr = example_corruption(corruption, model, tok.shape[0], acts)
-    return corr, model.embeddings(tok)[2]
-
-
 @eqx.filter_jit
 def _layer_heads(model, graph, layer, corruption, mask, tokens, deviations, heads):
     """Results of `heads` of `layer` under `mask`, for every prompt [batch, n, pos, d_model]."""
     m_add, m_dir = graph.dense_masks(mask)
 
     def one(tok, up, acts):
-        corr, pos_qk = _example_inputs(model, corruption, tok, acts)
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
         return start_layer_heads(model, graph, layer, up, m_add, m_dir, corr, pos_qk, heads)
 
     up_all = deviations[:, :senders_before(graph, layer)]
@@ -384,7 +379,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
 
     def one_example(mask, tok, up, acts, results, shared):
         m_add, m_dir = graph.dense_masks(mask)
-        corr, pos_qk = _example_inputs(model, corruption, tok, acts)
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
         first = None if results is None else (results, heads)
         if shared is None and base_add is not None:  # the same for every candidate: vmap computes it once
             shared = upstream_mix(graph, start_layer, up, base_add, upstream[1])

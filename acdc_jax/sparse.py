@@ -31,7 +31,7 @@ from jaxtyping import Array, Float
 from .flops import attention_flops
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
-from .patching import _corrupt_base, _heads_at, corruption_axes, example_corruption
+from .patching import _corrupt_base, _heads_at, corruption_axes, example_inputs
 from .receivers import ReceiverCache, cached_flops, cached_z
 from .tasks.base import TaskArrays
 
@@ -203,10 +203,6 @@ def _final_residual(model, graph, corr, mid, last, m_add, out_at):
     return base + jnp.einsum("s,spd->pd", m_add[:, graph.logits_column], devs)
 
 
-def _inputs(model, corruption, tok, acts):
-    return example_corruption(corruption, model, tok.shape[0], acts), model.embeddings(tok)[2]
-
-
 @eqx.filter_jit
 def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
            weights, dense) -> BaseState:
@@ -223,24 +219,26 @@ def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask
     axes = corruption_axes(corruption)
 
     def one(tok, acts, mid, last):
-        corr, pos_qk = _inputs(model, corruption, tok, acts)
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
         return _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+
+    mid, last, z = jax.vmap(one, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
 
     def unembed(mid, last):
         def one_pre(tok, acts, mid, last):
-            x = _final_residual(model, graph, _inputs(model, corruption, tok, acts)[0], mid, last, m_add, out_at)
+            corr = example_inputs(corruption, model, tok, acts)[0]
+            x = _final_residual(model, graph, corr, mid, last, m_add, out_at)
             return _numerator(model.ln_final, x) @ model.unembed.W_U
 
         return jax.vmap(one_pre, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, mid, last)
 
-    def update(mid, last):  # one product per recomputed head, over every prompt
+    def update(mid, last):  # one product per recomputed head, over every prompt (lax.cond passes both the same)
         u = (weights * m_add[graph.n_embed + changed, graph.logits_column])[None, :, None, None] * (z - state.z[:, changed])
         pre = state.pre
         for i in range(changed.shape[0]):
             pre = pre + jnp.einsum("bnd,dv->bnv", u[:, i], maps[changed[i]])
         return pre
 
-    mid, last, z = jax.vmap(one, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
     if low_rank(changed.shape[0], model.config):
         pre = jax.lax.cond(dense, unembed, update, mid, last)
     else:
@@ -265,7 +263,7 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         coef = valid * m_add[E + glob, graph.logits_column]
 
         def one(tok, acts, mid, last, z_base, cache):
-            corr, pos_qk = _inputs(model, corruption, tok, acts)
+            corr, pos_qk = example_inputs(corruption, model, tok, acts)
             mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
                                       cache)
             u = coef[:, None, None] * (z[pick] - z_base[glob])

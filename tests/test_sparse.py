@@ -90,7 +90,8 @@ def test_updates_keep_the_unembedded_numerator_exact():
     """Edges removed one at a time (as ACDC does) move the state by low-rank
     updates, with a dense one every `REFRESH` moves: after each move, the
     logits made from the state equal the full patched forward's."""
-    from acdc_jax.sparse import _final_residual, _inputs, _logits
+    from acdc_jax.patching import example_inputs
+    from acdc_jax.sparse import _final_residual, _logits
 
     model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [5, 6])
     mask = np.ones(graph.n_edges, np.float32)
@@ -104,7 +105,7 @@ def test_updates_keep_the_unembedded_numerator_exact():
         m_add = graph.dense_masks(scorer._rep(mask))[0]
         full = patched_logits_and_deviations(model, graph, scorer.tokens, mask, corr)[0][:, out]
         for i, tok in enumerate(scorer.tokens):
-            corr_i = _inputs(model, corr, tok, jax.tree_util.tree_map(lambda a: a[i], corr.acts))[0]
+            corr_i = example_inputs(corr, model, tok, jax.tree_util.tree_map(lambda a: a[i], corr.acts))[0]
             x = _final_residual(model, graph, corr_i, state.mid[i], state.last[i], m_add, out)
             np.testing.assert_allclose(_logits(model, x, state.pre[i]), full[i], rtol=1e-4, atol=1e-5)
     assert dense.count(False) >= 6 and True in dense[1:]
