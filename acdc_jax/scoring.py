@@ -22,6 +22,7 @@ import numpy as np
 from . import xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
+from .fused_kl import residual_kl, streams
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer
 from .programs import Shape, shared
@@ -410,6 +411,8 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
             *chunk_args, shared), masks)
 
     resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
+    if streams(metric, resid, loop):
+        return residual_kl(model, resid, arrays)
     n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
     out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
     return out.reshape(n)

@@ -29,6 +29,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .flops import attention_flops
+from .fused_kl import final_bias, final_numerator, final_scale, low_rank_kl, residual_kl, streams, weighted_mean
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_inputs
@@ -115,12 +116,13 @@ def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int,
     ("rebase") or only the recomputed heads' change ("update")."""
     c, L = graph.config, graph.n_layers
     total = 0
-    for l, k in zip(range(start_layer, L), size[:-1]):
+    for i, (l, k) in enumerate(zip(range(start_layer, L), size[:-1])):
         n_q = n_out if l == L - 1 else n_pos
         if l == start_layer and kind == "sparse":  # from the receiver cache
             total += cached_flops(graph, l, k, n_pos, n_q) + 2 * k * n_q * c.d_head * c.d_model
             continue
-        total += 2 * k * graph.n_senders_before_attn(l) * (n_q + 2 * n_pos) * c.d_model + attention_flops(c, k, n_pos, n_q)
+        mixed = graph.n_senders_before_attn(l) + sum(size[:i])  # the base's deviations, then the changes so far
+        total += 2 * k * mixed * (n_q + 2 * n_pos) * c.d_model + attention_flops(c, k, n_pos, n_q)
     if kind == "update":
         return total + 2 * n_out * c.d_vocab_out * c.d_head * sum(size[:-1])
     total += 2 * graph.n_senders * n_out * c.d_model
@@ -128,28 +130,15 @@ def sparse_flops(graph: CircuitGraph, start_layer: int, size: tuple, n_pos: int,
     return total
 
 
-def _numerator(ln, x):
-    """ln_final's numerator: x centred, times gamma (as its mode has them)."""
-    if ln.mode == "none":
-        return x
-    x = x - x.mean(-1, keepdims=True)
-    return x * _lead(ln.w, x.ndim) if ln.mode == "LN" else x
-
-
 def _logits(model: Transformer, x, pre):
     """Logits of the final residual `x`, given its numerator unembedded (`pre`)."""
-    ln, un = model.ln_final, model.unembed
-    bias = un.b_U + ln.b @ un.W_U if ln.mode == "LN" else un.b_U
-    if ln.mode == "none":
-        return pre + _lead(bias, pre.ndim)
-    xc = x - x.mean(-1, keepdims=True)
-    return pre * jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + ln.eps) + _lead(bias, pre.ndim)
+    return pre * final_scale(model.ln_final, x)[..., None] + _lead(final_bias(model), pre.ndim)
 
 
 @eqx.filter_jit
 def _head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
     W_O = model.blocks.attn.W_O
-    maps = jnp.einsum("lhkd,dv->lhkv", _numerator(model.ln_final, W_O), model.unembed.W_U)
+    maps = jnp.einsum("lhkd,dv->lhkv", final_numerator(model.ln_final, W_O), model.unembed.W_U)
     return maps.reshape((-1,) + maps.shape[2:])
 
 
@@ -167,14 +156,23 @@ def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_ou
     return _maps_cache[0][1]
 
 
-def _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
-               cache: Optional[ReceiverCache] = None):
-    """Layer by layer from `start_layer`, the `heads` of each under the masks,
-    written into the deviations `mid` and `last`; also their z at `out_at`,
-    concatenated [sum of sizes, n_out, d_head]. With `cache` (one prompt's),
-    the start layer's heads come from it (`receivers.py`)."""
+def _first(hs, dtype):
+    """1 for each head's first slot in a padded list, 0 for its repeats."""
+    i = jnp.arange(hs.shape[0])
+    return jnp.where(((hs[:, None] == hs[None, :]) & (i[None, :] < i[:, None])).any(1), 0, 1).astype(dtype)
+
+
+def _changes(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
+             cache: Optional[ReceiverCache] = None):
+    """Layer by layer from `start_layer`, the `heads` of each under the masks
+    (one prompt's deviations `mid` and `last` under the base, read, not
+    written: a later layer adds the changes to the base's deviations).
+    Returns, per layer with heads, (layer, heads, their new deviations, the
+    change from the base's, zero on padding slots), and the heads' z at
+    `out_at`, concatenated [sum of sizes, n_out, d_head]. With `cache` (one
+    prompt's), the start layer's heads come from it (`receivers.py`)."""
     L = graph.n_layers
-    zs = []
+    changes, zs, rows, deltas = [], [], [], []
     for l, hs in zip(range(start_layer, L), heads):
         if hs.shape[0] == 0:
             continue
@@ -183,18 +181,19 @@ def _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid
         if cache is not None and l == start_layer:
             z = cached_z(model, graph, l, cache, m_add, m_dir, hs, q_at)
         else:
-            z = _heads_at(blk, graph, l, _corrupt_base(model, corr, l), (mid[:before],), m_add, m_dir, pos_qk, hs,
-                          q_at, z=True)
+            stacks, m = (mid[:before],), m_add
+            if deltas:  # the base's deviations, plus the changes of the heads recomputed so far
+                stacks, m = stacks + (jnp.concatenate(deltas),), jnp.concatenate([m_add[:before], m_add[jnp.concatenate(rows)]])
+            z = _heads_at(blk, graph, l, _corrupt_base(model, corr, l), stacks, m, m_dir, pos_qk, hs, q_at, z=True)
         corrupt = jnp.take(corr.heads[l], hs, axis=0)
         dev = jnp.einsum("hpk,hkd->hpd", z, jnp.take(blk.attn.W_O, hs, axis=0)) - (corrupt[:, out_at] if is_last else corrupt)
-        if is_last:
-            last = last.at[hs].set(dev)
-            zs.append(z)
-        else:
-            mid = mid.at[before + hs].set(dev)
-            zs.append(z[:, out_at])
+        delta = _first(hs, dev.dtype)[:, None, None] * (dev - (last[hs] if is_last else mid[before + hs]))
+        changes.append((l, hs, dev, delta))
+        rows.append(before + hs)
+        deltas.append(delta)
+        zs.append(z if is_last else z[:, out_at])
     z = jnp.concatenate(zs) if zs else jnp.zeros((1, len(out_at), model.config.d_head), mid.dtype)
-    return mid, last, z
+    return changes, z
 
 
 def _final_residual(model, graph, corr, mid, last, m_add, out_at):
@@ -220,7 +219,13 @@ def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask
 
     def one(tok, acts, mid, last):
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
-        return _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+        changes, z = _changes(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
+        for l, hs, dev, _ in changes:
+            if l == graph.n_layers - 1:
+                last = last.at[hs].set(dev)
+            else:
+                mid = mid.at[graph.n_senders_before_attn(l) + hs].set(dev)
+        return mid, last, z
 
     mid, last, z = jax.vmap(one, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
 
@@ -228,7 +233,7 @@ def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask
         def one_pre(tok, acts, mid, last):
             corr = example_inputs(corruption, model, tok, acts)[0]
             x = _final_residual(model, graph, corr, mid, last, m_add, out_at)
-            return _numerator(model.ln_final, x) @ model.unembed.W_U
+            return final_numerator(model.ln_final, x) @ model.unembed.W_U
 
         return jax.vmap(one_pre, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, mid, last)
 
@@ -253,30 +258,57 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     """Metric of each candidate mask (each the base of `state` with some
     edges cut, none into the logits, all into `heads`' inputs or reaching
     only them: see `reach`). `pick`, `glob`, `valid`: the heads into the
-    logits (`padded`). On a CPU the candidates run one at a time and share
-    one low-rank unembedding (reading the maps once)."""
+    logits (`padded`). On a CPU the candidates run one at a time. The final
+    residual is the base's plus the recomputed heads' changes; KL divergence
+    streams the low-rank logits over the vocabulary (`fused_kl.py`), any
+    other metric reads them whole."""
     out_at = np.asarray(out_at)
-    E = graph.n_embed
+    E, H, L, col = graph.n_embed, graph.n_heads, graph.n_layers, graph.logits_column
+    axes = corruption_axes(corruption)
+    m_base = graph.dense_masks(masks[0])[0]  # no candidate cuts an edge into the logits
 
-    def per_candidate(mask):
-        m_add, m_dir = graph.dense_masks(mask)
-        coef = valid * m_add[E + glob, graph.logits_column]
+    def base_residual(tok, acts, mid, last):
+        return _final_residual(model, graph, example_inputs(corruption, model, tok, acts)[0], mid, last, m_base, out_at)
 
-        def one(tok, acts, mid, last, z_base, cache):
-            corr, pos_qk = example_inputs(corruption, model, tok, acts)
-            mid, last, z = _recompute(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at,
-                                      cache)
-            u = coef[:, None, None] * (z[pick] - z_base[glob])
-            return _final_residual(model, graph, corr, mid, last, m_add, out_at), u
+    x_base = jax.vmap(base_residual, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
 
-        return jax.vmap(one, in_axes=(0, corruption_axes(corruption), 0, 0, 0, 0))(
-            tokens, corruption.acts, state.mid, state.last, state.z, cache)
+    m_adds, m_dirs = jax.vmap(graph.dense_masks)(masks)
 
-    x, u = jax.lax.map(per_candidate, masks) if loop else jax.vmap(per_candidate)(masks)
-    if low_rank(glob.shape[0], model.config):
+    def one(m_add, m_dir, tok, acts, mid, last, z_base, cache):
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
+        changes, z = _changes(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at, cache)
+        dx = sum(jnp.einsum("h,hpd->pd", m_add[E + l * H + hs, col], delta if l == L - 1 else delta[:, out_at])
+                 for l, hs, _, delta in changes)
+        return dx, (valid * m_add[E + glob, col])[:, None, None] * (z[pick] - z_base[glob])
+
+    if loop:  # one prompt at a time, its deviations read once for every candidate
+        def per_prompt(prompt):
+            tok, acts, mid, last, z_base, cache = prompt
+            acts = corruption.acts if axes is None else acts  # shared by every prompt
+            return jax.vmap(one, in_axes=(0, 0) + (None,) * 6)(m_adds, m_dirs, tok, acts, mid, last, z_base, cache)
+
+        dx, u = jax.lax.map(per_prompt, (tokens, corruption.acts if axes == 0 else tokens, state.mid, state.last,
+                                         state.z, cache))
+        dx, u = jnp.moveaxis(dx, 0, 1), jnp.moveaxis(u, 0, 1)
+    else:
+        per_candidate = lambda m_add, m_dir: jax.vmap(one, in_axes=(None, None, 0, axes, 0, 0, 0, 0))(
+            m_add, m_dir, tokens, corruption.acts, state.mid, state.last, state.z, cache)
+        dx, u = jax.vmap(per_candidate)(m_adds, m_dirs)
+    x = x_base[None] + dx
+    k = glob.shape[0]
+    if streams(metric, x, loop) and low_rank(k, model.config):
+        rows = x.shape[1] * x.shape[2]
+        kl = low_rank_kl(jnp.moveaxis(u, 2, 3).reshape(x.shape[0], rows, -1),
+                         jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre.reshape(rows, -1),
+                         final_scale(model.ln_final, x).reshape(x.shape[0], rows), final_bias(model),
+                         arrays["reference"].reshape(rows, -1).astype(jnp.float32))
+        return weighted_mean(kl, arrays["weights"])
+    if streams(metric, x, loop):
+        return residual_kl(model, x, arrays)
+    if low_rank(k, model.config):
         pre = state.pre[None] + jnp.einsum("cpknd,kdv->cpnv", u, jnp.take(maps, glob, axis=0))
     else:  # as many maps' rows as the residual has: unembed the residual itself
-        pre = _numerator(model.ln_final, x) @ model.unembed.W_U
+        pre = final_numerator(model.ln_final, x) @ model.unembed.W_U
     logits = _logits(model, x, pre)
     score = lambda lg: metric(lg.astype(jnp.float32), TaskArrays(task, arrays))
     return jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)

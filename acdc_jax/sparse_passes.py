@@ -138,4 +138,4 @@ class SparsePasses:
         self.passes += 1
         return s._run(shape, flops, lambda: np.asarray(sparse_metric(
             s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
-            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop and start_layer < g.n_layers - 1)))
+            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop)))
