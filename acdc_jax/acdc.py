@@ -247,7 +247,10 @@ def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = l
     in 1, 4, 16, ... (few compiled shapes) is the one that decides the most
     edges per unit of work: the sum of the nodes' probabilities over the
     pass's cost, counted in candidates from the first node's layer plus
-    `overhead` of them per pass (measured as the run goes: `Programs.overhead`)."""
+    `overhead` of them per pass. The overhead is a constant, not measured:
+    a choice that follows the timings drifts from run to run, and a second
+    run then compiles other widths (fitting it from the passes timed made the
+    benchmark's second runs 15-50% slower)."""
     if not adaptive_width() or not nodes:
         return cap
     widths = sorted({min(4 ** k, cap) for k in range(8)})
@@ -315,14 +318,19 @@ def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool
     return before, new
 
 
-def _calibrate(node, metric: float, state: _State, scorer: Scorer) -> None:
-    """The first time a pass program runs, score its first candidate in a full
-    pass too and widen the band to the gap: a trial's result (two metrics)
-    can be off by twice as much. So the band follows the rounding that the
-    programs really show (larger models, other precisions), not only the
-    trials that happen to fall inside it."""
-    full = state.full(scorer, node.candidate())
-    state.widen(2 * abs(metric - full), state.metric, full)
+def _calibrate(node, metric: float, state: _State, scorer: Scorer, shape) -> None:
+    """The first time a pass program runs in this process, score its first
+    candidate in a full pass too and widen the band to the gap: a trial's
+    result (two metrics) can be off by twice as much. So the band follows the
+    rounding that the programs really show (larger models, other
+    precisions), not only the trials that happen to fall inside it. Later
+    runs with the same programs (a threshold sweep) widen their band by the
+    gap already measured (`Programs.gaps`) instead of measuring it again."""
+    if shape not in scorer.programs.gaps:
+        full = state.full(scorer, node.candidate())
+        scorer.programs.gaps[shape] = (2 * abs(metric - full), full)
+    gap, full = scorer.programs.gaps[shape]
+    state.widen(gap, state.metric, full)
 
 
 def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
@@ -343,7 +351,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         metrics = [scorer.full(nodes[0].candidate())]
     else:
         first = nodes[0].first_layer
-        width = pass_width(nodes, caps[first], scorer.candidate_flops, scorer.programs.overhead(first))
+        width = pass_width(nodes, caps[first], scorer.candidate_flops)
         chosen = nodes[:width]
         start_layer = min(n.first_layer for n in chosen)
         while len(chosen) > caps[start_layer]:  # a pass from an earlier layer holds fewer candidates
@@ -362,7 +370,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
         if state.tie_scale and shape not in state.calibrated:
             state.calibrated.add(shape)
-            _calibrate(nodes[0], float(metrics[0]), state, scorer)
+            _calibrate(nodes[0], float(metrics[0]), state, scorer, shape)
     effects = node_effects(nodes, metrics, state.metric, abs_value)
     made: list[Decision] = []
     i = 0

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Hashable, Optional
 
 import jax
-import numpy as np
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -113,8 +112,8 @@ class Programs:
         self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
-        self.pass_seconds: dict[int, dict[int, float]] = {}  # start layer -> width -> seconds (moving average)
         self.reused = 0  # passes run in a larger program than they needed
+        self.gaps: dict[Shape, tuple[float, float]] = {}  # shape -> (2 x its first pass's gap to a full pass, that metric)
 
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
@@ -157,25 +156,7 @@ class Programs:
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
             rate = max(wall - compiled, 0.0) / flops
             self.seconds_per_flop = _average(self.seconds_per_flop, rate)
-        if shape.kind in ("pass", "sparse") and not compiled:
-            seen = self.pass_seconds.setdefault(shape.start_layer, {})
-            seen[shape.width] = _average(seen.get(shape.width), wall)
         return out
-
-    def overhead(self, start_layer: int, default: float = 1.0) -> float:
-        """A pass's fixed cost from `start_layer`, in candidates: the intercept
-        over the slope of seconds against width, fitted to the passes timed so
-        far (reading the unembedding, dispatch); `default` until two widths
-        have been timed."""
-        seen = self.pass_seconds.get(start_layer, {})
-        if len(seen) < 2 or not self.adaptive:  # several processes must choose alike
-            return default
-        w = np.array(list(seen), float)
-        t = np.array(list(seen.values()))
-        slope, intercept = np.polyfit(w, t, 1)
-        if slope <= 0 or intercept <= 0:
-            return default
-        return float(np.clip(intercept / slope, 0.25, 16.0))
 
 
 def _average(old: Optional[float], new: float) -> float:

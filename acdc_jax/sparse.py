@@ -202,9 +202,19 @@ def _final_residual(model, graph, corr, mid, last, m_add, out_at):
     return base + jnp.einsum("s,spd->pd", m_add[:, graph.logits_column], devs)
 
 
-@eqx.filter_jit
 def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
            weights, dense) -> BaseState:
+    """`state` moved to the circuit `mask` (see `_rebase`); the deviations
+    before the last layer are passed on, not copied, where no head before it
+    is recomputed."""
+    mid, last, z, pre = _rebase(model, graph, start_layer, corruption, tokens, state, mask, heads, changed, out_at,
+                                maps, weights, dense)
+    return BaseState(state.mid if mid is None else mid, last, z, pre)
+
+
+@eqx.filter_jit
+def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
+            weights, dense):
     """`state` moved to the circuit `mask`, which differs from its own only at
     the inputs of `heads` (per layer from `start_layer`) and at the logits:
     those heads are recomputed (their global indices: `changed`, in order).
@@ -249,7 +259,7 @@ def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask
     else:
         pre = unembed(mid, last)
     z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z)  # one index per recomputed slot
-    return BaseState(mid, last, z, pre)
+    return (mid if any(hs.shape[0] for hs in heads[:-1]) else None), last, z, pre
 
 
 @eqx.filter_jit

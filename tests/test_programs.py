@@ -82,15 +82,6 @@ def test_cover_is_compiled_first_then_rented():
     assert p.choose(other, flops) == other  # no cover offered: the exact shape
 
 
-@pytest.mark.parametrize("fixed, per_candidate", [(0.03, 0.01), (0.005, 0.02)])
-def test_pass_overhead_is_fitted_from_timed_passes(fixed, per_candidate):
-    p = Programs()
-    assert p.overhead(2) == 1.0  # nothing timed yet
-    p.pass_seconds = {2: {w: fixed + per_candidate * w for w in (1, 4, 16)}, 3: {4: 0.1}}
-    assert p.overhead(2) == pytest.approx(fixed / per_candidate)
-    assert p.overhead(3) == 1.0  # one width is not a fit
-
-
 def test_free_compilation_always_takes_the_exact_shape():
     p = _programs(0.0, 1e-9)
     need = Shape("pass", 1, 4, 1, 1)
