@@ -268,10 +268,11 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     """Metric of each candidate mask (each the base of `state` with some
     edges cut, none into the logits, all into `heads`' inputs or reaching
     only them: see `reach`). `pick`, `glob`, `valid`: the heads into the
-    logits (`padded`). On a CPU the candidates run one at a time. The final
-    residual is the base's plus the recomputed heads' changes; KL divergence
-    streams the low-rank logits over the vocabulary (`fused_kl.py`), any
-    other metric reads them whole."""
+    logits (`padded`). On a CPU (`loop`) the prompts run one at a time, each
+    with every candidate, and KL divergence streams the low-rank logits over
+    the vocabulary (`fused_kl.py`); elsewhere, and for other metrics, the
+    logits are made whole. The final residual is the base's plus the
+    recomputed heads' changes."""
     out_at = np.asarray(out_at)
     E, H, L, col = graph.n_embed, graph.n_heads, graph.n_layers, graph.logits_column
     axes = corruption_axes(corruption)
@@ -293,12 +294,12 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
 
     if loop:  # one prompt at a time, its deviations read once for every candidate
         def per_prompt(prompt):
-            tok, acts, mid, last, z_base, cache = prompt
-            acts = corruption.acts if axes is None else acts  # shared by every prompt
+            tok, mid, last, z_base, cache = prompt[:5]
+            acts = prompt[5] if axes == 0 else corruption.acts  # else shared by every prompt
             return jax.vmap(one, in_axes=(0, 0) + (None,) * 6)(m_adds, m_dirs, tok, acts, mid, last, z_base, cache)
 
-        dx, u = jax.lax.map(per_prompt, (tokens, corruption.acts if axes == 0 else tokens, state.mid, state.last,
-                                         state.z, cache))
+        prompts = (tokens, state.mid, state.last, state.z, cache) + ((corruption.acts,) if axes == 0 else ())
+        dx, u = jax.lax.map(per_prompt, prompts)
         dx, u = jnp.moveaxis(dx, 0, 1), jnp.moveaxis(u, 0, 1)
     else:
         per_candidate = lambda m_add, m_dir: jax.vmap(one, in_axes=(None, None, 0, axes, 0, 0, 0, 0))(
@@ -325,7 +326,9 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
 
 
 def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vocab: int) -> BaseState:
-    """A placeholder to rebase from with every head: only the embedding rows are read."""
+    """A placeholder to rebase from with every head: the embedding rows are
+    kept; the heads' rows are recomputed (their old values cancel in base
+    plus change)."""
     n_mid = graph.n_senders_before_attn(graph.n_layers - 1)
     batch, _, _, d = deviations.shape
     dt = deviations.dtype
