@@ -137,8 +137,9 @@ def acdc(
       (`sparse.py`: only the heads the cuts reach, the start layer from
       cached sender projections, a low-rank unembedding) wherever that costs
       fewer FLOPs than the dense one. Off by default: on a CPU it pays where
-      the circuit is sparse (a high tau) and costs about 10% where it is
-      dense (more programs to compile; see the README's Benchmarks).
+      the circuit is sparse (a high tau), is even where it is dense, and its
+      extra programs can cost more to compile than a short run saves (see
+      the README's Benchmarks).
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -68,10 +68,21 @@ def final_bias(model: Transformer):
     return un.b_U + ln.b @ un.W_U if ln.mode == "LN" else un.b_U
 
 
-def residual_kl(model: Transformer, x: Float[Array, "cand batch pos d_model"], arrays) -> Float[Array, " cand"]:
-    """`kl_divergence` of each candidate's final residuals `x` at the metric positions."""
+def residual_kl(
+    model: Transformer,
+    x: Float[Array, "cand batch pos d_model"],
+    arrays,
+    u: Optional[Float[Array, "cand batch pos rank"]] = None,
+    maps: Optional[Float[Array, "rank vocab"]] = None,
+    pre: Optional[Float[Array, "batch pos vocab"]] = None,
+) -> Float[Array, " cand"]:
+    """`kl_divergence` of each candidate whose final residuals at the metric
+    positions are `x`, and whose unembedded ln_final numerator is
+    ``pre + u @ maps`` (by default the numerator of `x` through `W_U`)."""
     cand, rows = x.shape[0], x.shape[1] * x.shape[2]
-    kl = low_rank_kl(final_numerator(model.ln_final, x).reshape(cand, rows, -1), model.unembed.W_U, None,
+    if u is None:
+        u, maps = final_numerator(model.ln_final, x), model.unembed.W_U
+    kl = low_rank_kl(u.reshape(cand, rows, -1), maps, None if pre is None else pre.reshape(rows, -1),
                      final_scale(model.ln_final, x).reshape(cand, rows), final_bias(model),
                      arrays["reference"].reshape(rows, -1).astype(jnp.float32))
     return weighted_mean(kl, arrays["weights"])

@@ -29,7 +29,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .flops import attention_flops
-from .fused_kl import final_bias, final_numerator, final_scale, low_rank_kl, residual_kl, streams, weighted_mean
+from .fused_kl import final_bias, final_numerator, final_scale, residual_kl, streams
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer, _lead, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_inputs
@@ -157,7 +157,8 @@ def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_ou
 
 
 def _first(hs, dtype):
-    """1 for each head's first slot in a padded list, 0 for its repeats."""
+    """1 for each head's first slot in a padded list (of one layer's heads, or
+    of global head indices), 0 for its repeats."""
     i = jnp.arange(hs.shape[0])
     return jnp.where(((hs[:, None] == hs[None, :]) & (i[None, :] < i[:, None])).any(1), 0, 1).astype(dtype)
 
@@ -203,26 +204,26 @@ def _final_residual(model, graph, corr, mid, last, m_add, out_at):
 
 
 def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
-           weights, dense) -> BaseState:
+           dense) -> BaseState:
     """`state` moved to the circuit `mask` (see `_rebase`); the deviations
     before the last layer are passed on, not copied, where no head before it
     is recomputed."""
     mid, last, z, pre = _rebase(model, graph, start_layer, corruption, tokens, state, mask, heads, changed, out_at,
-                                maps, weights, dense)
+                                maps, dense)
     return BaseState(state.mid if mid is None else mid, last, z, pre)
 
 
 @eqx.filter_jit
 def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
-            weights, dense):
+            dense):
     """`state` moved to the circuit `mask`, which differs from its own only at
     the inputs of `heads` (per layer from `start_layer`) and at the logits:
     those heads are recomputed (their global indices: `changed`, in order).
     The unembedded numerator is then made again from the final residual
     where `dense` (a traced flag, so that both ways share one program) or
     where the maps would have as many rows as the residual; else it is
-    updated by each recomputed head's change of z times its map (`weights`:
-    1 for each head's first slot, 0 for padding)."""
+    updated by each recomputed head's change of z times its map (once per
+    head: padding slots repeat a head)."""
     m_add, m_dir = graph.dense_masks(mask)
     out_at = np.asarray(out_at)
     axes = corruption_axes(corruption)
@@ -248,7 +249,8 @@ def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mas
         return jax.vmap(one_pre, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, mid, last)
 
     def update(mid, last):  # one product per recomputed head, over every prompt (lax.cond passes both the same)
-        u = (weights * m_add[graph.n_embed + changed, graph.logits_column])[None, :, None, None] * (z - state.z[:, changed])
+        coef = _first(changed, z.dtype) * m_add[graph.n_embed + changed, graph.logits_column]
+        u = coef[None, :, None, None] * (z - state.z[:, changed])
         pre = state.pre
         for i in range(changed.shape[0]):
             pre = pre + jnp.einsum("bnd,dv->bnv", u[:, i], maps[changed[i]])
@@ -307,15 +309,11 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         dx, u = jax.vmap(per_candidate)(m_adds, m_dirs)
     x = x_base[None] + dx
     k = glob.shape[0]
-    if streams(metric, x, loop) and low_rank(k, model.config):
-        rows = x.shape[1] * x.shape[2]
-        kl = low_rank_kl(jnp.moveaxis(u, 2, 3).reshape(x.shape[0], rows, -1),
-                         jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre.reshape(rows, -1),
-                         final_scale(model.ln_final, x).reshape(x.shape[0], rows), final_bias(model),
-                         arrays["reference"].reshape(rows, -1).astype(jnp.float32))
-        return weighted_mean(kl, arrays["weights"])
-    if streams(metric, x, loop):
-        return residual_kl(model, x, arrays)
+    if streams(metric, x, loop):  # the numerator as the base's plus the maps', or the residual's own
+        factors = ()
+        if low_rank(k, model.config):
+            factors = (jnp.moveaxis(u, 2, 3), jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre)
+        return residual_kl(model, x, arrays, *factors)
     if low_rank(k, model.config):
         pre = state.pre[None] + jnp.einsum("cpknd,kdv->cpnv", u, jnp.take(maps, glob, axis=0))
     else:  # as many maps' rows as the residual has: unembed the residual itself

@@ -96,14 +96,12 @@ class SparsePasses:
         changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
         state = self.state if self.state is not None else initial_state(
             g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
-        weights = np.zeros(len(changed), np.float32)
-        weights[np.unique(changed, return_index=True)[1]] = 1.0
         self.updates = 0 if dense else self.updates + 1
         flops = self._move_flops(shape, dense)
         s.flops += flops
         self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
             s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
-            self._maps(), weights, np.asarray(dense))))
+            self._maps(), np.asarray(dense))))
         self.mask = np.array(base, np.float32)
         self.rebases += 1
         moved = [shape.start_layer + i for i, hs in enumerate(layers) if len(hs)]
