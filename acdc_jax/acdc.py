@@ -99,7 +99,7 @@ def acdc(
     progress: bool = True,
     stop_after: Optional[float] = None,
     callback: Optional[Callable[[Decision], None]] = None,
-    sparse: bool = False,
+    sparse: Union[bool, str] = "auto",
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
 
@@ -135,11 +135,13 @@ def acdc(
     callback: called with each Decision as it is made.
     sparse: in attention-only models, score a pass in a sparse program
       (`sparse.py`: only the heads the cuts reach, the start layer from
-      cached sender projections, a low-rank unembedding) wherever that costs
-      fewer FLOPs than the dense one. Off by default: on a CPU it pays where
-      the circuit is sparse (a high tau), is even where it is dense, and its
-      extra programs can cost more to compile than a short run saves (see
-      the README's Benchmarks).
+      cached sender projections, a low-rank unembedding) where that costs
+      fewer FLOPs than the dense one. "auto" (default) also weighs the
+      compiling of the sparse programs against the seconds they save, so a
+      short run stays dense (`sparse_passes.py`); "on" (or True) uses them
+      wherever they cost fewer FLOPs; "off" (or False) never. On a CPU they
+      pay where the circuit is sparse (a high tau) and are even where it is
+      dense (see the README's Benchmarks). Decisions are the same either way.
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

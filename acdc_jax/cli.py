@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
     p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")
     p.add_argument("--max-width", type=int, help="most candidates per batched pass")
-    p.add_argument("--sparse", action="store_true",
-                   help="attention-only models: sparse passes where they cost fewer FLOPs (pays at a high tau)")
+    p.add_argument("--sparse", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="attention-only models: sparse passes where they cost fewer FLOPs; auto (default): "
+                   "once they would have saved their compiling; --sparse alone: on")
     p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl")
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)

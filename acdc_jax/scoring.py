@@ -12,7 +12,7 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import equinox as eqx
 import jax
@@ -43,13 +43,14 @@ class Scorer:
     lets them share compiled passes (the arrays are arguments, not constants).
     `mesh` (see `sharding.make_mesh`) spreads candidates and prompts over
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
-    `sparse`: attention-only models score a pass in a sparse program
-    (`sparse.py`) where that costs fewer FLOPs.
+    `sparse` ("auto", "on" or "off"): attention-only models score a pass in a
+    sparse program (`sparse.py`) where that costs fewer FLOPs ("auto": and
+    pays for its compiling; see `sparse_passes.py`).
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
-                 sparse: bool = False):
+                 sparse: Union[bool, str] = "auto"):
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
         if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:
@@ -81,7 +82,7 @@ class Scorer:
         self.cover_first = jax.default_backend() != "cpu"
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
-        self.sparse = SparsePasses(self, sparse)
+        self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
 
     @property
     def _dtype(self):
@@ -205,7 +206,8 @@ class Scorer:
         sparse = self.sparse.need(cands, start_layer, width)
         if sparse is not None and self.sparse.cheaper(sparse, need, cands.base):
             shape = self._choose(sparse, max(sparse.width, max_width or width))
-            if self.sparse.cheaper(shape, need, cands.base):  # a larger compiled one may not be
+            # a larger compiled one may not be cheaper; auto mode also counts the compiling
+            if self.sparse.cheaper(shape, need, cands.base) and self.sparse.pays(shape, need, cands.base):
                 return shape
         return self._choose(need, max(need.width, max_width or width))
 

@@ -1,6 +1,15 @@
 """A `Scorer`'s sparse passes (`sparse.py`): the base state they start
 from, the moves that keep it at the circuit being scored, the receiver
-caches and head maps, and the choice between a sparse and a dense pass."""
+caches and head maps, and the choice between a sparse and a dense pass.
+
+The choice counts FLOPs; in the default "auto" mode it also counts the
+programs a sparse pass would compile first (its own, its start layer's
+receiver cache, the move of the state), as `programs.py` does between
+shapes: dense passes run while the seconds a sparse program would have saved
+add up to less than compiling it. On a small model or a short run that never
+happens, and no sparse program is compiled; once compiled (a second run in
+the process, or programs loaded from the disk cache), a sparse program runs
+wherever it costs fewer FLOPs."""
 
 from __future__ import annotations
 
@@ -21,10 +30,17 @@ class SparsePasses:
     and the head maps (made at the first pass)."""
 
     REFRESH = 4  # moves through the maps between two dense ones
+    LOOKAHEAD = 8  # passes a sparse program is expected to run once compiled (88 passes in 12 programs measured)
 
-    def __init__(self, scorer, enabled: bool):
+    MODES = ("auto", "on", "off")
+
+    def __init__(self, scorer, mode: str):
+        if mode not in self.MODES:
+            raise ValueError(f"sparse must be one of {self.MODES} (or True / False for 'on' / 'off'), got {mode!r}.")
         self.scorer = scorer
-        self.ok = enabled and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.auto = mode == "auto"
+        self.ok = mode != "off" and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.forgone: dict[Shape, float] = {}  # auto: seconds each uncompiled sparse program would have saved
         self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
         self.state: Optional[BaseState] = None
         self.maps = None
@@ -84,6 +100,27 @@ class SparsePasses:
         plan = self._rebase_plan(base)
         move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
         return self.scorer._shape_flops(shape) + move < self.scorer._shape_flops(dense)
+
+    def pays(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
+        """Whether to run the sparse program `shape` instead of the dense pass
+        `dense` (already found cheaper in FLOPs): always, unless in auto mode
+        the programs it needs first are not compiled, and the seconds it would
+        have saved so far (this pass's included) are less than compiling them
+        would cost, less what compiling `dense` would cost."""
+        programs, plan = self.scorer.programs, self._rebase_plan(base)
+        need = [shape, Shape("receivers", shape.start_layer, 1, None, None)] + ([plan[0]] if plan else [])
+        missing = [s for s in need if not any(c.covers(s) for c in programs.compiled)]
+        if not self.auto or not missing or any(c.kind == "sparse" for c in programs.compiled):
+            return True
+        if programs.seconds_per_flop is None:  # nothing measured yet: the dense pass measures it
+            return False
+        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
+        saved = (self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move) * programs.seconds_per_flop
+        self.forgone[shape] = self.forgone.get(shape, (self.LOOKAHEAD - 1) * saved) + saved
+        cost = sum(programs.estimate_compile(s.kind) for s in missing)
+        if not any(s.covers(dense) for s in programs.compiled):  # the dense pass would compile too
+            cost -= programs.estimate_compile(dense.kind)
+        return self.forgone[shape] >= cost
 
     def _move_to(self, base: np.ndarray) -> None:
         plan = self._rebase_plan(base)

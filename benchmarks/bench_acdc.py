@@ -83,7 +83,7 @@ def model_and_task(tmp: Path, n_prompts: int, n_pos: int):
     return model, task
 
 
-def run_ours(model, task, tau, mode, order=None, precision="float32", sparse=None):
+def run_ours(model, task, tau, mode, order=None, precision="float32", sparse="auto"):
     start, compiling = time.perf_counter(), compile_seconds()
     circuit = acdc(model, task, tau, mode=mode, progress=False, order=order, precision=precision, sparse=sparse)
     circuit.settings["compile_s"] = compile_seconds() - compiling
@@ -108,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--disk-cache", action="store_true",
                         help="also time batched runs in fresh processes: the first fills a compilation cache on "
                              "disk (acdc_jax.use_disk_cache), the second loads its programs from there")
+    parser.add_argument("--sparse", default="auto", choices=["auto", "on", "off"],
+                        help="the batched runs' sparse passes (acdc's sparse=; default auto)")
     parser.add_argument("--child", nargs=2, metavar=("TAU", "CACHE_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true",
                         help="also time a second run of each mode in the same process (compiled programs reused)")
@@ -120,7 +122,8 @@ def main(argv=None):
 
         use_disk_cache(args.child[1])
         model, task = model_and_task(tmp, args.n_prompts, args.n_pos)
-        seconds, circuit = run_ours(model, task, float(args.child[0]), "batched", precision=args.precision)
+        seconds, circuit = run_ours(model, task, float(args.child[0]), "batched", precision=args.precision,
+                                    sparse=args.sparse)
         print(json.dumps({"seconds": seconds, "compile_s": circuit.settings["compile_s"],
                           "mask": circuit.mask.astype(int).tolist()}))
         return
@@ -131,7 +134,7 @@ def main(argv=None):
     rows = []
     for tau in args.taus:
         t_seq, seq = run_ours(model, task, tau, "sequential", precision=args.precision)
-        t_bat, bat = run_ours(model, task, tau, "batched", precision=args.precision)
+        t_bat, bat = run_ours(model, task, tau, "batched", precision=args.precision, sparse=args.sparse)
         n = seq.graph.n_edges
         row = {"tau": tau, "edges": n, "kept": bat.n_edges, "sequential_s": t_seq, "batched_s": t_bat,
                "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
@@ -142,20 +145,18 @@ def main(argv=None):
                "seq_compile_s": seq.settings["compile_s"], "bat_compile_s": bat.settings["compile_s"],
                "bat_programs": bat.settings["programs"], "bat_rescored": bat.settings["rescored"],
                "bat_near_tie_scale": bat.settings["near_tie_scale"],
-               "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"]}
+               "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"],
+               "sparse": args.sparse, "bat_sparse_passes": bat.settings["sparse_passes"]}
         if args.warm:
             row["sequential_warm_s"] = run_ours(model, task, tau, "sequential", precision=args.precision)[0]
-            row["batched_warm_s"] = run_ours(model, task, tau, "batched", precision=args.precision)[0]
-            row["speedup_warm"] = row["sequential_warm_s"] / row["batched_warm_s"]
-            runs = [run_ours(model, task, tau, "batched", precision=args.precision, sparse=True) for _ in range(2)]
-            row.update(batched_sparse_s=runs[0][0], batched_sparse_compile_s=runs[0][1].settings["compile_s"],
-                       batched_sparse_warm_s=runs[1][0], sparse_passes=runs[1][1].settings["sparse_passes"],
-                       speedup_sparse_warm=row["sequential_warm_s"] / runs[1][0],
-                       sparse_same_as_sequential=all(np.array_equal(seq.mask, c.mask) for _, c in runs))
+            t_warm, warm = run_ours(model, task, tau, "batched", precision=args.precision, sparse=args.sparse)
+            row.update(batched_warm_s=t_warm, speedup_warm=row["sequential_warm_s"] / t_warm,
+                       warm_sparse_passes=warm.settings["sparse_passes"],
+                       warm_same_as_sequential=bool(np.array_equal(seq.mask, warm.mask)))
         if args.disk_cache:
             cache = tmp / f"xla-{tau}"
             child = [sys.executable, __file__, "--child", repr(tau), str(cache), "--n-prompts", str(args.n_prompts),
-                     "--n-pos", str(args.n_pos), "--precision", args.precision]
+                     "--n-pos", str(args.n_pos), "--precision", args.precision, "--sparse", args.sparse]
             fresh, cached = (json.loads(subprocess.run(child, capture_output=True, text=True, check=True)
                                         .stdout.strip().splitlines()[-1]) for _ in range(2))
             row.update(batched_fresh_process_s=fresh["seconds"], batched_disk_cached_s=cached["seconds"],
@@ -165,7 +166,8 @@ def main(argv=None):
         if args.auto_circuit_python:
             ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
             ours, theirs = set(bat.edges), set(ac["kept"])
-            t_ord, in_their_order = run_ours(model, task, tau, "batched", order=ac["order"], precision=args.precision)
+            t_ord, in_their_order = run_ours(model, task, tau, "batched", order=ac["order"], precision=args.precision,
+                                             sparse=args.sparse)
             row.update(auto_circuit_s=ac["seconds"], auto_circuit_kept=len(theirs), auto_circuit_edges=ac["n_edges"],
                        speedup_vs_auto_circuit=ac["seconds"] / t_bat, jaccard_acdc_vs_auto_circuit=len(ours & theirs)
                        / max(len(ours | theirs), 1), batched_in_their_order_s=t_ord,
@@ -178,8 +180,8 @@ def main(argv=None):
                "floor_flops_per_edge_over_forward",
                "bat_compile_s", "bat_programs"]
     if args.warm:
-        columns += ["sequential_warm_s", "batched_warm_s", "speedup_warm", "batched_sparse_s", "batched_sparse_warm_s",
-                    "speedup_sparse_warm", "sparse_same_as_sequential"]
+        columns += ["sequential_warm_s", "batched_warm_s", "speedup_warm", "warm_sparse_passes",
+                    "warm_same_as_sequential"]
     if args.disk_cache:
         columns += ["batched_fresh_process_s", "batched_disk_cached_s", "batched_disk_cached_compile_s",
                     "speedup_disk_cached", "disk_cached_same_circuit"]
@@ -193,8 +195,8 @@ def main(argv=None):
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
                  "corruption": "random corrupted prompts"},
         "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "
-                  "compilation, from jax.monitoring); warm: a second call in the same process; sparse: then two "
-                  "calls with sparse=True (the first compiles the sparse programs); disk_cached: the same call in a fresh process whose programs "
+                  "compilation, from jax.monitoring); warm: a second call in the same process; sparse: the batched "
+                  "calls' sparse= argument; disk_cached: the same call in a fresh process whose programs "
                   "a previous fresh process left in acdc_jax.use_disk_cache's directory; auto-circuit: its "
                   "acdc_prune_scores call",
         "rows": rows,

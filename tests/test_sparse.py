@@ -136,6 +136,38 @@ def test_models_with_mlps_use_dense_passes():
     assert scorer.choose(cands, 1, 4).kind == "pass"
 
 
+def test_auto_mode_weighs_the_compiling_of_sparse_programs():
+    """sparse="auto" runs a dense pass until a sparse program's saved
+    seconds (LOOKAHEAD passes' worth at first, then each pass's) cover the
+    programs it would compile; once the process has a sparse program it
+    takes every sparse pass that costs fewer FLOPs, as "on" does."""
+    from acdc_jax.programs import Programs, Shape
+
+    model, graph, corr, task, _ = _setup("LN", "standard", "prompts", False, [6])
+    scorer = Scorer(model, graph, task, corr, kl_divergence, sparse="auto")
+    base = np.ones(graph.n_edges, np.float32)
+    scorer.sparse._move_to(base)  # the state at the base: no move to pay for
+    scorer.programs = programs = Programs()
+    last_layer = np.flatnonzero(_receiver_layers(graph) == graph.n_layers - 1)
+    cands = Candidates(base, [[e] for e in last_layer[:3]])
+    dense, sparse = scorer.need(cands, 2, 4), scorer.sparse.need(cands, 2, 4)
+    assert scorer.sparse.cheaper(sparse, dense, base)
+    saved_flops = scorer._shape_flops(dense) - scorer._shape_flops(sparse)
+    assert scorer.choose(cands, 2, 4) == dense  # no seconds per FLOP measured yet
+    programs.compiled.add(dense)
+    programs.compile_costs["pass"] = [0.975]  # two programs to compile (the pass, the receivers): 1.95 s
+    programs.seconds_per_flop = 1.0 / (16 * saved_flops)  # 1/16 s saved a pass
+    first = int(np.ceil(1.95 * 16 - scorer.sparse.LOOKAHEAD + 1))  # the pass whose savings reach 1.95 s
+    picks = [scorer.choose(cands, 2, 4) for _ in range(first)]
+    assert scorer.sparse.forgone[sparse] == pytest.approx((scorer.sparse.LOOKAHEAD + first - 1) / 16)
+    assert picks == [dense] * (first - 1) + [sparse]
+    programs.compiled.add(Shape("sparse", 0, 16, None, None, (4, 4, 4, 16)))  # a sparse program, compiled
+    other = Candidates(base, [[last_layer[5]]])
+    assert scorer.choose(other, 2, 4).kind == "sparse"
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        Scorer(model, graph, task, corr, kl_divergence, sparse="sometimes")
+
+
 def test_acdc_with_sparse_passes_decides_like_the_sequential_loop(monkeypatch):
     """On a 3-layer attention-only model at three thresholds, a batched run
     that scores every pass it can in a sparse program (their estimated cost
