@@ -133,15 +133,11 @@ def acdc(
       (``settings["finished"]`` is False; edges not yet tried count as kept);
       with `log_path`, a later call with `resume=` carries on.
     callback: called with each Decision as it is made.
-    sparse: in attention-only models, score a pass in a sparse program
-      (`sparse.py`: only the heads the cuts reach, the start layer from
-      cached sender projections, a low-rank unembedding) where that costs
-      fewer FLOPs than the dense one. "auto" (default) also weighs the
-      compiling of the sparse programs against the seconds they save, so a
-      short run stays dense (`sparse_passes.py`); "on" (or True) uses them
-      wherever they cost fewer FLOPs; "off" (or False) never. On a CPU they
-      pay where the circuit is sparse (a high tau) and are even where it is
-      dense (see the README's Benchmarks). Decisions are the same either way.
+    sparse: attention-only models score a pass in a sparse program (`sparse.py`:
+      only the heads the cuts reach, a low-rank unembedding) where that costs
+      fewer FLOPs: "on" (or True); "auto" (default) once the seconds saved
+      cover compiling the sparse programs (`sparse_passes.py`); "off" (or
+      False) never. Decisions are the same either way (README: Benchmarks).
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -114,6 +114,7 @@ class Programs:
         self.seconds_per_flop: Optional[float] = None
         self.reused = 0  # passes run in a larger program than they needed
         self.gaps: dict[Shape, tuple[float, float]] = {}  # shape -> (2 x its first pass's gap to a full pass, that metric)
+        self.forgone = 0.0  # seconds sparse passes would have saved where none was compiled (sparse_passes.py)
 
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]

@@ -3,13 +3,15 @@ from, the moves that keep it at the circuit being scored, the receiver
 caches and head maps, and the choice between a sparse and a dense pass.
 
 The choice counts FLOPs; in the default "auto" mode it also counts the
-programs a sparse pass would compile first (its own, its start layer's
-receiver cache, the move of the state), as `programs.py` does between
-shapes: dense passes run while the seconds a sparse program would have saved
-add up to less than compiling it. On a small model or a short run that never
-happens, and no sparse program is compiled; once compiled (a second run in
-the process, or programs loaded from the disk cache), a sparse program runs
-wherever it costs fewer FLOPs."""
+programs the first sparse pass would compile (its own, its start layer's
+receiver cache, the move of the state), in the manner of `programs.py`'s
+choice between shapes: dense passes run while the seconds that sparse
+passes would have saved add up to less than compiling those. On a small
+model or a short run that may never happen, and no sparse program is
+compiled. Once the process has one, every pass that costs fewer FLOPs
+sparse runs sparse: the sparse programs come as a family (moves, receiver
+caches, head maps), and paying for some of them and then running dense
+would be the worst of both."""
 
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ class SparsePasses:
     and the head maps (made at the first pass)."""
 
     REFRESH = 4  # moves through the maps between two dense ones
-    LOOKAHEAD = 8  # passes a sparse program is expected to run once compiled (88 passes in 12 programs measured)
 
     MODES = ("auto", "on", "off")
 
@@ -40,7 +41,6 @@ class SparsePasses:
         self.scorer = scorer
         self.auto = mode == "auto"
         self.ok = mode != "off" and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
-        self.forgone: dict[Shape, float] = {}  # auto: seconds each uncompiled sparse program would have saved
         self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
         self.state: Optional[BaseState] = None
         self.maps = None
@@ -103,24 +103,34 @@ class SparsePasses:
 
     def pays(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
         """Whether to run the sparse program `shape` instead of the dense pass
-        `dense` (already found cheaper in FLOPs): always, unless in auto mode
-        the programs it needs first are not compiled, and the seconds it would
-        have saved so far (this pass's included) are less than compiling them
-        would cost, less what compiling `dense` would cost."""
-        programs, plan = self.scorer.programs, self._rebase_plan(base)
-        need = [shape, Shape("receivers", shape.start_layer, 1, None, None)] + ([plan[0]] if plan else [])
-        missing = [s for s in need if not any(c.covers(s) for c in programs.compiled)]
-        if not self.auto or not missing or any(c.kind == "sparse" for c in programs.compiled):
+        `dense` (already found cheaper in FLOPs). Always, unless in auto mode
+        the process has no sparse program yet: then only once the seconds
+        that sparse passes would have saved so far (`Programs.forgone`, kept
+        for the later runs of a sweep), with this pass's saving counted again
+        for each pass likely to come (`passes_left`), cover compiling the
+        programs this pass needs, less compiling `dense` where that would be
+        compiled too."""
+        programs = self.scorer.programs
+        if not self.auto or any(c.kind == "sparse" for c in programs.compiled):
             return True
         if programs.seconds_per_flop is None:  # nothing measured yet: the dense pass measures it
             return False
-        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
-        saved = (self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move) * programs.seconds_per_flop
-        self.forgone[shape] = self.forgone.get(shape, (self.LOOKAHEAD - 1) * saved) + saved
-        cost = sum(programs.estimate_compile(s.kind) for s in missing)
+        plan = self._rebase_plan(base)
+        need = [shape, Shape("receivers", shape.start_layer, 1, None, None)] + ([plan[0]] if plan else [])
+        cost = sum(programs.estimate_compile(s.kind) for s in need if not any(c.covers(s) for c in programs.compiled))
         if not any(s.covers(dense) for s in programs.compiled):  # the dense pass would compile too
             cost -= programs.estimate_compile(dense.kind)
-        return self.forgone[shape] >= cost
+        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
+        saved = (self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move) * programs.seconds_per_flop
+        programs.forgone += saved
+        return programs.forgone + (self.passes_left(shape.start_layer) - 1) * saved >= cost
+
+    def passes_left(self, start_layer: int) -> int:
+        """A guess at the sparse passes still to come: one per receiver from
+        `start_layer` back (ACDC visits the later layers first). The
+        benchmark model has 96 (4 layers x 8 heads' q, k, v); its runs at tau
+        0.1 took 88-121 sparse passes."""
+        return (start_layer + 1) * self.scorer.graph._layer_columns
 
     def _move_to(self, base: np.ndarray) -> None:
         plan = self._rebase_plan(base)

@@ -137,10 +137,11 @@ def test_models_with_mlps_use_dense_passes():
 
 
 def test_auto_mode_weighs_the_compiling_of_sparse_programs():
-    """sparse="auto" runs a dense pass until a sparse program's saved
-    seconds (LOOKAHEAD passes' worth at first, then each pass's) cover the
-    programs it would compile; once the process has a sparse program it
-    takes every sparse pass that costs fewer FLOPs, as "on" does."""
+    """sparse="auto" runs dense passes until the seconds that sparse passes
+    would have saved (so far, plus this pass's for each pass likely to come)
+    cover the programs the first would compile; once the process has a
+    sparse program it takes every sparse pass that costs fewer FLOPs, as
+    "on" does."""
     from acdc_jax.programs import Programs, Shape
 
     model, graph, corr, task, _ = _setup("LN", "standard", "prompts", False, [6])
@@ -156,10 +157,12 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
     assert scorer.choose(cands, 2, 4) == dense  # no seconds per FLOP measured yet
     programs.compiled.add(dense)
     programs.compile_costs["pass"] = [0.975]  # two programs to compile (the pass, the receivers): 1.95 s
-    programs.seconds_per_flop = 1.0 / (16 * saved_flops)  # 1/16 s saved a pass
-    first = int(np.ceil(1.95 * 16 - scorer.sparse.LOOKAHEAD + 1))  # the pass whose savings reach 1.95 s
+    programs.seconds_per_flop = 1.0 / (64 * saved_flops)  # 1/64 s saved a pass
+    left = scorer.sparse.passes_left(2)
+    assert left == 3 * 3 * 4  # the q, k and v inputs of the 4 heads of layers 0-2
+    first = int(np.ceil(1.95 * 64 - left + 1))  # the pass at which (passes so far + left - 1) / 64 s reach 1.95 s
     picks = [scorer.choose(cands, 2, 4) for _ in range(first)]
-    assert scorer.sparse.forgone[sparse] == pytest.approx((scorer.sparse.LOOKAHEAD + first - 1) / 16)
+    assert programs.forgone == pytest.approx(first / 64)
     assert picks == [dense] * (first - 1) + [sparse]
     programs.compiled.add(Shape("sparse", 0, 16, None, None, (4, 4, 4, 16)))  # a sparse program, compiled
     other = Candidates(base, [[last_layer[5]]])
