@@ -2,16 +2,17 @@
 from, the moves that keep it at the circuit being scored, the receiver
 caches and head maps, and the choice between a sparse and a dense pass.
 
-The choice counts FLOPs; in the default "auto" mode it also counts the
-programs the first sparse pass would compile (its own, its start layer's
-receiver cache, the move of the state), in the manner of `programs.py`'s
-choice between shapes: dense passes run while the seconds that sparse
-passes would have saved add up to less than compiling those. On a small
-model or a short run that may never happen, and no sparse program is
-compiled. Once the process has one, every pass that costs fewer FLOPs
-sparse runs sparse: the sparse programs come as a family (moves, receiver
-caches, head maps), and paying for some of them and then running dense
-would be the worst of both."""
+The choice counts FLOPs. In the default "auto" mode a run also weighs,
+once, at its first sparse pass, what going sparse would cost in compiling
+(`entry_cost`) against the seconds it would save (this pass's saving once
+for each pass likely to come, plus what earlier runs in the process would
+have saved: a sweep's later runs can go sparse where its first did not).
+Entering midway would pay for both families of programs. On a small model
+or a short run it stays dense and compiles no sparse program. Once the
+process has a sparse program, every pass that costs fewer FLOPs sparse
+runs sparse: the sparse programs come as a family (moves, receiver caches,
+head maps), and paying for some of them and then running dense would be
+the worst of both."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class SparsePasses:
         self.scorer = scorer
         self.auto = mode == "auto"
         self.ok = mode != "off" and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.entered: Optional[bool] = None  # auto: whether this run goes sparse (decided at its first sparse pass)
         self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
         self.state: Optional[BaseState] = None
         self.maps = None
@@ -104,26 +106,38 @@ class SparsePasses:
     def pays(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
         """Whether to run the sparse program `shape` instead of the dense pass
         `dense` (already found cheaper in FLOPs). Always, unless in auto mode
-        the process has no sparse program yet: then only once the seconds
-        that sparse passes would have saved so far (`Programs.forgone`, kept
-        for the later runs of a sweep), with this pass's saving counted again
-        for each pass likely to come (`passes_left`), cover compiling the
-        programs this pass needs, less compiling `dense` where that would be
-        compiled too."""
+        the process has no sparse program yet: then, decided at the run's
+        first sparse pass, only if the seconds that sparse passes would have
+        saved in earlier runs (`Programs.forgone`, kept for the later runs of
+        a sweep), with this pass's saving counted once for each pass likely
+        to come (`passes_left`), cover the compiling it would add
+        (`entry_cost`)."""
         programs = self.scorer.programs
         if not self.auto or any(c.kind == "sparse" for c in programs.compiled):
             return True
         if programs.seconds_per_flop is None:  # nothing measured yet: the dense pass measures it
             return False
         plan = self._rebase_plan(base)
-        need = [shape, Shape("receivers", shape.start_layer, 1, None, None)] + ([plan[0]] if plan else [])
-        cost = sum(programs.estimate_compile(s.kind) for s in need if not any(c.covers(s) for c in programs.compiled))
-        if not any(s.covers(dense) for s in programs.compiled):  # the dense pass would compile too
-            cost -= programs.estimate_compile(dense.kind)
         move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
         saved = (self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move) * programs.seconds_per_flop
         programs.forgone += saved
-        return programs.forgone + (self.passes_left(shape.start_layer) - 1) * saved >= cost
+        if self.entered is None:  # decided once per run: entering midway would pay for both families of programs
+            left = self.passes_left(shape.start_layer) - 1
+            self.entered = programs.forgone + left * saved >= self.entry_cost(shape, dense)
+        return self.entered
+
+    def entry_cost(self, shape: Shape, dense: Shape) -> float:
+        """Seconds of compiling that going sparse at `shape` would add: the
+        sparse programs, a receiver cache and a move of the state per layer
+        from its start layer back (1 + 2 per layer, each at the process's mean
+        compile time), less the dense program where that would be compiled
+        too. The benchmark model compiled 29 programs sparse against 17 dense
+        (10 prompts, tau 0.1); this counts 8 more from its last layer."""
+        programs = self.scorer.programs
+        cost = (1 + 2 * (shape.start_layer + 1)) * programs.estimate_compile(shape.kind)
+        if not any(s.covers(dense) for s in programs.compiled):
+            cost -= programs.estimate_compile(dense.kind)
+        return cost
 
     def passes_left(self, start_layer: int) -> int:
         """A guess at the sparse passes still to come: one per receiver from

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
 MODES = ("off", "on", "auto")
+LABELS = {"off": "dense", "on": "sparse", "auto": "auto"}
 
 
 def child(n_prompts: int, n_pos: int, tau: float, sparse: str) -> dict:
@@ -48,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--taus", type=float, nargs="+", default=[0.02, 0.1])
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--n-pos", type=int, default=24)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="acdc's sparse= values to time (default: all three)")
     parser.add_argument("--child", nargs=3, metavar=("N_PROMPTS", "TAU", "SPARSE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -59,40 +62,38 @@ def main(argv=None):
     for n in args.n_prompts:
         for tau in args.taus:
             runs = {}
-            for sparse in MODES:
+            for sparse in args.modes:
                 cmd = [sys.executable, __file__, "--child", str(n), repr(tau), str(sparse), "--n-pos", str(args.n_pos)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[sparse] = json.loads(out.strip().splitlines()[-1])
-            dense, sparse, auto = runs["off"], runs["on"], runs["auto"]
-            ref = dense["cold"]["kept"]
-            row = {"n_prompts": n, "tau": tau,
-                   "dense_cold_s": dense["cold"]["seconds"], "sparse_cold_s": sparse["cold"]["seconds"],
-                   "auto_cold_s": auto["cold"]["seconds"],
-                   "dense_warm_s": dense["warm"]["seconds"], "sparse_warm_s": sparse["warm"]["seconds"],
-                   "auto_warm_s": auto["warm"]["seconds"],
-                   "cold_ratio": dense["cold"]["seconds"] / sparse["cold"]["seconds"],
-                   "warm_ratio": dense["warm"]["seconds"] / sparse["warm"]["seconds"],
-                   "auto_cold_ratio": dense["cold"]["seconds"] / auto["cold"]["seconds"],
-                   "auto_warm_ratio": dense["warm"]["seconds"] / auto["warm"]["seconds"],
-                   "dense_compile_s": dense["cold"]["compile_s"], "sparse_compile_s": sparse["cold"]["compile_s"],
-                   "auto_compile_s": auto["cold"]["compile_s"],
-                   "dense_programs": dense["cold"]["programs"], "sparse_programs": sparse["cold"]["programs"],
-                   "sparse_passes": sparse["cold"]["sparse_passes"], "passes": sparse["cold"]["passes"],
-                   "auto_sparse_passes": [auto[k]["sparse_passes"] for k in ("cold", "warm")],
-                   "flops_ratio": dense["cold"]["flops"] / sparse["cold"]["flops"],
-                   "same_decisions": all(r[k]["kept"] == ref for r in runs.values() for k in ("cold", "warm"))}
+            ref = runs[args.modes[0]]["cold"]["kept"]
+            row = {"n_prompts": n, "tau": tau}
+            for mode, r in runs.items():
+                name = LABELS[mode]
+                row.update({f"{name}_cold_s": r["cold"]["seconds"], f"{name}_warm_s": r["warm"]["seconds"],
+                            f"{name}_compile_s": r["cold"]["compile_s"], f"{name}_programs": r["cold"]["programs"],
+                            f"{name}_sparse_passes": [r[k]["sparse_passes"] for k in ("cold", "warm")],
+                            f"{name}_passes": [r[k]["passes"] for k in ("cold", "warm")]})
+                if mode != "off" and "off" in runs:  # dense seconds over this mode's
+                    row[f"{name}_cold_ratio"] = runs["off"]["cold"]["seconds"] / r["cold"]["seconds"]
+                    row[f"{name}_warm_ratio"] = runs["off"]["warm"]["seconds"] / r["warm"]["seconds"]
+            if "off" in runs and "on" in runs:
+                row["flops_ratio"] = runs["off"]["cold"]["flops"] / runs["on"]["cold"]["flops"]
+            row["same_decisions"] = all(r[k]["kept"] == ref for r in runs.values() for k in ("cold", "warm"))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print_table(rows, ["n_prompts", "tau", "dense_cold_s", "sparse_cold_s", "auto_cold_s", "dense_warm_s",
-                       "sparse_warm_s", "auto_warm_s", "sparse_compile_s", "dense_compile_s", "auto_compile_s",
-                       "sparse_passes", "auto_sparse_passes", "passes", "flops_ratio", "same_decisions"])
-    write_json("bench_sparse", {
+    names = [LABELS[m] for m in args.modes]
+    print_table(rows, ["n_prompts", "tau"] + [f"{m}_{k}" for k in ("cold_s", "warm_s") for m in names]
+                + [f"{m}_{k}" for m in names for k in ("compile_s", "sparse_passes")]
+                + (["flops_ratio"] if "flops_ratio" in rows[0] else []) + ["same_decisions"])
+    write_json("bench_sparse" + ("" if set(args.modes) == set(MODES) else "-" + "-".join(args.modes)), {
         "environment": environment(),
         "model": "bench_acdc.py's (attn-only-4l shape, random weights)",
         "task": {"n_pos": args.n_pos, "metric": "kl at the last position", "corruption": "random corrupted prompts"},
         "timing": "wall time of acdc() in a fresh process (cold: compiling its programs) and of a second call in "
                   "it (warm); dense: sparse='off', sparse: 'on', auto: 'auto' (the default); ratio: dense seconds over "
-                  "sparse (or auto) seconds; flops_ratio: the cold calls' counted FLOPs, dense over sparse",
+                  "sparse (or auto) seconds; flops_ratio: the cold calls' counted FLOPs, dense over sparse; "
+                  "[cold, warm] for the passes",
         "rows": rows,
     })
 

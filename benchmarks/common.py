@@ -7,9 +7,10 @@ import datetime
 import importlib
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 
@@ -35,7 +36,22 @@ def environment() -> dict:
         "equinox": equinox.__version__,
         "numpy": numpy.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
     }
+
+
+def _commit() -> Optional[str]:
+    """The checkout's commit (with "+changes" if files differ from it), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def block(x):

@@ -137,36 +137,47 @@ def test_models_with_mlps_use_dense_passes():
 
 
 def test_auto_mode_weighs_the_compiling_of_sparse_programs():
-    """sparse="auto" runs dense passes until the seconds that sparse passes
-    would have saved (so far, plus this pass's for each pass likely to come)
-    cover the programs the first would compile; once the process has a
-    sparse program it takes every sparse pass that costs fewer FLOPs, as
-    "on" does."""
+    """sparse="auto" decides at a run's first sparse pass: sparse if that
+    pass's saving, once for each pass likely to come, plus what earlier runs'
+    passes would have saved, covers the programs going sparse would
+    compile; else the run stays dense. Once the process has a sparse program
+    every sparse pass that costs fewer FLOPs runs sparse, as with "on"."""
     from acdc_jax.programs import Programs, Shape
 
     model, graph, corr, task, _ = _setup("LN", "standard", "prompts", False, [6])
-    scorer = Scorer(model, graph, task, corr, kl_divergence, sparse="auto")
     base = np.ones(graph.n_edges, np.float32)
-    scorer.sparse._move_to(base)  # the state at the base: no move to pay for
-    scorer.programs = programs = Programs()
     last_layer = np.flatnonzero(_receiver_layers(graph) == graph.n_layers - 1)
     cands = Candidates(base, [[e] for e in last_layer[:3]])
+    programs = Programs()
+
+    def run():  # a new run (Scorer) in the process, its state at the base: no move to pay for
+        scorer = Scorer(model, graph, task, corr, kl_divergence, sparse="auto")
+        scorer.sparse._move_to(base)
+        scorer.programs = programs
+        return scorer
+
+    scorer = run()
     dense, sparse = scorer.need(cands, 2, 4), scorer.sparse.need(cands, 2, 4)
     assert scorer.sparse.cheaper(sparse, dense, base)
     saved_flops = scorer._shape_flops(dense) - scorer._shape_flops(sparse)
-    assert scorer.choose(cands, 2, 4) == dense  # no seconds per FLOP measured yet
+    assert scorer.choose(cands, 2, 4) == dense and scorer.sparse.entered is None  # no seconds per FLOP measured yet
     programs.compiled.add(dense)
-    programs.compile_costs["pass"] = [0.975]  # two programs to compile (the pass, the receivers): 1.95 s
-    programs.seconds_per_flop = 1.0 / (64 * saved_flops)  # 1/64 s saved a pass
+    programs.compile_costs["pass"] = [0.975]
+    cost = scorer.sparse.entry_cost(sparse, dense)
+    assert cost == pytest.approx(7 * 0.975)  # the sparse program, and per layer 0-2 a receiver cache and a move
+    programs.seconds_per_flop = 1.0 / (16 * saved_flops)  # 1/16 s saved a pass
     left = scorer.sparse.passes_left(2)
     assert left == 3 * 3 * 4  # the q, k and v inputs of the 4 heads of layers 0-2
-    first = int(np.ceil(1.95 * 64 - left + 1))  # the pass at which (passes so far + left - 1) / 64 s reach 1.95 s
-    picks = [scorer.choose(cands, 2, 4) for _ in range(first)]
-    assert programs.forgone == pytest.approx(first / 64)
-    assert picks == [dense] * (first - 1) + [sparse]
+    assert left / 16 < cost  # this run stays dense, however long
+    assert [scorer.choose(cands, 2, 4) for _ in range(80)] == [dense] * 80 and scorer.sparse.entered is False
+    assert programs.forgone == pytest.approx(80 / 16)
+    assert (80 + left) / 16 >= cost  # what it forwent carries the next run's first pass over the cost
+    scorer = run()
+    assert scorer.choose(cands, 2, 4) == sparse and scorer.sparse.entered is True
+    programs.forgone = 0.0
     programs.compiled.add(Shape("sparse", 0, 16, None, None, (4, 4, 4, 16)))  # a sparse program, compiled
-    other = Candidates(base, [[last_layer[5]]])
-    assert scorer.choose(other, 2, 4).kind == "sparse"
+    scorer = run()
+    assert scorer.choose(Candidates(base, [[last_layer[5]]]), 2, 4).kind == "sparse"
     with pytest.raises(ValueError, match="sparse must be one of"):
         Scorer(model, graph, task, corr, kl_divergence, sparse="sometimes")
 
