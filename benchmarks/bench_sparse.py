@@ -3,9 +3,9 @@
 The benchmark model of bench_acdc.py (attn-only-4l's shape, random weights,
 KL at the last position). Each (prompts, tau, sparse) runs in a fresh process:
 a cold call (compiling its programs), then a second call in the same process.
-The decisions of every call are compared with the first dense call's.
+The decisions of every call are compared with the first mode's first call's.
 
-    python benchmarks/bench_sparse.py [--taus 0.02 0.1] [--n-prompts 10 40]
+    python benchmarks/bench_sparse.py [--taus 0.02 0.1] [--n-prompts 10 40] [--modes off on auto]
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         "memory": ["bench_memory.py"],
         "programs": ["bench_programs.py"],
         "speculation": ["bench_speculation.py"],
-        "sparse": ["bench_sparse.py", "--n-prompts"] + (["10", "40"] if cpu else ["40", "160"]),
+        # on an accelerator: whether sparse programs pay there at all (auto weighs that against compiling)
+        "sparse": ["bench_sparse.py", "--n-prompts"] + (["10", "40"] if cpu else ["40", "160", "--modes", "off", "on"]),
         "sweep": sweep,
     }
     if args.auto_circuit_python:
