@@ -99,9 +99,14 @@ class SparsePasses:
         measured seconds: a choice that does not drift with the timings
         compiles the same programs in every run (measured seconds per FLOP
         made later runs choose, and compile, other shapes)."""
+        return self.saving(shape, dense, base) > 0
+
+    def saving(self, shape: Shape, dense: Shape, base: np.ndarray) -> float:
+        """FLOPs that the sparse program `shape`, with the move of the state
+        to `base`, saves against the dense pass `dense` (negative: it costs more)."""
         plan = self._rebase_plan(base)
         move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
-        return self.scorer._shape_flops(shape) + move < self.scorer._shape_flops(dense)
+        return self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move
 
     def pays(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
         """Whether to run the sparse program `shape` instead of the dense pass
@@ -117,9 +122,7 @@ class SparsePasses:
             return True
         if programs.seconds_per_flop is None:  # nothing measured yet: the dense pass measures it
             return False
-        plan = self._rebase_plan(base)
-        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
-        saved = (self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move) * programs.seconds_per_flop
+        saved = self.saving(shape, dense, base) * programs.seconds_per_flop
         programs.forgone += saved
         if self.entered is None:  # decided once per run: entering midway would pay for both families of programs
             left = self.passes_left(shape.start_layer) - 1
