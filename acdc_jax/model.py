@@ -305,13 +305,16 @@ class SenderActivations(eqx.Module):
     ``tok``/``pos`` are the token and (learned) position embeddings, ``heads``
     each head's output without the attention bias ``b_O`` (which is constant
     and belongs to no edge), ``mlps`` each MLP's output including its bias.
-    Leading ``*batch`` axes are optional.
+    ``resid``, if given, is the residual stream they sum to before each layer
+    and after the last (`patching.with_resid`). Leading ``*batch`` axes are
+    optional.
     """
 
     tok: Float[Array, "*batch pos d_model"]
     pos: Optional[Float[Array, "*batch pos d_model"]]
     heads: Float[Array, "*batch n_layers n_heads pos d_model"]
     mlps: Optional[Float[Array, "*batch n_layers pos d_model"]]
+    resid: Optional[Float[Array, "*batch n_layers_plus_1 pos d_model"]] = None
 
 
 def layer(blocks: Block, index: int) -> Block:

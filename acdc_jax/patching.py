@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from .errors import TaskError
 from .graph import CircuitGraph
-from .model import SenderActivations, Transformer, layer
+from .model import SenderActivations, Transformer, _lead, layer
 
 
 class Corruption(eqx.Module):
@@ -46,7 +46,7 @@ class Corruption(eqx.Module):
         tokens = jnp.asarray(corrupted_tokens)
         if tokens.ndim != 2:
             raise TaskError(f"corrupted tokens must have shape [batch, pos], got {tokens.shape}.")
-        return cls("prompts", _senders(model, tokens))
+        return cls("prompts", with_resid(model, _senders(model, tokens)))
 
     @classmethod
     def mean(cls, model: Transformer, tokens: Int[Array, "batch pos"]) -> "Corruption":
@@ -54,7 +54,7 @@ class Corruption(eqx.Module):
         if tokens.ndim != 2:
             raise TaskError(f"tokens for a mean corruption must have shape [batch, pos], got {tokens.shape}.")
         acts = jax.tree_util.tree_map(lambda a: a.mean(0), _senders(model, tokens))
-        return cls("mean", acts)
+        return cls("mean", with_resid(model, acts))
 
     @classmethod
     def zeros(cls) -> "Corruption":
@@ -125,14 +125,33 @@ def senders_before(graph: CircuitGraph, start_layer: int) -> int:
     return graph.n_senders_before_attn(start_layer)
 
 
+@eqx.filter_jit
+def with_resid(model: Transformer, acts: SenderActivations) -> SenderActivations:
+    """`acts` with the residual stream before each layer and after the last
+    summed once, which a pass then reads instead of summing every earlier
+    head's output again (on a CPU, reading them all cost more than a move of
+    the sparse passes' base state)."""
+    resid = jnp.stack(_summed_bases(model, acts, model.config.n_layers), axis=-3)
+    return SenderActivations(acts.tok, acts.pos, acts.heads, acts.mlps, resid)
+
+
 def _corrupt_base(model: Transformer, corr: SenderActivations, start_layer: int):
     """The corrupted residual stream before layer `start_layer`."""
+    if corr.resid is not None:
+        return corr.resid[start_layer]
+    return _summed_bases(model, corr, start_layer)[-1]
+
+
+def _summed_bases(model: Transformer, corr: SenderActivations, last: int) -> list:
+    """The residual streams before layers 0 .. `last` (any leading batch axes)."""
     base = corr.tok if corr.pos is None else corr.tok + corr.pos
-    for l in range(start_layer):
-        base = base + corr.heads[l].sum(0) + model.blocks.attn.b_O[l][None]
+    bases = [base]
+    for l in range(last):
+        base = base + corr.heads[..., l, :, :, :].sum(-3) + _lead(model.blocks.attn.b_O[l], base.ndim)
         if model.config.d_mlp is not None:
-            base = base + corr.mlps[l]
-    return base
+            base = base + corr.mlps[..., l, :, :]
+        bases.append(base)
+    return bases
 
 
 class UpstreamMix(eqx.Module):

@@ -20,6 +20,7 @@ order), which ACDC's near-tie band measures as it does for every program.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import equinox as eqx
@@ -205,15 +206,13 @@ def _final_residual(model, graph, corr, mid, last, m_add, out_at):
 
 def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
            dense) -> BaseState:
-    """`state` moved to the circuit `mask` (see `_rebase`); the deviations
-    before the last layer are passed on, not copied, where no head before it
-    is recomputed."""
-    mid, last, z, pre = _rebase(model, graph, start_layer, corruption, tokens, state, mask, heads, changed, out_at,
-                                maps, dense)
-    return BaseState(state.mid if mid is None else mid, last, z, pre)
+    """`state` moved to the circuit `mask` (see `_rebase`). `state` is
+    donated: its buffers are updated in place, so it must not be used after."""
+    return BaseState(*_rebase(model, graph, start_layer, corruption, tokens, state, mask, heads, changed,
+                              tuple(out_at), maps, dense))
 
 
-@eqx.filter_jit
+@functools.partial(jax.jit, static_argnames=("graph", "start_layer", "out_at"), donate_argnames=("state",))
 def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
             dense):
     """`state` moved to the circuit `mask`, which differs from its own only at
@@ -223,7 +222,8 @@ def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mas
     where `dense` (a traced flag, so that both ways share one program) or
     where the maps would have as many rows as the residual; else it is
     updated by each recomputed head's change of z times its map (once per
-    head: padding slots repeat a head)."""
+    head: padding slots repeat a head). The heads' rows are written into the
+    donated state in place (a copy of the state cost more than the move)."""
     m_add, m_dir = graph.dense_masks(mask)
     out_at = np.asarray(out_at)
     axes = corruption_axes(corruption)
@@ -231,14 +231,16 @@ def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mas
     def one(tok, acts, mid, last):
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         changes, z = _changes(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, last, out_at)
-        for l, hs, dev, _ in changes:
-            if l == graph.n_layers - 1:
-                last = last.at[hs].set(dev)
-            else:
-                mid = mid.at[graph.n_senders_before_attn(l) + hs].set(dev)
-        return mid, last, z
+        return [dev for _, _, dev, _ in changes], z
 
-    mid, last, z = jax.vmap(one, in_axes=(0, axes, 0, 0))(tokens, corruption.acts, state.mid, state.last)
+    devs, z = _per_prompt(one, (tokens, corruption.acts, state.mid, state.last), axes)
+    mid, last = state.mid, state.last
+    moved = [(start_layer + i, hs) for i, hs in enumerate(heads) if hs.shape[0]]  # as `_changes` returns them
+    for (l, hs), dev in zip(moved, devs):
+        if l == graph.n_layers - 1:
+            last = last.at[:, hs].set(dev)
+        else:
+            mid = mid.at[:, graph.n_senders_before_attn(l) + hs].set(dev)
 
     def unembed(mid, last):
         def one_pre(tok, acts, mid, last):
@@ -261,7 +263,7 @@ def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mas
     else:
         pre = unembed(mid, last)
     z = state.z if changed.shape[0] == 0 else state.z.at[:, changed].set(z)  # one index per recomputed slot
-    return (mid if any(hs.shape[0] for hs in heads[:-1]) else None), last, z, pre
+    return mid, last, z, pre
 
 
 @eqx.filter_jit
@@ -339,3 +341,12 @@ def diff_columns(graph: CircuitGraph, old: np.ndarray, new: np.ndarray) -> np.nd
     """Receiver columns of the edges where two circuits differ."""
     edges = np.flatnonzero(np.asarray(old) != np.asarray(new))
     return np.unique(graph.places(edges)[1])
+
+
+def _per_prompt(fn, args: tuple, acts_axis):
+    """`fn` over the prompts one at a time (a loop, not vmap: vmapped, XLA
+    moves the prompt axis of the whole base state inward to mix the senders,
+    copying it). `args[1]` is the corruption's acts, mapped over if `acts_axis` is 0."""
+    if acts_axis == 0:
+        return jax.lax.map(lambda a: fn(*a), args)
+    return jax.lax.map(lambda a: fn(a[0], args[1], *a[1:]), (args[0],) + args[2:])
