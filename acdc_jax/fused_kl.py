@@ -6,8 +6,8 @@ A sparse pass's candidate has logits ``(pre + u @ G) * scale + bias``
 whole, they are a [candidates x prompts, vocabulary] array that a CPU
 writes to memory and reads back several times (the product, the scale and
 bias, the log-softmax, the KL), which cost more than the product itself.
-Here the vocabulary is walked in chunks small enough to stay in cache, with
-a running log-sum-exp, so each logit is made once and never stored:
+Here the vocabulary is walked in chunks small enough to stay in cache,
+summing as it goes, so each logit is made once and never stored:
 
     KL(p || q) = LSE(l) - LSE(lr) - sum_v p_v (l_v - lr_v)
 
@@ -98,10 +98,35 @@ def low_rank_kl(
     width: Optional[int] = None,
 ) -> Float[Array, "cand batch"]:
     """KL(softmax(reference) || softmax(l)) per candidate and row, for
-    ``l = (pre + u @ maps) * scale[..., None] + bias`` (no `pre`: zero)."""
+    ``l = (pre + u @ maps) * scale[..., None] + bias`` (no `pre`: zero).
+
+    The sum of exp(l - LSE(lr)) is taken as it comes, without a running
+    maximum (which doubled the cost: a second sweep of every chunk). Its
+    terms cannot overflow, nor the sum lose precision to underflow, unless a
+    candidate's LSE moves some 70 nats from the reference's; where one does,
+    the whole batch is summed again with a running maximum, so the result is
+    never inexact."""
     rows, vocab = reference.shape
     width = width or chunk_width(u.shape[0] * rows, vocab)
     log_p = jax.nn.log_softmax(reference, axis=-1)
+    args = (u, maps, pre, scale, bias, reference, log_p, width)
+    top, total, diff = _sums(*args, running_max=False)
+    kl = jnp.log(total) - diff
+    ok = jnp.all((total > 1e-30) & jnp.isfinite(kl))
+    kl = jax.lax.cond(ok, lambda: kl, lambda: _kl(*_sums(*args, running_max=True)))
+    # less LSE(log p), which float rounding of log p moves off 0
+    return kl - jax.nn.logsumexp(log_p, axis=-1)[None]
+
+
+def _kl(top, total, diff):
+    return top + jnp.log(total) - diff  # LSE(l) - LSE(lr) - sum p (l - lr)
+
+
+def _sums(u, maps, pre, scale, bias, reference, log_p, width: int, running_max: bool):
+    """Per candidate and row over the vocabulary, in chunks of `width`: the
+    running maximum of l - LSE(lr) (0 without `running_max`), the sum of
+    exp(l - LSE(lr) - that maximum), and sum p (l - lr)."""
+    vocab = reference.shape[1]
     p = jnp.exp(log_p)
 
     def step(carry, start, width=width):
@@ -113,19 +138,19 @@ def low_rank_kl(
         r = logits * scale[..., None] + cut(bias)[None, None] - cut(reference)[None]  # l - lr, small near the reference
         diff = diff + jnp.sum(cut(p)[None] * r, axis=-1)
         t = r + cut(log_p)[None]  # l - LSE(lr)
+        if not running_max:
+            return (top, total + jnp.exp(t).sum(-1), diff), None
         new_top = jnp.maximum(top, t.max(-1))
         total = total * jnp.exp(top - new_top) + jnp.exp(t - new_top[..., None]).sum(-1)
         return (new_top, total, diff), None
 
     zeros = jnp.zeros(scale.shape, jnp.float32)
-    carry = (zeros - jnp.inf, zeros, zeros)
+    carry = (zeros - jnp.inf if running_max else zeros, zeros, zeros)
     n_full = vocab // width
     carry, _ = jax.lax.scan(step, carry, jnp.arange(n_full) * width)
     if vocab % width:
         carry, _ = step(carry, n_full * width, width=vocab % width)
-    top, total, diff = carry
-    # LSE(l) - LSE(lr) - sum p (l - lr); less LSE(log p), which float rounding of log p moves off 0
-    return top + jnp.log(total) - diff - jax.nn.logsumexp(log_p, axis=-1)[None]
+    return carry
 
 
 def weighted_mean(values: Float[Array, "cand batch"], weights: Optional[Array]) -> Float[Array, " cand"]:

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax.fused_kl import chunk_width, low_rank_kl, weighted_mean
+import jax
+
+from acdc_jax.fused_kl import _sums, chunk_width, low_rank_kl, weighted_mean
 from acdc_jax.tasks.base import kl_divergence
 
 
@@ -72,6 +74,25 @@ def test_large_logits_and_small_changes_stay_precise():
     assert np.all(np.isfinite(got))
     assert want[0] > 1e-6
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-7)
+
+
+@pytest.mark.parametrize("shift", [300.0, -300.0])
+def test_candidates_far_from_the_reference_are_summed_again_with_a_running_maximum(shift):
+    """One candidate's logits all move by 300 (softmax unchanged): its
+    terms exp(l - LSE(lr)) overflow (or underflow to a zero sum) without a
+    running maximum, so the batch is summed again with one, and every
+    candidate's KL still equals kl_divergence on the whole logits."""
+    rng = np.random.default_rng(3)
+    u, maps, pre, scale, bias, reference = _case(rng)
+    maps = maps.at[0].set(1.0)  # a direction that moves every token alike
+    u = u.at[1, :, 0].add(shift)
+    log_p = jax.nn.log_softmax(reference, axis=-1)
+    _, total, _ = _sums(u, maps, pre, scale, bias, reference, log_p, 256, running_max=False)
+    assert not np.all((np.asarray(total) > 1e-30) & np.isfinite(np.asarray(total)))  # the unshifted sum fails
+    got = np.asarray(low_rank_kl(u, maps, pre, scale, bias, reference, width=256).mean(-1))
+    want = _whole(u, maps, pre, scale, bias, reference)
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4)  # logits of 300 carry float32 rounding of 3e-5
 
 
 def test_chunks_fit_the_cache_and_the_vocabulary():
