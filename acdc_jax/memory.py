@@ -61,7 +61,8 @@ def pass_bytes(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: i
     sender = n_pos * c.d_model  # one sender's deviation for one prompt
     before = g.n_senders if start_layer >= L else g.n_senders_before_attn(start_layer)
     chunk = n_prompts if prompt_chunk is None else prompt_chunk
-    fixed = n_prompts * 4 * g.n_senders * sender  # deviations, corrupted activations and XLA's copies
+    # deviations, corrupted activations and XLA's copies, and the corrupted residual before each layer
+    fixed = n_prompts * (4 * g.n_senders + L + 1) * sender
     if 0 < start_layer < L:  # the shared upstream sum over the later receivers, per prompt chunk
         fixed += chunk * 3 * ((L - start_layer - 1) * g._layer_columns + 1) * sender
     act = 0
