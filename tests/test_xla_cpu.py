@@ -51,3 +51,18 @@ def test_the_check_refuses_a_backend_that_miscomputes():
     assert out.returncode == 0, out.stderr[-2000:]
     wrong, raised = out.stdout.split()[-2:]
     assert wrong == raised, (wrong, raised)
+
+
+def test_classic_fusion_emitters_unless_the_user_chose():
+    """A fresh process gets the classic CPU fusion emitters (they compile
+    faster) beside the YNN flag; an XLA_FLAGS that names the emitters flag keeps its value."""
+    code = "import os, acdc_jax; print(os.environ['XLA_FLAGS'])"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"},
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and chosen.returncode == 0, plain.stderr[-2000:] + chosen.stderr[-2000:]
+    from acdc_jax.xla_cpu import FAST_COMPILE, FLAG
+    assert plain.stdout.split() == [FAST_COMPILE, FLAG]
+    assert chosen.stdout.split() == ["--xla_cpu_use_fusion_emitters=true", FLAG]
