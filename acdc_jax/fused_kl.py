@@ -110,8 +110,8 @@ def low_rank_kl(
     width = width or chunk_width(u.shape[0] * rows, vocab)
     log_p = jax.nn.log_softmax(reference, axis=-1)
     args = (u, maps, pre, scale, bias, reference, log_p, width)
-    top, total, diff = _sums(*args, running_max=False)
-    kl = jnp.log(total) - diff
+    top, total, diff = _sums(*args, running_max=False)  # top: 0
+    kl = _kl(top, total, diff)
     ok = jnp.all((total > 1e-30) & jnp.isfinite(kl))
     kl = jax.lax.cond(ok, lambda: kl, lambda: _kl(*_sums(*args, running_max=True)))
     # less LSE(log p), which float rounding of log p moves off 0

@@ -297,13 +297,10 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         return dx, (valid * m_add[E + glob, col])[:, None, None] * (z[pick] - z_base[glob])
 
     if loop:  # one prompt at a time, its deviations read once for every candidate
-        def per_prompt(prompt):
-            tok, mid, last, z_base, cache = prompt[:5]
-            acts = prompt[5] if axes == 0 else corruption.acts  # else shared by every prompt
-            return jax.vmap(one, in_axes=(0, 0) + (None,) * 6)(m_adds, m_dirs, tok, acts, mid, last, z_base, cache)
+        def per_prompt(*prompt):
+            return jax.vmap(one, in_axes=(0, 0) + (None,) * 6)(m_adds, m_dirs, *prompt)
 
-        prompts = (tokens, state.mid, state.last, state.z, cache) + ((corruption.acts,) if axes == 0 else ())
-        dx, u = jax.lax.map(per_prompt, prompts)
+        dx, u = _per_prompt(per_prompt, (tokens, corruption.acts, state.mid, state.last, state.z, cache), axes)
         dx, u = jnp.moveaxis(dx, 0, 1), jnp.moveaxis(u, 0, 1)
     else:
         per_candidate = lambda m_add, m_dir: jax.vmap(one, in_axes=(None, None, 0, axes, 0, 0, 0, 0))(
@@ -344,9 +341,10 @@ def diff_columns(graph: CircuitGraph, old: np.ndarray, new: np.ndarray) -> np.nd
 
 
 def _per_prompt(fn, args: tuple, acts_axis):
-    """`fn` over the prompts one at a time (a loop, not vmap: vmapped, XLA
-    moves the prompt axis of the whole base state inward to mix the senders,
-    copying it). `args[1]` is the corruption's acts, mapped over if `acts_axis` is 0."""
+    """`fn` over the prompts one at a time (a loop, not vmap: each prompt's
+    base state is read once, and a vmapped move made XLA copy the whole
+    state to put the prompt axis inward). `args[1]` is the corruption's
+    acts, mapped over if `acts_axis` is 0, else shared by every prompt."""
     if acts_axis == 0:
         return jax.lax.map(lambda a: fn(*a), args)
     return jax.lax.map(lambda a: fn(a[0], args[1], *a[1:]), (args[0],) + args[2:])

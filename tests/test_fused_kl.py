@@ -1,11 +1,10 @@
 """The streamed KL divergence (`acdc_jax.fused_kl`) against the task's own
 `kl_divergence` applied to the whole logits."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax
 
 from acdc_jax.fused_kl import _sums, chunk_width, low_rank_kl, weighted_mean
 from acdc_jax.tasks.base import kl_divergence
