@@ -1,8 +1,8 @@
 """acdc-jax: automatic circuit discovery for transformers, in JAX."""
 
-from .xla_cpu import turn_off_ynn_reductions
+from .xla_cpu import set_flags
 
-turn_off_ynn_reductions()  # before JAX starts: its CPU backend miscomputes some large reductions otherwise
+set_flags()  # before JAX starts: its CPU backend miscomputes some large reductions otherwise
 
 from .checkpoint import load, save
 from .errors import CheckpointError, ConfigError, MetricError, TaskError

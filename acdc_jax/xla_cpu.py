@@ -12,12 +12,13 @@ its "-" syntax, since XLA aborts on unknown flags and values, and not where a
 GPU or TPU plugin will run the passes). `check` runs a small case of the bug on the CPU
 backend and raises if the results are still wrong.
 
-Under the same conditions it also adds `FAST_COMPILE`: XLA's newer CPU
-fusion emitters took 20-30% longer to compile a batched run's programs (the
-benchmark model, 40 prompts, tau 0.1: 29.7-31.8 s of backend compiling
-against 21.5-25.8 s with the classic emitters, whose passes ran as fast or
-faster), and on a CPU the compiling is most of a run's first call. Either
-flag already in ``XLA_FLAGS`` is left as it is.
+Where no GPU or TPU plugin is installed it also adds the `FAST` flags, each
+unless ``XLA_FLAGS`` names it: on a CPU a batched run's first call is mostly
+compiling. Both made the benchmark model's runs (40 prompts, tau 0.1) compile
+faster and run no slower: the classic fusion emitters (backend compiling
+21.5-25.8 s against 29.7-31.8 s with the newer ones) and LLVM's "less"
+optimisation level instead of XLA's default 3 (see README, "XLA on a CPU").
+A `FLAG` already in ``XLA_FLAGS`` is left as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import numpy as np
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
-FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+FAST = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
 _checked = False
 
 
@@ -52,28 +53,32 @@ def _accelerator_plugin() -> bool:
     return any(n.startswith(("jax-cuda", "jax-rocm", "libtpu")) for n in names)
 
 
-def turn_off_ynn_reductions() -> bool:
-    """Add `FLAG` (and `FAST_COMPILE`) to ``XLA_FLAGS`` unless it is set,
-    JAX's backends have started, or jaxlib does not know it. True when
-    `FLAG` is in effect."""
+def _name(flag: str) -> str:
+    return flag.split("=")[0].lstrip("-")
+
+
+def set_flags() -> bool:
+    """Add `FLAG` and the `FAST` flags to ``XLA_FLAGS`` (each unless named
+    there) before JAX starts its backends, where this jaxlib knows them and
+    no GPU or TPU plugin is installed. True when `FLAG` is in effect."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return True
+    guarded = _name(FLAG) in flags
     try:
         from jax._src import xla_bridge
 
         if xla_bridge.backends_are_initialized():
-            return False
+            return guarded
     except (ImportError, AttributeError):
-        return False
-    # XLA aborts on an unknown flag or value: only where this jaxlib documents both, and only for CPU runs
-    if _accelerator_plugin() or not _jaxlib_knows(b"xla_cpu_experimental_ynn_fusion_type", b"YNN fusion types",
-                                                   b"'+' or '-' prefix"):
-        return False
-    if "xla_cpu_use_fusion_emitters" not in flags and _jaxlib_knows(b"xla_cpu_use_fusion_emitters"):
-        flags = f"{flags} {FAST_COMPILE}"
-    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
-    return True
+        return guarded
+    # XLA aborts on an unknown flag or value: only where this jaxlib documents them, and only for CPU runs
+    if _accelerator_plugin():
+        return guarded
+    added = [f for f in FAST if _name(f) not in flags and _jaxlib_knows(_name(f).encode())]
+    if not guarded and _jaxlib_knows(_name(FLAG).encode(), b"YNN fusion types", b"'+' or '-' prefix"):
+        added.append(FLAG)
+        guarded = True
+    os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return guarded
 
 
 def check() -> None:
