@@ -1,4 +1,4 @@
-"""A guard against wrong results from XLA's CPU backend.
+"""XLA on a CPU: a guard against its wrong results, and flags that compile faster.
 
 jaxlib 0.10 hands some reductions to YNNPACK on CPUs ("YNN fusions"). A
 fused reduction over the last axis whose output has more than 2^15 elements,
