@@ -2,7 +2,7 @@
 
 from .xla_cpu import set_flags
 
-set_flags()  # before JAX starts: its CPU backend miscomputes some large reductions otherwise
+set_flags()  # before JAX starts: the YNN guard (wrong large reductions on CPUs) and faster CPU compiling
 
 from .checkpoint import load, save
 from .errors import CheckpointError, ConfigError, MetricError, TaskError

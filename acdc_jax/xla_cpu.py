@@ -18,7 +18,7 @@ compiling. Both made the benchmark model's runs (40 prompts, tau 0.1) compile
 faster and run no slower: the classic fusion emitters (backend compiling
 21.5-25.8 s against 29.7-31.8 s with the newer ones) and LLVM's "less"
 optimisation level instead of XLA's default 3 (see README, "XLA on a CPU").
-A `FLAG` already in ``XLA_FLAGS`` is left as it is.
+Any of these flags already in ``XLA_FLAGS`` is left as it is.
 """
 
 from __future__ import annotations
