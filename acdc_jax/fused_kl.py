@@ -21,13 +21,15 @@ which ACDC's near-tie band measures as it does for every program.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Bool, Float
 
 from .model import Transformer, _lead
+from .sharding import fetch
 from .tasks.base import kl_divergence
 
 ROW_CHUNK_BYTES = 3 << 19  # one chunk of logits (rows x tokens x 4 bytes) fits in a core's L2 cache
@@ -75,17 +77,19 @@ def residual_kl(
     u: Optional[Float[Array, "cand batch pos rank"]] = None,
     maps: Optional[Float[Array, "rank vocab"]] = None,
     pre: Optional[Float[Array, "batch pos vocab"]] = None,
-) -> Float[Array, " cand"]:
+    running_max: bool = False,
+) -> tuple[Float[Array, " cand"], Bool[Array, ""]]:
     """`kl_divergence` of each candidate whose final residuals at the metric
     positions are `x`, and whose unembedded ln_final numerator is
-    ``pre + u @ maps`` (by default the numerator of `x` through `W_U`)."""
+    ``pre + u @ maps`` (by default the numerator of `x` through `W_U`), and
+    whether it is exact (see `low_rank_kl`)."""
     cand, rows = x.shape[0], x.shape[1] * x.shape[2]
     if u is None:
         u, maps = final_numerator(model.ln_final, x), model.unembed.W_U
-    kl = low_rank_kl(u.reshape(cand, rows, -1), maps, None if pre is None else pre.reshape(rows, -1),
-                     final_scale(model.ln_final, x).reshape(cand, rows), final_bias(model),
-                     arrays["reference"].reshape(rows, -1).astype(jnp.float32))
-    return weighted_mean(kl, arrays["weights"])
+    kl, ok = low_rank_kl(u.reshape(cand, rows, -1), maps, None if pre is None else pre.reshape(rows, -1),
+                         final_scale(model.ln_final, x).reshape(cand, rows), final_bias(model),
+                         arrays["reference"].reshape(rows, -1).astype(jnp.float32), running_max=running_max)
+    return weighted_mean(kl, arrays["weights"]), ok
 
 
 def low_rank_kl(
@@ -96,26 +100,36 @@ def low_rank_kl(
     bias: Float[Array, " vocab"],
     reference: Float[Array, "batch vocab"],
     width: Optional[int] = None,
-) -> Float[Array, "cand batch"]:
+    running_max: bool = False,
+) -> tuple[Float[Array, "cand batch"], Bool[Array, ""]]:
     """KL(softmax(reference) || softmax(l)) per candidate and row, for
-    ``l = (pre + u @ maps) * scale[..., None] + bias`` (no `pre`: zero).
+    ``l = (pre + u @ maps) * scale[..., None] + bias`` (no `pre`: zero), and
+    whether every sum held.
 
-    The sum of exp(l - LSE(lr)) is taken as it comes, without a running
-    maximum (which doubled the cost: a second sweep of every chunk). Its
-    terms cannot overflow, nor the sum lose precision to underflow, unless a
-    candidate's LSE moves some 70 nats from the reference's; where one does,
-    the whole batch is summed again with a running maximum, so the result is
-    never inexact."""
+    Without `running_max` the sum of exp(l - LSE(lr)) is taken as it comes
+    (a running maximum doubled the cost: a second sweep of every chunk).
+    Its terms cannot overflow, nor the sum lose precision to underflow,
+    unless a candidate's LSE moves some 70 nats from the reference's; where
+    one does, the flag is False and the caller sums again with
+    `running_max`. That is a second program, compiled only when a run needs
+    it: inside the pass (a `lax.cond`) it made every pass program take a
+    fifth longer to compile."""
     rows, vocab = reference.shape
     width = width or chunk_width(u.shape[0] * rows, vocab)
     log_p = jax.nn.log_softmax(reference, axis=-1)
-    args = (u, maps, pre, scale, bias, reference, log_p, width)
-    top, total, diff = _sums(*args, running_max=False)  # top: 0
+    top, total, diff = _sums(u, maps, pre, scale, bias, reference, log_p, width, running_max=running_max)
     kl = _kl(top, total, diff)
     ok = jnp.all((total > 1e-30) & jnp.isfinite(kl))
-    kl = jax.lax.cond(ok, lambda: kl, lambda: _kl(*_sums(*args, running_max=True)))
     # less LSE(log p), which float rounding of log p moves off 0
-    return kl - jax.nn.logsumexp(log_p, axis=-1)[None]
+    return kl - jax.nn.logsumexp(log_p, axis=-1)[None], ok
+
+
+def exact(program: Callable[[bool], tuple]) -> np.ndarray:
+    """The metrics of a pass program that may stream KL (`program(running_max)`
+    returns the metrics and whether they are exact), run again with the
+    running maximum where the plain sums failed."""
+    metrics, ok = program(False)
+    return fetch(metrics) if bool(fetch(ok)) else fetch(program(True)[0])
 
 
 def _kl(top, total, diff):

@@ -22,7 +22,7 @@ import numpy as np
 from . import xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
-from .fused_kl import residual_kl, streams
+from .fused_kl import exact, residual_kl, streams
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer
 from .programs import Shape, shared
@@ -268,15 +268,16 @@ class Scorer:
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
         if heads is None:
-            run = lambda: fetch(_batch_metric(self.model, self.graph, start_layer, self.corruption, self.metric,
-                                              self.task, self.arrays, masks, self.tokens, self.deviations,
-                                              self.positions, self.prompt_chunk, upstream, loop))
+            program = lambda running_max: _batch_metric(
+                self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
+                self.tokens, self.deviations, self.positions, self.prompt_chunk, upstream, loop, running_max)
         else:
-            run = lambda: fetch(_batch_metric_heads(self.model, self.graph, start_layer, self.corruption, self.metric,
-                                                    self.task, self.arrays, masks, self.tokens, self.deviations,
-                                                    self.positions, base_results,
-                                                    put_replicated(jnp.asarray(heads), self.mesh), self.prompt_chunk,
-                                                    upstream, loop))
+            heads = put_replicated(jnp.asarray(heads), self.mesh)
+            program = lambda running_max: _batch_metric_heads(
+                self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
+                self.tokens, self.deviations, self.positions, base_results, heads, self.prompt_chunk, upstream, loop,
+                running_max)
+        run = lambda: exact(program)
         return self._run(shape, flops, run)[:n]
 
 
@@ -374,7 +375,9 @@ def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None, out_a
 
 
 def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                       positions, chunk, base_results=None, heads=None, upstream=None, loop=False):
+                       positions, chunk, base_results=None, heads=None, upstream=None, loop=False, running_max=False):
+    """Each candidate's metric, and whether it is exact (False: run again
+    with `running_max`; see `fused_kl.exact`)."""
     up_all = deviations[:, :senders_before(graph, start_layer)]
     out_positions = np.asarray(positions)
     axes = corruption_axes(corruption)
@@ -400,7 +403,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
             resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
             return metric_of(resid)
 
-        return jax.vmap(one_candidate)(masks)
+        return jax.vmap(one_candidate)(masks), jnp.array(True)
 
     # CPU: one candidate at a time over each chunk of prompts (its activations stay in cache), the
     # cached senders' shared sum once per chunk, then the unembedding and metric over groups of candidates
@@ -414,10 +417,10 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
 
     resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
     if streams(metric, resid, loop):
-        return residual_kl(model, resid, arrays)
+        return residual_kl(model, resid, arrays, running_max=running_max)
     n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
     out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
-    return out.reshape(n)
+    return out.reshape(n), jnp.array(True)
 
 
 def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:
@@ -432,13 +435,13 @@ def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:
 
 @eqx.filter_jit
 def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
-                  chunk=None, upstream=None, loop=False):
+                  chunk=None, upstream=None, loop=False, running_max=False):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, upstream=upstream, loop=loop)
+                              positions, chunk, upstream=upstream, loop=loop, running_max=running_max)
 
 
 @eqx.filter_jit
 def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                        positions, base_results, heads, chunk=None, upstream=None, loop=False):
+                        positions, base_results, heads, chunk=None, upstream=None, loop=False, running_max=False):
     return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, base_results, heads, upstream, loop)
+                              positions, chunk, base_results, heads, upstream, loop, running_max)

@@ -268,7 +268,8 @@ def _rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mas
 
 @eqx.filter_jit
 def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, state: BaseState,
-                  maps, cache: ReceiverCache, heads, pick, glob, valid, out_at, loop: bool = True):
+                  maps, cache: ReceiverCache, heads, pick, glob, valid, out_at, loop: bool = True,
+                  running_max: bool = False):
     """Metric of each candidate mask (each the base of `state` with some
     edges cut, none into the logits, all into `heads`' inputs or reaching
     only them: see `reach`). `pick`, `glob`, `valid`: the heads into the
@@ -276,7 +277,8 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     with every candidate, and KL divergence streams the low-rank logits over
     the vocabulary (`fused_kl.py`); elsewhere, and for other metrics, the
     logits are made whole. The final residual is the base's plus the
-    recomputed heads' changes."""
+    recomputed heads' changes. Returns the metrics and whether they are
+    exact (False: run again with `running_max`; see `fused_kl.exact`)."""
     out_at = np.asarray(out_at)
     E, H, L, col = graph.n_embed, graph.n_heads, graph.n_layers, graph.logits_column
     axes = corruption_axes(corruption)
@@ -312,14 +314,14 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         factors = ()
         if low_rank(k, model.config):
             factors = (jnp.moveaxis(u, 2, 3), jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre)
-        return residual_kl(model, x, arrays, *factors)
+        return residual_kl(model, x, arrays, *factors, running_max=running_max)
     if low_rank(k, model.config):
         pre = state.pre[None] + jnp.einsum("cpknd,kdv->cpnv", u, jnp.take(maps, glob, axis=0))
     else:  # as many maps' rows as the residual has: unembed the residual itself
         pre = final_numerator(model.ln_final, x) @ model.unembed.W_U
     logits = _logits(model, x, pre)
     score = lambda lg: metric(lg.astype(jnp.float32), TaskArrays(task, arrays))
-    return jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)
+    return (jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)), jnp.array(True)
 
 
 def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vocab: int) -> BaseState:

@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from .fused_kl import exact
 from .programs import Shape
 from .receivers import ReceiverCache, receiver_cache
 from .sparse import (BaseState, diff_columns, eligible, head_maps, initial_state, low_rank, padded, reach, rebase,
@@ -198,6 +199,7 @@ class SparsePasses:
         flops = s._shape_flops(shape)
         s.flops += flops
         self.passes += 1
-        return s._run(shape, flops, lambda: np.asarray(sparse_metric(
+        program = lambda running_max: sparse_metric(
             s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
-            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop)))
+            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop, running_max)
+        return s._run(shape, flops, lambda: exact(program))

@@ -36,15 +36,18 @@ FAST = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level
 _checked = False
 
 
-def _jaxlib_knows(*texts: bytes) -> bool:
-    """Whether one of jaxlib's libraries holds all of `texts` (flag names and help)."""
+def _in_jaxlib(texts: set) -> set:
+    """Which of `texts` (flag names and help) jaxlib's libraries hold; each
+    library is read once, however many flags are asked about."""
     spec = importlib.util.find_spec("jaxlib")
+    found: set = set()
     for folder in (spec.submodule_search_locations or []) if spec else []:
         for path in glob.glob(os.path.join(folder, "*.so")):
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if all(m.find(t) >= 0 for t in texts):
-                    return True
-    return False
+                found |= {t for t in texts - found if m.find(t) >= 0}
+            if found == texts:
+                return found
+    return found
 
 
 def _accelerator_plugin() -> bool:
@@ -73,8 +76,11 @@ def set_flags() -> bool:
     # XLA aborts on an unknown flag or value: only where this jaxlib documents them, and only for CPU runs
     if _accelerator_plugin():
         return guarded
-    added = [f for f in FAST if _name(f) not in flags and _jaxlib_knows(_name(f).encode())]
-    if not guarded and _jaxlib_knows(_name(FLAG).encode(), b"YNN fusion types", b"'+' or '-' prefix"):
+    ynn = {_name(FLAG).encode(), b"YNN fusion types", b"'+' or '-' prefix"}
+    wanted = [f for f in FAST if _name(f) not in flags]
+    known = _in_jaxlib({_name(f).encode() for f in wanted} | (set() if guarded else ynn))
+    added = [f for f in wanted if _name(f).encode() in known]
+    if not guarded and ynn <= known:
         added.append(FLAG)
         guarded = True
     os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()

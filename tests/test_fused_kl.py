@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax.fused_kl import _sums, chunk_width, low_rank_kl, weighted_mean
+from acdc_jax.fused_kl import chunk_width, exact, low_rank_kl, weighted_mean
 from acdc_jax.tasks.base import kl_divergence
 
 
@@ -39,8 +39,10 @@ def test_streamed_kl_equals_the_whole_logits_kl(width, weighted):
     rng = np.random.default_rng(0)
     args = _case(rng)
     weights = jnp.asarray(rng.uniform(0.5, 2.0, size=(5, 1)), jnp.float32) if weighted else None
-    got = np.asarray(weighted_mean(low_rank_kl(*args, width=width), weights))
+    kl, ok = low_rank_kl(*args, width=width)
+    got = np.asarray(weighted_mean(kl, weights))
     want = _whole(*args, weights)
+    assert bool(ok)
     assert want.min() > 0.05  # far enough from the reference to test something
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
 
@@ -48,7 +50,7 @@ def test_streamed_kl_equals_the_whole_logits_kl(width, weighted):
 def test_no_base_numerator_means_zero():
     rng = np.random.default_rng(1)
     u, maps, pre, scale, bias, reference = _case(rng)
-    got = low_rank_kl(u, maps, None, scale, bias, reference, width=256).mean(-1)
+    got = low_rank_kl(u, maps, None, scale, bias, reference, width=256)[0].mean(-1)
     np.testing.assert_allclose(np.asarray(got), _whole(u, maps, jnp.zeros_like(pre), scale, bias, reference),
                                rtol=2e-6, atol=1e-7)
 
@@ -64,7 +66,7 @@ def test_large_logits_and_small_changes_stay_precise():
     delta = jnp.asarray(10.0 ** -np.arange(2, 6), jnp.float32)[None, :, None]
     direction = jnp.asarray(rng.normal(size=(1, vocab)), jnp.float32)
     scale, bias = jnp.ones((1, rows), jnp.float32), jnp.zeros(vocab, jnp.float32)
-    got = np.asarray(low_rank_kl(delta, direction, reference, scale, bias, reference, width=128))[0]
+    got = np.asarray(low_rank_kl(delta, direction, reference, scale, bias, reference, width=128)[0])[0]
     ref64 = np.asarray(reference, np.float64)
     logits64 = (np.asarray(reference + delta[0] * direction, np.float32)).astype(np.float64)  # the float32 logits
     log_p = ref64 - np.log(np.exp(ref64 - ref64.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref64.max(-1, keepdims=True)
@@ -76,22 +78,28 @@ def test_large_logits_and_small_changes_stay_precise():
 
 
 @pytest.mark.parametrize("shift", [300.0, -300.0])
-def test_candidates_far_from_the_reference_are_summed_again_with_a_running_maximum(shift):
+def test_candidates_far_from_the_reference_are_flagged_and_summed_again_with_a_running_maximum(shift):
     """One candidate's logits all move by 300 (softmax unchanged): its
     terms exp(l - LSE(lr)) overflow (or underflow to a zero sum) without a
-    running maximum, so the batch is summed again with one, and every
-    candidate's KL still equals kl_divergence on the whole logits."""
+    running maximum, which the flag reports; `exact` then sums the batch
+    again with one, and every candidate's KL equals kl_divergence on the
+    whole logits."""
     rng = np.random.default_rng(3)
     u, maps, pre, scale, bias, reference = _case(rng)
     maps = maps.at[0].set(1.0)  # a direction that moves every token alike
     u = u.at[1, :, 0].add(shift)
-    log_p = jax.nn.log_softmax(reference, axis=-1)
-    _, total, _ = _sums(u, maps, pre, scale, bias, reference, log_p, 256, running_max=False)
-    assert not np.all((np.asarray(total) > 1e-30) & np.isfinite(np.asarray(total)))  # the unshifted sum fails
-    got = np.asarray(low_rank_kl(u, maps, pre, scale, bias, reference, width=256).mean(-1))
+    plain = lambda running_max: low_rank_kl(u, maps, pre, scale, bias, reference, width=256, running_max=running_max)
+    assert not bool(plain(False)[1])
+    assert bool(plain(True)[1])
+    got = exact(plain).mean(-1)
     want = _whole(u, maps, pre, scale, bias, reference)
     np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=2e-6, atol=1e-7)
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-4)  # logits of 300 carry float32 rounding of 3e-5
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=5e-5)  # logits of 300 carry float32 rounding of 3e-5
+    keep = np.array([0, 2])
+    near = lambda running_max: low_rank_kl(u[keep], maps, pre, scale[keep], bias, reference, width=256,
+                                           running_max=running_max)
+    assert bool(near(False)[1])  # without the far candidate the plain sums hold
+    np.testing.assert_allclose(np.asarray(near(False)[0]), np.asarray(near(True)[0]), rtol=2e-6, atol=1e-7)
 
 
 def test_chunks_fit_the_cache_and_the_vocabulary():

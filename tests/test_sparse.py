@@ -225,3 +225,35 @@ def test_sparse_flops_agree_with_xla(start):
     ours = 8 * 3 * sparse_flops(graph, start, shape.reach, 12, 1, "sparse")
     xla = lowered.lowered.cost_analysis()["flops"]
     assert 0.8 * xla <= ours <= xla, (ours, xla)
+
+
+def test_passes_far_from_the_full_model_run_again_with_a_running_maximum(monkeypatch):
+    """With the unembedding scaled by 300, cut candidates' logits lie far
+    enough from the full model's that KL streamed without a running maximum
+    overflows: sparse and dense passes say so and run again with one
+    (`fused_kl.exact`), and score every candidate as a full pass does."""
+    import equinox as eqx
+
+    from acdc_jax import fused_kl, scoring, sparse_passes
+
+    model, graph, corr, task, _ = _setup("LN", "standard", "prompts", False, [5, 6])
+    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 300.0)
+    task = Task("t", task.clean, task.corrupted, positions=task.positions, metrics={"kl": kl_divergence}).bind(model)
+    scorer = Scorer(model, graph, task, corr, kl_divergence, sparse=True)
+    plain = []
+
+    def spy(program):
+        plain.append(bool(program(False)[1]))
+        return fused_kl.exact(program)
+
+    monkeypatch.setattr(scoring, "exact", spy)
+    monkeypatch.setattr(sparse_passes, "exact", spy)
+    rng = np.random.default_rng(5)
+    for start, sparse in ((1, True), (1, False), (0, False)):
+        cands = _random_candidates(graph, rng, start)
+        shape = scorer.sparse.need(cands, start, 8) if sparse else scorer.need(cands, start, 8)
+        got = scorer.batch(cands, start, 8, shape=shape)
+        full = np.array([scorer.full(m) for m in cands.masks()])
+        assert full.max() > 10.0
+        np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
+    assert plain == [False, False, False]
