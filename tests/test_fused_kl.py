@@ -1,7 +1,6 @@
 """The streamed KL divergence (`acdc_jax.fused_kl`) against the task's own
 `kl_divergence` applied to the whole logits."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ highest (threshold found by binary search).
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -23,6 +23,9 @@ import optax
 from ..precision import takes_precision
 from ..scoring import _metric_of_mask
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
+
+if TYPE_CHECKING:
+    from ..circuit import Circuit
 
 BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
 INIT = 5.0  # initial log-alpha: gates start open, so training starts from the full model
