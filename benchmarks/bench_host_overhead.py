@@ -94,10 +94,13 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
         waited[0] += time.perf_counter() - start
         return out
 
+    fused_kl = importlib.import_module("acdc_jax.fused_kl")  # `exact` fetches a pass's metrics
     saved = {name: getattr(scoring, name) for name in
              ("fetch", "_batch_metric", "_batch_metric_heads", "_full_metric", "_layer_heads", "_deviations")}
-    scoring.fetch = fetch
-    scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: metric(masks)
+    saved_fetch = fused_kl.fetch
+    scoring.fetch = fused_kl.fetch = fetch
+    scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: (
+        metric(masks), jnp.array(True))
     scoring._batch_metric_heads = scoring._batch_metric
     scoring._full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
     scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
@@ -112,6 +115,7 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
     finally:
         for name, fn in saved.items():
             setattr(scoring, name, fn)
+        fused_kl.fetch = saved_fetch
     tried = [d for d in circuit.decisions if d.tried]
     passes = circuit.settings["passes"]
     if set(circuit.settings["widths"]) != {width}:
