@@ -126,10 +126,11 @@ def low_rank_kl(
 
 def exact(program: Callable[[bool], tuple]) -> np.ndarray:
     """The metrics of a pass program that may stream KL (`program(running_max)`
-    returns the metrics and whether they are exact), run again with the
-    running maximum where the plain sums failed."""
+    returns the metrics and whether they are exact: a traced flag where it
+    streams, else a static True, so that other passes fetch nothing more),
+    run again with the running maximum where the plain sums failed."""
     metrics, ok = program(False)
-    return fetch(metrics) if bool(fetch(ok)) else fetch(program(True)[0])
+    return fetch(metrics) if ok is True or bool(fetch(ok)) else fetch(program(True)[0])
 
 
 def _kl(top, total, diff):

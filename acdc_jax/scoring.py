@@ -403,7 +403,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
             resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
             return metric_of(resid)
 
-        return jax.vmap(one_candidate)(masks), jnp.array(True)
+        return jax.vmap(one_candidate)(masks), True
 
     # CPU: one candidate at a time over each chunk of prompts (its activations stay in cache), the
     # cached senders' shared sum once per chunk, then the unembedding and metric over groups of candidates
@@ -420,7 +420,7 @@ def _candidates_metric(model, graph, start_layer, corruption, metric, task, arra
         return residual_kl(model, resid, arrays, running_max=running_max)
     n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
     out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
-    return out.reshape(n), jnp.array(True)
+    return out.reshape(n), True
 
 
 def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:

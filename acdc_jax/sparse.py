@@ -321,7 +321,7 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         pre = final_numerator(model.ln_final, x) @ model.unembed.W_U
     logits = _logits(model, x, pre)
     score = lambda lg: metric(lg.astype(jnp.float32), TaskArrays(task, arrays))
-    return (jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)), jnp.array(True)
+    return (jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)), True
 
 
 def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vocab: int) -> BaseState:

@@ -100,7 +100,7 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
     saved_fetch = fused_kl.fetch
     scoring.fetch = fused_kl.fetch = fetch
     scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: (
-        metric(masks), jnp.array(True))
+        metric(masks), True)
     scoring._batch_metric_heads = scoring._batch_metric
     scoring._full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
     scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
