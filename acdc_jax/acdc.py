@@ -137,7 +137,7 @@ def acdc(
       only the heads the cuts reach, a low-rank unembedding) where that costs
       fewer FLOPs: "on" (or True); "auto" (default) once the seconds saved
       cover compiling the sparse programs (`sparse_passes.py`); "off" (or
-      False) never. Decisions are the same either way (README: Benchmarks).
+      False) never. Decisions are the same either way (tested; timings in benchmarks/README.md).
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .graph import CircuitGraph
-from .model import TransformerConfig
+from .config import TransformerConfig
 
 CIRCUIT_FORMAT = "acdc-jax-circuit"
 

@@ -8,7 +8,7 @@ against XLA's own cost analysis in tests/test_flops.py. Elementwise work
 from __future__ import annotations
 
 from .graph import CircuitGraph
-from .model import TransformerConfig
+from .config import TransformerConfig
 from .patching import upstream_offset
 
 

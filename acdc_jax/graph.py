@@ -39,7 +39,7 @@ import networkx as nx
 import numpy as np
 from jaxtyping import Array, Float
 
-from .model import TransformerConfig
+from .config import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,7 +133,7 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
     layer 0 do. None where the backend reports no analysis."""
     import jax.numpy as jnp
 
-    from .scoring import _batch_metric, _batch_metric_heads
+    from .dense import batch_metric, batch_metric_heads
 
     s = scorer
     masks = jnp.ones((width, s.graph.n_edges), s.model.embed.W_E.dtype)
@@ -143,9 +143,9 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
         n, pos = s.tokens.shape
         base = jnp.zeros((n, s.graph.n_heads, pos, s.model.config.d_model), masks.dtype)
         rows = (jnp.ones(s.graph.n_edges, masks.dtype), jnp.arange(2, dtype=jnp.int32))
-        lowered = _batch_metric_heads.lower(*args, base, jnp.zeros(1, jnp.int32), s.prompt_chunk, rows, False)
+        lowered = batch_metric_heads.lower(*args, base, jnp.zeros(1, jnp.int32), s.prompt_chunk, rows, False)
     else:
-        lowered = _batch_metric.lower(*args, s.prompt_chunk, None, False)
+        lowered = batch_metric.lower(*args, s.prompt_chunk, None, False)
     analysis = lowered.compile().compiled.memory_analysis()
     if analysis is None:
         return None

@@ -1,4 +1,4 @@
-"""The transformer: its config and a plain Equinox forward pass.
+"""The transformer: a plain Equinox forward pass.
 
 The plain forward is the reference that the edge-decomposed forward in
 `patching.py` is checked against.
@@ -13,9 +13,7 @@ weights are stacked on a leading ``n_layers`` axis.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Optional
+from typing import Optional
 
 import equinox as eqx
 import jax
@@ -23,98 +21,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .errors import ConfigError
-
-ACT_FNS = ("gelu_new", "gelu", "relu")
-NORMALIZATIONS = ("LN", "LNPre", "none")
-POSITIONALS = ("learned", "shortformer", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    """Hyperparameters of a decoder-only transformer.
-
-    ``normalization``: ``"LN"`` (LayerNorm with weight and bias), ``"LNPre"``
-    (centre and scale only, as after TransformerLens' ``fold_ln``) or ``"none"``.
-    ``positional``: ``"learned"`` (added to the residual stream),
-    ``"shortformer"`` (added to the query and key inputs only, after LN) or
-    ``"none"``. ``d_mlp=None`` makes an attention-only model.
-    """
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_head: int
-    d_vocab: int
-    n_ctx: int
-    d_mlp: Optional[int] = None
-    d_vocab_out: Optional[int] = None
-    act_fn: str = "gelu_new"
-    normalization: str = "LN"
-    positional: str = "learned"
-    causal: bool = True
-    ln_eps: float = 1e-5
-    attn_scale: Optional[float] = None
-
-    def __post_init__(self):
-        for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
-            _check_positive_int(name, getattr(self, name))
-        if self.d_mlp is not None:
-            _check_positive_int("d_mlp", self.d_mlp)
-        if self.d_vocab_out is None:
-            object.__setattr__(self, "d_vocab_out", self.d_vocab)
-        _check_positive_int("d_vocab_out", self.d_vocab_out)
-        for name, allowed in (
-            ("act_fn", ACT_FNS),
-            ("normalization", NORMALIZATIONS),
-            ("positional", POSITIONALS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"TransformerConfig.{name}={getattr(self, name)!r} is not supported; "
-                    f"use one of {allowed}."
-                )
-        if not isinstance(self.causal, bool):
-            raise ConfigError(f"TransformerConfig.causal must be a bool, got {self.causal!r}.")
-        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0):
-            raise ConfigError(f"TransformerConfig.ln_eps must be a positive float, got {self.ln_eps!r}.")
-        if self.attn_scale is None:
-            object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
-        if not (isinstance(self.attn_scale, (int, float)) and self.attn_scale > 0):
-            raise ConfigError(
-                f"TransformerConfig.attn_scale must be a positive float, got {self.attn_scale!r}."
-            )
-        object.__setattr__(self, "attn_scale", float(self.attn_scale))
-        object.__setattr__(self, "ln_eps", float(self.ln_eps))
-
-    @property
-    def attn_only(self) -> bool:
-        return self.d_mlp is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown TransformerConfig field(s) {unknown}; known fields are {sorted(known)}."
-            )
-        missing = sorted(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.name not in d
-        )
-        if missing:
-            raise ConfigError(f"TransformerConfig is missing required field(s) {missing}.")
-        return cls(**d)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+from .config import TransformerConfig
 
 
 def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:

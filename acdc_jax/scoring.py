@@ -14,25 +14,23 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import xla_cpu
+from . import dense, xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
-from .fused_kl import exact, residual_kl, streams
+from .fused_kl import exact
 from .graph import CircuitGraph, with_sentinels
 from .model import Transformer
 from .programs import Shape, shared
-from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, run_from,
-                       senders_before, start_layer_heads, upstream_mix, upstream_offset)
+from .patching import Corruption, senders_before, upstream_offset
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .receivers import cache_flops
 from .sparse import sparse_flops
 from .sparse_passes import SparsePasses
-from .tasks.base import Task, TaskArrays, task_arrays
+from .tasks.base import Task, task_arrays
 
 
 class Scorer:
@@ -66,7 +64,7 @@ class Scorer:
         self.tokens = put_prompts(jnp.asarray(task.clean), mesh)
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
-        self.deviations = _deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
+        self.deviations = dense.deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
         self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
@@ -74,7 +72,7 @@ class Scorer:
         self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
                                 prompt_chunk, mesh, str(model.embed.W_E.dtype),
                                 jax.config.jax_default_matmul_precision))
-        # on one CPU device a pass that runs full layers loops over its candidates (`_candidates_metric`)
+        # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and jax.default_backend() == "cpu"
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
         self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
@@ -106,7 +104,7 @@ class Scorer:
         self.passes += 1
         flops = self._pass_flops(0, self.graph.n_heads)
         self.flops += flops
-        return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(_full_metric(
+        return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
             self.positions))))
 
@@ -115,7 +113,7 @@ class Scorer:
         `masks` [n, n_edges] (one forward and one backward pass each)."""
         self.passes += len(masks)
         self.flops += 3 * len(masks) * self._pass_flops(0, self.graph.n_heads)  # backward ~ 2x forward
-        values, grads = _metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
+        values, grads = dense.metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
                                       self._rep(masks), self.tokens, self.positions)
         return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
 
@@ -144,7 +142,7 @@ class Scorer:
             heads = _pad_heads(stale, shape.heads, H)
             flops = self._shape_flops(shape)
             self.flops += flops
-            fresh = self._run(shape, flops, lambda: _layer_heads(
+            fresh = self._run(shape, flops, lambda: dense.layer_heads(
                 self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
                 put_replicated(jnp.asarray(heads), self.mesh)))
             results = fresh if results is None or len(heads) == H else results.at[:, heads].set(fresh)
@@ -268,12 +266,12 @@ class Scorer:
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
         if heads is None:
-            program = lambda running_max: _batch_metric(
+            program = lambda running_max: dense.batch_metric(
                 self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
                 self.tokens, self.deviations, self.positions, self.prompt_chunk, upstream, loop, running_max)
         else:
             heads = put_replicated(jnp.asarray(heads), self.mesh)
-            program = lambda running_max: _batch_metric_heads(
+            program = lambda running_max: dense.batch_metric_heads(
                 self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
                 self.tokens, self.deviations, self.positions, base_results, heads, self.prompt_chunk, upstream, loop,
                 running_max)
@@ -308,140 +306,3 @@ def _pad_heads(heads: list[int], size: Optional[int], n_heads: int) -> np.ndarra
     if size is None or size >= n_heads:
         return np.arange(n_heads, dtype=np.int32)
     return np.asarray(heads + heads[-1:] * (size - len(heads)), np.int32)
-
-
-@eqx.filter_jit
-def _deviations(model, graph, tokens, masks, corruption):
-    return patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32))[1]
-
-
-def _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
-    out_positions = np.asarray(positions)
-    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions, narrow=True)[0]
-    return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
-
-
-_full_metric = eqx.filter_jit(_metric_of_mask)
-
-
-@eqx.filter_jit
-def _metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens, positions):
-    def f(mask):
-        return _metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
-
-    return jax.lax.map(jax.value_and_grad(f), masks)
-
-
-@eqx.filter_jit
-def _layer_heads(model, graph, layer, corruption, mask, tokens, deviations, heads):
-    """Results of `heads` of `layer` under `mask`, for every prompt [batch, n, pos, d_model]."""
-    m_add, m_dir = graph.dense_masks(mask)
-
-    def one(tok, up, acts):
-        corr, pos_qk = example_inputs(corruption, model, tok, acts)
-        return start_layer_heads(model, graph, layer, up, m_add, m_dir, corr, pos_qk, heads)
-
-    up_all = deviations[:, :senders_before(graph, layer)]
-    return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
-
-
-def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None, out_axis: Optional[int] = None):
-    """``jax.vmap(fn, in_axes=axes)(*args)`` over the prompt axis; with `chunk`,
-    that many prompts at a time in a loop, so that only one chunk's
-    activations are alive at once (the results are the same). With
-    `out_axis`, `fn` itself takes a chunk (args mapped over their first axis)
-    and puts the prompts at that axis of its result."""
-    if out_axis is not None and chunk is None:
-        return fn(*args)
-    if chunk is None:
-        return jax.vmap(fn, in_axes=axes)(*args)
-    mapped = [i for i, ax in enumerate(axes) if ax == 0]
-    n = jax.tree_util.tree_leaves(args[mapped[0]])[0].shape[0]
-    if n % chunk:
-        raise ValueError(f"prompt_chunk={chunk} must divide the {n} prompts.")
-
-    def step(chunk_args):
-        full = list(args)
-        for i, a in zip(mapped, chunk_args):
-            full[i] = a
-        return fn(*full) if out_axis is not None else jax.vmap(fn, in_axes=axes)(*full)
-
-    split = [jax.tree_util.tree_map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), args[i]) for i in mapped]
-    out = jax.lax.map(step, split)
-    if out_axis is not None:  # [n_chunks, ..., chunk, ...] -> [..., n, ...]
-        out = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, out_axis), out)
-        return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[:out_axis] + (n,) + x.shape[out_axis + 2:]), out)
-    return jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), out)
-
-
-def _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                       positions, chunk, base_results=None, heads=None, upstream=None, loop=False, running_max=False):
-    """Each candidate's metric, and whether it is exact (False: run again
-    with `running_max`; see `fused_kl.exact`)."""
-    up_all = deviations[:, :senders_before(graph, start_layer)]
-    out_positions = np.asarray(positions)
-    axes = corruption_axes(corruption)
-    base_add = None if upstream is None else graph.dense_masks(upstream[0])[0]
-
-    def one_example(mask, tok, up, acts, results, shared):
-        m_add, m_dir = graph.dense_masks(mask)
-        corr, pos_qk = example_inputs(corruption, model, tok, acts)
-        first = None if results is None else (results, heads)
-        if shared is None and base_add is not None:  # the same for every candidate: vmap computes it once
-            shared = upstream_mix(graph, start_layer, up, base_add, upstream[1])
-        return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first,
-                        narrow=True, upstream=shared, residual=True)[0]
-
-    def metric_of(resid):
-        logits = model.unembed(model.ln_final(resid))
-        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
-
-    in_axes = (0, 0, axes, 0 if base_results is not None else None)
-    args = (tokens, up_all, corruption.acts, base_results)
-    if not loop:
-        def one_candidate(mask):
-            resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
-            return metric_of(resid)
-
-        return jax.vmap(one_candidate)(masks), True
-
-    # CPU: one candidate at a time over each chunk of prompts (its activations stay in cache), the
-    # cached senders' shared sum once per chunk, then the unembedding and metric over groups of candidates
-    def prompts_step(*chunk_args):
-        shared = None
-        if base_add is not None:
-            shared = jax.vmap(lambda up: upstream_mix(graph, start_layer, up, base_add, upstream[1]))(chunk_args[1])
-        ex_axes = in_axes + (None if shared is None else 0,)
-        return jax.lax.map(lambda mask: jax.vmap(lambda *a: one_example(mask, *a), in_axes=ex_axes)(
-            *chunk_args, shared), masks)
-
-    resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
-    if streams(metric, resid, loop):
-        return residual_kl(model, resid, arrays, running_max=running_max)
-    n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
-    out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
-    return out.reshape(n), True
-
-
-def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:
-    """Candidates per unembedding step on a CPU: about `rows` rows of logits
-    (enough to amortise reading the unembedding, few enough to stay in
-    cache), a power of two that divides `n`."""
-    g = 1
-    while 2 * g * rows_per_candidate <= rows and n % (2 * g) == 0:
-        g *= 2
-    return g
-
-
-@eqx.filter_jit
-def _batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
-                  chunk=None, upstream=None, loop=False, running_max=False):
-    return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, upstream=upstream, loop=loop, running_max=running_max)
-
-
-@eqx.filter_jit
-def _batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                        positions, base_results, heads, chunk=None, upstream=None, loop=False, running_max=False):
-    return _candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
-                              positions, chunk, base_results, heads, upstream, loop, running_max)

@@ -95,16 +95,17 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
         return out
 
     fused_kl = importlib.import_module("acdc_jax.fused_kl")  # `exact` fetches a pass's metrics
-    saved = {name: getattr(scoring, name) for name in
-             ("fetch", "_batch_metric", "_batch_metric_heads", "_full_metric", "_layer_heads", "_deviations")}
-    saved_fetch = fused_kl.fetch
+    dense = importlib.import_module("acdc_jax.dense")  # the pass programs
+    saved = [(module, name, getattr(module, name)) for module, name in
+             [(scoring, "fetch"), (fused_kl, "fetch")] + [(dense, name) for name in
+              ("batch_metric", "batch_metric_heads", "full_metric", "layer_heads", "deviations")]]
     scoring.fetch = fused_kl.fetch = fetch
-    scoring._batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: (
+    dense.batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: (
         metric(masks), True)
-    scoring._batch_metric_heads = scoring._batch_metric
-    scoring._full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
-    scoring._layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
-    scoring._deviations = lambda *a: None
+    dense.batch_metric_heads = dense.batch_metric
+    dense.full_metric = lambda model, graph, corr, metric_fn, task, arrays, mask, *a: metric(mask[None])[0]
+    dense.layer_heads = lambda model, graph, layer, corr, mask, tokens, dev, heads: jnp.zeros((1, len(heads), 1, 1))
+    dense.deviations = lambda *a: None
     try:
         tokens = rng.integers(0, GRAPH_OF_GPT2.d_vocab, (N_PROMPTS, 16))
         task = Task("synthetic", tokens, tokens, positions=np.array([15]), metrics={"kl": kl_divergence})
@@ -113,9 +114,8 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
             circuit = acdc_module.acdc(model, task, tau, progress=False, max_width=width)
             wall, compiling = time.perf_counter() - start, compile_seconds() - compiling
     finally:
-        for name, fn in saved.items():
-            setattr(scoring, name, fn)
-        fused_kl.fetch = saved_fetch
+        for module, name, fn in saved:
+            setattr(module, name, fn)
     tried = [d for d in circuit.decisions if d.tried]
     passes = circuit.settings["passes"]
     if set(circuit.settings["widths"]) != {width}:

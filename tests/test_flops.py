@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax import scoring
+from acdc_jax import dense, scoring
 from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, sweep_floor, upstream_flops
 from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
@@ -42,7 +42,7 @@ def _close(ours, xla):
 def test_pass_flops(setup, start):
     model, graph, corruption, s = setup
     masks = jnp.ones((W, graph.n_edges))
-    lowered = scoring._batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
+    lowered = dense.batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
                                           s.tokens, s.deviations, s.positions)
     _close(W * B * pass_flops(graph, start, graph.n_heads, P, 1)["total"], lowered.lowered.cost_analysis()["flops"])
 
@@ -51,7 +51,7 @@ def test_pass_flops(setup, start):
 def test_pass_flops_with_a_shared_upstream_sum(setup, start):
     model, graph, corruption, s = setup
     masks, rows = jnp.ones((W, graph.n_edges)), jnp.array([0])
-    lowered = scoring._batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
+    lowered = dense.batch_metric.lower(model, graph, start, corruption, kl_divergence, s.task, s.arrays, masks,
                                           s.tokens, s.deviations, s.positions, None, (masks[0], rows))
     ours = W * B * pass_flops(graph, start, graph.n_heads, P, 1, upstream_rows=1)["total"]
     _close(ours + B * upstream_flops(graph, start, P), lowered.lowered.cost_analysis()["flops"])
@@ -60,7 +60,7 @@ def test_pass_flops_with_a_shared_upstream_sum(setup, start):
 def test_base_heads_and_forward_flops(setup):
     model, graph, corruption, s = setup
     heads = jnp.arange(2)
-    lowered = scoring._layer_heads.lower(model, graph, 1, corruption, jnp.ones(graph.n_edges), s.tokens,
+    lowered = dense.layer_heads.lower(model, graph, 1, corruption, jnp.ones(graph.n_edges), s.tokens,
                                          s.deviations, heads)
     _close(B * base_heads_flops(graph, 1, 2, P), lowered.lowered.cost_analysis()["flops"])
     one_layer = TransformerConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from ..precision import takes_precision
-from ..scoring import _metric_of_mask
+from ..dense import metric_of_mask
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     def step(log_alpha, state, lam, key, args, tokens):
         def loss(la):
             gates = hard_concrete(la, key)
-            value = _metric_of_mask(*args, to_edges(gates), tokens, s.positions)
+            value = metric_of_mask(*args, to_edges(gates), tokens, s.positions)
             gap = expected_density(la) - target
             return value + lam[0] * gap + lam[1] * gap ** 2, (value, gap)
 

@@ -1,0 +1,161 @@
+"""The programs of dense passes: every sender from the start layer on is
+recomputed for each candidate (`Scorer` runs them; `sparse.py` holds the
+passes that recompute only the heads a cut reaches).
+
+On one CPU device a pass loops over its candidates, each over its prompts,
+and keeps only the final residual at the metric positions; elsewhere the
+candidates are vmapped (docs/performance.md, "Memory traffic on a CPU").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .fused_kl import residual_kl, streams
+from .patching import (corruption_axes, example_inputs, patched_logits_and_deviations, run_from, senders_before,
+                       start_layer_heads, upstream_mix)
+from .tasks.base import TaskArrays
+
+
+@eqx.filter_jit
+def deviations(model, graph, tokens, masks, corruption):
+    """Every sender's deviation (act - corrupt) under `masks`, for every prompt."""
+    return patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32))[1]
+
+
+def metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
+    """The metric of one circuit (a full forward, logits at the metric's positions only)."""
+    out_positions = np.asarray(positions)
+    logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions, narrow=True)[0]
+    return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+
+
+full_metric = eqx.filter_jit(metric_of_mask)
+
+
+@eqx.filter_jit
+def metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens, positions):
+    def f(mask):
+        return metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
+
+    return jax.lax.map(jax.value_and_grad(f), masks)
+
+
+@eqx.filter_jit
+def layer_heads(model, graph, layer, corruption, mask, tokens, deviations, heads):
+    """Results of `heads` of `layer` under `mask`, for every prompt [batch, n, pos, d_model]."""
+    m_add, m_dir = graph.dense_masks(mask)
+
+    def one(tok, up, acts):
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
+        return start_layer_heads(model, graph, layer, up, m_add, m_dir, corr, pos_qk, heads)
+
+    up_all = deviations[:, :senders_before(graph, layer)]
+    return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
+
+
+def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None, out_axis: Optional[int] = None):
+    """``jax.vmap(fn, in_axes=axes)(*args)`` over the prompt axis; with `chunk`,
+    that many prompts at a time in a loop, so that only one chunk's
+    activations are alive at once (the results are the same). With
+    `out_axis`, `fn` itself takes a chunk (args mapped over their first axis)
+    and puts the prompts at that axis of its result."""
+    if out_axis is not None and chunk is None:
+        return fn(*args)
+    if chunk is None:
+        return jax.vmap(fn, in_axes=axes)(*args)
+    mapped = [i for i, ax in enumerate(axes) if ax == 0]
+    n = jax.tree_util.tree_leaves(args[mapped[0]])[0].shape[0]
+    if n % chunk:
+        raise ValueError(f"prompt_chunk={chunk} must divide the {n} prompts.")
+
+    def step(chunk_args):
+        full = list(args)
+        for i, a in zip(mapped, chunk_args):
+            full[i] = a
+        return fn(*full) if out_axis is not None else jax.vmap(fn, in_axes=axes)(*full)
+
+    split = [jax.tree_util.tree_map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), args[i]) for i in mapped]
+    out = jax.lax.map(step, split)
+    if out_axis is not None:  # [n_chunks, ..., chunk, ...] -> [..., n, ...]
+        out = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, out_axis), out)
+        return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[:out_axis] + (n,) + x.shape[out_axis + 2:]), out)
+    return jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), out)
+
+
+def candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                       positions, chunk, base_results=None, heads=None, upstream=None, loop=False, running_max=False):
+    """Each candidate's metric, and whether it is exact (False: run again
+    with `running_max`; see `fused_kl.exact`)."""
+    up_all = deviations[:, :senders_before(graph, start_layer)]
+    out_positions = np.asarray(positions)
+    axes = corruption_axes(corruption)
+    base_add = None if upstream is None else graph.dense_masks(upstream[0])[0]
+
+    def one_example(mask, tok, up, acts, results, shared):
+        m_add, m_dir = graph.dense_masks(mask)
+        corr, pos_qk = example_inputs(corruption, model, tok, acts)
+        first = None if results is None else (results, heads)
+        if shared is None and base_add is not None:  # the same for every candidate: vmap computes it once
+            shared = upstream_mix(graph, start_layer, up, base_add, upstream[1])
+        return run_from(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, out_positions, first,
+                        narrow=True, upstream=shared, residual=True)[0]
+
+    def metric_of(resid):
+        logits = model.unembed(model.ln_final(resid))
+        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+
+    in_axes = (0, 0, axes, 0 if base_results is not None else None)
+    args = (tokens, up_all, corruption.acts, base_results)
+    if not loop:
+        def one_candidate(mask):
+            resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
+            return metric_of(resid)
+
+        return jax.vmap(one_candidate)(masks), True
+
+    # CPU: one candidate at a time over each chunk of prompts (its activations stay in cache), the
+    # cached senders' shared sum once per chunk, then the unembedding and metric over groups of candidates
+    def prompts_step(*chunk_args):
+        shared = None
+        if base_add is not None:
+            shared = jax.vmap(lambda up: upstream_mix(graph, start_layer, up, base_add, upstream[1]))(chunk_args[1])
+        ex_axes = in_axes + (None if shared is None else 0,)
+        return jax.lax.map(lambda mask: jax.vmap(lambda *a: one_example(mask, *a), in_axes=ex_axes)(
+            *chunk_args, shared), masks)
+
+    resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
+    if streams(metric, resid, loop):
+        return residual_kl(model, resid, arrays, running_max=running_max)
+    n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
+    out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))
+    return out.reshape(n), True
+
+
+def metric_group(rows_per_candidate: int, n: int, rows: int = 48) -> int:
+    """Candidates per unembedding step on a CPU: about `rows` rows of logits
+    (enough to amortise reading the unembedding, few enough to stay in
+    cache), a power of two that divides `n`."""
+    g = 1
+    while 2 * g * rows_per_candidate <= rows and n % (2 * g) == 0:
+        g *= 2
+    return g
+
+
+@eqx.filter_jit
+def batch_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations, positions,
+                  chunk=None, upstream=None, loop=False, running_max=False):
+    return candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                              positions, chunk, upstream=upstream, loop=loop, running_max=running_max)
+
+
+@eqx.filter_jit
+def batch_metric_heads(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                        positions, base_results, heads, chunk=None, upstream=None, loop=False, running_max=False):
+    return candidates_metric(model, graph, start_layer, corruption, metric, task, arrays, masks, tokens, deviations,
+                              positions, chunk, base_results, heads, upstream, loop, running_max)
