@@ -17,7 +17,7 @@ unless ``XLA_FLAGS`` names it: on a CPU a batched run's first call is mostly
 compiling. Both made the benchmark model's runs (40 prompts, tau 0.1) compile
 faster and run no slower: the classic fusion emitters (backend compiling
 21.5-25.8 s against 29.7-31.8 s with the newer ones) and LLVM's "less"
-optimisation level instead of XLA's default 3 (see README, "XLA on a CPU").
+optimisation level instead of XLA's default 3 (docs/performance.md, "XLA on a CPU").
 Any of these flags already in ``XLA_FLAGS`` is left as it is.
 """
 

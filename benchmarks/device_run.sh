@@ -8,8 +8,9 @@
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
 # compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
-# for the machine's Python in .whl/ (the README's "GPU" section has the pip
-# download line); they are installed into /tmp/site. Every JSON written goes
+# for the machine's Python in .whl/ (benchmarks/README.md, "Every benchmark
+# on any backend", has the pip download line); they are installed into
+# /tmp/site. Every JSON written goes
 # back packed as $OUT/results.tar.gz (the device tool returns few files).
 set -u
 cd "$(dirname "$0")/.."
