@@ -19,6 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import TransformerConfig
@@ -252,18 +253,18 @@ class Transformer(eqx.Module):
         self.unembed = Unembed(config, key=ku)
 
     def __call__(self, tokens: Int[Array, "*batch pos"]) -> Float[Array, "*batch pos d_vocab_out"]:
-        return _map_batch(lambda t: self._forward(t, collect=False)[0], tokens)
+        return _map_batch(lambda t: self._forward(t, collect=False)[0], tokens, self.config)
 
     def run_with_senders(
         self, tokens: Int[Array, "*batch pos"]
     ) -> tuple[Float[Array, "*batch pos d_vocab_out"], SenderActivations]:
         """Logits plus every edge sender's activation (the "hook_result",
         "hook_mlp_out" and embedding hooks of TransformerLens)."""
-        return _map_batch(lambda t: self._forward(t, collect=True), tokens)
+        return _map_batch(lambda t: self._forward(t, collect=True), tokens, self.config)
 
     def attention_patterns(self, tokens: Int[Array, "*batch pos"]) -> Float[Array, "*batch n_layers n_heads pos pos"]:
         """Every head's attention pattern (query position x key position)."""
-        return _map_batch(lambda t: self._forward(t, collect="patterns")[1], tokens)
+        return _map_batch(lambda t: self._forward(t, collect="patterns")[1], tokens, self.config)
 
     def embeddings(self, tokens: Int[Array, " pos"]):
         """Token embedding, residual position embedding, and the shortformer
@@ -323,7 +324,26 @@ def check_tokens(tokens: Array, config: TransformerConfig) -> None:
         )
 
 
-def _map_batch(fn, tokens):
+def check_token_values(tokens, d_vocab: int, what: str = "tokens", error=ValueError) -> None:
+    """Every id in [0, d_vocab): an embedding lookup under jit clamps an id
+    outside it and runs on without a word. Traced tokens (values unknown
+    here) are not checked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if t.size == 0:
+        return
+    bad = np.flatnonzero((t.reshape(-1) < 0) | (t.reshape(-1) >= d_vocab))
+    if bad.size:
+        where = np.unravel_index(bad[0], t.shape)
+        raise error(
+            f"{what}: token id {int(t[where])} at index {tuple(int(i) for i in where)} is outside the model's "
+            f"vocabulary 0..{d_vocab - 1} ({bad.size} such id(s)). Tokenize with the model's own tokenizer."
+        )
+
+
+def _map_batch(fn, tokens, config: TransformerConfig):
+    check_token_values(tokens, config.d_vocab)
     tokens = jnp.asarray(tokens)
     if tokens.ndim == 0:
         raise ValueError("tokens must have shape [pos] or [batch, pos], got a scalar.")

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from .errors import TaskError
 from .graph import CircuitGraph
-from .model import SenderActivations, Transformer, _lead, layer
+from .model import SenderActivations, Transformer, _lead, check_token_values, layer
 
 
 class Corruption(eqx.Module):
@@ -46,6 +46,7 @@ class Corruption(eqx.Module):
         tokens = jnp.asarray(corrupted_tokens)
         if tokens.ndim != 2:
             raise TaskError(f"corrupted tokens must have shape [batch, pos], got {tokens.shape}.")
+        check_token_values(tokens, model.config.d_vocab, "corrupted tokens", TaskError)
         return cls("prompts", with_resid(model, _senders(model, tokens)))
 
     @classmethod
@@ -53,6 +54,7 @@ class Corruption(eqx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise TaskError(f"tokens for a mean corruption must have shape [batch, pos], got {tokens.shape}.")
+        check_token_values(tokens, model.config.d_vocab, "tokens for a mean corruption", TaskError)
         acts = jax.tree_util.tree_map(lambda a: a.mean(0), _senders(model, tokens))
         return cls("mean", with_resid(model, acts))
 
@@ -362,6 +364,7 @@ def patched_forward(
         raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}.")
     if masks.shape != (graph.n_edges,):
         raise ValueError(f"masks must have shape ({graph.n_edges},) for {graph!r}, got {tuple(masks.shape)}.")
+    check_token_values(tokens, model.config.d_vocab)
     corruption.check(tokens)
     logits = _patched(model, graph, tokens, masks, corruption)
     return logits[0] if single else logits

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import TaskError
 from ..graph import CircuitGraph
-from ..model import Transformer
+from ..model import Transformer, check_token_values
 from ..patching import Corruption
 
 Metric = Callable[[jax.Array, "Task"], jax.Array]
@@ -113,8 +113,9 @@ class Task:
         """A copy whose ``reference`` holds this model's logits at the task positions."""
         if self.clean.shape[1] > model.config.n_ctx:
             raise TaskError(f"Task {self.name}: prompts of {self.clean.shape[1]} tokens exceed n_ctx={model.config.n_ctx}.")
-        if int(self.clean.max()) >= model.config.d_vocab:
-            raise TaskError(f"Task {self.name}: token id {int(self.clean.max())} is outside the model's vocabulary.")
+        for what, tokens in (("clean prompts", self.clean), ("corrupted prompts", self.corrupted)):
+            if tokens is not None:
+                check_token_values(tokens, model.config.d_vocab, f"Task {self.name}, {what}", TaskError)
         logits = np.asarray(_forward(model, jnp.asarray(self.clean)))[:, self.positions]
         return dataclasses.replace(self, reference=logits)
 

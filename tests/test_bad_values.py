@@ -1,0 +1,163 @@
+"""Bad values in saved models, tasks, configs and tokens raise errors that
+name the problem (the malformed-checkpoint cases of the converters are in
+test_bad_input.py)."""
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import acdc_jax as aj
+from acdc_jax import CheckpointError, ConfigError, TaskError, TransformerConfig
+from acdc_jax.checkpoint import read_weights
+from acdc_jax.tasks.base import Task, kl_divergence
+
+CONFIG = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6, d_mlp=None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    import jax.random as jr
+
+    return aj.Transformer(CONFIG, key=jr.PRNGKey(0))
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    return aj.save(model, tmp_path / "model")
+
+
+def _tamper(directory, edit):
+    arrays = load_file(str(directory / "model.safetensors"))
+    edit(arrays)
+    save_file(arrays, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda a: a.pop("blocks.attn.W_Q"), r"Missing tensor 'blocks\.attn\.W_Q'.*expected shape \(1, 2, 8, 4\)"),
+    (lambda a: a.update({"blocks.attn.W_K": a["blocks.attn.W_K"][..., :3].copy()}),
+     r"'blocks\.attn\.W_K'.*has shape \(1, 2, 8, 3\), expected \(1, 2, 8, 4\)"),
+    (lambda a: a.update({"unembed.W_U": a["unembed.W_U"].astype(np.int32)}), r"'unembed\.W_U'.*dtype int32"),
+    (lambda a: a["embed.W_E"].__setitem__((3, 2), np.nan), r"'embed\.W_E'.*NaN or infinite"),
+    (lambda a: a.update({"blocks.mlp.W_in": np.ones((1, 8, 16), np.float32)}),
+     r"Unused tensor\(s\).*\['blocks\.mlp\.W_in'\]"),
+])
+def test_a_tampered_saved_model_is_refused(saved, edit, pattern):
+    with pytest.raises(CheckpointError, match=pattern):
+        aj.load(_tamper(saved, edit))
+
+
+def test_a_saved_model_loads_back_equal(model, saved):
+    tokens = jnp.asarray(np.arange(6)[None] % CONFIG.d_vocab)
+    np.testing.assert_array_equal(np.asarray(aj.load(saved)(tokens)), np.asarray(model(tokens)))
+
+
+@pytest.mark.parametrize("write,error,pattern", [
+    (lambda p: p.write_text("{not json"), CheckpointError, "is not valid JSON"),
+    (lambda p: p.write_text("[1, 2]"), CheckpointError, "must hold a JSON object, got list"),
+    (lambda p: p.write_text(json.dumps({"format": "other"})), ConfigError, "not an acdc-jax model config"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "format_version": 99})), ConfigError,
+     "Unsupported acdc-jax format_version 99"),
+    (lambda p: p.unlink(), CheckpointError, "No config file at"),
+    (lambda p: (p.parent / "model.safetensors").unlink(), CheckpointError, "No weights file at"),
+])
+def test_a_broken_saved_model_directory_is_refused(saved, write, error, pattern):
+    write(saved / "config.json")
+    with pytest.raises(error, match=pattern):
+        aj.load(saved)
+
+
+def test_torch_files_that_are_not_state_dicts_are_refused(tmp_path):
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a state dict"):
+        read_weights(tmp_path / "tensor.pt")
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match="Entry 'step' .* is a int, not a tensor"):
+        read_weights(tmp_path / "mixed.pt")
+    (tmp_path / "garbage.bin").write_bytes(b"\x00not a torch file")
+    with pytest.raises(CheckpointError, match="Cannot read .* as a torch state dict"):
+        read_weights(tmp_path / "garbage.bin")
+    np.savez(tmp_path / "weights.npz", w=np.ones(2))
+    with pytest.raises(CheckpointError, match="Unknown weights file type '.npz'"):
+        read_weights(tmp_path / "weights.npz")
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    (dict(n_layers=0), "n_layers must be a positive int, got 0"),
+    (dict(d_model=8.0), "d_model must be a positive int, got 8.0"),
+    (dict(d_mlp=-4), "d_mlp must be a positive int"),
+    (dict(act_fn="swish"), "act_fn='swish' is not supported"),
+    (dict(causal="yes"), "causal must be a bool"),
+    (dict(ln_eps=-1e-5), "ln_eps must be a positive float"),
+    (dict(attn_scale=0), "attn_scale must be a positive float"),
+])
+def test_bad_config_fields_are_named(fields, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        dataclasses.replace(CONFIG, **fields)
+
+
+def test_config_dicts_with_unknown_or_missing_fields_are_refused():
+    d = CONFIG.to_dict()
+    assert TransformerConfig.from_dict(d) == CONFIG
+    with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['rotary_dim'\]"):
+        TransformerConfig.from_dict({**d, "rotary_dim": 4})
+    with pytest.raises(ConfigError, match=r"missing required field\(s\) \['d_head'\]"):
+        TransformerConfig.from_dict({k: v for k, v in d.items() if k != "d_head"})
+
+
+def _task(**changes):
+    rng = np.random.default_rng(0)
+    fields = dict(name="t", clean=rng.integers(0, 11, (4, 5)), corrupted=rng.integers(0, 11, (4, 5)),
+                  positions=np.array([4]), metrics={"kl": kl_divergence})
+    return Task(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(clean=np.zeros((4, 5), np.float32)), "clean tokens must be an int array"),
+    (dict(positions=np.array([5])), r"positions \[5\] are outside 0\.\.4"),
+    (dict(positions=np.array([], np.int32)), r"positions \[\] are outside"),
+    (dict(weights=np.ones((4, 2))), r"weights must have shape \(4, 1\)"),
+    (dict(default_metric="logit_diff"), "default metric 'logit_diff' is not in \\['kl'\\]"),
+    (dict(corruption="noise"), "unknown corruption 'noise'"),
+    (dict(corrupted=None), "corruption 'prompts' needs corrupted prompts"),
+])
+def test_inconsistent_tasks_are_refused(changes, pattern):
+    with pytest.raises(TaskError, match=pattern):
+        _task(**changes)
+
+
+def test_a_task_asks_for_what_it_has(model):
+    task = _task()
+    with pytest.raises(TaskError, match=r"no metric 'nll'; choose from \['kl'\]"):
+        task.metric("nll")
+    with pytest.raises(TaskError, match="Unknown corruption 'noise'"):
+        task.make_corruption(model, "noise")
+    with pytest.raises(TaskError, match="has no corrupted prompts"):
+        _task(corrupted=None, corruption="zeros").make_corruption(model, "prompts")
+    with pytest.raises(TaskError, match="prompts of 8 tokens exceed n_ctx=6"):
+        _task(clean=np.zeros((4, 8), np.int32), corrupted=None, corruption="zeros", positions=[7]).bind(model)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_not_clamped(model):
+    clean = _task().clean
+    high, low = clean.copy(), clean.copy()
+    high[1, 2], low[3, 0] = 11, -1
+    # without the check JAX clamps the id and returns logits without a word
+    with pytest.raises(ValueError, match=r"token id 11 at index \(1, 2\) is outside the model's vocabulary 0\.\.10"):
+        model(jnp.asarray(high))
+    graph = aj.CircuitGraph(CONFIG)
+    with pytest.raises(ValueError, match=r"token id -1 at index \(3, 0\)"):
+        aj.patched_forward(model, low, graph.ones(), aj.Corruption.zeros(), graph)
+    with pytest.raises(TaskError, match="corrupted tokens: token id 11"):
+        aj.Corruption.from_prompts(model, high)
+    with pytest.raises(TaskError, match="mean corruption: token id -1"):
+        aj.Corruption.mean(model, low)
+    with pytest.raises(TaskError, match="Task t, clean prompts: token id 11"):
+        _task(clean=high, corrupted=None, corruption="zeros").bind(model)
+    with pytest.raises(TaskError, match="corrupted (prompts|tokens).*token id -1"):
+        aj.acdc(model, _task(corrupted=low), 0.1, progress=False)
