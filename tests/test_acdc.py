@@ -115,6 +115,36 @@ def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
         acdc(model, task, 0.5, progress=False, resume=log)
 
 
+def test_resume_from_a_log_cut_inside_a_group_of_prunes(small_gpt2, tmp_path):
+    """A receiver found unreachable has its remaining edges removed untried,
+    as one group written together; a crash can cut that group. Resuming
+    finishes the group and then the run, as an uninterrupted run does."""
+    model, task = small_gpt2
+    log = tmp_path / "decisions.jsonl"
+    whole = acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
+    untried = [not d.tried for d in whole.decisions]
+    cut = next((i + 1 for i in range(len(untried) - 1) if untried[i] and untried[i + 1]), None)
+    assert cut is not None, "this run has no two prunes in a row to cut between"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:1 + cut]) + "\n")
+    resumed = acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+    assert _decisions(resumed) == _decisions(whole)
+    assert np.array_equal(resumed.mask, whole.mask)
+    assert log.read_text().splitlines() == lines
+
+
+def test_resume_needs_a_log_of_this_run(small_gpt2, tmp_path):
+    model, task = small_gpt2
+    with pytest.raises(FileNotFoundError, match="No decision log to resume from"):
+        acdc(model, task, 0.05, progress=False, resume=tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        acdc(model, task, 0.05, progress=False, resume=tmp_path / "empty.jsonl")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"edge": "x"}) + "\n")
+    with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
+        acdc(model, task, 0.05, progress=False, resume=tmp_path / "other.jsonl")
+
+
 def test_prompt_chunks_make_the_same_decisions(small_gpt2):
     model, task = small_gpt2
     seq = acdc(model, task, 0.004, progress=False, mode="sequential")
