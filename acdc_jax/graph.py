@@ -40,6 +40,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .config import TransformerConfig
+from .errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,17 @@ class CircuitGraph:
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+    def check_config(self, config: TransformerConfig) -> None:
+        """Raise unless this graph was built for a model with `config` (a
+        circuit of another model would be read with the wrong edges)."""
+        if config != self.config:
+            differ = {f.name: (getattr(self.config, f.name), getattr(config, f.name))
+                      for f in dataclasses.fields(config) if getattr(self.config, f.name) != getattr(config, f.name)}
+            raise ConfigError(
+                f"The graph (or circuit) was built for another model: config fields (graph's, model's) {differ}. "
+                "Use this model's graph: task.graph(model) or CircuitGraph(model.config)."
+            )
 
     def __repr__(self) -> str:
         return (

@@ -354,8 +354,7 @@ def patched_forward(
     the corruption, 1 = kept, fractions interpolate). Jit-compiled, vmappable
     over a leading batch of mask sets, and differentiable in `masks`."""
     graph = graph if graph is not None else CircuitGraph(model.config)
-    if graph.config != model.config:
-        raise ValueError("The graph was built for a different model config.")
+    graph.check_config(model.config)
     tokens = jnp.asarray(tokens)
     single = tokens.ndim == 1
     if single:

@@ -49,6 +49,7 @@ class Scorer:
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
                  sparse: Union[bool, str] = "auto"):
+        graph.check_config(model.config)
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
         if prompt_chunk is not None and task.clean.shape[0] % prompt_chunk:

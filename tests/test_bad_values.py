@@ -161,3 +161,37 @@ def test_token_ids_outside_the_vocabulary_are_refused_not_clamped(model):
         _task(clean=high, corrupted=None, corruption="zeros").bind(model)
     with pytest.raises(TaskError, match="corrupted (prompts|tokens).*token id -1"):
         aj.acdc(model, _task(corrupted=low), 0.1, progress=False)
+
+
+def test_a_graph_or_circuit_of_another_model_is_refused(model):
+    """A 2-layer model's circuit read on this 1-layer model scored its empty
+    circuit without a word before the check."""
+    two_layers = aj.CircuitGraph(dataclasses.replace(CONFIG, n_layers=2))
+    circuit = aj.Circuit(two_layers, np.ones(two_layers.n_edges, np.float32))
+    task = _task()
+    with pytest.raises(ConfigError, match=r"built for another model.*'n_layers': \(2, 1\)"):
+        aj.evaluate.faithfulness(model, task, circuit)
+    with pytest.raises(ConfigError, match=r"'n_layers': \(2, 1\).*task\.graph\(model\)"):
+        aj.acdc(model, task, 0.1, progress=False, graph=two_layers)
+    with pytest.raises(ConfigError, match=r"'n_layers': \(2, 1\)"):
+        aj.patched_forward(model, task.clean, two_layers.ones(), aj.Corruption.zeros(), two_layers)
+    same = aj.CircuitGraph(CONFIG)  # the model's own graph, made again: accepted
+    result = aj.evaluate.faithfulness(model, task, aj.Circuit(same, np.ones(same.n_edges, np.float32)))
+    assert abs(result["circuit"] - result["full"]) < 1e-6
+
+
+def test_named_tasks_say_what_they_need(tmp_path):
+    from acdc_jax.tasks import get
+    from acdc_jax.tasks.text import load_tokenizer
+
+    with pytest.raises(TaskError, match="Unknown task 'nope'"):
+        get("nope")
+    with pytest.raises(TaskError, match="compiles its own model; do not pass a checkpoint"):
+        get("tracr-reverse", checkpoint=str(tmp_path))
+    with pytest.raises(TaskError, match="needs .* weights .* Weights are never downloaded"):
+        get("ioi")
+    with pytest.raises(TaskError, match="No tokenizer at"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "c.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="Not an acdc-jax circuit file"):
+        aj.Circuit.load(tmp_path / "c.json")
