@@ -68,6 +68,7 @@ class Schedule:
                 incoming[e.receiver.name].append(e.index)
             else:
                 self._qkv_edge[e.sender.name] = e.index
+        self._receiver_layer = np.array([e.receiver.layer for e in graph.edges])
         self._head_slot = {(s.layer, s.head): i for i, s in enumerate(graph.senders) if s.kind == "head"}
         self._mlp_slot = {s.layer: i for i, s in enumerate(graph.senders) if s.kind == "mlp"}
         self.units = self._units(incoming) if order is None else self._explicit(order)
@@ -128,6 +129,13 @@ class Schedule:
         if unit.mlp is not None:
             return bool((mask[self._outgoing[self._mlp_slot[unit.mlp]]] > 0.5).any())
         return True
+
+    def cut_layer(self, mask: np.ndarray) -> int:
+        """The earliest receiver layer with an edge `mask` cuts (n_layers + 1
+        if none). In ACDC's order every cut lies at or after the receivers
+        still to come; an explicit `order` may cut earlier edges first."""
+        cut = self._receiver_layer[np.asarray(mask) < 0.5]
+        return int(cut.min()) if cut.size else self.graph.n_layers + 1
 
     def simulate(self, mask: np.ndarray, cursor: tuple[int, int], max_trials: int) -> list[Event]:
         """Events from `cursor` on, assuming every trial is accepted, up to

@@ -37,7 +37,9 @@ class TrialNode:
     plan_mask: np.ndarray  # the circuit the plan starts from
     cut: tuple[int, ...]  # the edges cut from it (guessed removals, prunes) before this trial
     prob: float  # estimated probability that the run reaches this node
-    first_layer: int  # the earliest receiver layer of the prunes and the trial
+    # the earliest receiver layer at which the candidate differs from the full model: a pass starts
+    # there at the latest, as the senders before it are read from the full model's cached deviations
+    first_layer: int
     children: dict = dataclasses.field(default_factory=dict)  # removed (bool) -> index in the plan
 
     @property
@@ -63,7 +65,7 @@ def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Cal
     heap = [(-1.0, 0, None, False, cursor, ())]  # a child's cuts are its parent's, and its edge if removed
     mask = mask.copy()  # the nodes' reference, whatever the caller does with its own later
     scratch = mask.copy()  # a node's circuit: `mask` with its cuts applied, then restored
-    count = 1
+    count, floor = 1, schedule.cut_layer(mask)
     while heap and len(nodes) < width:
         neg, _, parent, removed, cur, cut = heapq.heappop(heap)
         if removed:
@@ -77,7 +79,8 @@ def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Cal
             continue
         if parent is not None:
             nodes[parent].children[removed] = len(nodes)
-        nodes.append(TrialNode(prunes, trial, mask, cut, -neg, min([ev.layer for ev in prunes] + [trial.layer])))
+        inherited = floor if parent is None else nodes[parent].first_layer
+        nodes.append(TrialNode(prunes, trial, mask, cut, -neg, min([ev.layer for ev in prunes] + [trial.layer, inherited])))
         p = p_remove(trial.edge)
         for outcome, q in ((True, p), (False, 1.0 - p)):
             heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, trial.cursor, cut))

@@ -71,6 +71,38 @@ def test_matches_reference_with_abs_value_and_descending_heads(small_gpt2):
     assert _decisions(ours) == ref
 
 
+def test_an_explicit_order_tries_every_edge_in_it(small_gpt2):
+    """`order=` (another implementation's edge order) against a plain loop:
+    cut each edge in turn from the current circuit, keep the cut if the
+    metric rises by less than tau."""
+    model, task = small_gpt2
+    graph, corruption, tau = task.graph(model), task.make_corruption(model), 0.002
+    bound, tokens = task.bind(model), jnp.asarray(task.clean)
+    order = [graph.edge_names[i] for i in np.random.default_rng(1).permutation(graph.n_edges)]
+
+    def metric_of(mask):
+        logits = patched_forward(model, tokens, jnp.asarray(mask), corruption, graph)[:, task.positions]
+        return float(task.metric()(logits, bound))
+
+    mask = np.ones(graph.n_edges, np.float32)
+    current, ref = metric_of(mask), []
+    for name in order:
+        mask[graph.edge_index(name)] = 0.0
+        new = metric_of(mask)
+        removed = new - current < tau
+        if removed:
+            current = new
+        else:
+            mask[graph.edge_index(name)] = 1.0
+        ref.append((name, True, not removed))
+    assert 0 < sum(kept for *_, kept in ref) < len(ref)
+    for mode in ("sequential", "batched"):
+        ours = acdc(model, task, tau, mode=mode, order=order, progress=False, max_width=8)
+        assert _decisions(ours) == ref
+    with pytest.raises(ValueError, match="must name every one of the graph's .* edges exactly once"):
+        acdc(model, task, tau, order=order[:-1] + order[:1], progress=False)
+
+
 @pytest.mark.parametrize("corruption", ["zeros", "prompts"])
 def test_matches_reference_tracr(tracr_reverse, corruption):
     model, task = tracr_reverse
