@@ -103,6 +103,18 @@ def test_an_explicit_order_tries_every_edge_in_it(small_gpt2):
         acdc(model, task, tau, order=order[:-1] + order[:1], progress=False)
 
 
+def test_an_explicit_order_with_sparse_passes():
+    from acdc_jax.tasks import get
+
+    model, task = get("induction")
+    graph = task.graph(model)
+    order = [graph.edge_names[i] for i in np.random.default_rng(2).permutation(graph.n_edges)]
+    seq = acdc(model, task, 0.003, mode="sequential", order=order, progress=False)
+    ours = acdc(model, task, 0.003, order=order, progress=False, sparse="on")
+    assert ours.settings["sparse_passes"] > 0
+    assert _decisions(ours) == _decisions(seq)
+
+
 @pytest.mark.parametrize("corruption", ["zeros", "prompts"])
 def test_matches_reference_tracr(tracr_reverse, corruption):
     model, task = tracr_reverse
