@@ -146,8 +146,9 @@ def acdc(
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
     with matmul_precision(precision):
-        graph = graph or task.graph(model)
-        task.check_canonical(graph)
+        own = task.graph(model)
+        task.check_canonical(own)  # against the task's own graph: another granularity may be asked for
+        graph = graph or own
         if isinstance(mesh, str):
             mesh = parse_mesh(mesh)
         metric_name, metric_fn = resolve_metric(task, metric)

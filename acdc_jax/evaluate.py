@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .circuit import Circuit
+from .errors import TaskError
 from .graph import CircuitGraph
 from .model import Transformer
 from .tasks.base import Task
@@ -68,6 +69,12 @@ def roc_from_circuits(circuits: Sequence[Circuit], canonical: Iterable[str], tau
     graph = circuits[0].graph
     canonical = set(canonical)
     universe = set(graph.edge_names)
+    unknown = sorted(canonical - universe)
+    if unknown:  # the rates would count them as missed by every circuit
+        raise TaskError(
+            f"The canonical circuit names {len(unknown)} edge(s) not in the circuits' {graph!r}, e.g. "
+            f"{unknown[:3]}; compare circuits found on the task's own graph (task.graph(model))."
+        )
     node_universe, node_truth = all_nodes(graph), nodes_of(graph, canonical)
     edge_points, node_points = [], []
     for c in circuits:

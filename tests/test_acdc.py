@@ -115,6 +115,25 @@ def test_an_explicit_order_with_sparse_passes():
     assert _decisions(ours) == _decisions(seq)
 
 
+@pytest.mark.parametrize("options", [dict(split_qkv=False), dict(qkv_edges=False), dict(split_embed=True)])
+def test_other_graph_granularities_make_the_loops_decisions(small_gpt2, options):
+    """ACDC on a coarser or finer graph than the task's own: batched (dense
+    passes with MLPs, sparse passes without) decides as the sequential loop;
+    the canonical circuit, named in the task's graph, cannot score it."""
+    from acdc_jax import CircuitGraph
+    from acdc_jax.evaluate import roc_from_circuits
+    from acdc_jax.tasks import get
+
+    induction = get("induction")
+    for (model, task), sparse in ((small_gpt2, "auto"), (induction, "on")):
+        graph = CircuitGraph(model.config, **options)
+        seq = acdc(model, task, 0.003, mode="sequential", graph=graph, progress=False)
+        ours = acdc(model, task, 0.003, graph=graph, progress=False, sparse=sparse)
+        assert ours.graph == graph and _decisions(ours) == _decisions(seq)
+    with pytest.raises(TaskError, match="canonical circuit names .* not in the circuits'"):
+        roc_from_circuits([ours], induction[1].canonical)
+
+
 @pytest.mark.parametrize("corruption", ["zeros", "prompts"])
 def test_matches_reference_tracr(tracr_reverse, corruption):
     model, task = tracr_reverse
