@@ -109,7 +109,12 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     from .precision import matmul_precision
     from .scoring import Scorer
 
-    _, metric_fn = resolve_metric(task, metric if metric is not None else circuit.settings.get("metric"))
+    if metric is None:
+        metric = circuit.settings.get("metric")
+        if metric is not None and metric not in task.metrics:
+            raise TaskError(f"The circuit was found with the metric {metric!r}, which task {task.name} does not "
+                            f"name (a callable?); pass it: faithfulness(..., metric=f).")
+    _, metric_fn = resolve_metric(task, metric)
     _, corr = resolve_corruption(model, task, corruption if corruption is not None else circuit.settings.get("corruption"))
     with matmul_precision(circuit.settings.get("precision")):
         scorer = Scorer(model, circuit.graph, task.bind(model), corr, metric_fn, static_task=task)

@@ -195,3 +195,16 @@ def test_named_tasks_say_what_they_need(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="Not an acdc-jax circuit file"):
         aj.Circuit.load(tmp_path / "c.json")
+
+
+def test_faithfulness_asks_for_a_callable_metric_it_cannot_name(model):
+    def my_kl(logits, task):
+        return kl_divergence(logits, task)
+
+    task = _task()
+    circuit = aj.acdc(model, task, 0.05, metric=my_kl, progress=False)
+    assert circuit.settings["metric"] == "my_kl"
+    with pytest.raises(TaskError, match="found with the metric 'my_kl', which task t does not name"):
+        aj.evaluate.faithfulness(model, task, circuit)
+    result = aj.evaluate.faithfulness(model, task, circuit, metric=my_kl)
+    assert result["circuit"] == pytest.approx(circuit.metric, rel=1e-5, abs=1e-7)
