@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from acdc_jax import evaluate
-from acdc_jax.algorithms import (METHODS, eap, eap_ig, edge_pruning, exact_patching, hisp, subnetwork_probing,
-                                 top_k_threshold)
+from acdc_jax.algorithms import METHODS, eap, eap_ig, edge_pruning, exact_patching, top_k_threshold
 from acdc_jax.model import cast
 from acdc_jax.patching import patched_forward
 from acdc_jax.tasks.base import Task, kl_divergence
