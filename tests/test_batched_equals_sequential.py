@@ -99,3 +99,18 @@ def docstring_task(tmp_path_factory):
 def test_docstring(docstring_task, tau):
     model, task = docstring_task
     _same(model, task, tau)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(), dict(split_qkv=False), dict(qkv_edges=False), dict(split_embed=True)])
+@pytest.mark.parametrize("corruption", ["prompts", "mean", "zeros"])
+def test_induction_on_every_graph_and_corruption(options, corruption):
+    """The options the other tests leave at their defaults, with sparse
+    passes wherever they cost fewer FLOPs, and the task metric as well as KL."""
+    from acdc_jax import CircuitGraph
+    from acdc_jax.tasks import get
+
+    model, task = get("induction", n_examples=20)
+    graph = CircuitGraph(model.config, **options)
+    for metric in ("kl", "nll"):
+        _same(model, task, 0.005, graph=graph, corruption=corruption, metric=metric, sparse="on")
