@@ -151,3 +151,14 @@ def test_real_tokenizer_greaterthan(gpt2_tokenizer):
     assert np.all((task.clean != task.corrupted).sum(1) <= 1)
     years = greaterthan._years(gpt2_tokenizer)
     assert len(years) > 300 and "1732" in years
+
+
+def test_patch_command_reports_each_edge_and_refuses_long_prompts(capsys):
+    from acdc_jax.tasks.induction import DATA
+
+    edge = "blocks.1.hook_v_input[3]->blocks.1.attn.hook_v[3]"
+    assert main(["patch", "--checkpoint", str(DATA), "--edges", edge, "--pos", "10"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split()[-1] == edge and float(line.split("=")[1].split()[0]) > 0
+    assert main(["patch", "--checkpoint", str(DATA), "--pos", "100"]) == 2
+    assert "--pos must be a prompt length from 1 to the model's n_ctx=32" in capsys.readouterr().err
