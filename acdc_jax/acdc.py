@@ -146,9 +146,7 @@ def acdc(
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
     with matmul_precision(precision):
-        own = task.graph(model)
-        task.check_canonical(own)  # against the task's own graph: another granularity may be asked for
-        graph = graph or own
+        graph = task.graph_for(model, graph)
         if isinstance(mesh, str):
             mesh = parse_mesh(mesh)
         metric_name, metric_fn = resolve_metric(task, metric)

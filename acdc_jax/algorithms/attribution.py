@@ -33,9 +33,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     """The graph, a Scorer and the settings shared by the methods."""
     from ..acdc import resolve_corruption, resolve_metric
 
-    own = task.graph(model)
-    task.check_canonical(own)  # against the task's own graph: another granularity may be asked for
-    graph = graph or own
+    graph = task.graph_for(model, graph)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk)

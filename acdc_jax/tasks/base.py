@@ -109,6 +109,14 @@ class Task:
     def graph(self, model: Transformer) -> CircuitGraph:
         return CircuitGraph(model.config, **self.graph_options)
 
+    def graph_for(self, model: Transformer, graph: Optional[CircuitGraph] = None) -> CircuitGraph:
+        """The graph a method runs on: `graph`, or the task's own. The
+        canonical circuit is checked against the task's own graph, where it
+        is named, so that another granularity may be asked for."""
+        own = self.graph(model)
+        self.check_canonical(own)
+        return graph or own
+
     def bind(self, model: Transformer) -> "Task":
         """A copy whose ``reference`` holds this model's logits at the task positions."""
         if self.clean.shape[1] > model.config.n_ctx:
