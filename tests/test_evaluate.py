@@ -135,3 +135,28 @@ def test_induction_roc(induction):
     assert result.edge_auc > 0.8 and result.node_auc > 0.8
     sizes = [c.n_edges for c in result.circuits]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_compare_gives_auc_and_the_faithfulness_curve(tracr_tasks):
+    """evaluate.compare on tracr-reverse (zero ablation): both ACDC and exact
+    patching rank the derived circuit perfectly; each curve point is the
+    circuit's own faithfulness, and CPR and CMD are the areas numpy's
+    trapezoid rule gives for that curve."""
+    from acdc_jax.algorithms import exact_patching
+
+    model, task = tracr_tasks["tracr-reverse"]
+    rows = evaluate.compare({"acdc": None, "exact_patching": exact_patching}, {"tracr-reverse": (model, task)},
+                            taus=[1e-5, 1e-3, 0.1, 10.0], corruption="zeros", fractions=(0.0, 0.05, 0.2, 1.0))
+    assert [r["method"] for r in rows] == ["acdc", "exact_patching"]
+    for row in rows:
+        assert row["edge_auc"] == 1.0 and row["metric"] == "l2"
+        xs, ys = np.array(row["curve"]).T
+        assert np.all(np.diff(xs) >= 0) and xs[0] == 0.0 and xs[-1] == 1.0
+        np.testing.assert_allclose(ys[[0, -1]], [0.0, 1.0], atol=1e-6)
+        np.testing.assert_allclose(row["cpr"], np.trapezoid(ys, xs), rtol=1e-12)
+        np.testing.assert_allclose(row["cmd"], np.trapezoid(np.abs(1 - ys), xs), rtol=1e-12)
+    circuit = acdc(model, task, 1e-3, corruption="zeros", progress=False)
+    [(fraction, value)] = evaluate.faithfulness_curve(model, task, [circuit.mask], corruption="zeros")
+    assert fraction == circuit.n_edges / circuit.graph.n_edges
+    assert value == pytest.approx(evaluate.faithfulness(model, task, circuit)["normalized"], abs=1e-6)
+    assert (fraction, pytest.approx(value, abs=1e-6)) in [tuple(p) for p in rows[0]["curve"]]

@@ -1,0 +1,93 @@
+"""The acdc-jax command: roc, the other methods, resume, tasks, and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from acdc_jax.circuit import Circuit
+from acdc_jax.cli import main
+from acdc_jax.tasks import TASKS
+
+
+def test_roc_command_recovers_tracr_reverse(tmp_path, capsys):
+    """The paper's result through the command: ACDC under zero ablation finds
+    the derived tracr-reverse circuit (edge and node AUC 1.0)."""
+    pytest.importorskip("tracr")
+    out = tmp_path / "roc"
+    taus = ["1e-5", "1e-3", "0.1", "10"]
+    assert main(["roc", "--task", "tracr-reverse", "--corruption", "zeros", "--taus", *taus, "--out", str(out),
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "roc.json").read_text())
+    assert saved["edge"]["auc"] == 1.0 and saved["node"]["auc"] == 1.0
+    assert saved["taus"] == [float(t) for t in taus] and len(saved["edge"]["points"]) == len(taus)
+    assert saved["corruption"] == "zeros" and saved["metric"] == "l2"
+    assert (out / "roc.png").stat().st_size > 0
+    table = capsys.readouterr().out.splitlines()
+    assert len([line for line in table if line.split() and line.split()[0] in ("1e-05", "0.001", "0.1", "10")]) == 4
+
+
+def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
+    """--method eap --n-edges K keeps the K edges of largest |score|."""
+    out = tmp_path / "eap"
+    assert main(["discover", "--task", "induction", "--method", "eap", "--metric", "nll", "--n-edges", "12",
+                 "--examples", "8", "--out", str(out), "--no-progress"]) == 0
+    circuit = Circuit.load(out / "circuit.json")
+    assert circuit.n_edges == 12
+    order = np.argsort(-np.abs(circuit.scores), kind="stable")
+    assert set(circuit.edges) == {circuit.graph.edge_names[i] for i in order[:12]}
+    assert not (out / "decisions.jsonl").exists()
+    assert "kept 12 of" in capsys.readouterr().out
+    assert main(["discover", "--task", "induction", "--method", "eap", "--out", str(out)]) == 2
+    assert "needs --n-edges K" in capsys.readouterr().err
+
+
+def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
+    """A run whose decision log lost its second half (a crash) resumes with
+    --resume to the circuit of the uninterrupted run."""
+    args = ["discover", "--task", "induction", "--tau", "0.01", "--examples", "10", "--no-progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(args + ["--out", str(whole)]) == 0
+    lines = (whole / "decisions.jsonl").read_text().splitlines(keepends=True)
+    cut.mkdir()
+    (cut / "decisions.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    assert main(args + ["--out", str(cut), "--resume"]) == 0
+    a, b = Circuit.load(whole / "circuit.json"), Circuit.load(cut / "circuit.json")
+    assert a.edges == b.edges and 0 < a.n_edges < a.graph.n_edges
+    assert [(d.edge, d.kept) for d in a.decisions] == [(d.edge, d.kept) for d in b.decisions]
+    assert (cut / "decisions.jsonl").read_text().count("\n") == len(lines)
+
+
+def test_tasks_command_lists_every_task(capsys):
+    assert main(["tasks"]) == 0
+    printed = capsys.readouterr().out
+    for name in TASKS:
+        assert name in printed
+    assert "induction          ready to run" in printed and "PATH.json" in printed
+
+
+@pytest.mark.parametrize("args, words", [
+    (["discover", "--task", "induction"], "ACDC needs --tau"),
+    (["discover", "--task", "induction", "--tau", "-1"], "tau must be a finite number >= 0"),
+    (["discover", "--task", "nonesuch", "--tau", "0.1"], "Unknown task 'nonesuch'"),
+    (["roc", "--task", "induction", "--taus", "nan"], "tau must be a finite number >= 0"),
+    (["discover", "--task", "tracr-reverse", "--checkpoint", "x", "--tau", "0.1"], "do not pass a checkpoint"),
+])
+def test_command_errors(tmp_path, capsys, args, words):
+    assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_roc_of_a_scoring_method(tmp_path):
+    """roc --method exact_patching ranks every edge by its single-cut effect:
+    on tracr-reverse under zero ablation it ranks the circuit perfectly."""
+    pytest.importorskip("tracr")
+    out = tmp_path / "roc"
+    assert main(["roc", "--task", "tracr-reverse", "--method", "exact_patching", "--corruption", "zeros",
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "roc.json").read_text())
+    assert saved["method"] == "exact_patching" and saved["edge"]["auc"] == pytest.approx(1.0)
+    fpr = [p[0] for p in saved["edge"]["points"]]
+    assert fpr == sorted(fpr) and len(fpr) > 2  # one point per score threshold, from the top
