@@ -116,3 +116,31 @@ def test_patched_forward_rejects_bad_shapes(saved):
         patched_forward(model, clean, jnp.ones(3), Corruption.zeros())
     with pytest.raises(ValueError, match="exceeds the model's context"):
         model(jnp.zeros((1, 100), jnp.int32))
+
+
+def test_checkpoint_paths_without_a_model(saved, tmp_path):
+    """Each way a path can fail to hold a model names what was looked for."""
+    (tmp_path / "empty").mkdir()
+    no_weights = _copy(saved, tmp_path)
+    (no_weights / "model.safetensors").unlink()
+    tl = tmp_path / "tl"
+    tl.mkdir()
+    (tl / "config.json").write_text(json.dumps(dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=10, n_ctx=8)))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"hidden": 8}))
+    cases = [
+        (lambda: converters.convert(tmp_path / "nowhere"), CheckpointError, "nowhere does not exist"),
+        (lambda: converters.convert(tmp_path / "empty"), CheckpointError, "config.json"),
+        (lambda: converters.convert(no_weights), CheckpointError, "No GPT-2 weights"),
+        (lambda: converters.convert(no_weights, format="hf-gpt2"), CheckpointError,
+         "No model.safetensors or pytorch_model.bin"),
+        (lambda: converters.convert(no_weights, format="flax-gpt2"), CheckpointError, "No flax_model.msgpack"),
+        (lambda: converters.convert(tl), CheckpointError, "No TransformerLens weights"),
+        (lambda: converters.convert(odd), ConfigError, "Cannot tell the checkpoint format"),
+        (lambda: converters.convert(saved, format="onnx"), ConfigError, "Unknown format 'onnx'"),
+    ]
+    for call, error, words in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert words in str(info.value), (words, str(info.value))

@@ -166,3 +166,7 @@ def test_save_load_roundtrip_and_cli(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
     save(loaded, tmp_path / "again")
     np.testing.assert_array_equal(np.asarray(load(tmp_path / "again")(tokens)), np.asarray(model(tokens)))
+    # A converted model is a checkpoint like any other (--checkpoint DIR): found by its config.
+    assert converters.detect_format(tmp_path / "converted") == "acdc-jax"
+    np.testing.assert_array_equal(np.asarray(converters.convert(tmp_path / "converted")(tokens)),
+                                  np.asarray(model(tokens)))
