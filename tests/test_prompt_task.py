@@ -62,6 +62,18 @@ def test_metrics_against_numpy():
     np.testing.assert_allclose(float(task.metrics["prob_diff"](logits, task)), want_pd, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(task.metrics["nll"](logits, task)), want_nll, rtol=1e-5)
     assert task.positions.tolist() == [1]
+    # KL may read several positions: the mean over prompts and positions.
+    import dataclasses
+
+    several = prompt_task([[1, 2, 3]] * 3, [[3, 2, 1]] * 3, position=[-1, 0])
+    assert several.positions.tolist() == [0, 2] and sorted(several.metrics) == ["kl"]
+    ref = rng.normal(size=(3, 2, V)).astype(np.float32)
+    got = rng.normal(size=(3, 2, V)).astype(np.float32)
+    logq = ref - np.log(np.exp(ref.astype(np.float64)).sum(-1, keepdims=True))
+    logp = got - np.log(np.exp(got.astype(np.float64)).sum(-1, keepdims=True))
+    want_kl = (np.exp(logq) * (logq - logp)).sum(-1).mean()
+    kl = several.metrics["kl"](got, dataclasses.replace(several, reference=ref))
+    np.testing.assert_allclose(float(kl), want_kl, rtol=1e-5)
 
 
 def _random_prompts(n, length, vocab, seed):
@@ -135,6 +147,8 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task(ids, ids, answers=[1]), "one entry per prompt (2)"),
         (lambda: prompt_task(ids, ids, answers=[1, []]), "answers[1] is empty"),
         (lambda: prompt_task(ids, ids, position=3), "position 3 is outside"),
+        (lambda: prompt_task(ids, ids, position=[0, True]), "is outside prompts of 3 tokens"),
+        (lambda: prompt_task(ids, ids, position=[0, 1], answers=[1, 2]), "answers are for one position"),
         (lambda: prompt_task(ids, ids, answers=[1, 2], metric="logit_diff"), "needs answers and wrong_answers"),
         (lambda: prompt_task(ids, ids, wrong_answers=[1, 2]), "need answers too"),
         (lambda: prompt_task(ids), "no corrupted prompts"),

@@ -5,7 +5,8 @@ builds a `Task` from texts (with a local tokenizer) or from token ids, and
 ``load_task(path)`` from a JSON file of the same fields, which is how the
 CLI takes a task (``acdc-jax discover --task my_task.json``).
 
-Metrics (minimised, at one position, by default the last token):
+Metrics (minimised; by default at the last token; ``kl`` may read several
+positions, the answer metrics read one):
 
 - ``kl``: KL divergence from the full model's next-token distribution (the default);
 - ``logit_diff``: -(mean logit of the answers - mean logit of the wrong answers);
@@ -130,7 +131,7 @@ def _one_token(t, tokenizer, what: str) -> int:
 
 
 def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenizer=None, answers=None,
-                wrong_answers=None, position: int = -1, bos: Optional[Union[str, int]] = None,
+                wrong_answers=None, position: Union[int, Sequence[int]] = -1, bos: Optional[Union[str, int]] = None,
                 metric: Optional[str] = None, corruption: Optional[str] = None,
                 canonical: Optional[Sequence[str]] = None, name: str = "prompts", description: str = "") -> Task:
     """A Task from your prompts.
@@ -142,7 +143,8 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
     answers, wrong_answers: per prompt, the token (or list of tokens) the model
       should and should not predict at `position`; they add the metrics
       ``nll`` (answers) and ``logit_diff``, ``prob_diff`` (both).
-    position: the token position the metric reads (negative counts from the end).
+    position: the token position the metrics read (negative counts from the
+      end), or a list of positions for ``kl`` (averaged over them).
     bos: a token (text or id) put before every prompt, e.g. "<|endoftext|>" for GPT-2.
     metric: the default metric (``kl`` unless given).
     canonical: edge names of a known circuit, for ROC curves.
@@ -165,9 +167,10 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
                     "Every prompt, clean and corrupted, must have the same number of tokens; rephrase them or "
                     "use words that are single tokens."
                 )
-    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not -length <= position < length:
-        raise TaskError(f"position {position!r} is outside prompts of {length} tokens (use 0..{length - 1}, "
-                        "or a negative position from the end).")
+    positions = _positions(position, length)
+    if len(positions) > 1 and answers is not None:
+        raise TaskError(f"answers are for one position, but position={position!r} names {len(positions)}; give one "
+                        "position for the answer metrics (kl alone may read several).")
     metrics: dict[str, Any] = {"kl": kl_divergence}
     labels = {}
     if answers is not None:
@@ -187,14 +190,24 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
         name=name,
         clean=np.asarray(clean_ids, np.int32),
         corrupted=None if corrupt_ids is None else np.asarray(corrupt_ids, np.int32),
-        positions=np.array([position % length]),
+        positions=np.array(positions),
         metrics=metrics,
         default_metric=metric or "kl",
         labels=labels,
         canonical=None if canonical is None else frozenset(canonical),
         corruption=corruption or "prompts",
-        description=description or f"{len(clean_ids)} prompts of {length} tokens; metrics at position {position % length}.",
+        description=description or f"{len(clean_ids)} prompts of {length} tokens; metrics at position(s) {positions}.",
     )
+
+
+def _positions(position, length: int) -> list[int]:
+    items = [position] if isinstance(position, (int, np.integer)) else position
+    ok = isinstance(items, (list, tuple, np.ndarray)) and len(items) > 0 and all(
+        isinstance(p, (int, np.integer)) and not isinstance(p, bool) and -length <= p < length for p in items)
+    if not ok:
+        raise TaskError(f"position {position!r} is outside prompts of {length} tokens (use 0..{length - 1}, a "
+                        "negative position from the end, or a list of them).")
+    return sorted({int(p) % length for p in items})
 
 
 def load_task(path: Union[str, Path], tokenizer=None) -> Task:
