@@ -183,7 +183,7 @@ def acdc(
         if resume is not None:
             log.replay(schedule, state)
 
-        bar = _progress(progress, graph.n_edges, len(state.decisions))
+        bar = progress_bar(progress, graph.n_edges, len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)
         forecast.update(state.decisions)
         start = time.perf_counter()
@@ -391,9 +391,10 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
     return made, nodes, effects
 
 
-def _progress(enabled: bool, total: int, done: int):
+def progress_bar(enabled: bool, total: int, done: int = 0, desc: str = "ACDC edges", unit: str = "edge"):
+    """A tqdm bar, or None when turned off."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="ACDC edges", unit="edge", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True)

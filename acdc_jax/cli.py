@@ -52,6 +52,8 @@ def _run_method(args, model, task):
     kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision}
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
+    if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones
+        kw["progress"] = not args.no_progress
     if args.method in ("edge_pruning", "subnetwork_probing"):
         kw["steps"] = args.steps or 1500
         if args.sparsity is not None:

@@ -191,3 +191,27 @@ def test_every_method_runs_at_its_precision(name):
     with pytest.raises(ValueError, match="precision must be one of"):
         METHODS[name](model, _task(cfg, metric), precision="highest", **fast)
     assert inspect.signature(METHODS[name]).parameters["precision"].default == "float32"
+
+
+def test_long_runs_show_a_progress_bar_that_can_be_turned_off(capsys):
+    """ACDC, exact patching and the trained masks count their edges or steps on
+    stderr; progress=False prints nothing."""
+    from acdc_jax.acdc import acdc
+    from acdc_jax.algorithms import subnetwork_probing
+
+    model, task = _model(CFG), _task(CFG, kl_divergence)
+    task = Task("random", task.clean, task.corrupted, positions=task.positions, metrics={"kl": kl_divergence})
+    n = task.graph(model).n_edges
+    runs = [
+        (lambda p: acdc(model, task, 0.01, progress=p), "ACDC edges", f"{n}/{n}"),
+        (lambda p: exact_patching(model, task, progress=p), "exact patching", f"{n}/{n}"),
+        (lambda p: edge_pruning(model, task, steps=7, progress=p), "edge pruning", "7/7"),
+        (lambda p: subnetwork_probing(model, task, steps=5, progress=p), "subnetwork probing", "5/5"),
+    ]
+    for run, desc, count in runs:
+        capsys.readouterr()
+        run(False)
+        assert capsys.readouterr().err == ""
+        run(True)
+        err = capsys.readouterr().err
+        assert desc in err and count in err, (desc, err[-300:])

@@ -92,9 +92,11 @@ def receiver_layers(graph: CircuitGraph) -> np.ndarray:
 
 @takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
-                   n_edges=None, threshold=None) -> Circuit:
+                   n_edges=None, threshold=None, progress: bool = True) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
-    start at the edge's receiver layer."""
+    start at the edge's receiver layer (with a progress bar unless `progress` is False)."""
+    from ..acdc import progress_bar
+
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph)
     ones = np.ones(graph.n_edges, np.float32)
@@ -103,12 +105,17 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                           max_width or default_max_width())
     layers = receiver_layers(graph)
     scores = np.zeros(graph.n_edges)
+    bar = progress_bar(progress, graph.n_edges, desc="exact patching")
     for layer in sorted(set(layers.tolist())):
         edges = np.nonzero(layers == layer)[0]
         width = widths[layer]
         for i in range(0, len(edges), width):
             chunk = edges[i:i + width]
             scores[chunk] = scorer.batch(Candidates(ones, chunk[:, None]), int(layer), width) - full
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     settings.update(method="exact_patching", full_metric=full)
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
 

@@ -43,8 +43,11 @@ def expected_density(log_alpha):
     return jax.nn.sigmoid(log_alpha - BETA * np.log(-LEFT / RIGHT)).mean()
 
 
-def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int):
+def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
+           progress: bool = True, desc: str = "edge pruning"):
     """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks."""
+    from ..acdc import progress_bar
+
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
     if steps < 1:
@@ -74,12 +77,19 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
 
     lam = jnp.zeros((2,), s._dtype)
     history = []
+    bar = progress_bar(progress, steps, desc=desc, unit="step")
     for i in range(steps):
         key, sub = jax.random.split(key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
             log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
         if i % max(1, steps // 20) == 0 or i == steps - 1:
             history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
+            if bar is not None:
+                bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     s.passes += steps
     log_alpha = np.asarray(log_alpha, np.float64)
     # scores must be >= 0 and rank like log-alpha: circuits and ROC rank by |score|
@@ -88,12 +98,15 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
 
 @takes_precision
 def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
-                 lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
+                 lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
+                 progress: bool = True) -> "Circuit":
     """Hard-concrete edge masks trained to `sparsity` (the fraction of edges
-    removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges."""
+    removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges.
+    A progress bar shows the steps unless `progress` is False."""
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph)
-    log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed)
+    log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed,
+                                         progress)
     k = int(round((1.0 - sparsity) * graph.n_edges))
     settings.update(method="edge_pruning", sparsity=sparsity, steps=steps, lr=lr, expected_density=density,
                     history=history)
@@ -103,7 +116,8 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
 
 @takes_precision
 def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500, lr: float = 0.05,
-                       lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None) -> "Circuit":
+                       lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
+                       progress: bool = True) -> "Circuit":
     """Hard-concrete gates on each head's and MLP's output (all its outgoing
     edges), trained to `sparsity` (the fraction of nodes removed). Edges score
     as their weaker end; the circuit keeps the edges between kept nodes."""
@@ -119,7 +133,8 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     def to_edges(gates):
         return jnp.concatenate([gates, jnp.ones((1,), gates.dtype)])[owner]
 
-    log_alpha, density, history = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed)
+    log_alpha, density, history = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed,
+                                         progress, "subnetwork probing")
     nodes = dict(zip(names, log_alpha.tolist()))
     k_nodes = int(round((1.0 - sparsity) * len(names)))
     kept = set(sorted(names, key=lambda n: -nodes[n])[:k_nodes])
