@@ -154,18 +154,26 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task(ids), "no corrupted prompts"),
         (lambda: prompt_task([[1, 2], "a b"], ids), "every prompt must be a text"),
         (lambda: prompt_task(np.zeros((2, 3)), ids), "int array"),
+        (lambda: prompt_task("a b", ids), "give a list of prompts"),
+        (lambda: prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, bos="<|nope|>"), "bos '<|nope|>'"),
+        (lambda: prompt_task(ids, ids, answers=[1.5, 2]), "neither a text nor a token id"),
+        (lambda: prompt_task(ids, ids, answers=[" Mary", 2]), "is a text; pass tokenizer="),
     ]
     for make, words in cases:
         with pytest.raises(TaskError) as info:
             make()
         assert words in str(info.value), (words, str(info.value))
     for content, words in [("{", "as JSON"), ('["a"]', "JSON object"), ('{"clean": [[1]], "answer": [1]}',
-                                                                      "unknown field(s) ['answer']")]:
+                                                                      "unknown field(s) ['answer']"),
+                           ('{"clean": [[1, 2]], "corrupted": [[1]]}', "corrupted prompt 0")]:
         bad = tmp_path / "bad.json"
         bad.write_text(content)
         with pytest.raises(TaskError, match="bad.json") as info:
             load_task(bad)
         assert words in str(info.value)
+    with pytest.raises(TaskError, match="No task file at"):
+        load_task(tmp_path / "missing.json")
+    assert prompt_task(ids, ids, bos=0).clean.tolist() == [[0, 1, 2, 3], [0, 4, 5, 6]]
     with pytest.raises(TaskError, match="checkpoint=DIR"):
         get(str(tmp_path / "bad.json"))
     model, _ = get("induction")

@@ -106,7 +106,7 @@ def _answer_ids(answers, n: int, tokenizer, what: str) -> tuple[np.ndarray, np.n
                         f"{answers!r:.200}.")
     rows = []
     for i, a in enumerate(answers):
-        items = [a] if isinstance(a, (str, int, np.integer)) else list(a)
+        items = list(a) if isinstance(a, (list, tuple, np.ndarray)) else [a]
         if not items:
             raise TaskError(f"{what}[{i}] is empty; give at least one token.")
         rows.append([_one_token(t, tokenizer, f"{what}[{i}]") for t in items])
