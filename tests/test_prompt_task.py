@@ -179,3 +179,31 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
     model, _ = get("induction")
     with pytest.raises(TaskError, match="outside the model's vocabulary|vocabulary"):
         aj.acdc(model, prompt_task([[1, 2, model.config.d_vocab]], [[1, 2, 3]]), 0.1, progress=False)
+
+
+def test_answer_ids_outside_the_vocabulary_are_refused():
+    """A metric's gather would clamp an answer id past the vocabulary and score
+    the last token instead, without a word."""
+    from acdc_jax.algorithms import eap
+    from acdc_jax.evaluate import faithfulness
+
+    model, induction = get("induction")
+    V = model.config.d_vocab_out
+    ids = [[1, 2, 3], [4, 5, 6]]
+    for answers, wrong in (([1, V], [2, 3]), ([1, 2], [[3, -1], 4])):
+        task = prompt_task(ids, ids, answers=answers, wrong_answers=wrong, metric="logit_diff")
+        for run in (lambda: aj.acdc(model, task, 0.1, progress=False), lambda: eap(model, task)):
+            with pytest.raises(TaskError, match="outside the model's vocabulary"):
+                run()
+    import dataclasses
+
+    bad = dataclasses.replace(induction, labels={"next": induction.labels["next"] + V})
+    with pytest.raises(TaskError, match="label 'next'.*outside the model's vocabulary"):
+        aj.acdc(model, bad, 0.1, progress=False)
+    ok = prompt_task(ids, ids, answers=[1, V - 1], wrong_answers=[0, 2])
+    circuit = aj.acdc(model, ok, 1.0, progress=False)
+    with pytest.raises(TaskError, match="outside the model's vocabulary"):
+        faithfulness(model, dataclasses.replace(ok, labels={**ok.labels, "answers": ok.labels["answers"] + 1}),
+                     circuit)
+    with pytest.raises(TaskError, match="vocab_labels"):
+        Task(name="t", clean=ids, corrupted=ids, positions=[2], metrics={"kl": kl_divergence}, vocab_labels=("x",))

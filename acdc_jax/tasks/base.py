@@ -58,7 +58,10 @@ class Task:
     """Clean and corrupted prompts, the positions and metrics, and the canonical circuit.
 
     ``labels`` holds task-specific arrays the metrics read (answer tokens and
-    the like). ``canonical`` is a set of edge names in ``graph(model)``.
+    the like); those named in ``vocab_labels`` hold output token ids, which
+    `bind` checks against the model's vocabulary (a metric's gather would
+    clamp an id outside it without a word). ``canonical`` is a set of edge
+    names in ``graph(model)``.
     ``corrupt_positions``, if set, permutes the position embedding in the
     corrupted run (the ACDC paper's corruption for tracr tasks).
     """
@@ -77,6 +80,7 @@ class Task:
     corrupt_positions: Optional[np.ndarray] = None
     reference: Optional[np.ndarray] = None
     description: str = ""
+    vocab_labels: tuple = ()
 
     def __post_init__(self):
         clean = np.asarray(self.clean)
@@ -104,6 +108,9 @@ class Task:
             raise TaskError(f"Task {self.name}: unknown corruption {self.corruption!r}.")
         if self.corruption == "prompts" and self.corrupted is None:
             raise TaskError(f"Task {self.name}: corruption 'prompts' needs corrupted prompts.")
+        missing = sorted(set(self.vocab_labels) - set(self.labels))
+        if missing:
+            raise TaskError(f"Task {self.name}: vocab_labels {missing} are not among the labels {sorted(self.labels)}.")
 
     # --- per-model views --------------------------------------------------------
     def graph(self, model: Transformer) -> CircuitGraph:
@@ -124,6 +131,9 @@ class Task:
         for what, tokens in (("clean prompts", self.clean), ("corrupted prompts", self.corrupted)):
             if tokens is not None:
                 check_token_values(tokens, model.config.d_vocab, f"Task {self.name}, {what}", TaskError)
+        for key in self.vocab_labels:
+            check_token_values(self.labels[key], model.config.d_vocab_out, f"Task {self.name}, label {key!r}",
+                               TaskError)
         logits = np.asarray(_forward(model, jnp.asarray(self.clean)))[:, self.positions]
         return dataclasses.replace(self, reference=logits)
 

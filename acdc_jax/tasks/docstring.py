@@ -120,6 +120,7 @@ def docstring_task(tokenizer, n_examples: int = 50, seed: int = 0, bos: str | No
         positions=np.array([clean_ids.shape[1] - 1]),
         metrics={"kl": kl_divergence, "logit_diff": logit_diff},
         labels={"answer": np.asarray(ids(answer), np.int32), "wrong": np.asarray([ids(w) for w in wrong], np.int32)},
+        vocab_labels=("answer", "wrong"),
         description="docstring parameter completion; KL or logit difference at the final position.",
     )
 

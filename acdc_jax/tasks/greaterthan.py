@@ -79,6 +79,7 @@ def greaterthan_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str |
         positions=np.array([clean_ids.shape[1] - 1]),
         metrics={"kl": kl_divergence, "prob_diff": prob_diff},
         labels={"yy": np.asarray(yy, np.int32), "year_tokens": np.asarray(year_tokens, np.int32)},
+        vocab_labels=("year_tokens",),
         description="greater-than; KL or probability difference at the final position.",
     )
 

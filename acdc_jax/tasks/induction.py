@@ -103,6 +103,7 @@ def induction_task(n_examples: int = 50, seed: int = 0, directory: str | Path = 
         weights=weights,
         metrics={"kl": kl_divergence, "nll": nll},
         labels={"next": nxt.astype(np.int32)},
+        vocab_labels=("next",),
         canonical=induction_canonical(previous, induction),
         description="induction on repeated random segments (shipped 2-layer attention-only model).",
     )

@@ -80,6 +80,7 @@ def ioi_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str = "<|endo
         positions=np.array([clean_ids.shape[1] - 1]),
         metrics={"kl": kl_divergence, "logit_diff": logit_diff},
         labels={"io": np.asarray(io, np.int32), "s": np.asarray(s, np.int32)},
+        vocab_labels=("io", "s"),
         description="IOI, ABBA template 1; KL or logit difference at the final position.",
     )
 

@@ -194,6 +194,7 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
         metrics=metrics,
         default_metric=metric or "kl",
         labels=labels,
+        vocab_labels=tuple(k for k in labels if not k.endswith("_mask")),
         canonical=None if canonical is None else frozenset(canonical),
         corruption=corruption or "prompts",
         description=description or f"{len(clean_ids)} prompts of {length} tokens; metrics at position(s) {positions}.",
