@@ -153,6 +153,7 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task(ids, ids, wrong_answers=[1, 2]), "need answers too"),
         (lambda: prompt_task(ids), "no corrupted prompts"),
         (lambda: prompt_task([[1, 2], "a b"], ids), "every prompt must be a text"),
+        (lambda: prompt_task([1, 2, 3], ids), "every prompt a list of int token ids"),
         (lambda: prompt_task(np.zeros((2, 3)), ids), "int array"),
         (lambda: prompt_task("a b", ids), "give a list of prompts"),
         (lambda: prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, bos="<|nope|>"), "bos '<|nope|>'"),

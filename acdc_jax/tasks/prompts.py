@@ -87,7 +87,8 @@ def _tokens(prompts: Prompts, tokenizer, bos: Optional[Union[str, int]], what: s
 
 
 def _is_ids(p) -> bool:
-    return not isinstance(p, str) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p)
+    return isinstance(p, (list, tuple, np.ndarray)) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p)
 
 
 def _bos(tokenizer, bos: Union[str, int]) -> int:
