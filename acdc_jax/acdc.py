@@ -200,15 +200,14 @@ def acdc(
                 for d in new:
                     if callback is not None:
                         callback(d)
-                if bar is not None:
+                if progress:  # the postfix costs a pass over the decisions
                     bar.update(len(new))
                     bar.set_postfix(unit=f"{min(state.cursor[0], len(schedule.units))}/{len(schedule.units)}",
                                     removed=sum(not d.kept for d in state.decisions), metric=f"{state.metric:.4g}")
                 if stop_after is not None and time.perf_counter() - start > stop_after:
                     break
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             log.close()
 
         settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
@@ -392,9 +391,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
 
 
 def progress_bar(enabled: bool, total: int, done: int = 0, desc: str = "ACDC edges", unit: str = "edge"):
-    """A tqdm bar, or None when turned off."""
-    if not enabled:
-        return None
+    """A tqdm bar; turned off, it prints nothing and its methods do nothing."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)

@@ -50,7 +50,10 @@ def test_metrics_against_numpy():
     answers, wrong = [3, [1, 4, 5], [7, 2]], [[0, 6], 8, 9]
     task = prompt_task([[1, 2, 3]] * 3, [[3, 2, 1]] * 3, answers=answers, wrong_answers=wrong, position=1)
     logits = rng.normal(size=(3, 1, V)).astype(np.float32)
-    as_list = [lambda a: [a] if isinstance(a, int) else a][0]
+
+    def as_list(a):
+        return [a] if isinstance(a, int) else a
+
     last = logits[:, 0].astype(np.float64)
     p = np.exp(last - last.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -156,7 +159,8 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task([1, 2, 3], ids), "every prompt a list of int token ids"),
         (lambda: prompt_task(np.zeros((2, 3)), ids), "int array"),
         (lambda: prompt_task("a b", ids), "give a list of prompts"),
-        (lambda: prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, bos="<|nope|>"), "bos '<|nope|>'"),
+        (lambda: prompt_task(CLEAN, CORRUPTED, tokenizer=tokenizer, bos="<|nope|>"), "no '<|nope|>' token"),
+        (lambda: prompt_task(ids, ids, bos="<|endoftext|>"), "bos '<|endoftext|>' is a text; pass tokenizer="),
         (lambda: prompt_task(ids, ids, answers=[1.5, 2]), "neither a text nor a token id"),
         (lambda: prompt_task(ids, ids, answers=[" Mary", 2]), "is a text; pass tokenizer="),
     ]

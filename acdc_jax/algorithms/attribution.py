@@ -112,10 +112,8 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
         for i in range(0, len(edges), width):
             chunk = edges[i:i + width]
             scores[chunk] = scorer.batch(Candidates(ones, chunk[:, None]), int(layer), width) - full
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.update(len(chunk))
+    bar.close()
     settings.update(method="exact_patching", full_metric=full)
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
 

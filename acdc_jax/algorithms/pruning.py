@@ -84,12 +84,9 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
             log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
         if i % max(1, steps // 20) == 0 or i == steps - 1:
             history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
-            if bar is not None:
-                bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
+        bar.update(1)
+    bar.close()
     s.passes += steps
     log_alpha = np.asarray(log_alpha, np.float64)
     # scores must be >= 0 and rank like log-alpha: circuits and ROC rank by |score|

@@ -29,14 +29,14 @@ import numpy as np
 
 from ..errors import TaskError
 from .base import Task, kl_divergence
-from .text import encode, load_tokenizer
+from .text import bos_id, encode, load_tokenizer
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]], np.ndarray]
 FIELDS = ("name", "clean", "corrupted", "answers", "wrong_answers", "position", "bos", "metric", "corruption",
           "canonical", "description")
 
 
-def _at_answers(values: jax.Array, task, key: str) -> jax.Array:
+def _at_answers(values: jax.Array, task, key: str) -> tuple[jax.Array, jax.Array]:
     """values [batch, vocab] -> [batch, n] at the prompt's tokens of `key`, and their mask."""
     picked = jnp.take_along_axis(values, task.labels[key], axis=-1)
     return picked, task.labels[key + "_mask"]
@@ -78,12 +78,13 @@ def _tokens(prompts: Prompts, tokenizer, bos: Optional[Union[str, int]], what: s
         if tokenizer is None:
             raise TaskError(f"{what} are texts: pass tokenizer= (a local tokenizer file or directory) to turn "
                             "them into tokens, or give token ids instead.")
-        start = [] if bos is None else [_bos(tokenizer, bos)]
-        return [start + encode(tokenizer, p) for p in prompts]
-    if any(texts) or not all(_is_ids(p) for p in prompts):
+        rows = [encode(tokenizer, p) for p in prompts]
+    elif any(texts) or not all(_is_ids(p) for p in prompts):
         raise TaskError(f"{what}: every prompt must be a text, or every prompt a list of int token ids.")
+    else:
+        rows = [[int(t) for t in p] for p in prompts]
     start = [] if bos is None else [_bos(tokenizer, bos)]
-    return [start + [int(t) for t in p] for p in prompts]
+    return [start + r for r in rows]
 
 
 def _is_ids(p) -> bool:
@@ -94,10 +95,9 @@ def _is_ids(p) -> bool:
 def _bos(tokenizer, bos: Union[str, int]) -> int:
     if isinstance(bos, (int, np.integer)) and not isinstance(bos, bool):
         return int(bos)
-    i = None if tokenizer is None else tokenizer.token_to_id(bos)
-    if i is None:
-        raise TaskError(f"bos {bos!r}: the tokenizer has no such token (or there is no tokenizer); give its id.")
-    return i
+    if tokenizer is None:
+        raise TaskError(f"bos {bos!r} is a text; pass tokenizer= or give its token id.")
+    return bos_id(tokenizer, bos)
 
 
 def _answer_ids(answers, n: int, tokenizer, what: str) -> tuple[np.ndarray, np.ndarray]:
