@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
-ACT_FNS = ("gelu_new", "gelu", "relu")
-NORMALIZATIONS = ("LN", "LNPre", "none")
-POSITIONALS = ("learned", "shortformer", "none")
+ACT_FNS = ("gelu_new", "gelu", "relu", "silu")
+NORMALIZATIONS = ("LN", "LNPre", "RMS", "none")
+POSITIONALS = ("learned", "shortformer", "rotary", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +18,17 @@ class TransformerConfig:
     """Hyperparameters of a decoder-only transformer.
 
     ``normalization``: ``"LN"`` (LayerNorm with weight and bias), ``"LNPre"``
-    (centre and scale only, as after TransformerLens' ``fold_ln``) or ``"none"``.
+    (centre and scale only, as after TransformerLens' ``fold_ln``), ``"RMS"``
+    (RMSNorm: scale by the root mean square, then a weight; no centring) or
+    ``"none"``.
     ``positional``: ``"learned"`` (added to the residual stream),
-    ``"shortformer"`` (added to the query and key inputs only, after LN) or
-    ``"none"``. ``d_mlp=None`` makes an attention-only model.
+    ``"shortformer"`` (added to the query and key inputs only, after LN),
+    ``"rotary"`` (queries and keys rotated by position after the projection:
+    the first ``rotary_dim`` dimensions of each head, in rotate-half pairs
+    ``(i, i + rotary_dim / 2)`` as Llama and GPT-NeoX do, with frequencies
+    ``rotary_base ** (-2i / rotary_dim)``) or ``"none"``.
+    ``d_mlp=None`` makes an attention-only model; ``gated_mlp`` makes the MLP
+    ``act(x W_gate) * (x W_in + b_in)`` before ``W_out``, as in Llama.
     """
 
     n_layers: int
@@ -38,6 +45,9 @@ class TransformerConfig:
     causal: bool = True
     ln_eps: float = 1e-5
     attn_scale: Optional[float] = None
+    rotary_dim: Optional[int] = None
+    rotary_base: float = 10000.0
+    gated_mlp: bool = False
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
@@ -68,7 +78,36 @@ class TransformerConfig:
                 f"TransformerConfig.attn_scale must be a positive float, got {self.attn_scale!r}."
             )
         object.__setattr__(self, "attn_scale", float(self.attn_scale))
+        self._check_rotary()
+        if not isinstance(self.gated_mlp, bool):
+            raise ConfigError(f"TransformerConfig.gated_mlp must be a bool, got {self.gated_mlp!r}.")
+        if self.gated_mlp and self.d_mlp is None:
+            raise ConfigError("TransformerConfig.gated_mlp=True needs an MLP: set d_mlp.")
+
+    def _check_rotary(self) -> None:
+        if self.positional != "rotary":
+            if self.rotary_dim is not None:
+                raise ConfigError(
+                    f"TransformerConfig.rotary_dim={self.rotary_dim} is set but positional={self.positional!r}; "
+                    "set positional='rotary' or leave rotary_dim unset."
+                )
+            return
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.d_head)
+        _check_positive_int("rotary_dim", self.rotary_dim)
+        if self.rotary_dim % 2 or self.rotary_dim > self.d_head:
+            raise ConfigError(
+                f"TransformerConfig.rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}."
+            )
+        if not (isinstance(self.rotary_base, (int, float)) and self.rotary_base > 1):
+            raise ConfigError(f"TransformerConfig.rotary_base must be a float above 1, got {self.rotary_base!r}.")
+        object.__setattr__(self, "rotary_base", float(self.rotary_base))
         object.__setattr__(self, "ln_eps", float(self.ln_eps))
+
+    @property
+    def rotary(self) -> Optional[tuple[int, float]]:
+        """(rotary_dim, rotary_base) for a rotary model, else None."""
+        return (self.rotary_dim, self.rotary_base) if self.positional == "rotary" else None
 
     @property
     def attn_only(self) -> bool:

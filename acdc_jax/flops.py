@@ -22,7 +22,7 @@ def attention_flops(c: TransformerConfig, heads: int, n_pos: int, n_q: int | Non
 
 
 def mlp_flops(c: TransformerConfig, n_pos: int) -> int:
-    return 0 if c.d_mlp is None else 2 * 2 * n_pos * c.d_model * c.d_mlp
+    return 0 if c.d_mlp is None else 2 * (3 if c.gated_mlp else 2) * n_pos * c.d_model * c.d_mlp
 
 
 def forward_flops(c: TransformerConfig, n_pos: int, n_out: int | None = None) -> int:

@@ -53,21 +53,22 @@ def final_numerator(ln, x):
     """ln_final's numerator: x centred, times gamma (as its mode has them)."""
     if ln.mode == "none":
         return x
-    x = x - x.mean(-1, keepdims=True)
-    return x * _lead(ln.w, x.ndim) if ln.mode == "LN" else x
+    if ln.mode != "RMS":
+        x = x - x.mean(-1, keepdims=True)
+    return x if ln.w is None else x * _lead(ln.w, x.ndim)
 
 
 def final_scale(ln, x):
     """ln_final's 1/sigma of each residual in `x` (1 without normalisation)."""
     if ln.mode == "none":
         return jnp.ones(x.shape[:-1], x.dtype)
-    xc = x - x.mean(-1, keepdims=True)
+    xc = x if ln.mode == "RMS" else x - x.mean(-1, keepdims=True)
     return jax.lax.rsqrt((xc * xc).mean(-1) + ln.eps)
 
 
 def final_bias(model: Transformer):
     ln, un = model.ln_final, model.unembed
-    return un.b_U + ln.b @ un.W_U if ln.mode == "LN" else un.b_U
+    return un.b_U if ln.b is None else un.b_U + ln.b @ un.W_U
 
 
 def residual_kl(

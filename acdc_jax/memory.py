@@ -68,7 +68,7 @@ def pass_bytes(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: i
     act = 0
     if start_layer < L:  # the last layer alone runs its queries and MLP at the metric positions only
         per_head = 12 if start_layer < L - 1 else 6
-        act = 2 * (g.n_senders - before) * sender + per_head * H * sender + H * n_pos * n_pos + 2 * n_pos * (c.d_mlp or 0)
+        act = 2 * (g.n_senders - before) * sender + per_head * H * sender + H * n_pos * n_pos + (3 if c.gated_mlp else 2) * n_pos * (c.d_mlp or 0)
     logits = 2 * n_out * c.d_vocab_out
     size = model.embed.W_E.dtype.itemsize
     per = HEADROOM * (chunk * act + n_prompts * logits) * size

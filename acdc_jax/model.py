@@ -30,7 +30,8 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
 
 
 class LayerNorm(eqx.Module):
-    """LayerNorm over the last axis. ``w``/``b`` are None unless mode is "LN"."""
+    """LayerNorm over the last axis, or RMSNorm (mode "RMS": no centring, a
+    weight and no bias). ``w`` is None for "LNPre" and "none", ``b`` unless "LN"."""
 
     w: Optional[Float[Array, " d_model"]]
     b: Optional[Float[Array, " d_model"]]
@@ -39,19 +40,19 @@ class LayerNorm(eqx.Module):
 
     def __init__(self, d_model: int, mode: str, eps: float):
         self.mode, self.eps = mode, eps
-        if mode == "LN":
-            self.w = jnp.ones((d_model,), jnp.float32)
-            self.b = jnp.zeros((d_model,), jnp.float32)
-        else:
-            self.w = self.b = None
+        self.w = jnp.ones((d_model,), jnp.float32) if mode in ("LN", "RMS") else None
+        self.b = jnp.zeros((d_model,), jnp.float32) if mode == "LN" else None
 
     def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
         if self.mode == "none":
             return x
-        x = x - x.mean(-1, keepdims=True)
+        if self.mode != "RMS":
+            x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        if self.mode == "LN":
-            x = x * _lead(self.w, x.ndim) + _lead(self.b, x.ndim)
+        if self.w is not None:
+            x = x * _lead(self.w, x.ndim)
+        if self.b is not None:
+            x = x + _lead(self.b, x.ndim)
         return x
 
 
@@ -60,17 +61,37 @@ def _lead(a: Array, ndim: int) -> Array:
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
 
+Rotary = Optional[tuple[int, float]]  # (rotary_dim, rotary_base), as TransformerConfig.rotary
+
+
+def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"], rotary: Rotary):
+    """Rotary position embedding of queries or keys at `positions` (rotate-half
+    pairs over the first rotary_dim dimensions; the rest pass through)."""
+    if rotary is None:
+        return x
+    dim, base = rotary
+    inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]
+    cos, sin = _lead(jnp.cos(angle).astype(x.dtype), x.ndim), _lead(jnp.sin(angle).astype(x.dtype), x.ndim)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 : dim]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., dim:]], axis=-1)
+
+
 def attention_pattern(
     q: Float[Array, "n_heads q_pos d_head"],
     k: Float[Array, "n_heads pos d_head"],
     scale: float,
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
+    rotary: Rotary = None,
 ) -> Float[Array, "n_heads q_pos pos"]:
-    """Softmax attention weights; queries sit at `q_positions` (default: every position)."""
+    """Softmax attention weights; queries sit at `q_positions` (default: every
+    position), keys at every position."""
+    at = jnp.arange(q.shape[1]) if q_positions is None else q_positions
+    if rotary is not None:
+        q, k = rotate(q, at, rotary), rotate(k, jnp.arange(k.shape[1]), rotary)
     scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
     if causal:
-        at = jnp.arange(q.shape[1]) if q_positions is None else q_positions
         allowed = (jnp.arange(k.shape[1])[None, :] <= at[:, None])[None]
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -83,9 +104,10 @@ def attend(
     scale: float,
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
+    rotary: Rotary = None,
 ) -> Float[Array, "n_heads q_pos d_head"]:
     """Scaled dot-product attention per head; returns z (before W_O)."""
-    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions), v)
+    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions, rotary), v)
 
 
 class Attention(eqx.Module):
@@ -99,6 +121,7 @@ class Attention(eqx.Module):
     b_O: Float[Array, " d_model"]
     scale: float = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
+    rotary: Rotary = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         H, D, K = config.n_heads, config.d_model, config.d_head
@@ -107,7 +130,7 @@ class Attention(eqx.Module):
         self.b_Q = self.b_K = self.b_V = jnp.zeros((H, K), jnp.float32)
         self.W_O = _normal(ko, (H, K, D))
         self.b_O = jnp.zeros((D,), jnp.float32)
-        self.scale, self.causal = config.attn_scale, config.causal
+        self.scale, self.causal, self.rotary = config.attn_scale, config.causal, config.rotary
 
     def head_results(
         self,
@@ -137,7 +160,7 @@ class Attention(eqx.Module):
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        return attend(q, k, v, self.scale, self.causal, q_positions)
+        return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary)
 
 
 def activation(name: str, x: Array) -> Array:
@@ -145,26 +168,34 @@ def activation(name: str, x: Array) -> Array:
         return jax.nn.gelu(x, approximate=True)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
+    if name == "silu":
+        return jax.nn.silu(x)
     return jax.nn.relu(x)
 
 
 class MLP(eqx.Module):
+    """``act(x W_in + b_in) W_out + b_out``, or with ``W_gate`` (a gated MLP)
+    ``(act(x W_gate) * (x W_in + b_in)) W_out + b_out``."""
+
     W_in: Float[Array, "d_model d_mlp"]
     b_in: Float[Array, " d_mlp"]
+    W_gate: Optional[Float[Array, "d_model d_mlp"]]
     W_out: Float[Array, "d_mlp d_model"]
     b_out: Float[Array, " d_model"]
     act_fn: str = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        k1, k2 = jr.split(key)
+        k1, k2, k3 = jr.split(key, 3)
         self.W_in = _normal(k1, (config.d_model, config.d_mlp))
+        self.W_gate = _normal(k3, (config.d_model, config.d_mlp)) if config.gated_mlp else None
         self.b_in = jnp.zeros((config.d_mlp,), jnp.float32)
         self.W_out = _normal(k2, (config.d_mlp, config.d_model))
         self.b_out = jnp.zeros((config.d_model,), jnp.float32)
         self.act_fn = config.act_fn
 
     def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
-        h = activation(self.act_fn, x @ self.W_in + _lead(self.b_in, x.ndim))
+        h = x @ self.W_in + _lead(self.b_in, x.ndim)
+        h = activation(self.act_fn, h) if self.W_gate is None else activation(self.act_fn, x @ self.W_gate) * h
         return h @ self.W_out + _lead(self.b_out, x.ndim)
 
 
@@ -192,7 +223,7 @@ class Embedding(eqx.Module):
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ke, kp = jr.split(key)
         self.W_E = _normal(ke, (config.d_vocab, config.d_model))
-        self.W_pos = None if config.positional == "none" else _normal(kp, (config.n_ctx, config.d_model))
+        self.W_pos = None if config.positional in ("none", "rotary") else _normal(kp, (config.n_ctx, config.d_model))
 
 
 class Unembed(eqx.Module):
@@ -288,7 +319,7 @@ class Transformer(eqx.Module):
             q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
             k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
             v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
-            pattern = attention_pattern(q, k, attn.scale, attn.causal)
+            pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary)
             z = jnp.einsum("hqk,hkd->hqd", pattern, v)
             if collect == "patterns":
                 heads = pattern

@@ -4,8 +4,8 @@ While ACDC works through the receivers of layer l, the senders before l keep
 their deviations under the circuit (their own inputs come later in the
 schedule). A head's q, k or v input under a candidate mask is then
 ``base + sum_s a_s dev_s`` with fixed ``dev_s`` and only the coefficients
-``a_s = m_dir * m_add[s]`` changing. LayerNorm's centring P and the projection
-are linear, so ``(P x) diag(gamma) W = sum_s a_s A_s`` with
+``a_s = m_dir * m_add[s]`` changing. LayerNorm's centring P (the identity for
+RMSNorm) and the projection are linear, so ``(P x) diag(gamma) W = sum_s a_s A_s`` with
 ``A_s = (P dev_s) diag(gamma) W`` [pos, d_head] computed once per layer
 (`receiver_cache`, the base counted as a sender with a = 1), and the variance
 ``|P x|^2 / d_model`` is a quadratic form in a over the Gram matrix of the
@@ -55,12 +55,13 @@ def receiver_cache(model: Transformer, graph: CircuitGraph, l: int, corruption, 
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         x = jnp.concatenate([mid[:n], _corrupt_base(model, corr, l)[None]])
         gram = None
-        if ln.mode != "none":
+        if ln.mode in ("LN", "LNPre"):
             x = x - x.mean(-1, keepdims=True)
+        if ln.mode != "none":
             gram = jnp.einsum("spd,rpd->psr", x, x)
-        proj = jnp.einsum("spd,htdk->shtpk", x * ln.w[None, None] if ln.mode == "LN" else x, W)
+        proj = jnp.einsum("spd,htdk->shtpk", x if ln.w is None else x * ln.w[None, None], W)
         const = jnp.broadcast_to(jnp.stack([attn.b_Q, attn.b_K, attn.b_V], 1)[:, :, None], proj.shape[1:])
-        if ln.mode == "LN":
+        if ln.b is not None:
             const = const + jnp.einsum("d,htdk->htk", ln.b, W)[:, :, None]
         if pos_qk is not None:  # added to the normalised query and key inputs
             const = const.at[:, :2].add(jnp.einsum("pd,htdk->htpk", pos_qk, W[:, :2]))
@@ -85,7 +86,7 @@ def cached_z(model: Transformer, graph: CircuitGraph, l: int, cache: ReceiverCac
         proj = proj * jax.lax.rsqrt(var + blk.ln1.eps)[..., None]
     proj = proj + jnp.take(cache.const, heads, axis=0)
     q = proj[:, 0] if q_positions is None else proj[:, 0][:, q_positions]
-    return attend(q, proj[:, 1], proj[:, 2], blk.attn.scale, blk.attn.causal, q_positions)
+    return attend(q, proj[:, 1], proj[:, 2], blk.attn.scale, blk.attn.causal, q_positions, blk.attn.rotary)
 
 
 def cached_flops(graph: CircuitGraph, l: int, heads: int, n_pos: int, n_q: int) -> int:

@@ -7,6 +7,8 @@ format             source
 =================  ==========================================================
 ``hf-gpt2``        HF GPT-2 dir: config.json + model.safetensors or pytorch_model.bin
 ``flax-gpt2``      HF GPT-2 dir: config.json + flax_model.msgpack
+``hf-llama``       HF Llama, Mistral or Qwen2 dir: config.json + model.safetensors
+                   (or sharded, with model.safetensors.index.json) or pytorch_model.bin
 ``transformer-lens``  TransformerLens state dict (.safetensors/.pt/.pth/.bin) + config.json
 ``acdc-jax``       a directory written by ``acdc_jax.save`` or this package's CLI
 ``tracr``          ``tracr:reverse`` or ``tracr:proportion``, compiled locally
@@ -23,11 +25,14 @@ from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer
 
 from .gpt2 import flax_gpt2_state_dict, from_hf_gpt2, gpt2_config, read_flax_msgpack
+from .llama import MODEL_TYPES as LLAMA_TYPES
+from .llama import from_hf_llama, llama_config
 from .tracr import from_tracr, tracr_model_arrays
 from .transformer_lens import from_transformer_lens, tl_config, to_transformer_lens
 
 __all__ = [
-    "FORMATS", "convert", "detect_format", "from_hf_gpt2", "flax_gpt2_state_dict", "from_transformer_lens",
+    "FORMATS", "convert", "detect_format", "from_hf_gpt2", "flax_gpt2_state_dict", "from_hf_llama", "llama_config",
+    "from_transformer_lens",
     "from_tracr", "tracr_model_arrays", "gpt2_config", "tl_config", "to_transformer_lens",
 ]
 
@@ -43,17 +48,45 @@ def _config_dir(src: Path) -> tuple[Path, Path | None]:
     raise CheckpointError(f"{src} does not exist.")
 
 
-def _hf_gpt2(src: Path) -> Transformer:
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _hf_weights(src: Path) -> tuple[dict, dict, str]:
+    """(config.json, state dict, where the weights came from) of an HF directory."""
     directory, weights = _config_dir(src)
     cfg = read_json(directory / "config.json")
     if weights is None:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (directory / name).is_file():
-                weights = directory / name
-                break
-        else:
-            raise CheckpointError(f"No model.safetensors or pytorch_model.bin in {directory}.")
-    return from_hf_gpt2(read_weights(weights), cfg, origin=str(weights))
+        found = [directory / n for n in _HF_WEIGHTS if (directory / n).is_file()]
+        if not found:
+            raise CheckpointError(f"No {', '.join(_HF_WEIGHTS)} in {directory}.")
+        weights = found[0]
+    if weights.name.endswith(".index.json"):
+        return cfg, _read_shards(weights), str(weights)
+    return cfg, read_weights(weights), str(weights)
+
+
+def _read_shards(index: Path) -> dict:
+    """The tensors of a sharded safetensors checkpoint, checked against its index."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map; it is not a sharded checkpoint index.")
+    tensors: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_weights(index.parent / shard))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index} lists tensor(s) its shards do not hold: {missing[:8]}. A shard is stale or truncated.")
+    return tensors
+
+
+def _hf_gpt2(src: Path) -> Transformer:
+    cfg, tensors, origin = _hf_weights(src)
+    return from_hf_gpt2(tensors, cfg, origin=origin)
+
+
+def _hf_llama(src: Path) -> Transformer:
+    cfg, tensors, origin = _hf_weights(src)
+    return from_hf_llama(tensors, cfg, origin=origin)
 
 
 def _flax_gpt2(src: Path) -> Transformer:
@@ -88,6 +121,7 @@ def _tracr(src: Path) -> Transformer:
 FORMATS: dict[str, Callable[[Path], Transformer]] = {
     "hf-gpt2": _hf_gpt2,
     "flax-gpt2": _flax_gpt2,
+    "hf-llama": _hf_llama,
     "transformer-lens": _transformer_lens,
     "acdc-jax": _acdc_jax,
     "tracr": _tracr,
@@ -103,18 +137,20 @@ def detect_format(src: str | Path) -> str:
     if cfg.get("format") == "acdc-jax":
         return "acdc-jax"
     if "model_type" in cfg:
+        if cfg["model_type"] in LLAMA_TYPES:
+            return "hf-llama"
         if cfg["model_type"] != "gpt2":
             raise ConfigError(
                 f"Unsupported architecture model_type={cfg['model_type']!r} in {directory / 'config.json'}; "
-                f"supported: gpt2 (HF), TransformerLens state dicts, tracr."
+                f"supported: gpt2, {', '.join(LLAMA_TYPES)} (HF), TransformerLens state dicts, tracr."
             )
         if weights is not None:
             return "flax-gpt2" if weights.suffix == ".msgpack" else "hf-gpt2"
-        if any((directory / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+        if any((directory / n).is_file() for n in _HF_WEIGHTS):
             return "hf-gpt2"
         if (directory / "flax_model.msgpack").is_file():
             return "flax-gpt2"
-        raise CheckpointError(f"No GPT-2 weights (model.safetensors, pytorch_model.bin, flax_model.msgpack) in {directory}.")
+        raise CheckpointError(f"No GPT-2 weights ({', '.join(_HF_WEIGHTS)}, flax_model.msgpack) in {directory}.")
     if "n_layers" in cfg and "d_model" in cfg:
         return "transformer-lens"
     raise ConfigError(

@@ -28,6 +28,31 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
     return pt, converters.convert(out)
 
 
+def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
+                    seed=0, scale=0.1, name=None, **extra):
+    """(torch model in eval mode, acdc_jax model converted from its saved
+    files) for a small random Llama, Mistral or Qwen2 with grouped-query
+    attention and every tensor perturbed (so the RMSNorm weights are exercised)."""
+    import torch
+    import transformers
+
+    import converters
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{cls}Config")(
+        hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,
+        num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64, **extra,
+    )
+    pt = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for p in pt.parameters():
+            p.add_(scale * torch.randn_like(p))
+    out = tmp_path / (name or f"{model_type}_{seed}")
+    pt.save_pretrained(out)
+    return pt, converters.convert(out)
+
+
 def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -72,8 +72,8 @@ def _edit_config(saved, tmp_path, **changes):
 
 
 def test_unknown_architecture(saved, tmp_path):
-    d = _edit_config(saved, tmp_path, model_type="llama")
-    with pytest.raises(ConfigError, match="model_type='llama'"):
+    d = _edit_config(saved, tmp_path, model_type="gpt_neox")
+    with pytest.raises(ConfigError, match="model_type='gpt_neox'"):
         converters.convert(d)
 
 
@@ -134,7 +134,7 @@ def test_checkpoint_paths_without_a_model(saved, tmp_path):
         (lambda: converters.convert(tmp_path / "empty"), CheckpointError, "config.json"),
         (lambda: converters.convert(no_weights), CheckpointError, "No GPT-2 weights"),
         (lambda: converters.convert(no_weights, format="hf-gpt2"), CheckpointError,
-         "No model.safetensors or pytorch_model.bin"),
+         "No model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
         (lambda: converters.convert(no_weights, format="flax-gpt2"), CheckpointError, "No flax_model.msgpack"),
         (lambda: converters.convert(tl), CheckpointError, "No TransformerLens weights"),
         (lambda: converters.convert(odd), ConfigError, "Cannot tell the checkpoint format"),

@@ -95,6 +95,12 @@ def test_torch_files_that_are_not_state_dicts_are_refused(tmp_path):
     (dict(causal="yes"), "causal must be a bool"),
     (dict(ln_eps=-1e-5), "ln_eps must be a positive float"),
     (dict(attn_scale=0), "attn_scale must be a positive float"),
+    (dict(rotary_dim=4), "rotary_dim=4 is set but positional='learned'"),
+    (dict(positional="rotary", rotary_dim=3), "rotary_dim=3 must be even and at most d_head"),
+    (dict(positional="rotary", rotary_dim=64), "rotary_dim=64 must be even and at most d_head"),
+    (dict(positional="rotary", rotary_base=1.0), "rotary_base must be a float above 1"),
+    (dict(gated_mlp=1), "gated_mlp must be a bool"),
+    (dict(gated_mlp=True, d_mlp=None), "gated_mlp=True needs an MLP"),
 ])
 def test_bad_config_fields_are_named(fields, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -104,8 +110,8 @@ def test_bad_config_fields_are_named(fields, pattern):
 def test_config_dicts_with_unknown_or_missing_fields_are_refused():
     d = CONFIG.to_dict()
     assert TransformerConfig.from_dict(d) == CONFIG
-    with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['rotary_dim'\]"):
-        TransformerConfig.from_dict({**d, "rotary_dim": 4})
+    with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['parallel_attn_mlp'\]"):
+        TransformerConfig.from_dict({**d, "parallel_attn_mlp": True})
     with pytest.raises(ConfigError, match=r"missing required field\(s\) \['d_head'\]"):
         TransformerConfig.from_dict({k: v for k, v in d.items() if k != "d_head"})
 

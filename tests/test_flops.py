@@ -4,6 +4,8 @@ A 3-layer model keeps every count exact on XLA's side: its cost analysis
 counts a scan's body once, and the patched pass scans only over the layers
 between the first and the last. XLA also counts elementwise work, so ours is a little lower."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,9 +24,13 @@ from acdc_jax.tasks.base import Task, kl_divergence
 B, P, W = 3, 12, 4
 
 
-@pytest.fixture(scope="module")
-def setup():
-    c = TransformerConfig(n_layers=3, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256)
+STYLES = {"gpt2": dict(), "llama": dict(act_fn="silu", normalization="RMS", positional="rotary", gated_mlp=True)}
+
+
+@pytest.fixture(scope="module", params=sorted(STYLES))
+def setup(request):
+    c = TransformerConfig(n_layers=3, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256,
+                          **STYLES[request.param])
     model = Transformer(c, key=jax.random.PRNGKey(0))
     graph = CircuitGraph(c)
     rng = np.random.default_rng(0)
@@ -63,7 +69,7 @@ def test_base_heads_and_forward_flops(setup):
     lowered = dense.layer_heads.lower(model, graph, 1, corruption, jnp.ones(graph.n_edges), s.tokens,
                                          s.deviations, heads)
     _close(B * base_heads_flops(graph, 1, 2, P), lowered.lowered.cost_analysis()["flops"])
-    one_layer = TransformerConfig(n_layers=1, d_model=64, n_heads=4, d_head=16, d_vocab=500, n_ctx=16, d_mlp=256)
+    one_layer = dataclasses.replace(model.config, n_layers=1)
     m1 = Transformer(one_layer, key=jax.random.PRNGKey(1))
     lowered = eqx.filter_jit(lambda m, t: m(t)).lower(m1, s.tokens)
     _close(B * forward_flops(one_layer, P), lowered.lowered.cost_analysis()["flops"])

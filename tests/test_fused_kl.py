@@ -105,3 +105,24 @@ def test_chunks_fit_the_cache_and_the_vocabulary():
     assert chunk_width(640, 48262) == 512  # 640 rows x 512 x 4 bytes = 1.3 MB
     assert chunk_width(1, 48262) == 4096
     assert chunk_width(1, 500) == 500
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "none"])
+def test_residual_kl_follows_each_final_normalisation(norm):
+    """`residual_kl` splits ln_final into numerator, scale and bias; for each
+    mode it equals KL of the model's own ln_final and unembedding."""
+    from acdc_jax.checkpoint import fill_model, parameter_shapes
+    from acdc_jax.fused_kl import residual_kl
+    from acdc_jax.model import TransformerConfig
+
+    c = TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=300, n_ctx=8, normalization=norm)
+    rng = np.random.default_rng(1)
+    model = fill_model(c, {n: (n.endswith(".w") + 0.3 * rng.standard_normal(s)).astype(np.float32)
+                           for n, s in parameter_shapes(c).items()})
+    # residuals with a large mean, so that centring or not matters
+    x = jnp.asarray(rng.normal(size=(3, 2, 4, 16)) + 2.0, jnp.float32)
+    reference = jnp.asarray(rng.normal(size=(2, 4, 300)), jnp.float32)
+    got, ok = residual_kl(model, x, {"reference": reference, "weights": None})
+    want = [float(kl_divergence(model.unembed(model.ln_final(xc)), _Ref(reference))) for xc in x]
+    assert bool(ok)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)

@@ -18,13 +18,32 @@ from converters.transformer_lens import from_transformer_lens
 from .test_converters import _tl_state_dict
 
 CASES = [("LN", "standard", "prompts", False, [6]), ("LNPre", "shortformer", "zeros", True, [5, 6]),
-         (None, "standard", "mean", False, [3, 6])]
+         (None, "standard", "mean", False, [3, 6]), ("RMS", "rotary", "prompts", False, [4, 6])]
+
+
+def _rotary_rms_model(seed):
+    """An attention-only model with RMSNorm and rotary positions (as Llama's
+    attention), every weight random."""
+    import jax.numpy as jnp
+
+    from acdc_jax.checkpoint import fill_model, parameter_shapes
+    from acdc_jax.model import TransformerConfig
+
+    c = TransformerConfig(n_layers=3, d_model=16, n_heads=4, d_head=4, d_vocab=23, n_ctx=8, normalization="RMS",
+                          positional="rotary", rotary_base=20.0)
+    rng = np.random.default_rng(seed)
+    arrays = {n: (n.endswith(".w") + 0.3 * rng.standard_normal(s)).astype(np.float32)
+              for n, s in parameter_shapes(c).items()}
+    return fill_model(c, arrays)
 
 
 def _setup(norm, pos_type, corruption, qkv_edges, positions, seed=0, d_mlp=None):
     cfg = dict(n_layers=3, d_model=16, n_heads=4, d_head=4, d_vocab=23, n_ctx=8, attn_only=d_mlp is None,
                d_mlp=d_mlp, normalization_type=norm, act_fn="gelu_new", positional_embedding_type=pos_type)
-    model = from_transformer_lens(_tl_state_dict(cfg, np.random.default_rng(seed)), cfg)
+    if norm == "RMS":
+        model = _rotary_rms_model(seed)
+    else:
+        model = from_transformer_lens(_tl_state_dict(cfg, np.random.default_rng(seed)), cfg)
     rng = np.random.default_rng(seed + 1)
     clean, corrupted = rng.integers(0, 23, (5, 7)), rng.integers(0, 23, (5, 7))
     task = Task("t", clean, corrupted, positions=np.array(positions), metrics={"kl": kl_divergence}).bind(model)
@@ -182,14 +201,15 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
         Scorer(model, graph, task, corr, kl_divergence, sparse="sometimes")
 
 
-def test_acdc_with_sparse_passes_decides_like_the_sequential_loop(monkeypatch):
+@pytest.mark.parametrize("kind", [("LN", "shortformer"), ("RMS", "rotary")])
+def test_acdc_with_sparse_passes_decides_like_the_sequential_loop(monkeypatch, kind):
     """On a 3-layer attention-only model at three thresholds, a batched run
     that scores every pass it can in a sparse program (their estimated cost
     set to zero) decides every edge as the sequential loop does."""
     from acdc_jax import sparse_passes
 
     monkeypatch.setattr(sparse_passes.SparsePasses, "cheaper", lambda self, *args: True)
-    model, graph, corr, task, _ = _setup("LN", "shortformer", "prompts", False, [6], seed=4)
+    model, graph, corr, task, _ = _setup(*kind, "prompts", False, [6], seed=4)
     task = Task("t", task.clean, task.corrupted, positions=task.positions, metrics={"kl": kl_divergence},
                 graph_options=dict(split_qkv=True, qkv_edges=False))
     for tau in (3e-4, 3e-3, 3e-2):

@@ -1,0 +1,154 @@
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2) -> acdc_jax.Transformer.
+
+These share one layout: RMSNorm, rotary queries and keys (rotate-half), a
+gated SiLU MLP and grouped-query attention, with the tensor names of
+``LlamaForCausalLM``. Grouped key/value heads are repeated once per query
+head, so every head has its own k and v input in the circuit graph: cutting
+an edge into head 0's keys leaves head 1's keys alone even where the two
+share weights. With all masks on, that is exactly the model's forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from acdc_jax.checkpoint import fill_model
+from acdc_jax.errors import CheckpointError, ConfigError
+from acdc_jax.model import Transformer, TransformerConfig
+
+from ._source import Source, check_fields, require, stack
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_HANDLED = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "attention_bias", "mlp_bias", "tie_word_embeddings", "sliding_window", "use_sliding_window",
+    "max_window_layers", "layer_types", "pretraining_tp",
+}
+# Fields that do not change the eval-mode forward pass.
+_IGNORED = {
+    "architectures", "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
+    "pad_token_id", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "_attn_implementation_autoset", "use_return_dict", "pruned_heads", "tie_encoder_decoder",
+    "task_specific_params", "prefix", "finetuning_task", "max_length", "min_length", "do_sample",
+    "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty",
+    "cross_attention_hidden_size", "decoder_start_token_id", "sep_token_id", "early_stopping",
+    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "transformers.js_config",
+}
+
+
+def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float]:
+    """(rotary_dim, rotary_base) from either the older fields (rope_theta,
+    rope_scaling) or transformers 5's rope_parameters. Only the default rotary
+    embedding over the whole head is accepted."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ConfigError(
+            f"{origin}: rope type {kind!r} is not supported (only the default rotary embedding); "
+            "the queries and keys would be rotated wrongly."
+        )
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(
+            f"{origin}: partial_rotary_factor is not supported for Llama-family models: transformers' Llama "
+            "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
+        )
+    return d_head, float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, int, tuple[bool, bool], bool]:
+    """TransformerConfig, the number of key/value heads, whether (q/k/v, o)
+    have biases, and whether the unembedding is tied."""
+    check_fields(hf, handled=_HANDLED, ignored=_IGNORED, origin=origin)
+    model_type = require(hf, "model_type", origin)
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{origin}: hidden_act {hf['hidden_act']!r} is not supported; Llama-family MLPs use 'silu'.")
+    if hf.get("mlp_bias", False):
+        raise ConfigError(f"{origin}: mlp_bias=true is not supported (the gated MLP here has no gate bias).")
+    d_model = require(hf, "hidden_size", origin)
+    n_heads = require(hf, "num_attention_heads", origin)
+    n_kv = hf.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv:
+        raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
+    d_head = hf.get("head_dim") or d_model // n_heads
+    rotary_dim, base = _rope(hf, d_head, origin)
+    n_ctx = require(hf, "max_position_embeddings", origin)
+    window = _sliding_window(hf, model_type)
+    if window is not None and window < n_ctx:
+        n_ctx = window  # beyond the window the model masks keys; longer prompts are refused instead
+    config = TransformerConfig(
+        n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
+        d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
+        act_fn="silu", normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
+        rotary_dim=rotary_dim, rotary_base=base, gated_mlp=True,
+    )
+    qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+    o_bias = model_type != "qwen2" and bool(hf.get("attention_bias", False))
+    return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False))
+
+
+def _sliding_window(hf: Mapping[str, Any], model_type: str):
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        return None
+    return hf.get("sliding_window")
+
+
+def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, Any],
+                  origin: str = "Llama state dict") -> Transformer:
+    """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
+    names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
+    config, n_kv, (qkv_bias, o_bias), tied = llama_config(hf_config)
+    src = Source(state_dict, origin)
+    L, D, H, K, M, V = config.n_layers, config.d_model, config.n_heads, config.d_head, config.d_mlp, config.d_vocab
+
+    def heads_in(w: np.ndarray, n: int) -> np.ndarray:  # [n*K, D] -> [H, D, K], kv heads repeated
+        return np.repeat(w.reshape(n, K, D).transpose(0, 2, 1), H // n, axis=0)
+
+    per_layer: dict[str, list[np.ndarray]] = {}
+
+    def put(name: str, value: np.ndarray) -> None:
+        per_layer.setdefault(name, []).append(value)
+
+    for l in range(L):
+        p = f"model.layers.{l}."
+        src.ignore([p + "self_attn.rotary_emb.inv_freq"])
+        for letter, n in (("Q", H), ("K", n_kv), ("V", n_kv)):
+            proj = f"{p}self_attn.{letter.lower()}_proj."
+            put(f"blocks.attn.W_{letter}", heads_in(src.take(proj + "weight", (n * K, D)), n))
+            bias = src.take(proj + "bias", (n * K,)).reshape(n, K) if qkv_bias else np.zeros((n, K), np.float32)
+            put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0))
+        put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
+        put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
+        put("blocks.ln1.w", src.take(p + "input_layernorm.weight", (D,)))
+        put("blocks.ln2.w", src.take(p + "post_attention_layernorm.weight", (D,)))
+        put("blocks.mlp.W_gate", src.take(p + "mlp.gate_proj.weight", (M, D)).T)
+        put("blocks.mlp.W_in", src.take(p + "mlp.up_proj.weight", (M, D)).T)
+        put("blocks.mlp.b_in", np.zeros(M, np.float32))
+        put("blocks.mlp.W_out", src.take(p + "mlp.down_proj.weight", (D, M)).T)
+        put("blocks.mlp.b_out", np.zeros(D, np.float32))
+
+    arrays = {name: stack(values) for name, values in per_layer.items()}
+    arrays["embed.W_E"] = src.take("model.embed_tokens.weight", (V, D))
+    arrays["ln_final.w"] = src.take("model.norm.weight", (D,))
+    if tied:  # as in transformers: a tied head is the token embedding, whatever lm_head holds
+        src.ignore(["lm_head.weight"])
+        arrays["unembed.W_U"] = arrays["embed.W_E"].T.copy()
+    else:
+        if not src.has("lm_head.weight"):
+            raise CheckpointError(
+                f"Missing tensor 'lm_head.weight' in {origin}: the config sets tie_word_embeddings=false "
+                "(a base model without its LM head?)."
+            )
+        arrays["unembed.W_U"] = src.take("lm_head.weight", (V, D)).T.copy()
+    arrays["unembed.b_U"] = np.zeros((V,), np.float32)
+    src.finish()
+    return fill_model(config, arrays, source=origin)

@@ -1,0 +1,214 @@
+"""Llama-family checkpoints (RMSNorm, rotary, gated MLP, grouped-query
+attention) against transformers: logits parity for each config option, the
+edge-decomposed forward against hand-written PyTorch hooks, and ACDC's
+batched decisions against the sequential loop."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import converters
+from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax.errors import CheckpointError, ConfigError
+from acdc_jax.tasks import prompt_task
+
+from .helpers import random_hf_llama, torch_logits
+from .test_batched_equals_sequential import _same
+
+VOCAB = 61
+
+
+def _tokens(seed, shape=(3, 9)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(tie_word_embeddings=True), dict(attention_bias=True), dict(model_type="mistral"),
+    dict(model_type="qwen2"), dict(n_kv=4, rope_theta=500.0), dict(n_kv=1, head_dim=12),
+], ids=str)
+def test_logits_match_transformers(tmp_path, options):
+    pt, model = random_hf_llama(tmp_path, **options)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 20))
+    # about 1e-6 measured; a wrong rotary base, bias or head grouping is off by 1e-2 or more
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+
+
+def test_sharded_safetensors(tmp_path):
+    pt, _ = random_hf_llama(tmp_path, name="whole")
+    d = tmp_path / "sharded"
+    pt.save_pretrained(d, max_shard_size="20KB")
+    index = d / "model.safetensors.index.json"
+    assert index.is_file() and len(list(d.glob("model-*.safetensors"))) > 1
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 12))
+    model = converters.convert(d)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    meta = json.loads(index.read_text())
+    meta["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(iter(meta["weight_map"].values()))
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lists tensor.*model.layers.9.mlp.up_proj.weight"):
+        converters.convert(d)
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (dict(partial_rotary_factor=0.5), ConfigError, "partial_rotary_factor"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}, rope_parameters=None), ConfigError, "rope type 'llama3'"),
+    (dict(hidden_act="gelu"), ConfigError, "hidden_act 'gelu'"),
+    (dict(mlp_bias=True), ConfigError, "mlp_bias"),
+    (dict(num_key_value_heads=3), ConfigError, "not a multiple of num_key_value_heads=3"),
+    (dict(use_qk_norm=True), ConfigError, r"Unsupported config field\(s\) \['use_qk_norm'\]"),
+    (dict(num_hidden_layers=3), CheckpointError, "Missing tensor 'model.layers.2.self_attn.q_proj.weight'"),
+    (dict(hidden_size=40), CheckpointError, "has shape"),
+])
+def test_bad_configs_are_refused_by_name(tmp_path, change, error, words):
+    _, _ = random_hf_llama(tmp_path, name="base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(error, match=words):
+        converters.convert(tmp_path / "base")
+
+
+def test_a_sliding_window_shorter_than_the_context_limits_the_prompt_length(tmp_path):
+    _, model = random_hf_llama(tmp_path, model_type="mistral", sliding_window=16)
+    assert model.config.n_ctx == 16
+    with pytest.raises(ValueError, match="exceeds the model's context n_ctx=16"):
+        model(_tokens(0, (1, 17)))
+
+
+# --- the edge-decomposed forward ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return random_hf_llama(tmp_path_factory.mktemp("llama"), n_layers=3, seed=1, scale=0.2)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(split_qkv=False), dict(qkv_edges=False)], ids=str)
+def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(llama, options):
+    _, model = llama
+    graph = CircuitGraph(model.config, **options)
+    clean, corrupt = _tokens(0), _tokens(1)
+    corruption = Corruption.from_prompts(model, corrupt)
+    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
+    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
+    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
+    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+
+
+def _torch_patched_logits(pt, clean, corrupt, edge):
+    """Cut edges by hand with forward hooks on HF Llama. `edge` is (kind,
+    sender, receiver); a k or v receiver is a key/value head group, whose
+    query heads all get the patched input."""
+    import torch
+
+    cfg = pt.config
+    H, dh = cfg.num_attention_heads, cfg.head_dim
+    layers = pt.model.layers
+
+    def record(tokens):
+        acts, hooks = {}, []
+        for l, blk in enumerate(layers):
+            def z_hook(mod, args, l=l):
+                for h in range(H):
+                    acts[("head", l, h)] = args[0][..., h * dh:(h + 1) * dh] @ mod.weight[:, h * dh:(h + 1) * dh].T
+            def mlp_hook(mod, args, out, l=l):
+                acts[("mlp", l)] = out
+            def resid_hook(mod, args, kwargs, l=l):
+                acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
+            hooks += [blk.self_attn.o_proj.register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
+                      blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
+        with torch.no_grad():
+            pt(tokens)
+        for hk in hooks:
+            hk.remove()
+        acts[("embed",)] = pt.model.embed_tokens.weight[tokens]
+        return acts
+
+    clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
+    a_clean, a_corr = record(clean_t), record(corrupt_t)
+    kind, sender, receiver = edge
+    delta = None if kind == "qkv" else a_clean[sender] - a_corr[sender]
+    if receiver[0] in ("q", "k", "v"):
+        letter, l, h = receiver
+        blk = layers[l]
+        proj = getattr(blk.self_attn, f"{letter}_proj")
+        def qkv_hook(mod, args, out):
+            resid = a_corr[("resid", l)] if kind == "qkv" else a_clean[("resid", l)] - delta
+            new = torch.nn.functional.linear(blk.input_layernorm(resid), mod.weight, mod.bias)
+            out = out.clone()
+            out[..., h * dh:(h + 1) * dh] = new[..., h * dh:(h + 1) * dh]
+            return out
+        hook = proj.register_forward_hook(qkv_hook)
+    elif receiver[0] == "mlp_in":
+        hook = layers[receiver[1]].post_attention_layernorm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
+    else:
+        hook = pt.model.norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
+    with torch.no_grad():
+        out = pt(clean_t).logits.numpy()
+    hook.remove()
+    return out
+
+
+# edge names cut together: (kind, sender, receiver) for the hook reference. Heads 2 and 3 share
+# key/value head 1, so cutting a sender from both of their k (or v) inputs is a cut of that group.
+EDGES = {
+    ("blocks.0.hook_resid_pre->blocks.1.hook_q_input[3]",): ("residual", ("embed",), ("q", 1, 3)),
+    ("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]",
+     "blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[3]"): ("residual", ("head", 0, 1), ("k", 2, 1)),
+    ("blocks.1.hook_mlp_out->blocks.2.hook_v_input[0]",
+     "blocks.1.hook_mlp_out->blocks.2.hook_v_input[1]"): ("residual", ("mlp", 1), ("v", 2, 0)),
+    ("blocks.1.attn.hook_result[2]->blocks.1.hook_mlp_in",): ("residual", ("head", 1, 2), ("mlp_in", 1)),
+    ("blocks.2.hook_mlp_out->blocks.2.hook_resid_post",): ("residual", ("mlp", 2), ("logits",)),
+    ("blocks.1.hook_q_input[1]->blocks.1.attn.hook_q[1]",): ("qkv", None, ("q", 1, 1)),
+}
+
+
+@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
+def test_patched_edges_match_pytorch_hooks(llama, names):
+    pt, model = llama
+    graph = CircuitGraph(model.config)
+    clean, corrupt = _tokens(7), _tokens(8)
+    masks = graph.ones().at[jnp.asarray([graph.edge_index(n) for n in names])].set(0.0)
+    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
+    ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+
+
+def test_cutting_one_of_two_heads_sharing_keys_is_its_own_intervention(llama):
+    """Each query head has its own key input: a cut into head 2's keys changes
+    the output, and differs from cutting the same edge into both heads."""
+    _, model = llama
+    graph = CircuitGraph(model.config)
+    clean, corruption = _tokens(7), Corruption.from_prompts(model, _tokens(8))
+    one = graph.ones().at[graph.edge_index("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]")].set(0.0)
+    both = one.at[graph.edge_index("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[3]")].set(0.0)
+    full, a, b = (patched_forward(model, clean, m, corruption, graph) for m in (graph.ones(), one, both))
+    assert np.abs(np.asarray(a - full)).max() > 1e-4 and np.abs(np.asarray(a - b)).max() > 1e-4
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1e-2, 3e-2])
+def test_batched_acdc_decides_like_the_sequential_loop(llama, tau):
+    _, model = llama
+    rng = np.random.default_rng(3)
+    task = prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
+                       position=[5, 7], name="random-llama")
+    circuit = _same(model, task, tau)
+    assert 0 < len(circuit.edges) < CircuitGraph(model.config).n_edges
+
+
+def test_converted_model_saves_and_loads(llama, tmp_path, capsys):
+    """`python -m converters` writes the acdc-jax format; it loads to the same logits."""
+    from acdc_jax import load
+    from converters.__main__ import main
+
+    pt, model = llama
+    src = tmp_path / "hf"
+    pt.save_pretrained(src)
+    assert main([str(src), "--out", str(tmp_path / "out")]) == 0
+    assert "3 layers x 4 heads" in capsys.readouterr().out
+    loaded = load(tmp_path / "out")
+    assert loaded.config == model.config and loaded.config.gated_mlp and loaded.config.positional == "rotary"
+    tokens = _tokens(4)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
