@@ -122,7 +122,7 @@ def cmd_roc(args) -> int:
         from .evaluate import roc_from_scores
 
         if task.canonical is None:
-            raise ValueError(f"Task {task.name} has no canonical circuit to compare with.")
+            raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
         args.n_edges, args.tau = None, 0.0
         result = roc_from_scores(_run_method(args, model, task), task.canonical)
     payload = {"task": task.name, "method": args.method, "metric": args.metric or task.default_metric,

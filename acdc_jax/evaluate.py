@@ -95,7 +95,7 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
 def roc(model: Transformer, task: Task, taus: Sequence[float], **kwargs) -> RocResult:
     """ACDC at each tau, scored against ``task.canonical``."""
     if task.canonical is None:
-        raise ValueError(f"Task {task.name} has no canonical circuit to compare with.")
+        raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
     circuits = sweep(model, task, taus, **kwargs)
     return roc_from_circuits(circuits, task.canonical, list(taus))
 

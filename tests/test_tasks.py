@@ -4,6 +4,7 @@ the real GPT-2 tokenizer where it is installed."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -162,3 +163,30 @@ def test_patch_command_reports_each_edge_and_refuses_long_prompts(capsys):
     assert line.split()[-1] == edge and float(line.split("=")[1].split()[0]) > 0
     assert main(["patch", "--checkpoint", str(DATA), "--pos", "100"]) == 2
     assert "--pos must be a prompt length from 1 to the model's n_ctx=32" in capsys.readouterr().err
+
+
+def test_the_papers_circuits_are_given_only_for_the_papers_model_shapes(tmp_path):
+    """IOI's and greater-than's circuits are GPT-2 small's heads, docstring's
+    attn-only-4l's: on a model of another shape those indices name other heads,
+    so the task has none, and ROC says why instead of scoring the wrong edges."""
+    from acdc_jax import evaluate
+    from acdc_jax.model import Transformer
+
+    from .helpers import random_hf_llama
+
+    tok = build_tokenizer(_language_texts())
+    _, llama = random_hf_llama(tmp_path, vocab=tok.get_vocab_size(), n_layers=12, n_heads=9, n_kv=3, d_model=36)
+    task = ioi.ioi(llama, tok, n_examples=4)
+    assert task.canonical is None and "GPT-2 small (12 layers x 12 heads, with MLPs)" in task.description
+    with pytest.raises(ValueError, match="no canonical circuit.*this model has 12 x 9"):
+        evaluate.roc(llama, task, [0.1])
+    assert greaterthan.greaterthan(llama, tok, n_examples=4).canonical is None
+    gpt2_shaped = Transformer(GPT2_SHAPE, key=jax.random.PRNGKey(0))
+    assert len(ioi.ioi(gpt2_shaped, tok, n_examples=4).canonical) > 0
+    assert len(greaterthan.greaterthan(gpt2_shaped, tok, n_examples=4).canonical) > 0
+    dtok = build_tokenizer(_docstring_texts(), special="<|BOS|>")
+    mlps = Transformer(TransformerConfig(n_layers=4, d_model=32, n_heads=8, d_head=4, d_vocab=100, n_ctx=64, d_mlp=64),
+                       key=jax.random.PRNGKey(0))
+    assert docstring.docstring(mlps, dtok, n_examples=2).canonical is None
+    assert docstring.docstring(Transformer(ATTN_ONLY_4L_SHAPE, key=jax.random.PRNGKey(0)), dtok,
+                               n_examples=2).canonical == docstring.DOCSTRING_CANONICAL

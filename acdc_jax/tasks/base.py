@@ -173,6 +173,22 @@ class Task:
             )
 
 
+def with_paper_circuit(task: Task, model: Transformer, paper_model: str, shape: tuple[int, int, bool],
+                       build: Callable[[], frozenset]) -> Task:
+    """`task` with the paper's canonical circuit, `build()`, when `model` has
+    the paper model's shape (n_layers, n_heads, attention-only). On another
+    model those head indices name other heads (or none), and ROC against
+    them would score the wrong edges, so the task then has no canonical
+    circuit and its description says why."""
+    c = model.config
+    if (c.n_layers, c.n_heads, c.attn_only) == shape:
+        return dataclasses.replace(task, canonical=build())
+    kind = lambda attn_only: "attention-only" if attn_only else "with MLPs"
+    note = (f" No canonical circuit: the paper's is of {paper_model} ({shape[0]} layers x {shape[1]} heads, "
+            f"{kind(shape[2])}), and this model has {c.n_layers} x {c.n_heads}, {kind(c.attn_only)}.")
+    return dataclasses.replace(task, description=task.description + note)
+
+
 class TaskArrays:
     """A Task as seen inside jitted code: the same attributes, except that
     ``reference``, ``weights`` and ``labels`` are traced arrays passed in as

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Task, kl_divergence
+from .base import Task, kl_divergence, with_paper_circuit
 from .text import bos_id, load_tokenizer, need, single_token, single_tokens, tokenize_batch
 
 VARIABLES = (
@@ -126,6 +126,5 @@ def docstring_task(tokenizer, n_examples: int = 50, seed: int = 0, bos: str | No
 
 
 def docstring(model, tokenizer, n_examples: int = 50, seed: int = 0, bos: str | None = "<|BOS|>") -> Task:
-    import dataclasses
-
-    return dataclasses.replace(docstring_task(tokenizer, n_examples, seed, bos), canonical=DOCSTRING_CANONICAL)
+    return with_paper_circuit(docstring_task(tokenizer, n_examples, seed, bos), model, "attn-only-4l", (4, 8, True),
+                              lambda: DOCSTRING_CANONICAL)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import TaskError
 from ..graph import CircuitGraph
-from .base import Task, kl_divergence
+from .base import Task, kl_divergence, with_paper_circuit
 from .text import bos_id, encode, load_tokenizer, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "The {noun} lasted from the year {year} to {century}"
@@ -129,7 +129,6 @@ def greaterthan_canonical(graph: CircuitGraph) -> frozenset:
 
 
 def greaterthan(model, tokenizer, n_examples: int = 100, seed: int = 0) -> Task:
-    import dataclasses
-
     task = greaterthan_task(tokenizer, n_examples, seed)
-    return dataclasses.replace(task, canonical=greaterthan_canonical(task.graph(model)))
+    return with_paper_circuit(task, model, "GPT-2 small", (12, 12, False),
+                              lambda: greaterthan_canonical(task.graph(model)))

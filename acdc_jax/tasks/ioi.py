@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import CircuitGraph
-from .base import Task, kl_divergence
+from .base import Task, kl_divergence, with_paper_circuit
 from .text import bos_id, load_tokenizer, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "Then, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to"
@@ -132,7 +132,5 @@ def ioi_canonical(graph: CircuitGraph) -> frozenset:
 
 
 def ioi(model, tokenizer, n_examples: int = 100, seed: int = 0) -> Task:
-    import dataclasses
-
     task = ioi_task(tokenizer, n_examples, seed)
-    return dataclasses.replace(task, canonical=ioi_canonical(task.graph(model)))
+    return with_paper_circuit(task, model, "GPT-2 small", (12, 12, False), lambda: ioi_canonical(task.graph(model)))
