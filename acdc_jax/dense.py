@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .fused_kl import residual_kl, streams
-from .patching import (corruption_axes, example_inputs, patched_logits_and_deviations, run_from, senders_before,
+from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, run_from, senders_before,
                        start_layer_heads, upstream_mix)
 from .tasks.base import TaskArrays
 
@@ -28,20 +28,72 @@ def deviations(model, graph, tokens, masks, corruption):
     return patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32))[1]
 
 
-def metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions):
-    """The metric of one circuit (a full forward, logits at the metric's positions only)."""
+def metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions, chunk=None):
+    """The metric of one circuit (a full forward, logits at the metric's
+    positions only). With `chunk`, the forward and the backward pass of its
+    gradient run that many prompts at a time (`_chunked_metric`)."""
     out_positions = np.asarray(positions)
+    if chunk is not None and chunk < tokens.shape[0]:
+        return _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_positions, chunk)(mask)
     logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions, narrow=True)[0]
     return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+
+
+def _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_positions, chunk):
+    """mask -> metric, whose gradient holds one chunk of prompts' activations
+    at a time: the metric reads only the logits at its positions, so its
+    gradient is the sum over chunks of each chunk's vector-Jacobian product
+    with d metric / d logits, for any metric (not only means over prompts).
+    The backward pass runs each chunk's forward again."""
+    n = tokens.shape[0]
+    if n % chunk:
+        raise ValueError(f"prompt_chunk={chunk} must divide the {n} prompts.")
+    split = lambda a: a.reshape((n // chunk, chunk) + a.shape[1:])
+    toks = split(tokens)
+    acts = jax.tree_util.tree_map(split, corruption.acts) if corruption_axes(corruption) == 0 else None
+
+    def chunk_logits(mask, tok, act):
+        corr = corruption if act is None else Corruption(corruption.kind, act)
+        return patched_logits_and_deviations(model, graph, tok, mask, corr, out_positions, narrow=True)[0]
+
+    def all_logits(mask):
+        out = jax.lax.map(lambda c: chunk_logits(mask, *c), (toks, acts))
+        return out.reshape((n,) + out.shape[2:])
+
+    def score(logits):
+        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+
+    @jax.custom_vjp
+    def f(mask):
+        return score(all_logits(mask))
+
+    def fwd(mask):
+        logits = all_logits(mask)
+        value, g = jax.value_and_grad(score)(logits)
+        return value, (mask, g.astype(logits.dtype))
+
+    def bwd(saved, ct):
+        mask, g = saved
+
+        def add(total, c):
+            tok, act, g_chunk = c
+            _, pull = jax.vjp(lambda m: chunk_logits(m, tok, act), mask)
+            return total + pull(g_chunk)[0], None
+
+        total, _ = jax.lax.scan(add, jnp.zeros_like(mask), (toks, acts, split(g * ct.astype(g.dtype))))
+        return (total,)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 full_metric = eqx.filter_jit(metric_of_mask)
 
 
 @eqx.filter_jit
-def metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens, positions):
+def metric_grads(model, graph, corruption, metric, task, arrays, masks, tokens, positions, chunk=None):
     def f(mask):
-        return metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
+        return metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions, chunk)
 
     return jax.lax.map(jax.value_and_grad(f), masks)
 

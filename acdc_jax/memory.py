@@ -118,6 +118,33 @@ def choose_width(per_candidate: int, max_width: int, budget_fraction: float = BU
     return width
 
 
+def grad_bytes(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int) -> int:
+    """Bytes of the metric's gradient with respect to the masks (EAP, EAP-IG,
+    HISP, edge pruning) over `n_prompts` prompts at once. The backward pass
+    keeps, per prompt and layer, the senders' deviations going in and out of
+    the layer's scan step and each head's inputs and intermediates (about 12
+    sender-sized arrays per head), and the MLP's hidden layer; XLA's buffer
+    assignment came to 0.4-0.7x this count (3-layer GPT-2-like and Llama-like
+    models, and SmolLM2-135M; `tests/test_memory.py` checks it is never above)."""
+    c = model.config
+    rows = c.n_layers * (2 * graph.n_senders + 12 * c.n_heads + 3 * -(-(c.d_mlp or 0) // c.d_model))
+    per_prompt = rows * n_pos * c.d_model * model.embed.W_E.dtype.itemsize + 3 * n_out * c.d_vocab_out * 4
+    return int(HEADROOM * n_prompts * per_prompt)
+
+
+def grad_prompt_chunk(model: Transformer, graph: CircuitGraph, n_prompts: int, n_pos: int, n_out: int,
+                      available: Optional[int] = None) -> Optional[int]:
+    """Prompts per step of a gradient (`dense.metric_of_mask`'s `chunk`):
+    None when all fit in the budget, else the largest divisor of `n_prompts`
+    that does (at least 1)."""
+    available = available_memory_bytes() if available is None else available
+    one = grad_bytes(model, graph, 1, n_pos, n_out)
+    if n_prompts * one <= BUDGET_FRACTION * available:
+        return None
+    fit = max(1, int(BUDGET_FRACTION * available // one))
+    return max(d for d in range(1, min(fit, n_prompts) + 1) if n_prompts % d == 0)
+
+
 def default_max_width() -> int:
     """Wide batches pay off on accelerators; on a CPU the pass is compute-bound."""
     return 256 if jax.default_backend() != "cpu" else 16

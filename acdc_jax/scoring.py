@@ -23,6 +23,7 @@ from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .fused_kl import exact
 from .graph import CircuitGraph, with_sentinels
+from .memory import grad_prompt_chunk
 from .model import Transformer
 from .programs import Shape, shared
 from .patching import Corruption, senders_before, upstream_offset
@@ -109,13 +110,23 @@ class Scorer:
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
             self.positions))))
 
+    @property
+    def grad_chunk(self) -> Optional[int]:
+        """Prompts per step of a gradient: `prompt_chunk` if given, else as
+        many as fit in one device's memory (`memory.grad_prompt_chunk`, counting
+        every prompt as if on one device; None: all)."""
+        if self.prompt_chunk is not None:
+            return self.prompt_chunk
+        n_prompts, n_pos = self.tokens.shape
+        return grad_prompt_chunk(self.model, self.graph, n_prompts, n_pos, len(self.positions))
+
     def value_and_grads(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Metric and its gradient with respect to the edge masks, for each of
         `masks` [n, n_edges] (one forward and one backward pass each)."""
         self.passes += len(masks)
         self.flops += 3 * len(masks) * self._pass_flops(0, self.graph.n_heads)  # backward ~ 2x forward
         values, grads = dense.metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                                      self._rep(masks), self.tokens, self.positions)
+                                           self._rep(masks), self.tokens, self.positions, self.grad_chunk)
         return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
 
     def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:

@@ -57,3 +57,55 @@ def test_later_start_layers_fit_more_candidates():
     assert widths[0] == 4 and widths == sorted(widths) and widths[-1] > 4 * widths[0]
     assert layer_widths(model, graph, 64, 8, 1, 16, available=1 << 40) == [16] * 5  # max_width caps them
     assert layer_widths(model, graph, 64, 8, 1, 16, available=0) == [1] * 5  # never below one
+
+
+@pytest.mark.parametrize("style", [dict(), dict(act_fn="silu", normalization="RMS", positional="rotary", gated_mlp=True)],
+                         ids=["gpt2-like", "llama-like"])
+def test_gradient_estimate_bounds_what_xla_allocates(style):
+    """`grad_bytes` (which picks the prompt chunk of EAP and the pruning
+    methods) against XLA's temporaries for the compiled gradient, from 2 to 8
+    prompts: never below, and not far above (or it would chunk for nothing)."""
+    import jax.numpy as jnp
+
+    from acdc_jax.dense import metric_grads
+    from acdc_jax.memory import grad_bytes
+
+    config = TransformerConfig(n_layers=3, n_heads=4, d_model=64, d_head=16, d_mlp=256, d_vocab=500, n_ctx=32, **style)
+    for n in (2, 8):
+        model, graph, s = _scorer(config, n, 12, None)
+        masks = jnp.ones((1, graph.n_edges), jnp.float32)
+        compiled = metric_grads.lower(model, graph, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens,
+                                      s.positions, None).lowered.compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        ours = grad_bytes(model, graph, n, 12, 1)
+        assert analysis.temp_size_in_bytes <= ours <= 3 * analysis.temp_size_in_bytes, (n, ours, analysis.temp_size_in_bytes)
+
+
+def test_gradients_in_prompt_chunks_equal_the_whole_batch(monkeypatch):
+    """With little memory, EAP and edge pruning run their gradients a few
+    prompts at a time (exact for any metric: chunked vector-Jacobian products
+    of d metric / d logits); scores and trained gates equal the unchunked ones."""
+    from acdc_jax import memory
+    from acdc_jax.algorithms import eap, edge_pruning
+    from acdc_jax.memory import grad_prompt_chunk
+    from acdc_jax.tasks import prompt_task
+
+    config = TransformerConfig(n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=64, d_vocab=50, n_ctx=16)
+    model = Transformer(config, key=jax.random.PRNGKey(3))
+    rng = np.random.default_rng(0)
+    task = prompt_task(rng.integers(0, 50, (6, 7)).tolist(), rng.integers(0, 50, (6, 7)).tolist(),
+                       answers=rng.integers(0, 50, 6).tolist(), wrong_answers=rng.integers(0, 50, 6).tolist())
+    whole = [eap(model, task, metric="logit_diff"),
+             edge_pruning(model, task, steps=5, sparsity=0.5, metric="logit_diff", progress=False)]
+    graph = task.graph(model)
+    one = memory.grad_bytes(model, graph, 1, 7, 1)
+    assert grad_prompt_chunk(model, graph, 6, 7, 1, available=int(2.5 * one / memory.BUDGET_FRACTION)) == 2
+    assert grad_prompt_chunk(model, graph, 6, 7, 1, available=int(6 * one / memory.BUDGET_FRACTION) + 16) is None
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device=None: int(2.5 * one / memory.BUDGET_FRACTION))
+    chunked = [eap(model, task, metric="logit_diff"),
+               edge_pruning(model, task, steps=5, sparsity=0.5, metric="logit_diff", progress=False)]
+    for a, b in zip(whole, chunked):
+        assert np.abs(a.scores).max() > 1e-3
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-6)

@@ -61,12 +61,13 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     # gates start mostly open; the small spread breaks ties between gates the metric never tells apart
     log_alpha = (INIT + 0.01 * jax.random.normal(init, (n_params,))).astype(s._dtype)
     state = opt.init(log_alpha)
+    chunk = s.grad_chunk
 
     @eqx.filter_jit
     def step(log_alpha, state, lam, key, args, tokens):
         def loss(la):
             gates = hard_concrete(la, key)
-            value = metric_of_mask(*args, to_edges(gates), tokens, s.positions)
+            value = metric_of_mask(*args, to_edges(gates), tokens, s.positions, chunk)
             gap = expected_density(la) - target
             return value + lam[0] * gap + lam[1] * gap ** 2, (value, gap)
 
