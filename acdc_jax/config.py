@@ -28,7 +28,9 @@ class TransformerConfig:
     ``(i, i + rotary_dim / 2)`` as Llama and GPT-NeoX do, with frequencies
     ``rotary_base ** (-2i / rotary_dim)``) or ``"none"``.
     ``d_mlp=None`` makes an attention-only model; ``gated_mlp`` makes the MLP
-    ``act(x W_gate) * (x W_in + b_in)`` before ``W_out``, as in Llama.
+    ``act(x W_gate) * (x W_in + b_in)`` before ``W_out``, as in Llama;
+    ``parallel_attn_mlp`` makes the MLP read the layer's input, as attention
+    does, not its output (GPT-NeoX, Pythia, GPT-J).
     """
 
     n_layers: int
@@ -48,6 +50,7 @@ class TransformerConfig:
     rotary_dim: Optional[int] = None
     rotary_base: float = 10000.0
     gated_mlp: bool = False
+    parallel_attn_mlp: bool = False
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
@@ -79,10 +82,11 @@ class TransformerConfig:
             )
         object.__setattr__(self, "attn_scale", float(self.attn_scale))
         self._check_rotary()
-        if not isinstance(self.gated_mlp, bool):
-            raise ConfigError(f"TransformerConfig.gated_mlp must be a bool, got {self.gated_mlp!r}.")
-        if self.gated_mlp and self.d_mlp is None:
-            raise ConfigError("TransformerConfig.gated_mlp=True needs an MLP: set d_mlp.")
+        for flag in ("gated_mlp", "parallel_attn_mlp"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
+            if getattr(self, flag) and self.d_mlp is None:
+                raise ConfigError(f"TransformerConfig.{flag}=True needs an MLP: set d_mlp.")
 
     def _check_rotary(self) -> None:
         if self.positional != "rotary":

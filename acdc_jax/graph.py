@@ -270,7 +270,8 @@ class CircuitGraph:
         return self.n_embed + layer * (self.n_heads + int(self.has_mlp))
 
     def n_senders_before_mlp(self, layer: int) -> int:
-        return self.n_senders_before_attn(layer) + self.n_heads
+        """The senders an MLP reads: with parallel attention and MLP, not its own layer's heads."""
+        return self.n_senders_before_attn(layer) + (0 if self.config.parallel_attn_mlp else self.n_heads)
 
     @property
     def _layer_columns(self) -> int:

@@ -313,6 +313,7 @@ class Transformer(eqx.Module):
         resid = tok if pos is None else tok + pos
 
         def step(resid, block: Block):
+            resid_in = resid
             x = block.ln1(resid)
             xqk = x if pos_qk is None else x + pos_qk
             attn = block.attn
@@ -332,7 +333,7 @@ class Transformer(eqx.Module):
                 resid = resid + jnp.einsum("hpk,hkd->pd", z, attn.W_O) + attn.b_O[None]
             mlp_out = None
             if block.mlp is not None:
-                mlp_out = block.mlp(block.ln2(resid))
+                mlp_out = block.mlp(block.ln2(resid_in if self.config.parallel_attn_mlp else resid))
                 resid = resid + mlp_out
             return resid, (heads, mlp_out if collect is True else None)
 

@@ -297,10 +297,11 @@ def run_from(
     def finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, later):
         slot = E + l * per_layer - n_up
         down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
-        base = base + corr_heads.sum(0) + blk.attn.b_O[None]
+        base_in, base = base, base + corr_heads.sum(0) + blk.attn.b_O[None]
         if blk.mlp is not None:
             col = jnp.atleast_1d(l * graph._layer_columns + 3 * H)
-            x = base + _masked_sum(m_add, (up, down), col, None, later)[0]
+            # with parallel attention and MLP the graph has no edges from this layer's heads to its MLP
+            x = (base_in if c.parallel_attn_mlp else base) + _masked_sum(m_add, (up, down), col, None, later)[0]
             out = blk.mlp(blk.ln2(x))
             down = jax.lax.dynamic_update_slice_in_dim(down, (out - corr_mlp)[None], slot + H, axis=0)
             base = base + corr_mlp

@@ -9,6 +9,7 @@ format             source
 ``flax-gpt2``      HF GPT-2 dir: config.json + flax_model.msgpack
 ``hf-llama``       HF Llama, Mistral or Qwen2 dir: config.json + model.safetensors
                    (or sharded, with model.safetensors.index.json) or pytorch_model.bin
+``hf-gpt-neox``    HF GPT-NeoX (Pythia) dir, with the same weight files
 ``transformer-lens``  TransformerLens state dict (.safetensors/.pt/.pth/.bin) + config.json
 ``acdc-jax``       a directory written by ``acdc_jax.save`` or this package's CLI
 ``tracr``          ``tracr:reverse`` or ``tracr:proportion``, compiled locally
@@ -25,6 +26,7 @@ from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer
 
 from .gpt2 import flax_gpt2_state_dict, from_hf_gpt2, gpt2_config, read_flax_msgpack
+from .gpt_neox import from_hf_gpt_neox, gpt_neox_config
 from .llama import MODEL_TYPES as LLAMA_TYPES
 from .llama import from_hf_llama, llama_config
 from .tracr import from_tracr, tracr_model_arrays
@@ -32,6 +34,7 @@ from .transformer_lens import from_transformer_lens, tl_config, to_transformer_l
 
 __all__ = [
     "FORMATS", "convert", "detect_format", "from_hf_gpt2", "flax_gpt2_state_dict", "from_hf_llama", "llama_config",
+    "from_hf_gpt_neox", "gpt_neox_config",
     "from_transformer_lens",
     "from_tracr", "tracr_model_arrays", "gpt2_config", "tl_config", "to_transformer_lens",
 ]
@@ -89,6 +92,11 @@ def _hf_llama(src: Path) -> Transformer:
     return from_hf_llama(tensors, cfg, origin=origin)
 
 
+def _hf_gpt_neox(src: Path) -> Transformer:
+    cfg, tensors, origin = _hf_weights(src)
+    return from_hf_gpt_neox(tensors, cfg, origin=origin)
+
+
 def _flax_gpt2(src: Path) -> Transformer:
     directory, weights = _config_dir(src)
     weights = weights or directory / "flax_model.msgpack"
@@ -122,6 +130,7 @@ FORMATS: dict[str, Callable[[Path], Transformer]] = {
     "hf-gpt2": _hf_gpt2,
     "flax-gpt2": _flax_gpt2,
     "hf-llama": _hf_llama,
+    "hf-gpt-neox": _hf_gpt_neox,
     "transformer-lens": _transformer_lens,
     "acdc-jax": _acdc_jax,
     "tracr": _tracr,
@@ -139,10 +148,12 @@ def detect_format(src: str | Path) -> str:
     if "model_type" in cfg:
         if cfg["model_type"] in LLAMA_TYPES:
             return "hf-llama"
+        if cfg["model_type"] == "gpt_neox":
+            return "hf-gpt-neox"
         if cfg["model_type"] != "gpt2":
             raise ConfigError(
                 f"Unsupported architecture model_type={cfg['model_type']!r} in {directory / 'config.json'}; "
-                f"supported: gpt2, {', '.join(LLAMA_TYPES)} (HF), TransformerLens state dicts, tracr."
+                f"supported: gpt2, {', '.join(LLAMA_TYPES)}, gpt_neox (HF), TransformerLens state dicts, tracr."
             )
         if weights is not None:
             return "flax-gpt2" if weights.suffix == ".msgpack" else "hf-gpt2"

@@ -53,6 +53,28 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
     return pt, converters.convert(out)
 
 
+def random_hf_gpt_neox(tmp_path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=48, vocab=61, seed=0, scale=0.1,
+                       name=None, **extra):
+    """(torch model in eval mode, acdc_jax model converted from its saved
+    files) for a small random GPT-NeoX (Pythia's layout: parallel attention
+    and MLP, rotary over a quarter of each head), every tensor perturbed."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import converters
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(hidden_size=d_model, num_attention_heads=n_heads, intermediate_size=d_mlp,
+                           num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64, **extra)
+    pt = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in pt.parameters():
+            p.add_(scale * torch.randn_like(p))
+    out = tmp_path / (name or f"gpt_neox_{seed}")
+    pt.save_pretrained(out)
+    return pt, converters.convert(out)
+
+
 def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -101,6 +101,8 @@ def test_torch_files_that_are_not_state_dicts_are_refused(tmp_path):
     (dict(positional="rotary", rotary_base=1.0), "rotary_base must be a float above 1"),
     (dict(gated_mlp=1), "gated_mlp must be a bool"),
     (dict(gated_mlp=True, d_mlp=None), "gated_mlp=True needs an MLP"),
+    (dict(parallel_attn_mlp="yes"), "parallel_attn_mlp must be a bool"),
+    (dict(parallel_attn_mlp=True), "parallel_attn_mlp=True needs an MLP"),
 ])
 def test_bad_config_fields_are_named(fields, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -110,8 +112,8 @@ def test_bad_config_fields_are_named(fields, pattern):
 def test_config_dicts_with_unknown_or_missing_fields_are_refused():
     d = CONFIG.to_dict()
     assert TransformerConfig.from_dict(d) == CONFIG
-    with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['parallel_attn_mlp'\]"):
-        TransformerConfig.from_dict({**d, "parallel_attn_mlp": True})
+    with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['post_embedding_ln'\]"):
+        TransformerConfig.from_dict({**d, "post_embedding_ln": True})
     with pytest.raises(ConfigError, match=r"missing required field\(s\) \['d_head'\]"):
         TransformerConfig.from_dict({k: v for k, v in d.items() if k != "d_head"})
 
