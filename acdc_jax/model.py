@@ -185,9 +185,9 @@ class MLP(eqx.Module):
     act_fn: str = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        k1, k2, k3 = jr.split(key, 3)
+        k1, k2 = jr.split(key)  # the gate's key apart, so that models without one initialise as before
         self.W_in = _normal(k1, (config.d_model, config.d_mlp))
-        self.W_gate = _normal(k3, (config.d_model, config.d_mlp)) if config.gated_mlp else None
+        self.W_gate = _normal(jr.fold_in(key, 2), (config.d_model, config.d_mlp)) if config.gated_mlp else None
         self.b_in = jnp.zeros((config.d_mlp,), jnp.float32)
         self.W_out = _normal(k2, (config.d_mlp, config.d_model))
         self.b_out = jnp.zeros((config.d_model,), jnp.float32)

@@ -24,8 +24,6 @@ CASES = [("LN", "standard", "prompts", False, [6]), ("LNPre", "shortformer", "ze
 def _rotary_rms_model(seed):
     """An attention-only model with RMSNorm and rotary positions (as Llama's
     attention), every weight random."""
-    import jax.numpy as jnp
-
     from acdc_jax.checkpoint import fill_model, parameter_shapes
     from acdc_jax.model import TransformerConfig
 
