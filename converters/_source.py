@@ -9,6 +9,19 @@ import numpy as np
 
 from acdc_jax.errors import CheckpointError, ConfigError
 
+# Fields of every Hugging Face config.json that do not change the eval-mode
+# forward pass (generation defaults, labels, bookkeeping).
+HF_INERT = frozenset({
+    "_attn_implementation_autoset", "_name_or_path", "architectures", "bad_words_ids", "bos_token_id",
+    "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id", "do_sample", "dtype",
+    "early_stopping", "eos_token_id", "finetuning_task", "id2label", "initializer_range", "is_decoder",
+    "is_encoder_decoder", "label2id", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size",
+    "num_beams", "num_return_sequences", "output_attentions", "output_hidden_states", "pad_token_id", "prefix",
+    "problem_type", "pruned_heads", "repetition_penalty", "return_dict", "sep_token_id", "task_specific_params",
+    "temperature", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torch_dtype", "torchscript",
+    "transformers_version", "use_bfloat16", "use_cache", "use_return_dict",
+})
+
 
 class Source:
     """A checkpoint's named tensors, consumed one by one."""

@@ -10,7 +10,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, require, stack
 
 _ACT = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
@@ -20,19 +20,10 @@ _HANDLED = {
     "scale_attn_by_inverse_layer_idx", "add_cross_attention", "reorder_and_upcast_attn", "n_ctx",
 }
 # Fields that do not change the eval-mode forward pass.
-_IGNORED = {
-    "architectures", "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_activation",
-    "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
-    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "dtype", "torch_dtype", "transformers_version", "use_cache",
-    "task_specific_params", "_name_or_path", "output_attentions", "output_hidden_states",
-    "return_dict", "torchscript", "use_bfloat16", "pruned_heads", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "prefix", "finetuning_task", "chunk_size_feed_forward",
-    "is_decoder", "is_encoder_decoder", "tie_encoder_decoder", "cross_attention_hidden_size",
-    "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "early_stopping", "_attn_implementation_autoset", "use_return_dict",
-}
+_IGNORED = HF_INERT | {
+    "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_activation", "summary_first_dropout",
+    "summary_proj_to_labels", "summary_type", "summary_use_proj",
+}  # dropout and the classification head
 
 
 def gpt2_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, bool]:

@@ -17,7 +17,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, require, stack
 
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
         "relu": "relu", "silu": "silu"}
@@ -29,17 +29,7 @@ _HANDLED = {
     "partial_rotary_factor",
 }
 # Fields that do not change the eval-mode forward pass.
-_IGNORED = {
-    "architectures", "attention_dropout", "hidden_dropout", "classifier_dropout", "initializer_range",
-    "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype", "transformers_version",
-    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16",
-    "id2label", "label2id", "problem_type", "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder",
-    "is_decoder", "_attn_implementation_autoset", "use_return_dict", "pruned_heads", "tie_encoder_decoder",
-    "task_specific_params", "prefix", "finetuning_task", "decoder_start_token_id", "sep_token_id",
-    "cross_attention_hidden_size", "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k",
-    "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "early_stopping",
-}
+_IGNORED = HF_INERT | {"attention_dropout", "classifier_dropout", "hidden_dropout"}  # dropout
 
 
 def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, bool, bool]:

@@ -18,7 +18,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, require, stack
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -30,17 +30,7 @@ _HANDLED = {
     "max_window_layers", "layer_types", "pretraining_tp",
 }
 # Fields that do not change the eval-mode forward pass.
-_IGNORED = {
-    "architectures", "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
-    "pad_token_id", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
-    "_attn_implementation_autoset", "use_return_dict", "pruned_heads", "tie_encoder_decoder",
-    "task_specific_params", "prefix", "finetuning_task", "max_length", "min_length", "do_sample",
-    "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty",
-    "cross_attention_hidden_size", "decoder_start_token_id", "sep_token_id", "early_stopping",
-    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "transformers.js_config",
-}
+_IGNORED = HF_INERT | {"attention_dropout", "transformers.js_config"}  # dropout, and a note for transformers.js
 
 
 def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float]:
