@@ -17,7 +17,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, require, rope_settings, stack
 
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
         "relu": "relu", "silu": "silu"}
@@ -44,18 +44,13 @@ def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
     if d_model % n_heads:
         raise ConfigError(f"{origin}: hidden_size={d_model} is not divisible by num_attention_heads={n_heads}.")
     d_head = d_model // n_heads
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(f"{origin}: rope type {kind!r} is not supported (only the default rotary embedding).")
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-    base = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    base, factor = rope_settings(hf, origin, default_factor=0.25,
+                                 older={"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"})
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=require(hf, "max_position_embeddings", origin),
         d_mlp=require(hf, "intermediate_size", origin), act_fn=_ACT[act], normalization="LN", positional="rotary",
-        causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=int(d_head * factor), rotary_base=float(base),
+        causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=int(d_head * factor), rotary_base=base,
         parallel_attn_mlp=bool(hf.get("use_parallel_residual", True)),
     )
     return config, bool(hf.get("attention_bias", True)), bool(hf.get("tie_word_embeddings", False))

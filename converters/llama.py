@@ -18,7 +18,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, require, rope_settings, stack
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -37,20 +37,13 @@ def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float]:
     """(rotary_dim, rotary_base) from either the older fields (rope_theta,
     rope_scaling) or transformers 5's rope_parameters. Only the default rotary
     embedding over the whole head is accepted."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(
-            f"{origin}: rope type {kind!r} is not supported (only the default rotary embedding); "
-            "the queries and keys would be rotated wrongly."
-        )
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    base, factor = rope_settings(hf, origin)
+    if factor != 1.0:
         raise ConfigError(
             f"{origin}: partial_rotary_factor is not supported for Llama-family models: transformers' Llama "
             "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
         )
-    return d_head, float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return d_head, base
 
 
 def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, int, tuple[bool, bool], bool]:
