@@ -1,6 +1,7 @@
-"""Shared by the tests: small random Hugging Face GPT-2s with every tensor
-perturbed (so biases and LayerNorm weights are exercised), saved and
-converted through the public converter; the accelerator path forced on the CPU."""
+"""Shared by the tests: small random Hugging Face GPT-2, Llama-family and
+GPT-NeoX models with every tensor perturbed (so biases and norm weights are
+exercised), saved and converted through the public converter; each sender's
+output recorded by PyTorch hooks; the accelerator path forced on the CPU."""
 
 from __future__ import annotations
 
@@ -12,20 +13,12 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import converters
-
     torch.manual_seed(seed)
     config = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **extra,
     )
-    pt = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in pt.parameters():
-            p.add_(scale * torch.randn_like(p))
-    out = tmp_path / f"gpt2_{'tied' if tied else 'untied'}_{seed}"
-    pt.save_pretrained(out)
-    return pt, converters.convert(out)
+    return _perturbed(GPT2LMHeadModel(config), scale, tmp_path / f"gpt2_{'tied' if tied else 'untied'}_{seed}")
 
 
 def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
@@ -36,21 +29,13 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
     import torch
     import transformers
 
-    import converters
-
     cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
     torch.manual_seed(seed)
     config = getattr(transformers, f"{cls}Config")(
         hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,
         num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64, **extra,
     )
-    pt = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for p in pt.parameters():
-            p.add_(scale * torch.randn_like(p))
-    out = tmp_path / (name or f"{model_type}_{seed}")
-    pt.save_pretrained(out)
-    return pt, converters.convert(out)
+    return _perturbed(getattr(transformers, f"{cls}ForCausalLM")(config), scale, tmp_path / (name or f"{model_type}_{seed}"))
 
 
 def random_hf_gpt_neox(tmp_path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=48, vocab=61, seed=0, scale=0.1,
@@ -61,18 +46,53 @@ def random_hf_gpt_neox(tmp_path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=48,
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    import converters
-
     torch.manual_seed(seed)
     config = GPTNeoXConfig(hidden_size=d_model, num_attention_heads=n_heads, intermediate_size=d_mlp,
                            num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64, **extra)
-    pt = GPTNeoXForCausalLM(config).eval()
+    return _perturbed(GPTNeoXForCausalLM(config), scale, tmp_path / (name or f"gpt_neox_{seed}"))
+
+
+def _perturbed(pt, scale, out):
+    """(pt in eval mode with scale * N(0, 1) added to every tensor, its
+    conversion from the files saved to `out`)."""
+    import torch
+
+    import converters
+
+    pt = pt.eval()
     with torch.no_grad():
         for p in pt.parameters():
             p.add_(scale * torch.randn_like(p))
-    out = tmp_path / (name or f"gpt_neox_{seed}")
     pt.save_pretrained(out)
     return pt, converters.convert(out)
+
+
+def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head_weight, embed) -> dict:
+    """Each sender's output and each layer's input residual in the HF model
+    `pt` on `tokens`, by hooks: ("head", l, h), the head's z times its rows of
+    the attention output projection ``out_proj(layer)`` (``head_weight(W,
+    rows)`` is that [d_head, d_model] block; no bias), ("mlp", l) from
+    ``layer.mlp``, ("resid", l), and ("embed",) = ``embed(tokens)``."""
+    import torch
+
+    acts, hooks = {}, []
+    for l, blk in enumerate(layers):
+        def z_hook(mod, args, l=l):
+            for h in range(n_heads):
+                rows = slice(h * d_head, (h + 1) * d_head)
+                acts[("head", l, h)] = args[0][..., rows] @ head_weight(mod.weight, rows)
+        def mlp_hook(mod, args, out, l=l):
+            acts[("mlp", l)] = out
+        def resid_hook(mod, args, kwargs, l=l):
+            acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
+        hooks += [out_proj(blk).register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
+                  blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
+    with torch.no_grad():
+        pt(tokens)
+    for hk in hooks:
+        hk.remove()
+    acts[("embed",)] = embed(tokens)
+    return acts
 
 
 def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from acdc_jax import CircuitGraph, Corruption, patched_forward
 from acdc_jax.errors import ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import random_hf_gpt_neox, torch_logits
+from .helpers import random_hf_gpt_neox, record_senders, torch_logits
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -92,23 +92,8 @@ def _torch_patched_logits(pt, clean, corrupt, edge):
     layers = pt.gpt_neox.layers
 
     def record(tokens):
-        acts, hooks = {}, []
-        for l, blk in enumerate(layers):
-            def z_hook(mod, args, l=l):
-                for h in range(H):
-                    acts[("head", l, h)] = args[0][..., h * dh:(h + 1) * dh] @ mod.weight[:, h * dh:(h + 1) * dh].T
-            def mlp_hook(mod, args, out, l=l):
-                acts[("mlp", l)] = out
-            def resid_hook(mod, args, kwargs, l=l):
-                acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
-            hooks += [blk.attention.dense.register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
-                      blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
-        with torch.no_grad():
-            pt(tokens)
-        for hk in hooks:
-            hk.remove()
-        acts[("embed",)] = pt.gpt_neox.embed_in.weight[tokens]
-        return acts
+        return record_senders(pt, tokens, layers, H, dh, lambda blk: blk.attention.dense,
+                              lambda W, rows: W[:, rows].T, lambda t: pt.gpt_neox.embed_in.weight[t])
 
     clean_t = torch.tensor(np.asarray(clean))
     a_clean, a_corr = record(clean_t), record(torch.tensor(np.asarray(corrupt)))

@@ -14,7 +14,7 @@ from acdc_jax import CircuitGraph, Corruption, patched_forward
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import random_hf_llama, torch_logits
+from .helpers import random_hf_llama, record_senders, torch_logits
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -107,23 +107,8 @@ def _torch_patched_logits(pt, clean, corrupt, edge):
     layers = pt.model.layers
 
     def record(tokens):
-        acts, hooks = {}, []
-        for l, blk in enumerate(layers):
-            def z_hook(mod, args, l=l):
-                for h in range(H):
-                    acts[("head", l, h)] = args[0][..., h * dh:(h + 1) * dh] @ mod.weight[:, h * dh:(h + 1) * dh].T
-            def mlp_hook(mod, args, out, l=l):
-                acts[("mlp", l)] = out
-            def resid_hook(mod, args, kwargs, l=l):
-                acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
-            hooks += [blk.self_attn.o_proj.register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
-                      blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
-        with torch.no_grad():
-            pt(tokens)
-        for hk in hooks:
-            hk.remove()
-        acts[("embed",)] = pt.model.embed_tokens.weight[tokens]
-        return acts
+        return record_senders(pt, tokens, layers, H, dh, lambda blk: blk.self_attn.o_proj,
+                              lambda W, rows: W[:, rows].T, lambda t: pt.model.embed_tokens.weight[t])
 
     clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
     a_clean, a_corr = record(clean_t), record(corrupt_t)

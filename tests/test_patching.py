@@ -13,7 +13,7 @@ from acdc_jax.candidates import Candidates
 from acdc_jax.model import cast
 from converters.transformer_lens import from_transformer_lens
 
-from .helpers import random_hf_gpt2, torch_logits
+from .helpers import random_hf_gpt2, record_senders, torch_logits
 from .test_converters import _tl_state_dict
 
 VOCAB = 61
@@ -96,26 +96,10 @@ def _torch_patched_logits(pt, clean, corrupt, edge):
 
     def record(tokens):
         """Each sender's output and each block's input residual, by hooks."""
-        acts, hooks = {}, []
-        for l, blk in enumerate(blocks):
-            def z_hook(mod, args, l=l):
-                z = args[0]
-                W = mod.weight  # Conv1D [in, out]
-                for h in range(n_head):
-                    acts[("head", l, h)] = z[..., h * dh:(h + 1) * dh] @ W[h * dh:(h + 1) * dh]
-            def mlp_hook(mod, args, out, l=l):
-                acts[("mlp", l)] = out
-            def resid_hook(mod, args, kwargs, l=l):
-                acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
-            hooks += [blk.attn.c_proj.register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
-                      blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
-        with torch.no_grad():
-            pt(tokens)
-        for hk in hooks:
-            hk.remove()
         wte, wpe = pt.transformer.wte.weight, pt.transformer.wpe.weight
-        acts[("embed",)] = wte[tokens] + wpe[: tokens.shape[1]][None]
-        return acts
+        return record_senders(pt, tokens, blocks, n_head, dh, lambda blk: blk.attn.c_proj,
+                              lambda W, rows: W[rows],  # Conv1D [in, out]
+                              lambda t: wte[t] + wpe[: t.shape[1]][None])
 
     clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
     a_clean, a_corr = record(clean_t), record(corrupt_t)
