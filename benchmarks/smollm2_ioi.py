@@ -57,6 +57,7 @@ def main() -> None:
     convert_s = time.perf_counter() - t
     c = model.config
     clean, corrupted = np.asarray(task.clean), np.asarray(task.corrupted)
+    graph = task.graph(model)
 
     pt = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
 
@@ -102,7 +103,6 @@ def main() -> None:
         for i, rank in enumerate(orders):
             m[f"faithfulness_{rank}"] = {str(k): float(f) for k, f in zip(ks, curve[i * len(ks):(i + 1) * len(ks)])}
         top = orders["abs"][:10]
-        graph = task.graph(model)
         m["top_edges"] = [[graph.edges[i].name, float(m["scores"][i])] for i in top]
         del m["scores"]
 
@@ -113,7 +113,7 @@ def main() -> None:
         "shapes": {"n_layers": c.n_layers, "n_heads": c.n_heads, "d_model": c.d_model, "d_vocab": c.d_vocab,
                    "prompts": list(clean.shape), "edges": n_edges},
         "convert_seconds": convert_s,
-        "gradient_prompt_chunk": grad_prompt_chunk(model, task.graph(model), *clean.shape, 1),
+        "gradient_prompt_chunk": grad_prompt_chunk(model, graph, *clean.shape, 1),
         "parity": {"max_abs_logit_error_vs_transformers": err, "max_abs_logit": float(np.abs(ref).max())},
         "forward_seconds": {"acdc_jax": jax_s, "pytorch": torch_s, "ratio_pytorch_over_jax": torch_s / jax_s},
         "behaviour": behaviour,
