@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+import numpy as np
+
 from .errors import ConfigError
 
 ACT_FNS = ("gelu_new", "gelu", "relu", "silu")
@@ -26,7 +28,9 @@ class TransformerConfig:
     ``"rotary"`` (queries and keys rotated by position after the projection:
     the first ``rotary_dim`` dimensions of each head, in rotate-half pairs
     ``(i, i + rotary_dim / 2)`` as Llama and GPT-NeoX do, with frequencies
-    ``rotary_base ** (-2i / rotary_dim)``) or ``"none"``.
+    ``rotary_base ** (-2i / rotary_dim)``, or ``rotary_inv_freq`` when given:
+    the ``rotary_dim / 2`` inverse frequencies of a scaled rotary embedding,
+    such as Llama 3's) or ``"none"``.
     ``d_mlp=None`` makes an attention-only model; ``gated_mlp`` makes the MLP
     ``act(x W_gate) * (x W_in + b_in)`` before ``W_out``, as in Llama;
     ``parallel_attn_mlp`` makes the MLP read the layer's input, as attention
@@ -49,6 +53,7 @@ class TransformerConfig:
     attn_scale: Optional[float] = None
     rotary_dim: Optional[int] = None
     rotary_base: float = 10000.0
+    rotary_inv_freq: Optional[tuple[float, ...]] = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
 
@@ -90,11 +95,12 @@ class TransformerConfig:
 
     def _check_rotary(self) -> None:
         if self.positional != "rotary":
-            if self.rotary_dim is not None:
-                raise ConfigError(
-                    f"TransformerConfig.rotary_dim={self.rotary_dim} is set but positional={self.positional!r}; "
-                    "set positional='rotary' or leave rotary_dim unset."
-                )
+            for name in ("rotary_dim", "rotary_inv_freq"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"TransformerConfig.{name} is set but positional={self.positional!r}; "
+                        f"set positional='rotary' or leave {name} unset."
+                    )
             return
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.d_head)
@@ -107,11 +113,23 @@ class TransformerConfig:
             raise ConfigError(f"TransformerConfig.rotary_base must be a float above 1, got {self.rotary_base!r}.")
         object.__setattr__(self, "rotary_base", float(self.rotary_base))
         object.__setattr__(self, "ln_eps", float(self.ln_eps))
+        if self.rotary_inv_freq is not None:
+            inv = tuple(float(f) for f in self.rotary_inv_freq)  # a list after JSON
+            if len(inv) != self.rotary_dim // 2 or not all(math.isfinite(f) and f > 0 for f in inv):
+                raise ConfigError(
+                    f"TransformerConfig.rotary_inv_freq must be rotary_dim / 2 = {self.rotary_dim // 2} positive "
+                    f"finite floats, got {len(inv)} values."
+                )
+            object.__setattr__(self, "rotary_inv_freq", inv)
 
     @property
-    def rotary(self) -> Optional[tuple[int, float]]:
-        """(rotary_dim, rotary_base) for a rotary model, else None."""
-        return (self.rotary_dim, self.rotary_base) if self.positional == "rotary" else None
+    def rotary(self) -> Optional[tuple[int, tuple[float, ...]]]:
+        """(rotary_dim, its rotary_dim / 2 inverse frequencies) for a rotary model, else None."""
+        if self.positional != "rotary":
+            return None
+        if self.rotary_inv_freq is not None:
+            return self.rotary_dim, self.rotary_inv_freq
+        return self.rotary_dim, default_inv_freq(self.rotary_dim, self.rotary_base)
 
     @property
     def attn_only(self) -> bool:
@@ -136,6 +154,12 @@ class TransformerConfig:
         if missing:
             raise ConfigError(f"TransformerConfig is missing required field(s) {missing}.")
         return cls(**d)
+
+
+def default_inv_freq(dim: int, base: float) -> tuple[float, ...]:
+    """``base ** (-2i / dim)`` in float32, computed as transformers does."""
+    exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    return tuple(float(f) for f in np.float32(1.0) / (np.float32(base) ** exponent))
 
 
 def _check_positive_int(name: str, value: Any) -> None:

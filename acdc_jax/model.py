@@ -61,7 +61,7 @@ def _lead(a: Array, ndim: int) -> Array:
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
 
-Rotary = Optional[tuple[int, float]]  # (rotary_dim, rotary_base), as TransformerConfig.rotary
+Rotary = Optional[tuple[int, tuple[float, ...]]]  # (rotary_dim, inverse frequencies), as TransformerConfig.rotary
 
 
 def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"], rotary: Rotary):
@@ -69,8 +69,8 @@ def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"],
     pairs over the first rotary_dim dimensions; the rest pass through)."""
     if rotary is None:
         return x
-    dim, base = rotary
-    inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    dim, inv_freq = rotary
+    inv_freq = jnp.asarray(inv_freq, dtype=jnp.float32)
     angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]
     cos, sin = _lead(jnp.cos(angle).astype(x.dtype), x.ndim), _lead(jnp.sin(angle).astype(x.dtype), x.ndim)
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 : dim]

@@ -60,28 +60,6 @@ class Source:
             )
 
 
-def rope_settings(config: Mapping, origin: str, default_factor: float = 1.0,
-                  older: Mapping[str, str] | None = None) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) of an HF config: from transformers
-    5's ``rope_parameters``, else the top-level fields (``older`` maps a
-    family's own older names to these two), else the defaults. Only the
-    default rotary embedding is accepted; rope scaling is refused by name."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(
-            f"{origin}: rope type {kind!r} is not supported (only the default rotary embedding); "
-            "the queries and keys would be rotated wrongly."
-        )
-
-    def find(name: str, default: float) -> float:
-        names = [name] + [old for old, new in (older or {}).items() if new == name]
-        return float(next((src[n] for src in (params, config) for n in names if n in src), default))
-
-    return find("rope_theta", 10000.0), find("partial_rotary_factor", default_factor)
-
-
 def check_fields(config: Mapping, *, handled: set[str], ignored: set[str], origin: str) -> None:
     """Reject config fields that are neither converted nor known to be irrelevant."""
     unknown = sorted(set(config) - handled - ignored)

@@ -9,6 +9,7 @@ edge from a layer's heads to its own MLP.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -17,7 +18,8 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, rope_settings, stack
+from ._source import HF_INERT, Source, check_fields, require, stack
+from .rope import rope_settings
 
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
         "relu": "relu", "silu": "silu"}
@@ -44,13 +46,16 @@ def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
     if d_model % n_heads:
         raise ConfigError(f"{origin}: hidden_size={d_model} is not divisible by num_attention_heads={n_heads}.")
     d_head = d_model // n_heads
-    base, factor = rope_settings(hf, origin, default_factor=0.25,
-                                 older={"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"})
+    rope = rope_settings(hf, origin, d_head, default_factor=0.25,
+                         older={"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"})
+    if rope.attention_factor != 1.0 and rope.rotary_dim < d_head:
+        raise ConfigError(f"{origin}: a rope attention_factor with partial rotary is not supported.")
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=require(hf, "max_position_embeddings", origin),
         d_mlp=require(hf, "intermediate_size", origin), act_fn=_ACT[act], normalization="LN", positional="rotary",
-        causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=int(d_head * factor), rotary_base=base,
+        causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=rope.rotary_dim, rotary_base=rope.base,
+        rotary_inv_freq=rope.inv_freq, attn_scale=math.sqrt(d_head) / rope.attention_factor ** 2,
         parallel_attn_mlp=bool(hf.get("use_parallel_residual", True)),
     )
     return config, bool(hf.get("attention_bias", True)), bool(hf.get("tie_word_embeddings", False))

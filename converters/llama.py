@@ -1,6 +1,7 @@
 """Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2) -> acdc_jax.Transformer.
 
-These share one layout: RMSNorm, rotary queries and keys (rotate-half), a
+These share one layout: RMSNorm, rotary queries and keys (rotate-half,
+scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
 gated SiLU MLP and grouped-query attention, with the tensor names of
 ``LlamaForCausalLM``. Grouped key/value heads are repeated once per query
 head, so every head has its own k and v input in the circuit graph: cutting
@@ -10,6 +11,7 @@ share weights. With all masks on, that is exactly the model's forward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,7 +20,8 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, rope_settings, stack
+from ._source import HF_INERT, Source, check_fields, require, stack
+from .rope import rope_settings
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -33,17 +36,18 @@ _HANDLED = {
 _IGNORED = HF_INERT | {"attention_dropout", "transformers.js_config"}  # dropout, and a note for transformers.js
 
 
-def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float]:
-    """(rotary_dim, rotary_base) from either the older fields (rope_theta,
-    rope_scaling) or transformers 5's rope_parameters. Only the default rotary
-    embedding over the whole head is accepted."""
-    base, factor = rope_settings(hf, origin)
-    if factor != 1.0:
+def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float, tuple | None, float]:
+    """(rotary_dim, rotary_base, scaled inverse frequencies or None, attention
+    scale) of a Llama-family config: the whole head is rotated, and a scaled
+    rope's cos/sin factor multiplies every query and key dimension, so it
+    divides the attention scale twice."""
+    rope = rope_settings(hf, origin, d_head)
+    if rope.rotary_dim != d_head:
         raise ConfigError(
             f"{origin}: partial_rotary_factor is not supported for Llama-family models: transformers' Llama "
             "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
         )
-    return d_head, base
+    return d_head, rope.base, rope.inv_freq, math.sqrt(d_head) / rope.attention_factor ** 2
 
 
 def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, int, tuple[bool, bool], bool]:
@@ -63,7 +67,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     if n_heads % n_kv:
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     d_head = hf.get("head_dim") or d_model // n_heads
-    rotary_dim, base = _rope(hf, d_head, origin)
+    rotary_dim, base, inv_freq, attn_scale = _rope(hf, d_head, origin)
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
@@ -72,7 +76,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
         act_fn="silu", normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
-        rotary_dim=rotary_dim, rotary_base=base, gated_mlp=True,
+        rotary_dim=rotary_dim, rotary_base=base, rotary_inv_freq=inv_freq, attn_scale=attn_scale, gated_mlp=True,
     )
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     o_bias = model_type != "qwen2" and bool(hf.get("attention_bias", False))

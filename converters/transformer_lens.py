@@ -164,6 +164,11 @@ def to_transformer_lens(model: Transformer) -> tuple[dict[str, np.ndarray], dict
     c = model.config
     if c.positional == "none":
         raise ConfigError("TransformerLens has no layout for a model without positional embeddings.")
+    unwritten = [name for name, on in (("rotary", c.positional == "rotary"), ("RMSNorm", c.normalization == "RMS"),
+                                       ("gated_mlp", c.gated_mlp), ("parallel_attn_mlp", c.parallel_attn_mlp)) if on]
+    if unwritten:
+        raise ConfigError(f"The TransformerLens export does not write {', '.join(unwritten)} models; "
+                          "save them with acdc_jax.save instead.")
     sd: dict[str, np.ndarray] = {"embed.W_E": np.asarray(model.embed.W_E)}
     if model.embed.W_pos is not None:
         sd["pos_embed.W_pos"] = np.asarray(model.embed.W_pos)

@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import converters
 from acdc_jax import load, save
+from acdc_jax.errors import ConfigError
 from converters.transformer_lens import from_transformer_lens, to_transformer_lens
 
 from .helpers import random_hf_gpt2, torch_logits
@@ -146,6 +148,19 @@ def test_transformer_lens_parity(name):
     sd2, cfg2 = to_transformer_lens(model)
     again = from_transformer_lens(sd2, cfg2)
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+
+
+@pytest.mark.parametrize("fields,words", [
+    (dict(positional="none"), "without positional embeddings"),
+    (dict(positional="rotary", normalization="RMS", gated_mlp=True, d_mlp=8), "rotary, RMSNorm, gated_mlp"),
+    (dict(parallel_attn_mlp=True, d_mlp=8), "parallel_attn_mlp"),
+])
+def test_transformer_lens_export_refuses_what_it_cannot_write(fields, words):
+    from acdc_jax import Transformer, TransformerConfig
+
+    config = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6, **fields)
+    with pytest.raises(ConfigError, match=words):
+        to_transformer_lens(Transformer(config, key=jax.random.PRNGKey(0)))
 
 
 def test_transformer_lens_file_and_neel_config(tmp_path):

@@ -28,6 +28,7 @@ def _tokens(seed, shape=(3, 9)):
     dict(), dict(use_parallel_residual=False), dict(tie_word_embeddings=True), dict(attention_bias=False),
     dict(hidden_act="gelu_new"),
     dict(rope_parameters={"rope_theta": 500.0, "partial_rotary_factor": 1.0, "rope_type": "default"}),
+    dict(rope_parameters={"rope_theta": 100.0, "partial_rotary_factor": 0.5, "rope_type": "linear", "factor": 4.0}),
 ], ids=str)
 def test_logits_match_transformers(tmp_path, options):
     pt, model = random_hf_gpt_neox(tmp_path, **options)
@@ -45,8 +46,9 @@ def test_older_config_fields_and_refusals(tmp_path):
     cfg = json.loads(path.read_text())
     del cfg["rope_parameters"]
     path.write_text(json.dumps({**cfg, "rotary_pct": 0.5, "rotary_emb_base": 300}))
-    assert converters.convert(tmp_path / "base").config.rotary == (4, 300.0)
-    for change, words in [({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
+    config = converters.convert(tmp_path / "base").config
+    assert (config.rotary_dim, config.rotary_base) == (4, 300.0)
+    for change, words in [({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope'"),
                           ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"use_qk_norm": True}, r"Unsupported config field\(s\) \['use_qk_norm'\]")]:
         path.write_text(json.dumps({**cfg, **change}))

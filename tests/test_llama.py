@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import converters
-from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax import CircuitGraph, Corruption, TransformerConfig, patched_forward
+from acdc_jax.config import default_inv_freq as config_default_inv_freq
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
@@ -35,6 +36,35 @@ def test_logits_match_transformers(tmp_path, options):
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
 
 
+ROPES = {
+    "linear": dict(factor=3.0),
+    "dynamic": dict(factor=2.0),
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=16),
+    "yarn-mscale": dict(factor=4.0, original_max_position_embeddings=16, mscale=2.0, mscale_all_dim=1.0,
+                        beta_fast=8, truncate=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_scaled_rotary_embeddings_match_transformers(tmp_path, kind):
+    """Llama 3's and YaRN's frequencies (with YaRN's cos/sin factor) and
+    linear scaling, as transformers computes them; dynamic NTK is the default
+    embedding up to max_position_embeddings."""
+    rope = {"rope_type": kind.split("-")[0], "rope_theta": 10000.0, **ROPES[kind]}
+    pt, model = random_hf_llama(tmp_path, n_kv=4, rope_parameters=rope)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 30))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    scaled = model.config.rotary_inv_freq
+    default = np.asarray(config_default_inv_freq(model.config.rotary_dim, 10000.0))
+    if kind == "dynamic":
+        assert scaled is None
+    else:  # the scaling changes most frequencies here, so parity tests it
+        assert np.mean(np.abs(np.asarray(scaled) / default - 1) > 0.1) >= 0.5
+    assert (model.config.attn_scale != np.sqrt(model.config.d_head)) == kind.startswith("yarn")
+    assert TransformerConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))) == model.config
+
+
 def test_sharded_safetensors(tmp_path):
     pt, _ = random_hf_llama(tmp_path, name="whole")
     d = tmp_path / "sharded"
@@ -53,7 +83,10 @@ def test_sharded_safetensors(tmp_path):
 
 @pytest.mark.parametrize("change,error,words", [
     (dict(partial_rotary_factor=0.5), ConfigError, "partial_rotary_factor"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}, rope_parameters=None), ConfigError, "rope type 'llama3'"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}, rope_parameters=None), ConfigError, "rope type 'longrope'"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "mrope_section": [2]}), ConfigError,
+     r"rope field\(s\) \['mrope_section'\]"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 0.5}), ConfigError, "'factor' of at least 1"),
     (dict(hidden_act="gelu"), ConfigError, "hidden_act 'gelu'"),
     (dict(mlp_bias=True), ConfigError, "mlp_bias"),
     (dict(num_key_value_heads=3), ConfigError, "not a multiple of num_key_value_heads=3"),
