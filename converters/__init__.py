@@ -7,9 +7,11 @@ format             source
 =================  ==========================================================
 ``hf-gpt2``        HF GPT-2 dir: config.json + model.safetensors or pytorch_model.bin
 ``flax-gpt2``      HF GPT-2 dir: config.json + flax_model.msgpack
-``hf-llama``       HF Llama (also Llama 3.x rope scaling), Mistral or Qwen2 dir: config.json + model.safetensors
+``hf-llama``       HF Llama (also Llama 3.x rope scaling), Mistral, Qwen2 or Gemma dir: config.json + model.safetensors
                    (or sharded, with model.safetensors.index.json) or pytorch_model.bin
 ``hf-gpt-neox``    HF GPT-NeoX (Pythia) dir, with the same weight files
+``hf-phi``         HF Phi (phi-1, phi-1.5, phi-2) dir, with the same weight files
+``hf-gptj``        HF GPT-J dir, with the same weight files
 ``transformer-lens``  TransformerLens state dict (.safetensors/.pt/.pth/.bin) + config.json
 ``acdc-jax``       a directory written by ``acdc_jax.save`` or this package's CLI
 ``tracr``          ``tracr:reverse`` or ``tracr:proportion``, compiled locally
@@ -29,12 +31,13 @@ from .gpt2 import flax_gpt2_state_dict, from_hf_gpt2, gpt2_config, read_flax_msg
 from .gpt_neox import from_hf_gpt_neox, gpt_neox_config
 from .llama import MODEL_TYPES as LLAMA_TYPES
 from .llama import from_hf_llama, llama_config
+from .phi_gptj import from_hf_gptj, from_hf_phi, phi_gptj_config
 from .tracr import from_tracr, tracr_model_arrays
 from .transformer_lens import from_transformer_lens, tl_config, to_transformer_lens
 
 __all__ = [
     "FORMATS", "convert", "detect_format", "from_hf_gpt2", "flax_gpt2_state_dict", "from_hf_llama", "llama_config",
-    "from_hf_gpt_neox", "gpt_neox_config",
+    "from_hf_gpt_neox", "gpt_neox_config", "from_hf_phi", "from_hf_gptj", "phi_gptj_config",
     "from_transformer_lens",
     "from_tracr", "tracr_model_arrays", "gpt2_config", "tl_config", "to_transformer_lens",
 ]
@@ -82,19 +85,11 @@ def _read_shards(index: Path) -> dict:
     return tensors
 
 
-def _hf_gpt2(src: Path) -> Transformer:
-    cfg, tensors, origin = _hf_weights(src)
-    return from_hf_gpt2(tensors, cfg, origin=origin)
-
-
-def _hf_llama(src: Path) -> Transformer:
-    cfg, tensors, origin = _hf_weights(src)
-    return from_hf_llama(tensors, cfg, origin=origin)
-
-
-def _hf_gpt_neox(src: Path) -> Transformer:
-    cfg, tensors, origin = _hf_weights(src)
-    return from_hf_gpt_neox(tensors, cfg, origin=origin)
+def _hf(convert_fn: Callable) -> Callable[[Path], Transformer]:
+    def run(src: Path) -> Transformer:
+        cfg, tensors, origin = _hf_weights(src)
+        return convert_fn(tensors, cfg, origin=origin)
+    return run
 
 
 def _flax_gpt2(src: Path) -> Transformer:
@@ -127,10 +122,12 @@ def _tracr(src: Path) -> Transformer:
 
 
 FORMATS: dict[str, Callable[[Path], Transformer]] = {
-    "hf-gpt2": _hf_gpt2,
+    "hf-gpt2": _hf(from_hf_gpt2),
     "flax-gpt2": _flax_gpt2,
-    "hf-llama": _hf_llama,
-    "hf-gpt-neox": _hf_gpt_neox,
+    "hf-llama": _hf(from_hf_llama),
+    "hf-gpt-neox": _hf(from_hf_gpt_neox),
+    "hf-phi": _hf(from_hf_phi),
+    "hf-gptj": _hf(from_hf_gptj),
     "transformer-lens": _transformer_lens,
     "acdc-jax": _acdc_jax,
     "tracr": _tracr,
@@ -148,12 +145,14 @@ def detect_format(src: str | Path) -> str:
     if "model_type" in cfg:
         if cfg["model_type"] in LLAMA_TYPES:
             return "hf-llama"
-        if cfg["model_type"] == "gpt_neox":
-            return "hf-gpt-neox"
+        named = {"gpt_neox": "hf-gpt-neox", "phi": "hf-phi", "gptj": "hf-gptj"}
+        if cfg["model_type"] in named:
+            return named[cfg["model_type"]]
         if cfg["model_type"] != "gpt2":
             raise ConfigError(
                 f"Unsupported architecture model_type={cfg['model_type']!r} in {directory / 'config.json'}; "
-                f"supported: gpt2, {', '.join(LLAMA_TYPES)}, gpt_neox (HF), TransformerLens state dicts, tracr."
+                f"supported: gpt2, {', '.join(LLAMA_TYPES)}, {', '.join(named)} (HF), TransformerLens state dicts, "
+                "tracr."
             )
         if weights is not None:
             return "flax-gpt2" if weights.suffix == ".msgpack" else "hf-gpt2"

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -7,6 +7,11 @@ gated SiLU MLP and grouped-query attention, with the tensor names of
 head, so every head has its own k and v input in the circuit graph: cutting
 an edge into head 0's keys leaves head 1's keys alone even where the two
 share weights. With all masks on, that is exactly the model's forward pass.
+
+Gemma (the first generation) differs only in numbers that fold into the
+weights: its RMSNorm multiplies by ``1 + weight``, its embedding is scaled by
+``sqrt(hidden_size)`` (the tied unembedding is not), and its gated MLP uses
+the tanh GELU.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from acdc_jax.model import Transformer, TransformerConfig
 from ._source import HF_INERT, Source, check_fields, require, stack
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
     "attention_bias", "mlp_bias", "tie_word_embeddings", "sliding_window", "use_sliding_window",
-    "max_window_layers", "layer_types", "pretraining_tp",
+    "max_window_layers", "layer_types", "pretraining_tp", "hidden_activation", "use_bidirectional_attention",
 }
 # Fields that do not change the eval-mode forward pass.
 _IGNORED = HF_INERT | {"attention_dropout", "transformers.js_config"}  # dropout, and a note for transformers.js
@@ -57,8 +62,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{origin}: hidden_act {hf['hidden_act']!r} is not supported; Llama-family MLPs use 'silu'.")
+    act = _activation(hf, model_type, origin)
     if hf.get("mlp_bias", False):
         raise ConfigError(f"{origin}: mlp_bias=true is not supported (the gated MLP here has no gate bias).")
     d_model = require(hf, "hidden_size", origin)
@@ -75,12 +79,27 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
-        act_fn="silu", normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
+        act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rotary_dim, rotary_base=base, rotary_inv_freq=inv_freq, attn_scale=attn_scale, gated_mlp=True,
     )
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     o_bias = model_type != "qwen2" and bool(hf.get("attention_bias", False))
+    if model_type == "gemma" and hf.get("use_bidirectional_attention"):
+        raise ConfigError(f"{origin}: use_bidirectional_attention is not supported; causal attention only.")
     return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False))
+
+
+def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
+    if model_type != "gemma":
+        if hf.get("hidden_act", "silu") != "silu" or "hidden_activation" in hf:
+            raise ConfigError(f"{origin}: hidden_act {hf.get('hidden_act')!r} is not supported; "
+                              "Llama-family MLPs use 'silu'.")
+        return "silu"
+    # transformers reads hidden_act, and takes Gemma's legacy 'gelu' for the tanh approximation
+    for field in ("hidden_act", "hidden_activation"):
+        if hf.get(field) not in (None, "gelu", "gelu_pytorch_tanh"):
+            raise ConfigError(f"{origin}: {field} {hf[field]!r} is not supported; Gemma uses 'gelu_pytorch_tanh'.")
+    return "gelu_new"
 
 
 def _sliding_window(hf: Mapping[str, Any], model_type: str):
@@ -94,7 +113,13 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
     config, n_kv, (qkv_bias, o_bias), tied = llama_config(hf_config)
+    gemma = hf_config["model_type"] == "gemma"
     src = Source(state_dict, origin)
+
+    def norm(key: str) -> np.ndarray:
+        w = src.take(key, (D,))
+        return w + np.float32(1) if gemma else w
+
     L, D, H, K, M, V = config.n_layers, config.d_model, config.n_heads, config.d_head, config.d_mlp, config.d_vocab
 
     def heads_in(w: np.ndarray, n: int) -> np.ndarray:  # [n*K, D] -> [H, D, K], kv heads repeated
@@ -115,8 +140,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
             put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0))
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
-        put("blocks.ln1.w", src.take(p + "input_layernorm.weight", (D,)))
-        put("blocks.ln2.w", src.take(p + "post_attention_layernorm.weight", (D,)))
+        put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
+        put("blocks.ln2.w", norm(p + "post_attention_layernorm.weight"))
         put("blocks.mlp.W_gate", src.take(p + "mlp.gate_proj.weight", (M, D)).T)
         put("blocks.mlp.W_in", src.take(p + "mlp.up_proj.weight", (M, D)).T)
         put("blocks.mlp.b_in", np.zeros(M, np.float32))
@@ -124,11 +149,12 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         put("blocks.mlp.b_out", np.zeros(D, np.float32))
 
     arrays = {name: stack(values) for name, values in per_layer.items()}
-    arrays["embed.W_E"] = src.take("model.embed_tokens.weight", (V, D))
-    arrays["ln_final.w"] = src.take("model.norm.weight", (D,))
+    embedding = src.take("model.embed_tokens.weight", (V, D))
+    arrays["embed.W_E"] = embedding * np.float32(math.sqrt(D)) if gemma else embedding
+    arrays["ln_final.w"] = norm("model.norm.weight")
     if tied:  # as in transformers: a tied head is the token embedding, whatever lm_head holds
         src.ignore(["lm_head.weight"])
-        arrays["unembed.W_U"] = arrays["embed.W_E"].T.copy()
+        arrays["unembed.W_U"] = embedding.T.copy()
     else:
         if not src.has("lm_head.weight"):
             raise CheckpointError(

@@ -1,5 +1,5 @@
-"""Shared by the tests: small random Hugging Face GPT-2, Llama-family and
-GPT-NeoX models with every tensor perturbed (so biases and norm weights are
+"""Shared by the tests: small random Hugging Face GPT-2, Llama-family,
+GPT-NeoX, Phi and GPT-J models with every tensor perturbed (so biases and norm weights are
 exercised), saved and converted through the public converter; each sender's
 output recorded by PyTorch hooks; the accelerator path forced on the CPU."""
 
@@ -24,12 +24,12 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
 def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
                     seed=0, scale=0.1, name=None, **extra):
     """(torch model in eval mode, acdc_jax model converted from its saved
-    files) for a small random Llama, Mistral or Qwen2 with grouped-query
+    files) for a small random Llama, Mistral, Qwen2 or Gemma with grouped-query
     attention and every tensor perturbed (so the RMSNorm weights are exercised)."""
     import torch
     import transformers
 
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma"}[model_type]
     torch.manual_seed(seed)
     config = getattr(transformers, f"{cls}Config")(
         hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,
@@ -50,6 +50,28 @@ def random_hf_gpt_neox(tmp_path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=48,
     config = GPTNeoXConfig(hidden_size=d_model, num_attention_heads=n_heads, intermediate_size=d_mlp,
                            num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64, **extra)
     return _perturbed(GPTNeoXForCausalLM(config), scale, tmp_path / (name or f"gpt_neox_{seed}"))
+
+
+def random_hf_parallel(tmp_path, *, model_type="phi", n_layers=2, d_model=32, n_heads=4, d_mlp=48, vocab=61, seed=0,
+                       scale=0.1, name=None, **extra):
+    """(torch model in eval mode, acdc_jax model converted from its saved
+    files) for a small random Phi or GPT-J (attention and MLP in parallel on
+    one LayerNorm, partial rotary), every tensor perturbed."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if model_type == "phi":
+        config = transformers.PhiConfig(hidden_size=d_model, num_attention_heads=n_heads, intermediate_size=d_mlp,
+                                        num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=64,
+                                        **extra)
+        pt = transformers.PhiForCausalLM(config)
+    else:
+        extra.setdefault("rotary_dim", 4)
+        config = transformers.GPTJConfig(n_embd=d_model, n_head=n_heads, n_inner=d_mlp, n_layer=n_layers,
+                                         vocab_size=vocab, n_positions=64, **extra)
+        pt = transformers.GPTJForCausalLM(config)
+    return _perturbed(pt, scale, tmp_path / (name or f"{model_type}_{seed}"))
 
 
 def _perturbed(pt, scale, out):
