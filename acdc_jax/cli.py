@@ -64,10 +64,10 @@ def _run_method(args, model, task):
     from .algorithms import circuit_from_scores
 
     if args.n_edges is None and args.tau is None:
-        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-scoring edges) or --tau T "
-                         "(keep edges with |score| >= T).")
+        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-ranked edges) or --tau T "
+                         "(keep edges ranked >= T: |score|, or the score with --rank signed).")
     return circuit_from_scores(circuit.graph, circuit.scores, circuit.settings, n_edges=args.n_edges,
-                               threshold=None if args.n_edges is not None else args.tau)
+                               threshold=None if args.n_edges is not None else args.tau, rank=args.rank)
 
 
 def cmd_discover(args) -> int:
@@ -202,6 +202,9 @@ def _task_args(p) -> None:
                                                         "subnetwork_probing", "hisp"])
     p.add_argument("--steps", type=int, help="eap_ig: interpolation steps (16); edge_pruning/SP: training steps (1500)")
     p.add_argument("--sparsity", type=float, help="edge_pruning/SP: fraction of edges/nodes removed")
+    p.add_argument("--rank", choices=["abs", "signed"], default="abs",
+                   help="scoring methods: rank edges by |score| (default) or by the signed score, which puts the "
+                   "edges that help the task first and those that work against it last")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help=cmd_discover.__doc__)
     _task_args(p)
     p.add_argument("--tau", type=float, help="ACDC threshold: an edge is removed when the metric rises by less; "
-                   "for scoring methods, keep edges with |score| >= tau")
+                   "for scoring methods, keep edges with |score| (or the score, with --rank signed) >= tau")
     p.add_argument("--n-edges", type=int, help="scoring methods: keep this many highest-scoring edges")
     p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
     p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")

@@ -138,13 +138,17 @@ def ranking_auc(importance: np.ndarray, truth: np.ndarray) -> float:
     return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def roc_from_scores(circuit: Circuit, canonical: Iterable[str], max_points: int = 200) -> RocResult:
-    """ROC of a scored circuit: edges ranked by |score| (nodes by their best
-    edge), against `canonical`. AUCs are exact; `max_points` thresholds are
-    kept for plotting."""
+def roc_from_scores(circuit: Circuit, canonical: Iterable[str], max_points: int = 200,
+                    rank: Optional[str] = None) -> RocResult:
+    """ROC of a scored circuit: edges ranked by |score|, or by the signed
+    score (`rank`, default: the circuit's own ``settings["rank"]``, else
+    "abs"; nodes by their best edge), against `canonical`. AUCs are exact;
+    `max_points` thresholds are kept for plotting."""
+    from .algorithms import edge_ranking
+
     graph = circuit.graph
     canonical = set(canonical)
-    importance = np.abs(np.nan_to_num(np.asarray(circuit.scores, np.float64), nan=-np.inf))
+    importance = edge_ranking(circuit.scores, rank or circuit.settings.get("rank", "abs"))
     truth = np.array([n in canonical for n in graph.edge_names])
     node_names = sorted(all_nodes(graph))
     node_truth_set = nodes_of(graph, canonical)
@@ -194,9 +198,13 @@ def faithfulness_curve(model: Transformer, task: Task, masks: Sequence[np.ndarra
     return [(float(np.mean(m > 0.5)), float((empty - scorer.full(np.asarray(m, np.float32))) / span)) for m in masks]
 
 
-def top_fraction_masks(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS) -> list[np.ndarray]:
-    """Masks keeping the top fraction of edges by |score| (ties broken by index)."""
-    order = np.argsort(-np.abs(np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)), kind="stable")
+def top_fraction_masks(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS,
+                       rank: str = "abs") -> list[np.ndarray]:
+    """Masks keeping the top fraction of edges by |score|, or by the signed
+    score (`rank`; ties broken by index)."""
+    from .algorithms import edge_ranking
+
+    order = np.argsort(-edge_ranking(scores, rank), kind="stable")
     masks = []
     for f in fractions:
         m = np.zeros(len(order), np.float32)
@@ -229,7 +237,7 @@ def compare(methods: dict, tasks: dict, *, taus: Sequence[float] = ACDC_TAUS, co
             else:
                 circuit = method(model, task, corruption=corruption, metric=task_metric)
                 result = roc_from_scores(circuit, task.canonical)
-                masks = top_fraction_masks(circuit.scores, fractions)
+                masks = top_fraction_masks(circuit.scores, fractions, circuit.settings.get("rank", "abs"))
             seconds = time.perf_counter() - start
             curve = faithfulness_curve(model, task, masks, corruption=corruption, metric=task_metric)
             if method is None:

@@ -119,6 +119,35 @@ def test_top_k_threshold():
         top_k_threshold(x, 3)
 
 
+def test_signed_ranking_puts_the_edges_that_help_first():
+    """|score| ranks an edge that works against the task (cutting it lowers the
+    minimised metric) with those that help; "signed" ranks it last, NaN last of all."""
+    from acdc_jax import CircuitGraph, TransformerConfig
+    from acdc_jax.algorithms import circuit_from_scores
+
+    graph = CircuitGraph(TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6))
+    scores = np.zeros(graph.n_edges)
+    scores[:5] = [-5.0, 3.0, 0.5, -1.0, 2.0]
+    scores[5] = np.nan
+
+    def kept(**kw):
+        return np.nonzero(circuit_from_scores(graph, scores, {}, **kw).mask)[0].tolist()
+
+    assert kept(n_edges=2) == [0, 1] and kept(n_edges=2, rank="signed") == [1, 4]
+    assert kept(threshold=1.0) == [0, 1, 3, 4] and kept(threshold=1.0, rank="signed") == [1, 4]
+    assert kept(rank="signed") == [1, 2, 4] and circuit_from_scores(graph, scores, {}, rank="signed").settings["rank"] == "signed"
+    masks = evaluate.top_fraction_masks(scores, [3 / graph.n_edges, 1.0], rank="signed")
+    assert np.nonzero(masks[0])[0].tolist() == [1, 2, 4] and masks[1].sum() == graph.n_edges
+    with pytest.raises(ValueError, match="rank='positive' is not one of"):
+        circuit_from_scores(graph, scores, {}, rank="positive")
+    # the ROC follows the circuit's ranking: edges 1, 2 and 4 are the canonical ones
+    canonical = [graph.edge_names[i] for i in (1, 2, 4)]
+    signed = evaluate.roc_from_scores(circuit_from_scores(graph, scores, {}, rank="signed"), canonical)
+    absolute = evaluate.roc_from_scores(circuit_from_scores(graph, scores, {}), canonical)
+    assert signed.edge_auc == 1.0 and absolute.edge_auc < 1.0
+    assert evaluate.roc_from_scores(circuit_from_scores(graph, scores, {}), canonical, rank="signed").edge_auc == 1.0
+
+
 @pytest.fixture(scope="module")
 def tracr_reverse():
     pytest.importorskip("tracr")

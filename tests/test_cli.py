@@ -30,7 +30,8 @@ def test_roc_command_recovers_tracr_reverse(tmp_path, capsys):
 
 
 def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
-    """--method eap --n-edges K keeps the K edges of largest |score|."""
+    """--method eap --n-edges K keeps the K edges of largest |score|, or of
+    largest score with --rank signed."""
     out = tmp_path / "eap"
     assert main(["discover", "--task", "induction", "--method", "eap", "--metric", "nll", "--n-edges", "12",
                  "--examples", "8", "--out", str(out), "--no-progress"]) == 0
@@ -42,6 +43,13 @@ def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
     assert "kept 12 of" in capsys.readouterr().out
     assert main(["discover", "--task", "induction", "--method", "eap", "--out", str(out)]) == 2
     assert "needs --n-edges K" in capsys.readouterr().err
+    signed = tmp_path / "eap-signed"
+    assert main(["discover", "--task", "induction", "--method", "eap", "--metric", "nll", "--n-edges", "12",
+                 "--examples", "8", "--rank", "signed", "--out", str(signed), "--no-progress"]) == 0
+    circuit = Circuit.load(signed / "circuit.json")
+    order = np.argsort(-circuit.scores, kind="stable")
+    assert circuit.settings["rank"] == "signed" and circuit.scores[order[11]] > circuit.scores[order[12]]
+    assert set(circuit.edges) == {circuit.graph.edge_names[i] for i in order[:12]}
 
 
 def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):

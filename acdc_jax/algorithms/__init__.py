@@ -2,7 +2,7 @@
 `Circuit` whose ``scores`` estimate how much the metric rises when an edge is
 cut (or, for the trained masks, how strongly it is kept)."""
 
-from .attribution import circuit_from_scores, eap, eap_ig, exact_patching, hisp, top_k_threshold
+from .attribution import RANKS, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_threshold
 from .pruning import edge_pruning, subnetwork_probing
 
 METHODS = {
@@ -14,5 +14,5 @@ METHODS = {
     "hisp": hisp,
 }
 
-__all__ = ["METHODS", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "exact_patching", "hisp",
+__all__ = ["METHODS", "RANKS", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
            "subnetwork_probing", "top_k_threshold"]

@@ -64,19 +64,35 @@ def top_k_threshold(importance: np.ndarray, k: int) -> float:
     return float(values[k - 1])
 
 
+RANKS = ("abs", "signed")
+
+
+def edge_ranking(scores: np.ndarray, rank: str = "abs") -> np.ndarray:
+    """What edges are ranked by: |score| (``"abs"``: edges whose cut moves the
+    metric either way), or the score itself (``"signed"``: edges whose cut
+    raises the minimised metric most, that is, the edges that help the task;
+    those that work against it rank last). NaN ranks last."""
+    if rank not in RANKS:
+        raise ValueError(f"rank={rank!r} is not one of {RANKS}.")
+    scores = np.asarray(scores, np.float64)
+    return np.nan_to_num(np.abs(scores) if rank == "abs" else scores, nan=-np.inf)
+
+
 def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict, *, n_edges: Optional[int] = None,
-                        threshold: Optional[float] = None, metric: Optional[float] = None) -> Circuit:
-    """Keep the `n_edges` edges of highest |score|, or those with |score| >= `threshold`
-    (default: every edge with a nonzero score)."""
-    importance = np.abs(np.asarray(scores, np.float64))
+                        threshold: Optional[float] = None, metric: Optional[float] = None,
+                        rank: str = "abs") -> Circuit:
+    """Keep the `n_edges` edges ranked highest, or those ranked at or above
+    `threshold` (default: every edge ranked above 0), by |score| or, with
+    ``rank="signed"``, by the score itself."""
+    ranked = edge_ranking(scores, rank)
     if n_edges is not None:
-        threshold = top_k_threshold(importance, n_edges)
-        mask = importance >= threshold
+        threshold = top_k_threshold(ranked, n_edges)
+        mask = ranked >= threshold
     elif threshold is not None:
-        mask = importance >= threshold
+        mask = ranked >= threshold
     else:
-        mask = importance > 0
-    settings = dict(settings, n_edges=n_edges, threshold=threshold)
+        mask = ranked > 0
+    settings = dict(settings, n_edges=n_edges, threshold=threshold, rank=rank)
     return Circuit(graph, mask.astype(np.float32), metric, [], settings, np.asarray(scores, np.float64))
 
 
@@ -92,7 +108,7 @@ def receiver_layers(graph: CircuitGraph) -> np.ndarray:
 
 @takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
-                   n_edges=None, threshold=None, progress: bool = True) -> Circuit:
+                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
     start at the edge's receiver layer (with a progress bar unless `progress` is False)."""
     from ..acdc import progress_bar
@@ -115,11 +131,12 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
             bar.update(len(chunk))
     bar.close()
     settings.update(method="exact_patching", full_metric=full)
-    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold)
+    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 @takes_precision
-def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
+def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
+        rank: str = "abs") -> Circuit:
     """Edge attribution patching (Syed et al. 2023): one gradient with respect
     to the masks at the full model (a clean and a corrupted forward pass and
     one backward pass)."""
@@ -127,12 +144,12 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     graph, scorer, settings = setup(model, task, metric, corruption, graph)
     value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap", full_metric=float(value[0]))
-    return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold)
+    return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 @takes_precision
 def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
-           threshold=None) -> Circuit:
+           threshold=None, rank: str = "abs") -> Circuit:
     """EAP with integrated gradients (Hanna et al. 2024) along the path of
     masks alpha * 1 from the corrupted run (alpha = 0) to the clean run
     (alpha = 1), with `steps` midpoint samples. The scores add up to the
@@ -145,7 +162,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     alphas = (np.arange(steps) + 0.5) / steps
     _, grads = scorer.value_and_grads(alphas[:, None] * np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap_ig", steps=steps)
-    return _done(graph, -grads.mean(axis=0), settings, start, scorer, n_edges=n_edges, threshold=threshold)
+    return _done(graph, -grads.mean(axis=0), settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 def node_scores_to_edges(graph: CircuitGraph, node_score: dict) -> np.ndarray:
@@ -171,7 +188,8 @@ def sender_groups(graph: CircuitGraph) -> dict:
 
 
 @takes_precision
-def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None) -> Circuit:
+def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
+         rank: str = "abs") -> Circuit:
     """Head importance scores (Michel et al. 2019, as the ACDC paper uses them):
     |d metric / d gate| for a gate on each head's (and MLP's) output,
     interpolating it towards the corruption. A gate scales all of a node's
@@ -183,4 +201,4 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)
     return _done(graph, node_scores_to_edges(graph, nodes), settings, start, scorer, n_edges=n_edges,
-                 threshold=threshold)
+                 threshold=threshold, rank=rank)
