@@ -111,19 +111,51 @@ def read_json(path: Path) -> dict:
     return data
 
 
+# Float types numpy has no name for (bf16 is how most recent checkpoints ship), read through
+# ml_dtypes, which JAX depends on, and widened to float32 exactly.
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No weights file at {path}.")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        out, widened = {}, []
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                if f.get_slice(name).get_dtype() in _ML_DTYPES:
+                    widened.append(name)
+                else:
+                    out[name] = f.get_tensor(name)
+        out.update(_read_ml_dtypes(path, widened))
+        return out
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CheckpointError(
             f"Cannot read {path}: {e}. The file is malformed or truncated; re-download or re-export it."
         ) from e
+
+
+def _read_ml_dtypes(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The named tensors (bf16 or fp8, in a file safetensors has already
+    checked) as float32, from the offsets in the file's header."""
+    if not names:
+        return {}
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        size = int(np.frombuffer(f.read(8), "<u8")[0])
+        header = json.loads(f.read(size))
+    out = {}
+    for name in names:
+        info = header[name]
+        start, end = info["data_offsets"]
+        raw = np.fromfile(path, dtype=np.uint8, count=end - start, offset=8 + size + start)
+        dtype = np.dtype(getattr(ml_dtypes, _ML_DTYPES[info["dtype"]]))
+        out[name] = raw.view(dtype).reshape(info["shape"]).astype(np.float32)
+    return out
 
 
 def read_torch(path: Path) -> dict[str, np.ndarray]:

@@ -196,3 +196,41 @@ def test_save_load_roundtrip_and_cli(tmp_path):
     assert converters.detect_format(tmp_path / "converted") == "acdc-jax"
     np.testing.assert_array_equal(np.asarray(converters.convert(tmp_path / "converted")(tokens)),
                                   np.asarray(model(tokens)))
+
+
+def test_bfloat16_and_float8_safetensors_are_read_exactly(tmp_path):
+    """numpy has no bf16 or fp8: those tensors are widened to float32 exactly,
+    the rest keep their dtype."""
+    import torch
+    from safetensors.torch import save_file
+
+    from acdc_jax.checkpoint import read_safetensors
+
+    tensors = {"bf16": torch.randn(3, 5, dtype=torch.bfloat16), "fp16": torch.randn(4, dtype=torch.float16),
+               "fp8": torch.randn(2, 2).to(torch.float8_e4m3fn), "ids": torch.arange(6).reshape(2, 3)}
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    read = read_safetensors(tmp_path / "mixed.safetensors")
+    for name, t in tensors.items():
+        want = t.float().numpy() if t.is_floating_point() and name != "fp16" else t.numpy()
+        assert read[name].dtype == want.dtype and np.array_equal(read[name], want)
+
+
+def test_a_bfloat16_hf_checkpoint_converts_to_its_own_logits(tmp_path):
+    """Most recent checkpoints ship in bf16: the converted model computes in
+    float32 on the same values as the bf16 weights widened in PyTorch."""
+    import torch
+
+    from .helpers import random_hf_llama
+
+    pt, _ = random_hf_llama(tmp_path, name="f32")
+    pt = pt.to(torch.bfloat16)
+    pt.save_pretrained(tmp_path / "bf16")
+    header = (tmp_path / "bf16" / "model.safetensors").read_bytes()[:4096]
+    assert b'"BF16"' in header
+    model = converters.convert(tmp_path / "bf16")
+    # loaded in float32 by transformers (pt.float() would keep its bf16-rounded rotary frequencies)
+    reference = type(pt).from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, 61, (2, 12))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(reference, tokens)).max() <= 1e-5
+    with torch.no_grad():
+        assert all(torch.equal(p.float(), q) for p, q in zip(pt.parameters(), reference.parameters()))
