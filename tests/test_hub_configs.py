@@ -1,0 +1,109 @@
+"""The config.json files of models researchers use (as published on the
+Hugging Face hub; no weights are needed) convert to the intended
+TransformerConfig, and every rotary frequency and cos/sin factor equals the
+one transformers computes from the same file."""
+
+import math
+
+import numpy as np
+import pytest
+
+import converters
+
+HUB = {
+    "Llama-3.2-1B": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "Qwen2.5-0.5B": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "Mistral-7B-v0.1": {
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000},
+    "gemma-2b": {
+        "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
+        "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 16384, "max_position_embeddings": 8192, "model_type": "gemma",
+        "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+        "transformers_version": "4.38.0.dev0", "use_cache": True, "vocab_size": 256000},
+    "pythia-70m": {
+        "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "classifier_dropout": 0.1, "eos_token_id": 0,
+        "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 8,
+        "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": True, "use_parallel_residual": True,
+        "vocab_size": 50304},
+    "phi-2": {
+        "architectures": ["PhiForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 50256, "embd_pdrop": 0.0,
+        "eos_token_id": 50256, "hidden_act": "gelu_new", "hidden_size": 2560, "initializer_range": 0.02,
+        "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "phi",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
+        "qk_layernorm": False, "resid_pdrop": 0.1, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.37.0", "use_cache": True,
+        "vocab_size": 51200},
+    "gpt-j-6b": {
+        "activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "attn_pdrop": 0.0,
+        "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256, "gradient_checkpointing": False,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gptj", "n_embd": 4096, "n_head": 16,
+        "n_inner": None, "n_layer": 28, "n_positions": 2048, "resid_pdrop": 0.0, "rotary": True, "rotary_dim": 64,
+        "scale_attn_weights": True, "summary_activation": None, "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+        "tie_word_embeddings": False, "tokenizer_class": "GPT2Tokenizer", "transformers_version": "4.18.0.dev0",
+        "use_cache": True, "vocab_size": 50400},
+}
+# (n_layers, n_heads, d_head, d_mlp, n_ctx, rotary_dim, parallel, act) as each model card describes it
+EXPECTED = {
+    "Llama-3.2-1B": (16, 32, 64, 8192, 131072, 64, False, "silu"),
+    "Qwen2.5-0.5B": (24, 14, 64, 4864, 32768, 64, False, "silu"),
+    "Mistral-7B-v0.1": (32, 32, 128, 14336, 4096, 128, False, "silu"),  # the sliding window bounds prompts
+    "gemma-2b": (18, 8, 256, 16384, 8192, 256, False, "gelu_new"),
+    "pythia-70m": (6, 8, 64, 2048, 2048, 16, True, "gelu"),
+    "phi-2": (32, 32, 80, 10240, 2048, 32, True, "gelu_new"),
+    "gpt-j-6b": (28, 16, 256, 16384, 2048, 64, True, "gelu_new"),
+}
+
+
+def _config(name):
+    cfg = HUB[name]
+    if cfg["model_type"] in converters.LLAMA_TYPES:
+        return converters.llama_config(cfg)[0]
+    if cfg["model_type"] == "gpt_neox":
+        return converters.gpt_neox_config(cfg)[0]
+    return converters.phi_gptj_config(cfg)[0]
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_hub_configs_convert_as_their_model_cards_say(name):
+    c = _config(name)
+    got = (c.n_layers, c.n_heads, c.d_head, c.d_mlp, c.n_ctx, c.rotary_dim, c.parallel_attn_mlp, c.act_fn)
+    assert got == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(set(HUB) - {"gpt-j-6b"}))  # GPT-J's frequencies have no config field
+def test_rotary_frequencies_are_transformers_own(name):
+    import transformers
+
+    cfg = HUB[name]
+    hf = transformers.AutoConfig.for_model(**cfg)
+    module = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma", "gpt_neox": "gpt_neox",
+              "phi": "phi"}[cfg["model_type"]]
+    modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
+    rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)
+    c = _config(name)
+    ours = np.asarray(c.rotary[1], np.float64)
+    np.testing.assert_allclose(ours, rotary.inv_freq.double().numpy(), rtol=1e-6)
+    assert c.attn_scale == pytest.approx(math.sqrt(c.d_head) / rotary.attention_scaling ** 2)
