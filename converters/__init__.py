@@ -36,7 +36,7 @@ from .tracr import from_tracr, tracr_model_arrays
 from .transformer_lens import from_transformer_lens, tl_config, to_transformer_lens
 
 __all__ = [
-    "FORMATS", "convert", "detect_format", "from_hf_gpt2", "flax_gpt2_state_dict", "from_hf_llama", "llama_config",
+    "FORMATS", "convert", "detect_format", "resolve", "from_hf_gpt2", "flax_gpt2_state_dict", "from_hf_llama", "llama_config",
     "from_hf_gpt_neox", "gpt_neox_config", "from_hf_phi", "from_hf_gptj", "phi_gptj_config",
     "from_transformer_lens",
     "from_tracr", "tracr_model_arrays", "gpt2_config", "tl_config", "to_transformer_lens",
@@ -170,8 +170,30 @@ def detect_format(src: str | Path) -> str:
     )
 
 
+def resolve(src: str | Path) -> Path:
+    """A Hugging Face hub cache entry (``.../hub/models--org--name``, as left
+    by an earlier download) is the snapshot its ``refs/main`` names, or its
+    only snapshot; any other path is itself. Nothing is downloaded."""
+    src = Path(src)
+    if not (src.is_dir() and src.name.startswith("models--") and (src / "snapshots").is_dir()):
+        return src
+    snapshots = sorted(p.name for p in (src / "snapshots").iterdir() if p.is_dir())
+    ref = src / "refs" / "main"
+    if ref.is_file() and ref.read_text().strip() in snapshots:
+        return src / "snapshots" / ref.read_text().strip()
+    if len(snapshots) == 1:
+        return src / "snapshots" / snapshots[0]
+    raise CheckpointError(
+        f"{src} is a Hugging Face cache entry with {len(snapshots)} snapshots {snapshots[:4]} and no refs/main "
+        "naming one of them; pass the snapshot directory itself."
+    )
+
+
 def convert(src: str | Path, format: str | None = None) -> Transformer:
-    """Load and convert a local checkpoint into an ``acdc_jax.Transformer``."""
+    """Load and convert a local checkpoint (or a Hugging Face cache entry,
+    see `resolve`) into an ``acdc_jax.Transformer``."""
+    if not str(src).startswith("tracr:"):
+        src = resolve(src)
     format = format or detect_format(src)
     if format not in FORMATS:
         raise ConfigError(f"Unknown format {format!r}; choose from {sorted(FORMATS)}.")

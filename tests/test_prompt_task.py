@@ -212,3 +212,35 @@ def test_answer_ids_outside_the_vocabulary_are_refused():
                      circuit)
     with pytest.raises(TaskError, match="vocab_labels"):
         Task(name="t", clean=ids, corrupted=ids, positions=[2], metrics={"kl": kl_divergence}, vocab_labels=("x",))
+
+
+def test_a_hugging_face_cache_entry_with_its_own_tokenizer(tmp_path, tokenizer):
+    """--checkpoint may be a hub cache entry (models--org--name): refs/main picks
+    the snapshot, and the snapshot's tokenizer.json is the default tokenizer."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    import converters
+
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
+    entry = tmp_path / "hub" / "models--org--tiny"
+    for seed, snapshot in ((0, "abc123"), (1, "old456")):
+        random_hf_gpt2(tmp_path, vocab=vocab, n_positions=32, seed=seed, scale=0.5)
+        shutil.copytree(tmp_path / f"gpt2_tied_{seed}", entry / "snapshots" / snapshot)
+    shutil.copy(tokenizer, entry / "snapshots" / "abc123" / "tokenizer.json")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    ours = converters.convert(entry)(tokens)
+    assert np.array_equal(ours, converters.convert(entry / "snapshots" / "abc123")(tokens))
+    assert not np.array_equal(ours, converters.convert(entry / "snapshots" / "old456")(tokens))
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"clean": CLEAN, "corrupted": CORRUPTED, "bos": "<|endoftext|>"}))
+    _, task = get(str(path), checkpoint=str(entry))  # no tokenizer given: the snapshot's
+    assert np.array_equal(task.clean, load_task(path, str(tokenizer)).clean)
+    (entry / "refs" / "main").unlink()
+    with pytest.raises(aj.errors.CheckpointError, match=r"2 snapshots \['abc123', 'old456'\] and no refs/main"):
+        converters.convert(entry)

@@ -14,8 +14,8 @@ task                 model                       needs
 ===================  ==========================  =================================
 
 ``checkpoint`` is any local checkpoint ``python -m converters`` reads;
-``tokenizer`` a local tokenizer (see `text.load_tokenizer`). Nothing is
-downloaded. Your own prompts: `prompts.prompt_task`, or a JSON file of them
+``tokenizer`` a local tokenizer (see `text.load_tokenizer`; by default the
+checkpoint directory's own). Nothing is downloaded. Your own prompts: `prompts.prompt_task`, or a JSON file of them
 (`prompts.load_task`) given as the name, with a ``checkpoint``.
 """
 
@@ -26,6 +26,7 @@ from typing import Optional
 from ..errors import TaskError
 from .base import Task, kl_divergence, squared_error
 from .prompts import load_task, prompt_task
+from .text import tokenizer_beside
 
 NEEDS_WEIGHTS = {"ioi": "GPT-2 small", "greater-than": "GPT-2 small", "docstring": "attn-only-4l"}
 TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than", "docstring")
@@ -33,7 +34,11 @@ TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than"
 
 def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None,
         n_examples: Optional[int] = None, seed: int = 0):
-    """(model, task) for a named task, or for a task file (``*.json``, see `prompts.load_task`)."""
+    """(model, task) for a named task, or for a task file (``*.json``, see
+    `prompts.load_task`). Without `tokenizer`, the checkpoint directory's own
+    tokenizer files are used where it has them."""
+    if checkpoint is not None and tokenizer is None:
+        tokenizer = tokenizer_beside(checkpoint)
     if str(name).endswith(".json"):
         if checkpoint is None:
             raise TaskError(f"Task file {name}: pass the model as checkpoint=DIR (any checkpoint "

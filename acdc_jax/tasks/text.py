@@ -14,6 +14,23 @@ from ..errors import TaskError
 GPT2_EOS = "<|endoftext|>"
 
 
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+
+
+def tokenizer_beside(checkpoint) -> Optional[str]:
+    """The directory of a checkpoint (a Hugging Face directory, or cache
+    entry) when it holds tokenizer files `load_tokenizer` reads, else None."""
+    import converters
+
+    if str(checkpoint).startswith("tracr:"):
+        return None
+    path = converters.resolve(checkpoint)
+    directory = path if path.is_dir() else path.parent
+    if any(all((directory / f).is_file() for f in files) for files in _TOKENIZER_FILES):
+        return str(directory)
+    return None
+
+
 def load_tokenizer(path: str):
     """A tokenizers.Tokenizer from local files.
 
@@ -38,7 +55,7 @@ def load_tokenizer(path: str):
         return Tokenizer.from_file(str(p))
     if (p / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(p / "tokenizer.json"))
-    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+    for vocab, merges in _TOKENIZER_FILES[1:]:
         if (p / vocab).is_file() and (p / merges).is_file():
             return ByteLevelBPETokenizer.from_file(str(p / vocab), str(p / merges))
     raise TaskError(
