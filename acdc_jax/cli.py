@@ -26,7 +26,8 @@ def _summary(circuit, task, faith) -> list[str]:
     from .evaluate import nodes_of, rates
 
     s = circuit.settings
-    how = f"tau={s['tau']}" if s.get("method", "acdc") == "acdc" else s["method"]
+    how = {"acdc": f"tau={s.get('tau')}", "acdc_nodes": f"over nodes, tau={s.get('tau')}, "
+           f"{len(s.get('nodes', []))} of {s.get('n_nodes')} nodes kept"}.get(s.get("method", "acdc"), s.get("method"))
     mode = f", {s['mode']}" if "mode" in s else ""
     lines = [
         f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "
@@ -70,6 +71,15 @@ def _run_method(args, model, task):
                                threshold=None if args.n_edges is not None else args.tau, rank=args.rank)
 
 
+def _acdc_nodes(args, model, task, tau, **kw):
+    from .algorithms import acdc_nodes
+
+    return acdc_nodes(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
+                      abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
+                      max_width=getattr(args, "max_width", None), precision=args.precision,
+                      progress=not args.no_progress, **kw)
+
+
 def cmd_discover(args) -> int:
     """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot, a picture
     and edges.html."""
@@ -90,6 +100,11 @@ def cmd_discover(args) -> int:
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                        log_path=None if args.resume else log, resume=log if args.resume else None,
                        progress=not args.no_progress, sparse=args.sparse)
+    elif args.method == "acdc_nodes":
+        if args.tau is None:
+            raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
+        circuit = _acdc_nodes(args, model, task, args.tau, log_path=None if args.resume else log,
+                              resume=log if args.resume else None)
     else:
         circuit = _run_method(args, model, task)
         log = None
@@ -114,7 +129,14 @@ def cmd_roc(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.method == "acdc":
+    if args.method == "acdc_nodes":
+        from .evaluate import roc_from_circuits
+
+        if task.canonical is None:
+            raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
+        result = roc_from_circuits([_acdc_nodes(args, model, task, tau) for tau in args.taus], task.canonical,
+                                   list(args.taus))
+    elif args.method == "acdc":
         result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
                      mode=args.mode, mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                      progress=not args.no_progress)
@@ -131,7 +153,7 @@ def cmd_roc(args) -> int:
     (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
              title=f"{args.method} on {task.name} ({payload['corruption']})")
-    if args.method == "acdc":
+    if args.method in ("acdc", "acdc_nodes"):
         print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
         for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
             print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
@@ -201,8 +223,10 @@ def _task_args(p) -> None:
                         "10-bit mantissas); the same on CPUs")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--method", default="acdc", choices=["acdc", "eap", "eap_ig", "exact_patching", "edge_pruning",
-                                                        "subnetwork_probing", "hisp"])
+    p.add_argument("--method", default="acdc", choices=["acdc", "acdc_nodes", "eap", "eap_ig", "exact_patching",
+                                                        "edge_pruning", "subnetwork_probing", "hisp"],
+                   help="acdc (edges, default); acdc_nodes: ACDC over whole heads and MLPs; or a scoring or "
+                   "pruning method")
     p.add_argument("--steps", type=int, help="eap_ig: interpolation steps (16); edge_pruning/SP: training steps (1500)")
     p.add_argument("--sparsity", type=float, help="edge_pruning/SP: fraction of edges/nodes removed")
     p.add_argument("--rank", choices=["abs", "signed"], default="abs",

@@ -3,6 +3,7 @@
 cut (or, for the trained masks, how strongly it is kept)."""
 
 from .attribution import RANKS, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_threshold
+from .nodes import acdc_nodes, node_order
 from .pruning import edge_pruning, subnetwork_probing
 
 METHODS = {
@@ -14,5 +15,5 @@ METHODS = {
     "hisp": hisp,
 }
 
-__all__ = ["METHODS", "RANKS", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
+__all__ = ["METHODS", "RANKS", "acdc_nodes", "node_order", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
            "subnetwork_probing", "top_k_threshold"]
