@@ -38,8 +38,6 @@ def test_removing_nodes_is_resample_ablation_in_pytorch(gpt2):
     """The circuit without nodes {a2.1, m1, a0.3} equals the HF model with
     those heads' and that MLP's outputs replaced by their corrupted-run values
     (forward hooks), whatever their inputs."""
-    import torch
-
     pt, model, task = gpt2
     graph = CircuitGraph(model.config)
     removed = {"a2.1", "m1", "a0.3"}
