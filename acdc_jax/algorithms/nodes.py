@@ -16,9 +16,9 @@ every edge between the nodes it keeps.
 
 ``mode="batched"`` scores chains of cumulative removals (n1, n1+n2, ...) in
 one vmapped pass from about the earliest layer they change
-(`_Nodes.pass_start`); a chain ends at its first rejection. A result within rounding of tau is rescored in full passes,
-as ``mode="sequential"`` (one full pass per node) scores it, so both make the
-same decisions.
+(`_Nodes.pass_start`); a chain ends at its first rejection. A result within
+rounding of tau is rescored in full passes, as ``mode="sequential"`` (one
+full pass per node) scores it, so both make the same decisions.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class _Nodes:
 def _chain_width(p_remove: float, cap: int, cpu: bool) -> int:
     """How many cumulative removals to score at once. On accelerators a wider
     pass costs little more, so the cap. On a CPU each candidate costs about a
-    pass: the width in 1, 2, 4, ... with the most expected decisions (a chain
+    pass: the width of 1, 4 or 16 with the most expected decisions (a chain
     is useful up to its first rejection) per candidate, plus one for the pass."""
     if not cpu:
         return cap
