@@ -91,8 +91,11 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
 
 def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
     if model_type != "gemma":
-        if hf.get("hidden_act", "silu") != "silu" or "hidden_activation" in hf:
-            raise ConfigError(f"{origin}: hidden_act {hf.get('hidden_act')!r} is not supported; "
+        if "hidden_activation" in hf:
+            raise ConfigError(f"{origin}: hidden_activation is a Gemma field; model_type {model_type!r} does not "
+                              "read it.")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{origin}: hidden_act {hf['hidden_act']!r} is not supported; "
                               "Llama-family MLPs use 'silu'.")
         return "silu"
     # transformers reads hidden_act, and takes Gemma's legacy 'gelu' for the tanh approximation

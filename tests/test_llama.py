@@ -88,6 +88,7 @@ def test_sharded_safetensors(tmp_path):
      r"rope field\(s\) \['mrope_section'\]"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 0.5}), ConfigError, "'factor' of at least 1"),
     (dict(hidden_act="gelu"), ConfigError, "hidden_act 'gelu'"),
+    (dict(hidden_activation="gelu_pytorch_tanh"), ConfigError, "hidden_activation is a Gemma field"),
     (dict(mlp_bias=True), ConfigError, "mlp_bias"),
     (dict(num_key_value_heads=3), ConfigError, "not a multiple of num_key_value_heads=3"),
     (dict(use_qk_norm=True), ConfigError, r"Unsupported config field\(s\) \['use_qk_norm'\]"),
