@@ -188,3 +188,17 @@ def test_the_command_line_runs_acdc_over_nodes(tmp_path, capsys):
     assert main(["roc", "--task", "induction", "--method", "acdc_nodes", "--taus", "0.01", "1.0",
                  "--examples", "20", "--out", str(tmp_path / "roc"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "roc" / "roc.json").read_text())["method"] == "acdc_nodes"
+
+
+@pytest.mark.parametrize("name", ["tracr-reverse", "tracr-proportion"])
+def test_tracr_nodes_are_recovered_exactly(name):
+    """With zero ablation (the paper's tracr setting), the kept nodes are the
+    ones the compiled program's circuit runs through, no more, no fewer."""
+    pytest.importorskip("tracr")
+    from acdc_jax.evaluate import nodes_of
+    from acdc_jax.tasks import get
+
+    model, task = get(name)
+    circuit = acdc_nodes(model, task, 1e-3, corruption="zeros", progress=False)
+    truth = nodes_of(circuit.graph, task.canonical) - {"embed", "pos", "logits"}
+    assert truth and set(circuit.settings["nodes"]) == truth
