@@ -137,3 +137,29 @@ def force_accelerator_path(monkeypatch) -> None:
         self.loop, self.cuts_to_device, self.cover_first = False, True, True
 
     monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
+
+
+def assert_all_ones_and_zeros(model, graph, clean, corrupt) -> None:
+    """All masks on give the plain forward, all off the corrupted run (1e-5)."""
+    import jax.numpy as jnp
+
+    from acdc_jax import Corruption, patched_forward
+
+    corruption = Corruption.from_prompts(model, corrupt)
+    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
+    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
+    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
+    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+
+
+def assert_cut_matches(pt, model, graph, names, clean, corrupt, reference: np.ndarray) -> None:
+    """The edges `names` cut in the patched forward give `reference`, the same
+    cut made by PyTorch hooks on `pt` (1e-4), and the cut changes the output."""
+    import jax.numpy as jnp
+
+    from acdc_jax import Corruption, patched_forward
+
+    masks = graph.ones().at[jnp.asarray([graph.edge_index(n) for n in names])].set(0.0)
+    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
+    assert np.abs(reference - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
+    assert np.abs(np.asarray(ours) - reference).max() <= 1e-4

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import converters
-from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax import CircuitGraph
 from acdc_jax.errors import ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import random_hf_gpt_neox, record_senders, torch_logits
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_gpt_neox, record_senders, torch_logits
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -77,12 +77,7 @@ def test_a_parallel_layer_sends_nothing_from_its_heads_to_its_mlp(neox):
 def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(neox):
     _, model = neox
     graph = CircuitGraph(model.config)
-    clean, corrupt = _tokens(0), _tokens(1)
-    corruption = Corruption.from_prompts(model, corrupt)
-    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
-    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
-    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
-    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+    assert_all_ones_and_zeros(model, graph, _tokens(0), _tokens(1))
 
 
 def _torch_patched_logits(pt, clean, corrupt, edge):
@@ -135,11 +130,8 @@ def test_one_patched_edge_matches_pytorch_hooks(neox, name):
     pt, model = neox
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
-    masks = graph.ones().at[graph.edge_index(name)].set(0.0)
-    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
     ref = _torch_patched_logits(pt, clean, corrupt, EDGES[name])
-    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    assert_cut_matches(pt, model, graph, [name], clean, corrupt, ref)
 
 
 @pytest.mark.parametrize("tau", [1e-3, 1e-2, 3e-2])

@@ -15,7 +15,7 @@ from acdc_jax.config import default_inv_freq as config_default_inv_freq
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import random_hf_llama, record_senders, torch_logits
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, record_senders, torch_logits
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -122,12 +122,7 @@ def llama(tmp_path_factory):
 def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(llama, options):
     _, model = llama
     graph = CircuitGraph(model.config, **options)
-    clean, corrupt = _tokens(0), _tokens(1)
-    corruption = Corruption.from_prompts(model, corrupt)
-    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
-    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
-    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
-    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+    assert_all_ones_and_zeros(model, graph, _tokens(0), _tokens(1))
 
 
 def _torch_patched_logits(pt, clean, corrupt, edge):
@@ -188,11 +183,8 @@ def test_patched_edges_match_pytorch_hooks(llama, names):
     pt, model = llama
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
-    masks = graph.ones().at[jnp.asarray([graph.edge_index(n) for n in names])].set(0.0)
-    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
     ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    assert_cut_matches(pt, model, graph, names, clean, corrupt, ref)
 
 
 def test_cutting_one_of_two_heads_sharing_keys_is_its_own_intervention(llama):

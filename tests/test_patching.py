@@ -13,7 +13,7 @@ from acdc_jax.candidates import Candidates
 from acdc_jax.model import cast
 from converters.transformer_lens import from_transformer_lens
 
-from .helpers import random_hf_gpt2, record_senders, torch_logits
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_gpt2, record_senders
 from .test_converters import _tl_state_dict
 
 VOCAB = 61
@@ -41,12 +41,7 @@ GRAPH_OPTIONS = [dict(), dict(split_qkv=False), dict(split_embed=True), dict(qkv
 def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(gpt2, options):
     _, model = gpt2
     graph = CircuitGraph(model.config, **options)
-    clean, corrupt = _tokens(0), _tokens(1)
-    corruption = Corruption.from_prompts(model, corrupt)
-    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
-    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
-    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
-    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+    assert_all_ones_and_zeros(model, graph, _tokens(0), _tokens(1))
 
 
 def test_all_ones_matches_for_shortformer_and_tracr():
@@ -149,11 +144,8 @@ def test_one_patched_edge_matches_pytorch_hooks(gpt2, name):
     pt, model = gpt2
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
-    masks = graph.ones().at[graph.edge_index(name)].set(0.0)
-    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
     ref = _torch_patched_logits(pt, clean, corrupt, EDGES[name])
-    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    assert_cut_matches(pt, model, graph, [name], clean, corrupt, ref)
 
 
 def test_vmapped_masks_equal_separate_calls(gpt2):

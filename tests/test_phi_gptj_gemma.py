@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import converters
-from acdc_jax import CircuitGraph, Corruption, patched_forward
+from acdc_jax import CircuitGraph
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import random_hf_llama, random_hf_parallel, record_senders, torch_logits
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, random_hf_parallel, record_senders, torch_logits
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -167,25 +167,16 @@ def test_patched_edges_match_pytorch_hooks(family, names):
     case, pt, model = family
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
-    cut = _names(case, names)
-    masks = graph.ones().at[jnp.asarray([graph.edge_index(n) for n in cut])].set(0.0)
-    ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
     sender, (kind, *where) = EDGES[names]
     receiver = (kind, where[0], 0) if case == "gemma-mqa" and kind in "kv" else (kind, *where)
     ref = _torch_patched_logits(case, pt, clean, corrupt, (sender, receiver))
-    assert np.abs(ref - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    assert_cut_matches(pt, model, graph, _names(case, names), clean, corrupt, ref)
 
 
 def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(family):
     _, _, model = family
     graph = CircuitGraph(model.config)
-    clean, corrupt = _tokens(0), _tokens(1)
-    corruption = Corruption.from_prompts(model, corrupt)
-    ones = patched_forward(model, clean, graph.ones(), corruption, graph)
-    zeros = patched_forward(model, clean, jnp.zeros(graph.n_edges), corruption, graph)
-    assert np.abs(np.asarray(ones - model(clean))).max() <= 1e-5
-    assert np.abs(np.asarray(zeros - model(corrupt))).max() <= 1e-5
+    assert_all_ones_and_zeros(model, graph, _tokens(0), _tokens(1))
 
 
 @pytest.mark.slow  # 7-10 s each; the quick suite checks these model features on GPT-NeoX and Llama
