@@ -22,6 +22,11 @@ HF_INERT = frozenset({
     "transformers_version", "use_bfloat16", "use_cache", "use_return_dict",
 })
 
+# transformers' activation names (ACT2FN) and ours; gelu_fast and gelu_pytorch_tanh compute the tanh GELU.
+HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
+          "relu": "relu", "silu": "silu"}
+
+
 
 class Source:
     """A checkpoint's named tensors, consumed one by one."""

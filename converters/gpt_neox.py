@@ -18,11 +18,9 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_ACT, HF_INERT, Source, check_fields, require, stack
 from .rope import rope_settings
 
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
-        "relu": "relu", "silu": "silu"}
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -40,8 +38,8 @@ def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
     if require(hf, "model_type", origin) != "gpt_neox":
         raise ConfigError(f"{origin}: model_type {hf['model_type']!r} is not 'gpt_neox'.")
     act = hf.get("hidden_act", "gelu")
-    if act not in _ACT:
-        raise ConfigError(f"{origin}: hidden_act {act!r} is not supported; use one of {sorted(_ACT)}.")
+    if act not in HF_ACT:
+        raise ConfigError(f"{origin}: hidden_act {act!r} is not supported; use one of {sorted(HF_ACT)}.")
     d_model, n_heads = require(hf, "hidden_size", origin), require(hf, "num_attention_heads", origin)
     if d_model % n_heads:
         raise ConfigError(f"{origin}: hidden_size={d_model} is not divisible by num_attention_heads={n_heads}.")
@@ -53,7 +51,7 @@ def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=require(hf, "max_position_embeddings", origin),
-        d_mlp=require(hf, "intermediate_size", origin), act_fn=_ACT[act], normalization="LN", positional="rotary",
+        d_mlp=require(hf, "intermediate_size", origin), act_fn=HF_ACT[act], normalization="LN", positional="rotary",
         causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=rope.rotary_dim, rotary_base=rope.base,
         rotary_inv_freq=rope.inv_freq, attn_scale=math.sqrt(d_head) / rope.attention_factor ** 2,
         parallel_attn_mlp=bool(hf.get("use_parallel_residual", True)),

@@ -19,11 +19,9 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_ACT, HF_INERT, Source, check_fields, require, stack
 from .rope import rope_settings
 
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
-        "relu": "relu", "silu": "silu"}
 _DROPOUT = {"resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"}
 _HANDLED = {
     "phi": {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -58,8 +56,8 @@ def phi_gptj_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
     if n_heads % n_kv:
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     act = get("hidden_act", "activation_function", "gelu_new")
-    if act not in _ACT:
-        raise ConfigError(f"{origin}: activation {act!r} is not supported; use one of {sorted(_ACT)}.")
+    if act not in HF_ACT:
+        raise ConfigError(f"{origin}: activation {act!r} is not supported; use one of {sorted(HF_ACT)}.")
     if kind == "phi":
         if hf.get("qk_layernorm"):
             raise ConfigError(f"{origin}: qk_layernorm=true is not supported (a norm inside each head's q and k).")
@@ -80,7 +78,7 @@ def phi_gptj_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
         n_layers=require(hf, "num_hidden_layers" if kind == "phi" else "n_layer", origin), d_model=d_model,
         n_heads=n_heads, d_head=d_head, d_vocab=require(hf, "vocab_size", origin),
         n_ctx=require(hf, "max_position_embeddings" if kind == "phi" else "n_positions", origin), d_mlp=width,
-        act_fn=_ACT[act], normalization="LN", positional="rotary", causal=True,
+        act_fn=HF_ACT[act], normalization="LN", positional="rotary", causal=True,
         ln_eps=get("layer_norm_eps", "layer_norm_epsilon", 1e-5), attn_scale=math.sqrt(d_head),
         parallel_attn_mlp=True, **rotary,
     )
