@@ -177,7 +177,7 @@ def acdc(
             raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; "
                               "it must be a finite number.")
         state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
-                       tie_scale=1.0 if dtype == "float32" else 0.0)
+                       tie_band=TieBand(1.0 if dtype == "float32" else 0.0))
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
@@ -214,7 +214,7 @@ def acdc(
                         passes=scorer.passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),
                         rescored=state.rescored, checked_programs=len(state.calibrated),
-                        near_tie_scale=state.tie_scale,
+                        near_tie_scale=state.tie_band.scale,
                         sparse_passes=scorer.sparse.passes,
                         rebases=scorer.sparse.rebases,
                         seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
@@ -263,28 +263,35 @@ def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = l
 
 
 @dataclasses.dataclass
+class TieBand:
+    """How far a batched result may lie from the sequential loop's for the
+    same trial: float32 rounding in another program (measured: up to 2e-7
+    for KL, whatever its value, on the test models), widened where a
+    program's scores were measured further off (`widen`). A result within
+    the band of tau is rescored in the loop's own full passes."""
+
+    scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
+
+    def __call__(self, before: float, new: float) -> float:
+        return self.scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
+
+    def widen(self, discrepancy: float, before: float, new: float) -> None:
+        """Make the band at least 4x a measured gap between a batched result and the loop's."""
+        band = self(before, new)
+        if band and 4 * discrepancy > band:
+            self.scale *= 4 * discrepancy / band
+
+
+@dataclasses.dataclass
 class _State:
     mask: np.ndarray
     cursor: tuple
     metric: float
     decisions: list
-    tie_scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
+    tie_band: TieBand = dataclasses.field(default_factory=TieBand)
     full_values: dict = dataclasses.field(default_factory=dict)  # circuit bytes -> its metric from a full pass
     calibrated: set = dataclasses.field(default_factory=set)  # the pass programs checked against full passes
     rescored: int = 0  # trials decided from full passes
-
-    def tie_band(self, before: float, new: float) -> float:
-        """How far a batched result may lie from the sequential loop's for the
-        same trial: float32 rounding in another program (measured: up to
-        2e-7 for KL, whatever its value, on the test models), widened where
-        a program's scores were measured further off (`widen`)."""
-        return self.tie_scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
-
-    def widen(self, discrepancy: float, before: float, new: float) -> None:
-        """Make the band at least 4x a measured gap between a batched result and the loop's."""
-        band = self.tie_band(before, new)
-        if band and 4 * discrepancy > band:
-            self.tie_scale *= 4 * discrepancy / band
 
     def full(self, scorer: Scorer, circuit: np.ndarray) -> float:
         """The metric of `circuit` as the sequential loop computes it (a full pass, remembered)."""
@@ -310,7 +317,7 @@ def _rescore(node, state: _State, scorer: Scorer, result: float, abs_value: bool
     and arithmetic), so that batched and sequential runs decide it alike.
     Widens the band where the batched score was further off than expected."""
     before, new = state.full(scorer, node.mask), state.full(scorer, node.candidate())
-    state.widen(abs(trial_result(before, new, abs_value) - result), before, new)
+    state.tie_band.widen(abs(trial_result(before, new, abs_value) - result), before, new)
     state.rescored += 1
     return before, new
 
@@ -327,7 +334,7 @@ def _calibrate(node, metric: float, state: _State, scorer: Scorer, shape) -> Non
         full = state.full(scorer, node.candidate())
         scorer.programs.gaps[shape] = (2 * abs(metric - full), full)
     gap, full = scorer.programs.gaps[shape]
-    state.widen(gap, state.metric, full)
+    state.tie_band.widen(gap, state.metric, full)
 
 
 def _apply_prunes(prunes, state: _State, graph) -> list[Decision]:
@@ -365,7 +372,7 @@ def _decide(nodes, state: _State, scorer: Scorer, tau, abs_value, graph, mode, c
                     chosen, cands = more, more_cands
         nodes = chosen
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
-        if state.tie_scale and shape not in state.calibrated:
+        if state.tie_band.scale and shape not in state.calibrated:
             state.calibrated.add(shape)
             _calibrate(nodes[0], float(metrics[0]), state, scorer, shape)
     effects = node_effects(nodes, metrics, state.metric, abs_value)

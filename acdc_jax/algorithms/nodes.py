@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..acdc import TieBand, check_tau, progress_bar
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
 from ..errors import MetricError
@@ -36,6 +37,7 @@ from ..graph import CircuitGraph
 from ..memory import default_max_width, plan_batch
 from ..precision import takes_precision
 from ..runlog import RunLog, model_fingerprint
+from ..speculate import trial_result
 from .attribution import receiver_layers, setup
 
 
@@ -101,8 +103,6 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     for `acdc`."""
     import jax
 
-    from ..acdc import check_tau, progress_bar
-
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
@@ -153,10 +153,7 @@ class _Run:
         self.decisions: list[Decision] = []
         self.next = 0
         self.p_remove = 0.5  # recent share of trials that removed their node (sets the chain width)
-        self.tie_scale, self.gaps, self.rescored = 1.0, {}, 0
-
-    def result(self, before: float, new: float) -> float:
-        return abs(new - before) if self.abs_value else new - before
+        self.tie_band, self.gaps, self.rescored = TieBand(), {}, 0
 
     def _apply(self, d: Decision) -> None:
         name = d.edge
@@ -194,10 +191,12 @@ class _Run:
             before, new = self.metric, float(metrics[k])
             if not math.isfinite(new):
                 raise MetricError(f"The metric is {new} after removing node {name}; it must stay finite.")
-            if mode == "batched" and abs(self.result(before, new) - self.tau) < self._band(before, new):
+            result = trial_result(before, new, self.abs_value)
+            if mode == "batched" and abs(result - self.tau) < self.tie_band(before, new):
                 before, new = self.scorer.full(self.mask), self.scorer.full(self._cut([name]))
+                result = trial_result(before, new, self.abs_value)
                 self.rescored += 1
-            keep = not self.result(before, new) < self.tau
+            keep = not result < self.tau
             made.append(Decision(name, self.next, tried=True, kept=keep, metric_before=before, metric_after=new))
             self._apply(made[-1])
             if keep:  # the chain's later candidates assumed this node removed
@@ -210,11 +209,6 @@ class _Run:
             mask[self.nodes.out[n]] = 0.0
         return mask
 
-    def _band(self, before: float, new: float) -> float:
-        """How far a batched result may lie from a full pass's (float32
-        rounding in another program), widened to 4x any gap measured."""
-        return self.tie_scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
-
     def _calibrate(self, program, first: str, metric: float) -> None:
         """The first time a (start layer, width) program runs, score its first
         candidate in a full pass too and widen the band to the gap."""
@@ -222,7 +216,5 @@ class _Run:
             return
         full = self.scorer.full(self._cut([first]))
         self.gaps[program] = gap = 2 * abs(metric - full)
-        band = self._band(self.metric, full)
-        if 4 * gap > band:
-            self.tie_scale *= 4 * gap / band
+        self.tie_band.widen(gap, self.metric, full)
 
