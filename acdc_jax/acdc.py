@@ -27,6 +27,7 @@ width is the one that decides the most edges per unit of work.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .circuit import Circuit, Decision
+from .circuit import Circuit, Decision, start_mask
 from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
@@ -100,6 +101,7 @@ def acdc(
     stop_after: Optional[float] = None,
     callback: Optional[Callable[[Decision], None]] = None,
     sparse: Union[bool, str] = "auto",
+    start=None,
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
 
@@ -138,6 +140,10 @@ def acdc(
       fewer FLOPs: "on" (or True); "auto" (default) once the seconds saved
       cover compiling the sparse programs (`sparse_passes.py`); "off" (or
       False) never. Decisions are the same either way (tested; timings in benchmarks/README.md).
+    start: search within this circuit (a `Circuit` over the same graph, such
+      as `acdc_nodes`' result, the path of its circuit.json, a mask or edge
+      names): its other edges are removed from the start and never tried, and
+      the metric starts at the start circuit's. Default: the full model.
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
@@ -152,14 +158,15 @@ def acdc(
         metric_name, metric_fn = resolve_metric(task, metric)
         corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
         unbound, task = task, task.bind(model)
-        schedule = Schedule(graph, head_order, order)
+        start_edges = None if start is None else start_mask(graph, start)
+        schedule = Schedule(graph, head_order, order, start_edges)
         caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
         if mode == "batched":
             caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
                                     max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
-                        prompt_chunk=chunk, sparse=sparse)
+                        prompt_chunk=chunk, sparse=sparse, start=start_edges)
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision,
@@ -169,13 +176,15 @@ def acdc(
             "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
                                                          "split_embed": graph.split_embed},
             "model": model_fingerprint(model),
+            "start": None if start_edges is None else {
+                "edges": int(start_edges.sum()), "sha256": hashlib.sha256(start_edges.tobytes()).hexdigest()[:16]},
         }
 
-        mask = np.ones(graph.n_edges, np.float32)
+        mask = schedule.start.copy()
         full_metric = scorer.full(mask)
         if not math.isfinite(full_metric):
-            raise MetricError(f"The metric {metric_name!r} of the full model is {full_metric}; "
-                              "it must be a finite number.")
+            raise MetricError(f"The metric {metric_name!r} of the {'full model' if start is None else 'start circuit'} "
+                              f"is {full_metric}; it must be a finite number.")
         state = _State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
                        tie_band=TieBand(1.0 if dtype == "float32" else 0.0))
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
@@ -183,7 +192,7 @@ def acdc(
         if resume is not None:
             log.replay(schedule, state)
 
-        bar = progress_bar(progress, graph.n_edges, len(state.decisions))
+        bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)
         forecast.update(state.decisions)
         start = time.perf_counter()

@@ -112,3 +112,26 @@ class Circuit:
     @classmethod
     def load(cls, path) -> "Circuit":
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def start_mask(graph: CircuitGraph, start) -> np.ndarray:
+    """The 0/1 mask [n_edges] of a circuit to start a search from: a `Circuit`
+    (or the path of its circuit.json) over the same graph, a mask, or edge names."""
+    if isinstance(start, (str, Path)) and Path(start).suffix == ".json":
+        start = Circuit.load(start)
+    if isinstance(start, Circuit):
+        if start.graph.edge_names != graph.edge_names:
+            raise ValueError(f"The start circuit is over another graph ({start.graph!r}) than this run's "
+                             f"({graph!r}); find it with the same model and graph options (split_qkv, qkv_edges, "
+                             "split_embed).")
+        start = start.mask
+    if isinstance(start, str):
+        raise TypeError(f"start must be a Circuit, the path of a circuit.json, a mask or edge names; got {start!r}.")
+    array = np.asarray(start)
+    if array.dtype.kind in "fiub" and array.ndim == 1 and array.shape[0] == graph.n_edges and array.size != 0:
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError("A start mask must hold only 0 and 1 (1 keeps the edge).")
+        return array.astype(np.float32)
+    if array.dtype.kind in "fiub" and array.size:
+        raise ValueError(f"A start mask must have shape [{graph.n_edges}] (one value per edge), got {array.shape}.")
+    return np.asarray(graph.mask(list(start)), np.float32)

@@ -92,6 +92,8 @@ def cmd_discover(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "decisions.jsonl"
+    if args.start is not None and args.method != "acdc":
+        raise ValueError(f"--start is for --method acdc (edges within a circuit), not {args.method}.")
     if args.method == "acdc":
         if args.tau is None:
             raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau).")
@@ -99,7 +101,7 @@ def cmd_discover(args) -> int:
                        abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                        log_path=None if args.resume else log, resume=log if args.resume else None,
-                       progress=not args.no_progress, sparse=args.sparse)
+                       progress=not args.no_progress, sparse=args.sparse, start=args.start)
     elif args.method == "acdc_nodes":
         if args.tau is None:
             raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention-only models: sparse passes where they cost fewer FLOPs; auto (default): "
                    "once they would have saved their compiling; --sparse alone: on")
     p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl")
+    p.add_argument("--start", metavar="CIRCUIT.json", help="ACDC over the edges of this circuit only (e.g. one "
+                   "from --method acdc_nodes); its other edges are removed from the start")
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)
     _task_args(p)

@@ -13,6 +13,9 @@ edges are dropped ("pruned"). A head reaches the logits while any of its
 outgoing edges is kept; an input with a q/k/v step reaches it while that step
 is kept; an MLP input while the MLP has a kept outgoing edge.
 
+A `start` circuit restricts the schedule to its edges: the others are
+removed before the walk and never tried.
+
 An explicit `order` (every edge once) replaces all of this: each edge is tried
 in that order and nothing is skipped, which reproduces other implementations'
 runs (auto-circuit tries edges by receiver layer, last first, with no
@@ -53,7 +56,8 @@ class Event:
 
 
 class Schedule:
-    def __init__(self, graph: CircuitGraph, head_order: str = "ascending", order: Optional[list] = None):
+    def __init__(self, graph: CircuitGraph, head_order: str = "ascending", order: Optional[list] = None,
+                 start: Optional[np.ndarray] = None):
         if head_order not in ("ascending", "descending"):
             raise ValueError(f"head_order must be 'ascending' or 'descending', got {head_order!r}.")
         self.graph = graph
@@ -71,7 +75,15 @@ class Schedule:
         self._receiver_layer = np.array([e.receiver.layer for e in graph.edges])
         self._head_slot = {(s.layer, s.head): i for i, s in enumerate(graph.senders) if s.kind == "head"}
         self._mlp_slot = {s.layer: i for i, s in enumerate(graph.senders) if s.kind == "mlp"}
-        self.units = self._units(incoming) if order is None else self._explicit(order)
+        self.start = np.ones(graph.n_edges, np.float32) if start is None else np.asarray(start, np.float32)
+        units = self._units(incoming) if order is None else self._explicit(order)
+        self.units = units if start is None else self._within(units)
+
+    def _within(self, units: list[Unit]) -> list[Unit]:
+        """The units restricted to the start circuit's edges (units left without any dropped)."""
+        keep = lambda edges: tuple(e for e in edges if self.start[e] > 0.5)
+        return [dataclasses.replace(u, candidates=keep(u.candidates), prune_order=keep(u.prune_order))
+                for u in units if keep(u.candidates)]
 
     def _explicit(self, order: list) -> list[Unit]:
         """One unit per edge, in the given order, never skipped."""
@@ -131,10 +143,11 @@ class Schedule:
         return True
 
     def cut_layer(self, mask: np.ndarray) -> int:
-        """The earliest receiver layer with an edge `mask` cuts (n_layers + 1
-        if none). In ACDC's order every cut lies at or after the receivers
-        still to come; an explicit `order` may cut earlier edges first."""
-        cut = self._receiver_layer[np.asarray(mask) < 0.5]
+        """The earliest receiver layer with an edge that `mask` cuts from the
+        start circuit (n_layers + 1 if none). In ACDC's order every cut lies
+        at or after the receivers still to come; an explicit `order` may cut
+        earlier edges first."""
+        cut = self._receiver_layer[(np.asarray(mask) < 0.5) & (self.start > 0.5)]
         return int(cut.min()) if cut.size else self.graph.n_layers + 1
 
     def simulate(self, mask: np.ndarray, cursor: tuple[int, int], max_trials: int) -> list[Event]:

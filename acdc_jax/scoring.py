@@ -49,7 +49,7 @@ class Scorer:
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
-                 sparse: Union[bool, str] = "auto"):
+                 sparse: Union[bool, str] = "auto", start: Optional[np.ndarray] = None):
         graph.check_config(model.config)
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
@@ -66,7 +66,10 @@ class Scorer:
         self.tokens = put_prompts(jnp.asarray(task.clean), mesh)
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
-        self.deviations = dense.deviations(model, graph, self.tokens, self._rep(graph.ones()), corruption)
+        # the senders' deviations under the start circuit (default: the full model); a pass from a layer
+        # reads those before it, so its candidates must agree with the start on every edge into earlier layers
+        self.deviations = dense.deviations(model, graph, self.tokens,
+                                           self._rep(graph.ones() if start is None else start), corruption)
         self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
         self.passes = 0
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)

@@ -37,8 +37,8 @@ class TrialNode:
     plan_mask: np.ndarray  # the circuit the plan starts from
     cut: tuple[int, ...]  # the edges cut from it (guessed removals, prunes) before this trial
     prob: float  # estimated probability that the run reaches this node
-    # the earliest receiver layer at which the candidate differs from the full model: a pass starts
-    # there at the latest, as the senders before it are read from the full model's cached deviations
+    # the earliest receiver layer at which the candidate differs from the start circuit: a pass starts
+    # there at the latest, as the senders before it are read from the start circuit's cached deviations
     first_layer: int
     children: dict = dataclasses.field(default_factory=dict)  # removed (bool) -> index in the plan
 

@@ -84,11 +84,13 @@ def _our_name(parent, child, kind):
     return f"{fmt(*parent)}->{fmt(*child)}"
 
 
-def reference_acdc(config, metric_of, tau, *, split_embed=False, abs_value=False, indices_mode="reverse"):
+def reference_acdc(config, metric_of, tau, *, split_embed=False, abs_value=False, indices_mode="reverse",
+                   start=None):
     """Decisions [(edge name, tried, kept)] of the original algorithm.
 
     ``metric_of(present)`` returns the metric of the circuit whose removable
-    edges are the set of names ``present``.
+    edges are the set of names ``present``. With ``start`` (a set of names),
+    the other removable edges are absent from the beginning and never tried.
     """
     L, H, attn_only = config.n_layers, config.n_heads, config.attn_only
     graph, edges = _build(L, H, attn_only, split_embed)
@@ -111,6 +113,12 @@ def reference_acdc(config, metric_of, tau, *, split_embed=False, abs_value=False
                 return True
         return False
 
+    if start is not None:
+        for child, by_name in edges.items():
+            for pname, by_idx in by_name.items():
+                for pidx, e in by_idx.items():
+                    if e.kind != PLACEHOLDER and _our_name((pname, pidx), child, e.kind) not in start:
+                        e.present = False
     decisions = []
     current = metric_of(present_names())
     for node in nodes:
@@ -130,7 +138,7 @@ def reference_acdc(config, metric_of, tau, *, split_embed=False, abs_value=False
                 indices.reverse()
             for pidx in indices:
                 e = by_idx[pidx]
-                if e.kind == PLACEHOLDER:
+                if e.kind == PLACEHOLDER or not e.present:
                     continue
                 e.present = False
                 new = metric_of(present_names())
