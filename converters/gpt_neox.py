@@ -50,7 +50,8 @@ def gpt_neox_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
         raise ConfigError(f"{origin}: a rope attention_factor with partial rotary is not supported.")
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
-        d_vocab=require(hf, "vocab_size", origin), n_ctx=require(hf, "max_position_embeddings", origin),
+        d_vocab=require(hf, "vocab_size", origin),
+        n_ctx=min(require(hf, "max_position_embeddings", origin), rope.n_ctx or math.inf),
         d_mlp=require(hf, "intermediate_size", origin), act_fn=HF_ACT[act], normalization="LN", positional="rotary",
         causal=True, ln_eps=hf.get("layer_norm_eps", 1e-5), rotary_dim=rope.rotary_dim, rotary_base=rope.base,
         rotary_inv_freq=rope.inv_freq, attn_scale=math.sqrt(d_head) / rope.attention_factor ** 2,

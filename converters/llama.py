@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -12,6 +12,12 @@ Gemma (the first generation) differs only in numbers that fold into the
 weights: its RMSNorm multiplies by ``1 + weight``, its embedding is scaled by
 ``sqrt(hidden_size)`` (the tied unembedding is not), and its gated MLP uses
 the tanh GELU.
+
+Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
+``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
+embedding that may cover part of each head, and LongRoPE, whose short
+factors hold for prompts up to ``original_max_position_embeddings`` tokens
+(longer prompts are refused: transformers switches to the long factors).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from acdc_jax.model import Transformer, TransformerConfig
 from ._source import HF_INERT, Source, check_fields, require, stack
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3")
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -36,23 +42,44 @@ _HANDLED = {
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
     "attention_bias", "mlp_bias", "tie_word_embeddings", "sliding_window", "use_sliding_window",
     "max_window_layers", "layer_types", "pretraining_tp", "hidden_activation", "use_bidirectional_attention",
+    "original_max_position_embeddings",
 }
 # Fields that do not change the eval-mode forward pass.
-_IGNORED = HF_INERT | {"attention_dropout", "transformers.js_config"}  # dropout, and a note for transformers.js
+_IGNORED = HF_INERT | {"attention_dropout", "resid_pdrop", "embd_pdrop",  # dropout
+                       "transformers.js_config"}  # a note for transformers.js
 
 
-def _rope(hf: Mapping[str, Any], d_head: int, origin: str) -> tuple[int, float, tuple | None, float]:
-    """(rotary_dim, rotary_base, scaled inverse frequencies or None, attention
-    scale) of a Llama-family config: the whole head is rotated, and a scaled
-    rope's cos/sin factor multiplies every query and key dimension, so it
-    divides the attention scale twice."""
+def _rope(hf: Mapping[str, Any], d_head: int, origin: str):
+    """The `Rope` of a Llama-family config and its attention scale. A scaled
+    rope's cos/sin factor multiplies every rotated query and key dimension:
+    where that is all of them it divides the attention scale twice, else the
+    converter multiplies the rotated columns of W_Q and W_K by it
+    (`_qk_factor`). Only Phi-3 rotates part of a head."""
+    if hf["model_type"] == "phi3":
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if params.get("rope_type", params.get("type")) in ("su", "yarn"):  # Phi-3's older names for LongRoPE
+            params["rope_type"] = "longrope"
+            params.pop("type", None)
+            hf = {**hf, "rope_parameters": params, "rope_scaling": None}
+    elif "original_max_position_embeddings" in hf:
+        raise ConfigError(f"{origin}: original_max_position_embeddings at the top level is a Phi-3 field; "
+                          f"model_type {hf['model_type']!r} reads it from rope_parameters.")
     rope = rope_settings(hf, origin, d_head)
-    if rope.rotary_dim != d_head:
+    if rope.rotary_dim != d_head and hf["model_type"] != "phi3":
         raise ConfigError(
             f"{origin}: partial_rotary_factor is not supported for Llama-family models: transformers' Llama "
             "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
         )
-    return d_head, rope.base, rope.inv_freq, math.sqrt(d_head) / rope.attention_factor ** 2
+    if rope.rotary_dim != d_head:
+        return rope, math.sqrt(d_head)
+    return rope, math.sqrt(d_head) / rope.attention_factor ** 2
+
+
+def _qk_factor(hf: Mapping[str, Any], config: TransformerConfig, origin: str) -> float:
+    """The cos/sin factor that the converter folds into the rotated columns of
+    W_Q and W_K (1 where the attention scale holds it)."""
+    rope, _ = _rope(hf, config.d_head, origin)
+    return rope.attention_factor if rope.rotary_dim != config.d_head else 1.0
 
 
 def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, int, tuple[bool, bool], bool]:
@@ -71,19 +98,22 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     if n_heads % n_kv:
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     d_head = hf.get("head_dim") or d_model // n_heads
-    rotary_dim, base, inv_freq, attn_scale = _rope(hf, d_head, origin)
+    rope, attn_scale = _rope(hf, d_head, origin)
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
         n_ctx = window  # beyond the window the model masks keys; longer prompts are refused instead
+    n_ctx = min(n_ctx, rope.n_ctx or n_ctx)
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
         act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
-        rotary_dim=rotary_dim, rotary_base=base, rotary_inv_freq=inv_freq, attn_scale=attn_scale, gated_mlp=True,
+        rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
+        gated_mlp=True,
     )
-    qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
-    o_bias = model_type != "qwen2" and bool(hf.get("attention_bias", False))
+    # Phi-3's projections never have biases (transformers ignores attention_bias there)
+    qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))
+    o_bias = model_type not in ("qwen2", "phi3") and bool(hf.get("attention_bias", False))
     if model_type == "gemma" and hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{origin}: use_bidirectional_attention is not supported; causal attention only.")
     return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False))
@@ -117,6 +147,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
     config, n_kv, (qkv_bias, o_bias), tied = llama_config(hf_config)
     gemma = hf_config["model_type"] == "gemma"
+    if hf_config["model_type"] == "phi3":
+        state_dict = _split_fused(state_dict, config, n_kv, origin)
     src = Source(state_dict, origin)
 
     def norm(key: str) -> np.ndarray:
@@ -128,6 +160,9 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     def heads_in(w: np.ndarray, n: int) -> np.ndarray:  # [n*K, D] -> [H, D, K], kv heads repeated
         return np.repeat(w.reshape(n, K, D).transpose(0, 2, 1), H // n, axis=0)
 
+    qk = np.ones(K, np.float32)
+    qk[:config.rotary_dim] = _qk_factor(hf_config, config, origin)
+
     per_layer: dict[str, list[np.ndarray]] = {}
 
     def put(name: str, value: np.ndarray) -> None:
@@ -138,9 +173,10 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         src.ignore([p + "self_attn.rotary_emb.inv_freq"])
         for letter, n in (("Q", H), ("K", n_kv), ("V", n_kv)):
             proj = f"{p}self_attn.{letter.lower()}_proj."
-            put(f"blocks.attn.W_{letter}", heads_in(src.take(proj + "weight", (n * K, D)), n))
+            scale = qk if letter in "QK" else np.float32(1)
+            put(f"blocks.attn.W_{letter}", heads_in(src.take(proj + "weight", (n * K, D)), n) * scale)
             bias = src.take(proj + "bias", (n * K,)).reshape(n, K) if qkv_bias else np.zeros((n, K), np.float32)
-            put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0))
+            put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0) * scale)
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
         put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
@@ -168,3 +204,23 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     arrays["unembed.b_U"] = np.zeros((V,), np.float32)
     src.finish()
     return fill_model(config, arrays, source=origin)
+
+
+def _split_fused(state_dict: Mapping[str, np.ndarray], config: TransformerConfig, n_kv: int,
+                 origin: str) -> dict[str, np.ndarray]:
+    """Phi-3's fused tensors under Llama's names: ``qkv_proj`` rows are the
+    queries, then the keys, then the values; ``gate_up_proj`` rows the gate,
+    then the up projection."""
+    out = dict(state_dict)
+    D, K, M = config.d_model, config.d_head, config.d_mlp
+    q, kv = config.n_heads * K, n_kv * K
+    for l in range(config.n_layers):
+        p = f"model.layers.{l}."
+        fused = Source(state_dict, origin)
+        qkv = fused.take(p + "self_attn.qkv_proj.weight", (q + 2 * kv, D))
+        gate_up = fused.take(p + "mlp.gate_up_proj.weight", (2 * M, D))
+        del out[p + "self_attn.qkv_proj.weight"], out[p + "mlp.gate_up_proj.weight"]
+        for name, rows in (("q", qkv[:q]), ("k", qkv[q:q + kv]), ("v", qkv[q + kv:])):
+            out[f"{p}self_attn.{name}_proj.weight"] = rows
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate_up[:M], gate_up[M:]
+    return out

@@ -66,6 +66,7 @@ def phi_gptj_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
             raise ConfigError(f"{origin}: a rope attention_factor with partial rotary is not supported.")
         rotary = dict(rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq)
         width = require(hf, "intermediate_size", origin)
+        n_ctx = min(require(hf, "max_position_embeddings", origin), rope.n_ctx or math.inf)
     else:
         if not hf.get("rotary_dim") or hf["rotary_dim"] > d_head or hf.get("rotary") is False:
             raise ConfigError(f"{origin}: GPT-J needs a rotary_dim between 2 and the head size {d_head}, "
@@ -74,10 +75,11 @@ def phi_gptj_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple
             raise ConfigError(f"{origin}: scale_attn_weights=false is not supported.")
         rotary = dict(rotary_dim=hf["rotary_dim"], rotary_base=10000.0)
         width = hf.get("n_inner") or 4 * d_model
+        n_ctx = require(hf, "n_positions", origin)
     config = TransformerConfig(
         n_layers=require(hf, "num_hidden_layers" if kind == "phi" else "n_layer", origin), d_model=d_model,
         n_heads=n_heads, d_head=d_head, d_vocab=require(hf, "vocab_size", origin),
-        n_ctx=require(hf, "max_position_embeddings" if kind == "phi" else "n_positions", origin), d_mlp=width,
+        n_ctx=n_ctx, d_mlp=width,
         act_fn=HF_ACT[act], normalization="LN", positional="rotary", causal=True,
         ln_eps=get("layer_norm_eps", "layer_norm_epsilon", 1e-5), attn_scale=math.sqrt(d_head),
         parallel_attn_mlp=True, **rotary,

@@ -1,7 +1,7 @@
 """The rotary embedding of a Hugging Face config: its base, the share of each
 head it rotates, and, for a scaled rotary embedding (linear, dynamic NTK,
-Llama 3, YaRN), the inverse frequencies and cos/sin factor that transformers
-computes for it. Other rope types are refused by name."""
+Llama 3, YaRN, LongRoPE), the inverse frequencies and cos/sin factor that
+transformers computes for it. Other rope types are refused by name."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ _FIELDS = {
     "llama3": {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
     "yarn": {"original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
              "mscale_all_dim", "truncate"},
+    "longrope": {"short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"},
 }
 
 
@@ -32,6 +33,7 @@ class Rope:
     rotary_dim: int
     inv_freq: Optional[tuple[float, ...]]  # None: the default base ** (-2i / rotary_dim)
     attention_factor: float  # transformers multiplies cos and sin by it
+    n_ctx: Optional[int] = None  # the longest prompt these frequencies hold for, if shorter than the model's
 
 
 def rope_settings(config: Mapping[str, Any], origin: str, d_head: int, default_factor: float = 1.0,
@@ -61,6 +63,8 @@ def rope_settings(config: Mapping[str, Any], origin: str, d_head: int, default_f
         # dynamic NTK changes nothing up to max_position_embeddings, which bounds the prompt length
         return Rope(base, dim, None, 1.0)
     max_positions = config.get("max_position_embeddings")
+    if kind == "longrope":
+        return _longrope(params, config, origin, base, dim, max_positions)
     original = params.get("original_max_position_embeddings", max_positions)
     factor = params.get("factor")
     if factor is None and kind == "yarn" and original and max_positions:
@@ -120,3 +124,26 @@ def _yarn(params: Mapping, base: float, dim: int, factor: float, original: float
     powers = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
     inv = (1 / (np.float32(factor) * powers)) * (1 - keep) + (1 / powers) * keep
     return Rope(base, dim, _tuple(inv), float(attention))
+
+
+def _longrope(params: Mapping, config: Mapping, origin: str, base: float, dim: int, max_positions) -> Rope:
+    """LongRoPE (Phi-3): per-frequency divisors, `short_factor` up to
+    original_max_position_embeddings tokens and `long_factor` beyond (the
+    whole prompt switches). Prompts are capped at that length, so the short
+    factors are the model's; cos and sin are scaled as transformers does."""
+    original = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    if not isinstance(original, int) or original < 1:
+        raise ConfigError(f"{origin}: rope type 'longrope' needs original_max_position_embeddings, got {original!r}.")
+    short = params.get("short_factor")
+    if not (isinstance(short, (list, tuple)) and len(short) == dim // 2
+            and all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in short)):
+        raise ConfigError(f"{origin}: rope type 'longrope' needs short_factor, {dim // 2} positive numbers (one per "
+                          f"rotated pair), got {short!r}.")
+    factor = params.get("factor") or (max_positions or original) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    powers = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    inv = 1 / (np.asarray(short, np.float32) * powers)
+    return Rope(base, dim, _tuple(inv), float(attention), original if max_positions is None or max_positions > original
+                else None)

@@ -24,12 +24,14 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
 def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
                     seed=0, scale=0.1, name=None, **extra):
     """(torch model in eval mode, acdc_jax model converted from its saved
-    files) for a small random Llama, Mistral, Qwen2 or Gemma with grouped-query
+    files) for a small random Llama, Mistral, Qwen2, Gemma or Phi-3 with grouped-query
     attention and every tensor perturbed (so the RMSNorm weights are exercised)."""
     import torch
     import transformers
 
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma"}[model_type]
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi3"}[model_type]
+    if model_type == "phi3":
+        extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
     torch.manual_seed(seed)
     config = getattr(transformers, f"{cls}Config")(
         hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,

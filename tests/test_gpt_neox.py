@@ -48,7 +48,7 @@ def test_older_config_fields_and_refusals(tmp_path):
     path.write_text(json.dumps({**cfg, "rotary_pct": 0.5, "rotary_emb_base": 300}))
     config = converters.convert(tmp_path / "base").config
     assert (config.rotary_dim, config.rotary_base) == (4, 300.0)
-    for change, words in [({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope'"),
+    for change, words in [({"rope_scaling": {"type": "proportional", "factor": 2.0}}, "rope type 'proportional'"),
                           ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"use_qk_norm": True}, r"Unsupported config field\(s\) \['use_qk_norm'\]")]:
         path.write_text(json.dumps({**cfg, **change}))

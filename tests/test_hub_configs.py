@@ -64,6 +64,17 @@ HUB = {
         "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
         "tie_word_embeddings": False, "tokenizer_class": "GPT2Tokenizer", "transformers_version": "4.18.0.dev0",
         "use_cache": True, "vocab_size": 50400},
+    "Phi-3-mini-4k-instruct": {
+        "_name_or_path": "Phi-3-mini-4k-instruct", "architectures": ["Phi3ForCausalLM"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                     "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
+        "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.40.2", "use_cache": True, "attention_bias": False,
+        "vocab_size": 32064},
 }
 # (n_layers, n_heads, d_head, d_mlp, n_ctx, rotary_dim, parallel, act) as each model card describes it
 EXPECTED = {
@@ -74,6 +85,7 @@ EXPECTED = {
     "pythia-70m": (6, 8, 64, 2048, 2048, 16, True, "gelu"),
     "phi-2": (32, 32, 80, 10240, 2048, 32, True, "gelu_new"),
     "gpt-j-6b": (28, 16, 256, 16384, 2048, 64, True, "gelu_new"),
+    "Phi-3-mini-4k-instruct": (32, 32, 96, 8192, 2047, 96, False, "silu"),  # the sliding window bounds prompts
 }
 
 
@@ -100,7 +112,7 @@ def test_rotary_frequencies_are_transformers_own(name):
     cfg = HUB[name]
     hf = transformers.AutoConfig.for_model(**cfg)
     module = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma", "gpt_neox": "gpt_neox",
-              "phi": "phi"}[cfg["model_type"]]
+              "phi": "phi", "phi3": "phi3"}[cfg["model_type"]]
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)
     c = _config(name)

@@ -83,7 +83,8 @@ def test_sharded_safetensors(tmp_path):
 
 @pytest.mark.parametrize("change,error,words", [
     (dict(partial_rotary_factor=0.5), ConfigError, "partial_rotary_factor"),
-    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}, rope_parameters=None), ConfigError, "rope type 'longrope'"),
+    (dict(rope_scaling={"rope_type": "proportional", "factor": 8.0}, rope_parameters=None), ConfigError,
+     "rope type 'proportional'"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "mrope_section": [2]}), ConfigError,
      r"rope field\(s\) \['mrope_section'\]"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 0.5}), ConfigError, "'factor' of at least 1"),

@@ -1,0 +1,175 @@
+"""Phi-3 checkpoints (``Phi3ForCausalLM``) against transformers: logits
+parity with grouped-query attention, partial rotary, tied embeddings, a
+sliding window and LongRoPE (also under its older names); edges cut by
+PyTorch hooks on the fused q/k/v projection; refusals by name."""
+
+import copy
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import converters
+from acdc_jax import CircuitGraph
+from acdc_jax.errors import CheckpointError, ConfigError
+
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, record_senders, torch_logits
+
+VOCAB = 61
+D_HEAD = 8  # d_model 32 over 4 heads
+LONGROPE = {"rope_type": "longrope", "rope_theta": 500.0,
+            "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 6.0, 9.0]}
+CASES = {
+    "gqa": dict(n_kv=2),
+    "mha-tied": dict(n_kv=4, tie_word_embeddings=True),
+    "partial-rotary-window": dict(n_kv=2, partial_rotary_factor=0.5, sliding_window=24),
+    "longrope": dict(n_kv=2, rope_parameters=LONGROPE, original_max_position_embeddings=16),
+    # Phi-4-mini's kind: LongRoPE's cos/sin factor on part of each head
+    "partial-longrope-tied": dict(n_kv=1, tie_word_embeddings=True, original_max_position_embeddings=16,
+                                  rope_parameters={**LONGROPE, "partial_rotary_factor": 0.5,
+                                                   "short_factor": [1.0, 3.0], "long_factor": [2.0, 5.0]}),
+}
+
+
+def _random(tmp_path, case, **kw):
+    # a deep copy: transformers adds fields to the rope dict it is given
+    return random_hf_llama(tmp_path, model_type="phi3", name=case, **copy.deepcopy({**CASES[case], **kw}))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    pt, model = _random(tmp_path, case)
+    n = min(model.config.n_ctx, 20)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, n))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+
+
+def test_longrope_holds_its_short_factors_up_to_the_original_length(tmp_path):
+    """Up to original_max_position_embeddings tokens transformers uses the
+    short factors, with cos and sin scaled by sqrt(1 + ln(64/16) / ln 16);
+    a longer prompt would switch every position to the long factors, so it
+    is refused."""
+    pt, model = _random(tmp_path, "longrope")
+    assert model.config.n_ctx == 16 and model.config.rotary_dim == D_HEAD
+    powers = 500.0 ** (np.arange(0, D_HEAD, 2) / D_HEAD)
+    assert np.allclose(model.config.rotary_inv_freq, 1 / (np.array(LONGROPE["short_factor"]) * powers), rtol=1e-6)
+    assert model.config.attn_scale == pytest.approx(np.sqrt(D_HEAD) / (1 + np.log(4) / np.log(16)))
+    with pytest.raises(ValueError, match="exceeds the model's context n_ctx=16"):
+        model(jnp.zeros((1, 17), jnp.int32))
+
+
+@pytest.mark.parametrize("older", ["su", "yarn"])
+def test_older_longrope_names_are_longrope(tmp_path, older):
+    """Phi-3 configs written before transformers named it call LongRoPE 'su'
+    or 'yarn' under rope_scaling; transformers reads both as LongRoPE."""
+    pt, _ = _random(tmp_path, "longrope")
+    path = tmp_path / "longrope" / "config.json"
+    cfg = json.loads(path.read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_scaling"] = {"type": older, "short_factor": params["short_factor"], "long_factor": params["long_factor"]}
+    cfg["rope_theta"] = params["rope_theta"]
+    path.write_text(json.dumps(cfg))
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 16))
+    model = converters.convert(tmp_path / "longrope")
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("case,change,error,words", [
+    ("longrope", dict(rope_parameters={**LONGROPE, "short_factor": [1.0, 2.0]}), ConfigError,
+     "short_factor, 4 positive numbers"),
+    ("longrope", dict(original_max_position_embeddings=None, rope_parameters=LONGROPE), ConfigError,
+     "needs original_max_position_embeddings"),
+    ("gqa", dict(hidden_act="gelu"), ConfigError, "hidden_act 'gelu'"),
+    ("gqa", dict(num_hidden_layers=3), CheckpointError, "Missing tensor 'model.layers.2.self_attn.qkv_proj.weight'"),
+    ("gqa", dict(num_key_value_heads=4), CheckpointError, r"qkv_proj.weight' .* has shape \(64, 32\), expected \(96, 32\)"),
+])
+def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
+    _random(tmp_path, case)
+    path = tmp_path / case / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(error, match=words):
+        converters.convert(tmp_path / case)
+
+
+def test_a_top_level_original_length_is_refused_outside_phi3(tmp_path):
+    random_hf_llama(tmp_path, name="llama")
+    path = tmp_path / "llama" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "original_max_position_embeddings": 16}))
+    with pytest.raises(ConfigError, match="original_max_position_embeddings at the top level is a Phi-3 field"):
+        converters.convert(tmp_path / "llama")
+
+
+# --- the edge-decomposed forward ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    return random_hf_llama(tmp_path_factory.mktemp("phi3"), model_type="phi3", n_layers=3, n_kv=2, seed=1, scale=0.2,
+                           partial_rotary_factor=0.5)
+
+
+def _tokens(seed, shape=(3, 9)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
+
+
+def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(phi3):
+    _, model = phi3
+    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
+
+
+def _torch_patched_logits(pt, clean, corrupt, edge):
+    """One edge cut by hand with forward hooks on HF Phi-3: the receiver's
+    slice of the fused qkv_proj output recomputed from the patched residual
+    (a k or v receiver is a key/value head group), or a pre-hook on the MLP's
+    norm or the final norm."""
+    import torch
+
+    cfg = pt.config
+    H, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dh = cfg.hidden_size // H
+    layers = pt.model.layers
+    clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
+    record = lambda t: record_senders(pt, t, layers, H, dh, lambda blk: blk.self_attn.o_proj,
+                                      lambda W, rows: W[:, rows].T, lambda x: pt.model.embed_tokens.weight[x])
+    a_clean, a_corr = record(clean_t), record(corrupt_t)
+    sender, receiver = edge
+    delta = a_clean[sender] - a_corr[sender]
+    if receiver[0] in ("q", "k", "v"):
+        letter, l, h = receiver
+        blk = layers[l]
+        start = {"q": 0, "k": H * dh, "v": (H + n_kv) * dh}[letter] + h * dh
+
+        def qkv_hook(mod, args, out):
+            new = torch.nn.functional.linear(blk.input_layernorm(a_clean[("resid", l)] - delta), mod.weight)
+            out = out.clone()
+            out[..., start:start + dh] = new[..., start:start + dh]
+            return out
+        hook = blk.self_attn.qkv_proj.register_forward_hook(qkv_hook)
+    elif receiver[0] == "mlp_in":
+        hook = layers[receiver[1]].post_attention_layernorm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
+    else:
+        hook = pt.model.norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
+    with torch.no_grad():
+        out = pt(clean_t).logits.numpy()
+    hook.remove()
+    return out
+
+
+# edge names cut together, and (sender, receiver) for the hooks; query heads 2 and 3 share key/value head 1
+EDGES = {
+    ("blocks.0.hook_resid_pre->blocks.1.hook_q_input[3]",): (("embed",), ("q", 1, 3)),
+    ("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]",
+     "blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[3]"): (("head", 0, 1), ("k", 2, 1)),
+    ("blocks.1.hook_mlp_out->blocks.2.hook_v_input[0]",
+     "blocks.1.hook_mlp_out->blocks.2.hook_v_input[1]"): (("mlp", 1), ("v", 2, 0)),
+    ("blocks.1.attn.hook_result[2]->blocks.1.hook_mlp_in",): (("head", 1, 2), ("mlp_in", 1)),
+    ("blocks.2.hook_mlp_out->blocks.2.hook_resid_post",): (("mlp", 2), ("logits",)),
+}
+
+
+@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
+def test_patched_edges_match_pytorch_hooks(phi3, names):
+    pt, model = phi3
+    clean, corrupt = _tokens(7), _tokens(8)
+    ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
