@@ -131,6 +131,8 @@ def cmd_roc(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.start is not None and args.method != "acdc":
+        raise ValueError(f"--start is for --method acdc (edges within a circuit), not {args.method}.")
     if args.method == "acdc_nodes":
         from .evaluate import roc_from_circuits
 
@@ -141,7 +143,7 @@ def cmd_roc(args) -> int:
     elif args.method == "acdc":
         result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
                      mode=args.mode, mesh=args.mesh, dtype=args.dtype, precision=args.precision,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, start=args.start)
     else:
         from .evaluate import roc_from_scores
 
@@ -236,6 +238,11 @@ def _task_args(p) -> None:
                    "edges that help the task first and those that work against it last")
 
 
+def _start_arg(p) -> None:
+    p.add_argument("--start", metavar="CIRCUIT.json", help="ACDC over the edges of this circuit only (e.g. one "
+                   "from --method acdc_nodes); its other edges are removed from the start")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acdc-jax", description="Automatic circuit discovery in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention-only models: sparse passes where they cost fewer FLOPs; auto (default): "
                    "once they would have saved their compiling; --sparse alone: on")
     p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl")
-    p.add_argument("--start", metavar="CIRCUIT.json", help="ACDC over the edges of this circuit only (e.g. one "
-                   "from --method acdc_nodes); its other edges are removed from the start")
+    _start_arg(p)
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)
     _task_args(p)
     p.add_argument("--taus", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    _start_arg(p)
     p.set_defaults(func=cmd_roc)
     p = sub.add_parser("patch", help=cmd_patch.__doc__)
     p.add_argument("--checkpoint", required=True)

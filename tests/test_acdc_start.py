@@ -163,3 +163,8 @@ def test_cli_discover_from_a_node_circuit(tmp_path):
     edges = json.loads((edges_dir / "circuit.json").read_text())
     assert set(edges["edges"]) <= set(nodes["edges"])
     assert edges["settings"]["start"]["edges"] == nodes["n_kept"] == len(edges["decisions"])
+    roc_dir = tmp_path / "roc"
+    main(["roc", "--task", "induction", "--taus", "0.01", "0.1", "--out", str(roc_dir), "--no-progress",
+          "--start", str(nodes_dir / "circuit.json")])
+    roc = json.loads((roc_dir / "roc.json").read_text())
+    assert roc["taus"] == [0.01, 0.1] and roc["n_edges"][0] == edges["n_kept"]

@@ -173,3 +173,18 @@ def test_patched_edges_match_pytorch_hooks(phi3, names):
     clean, corrupt = _tokens(7), _tokens(8)
     ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
     assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau", [1e-3, 1e-2, 3e-2])
+def test_batched_acdc_decides_like_the_sequential_loop(phi3, tau):
+    from acdc_jax.tasks import prompt_task
+
+    from .test_batched_equals_sequential import _same
+
+    _, model = phi3
+    rng = np.random.default_rng(3)
+    task = prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
+                       position=[5, 7], name="random-phi3")
+    circuit = _same(model, task, tau)
+    assert 0 < circuit.n_edges < CircuitGraph(model.config).n_edges
