@@ -42,6 +42,7 @@ from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
 from .patching import Corruption
+from .programs import compile_seconds
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
@@ -195,7 +196,7 @@ def acdc(
         bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)
         forecast.update(state.decisions)
-        start = time.perf_counter()
+        start, compiled = time.perf_counter(), compile_seconds()
         try:
             while not schedule.finished(state.cursor):
                 nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], forecast.p)
@@ -226,7 +227,9 @@ def acdc(
                         near_tie_scale=state.tie_band.scale,
                         sparse_passes=scorer.sparse.passes,
                         rebases=scorer.sparse.rebases,
-                        seconds=round(time.perf_counter() - start, 3), mesh=None if mesh is None else dict(mesh.shape))
+                        seconds=round(time.perf_counter() - start, 3),
+                        compile_seconds=round(compile_seconds() - compiled, 3),
+                        mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)
         for d in state.decisions:
             if d.tried:

@@ -73,7 +73,8 @@ def main() -> None:
     render(edges, out / "edges" / "circuit", title=f"SmolLM2-135M IOI, edges within the nodes, tau {args.tau}")
     trials = sum(d.tried for d in edges.decisions)
     runs = {"batched": {"seconds": edge_seconds, "passes": edges.settings["passes"],
-                        "programs": edges.settings["programs"], "rescored": edges.settings["rescored"],
+                        "programs": edges.settings["programs"], "compile_seconds": edges.settings["compile_seconds"],
+                        "rescored": edges.settings["rescored"],
                         "decisions": len(edges.decisions), "trials": trials, "finished": edges.settings["finished"],
                         "seconds_per_trial": edge_seconds / max(trials, 1)}}
     same_prefix = None
