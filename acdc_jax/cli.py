@@ -28,6 +28,8 @@ def _summary(circuit, task, faith) -> list[str]:
     s = circuit.settings
     how = {"acdc": f"tau={s.get('tau')}", "acdc_nodes": f"over nodes, tau={s.get('tau')}, "
            f"{len(s.get('nodes', []))} of {s.get('n_nodes')} nodes kept"}.get(s.get("method", "acdc"), s.get("method"))
+    if s.get("method", "acdc") == "acdc" and s.get("start"):
+        how += f", within a start circuit of {s['start']['edges']} edges"
     mode = f", {s['mode']}" if "mode" in s else ""
     lines = [
         f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "

@@ -151,7 +151,7 @@ def test_bad_start_circuits_are_refused(small):
         start_mask(graph, "circuit.txt")
 
 
-def test_cli_discover_from_a_node_circuit(tmp_path):
+def test_cli_discover_from_a_node_circuit(tmp_path, capsys):
     from acdc_jax.cli import main
 
     nodes_dir, edges_dir = tmp_path / "nodes", tmp_path / "edges"
@@ -161,6 +161,7 @@ def test_cli_discover_from_a_node_circuit(tmp_path):
           "--start", str(nodes_dir / "circuit.json")])
     nodes = json.loads((nodes_dir / "circuit.json").read_text())
     edges = json.loads((edges_dir / "circuit.json").read_text())
+    assert f"tau=0.01, within a start circuit of {nodes['n_kept']} edges" in capsys.readouterr().out
     assert set(edges["edges"]) <= set(nodes["edges"])
     assert edges["settings"]["start"]["edges"] == nodes["n_kept"] == len(edges["decisions"])
     roc_dir = tmp_path / "roc"
