@@ -79,6 +79,44 @@ def test_metrics_against_numpy():
     np.testing.assert_allclose(float(kl), want_kl, rtol=1e-5)
 
 
+def test_answers_at_several_positions_against_numpy():
+    """Per prompt, one answer entry per position (in the order `position`
+    names them, which need not be sorted), each a token or alternatives: the
+    metrics average the single-position ones over positions."""
+    rng = np.random.default_rng(3)
+    V = 11
+    answers = [[3, [1, 4]], [[7, 2, 5], 6], [0, 9]]  # per prompt: (position 4, position 1)
+    wrong = [[[8, 6], 2], [1, [3, 10]], [4, 5]]
+    task = prompt_task([[1, 2, 3, 4, 5]] * 3, [[5, 4, 3, 2, 1]] * 3, answers=answers, wrong_answers=wrong,
+                       position=[-1, 1])
+    assert task.positions.tolist() == [1, 4]
+    logits = rng.normal(size=(3, 2, V)).astype(np.float32)  # at positions 1 and 4
+    for name in ("logit_diff", "prob_diff", "nll"):
+        each = []
+        for j, slot in ((0, 1), (1, 0)):  # logits column j holds the position of answer entry `slot`
+            one = prompt_task([[1, 2, 3, 4, 5]] * 3, [[5, 4, 3, 2, 1]] * 3, answers=[a[slot] for a in answers],
+                              wrong_answers=[w[slot] for w in wrong], position=1)
+            each.append(float(one.metrics[name](logits[:, j:j + 1], one)))
+        np.testing.assert_allclose(float(task.metrics[name](logits, task)), np.mean(each), rtol=1e-5, atol=1e-7)
+    p = np.exp(logits.astype(np.float64))
+    p /= p.sum(-1, keepdims=True)
+    as_list = lambda a: [a] if isinstance(a, int) else a
+    want_nll = -np.mean([np.log(p[i, j, as_list(answers[i][1 - j])].sum()) for i in range(3) for j in range(2)])
+    np.testing.assert_allclose(float(task.metrics["nll"](logits, task)), want_nll, rtol=1e-5)
+
+
+def test_acdc_on_answers_at_several_positions():
+    model, _ = get("induction")
+    clean, corrupted = _random_prompts(8, 10, model.config.d_vocab, 4)
+    answers = [[int(c[2]), int(c[3])] for c in clean]  # earlier tokens the induction heads can copy
+    wrong = [[int(c[5]), int(c[6])] for c in clean]
+    task = prompt_task(clean, corrupted, answers=answers, wrong_answers=wrong, position=[8, 9], metric="logit_diff")
+    seq = aj.acdc(model, task, 0.05, mode="sequential", progress=False)
+    bat = aj.acdc(model, task, 0.05, progress=False)
+    assert [(d.edge, d.kept) for d in bat.decisions] == [(d.edge, d.kept) for d in seq.decisions]
+    assert 0 < bat.n_edges < bat.graph.n_edges
+
+
 def _random_prompts(n, length, vocab, seed):
     rng = np.random.default_rng(seed)
     return rng.integers(1, vocab, (n, length)), rng.integers(1, vocab, (n, length))
@@ -151,7 +189,10 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task(ids, ids, answers=[1, []]), "answers[1] is empty"),
         (lambda: prompt_task(ids, ids, position=3), "position 3 is outside"),
         (lambda: prompt_task(ids, ids, position=[0, True]), "is outside prompts of 3 tokens"),
-        (lambda: prompt_task(ids, ids, position=[0, 1], answers=[1, 2]), "answers are for one position"),
+        (lambda: prompt_task(ids, ids, position=[0, 1], answers=[1, 2]), "with 2 positions, give one entry per"),
+        (lambda: prompt_task(ids, ids, position=[0, 1], answers=[[1, 2], [3]]), "answers[1]: with 2 positions"),
+        (lambda: prompt_task(ids, ids, position=[0, -3], answers=[[1, 2], [3, 4]]), "names a position twice"),
+        (lambda: prompt_task(ids, ids, position=[0, 1], answers=[[1, []], [3, 4]]), "answers[:][1][0] is empty"),
         (lambda: prompt_task(ids, ids, answers=[1, 2], metric="logit_diff"), "needs answers and wrong_answers"),
         (lambda: prompt_task(ids, ids, wrong_answers=[1, 2]), "need answers too"),
         (lambda: prompt_task(ids), "no corrupted prompts"),

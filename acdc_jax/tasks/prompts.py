@@ -5,8 +5,8 @@ builds a `Task` from texts (with a local tokenizer) or from token ids, and
 ``load_task(path)`` from a JSON file of the same fields, which is how the
 CLI takes a task (``acdc-jax discover --task my_task.json``).
 
-Metrics (minimised; by default at the last token; ``kl`` may read several
-positions, the answer metrics read one):
+Metrics (minimised; by default at the last token; with several positions,
+averaged over them, and the answers are given per position):
 
 - ``kl``: KL divergence from the full model's next-token distribution (the default);
 - ``logit_diff``: -(mean logit of the answers - mean logit of the wrong answers);
@@ -14,7 +14,8 @@ positions, the answer metrics read one):
 - ``nll``: -log(probability of the answers).
 
 Each prompt's answers (and wrong answers) are one token or a list of
-tokens; texts must each be one token for the tokenizer.
+tokens (any of which counts); with several positions, a list with one such
+entry per position. Texts must each be one token for the tokenizer.
 """
 
 from __future__ import annotations
@@ -37,30 +38,33 @@ FIELDS = ("name", "clean", "corrupted", "answers", "wrong_answers", "position", 
 
 
 def _at_answers(values: jax.Array, task, key: str) -> tuple[jax.Array, jax.Array]:
-    """values [batch, vocab] -> [batch, n] at the prompt's tokens of `key`, and their mask."""
-    picked = jnp.take_along_axis(values, task.labels[key], axis=-1)
-    return picked, task.labels[key + "_mask"]
+    """values [batch, positions, vocab] -> [batch, positions, n] at the
+    prompt's tokens of `key` for each position, and their mask. Labels of one
+    position are [batch, n]."""
+    ids, mask = task.labels[key], task.labels[key + "_mask"]
+    if ids.ndim == 2:
+        ids, mask = ids[:, None], mask[:, None]
+    return jnp.take_along_axis(values, ids, axis=-1), mask
 
 
 def logit_diff(logits, task):
-    """-(mean logit of the answers - mean logit of the wrong answers), averaged over prompts."""
-    last = logits[:, 0]
-    right, rm = _at_answers(last, task, "answers")
-    wrong, wm = _at_answers(last, task, "wrong_answers")
+    """-(mean logit of the answers - mean logit of the wrong answers), averaged over positions and prompts."""
+    right, rm = _at_answers(logits, task, "answers")
+    wrong, wm = _at_answers(logits, task, "wrong_answers")
     return -((right * rm).sum(-1) / rm.sum(-1) - (wrong * wm).sum(-1) / wm.sum(-1)).mean()
 
 
 def prob_diff(logits, task):
-    """-(P(answers) - P(wrong answers)), averaged over prompts."""
-    probs = jax.nn.softmax(logits[:, 0], axis=-1)
+    """-(P(answers) - P(wrong answers)), averaged over positions and prompts."""
+    probs = jax.nn.softmax(logits, axis=-1)
     right, rm = _at_answers(probs, task, "answers")
     wrong, wm = _at_answers(probs, task, "wrong_answers")
     return -((right * rm).sum(-1) - (wrong * wm).sum(-1)).mean()
 
 
 def nll(logits, task):
-    """-log P(answers), averaged over prompts."""
-    logp = jax.nn.log_softmax(logits[:, 0], axis=-1)
+    """-log P(answers), averaged over positions and prompts."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
     right, rm = _at_answers(logp, task, "answers")
     return -jax.nn.logsumexp(jnp.where(rm > 0, right, -jnp.inf), axis=-1).mean()
 
@@ -100,11 +104,25 @@ def _bos(tokenizer, bos: Union[str, int]) -> int:
     return bos_id(tokenizer, bos)
 
 
-def _answer_ids(answers, n: int, tokenizer, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt one token or a list of them -> padded ids [n, most] and their mask."""
+def _answer_ids(answers, n: int, tokenizer, what: str, order: Optional[list[int]] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt one token or a list of them -> padded ids [n, most] and
+    their mask. With `order` (several positions), per prompt one such entry
+    per position, in the order given -> [n, positions, most], the positions
+    put in `order`."""
     if isinstance(answers, str) or not isinstance(answers, (list, tuple, np.ndarray)) or len(answers) != n:
         raise TaskError(f"{what}: give one entry per prompt ({n}), each a token or a list of tokens; got "
                         f"{answers!r:.200}.")
+    if order is not None:
+        for i, a in enumerate(answers):
+            if isinstance(a, str) or not isinstance(a, (list, tuple, np.ndarray)) or len(a) != len(order):
+                raise TaskError(f"{what}[{i}]: with {len(order)} positions, give one entry per position (each a "
+                                f"token or a list of tokens), in the order of `position`; got {a!r:.200}.")
+        per_position = [_answer_ids([a[j] for a in answers], n, tokenizer, f"{what}[:][{j}]") for j in order]
+        most = max(ids.shape[1] for ids, _ in per_position)
+        pad = lambda x, fill: np.concatenate([x, np.repeat(fill, most - x.shape[1], axis=1)], axis=1)
+        return (np.stack([pad(ids, ids[:, :1]) for ids, _ in per_position], axis=1),
+                np.stack([pad(mask, np.zeros_like(mask[:, :1])) for _, mask in per_position], axis=1))
     rows = []
     for i, a in enumerate(answers):
         items = list(a) if isinstance(a, (list, tuple, np.ndarray)) else [a]
@@ -169,19 +187,18 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
                     "use words that are single tokens."
                 )
     positions = _positions(position, length)
-    if len(positions) > 1 and answers is not None:
-        raise TaskError(f"answers are for one position, but position={position!r} names {len(positions)}; give one "
-                        "position for the answer metrics (kl alone may read several).")
+    several = not isinstance(position, (int, np.integer)) and len(position) > 1
+    order = _answer_order(position, length) if several and answers is not None else None
     metrics: dict[str, Any] = {"kl": kl_divergence}
     labels = {}
     if answers is not None:
-        labels["answers"], labels["answers_mask"] = _answer_ids(answers, len(clean_ids), tok, "answers")
+        labels["answers"], labels["answers_mask"] = _answer_ids(answers, len(clean_ids), tok, "answers", order)
         metrics["nll"] = nll
     if wrong_answers is not None:
         if answers is None:
             raise TaskError("wrong_answers need answers too (the metrics compare the two).")
         labels["wrong_answers"], labels["wrong_answers_mask"] = _answer_ids(wrong_answers, len(clean_ids), tok,
-                                                                            "wrong_answers")
+                                                                            "wrong_answers", order)
         metrics.update(logit_diff=logit_diff, prob_diff=prob_diff)
     if metric is not None and metric not in metrics:
         need = " (it needs answers and wrong_answers)" if metric in ("logit_diff", "prob_diff") else (
@@ -210,6 +227,14 @@ def _positions(position, length: int) -> list[int]:
         raise TaskError(f"position {position!r} is outside prompts of {length} tokens (use 0..{length - 1}, a "
                         "negative position from the end, or a list of them).")
     return sorted({int(p) % length for p in items})
+
+
+def _answer_order(position, length: int) -> list[int]:
+    """For each sorted position, the index in `position` of its answers."""
+    given = [int(p) % length for p in position]
+    if len(set(given)) != len(given):
+        raise TaskError(f"position {position!r} names a position twice; with answers, name each once.")
+    return sorted(range(len(given)), key=lambda i: given[i])
 
 
 def load_task(path: Union[str, Path], tokenizer=None) -> Task:
