@@ -116,8 +116,13 @@ class Circuit:
 
 def start_mask(graph: CircuitGraph, start) -> np.ndarray:
     """The 0/1 mask [n_edges] of a circuit to start a search from: a `Circuit`
-    (or the path of its circuit.json) over the same graph, a mask, or edge names."""
+    (or the path of its circuit.json, or of the run directory holding it)
+    over the same graph, a mask, or edge names."""
+    if isinstance(start, (str, Path)) and (Path(start) / "circuit.json").is_file():
+        start = Path(start) / "circuit.json"
     if isinstance(start, (str, Path)) and Path(start).suffix == ".json":
+        if not Path(start).is_file():
+            raise FileNotFoundError(f"No circuit file at {start}; give the circuit.json a run wrote, or its directory.")
         start = Circuit.load(start)
     if isinstance(start, Circuit):
         if start.graph.edge_names != graph.edge_names:
@@ -126,7 +131,8 @@ def start_mask(graph: CircuitGraph, start) -> np.ndarray:
                              "split_embed).")
         start = start.mask
     if isinstance(start, str):
-        raise TypeError(f"start must be a Circuit, the path of a circuit.json, a mask or edge names; got {start!r}.")
+        raise TypeError(f"start must be a Circuit, the path of a circuit.json (or of its run directory), a mask or "
+                        f"edge names; got {start!r}.")
     array = np.asarray(start)
     if array.dtype.kind in "fiub" and array.ndim == 1 and array.shape[0] == graph.n_edges and array.size != 0:
         if not np.isin(array, (0, 1)).all():

@@ -241,8 +241,8 @@ def _task_args(p) -> None:
 
 
 def _start_arg(p) -> None:
-    p.add_argument("--start", metavar="CIRCUIT.json", help="ACDC over the edges of this circuit only (e.g. one "
-                   "from --method acdc_nodes); its other edges are removed from the start")
+    p.add_argument("--start", metavar="CIRCUIT", help="ACDC over the edges of this circuit only (a circuit.json, or "
+                   "the --out directory of a run, e.g. --method acdc_nodes); its other edges are removed from the start")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,7 @@ def test_start_from_names_a_saved_circuit_or_a_mask(small, tmp_path):
     c = acdc(model, task, 0.002, mode="sequential", progress=False, start=names)
     path = c.save(tmp_path / "circuit.json")
     assert np.array_equal(start_mask(graph, path), c.mask)
+    assert np.array_equal(start_mask(graph, tmp_path), c.mask)  # the run directory
     assert np.array_equal(start_mask(graph, c), c.mask)
 
 
@@ -149,6 +150,8 @@ def test_bad_start_circuits_are_refused(small):
         acdc(model, task, 0.01, progress=False, start=acdc_nodes(model, task, 0.01, graph=other, progress=False))
     with pytest.raises(TypeError, match="path of a circuit.json"):
         start_mask(graph, "circuit.txt")
+    with pytest.raises(FileNotFoundError, match="No circuit file at"):
+        start_mask(graph, "runs/none/circuit.json")
 
 
 def test_cli_discover_from_a_node_circuit(tmp_path, capsys):
@@ -158,7 +161,7 @@ def test_cli_discover_from_a_node_circuit(tmp_path, capsys):
     main(["discover", "--task", "induction", "--method", "acdc_nodes", "--tau", "0.03", "--out", str(nodes_dir),
           "--no-progress"])
     main(["discover", "--task", "induction", "--tau", "0.01", "--out", str(edges_dir), "--no-progress",
-          "--start", str(nodes_dir / "circuit.json")])
+          "--start", str(nodes_dir)])
     nodes = json.loads((nodes_dir / "circuit.json").read_text())
     edges = json.loads((edges_dir / "circuit.json").read_text())
     assert f"tau=0.01, within a start circuit of {nodes['n_kept']} edges" in capsys.readouterr().out
