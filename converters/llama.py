@@ -50,11 +50,11 @@ _IGNORED = HF_INERT | {"attention_dropout", "resid_pdrop", "embd_pdrop",  # drop
 
 
 def _rope(hf: Mapping[str, Any], d_head: int, origin: str):
-    """The `Rope` of a Llama-family config and its attention scale. A scaled
-    rope's cos/sin factor multiplies every rotated query and key dimension:
-    where that is all of them it divides the attention scale twice, else the
-    converter multiplies the rotated columns of W_Q and W_K by it
-    (`_qk_factor`). Only Phi-3 rotates part of a head."""
+    """The `Rope` of a Llama-family config, the attention scale, and the
+    factor for the rotated columns of W_Q and W_K. A scaled rope's cos/sin
+    factor multiplies every rotated query and key dimension: where that is
+    all of them it divides the attention scale twice, else the converter
+    multiplies the rotated columns by it. Only Phi-3 rotates part of a head."""
     if hf["model_type"] == "phi3":
         params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         if params.get("rope_type", params.get("type")) in ("su", "yarn"):  # Phi-3's older names for LongRoPE
@@ -71,20 +71,15 @@ def _rope(hf: Mapping[str, Any], d_head: int, origin: str):
             "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
         )
     if rope.rotary_dim != d_head:
-        return rope, math.sqrt(d_head)
-    return rope, math.sqrt(d_head) / rope.attention_factor ** 2
+        return rope, math.sqrt(d_head), rope.attention_factor
+    return rope, math.sqrt(d_head) / rope.attention_factor ** 2, 1.0
 
 
-def _qk_factor(hf: Mapping[str, Any], config: TransformerConfig, origin: str) -> float:
-    """The cos/sin factor that the converter folds into the rotated columns of
-    W_Q and W_K (1 where the attention scale holds it)."""
-    rope, _ = _rope(hf, config.d_head, origin)
-    return rope.attention_factor if rope.rotary_dim != config.d_head else 1.0
-
-
-def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[TransformerConfig, int, tuple[bool, bool], bool]:
+def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
+                 ) -> tuple[TransformerConfig, int, tuple[bool, bool], bool, float]:
     """TransformerConfig, the number of key/value heads, whether (q/k/v, o)
-    have biases, and whether the unembedding is tied."""
+    have biases, whether the unembedding is tied, and the factor for the
+    rotated columns of W_Q and W_K (1 unless only part of a head rotates)."""
     check_fields(hf, handled=_HANDLED, ignored=_IGNORED, origin=origin)
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
@@ -98,7 +93,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     if n_heads % n_kv:
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     d_head = hf.get("head_dim") or d_model // n_heads
-    rope, attn_scale = _rope(hf, d_head, origin)
+    rope, attn_scale, qk_factor = _rope(hf, d_head, origin)
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
@@ -116,7 +111,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tr
     o_bias = model_type not in ("qwen2", "phi3") and bool(hf.get("attention_bias", False))
     if model_type == "gemma" and hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{origin}: use_bidirectional_attention is not supported; causal attention only.")
-    return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False))
+    return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False)), qk_factor
 
 
 def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
@@ -145,7 +140,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
                   origin: str = "Llama state dict") -> Transformer:
     """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
-    config, n_kv, (qkv_bias, o_bias), tied = llama_config(hf_config)
+    config, n_kv, (qkv_bias, o_bias), tied, qk_factor = llama_config(hf_config)
     gemma = hf_config["model_type"] == "gemma"
     if hf_config["model_type"] == "phi3":
         state_dict = _split_fused(state_dict, config, n_kv, origin)
@@ -161,7 +156,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         return np.repeat(w.reshape(n, K, D).transpose(0, 2, 1), H // n, axis=0)
 
     qk = np.ones(K, np.float32)
-    qk[:config.rotary_dim] = _qk_factor(hf_config, config, origin)
+    qk[:config.rotary_dim] = qk_factor
 
     per_layer: dict[str, list[np.ndarray]] = {}
 
@@ -214,9 +209,9 @@ def _split_fused(state_dict: Mapping[str, np.ndarray], config: TransformerConfig
     out = dict(state_dict)
     D, K, M = config.d_model, config.d_head, config.d_mlp
     q, kv = config.n_heads * K, n_kv * K
+    fused = Source(state_dict, origin)  # for its shape checks
     for l in range(config.n_layers):
         p = f"model.layers.{l}."
-        fused = Source(state_dict, origin)
         qkv = fused.take(p + "self_attn.qkv_proj.weight", (q + 2 * kv, D))
         gate_up = fused.take(p + "mlp.gate_up_proj.weight", (2 * M, D))
         del out[p + "self_attn.qkv_proj.weight"], out[p + "mlp.gate_up_proj.weight"]
