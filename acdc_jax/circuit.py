@@ -134,10 +134,10 @@ def start_mask(graph: CircuitGraph, start) -> np.ndarray:
         raise TypeError(f"start must be a Circuit, the path of a circuit.json (or of its run directory), a mask or "
                         f"edge names; got {start!r}.")
     array = np.asarray(start)
-    if array.dtype.kind in "fiub" and array.ndim == 1 and array.shape[0] == graph.n_edges and array.size != 0:
-        if not np.isin(array, (0, 1)).all():
-            raise ValueError("A start mask must hold only 0 and 1 (1 keeps the edge).")
-        return array.astype(np.float32)
-    if array.dtype.kind in "fiub" and array.size:
+    if array.dtype.kind not in "fiub" or not array.size:  # edge names (or none)
+        return np.asarray(graph.mask(list(start)), np.float32)
+    if array.shape != (graph.n_edges,):
         raise ValueError(f"A start mask must have shape [{graph.n_edges}] (one value per edge), got {array.shape}.")
-    return np.asarray(graph.mask(list(start)), np.float32)
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError("A start mask must hold only 0 and 1 (1 keeps the edge).")
+    return array.astype(np.float32)

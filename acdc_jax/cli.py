@@ -94,8 +94,7 @@ def cmd_discover(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "decisions.jsonl"
-    if args.start is not None and args.method != "acdc":
-        raise ValueError(f"--start is for --method acdc (edges within a circuit), not {args.method}.")
+    _check_start(args)
     if args.method == "acdc":
         if args.tau is None:
             raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau).")
@@ -133,8 +132,7 @@ def cmd_roc(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.start is not None and args.method != "acdc":
-        raise ValueError(f"--start is for --method acdc (edges within a circuit), not {args.method}.")
+    _check_start(args)
     if args.method == "acdc_nodes":
         from .evaluate import roc_from_circuits
 
@@ -238,6 +236,11 @@ def _task_args(p) -> None:
     p.add_argument("--rank", choices=["abs", "signed"], default="abs",
                    help="scoring methods: rank edges by |score| (default) or by the signed score, which puts the "
                    "edges that help the task first and those that work against it last")
+
+
+def _check_start(args) -> None:
+    if args.start is not None and args.method != "acdc":
+        raise ValueError(f"--start is for --method acdc (edges within a circuit), not {args.method}.")
 
 
 def _start_arg(p) -> None:

@@ -119,6 +119,14 @@ def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head
     return acts
 
 
+def edit_config(directory, change: dict) -> None:
+    """Overwrite fields of the config.json in `directory` (a saved HF model)."""
+    import json
+
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
 def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
     import torch
 

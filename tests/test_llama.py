@@ -15,7 +15,8 @@ from acdc_jax.config import default_inv_freq as config_default_inv_freq
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, record_senders, torch_logits
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, record_senders,
+                      torch_logits)
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -97,10 +98,8 @@ def test_sharded_safetensors(tmp_path):
     (dict(hidden_size=40), CheckpointError, "has shape"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, change, error, words):
-    _, _ = random_hf_llama(tmp_path, name="base")
-    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
-    cfg.update(change)
-    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    random_hf_llama(tmp_path, name="base")
+    edit_config(tmp_path / "base", change)
     with pytest.raises(error, match=words):
         converters.convert(tmp_path / "base")
 
@@ -126,14 +125,16 @@ def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(llama, op
     assert_all_ones_and_zeros(model, graph, _tokens(0), _tokens(1))
 
 
-def _torch_patched_logits(pt, clean, corrupt, edge):
-    """Cut edges by hand with forward hooks on HF Llama. `edge` is (kind,
-    sender, receiver); a k or v receiver is a key/value head group, whose
-    query heads all get the patched input."""
+def torch_patched_logits(pt, clean, corrupt, edge):
+    """Cut edges by hand with forward hooks on HF Llama (or Phi-3, whose q, k
+    and v rows share one fused qkv_proj). `edge` is (kind, sender, receiver);
+    a k or v receiver is a key/value head group, whose query heads all get
+    the patched input."""
     import torch
 
     cfg = pt.config
-    H, dh = cfg.num_attention_heads, cfg.head_dim
+    H, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     layers = pt.model.layers
 
     def record(tokens):
@@ -147,12 +148,14 @@ def _torch_patched_logits(pt, clean, corrupt, edge):
     if receiver[0] in ("q", "k", "v"):
         letter, l, h = receiver
         blk = layers[l]
-        proj = getattr(blk.self_attn, f"{letter}_proj")
+        fused = getattr(blk.self_attn, "qkv_proj", None)
+        proj = fused if fused is not None else getattr(blk.self_attn, f"{letter}_proj")
+        first = h * dh + (0 if fused is None else {"q": 0, "k": H * dh, "v": (H + n_kv) * dh}[letter])
         def qkv_hook(mod, args, out):
             resid = a_corr[("resid", l)] if kind == "qkv" else a_clean[("resid", l)] - delta
             new = torch.nn.functional.linear(blk.input_layernorm(resid), mod.weight, mod.bias)
             out = out.clone()
-            out[..., h * dh:(h + 1) * dh] = new[..., h * dh:(h + 1) * dh]
+            out[..., first:first + dh] = new[..., first:first + dh]
             return out
         hook = proj.register_forward_hook(qkv_hook)
     elif receiver[0] == "mlp_in":
@@ -184,7 +187,7 @@ def test_patched_edges_match_pytorch_hooks(llama, names):
     pt, model = llama
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
-    ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
     assert_cut_matches(pt, model, graph, names, clean, corrupt, ref)
 
 

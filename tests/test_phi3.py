@@ -14,7 +14,8 @@ import converters
 from acdc_jax import CircuitGraph
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, record_senders, torch_logits
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, torch_logits
+from .test_llama import EDGES, torch_patched_logits
 
 VOCAB = 61
 D_HEAD = 8  # d_model 32 over 4 heads
@@ -86,16 +87,14 @@ def test_older_longrope_names_are_longrope(tmp_path, older):
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
     _random(tmp_path, case)
-    path = tmp_path / case / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    edit_config(tmp_path / case, change)
     with pytest.raises(error, match=words):
         converters.convert(tmp_path / case)
 
 
 def test_a_top_level_original_length_is_refused_outside_phi3(tmp_path):
     random_hf_llama(tmp_path, name="llama")
-    path = tmp_path / "llama" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "original_max_position_embeddings": 16}))
+    edit_config(tmp_path / "llama", {"original_max_position_embeddings": 16})
     with pytest.raises(ConfigError, match="original_max_position_embeddings at the top level is a Phi-3 field"):
         converters.convert(tmp_path / "llama")
 
@@ -117,61 +116,13 @@ def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(phi3):
     assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
 
 
-def _torch_patched_logits(pt, clean, corrupt, edge):
-    """One edge cut by hand with forward hooks on HF Phi-3: the receiver's
-    slice of the fused qkv_proj output recomputed from the patched residual
-    (a k or v receiver is a key/value head group), or a pre-hook on the MLP's
-    norm or the final norm."""
-    import torch
-
-    cfg = pt.config
-    H, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    dh = cfg.hidden_size // H
-    layers = pt.model.layers
-    clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
-    record = lambda t: record_senders(pt, t, layers, H, dh, lambda blk: blk.self_attn.o_proj,
-                                      lambda W, rows: W[:, rows].T, lambda x: pt.model.embed_tokens.weight[x])
-    a_clean, a_corr = record(clean_t), record(corrupt_t)
-    sender, receiver = edge
-    delta = a_clean[sender] - a_corr[sender]
-    if receiver[0] in ("q", "k", "v"):
-        letter, l, h = receiver
-        blk = layers[l]
-        start = {"q": 0, "k": H * dh, "v": (H + n_kv) * dh}[letter] + h * dh
-
-        def qkv_hook(mod, args, out):
-            new = torch.nn.functional.linear(blk.input_layernorm(a_clean[("resid", l)] - delta), mod.weight)
-            out = out.clone()
-            out[..., start:start + dh] = new[..., start:start + dh]
-            return out
-        hook = blk.self_attn.qkv_proj.register_forward_hook(qkv_hook)
-    elif receiver[0] == "mlp_in":
-        hook = layers[receiver[1]].post_attention_layernorm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
-    else:
-        hook = pt.model.norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
-    with torch.no_grad():
-        out = pt(clean_t).logits.numpy()
-    hook.remove()
-    return out
-
-
-# edge names cut together, and (sender, receiver) for the hooks; query heads 2 and 3 share key/value head 1
-EDGES = {
-    ("blocks.0.hook_resid_pre->blocks.1.hook_q_input[3]",): (("embed",), ("q", 1, 3)),
-    ("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]",
-     "blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[3]"): (("head", 0, 1), ("k", 2, 1)),
-    ("blocks.1.hook_mlp_out->blocks.2.hook_v_input[0]",
-     "blocks.1.hook_mlp_out->blocks.2.hook_v_input[1]"): (("mlp", 1), ("v", 2, 0)),
-    ("blocks.1.attn.hook_result[2]->blocks.1.hook_mlp_in",): (("head", 1, 2), ("mlp_in", 1)),
-    ("blocks.2.hook_mlp_out->blocks.2.hook_resid_post",): (("mlp", 2), ("logits",)),
-}
-
-
 @pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
 def test_patched_edges_match_pytorch_hooks(phi3, names):
+    """The Llama tests' edges (the same head layout), cut by their hook
+    reference, which patches the fused qkv_proj's rows of the receiver."""
     pt, model = phi3
     clean, corrupt = _tokens(7), _tokens(8)
-    ref = _torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
     assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 

@@ -15,7 +15,8 @@ from acdc_jax import CircuitGraph
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, random_hf_parallel, record_senders, torch_logits
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, random_hf_parallel,
+                      record_senders, torch_logits)
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -64,8 +65,7 @@ def test_logits_match_transformers(tmp_path, case):
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
     _random(tmp_path, case)
-    path = tmp_path / case / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    edit_config(tmp_path / case, change)
     with pytest.raises(error, match=words):
         converters.convert(tmp_path / case)
 
