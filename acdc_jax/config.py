@@ -35,6 +35,11 @@ class TransformerConfig:
     ``act(x W_gate) * (x W_in + b_in)`` before ``W_out``, as in Llama;
     ``parallel_attn_mlp`` makes the MLP read the layer's input, as attention
     does, not its output (GPT-NeoX, Pythia, GPT-J).
+    ``post_norm`` (Gemma 2) also RMS-normalises each sublayer's output before
+    it joins the residual stream: the sum of a layer's heads (``b_O`` is
+    added after that norm) and the MLP's output. ``attn_softcap`` and
+    ``logit_softcap`` cap the attention scores and the logits at ``c`` by
+    ``c * tanh(x / c)``.
     """
 
     n_layers: int
@@ -56,6 +61,9 @@ class TransformerConfig:
     rotary_inv_freq: Optional[tuple[float, ...]] = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
+    post_norm: bool = False
+    attn_softcap: Optional[float] = None
+    logit_softcap: Optional[float] = None
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
@@ -92,6 +100,17 @@ class TransformerConfig:
                 raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
             if getattr(self, flag) and self.d_mlp is None:
                 raise ConfigError(f"TransformerConfig.{flag}=True needs an MLP: set d_mlp.")
+        if not isinstance(self.post_norm, bool):
+            raise ConfigError(f"TransformerConfig.post_norm must be a bool, got {self.post_norm!r}.")
+        if self.post_norm and self.normalization != "RMS":
+            raise ConfigError("TransformerConfig.post_norm=True needs normalization='RMS' (the norm after each "
+                              f"sublayer is an RMSNorm), got {self.normalization!r}.")
+        for name in ("attn_softcap", "logit_softcap"):
+            cap = getattr(self, name)
+            if cap is not None:
+                if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (0 < cap < math.inf):
+                    raise ConfigError(f"TransformerConfig.{name} must be a positive finite float or None, got {cap!r}.")
+                object.__setattr__(self, name, float(cap))
 
     def _check_rotary(self) -> None:
         if self.positional != "rotary":

@@ -182,7 +182,7 @@ def candidates_metric(model, graph, start_layer, corruption, metric, task, array
             *chunk_args, shared), masks)
 
     resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
-    if streams(metric, resid, loop):
+    if streams(metric, resid, loop, model):
         return residual_kl(model, resid, arrays, running_max=running_max)
     n, group = masks.shape[0], metric_group(resid.shape[1] * resid.shape[2], masks.shape[0])
     out = jax.lax.map(jax.vmap(metric_of), resid.reshape((n // group, group) + resid.shape[1:]))

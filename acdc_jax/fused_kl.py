@@ -43,10 +43,11 @@ def chunk_width(rows: int, vocab: int) -> int:
     return min(width, vocab)
 
 
-def streams(metric, x: Array, loop: bool) -> bool:
+def streams(metric, x: Array, loop: bool, model: Transformer) -> bool:
     """Whether a pass takes this path: KL divergence in float32, on a CPU
-    (`loop`; accelerators keep the whole logits, which they fuse well)."""
-    return loop and metric is kl_divergence and x.dtype == jnp.float32
+    (`loop`; accelerators keep the whole logits, which they fuse well), of
+    logits that are not capped (the cap is not a low-rank change)."""
+    return loop and metric is kl_divergence and x.dtype == jnp.float32 and model.unembed.softcap is None
 
 
 def final_numerator(ln, x):

@@ -55,6 +55,18 @@ class LayerNorm(eqx.Module):
             x = x + _lead(self.b, x.ndim)
         return x
 
+    def shares(self, parts: Float[Array, "*rest n pos d_model"]) -> Float[Array, "*rest n pos d_model"]:
+        """Each of `parts`' share of this RMSNorm of their sum: the parts times
+        the sum's weight / rms, so that the shares add up to the normalised sum."""
+        total = parts.sum(-3)
+        factor = jax.lax.rsqrt((total * total).mean(-1, keepdims=True) + self.eps) * _lead(self.w, total.ndim)
+        return parts * factor[..., None, :, :]
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's cap on attention scores and logits), or x."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
 
 def _lead(a: Array, ndim: int) -> Array:
     """Give `a` leading unit axes up to `ndim` (rank promotion is explicit here)."""
@@ -84,13 +96,14 @@ def attention_pattern(
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
     rotary: Rotary = None,
+    cap: Optional[float] = None,
 ) -> Float[Array, "n_heads q_pos pos"]:
     """Softmax attention weights; queries sit at `q_positions` (default: every
     position), keys at every position."""
     at = jnp.arange(q.shape[1]) if q_positions is None else q_positions
     if rotary is not None:
         q, k = rotate(q, at, rotary), rotate(k, jnp.arange(k.shape[1]), rotary)
-    scores = jnp.einsum("hqd,hkd->hqk", q, k) / scale
+    scores = softcap(jnp.einsum("hqd,hkd->hqk", q, k) / scale, cap)
     if causal:
         allowed = (jnp.arange(k.shape[1])[None, :] <= at[:, None])[None]
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
@@ -105,9 +118,10 @@ def attend(
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
     rotary: Rotary = None,
+    cap: Optional[float] = None,
 ) -> Float[Array, "n_heads q_pos d_head"]:
     """Scaled dot-product attention per head; returns z (before W_O)."""
-    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions, rotary), v)
+    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions, rotary, cap), v)
 
 
 class Attention(eqx.Module):
@@ -122,6 +136,7 @@ class Attention(eqx.Module):
     scale: float = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
     rotary: Rotary = eqx.field(static=True)
+    softcap: Optional[float] = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         H, D, K = config.n_heads, config.d_model, config.d_head
@@ -131,6 +146,7 @@ class Attention(eqx.Module):
         self.W_O = _normal(ko, (H, K, D))
         self.b_O = jnp.zeros((D,), jnp.float32)
         self.scale, self.causal, self.rotary = config.attn_scale, config.causal, config.rotary
+        self.softcap = config.attn_softcap
 
     def head_results(
         self,
@@ -160,7 +176,7 @@ class Attention(eqx.Module):
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary)
+        return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary, self.softcap)
 
 
 def activation(name: str, x: Array) -> Array:
@@ -200,20 +216,38 @@ class MLP(eqx.Module):
 
 
 class Block(eqx.Module):
+    """One layer. ``ln1_post`` and ``ln2_post`` (``post_norm``: Gemma 2) normalise
+    the attention's and the MLP's outputs before they join the residual stream."""
+
     ln1: LayerNorm
     attn: Attention
     ln2: Optional[LayerNorm]
     mlp: Optional[MLP]
+    ln1_post: Optional[LayerNorm]
+    ln2_post: Optional[LayerNorm]
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jr.split(key)
-        self.ln1 = LayerNorm(config.d_model, config.normalization, config.ln_eps)
+        norm = lambda: LayerNorm(config.d_model, config.normalization, config.ln_eps)
+        self.ln1 = norm()
         self.attn = Attention(config, key=ka)
         if config.attn_only:
             self.ln2 = self.mlp = None
         else:
-            self.ln2 = LayerNorm(config.d_model, config.normalization, config.ln_eps)
+            self.ln2 = norm()
             self.mlp = MLP(config, key=km)
+        self.ln1_post = norm() if config.post_norm else None
+        self.ln2_post = norm() if config.post_norm and not config.attn_only else None
+
+    def head_senders(self, results: Float[Array, "*rest n_heads pos d_model"]) -> Float[Array, "*rest n_heads pos d_model"]:
+        """What each head writes to the residual stream, from its result
+        (z times its W_O rows): with a norm after attention, its share of it."""
+        return results if self.ln1_post is None else self.ln1_post.shares(results)
+
+    def mlp_out(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
+        """The MLP's write to the residual stream from its (un-normalised) input."""
+        out = self.mlp(self.ln2(x))
+        return out if self.ln2_post is None else self.ln2_post(out)
 
 
 class Embedding(eqx.Module):
@@ -229,13 +263,15 @@ class Embedding(eqx.Module):
 class Unembed(eqx.Module):
     W_U: Float[Array, "d_model d_vocab_out"]
     b_U: Float[Array, " d_vocab_out"]
+    softcap: Optional[float] = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         self.W_U = _normal(key, (config.d_model, config.d_vocab_out))
         self.b_U = jnp.zeros((config.d_vocab_out,), jnp.float32)
+        self.softcap = config.logit_softcap
 
     def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_vocab_out"]:
-        return x @ self.W_U + _lead(self.b_U, x.ndim)
+        return softcap(x @ self.W_U + _lead(self.b_U, x.ndim), self.softcap)
 
 
 class SenderActivations(eqx.Module):
@@ -320,20 +356,18 @@ class Transformer(eqx.Module):
             q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
             k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
             v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
-            pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary)
+            pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary, cap=attn.softcap)
             z = jnp.einsum("hqk,hkd->hqd", pattern, v)
-            if collect == "patterns":
-                heads = pattern
-                resid = resid + jnp.einsum("hpk,hkd->pd", z, attn.W_O) + attn.b_O[None]
-            elif collect:
-                heads = jnp.einsum("hpk,hkd->hpd", z, attn.W_O)
+            if collect is True:
+                heads = block.head_senders(jnp.einsum("hpk,hkd->hpd", z, attn.W_O))
                 resid = resid + heads.sum(0) + attn.b_O[None]
             else:
-                heads = None
-                resid = resid + jnp.einsum("hpk,hkd->pd", z, attn.W_O) + attn.b_O[None]
+                heads = pattern if collect == "patterns" else None
+                out = jnp.einsum("hpk,hkd->pd", z, attn.W_O)
+                resid = resid + (out if block.ln1_post is None else block.ln1_post(out)) + attn.b_O[None]
             mlp_out = None
             if block.mlp is not None:
-                mlp_out = block.mlp(block.ln2(resid_in if self.config.parallel_attn_mlp else resid))
+                mlp_out = block.mlp_out(resid_in if self.config.parallel_attn_mlp else resid)
                 resid = resid + mlp_out
             return resid, (heads, mlp_out if collect is True else None)
 

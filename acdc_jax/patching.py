@@ -209,8 +209,9 @@ def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, h
               upstream=None, z=False):
     """Results of layer l's heads (all, or those in `heads`) from their masked
     inputs over the senders in `stacks`; at the query positions `q_positions`
-    only, if given (keys and values still read every position). With `z`,
-    the heads' z (before W_O) instead."""
+    only, if given (keys and values still read every position), before any
+    norm after attention (`Block.head_senders`). With `z`, the heads' z
+    (before W_O) instead."""
     H = graph.n_heads
     hs = jnp.arange(H) if heads is None else heads
     n = hs.shape[0]
@@ -296,13 +297,13 @@ def run_from(
 
     def finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, later):
         slot = E + l * per_layer - n_up
-        down = jax.lax.dynamic_update_slice_in_dim(down, results - corr_heads, slot, axis=0)
+        down = jax.lax.dynamic_update_slice_in_dim(down, blk.head_senders(results) - corr_heads, slot, axis=0)
         base_in, base = base, base + corr_heads.sum(0) + blk.attn.b_O[None]
         if blk.mlp is not None:
             col = jnp.atleast_1d(l * graph._layer_columns + 3 * H)
             # with parallel attention and MLP the graph has no edges from this layer's heads to its MLP
             x = (base_in if c.parallel_attn_mlp else base) + _masked_sum(m_add, (up, down), col, None, later)[0]
-            out = blk.mlp(blk.ln2(x))
+            out = blk.mlp_out(x)
             down = jax.lax.dynamic_update_slice_in_dim(down, (out - corr_mlp)[None], slot + H, axis=0)
             base = base + corr_mlp
         return down, base

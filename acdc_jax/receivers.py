@@ -86,7 +86,8 @@ def cached_z(model: Transformer, graph: CircuitGraph, l: int, cache: ReceiverCac
         proj = proj * jax.lax.rsqrt(var + blk.ln1.eps)[..., None]
     proj = proj + jnp.take(cache.const, heads, axis=0)
     q = proj[:, 0] if q_positions is None else proj[:, 0][:, q_positions]
-    return attend(q, proj[:, 1], proj[:, 2], blk.attn.scale, blk.attn.causal, q_positions, blk.attn.rotary)
+    return attend(q, proj[:, 1], proj[:, 2], blk.attn.scale, blk.attn.causal, q_positions, blk.attn.rotary,
+                  blk.attn.softcap)
 
 
 def cached_flops(graph: CircuitGraph, l: int, heads: int, n_pos: int, n_q: int) -> int:

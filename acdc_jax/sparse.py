@@ -48,7 +48,10 @@ class BaseState(eqx.Module):
 
 
 def eligible(graph: CircuitGraph) -> bool:
-    return not graph.has_mlp
+    """Attention-only models whose heads write straight to the logits (no norm
+    after attention, no cap on the logits)."""
+    c = graph.config
+    return not graph.has_mlp and not c.post_norm and c.logit_softcap is None
 
 
 def reach(graph: CircuitGraph, base: np.ndarray, cols: np.ndarray, start_layer: int) -> tuple[list, list]:
@@ -310,7 +313,7 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
         dx, u = jax.vmap(per_candidate)(m_adds, m_dirs)
     x = x_base[None] + dx
     k = glob.shape[0]
-    if streams(metric, x, loop):  # the numerator as the base's plus the maps', or the residual's own
+    if streams(metric, x, loop, model):  # the numerator as the base's plus the maps', or the residual's own
         factors = ()
         if low_rank(k, model.config):
             factors = (jnp.moveaxis(u, 2, 3), jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre)

@@ -12,7 +12,7 @@ from acdc_jax.errors import CheckpointError, ConfigError
 # Fields of every Hugging Face config.json that do not change the eval-mode
 # forward pass (generation defaults, labels, bookkeeping, where remote code lives).
 HF_INERT = frozenset({
-    "_attn_implementation_autoset", "_name_or_path", "architectures", "auto_map", "bad_words_ids", "bos_token_id",
+    "_attn_implementation", "_attn_implementation_autoset", "_name_or_path", "architectures", "auto_map", "bad_words_ids", "bos_token_id",
     "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id", "do_sample", "dtype",
     "early_stopping", "eos_token_id", "finetuning_task", "id2label", "initializer_range", "is_decoder",
     "is_encoder_decoder", "label2id", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size",

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -12,6 +12,12 @@ Gemma (the first generation) differs only in numbers that fold into the
 weights: its RMSNorm multiplies by ``1 + weight``, its embedding is scaled by
 ``sqrt(hidden_size)`` (the tied unembedding is not), and its gated MLP uses
 the tanh GELU.
+
+Gemma 2 adds an RMSNorm after attention and after the MLP (``post_norm``:
+each head's sender is its share of the normalised sum of the layer's heads),
+caps attention scores and logits with ``c * tanh(x / c)``, and scales
+attention by ``query_pre_attn_scalar``. Its sliding-window layers see every
+key up to the window, so prompts are limited to it.
 
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
@@ -34,7 +40,9 @@ from acdc_jax.model import Transformer, TransformerConfig
 from ._source import HF_INERT, Source, check_fields, require, stack
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
+_GEMMA = ("gemma", "gemma2")
+_GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -42,11 +50,13 @@ _HANDLED = {
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
     "attention_bias", "mlp_bias", "tie_word_embeddings", "sliding_window", "use_sliding_window",
     "max_window_layers", "layer_types", "pretraining_tp", "hidden_activation", "use_bidirectional_attention",
-    "original_max_position_embeddings",
+    "original_max_position_embeddings", *_GEMMA2_FIELDS,
 }
 # Fields that do not change the eval-mode forward pass.
 _IGNORED = HF_INERT | {"attention_dropout", "resid_pdrop", "embd_pdrop",  # dropout
-                       "transformers.js_config"}  # a note for transformers.js
+                       "transformers.js_config",  # a note for transformers.js
+                       "cache_implementation",  # Gemma 2's generation cache
+                       "sliding_window_size"}  # an older Gemma 2 name that transformers does not read
 
 
 def _rope(hf: Mapping[str, Any], d_head: int, origin: str):
@@ -70,9 +80,10 @@ def _rope(hf: Mapping[str, Any], d_head: int, origin: str):
             f"{origin}: partial_rotary_factor is not supported for Llama-family models: transformers' Llama "
             "code rotates every dimension whatever it says, so the checkpoint's intent is unclear."
         )
+    scale = math.sqrt(hf.get("query_pre_attn_scalar") or d_head)  # Gemma 2 scales by its own number
     if rope.rotary_dim != d_head:
-        return rope, math.sqrt(d_head), rope.attention_factor
-    return rope, math.sqrt(d_head) / rope.attention_factor ** 2, 1.0
+        return rope, scale, rope.attention_factor
+    return rope, scale / rope.attention_factor ** 2, 1.0
 
 
 def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
@@ -84,6 +95,10 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
+    gemma2 = model_type == "gemma2"
+    for field in _GEMMA2_FIELDS:
+        if field in hf and not gemma2:
+            raise ConfigError(f"{origin}: {field} is a Gemma 2 field; model_type {model_type!r} does not read it.")
     act = _activation(hf, model_type, origin)
     if hf.get("mlp_bias", False):
         raise ConfigError(f"{origin}: mlp_bias=true is not supported (the gated MLP here has no gate bias).")
@@ -104,18 +119,22 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
         act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
-        gated_mlp=True,
+        gated_mlp=True, post_norm=gemma2, attn_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
+        logit_softcap=hf.get("final_logit_softcapping") if gemma2 else None,
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
     qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))
     o_bias = model_type not in ("qwen2", "phi3") and bool(hf.get("attention_bias", False))
-    if model_type == "gemma" and hf.get("use_bidirectional_attention"):
+    if model_type in _GEMMA and hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{origin}: use_bidirectional_attention is not supported; causal attention only.")
+    if gemma2 and o_bias:
+        raise ConfigError(f"{origin}: attention_bias=true is not supported for Gemma 2: o_proj's bias sits inside "
+                          "the norm after attention, so it belongs to no head's share of it.")
     return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False)), qk_factor
 
 
 def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
-    if model_type != "gemma":
+    if model_type not in _GEMMA:
         if "hidden_activation" in hf:
             raise ConfigError(f"{origin}: hidden_activation is a Gemma field; model_type {model_type!r} does not "
                               "read it.")
@@ -141,7 +160,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
     config, n_kv, (qkv_bias, o_bias), tied, qk_factor = llama_config(hf_config)
-    gemma = hf_config["model_type"] == "gemma"
+    gemma = hf_config["model_type"] in _GEMMA
     if hf_config["model_type"] == "phi3":
         state_dict = _split_fused(state_dict, config, n_kv, origin)
     src = Source(state_dict, origin)
@@ -175,7 +194,12 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
         put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
-        put("blocks.ln2.w", norm(p + "post_attention_layernorm.weight"))
+        if config.post_norm:  # Gemma 2: post_attention_layernorm is the norm after attention, not before the MLP
+            put("blocks.ln1_post.w", norm(p + "post_attention_layernorm.weight"))
+            put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))
+            put("blocks.ln2_post.w", norm(p + "post_feedforward_layernorm.weight"))
+        else:
+            put("blocks.ln2.w", norm(p + "post_attention_layernorm.weight"))
         put("blocks.mlp.W_gate", src.take(p + "mlp.gate_proj.weight", (M, D)).T)
         put("blocks.mlp.W_in", src.take(p + "mlp.up_proj.weight", (M, D)).T)
         put("blocks.mlp.b_in", np.zeros(M, np.float32))

@@ -24,12 +24,13 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
 def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
                     seed=0, scale=0.1, name=None, **extra):
     """(torch model in eval mode, acdc_jax model converted from its saved
-    files) for a small random Llama, Mistral, Qwen2, Gemma or Phi-3 with grouped-query
+    files) for a small random Llama, Mistral, Qwen2, Gemma, Gemma 2 or Phi-3 with grouped-query
     attention and every tensor perturbed (so the RMSNorm weights are exercised)."""
     import torch
     import transformers
 
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi3"}[model_type]
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "gemma2": "Gemma2",
+           "phi3": "Phi3"}[model_type]
     if model_type == "phi3":
         extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
     torch.manual_seed(seed)
@@ -91,12 +92,16 @@ def _perturbed(pt, scale, out):
     return pt, converters.convert(out)
 
 
-def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head_weight, embed) -> dict:
+def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head_weight, embed,
+                   post_norms=None) -> dict:
     """Each sender's output and each layer's input residual in the HF model
     `pt` on `tokens`, by hooks: ("head", l, h), the head's z times its rows of
     the attention output projection ``out_proj(layer)`` (``head_weight(W,
     rows)`` is that [d_head, d_model] block; no bias), ("mlp", l) from
-    ``layer.mlp``, ("resid", l), and ("embed",) = ``embed(tokens)``."""
+    ``layer.mlp``, ("resid", l), and ("embed",) = ``embed(tokens)``. With
+    ``post_norms(layer)`` = (norm after attention, norm after the MLP), as
+    in Gemma 2, a head's output is scaled as its share of the first norm
+    (weight / rms of the projection's output) and the MLP's is the second's."""
     import torch
 
     acts, hooks = {}, []
@@ -109,8 +114,16 @@ def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head
             acts[("mlp", l)] = out
         def resid_hook(mod, args, kwargs, l=l):
             acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
-        hooks += [out_proj(blk).register_forward_pre_hook(z_hook), blk.mlp.register_forward_hook(mlp_hook),
+        def share_hook(mod, args, l=l):  # the factor of Gemma's RMSNorm (weight 1 + w) on the heads' sum
+            x = args[0]
+            factor = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps) * (1.0 + mod.weight)
+            for h in range(n_heads):
+                acts[("head", l, h)] = acts[("head", l, h)] * factor
+        mlp_out = blk.mlp if post_norms is None else post_norms(blk)[1]
+        hooks += [out_proj(blk).register_forward_pre_hook(z_hook), mlp_out.register_forward_hook(mlp_hook),
                   blk.register_forward_pre_hook(resid_hook, with_kwargs=True)]
+        if post_norms is not None:
+            hooks.append(post_norms(blk)[0].register_forward_pre_hook(share_hook))
     with torch.no_grad():
         pt(tokens)
     for hk in hooks:

@@ -40,6 +40,26 @@ HUB = {
         "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
         "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
         "transformers_version": "4.38.0.dev0", "use_cache": True, "vocab_size": 256000},
+    "gemma-2-2b": {
+        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+        "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2",
+        "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+        "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": True, "vocab_size": 256000},
+    # its attention scale is sqrt(144), not sqrt(head_dim); sliding_window_size is an older name no one reads
+    "gemma-2-27b": {
+        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": 30.0, "head_dim": 128, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 4608, "initializer_range": 0.02,
+        "intermediate_size": 36864, "max_position_embeddings": 8192, "model_type": "gemma2",
+        "num_attention_heads": 32, "num_hidden_layers": 46, "num_key_value_heads": 16, "pad_token_id": 0,
+        "query_pre_attn_scalar": 144, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+        "sliding_window_size": 4096, "torch_dtype": "float32", "transformers_version": "4.42.0.dev0",
+        "use_cache": True, "vocab_size": 256000},
     "pythia-70m": {
         "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "classifier_dropout": 0.1, "eos_token_id": 0,
         "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048,
@@ -82,6 +102,8 @@ EXPECTED = {
     "Qwen2.5-0.5B": (24, 14, 64, 4864, 32768, 64, False, "silu"),
     "Mistral-7B-v0.1": (32, 32, 128, 14336, 4096, 128, False, "silu"),  # the sliding window bounds prompts
     "gemma-2b": (18, 8, 256, 16384, 8192, 256, False, "gelu_new"),
+    "gemma-2-2b": (26, 8, 256, 9216, 4096, 256, False, "gelu_new"),  # the sliding window bounds prompts
+    "gemma-2-27b": (46, 32, 128, 36864, 4096, 128, False, "gelu_new"),
     "pythia-70m": (6, 8, 64, 2048, 2048, 16, True, "gelu"),
     "phi-2": (32, 32, 80, 10240, 2048, 32, True, "gelu_new"),
     "gpt-j-6b": (28, 16, 256, 16384, 2048, 64, True, "gelu_new"),
@@ -111,11 +133,23 @@ def test_rotary_frequencies_are_transformers_own(name):
 
     cfg = HUB[name]
     hf = transformers.AutoConfig.for_model(**cfg)
-    module = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma", "gpt_neox": "gpt_neox",
-              "phi": "phi", "phi3": "phi3"}[cfg["model_type"]]
+    module = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
+              "gpt_neox": "gpt_neox", "phi": "phi", "phi3": "phi3"}[cfg["model_type"]]
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)
     c = _config(name)
     ours = np.asarray(c.rotary[1], np.float64)
     np.testing.assert_allclose(ours, rotary.inv_freq.double().numpy(), rtol=1e-6)
-    assert c.attn_scale == pytest.approx(math.sqrt(c.d_head) / rotary.attention_scaling ** 2)
+    scale = math.sqrt(cfg.get("query_pre_attn_scalar", c.d_head))  # Gemma 2 names its own
+    assert c.attn_scale == pytest.approx(scale / rotary.attention_scaling ** 2)
+
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-2-27b"])
+def test_gemma2_configs_read_their_caps_and_norms(name):
+    """The caps and query_pre_attn_scalar as transformers' Gemma2Config holds them."""
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(**HUB[name])
+    c = _config(name)
+    assert c.post_norm and (c.attn_softcap, c.logit_softcap) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
+    assert c.attn_scale == pytest.approx(hf.query_pre_attn_scalar ** 0.5)

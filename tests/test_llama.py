@@ -127,19 +127,22 @@ def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(llama, op
 
 def torch_patched_logits(pt, clean, corrupt, edge):
     """Cut edges by hand with forward hooks on HF Llama (or Phi-3, whose q, k
-    and v rows share one fused qkv_proj). `edge` is (kind, sender, receiver);
-    a k or v receiver is a key/value head group, whose query heads all get
-    the patched input."""
+    and v rows share one fused qkv_proj; or Gemma 2, whose senders are its
+    norms' shares and whose MLP reads pre_feedforward_layernorm). `edge` is
+    (kind, sender, receiver); a k or v receiver is a key/value head group,
+    whose query heads all get the patched input."""
     import torch
 
     cfg = pt.config
     H, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     layers = pt.model.layers
+    gemma2 = hasattr(layers[0], "pre_feedforward_layernorm")
+    post_norms = (lambda blk: (blk.post_attention_layernorm, blk.post_feedforward_layernorm)) if gemma2 else None
 
     def record(tokens):
         return record_senders(pt, tokens, layers, H, dh, lambda blk: blk.self_attn.o_proj,
-                              lambda W, rows: W[:, rows].T, lambda t: pt.model.embed_tokens.weight[t])
+                              lambda W, rows: W[:, rows].T, pt.model.embed_tokens, post_norms)
 
     clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
     a_clean, a_corr = record(clean_t), record(corrupt_t)
@@ -159,7 +162,9 @@ def torch_patched_logits(pt, clean, corrupt, edge):
             return out
         hook = proj.register_forward_hook(qkv_hook)
     elif receiver[0] == "mlp_in":
-        hook = layers[receiver[1]].post_attention_layernorm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
+        blk = layers[receiver[1]]
+        mlp_norm = blk.pre_feedforward_layernorm if gemma2 else blk.post_attention_layernorm
+        hook = mlp_norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
     else:
         hook = pt.model.norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
     with torch.no_grad():
