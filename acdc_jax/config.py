@@ -39,7 +39,10 @@ class TransformerConfig:
     it joins the residual stream: the sum of a layer's heads (``b_O`` is
     added after that norm) and the MLP's output. ``attn_softcap`` and
     ``logit_softcap`` cap the attention scores and the logits at ``c`` by
-    ``c * tanh(x / c)``.
+    ``c * tanh(x / c)``. ``qk_norm`` (Gemma 3) RMS-normalises each head's
+    query and key after the projection, before the rotation.
+    ``rotary_local_layers`` (Gemma 3's sliding-window layers) rotate with
+    ``rotary_local_inv_freq`` instead of the model's other frequencies.
     """
 
     n_layers: int
@@ -64,6 +67,9 @@ class TransformerConfig:
     post_norm: bool = False
     attn_softcap: Optional[float] = None
     logit_softcap: Optional[float] = None
+    qk_norm: bool = False
+    rotary_local_inv_freq: Optional[tuple[float, ...]] = None
+    rotary_local_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
@@ -100,11 +106,12 @@ class TransformerConfig:
                 raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
             if getattr(self, flag) and self.d_mlp is None:
                 raise ConfigError(f"TransformerConfig.{flag}=True needs an MLP: set d_mlp.")
-        if not isinstance(self.post_norm, bool):
-            raise ConfigError(f"TransformerConfig.post_norm must be a bool, got {self.post_norm!r}.")
-        if self.post_norm and self.normalization != "RMS":
-            raise ConfigError("TransformerConfig.post_norm=True needs normalization='RMS' (the norm after each "
-                              f"sublayer is an RMSNorm), got {self.normalization!r}.")
+        for flag in ("post_norm", "qk_norm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
+            if getattr(self, flag) and self.normalization != "RMS":
+                raise ConfigError(f"TransformerConfig.{flag}=True needs normalization='RMS' (its norms are "
+                                  f"RMSNorms), got {self.normalization!r}.")
         for name in ("attn_softcap", "logit_softcap"):
             cap = getattr(self, name)
             if cap is not None:
@@ -114,7 +121,10 @@ class TransformerConfig:
 
     def _check_rotary(self) -> None:
         if self.positional != "rotary":
-            for name in ("rotary_dim", "rotary_inv_freq"):
+            if self.rotary_local_layers:
+                raise ConfigError("TransformerConfig.rotary_local_layers is set but positional="
+                                  f"{self.positional!r}; set positional='rotary' or leave it empty.")
+            for name in ("rotary_dim", "rotary_inv_freq", "rotary_local_inv_freq"):
                 if getattr(self, name) is not None:
                     raise ConfigError(
                         f"TransformerConfig.{name} is set but positional={self.positional!r}; "
@@ -132,23 +142,38 @@ class TransformerConfig:
             raise ConfigError(f"TransformerConfig.rotary_base must be a float above 1, got {self.rotary_base!r}.")
         object.__setattr__(self, "rotary_base", float(self.rotary_base))
         object.__setattr__(self, "ln_eps", float(self.ln_eps))
-        if self.rotary_inv_freq is not None:
-            inv = tuple(float(f) for f in self.rotary_inv_freq)  # a list after JSON
-            if len(inv) != self.rotary_dim // 2 or not all(math.isfinite(f) and f > 0 for f in inv):
-                raise ConfigError(
-                    f"TransformerConfig.rotary_inv_freq must be rotary_dim / 2 = {self.rotary_dim // 2} positive "
-                    f"finite floats, got {len(inv)} values."
-                )
-            object.__setattr__(self, "rotary_inv_freq", inv)
+        for name in ("rotary_inv_freq", "rotary_local_inv_freq"):
+            if getattr(self, name) is not None:
+                inv = tuple(float(f) for f in getattr(self, name))  # a list after JSON
+                if len(inv) != self.rotary_dim // 2 or not all(math.isfinite(f) and f > 0 for f in inv):
+                    raise ConfigError(
+                        f"TransformerConfig.{name} must be rotary_dim / 2 = {self.rotary_dim // 2} positive "
+                        f"finite floats, got {len(inv)} values."
+                    )
+                object.__setattr__(self, name, inv)
+        local = tuple(self.rotary_local_layers)
+        if not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < self.n_layers for l in local) \
+                or len(set(local)) != len(local):
+            raise ConfigError(f"TransformerConfig.rotary_local_layers must name distinct layers 0..{self.n_layers - 1}, "
+                              f"got {self.rotary_local_layers!r}.")
+        if bool(local) != (self.rotary_local_inv_freq is not None):
+            raise ConfigError("TransformerConfig.rotary_local_layers and rotary_local_inv_freq go together: set both "
+                              "(the layers that rotate with the local frequencies, and those frequencies) or neither.")
+        object.__setattr__(self, "rotary_local_layers", tuple(sorted(local)))
 
     @property
-    def rotary(self) -> Optional[tuple[int, tuple[float, ...]]]:
-        """(rotary_dim, its rotary_dim / 2 inverse frequencies) for a rotary model, else None."""
+    def rotary(self) -> Optional[tuple]:
+        """(rotary_dim, its rotary_dim / 2 inverse frequencies) for a rotary
+        model, else None; with local layers, also their frequencies and a
+        0/1 flag per layer."""
         if self.positional != "rotary":
             return None
-        if self.rotary_inv_freq is not None:
-            return self.rotary_dim, self.rotary_inv_freq
-        return self.rotary_dim, default_inv_freq(self.rotary_dim, self.rotary_base)
+        inv = self.rotary_inv_freq if self.rotary_inv_freq is not None else default_inv_freq(self.rotary_dim,
+                                                                                             self.rotary_base)
+        if not self.rotary_local_layers:
+            return self.rotary_dim, inv
+        flags = tuple(int(l in self.rotary_local_layers) for l in range(self.n_layers))
+        return self.rotary_dim, inv, self.rotary_local_inv_freq, flags
 
     @property
     def attn_only(self) -> bool:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from .model import Transformer, _lead
+from .layers import _lead
+from .model import Transformer
 from .sharding import fetch
 from .tasks.base import kl_divergence
 

@@ -23,196 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import TransformerConfig
-
-
-def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
-    return 0.02 * jr.normal(key, shape, dtype=jnp.float32)
-
-
-class LayerNorm(eqx.Module):
-    """LayerNorm over the last axis, or RMSNorm (mode "RMS": no centring, a
-    weight and no bias). ``w`` is None for "LNPre" and "none", ``b`` unless "LN"."""
-
-    w: Optional[Float[Array, " d_model"]]
-    b: Optional[Float[Array, " d_model"]]
-    mode: str = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, d_model: int, mode: str, eps: float):
-        self.mode, self.eps = mode, eps
-        self.w = jnp.ones((d_model,), jnp.float32) if mode in ("LN", "RMS") else None
-        self.b = jnp.zeros((d_model,), jnp.float32) if mode == "LN" else None
-
-    def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
-        if self.mode == "none":
-            return x
-        if self.mode != "RMS":
-            x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        if self.w is not None:
-            x = x * _lead(self.w, x.ndim)
-        if self.b is not None:
-            x = x + _lead(self.b, x.ndim)
-        return x
-
-    def shares(self, parts: Float[Array, "*rest n pos d_model"]) -> Float[Array, "*rest n pos d_model"]:
-        """Each of `parts`' share of this RMSNorm of their sum: the parts times
-        the sum's weight / rms, so that the shares add up to the normalised sum."""
-        total = parts.sum(-3)
-        factor = jax.lax.rsqrt((total * total).mean(-1, keepdims=True) + self.eps) * _lead(self.w, total.ndim)
-        return parts * factor[..., None, :, :]
-
-
-def softcap(x: Array, cap: Optional[float]) -> Array:
-    """``cap * tanh(x / cap)`` (Gemma 2's cap on attention scores and logits), or x."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def _lead(a: Array, ndim: int) -> Array:
-    """Give `a` leading unit axes up to `ndim` (rank promotion is explicit here)."""
-    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
-
-
-Rotary = Optional[tuple[int, tuple[float, ...]]]  # (rotary_dim, inverse frequencies), as TransformerConfig.rotary
-
-
-def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"], rotary: Rotary):
-    """Rotary position embedding of queries or keys at `positions` (rotate-half
-    pairs over the first rotary_dim dimensions; the rest pass through)."""
-    if rotary is None:
-        return x
-    dim, inv_freq = rotary
-    inv_freq = jnp.asarray(inv_freq, dtype=jnp.float32)
-    angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]
-    cos, sin = _lead(jnp.cos(angle).astype(x.dtype), x.ndim), _lead(jnp.sin(angle).astype(x.dtype), x.ndim)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2 : dim]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., dim:]], axis=-1)
-
-
-def attention_pattern(
-    q: Float[Array, "n_heads q_pos d_head"],
-    k: Float[Array, "n_heads pos d_head"],
-    scale: float,
-    causal: bool,
-    q_positions: Optional[Int[Array, " q_pos"]] = None,
-    rotary: Rotary = None,
-    cap: Optional[float] = None,
-) -> Float[Array, "n_heads q_pos pos"]:
-    """Softmax attention weights; queries sit at `q_positions` (default: every
-    position), keys at every position."""
-    at = jnp.arange(q.shape[1]) if q_positions is None else q_positions
-    if rotary is not None:
-        q, k = rotate(q, at, rotary), rotate(k, jnp.arange(k.shape[1]), rotary)
-    scores = softcap(jnp.einsum("hqd,hkd->hqk", q, k) / scale, cap)
-    if causal:
-        allowed = (jnp.arange(k.shape[1])[None, :] <= at[:, None])[None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-def attend(
-    q: Float[Array, "n_heads q_pos d_head"],
-    k: Float[Array, "n_heads pos d_head"],
-    v: Float[Array, "n_heads pos d_head"],
-    scale: float,
-    causal: bool,
-    q_positions: Optional[Int[Array, " q_pos"]] = None,
-    rotary: Rotary = None,
-    cap: Optional[float] = None,
-) -> Float[Array, "n_heads q_pos d_head"]:
-    """Scaled dot-product attention per head; returns z (before W_O)."""
-    return jnp.einsum("hqk,hkd->hqd", attention_pattern(q, k, scale, causal, q_positions, rotary, cap), v)
-
-
-class Attention(eqx.Module):
-    W_Q: Float[Array, "n_heads d_model d_head"]
-    b_Q: Float[Array, "n_heads d_head"]
-    W_K: Float[Array, "n_heads d_model d_head"]
-    b_K: Float[Array, "n_heads d_head"]
-    W_V: Float[Array, "n_heads d_model d_head"]
-    b_V: Float[Array, "n_heads d_head"]
-    W_O: Float[Array, "n_heads d_head d_model"]
-    b_O: Float[Array, " d_model"]
-    scale: float = eqx.field(static=True)
-    causal: bool = eqx.field(static=True)
-    rotary: Rotary = eqx.field(static=True)
-    softcap: Optional[float] = eqx.field(static=True)
-
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        H, D, K = config.n_heads, config.d_model, config.d_head
-        kq, kk, kv, ko = jr.split(key, 4)
-        self.W_Q, self.W_K, self.W_V = (_normal(k, (H, D, K)) for k in (kq, kk, kv))
-        self.b_Q = self.b_K = self.b_V = jnp.zeros((H, K), jnp.float32)
-        self.W_O = _normal(ko, (H, K, D))
-        self.b_O = jnp.zeros((D,), jnp.float32)
-        self.scale, self.causal, self.rotary = config.attn_scale, config.causal, config.rotary
-        self.softcap = config.attn_softcap
-
-    def head_results(
-        self,
-        xq: Float[Array, "n q_pos d_model"],
-        xk: Float[Array, "n pos d_model"],
-        xv: Float[Array, "n pos d_model"],
-        heads: Optional[Int[Array, " n"]] = None,
-        q_positions: Optional[Int[Array, " q_pos"]] = None,
-    ) -> Float[Array, "n q_pos d_model"]:
-        """Each head's write to the residual stream (without b_O), from its own
-        (already normalised) query, key and value inputs; for the heads listed
-        in `heads` only, if given, and at the query positions `q_positions`
-        only, if given (then `xq` holds just those)."""
-        z = self.head_z(xq, xk, xv, heads, q_positions)
-        return jnp.einsum("hpk,hkd->hpd", z, self.W_O if heads is None else jnp.take(self.W_O, heads, axis=0))
-
-    def head_z(
-        self,
-        xq: Float[Array, "n q_pos d_model"],
-        xk: Float[Array, "n pos d_model"],
-        xv: Float[Array, "n pos d_model"],
-        heads: Optional[Int[Array, " n"]] = None,
-        q_positions: Optional[Int[Array, " q_pos"]] = None,
-    ) -> Float[Array, "n q_pos d_head"]:
-        """`head_results` before W_O."""
-        pick = (lambda a: a) if heads is None else (lambda a: jnp.take(a, heads, axis=0))
-        q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
-        k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
-        v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary, self.softcap)
-
-
-def activation(name: str, x: Array) -> Array:
-    if name == "gelu_new":
-        return jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if name == "silu":
-        return jax.nn.silu(x)
-    return jax.nn.relu(x)
-
-
-class MLP(eqx.Module):
-    """``act(x W_in + b_in) W_out + b_out``, or with ``W_gate`` (a gated MLP)
-    ``(act(x W_gate) * (x W_in + b_in)) W_out + b_out``."""
-
-    W_in: Float[Array, "d_model d_mlp"]
-    b_in: Float[Array, " d_mlp"]
-    W_gate: Optional[Float[Array, "d_model d_mlp"]]
-    W_out: Float[Array, "d_mlp d_model"]
-    b_out: Float[Array, " d_model"]
-    act_fn: str = eqx.field(static=True)
-
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        k1, k2 = jr.split(key)  # the gate's key apart, so that models without one initialise as before
-        self.W_in = _normal(k1, (config.d_model, config.d_mlp))
-        self.W_gate = _normal(jr.fold_in(key, 2), (config.d_model, config.d_mlp)) if config.gated_mlp else None
-        self.b_in = jnp.zeros((config.d_mlp,), jnp.float32)
-        self.W_out = _normal(k2, (config.d_mlp, config.d_model))
-        self.b_out = jnp.zeros((config.d_model,), jnp.float32)
-        self.act_fn = config.act_fn
-
-    def __call__(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest d_model"]:
-        h = x @ self.W_in + _lead(self.b_in, x.ndim)
-        h = activation(self.act_fn, h) if self.W_gate is None else activation(self.act_fn, x @ self.W_gate) * h
-        return h @ self.W_out + _lead(self.b_out, x.ndim)
+from .layers import MLP, Attention, LayerNorm, _lead, _normal, attention_pattern, softcap
 
 
 class Block(eqx.Module):
@@ -348,7 +159,8 @@ class Transformer(eqx.Module):
         tok, pos, pos_qk = self.embeddings(tokens)
         resid = tok if pos is None else tok + pos
 
-        def step(resid, block: Block):
+        def step(resid, xs):
+            block, index = xs
             resid_in = resid
             x = block.ln1(resid)
             xqk = x if pos_qk is None else x + pos_qk
@@ -356,7 +168,9 @@ class Transformer(eqx.Module):
             q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
             k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
             v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
-            pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary, cap=attn.softcap)
+            q, k = attn.normed(q, k)
+            pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary, cap=attn.softcap,
+                                        layer=index)
             z = jnp.einsum("hqk,hkd->hqd", pattern, v)
             if collect is True:
                 heads = block.head_senders(jnp.einsum("hpk,hkd->hpd", z, attn.W_O))
@@ -371,7 +185,7 @@ class Transformer(eqx.Module):
                 resid = resid + mlp_out
             return resid, (heads, mlp_out if collect is True else None)
 
-        resid, (heads, mlps) = jax.lax.scan(step, resid, self.blocks)
+        resid, (heads, mlps) = jax.lax.scan(step, resid, (self.blocks, jnp.arange(self.config.n_layers)))
         logits = self.unembed(self.ln_final(resid))
         if collect == "patterns":
             return logits, heads

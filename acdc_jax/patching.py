@@ -27,7 +27,8 @@ from jaxtyping import Array, Float, Int
 
 from .errors import TaskError
 from .graph import CircuitGraph
-from .model import SenderActivations, Transformer, _lead, check_token_values, layer
+from .layers import _lead
+from .model import SenderActivations, Transformer, check_token_values, layer
 
 
 class Corruption(eqx.Module):
@@ -227,7 +228,7 @@ def _heads_at(blk, graph: CircuitGraph, l, base, stacks, m_add, m_dir, pos_qk, h
     if pos_qk is not None:
         xq = xq + (pos_qk if q_positions is None else pos_qk[q_positions])[None]
         xk = xk + pos_qk[None]
-    return (blk.attn.head_z if z else blk.attn.head_results)(xq, xk, xv, heads, q_positions)
+    return (blk.attn.head_z if z else blk.attn.head_results)(xq, xk, xv, heads, q_positions, l)
 
 
 def start_layer_heads(model, graph, start_layer, up, m_add, m_dir, corr, pos_qk, heads=None,

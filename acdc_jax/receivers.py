@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .graph import CircuitGraph
-from .model import Transformer, attend, layer
+from .layers import attend
+from .model import Transformer, layer
 from .patching import _corrupt_base, corruption_axes, example_inputs
 
 
@@ -87,7 +88,7 @@ def cached_z(model: Transformer, graph: CircuitGraph, l: int, cache: ReceiverCac
     proj = proj + jnp.take(cache.const, heads, axis=0)
     q = proj[:, 0] if q_positions is None else proj[:, 0][:, q_positions]
     return attend(q, proj[:, 1], proj[:, 2], blk.attn.scale, blk.attn.causal, q_positions, blk.attn.rotary,
-                  blk.attn.softcap)
+                  blk.attn.softcap, l)
 
 
 def cached_flops(graph: CircuitGraph, l: int, heads: int, n_pos: int, n_q: int) -> int:

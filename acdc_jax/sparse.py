@@ -32,7 +32,8 @@ from jaxtyping import Array, Float
 from .flops import attention_flops
 from .fused_kl import final_bias, final_numerator, final_scale, residual_kl, streams
 from .graph import CircuitGraph, with_sentinels
-from .model import Transformer, _lead, layer
+from .layers import _lead
+from .model import Transformer, layer
 from .patching import _corrupt_base, _heads_at, corruption_axes, example_inputs
 from .receivers import ReceiverCache, cached_flops, cached_z
 from .tasks.base import TaskArrays
@@ -49,9 +50,10 @@ class BaseState(eqx.Module):
 
 def eligible(graph: CircuitGraph) -> bool:
     """Attention-only models whose heads write straight to the logits (no norm
-    after attention, no cap on the logits)."""
+    after attention, no cap on the logits) from linear projections of their
+    inputs' norms (no norm of each query and key)."""
     c = graph.config
-    return not graph.has_mlp and not c.post_norm and c.logit_softcap is None
+    return not graph.has_mlp and not c.post_norm and c.logit_softcap is None and not c.qk_norm
 
 
 def reach(graph: CircuitGraph, base: np.ndarray, cols: np.ndarray, start_layer: int) -> tuple[list, list]:

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma, Gemma 2, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma 1-3, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -17,7 +17,10 @@ Gemma 2 adds an RMSNorm after attention and after the MLP (``post_norm``:
 each head's sender is its share of the normalised sum of the layer's heads),
 caps attention scores and logits with ``c * tanh(x / c)``, and scales
 attention by ``query_pre_attn_scalar``. Its sliding-window layers see every
-key up to the window, so prompts are limited to it.
+key up to the window, so prompts are limited to it. Gemma 3 (``gemma3_text``)
+adds an RMSNorm of each head's query and key (``qk_norm``) and rotates its
+sliding-window layers with other frequencies than its global ones
+(`converters.gemma`).
 
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
@@ -38,11 +41,16 @@ from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
 from ._source import HF_INERT, Source, check_fields, require, stack
+from .gemma import gemma3_rotary
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
-_GEMMA = ("gemma", "gemma2")
-_GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_POST_NORM = ("gemma2", "gemma3_text")
+# fields that only these model types read
+_ONLY = {"query_pre_attn_scalar": _POST_NORM, "attn_logit_softcapping": _POST_NORM,
+         "final_logit_softcapping": _POST_NORM, "rope_local_base_freq": ("gemma3_text",),
+         "sliding_window_pattern": ("gemma3_text",), "_sliding_window_pattern": ("gemma3_text",)}
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -50,7 +58,7 @@ _HANDLED = {
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
     "attention_bias", "mlp_bias", "tie_word_embeddings", "sliding_window", "use_sliding_window",
     "max_window_layers", "layer_types", "pretraining_tp", "hidden_activation", "use_bidirectional_attention",
-    "original_max_position_embeddings", *_GEMMA2_FIELDS,
+    "original_max_position_embeddings", *_ONLY,
 }
 # Fields that do not change the eval-mode forward pass.
 _IGNORED = HF_INERT | {"attention_dropout", "resid_pdrop", "embd_pdrop",  # dropout
@@ -95,10 +103,11 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
-    gemma2 = model_type == "gemma2"
-    for field in _GEMMA2_FIELDS:
-        if field in hf and not gemma2:
-            raise ConfigError(f"{origin}: {field} is a Gemma 2 field; model_type {model_type!r} does not read it.")
+    post_norm = model_type in _POST_NORM
+    for field, types in _ONLY.items():
+        if field in hf and model_type not in types:
+            raise ConfigError(f"{origin}: {field} is read only for model_type {' or '.join(types)}; "
+                              f"{model_type!r} does not read it.")
     act = _activation(hf, model_type, origin)
     if hf.get("mlp_bias", False):
         raise ConfigError(f"{origin}: mlp_bias=true is not supported (the gated MLP here has no gate bias).")
@@ -108,29 +117,36 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     if n_heads % n_kv:
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     d_head = hf.get("head_dim") or d_model // n_heads
-    rope, attn_scale, qk_factor = _rope(hf, d_head, origin)
+    n_layers = require(hf, "num_hidden_layers", origin)
+    if model_type == "gemma3_text":
+        (rope, attn_scale, local, local_inv), qk_factor = gemma3_rotary(hf, d_head, n_layers, origin), 1.0
+    else:
+        (rope, attn_scale, qk_factor), local, local_inv = _rope(hf, d_head, origin), (), None
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
         n_ctx = window  # beyond the window the model masks keys; longer prompts are refused instead
     n_ctx = min(n_ctx, rope.n_ctx or n_ctx)
     config = TransformerConfig(
-        n_layers=require(hf, "num_hidden_layers", origin), d_model=d_model, n_heads=n_heads, d_head=d_head,
+        n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
         act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
-        gated_mlp=True, post_norm=gemma2, attn_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
-        logit_softcap=hf.get("final_logit_softcapping") if gemma2 else None,
+        gated_mlp=True, post_norm=post_norm, attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None, qk_norm=model_type == "gemma3_text",
+        rotary_local_inv_freq=local_inv, rotary_local_layers=local,
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
     qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))
     o_bias = model_type not in ("qwen2", "phi3") and bool(hf.get("attention_bias", False))
     if model_type in _GEMMA and hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{origin}: use_bidirectional_attention is not supported; causal attention only.")
-    if gemma2 and o_bias:
-        raise ConfigError(f"{origin}: attention_bias=true is not supported for Gemma 2: o_proj's bias sits inside "
-                          "the norm after attention, so it belongs to no head's share of it.")
-    return config, n_kv, (qkv_bias, o_bias), bool(hf.get("tie_word_embeddings", False)), qk_factor
+    if post_norm and o_bias:
+        raise ConfigError(f"{origin}: attention_bias=true is not supported for {model_type}: o_proj's bias sits "
+                          "inside the norm after attention, so it belongs to no head's share of it.")
+    # transformers' Gemma configs tie by default, and the published ones leave the field out
+    tied = bool(hf.get("tie_word_embeddings", model_type in _GEMMA))
+    return config, n_kv, (qkv_bias, o_bias), tied, qk_factor
 
 
 def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
@@ -194,6 +210,9 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
         put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
+        if config.qk_norm:
+            for letter in "qk":
+                put(f"blocks.attn.{letter}_norm.w", src.take(f"{p}self_attn.{letter}_norm.weight", (K,)) + np.float32(1))
         if config.post_norm:  # Gemma 2: post_attention_layernorm is the norm after attention, not before the MLP
             put("blocks.ln1_post.w", norm(p + "post_attention_layernorm.weight"))
             put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))

@@ -165,7 +165,8 @@ def to_transformer_lens(model: Transformer) -> tuple[dict[str, np.ndarray], dict
     if c.positional == "none":
         raise ConfigError("TransformerLens has no layout for a model without positional embeddings.")
     unwritten = [name for name, on in (("rotary", c.positional == "rotary"), ("RMSNorm", c.normalization == "RMS"),
-                                       ("gated_mlp", c.gated_mlp), ("parallel_attn_mlp", c.parallel_attn_mlp)) if on]
+                                       ("gated_mlp", c.gated_mlp), ("parallel_attn_mlp", c.parallel_attn_mlp),
+                                       ("capped", c.attn_softcap is not None or c.logit_softcap is not None)) if on]
     if unwritten:
         raise ConfigError(f"The TransformerLens export does not write {', '.join(unwritten)} models; "
                           "save them with acdc_jax.save instead.")

@@ -72,8 +72,8 @@ def _edit_config(saved, tmp_path, **changes):
 
 
 def test_unknown_architecture(saved, tmp_path):
-    d = _edit_config(saved, tmp_path, model_type="gemma3_text")
-    with pytest.raises(ConfigError, match="model_type='gemma3_text'"):
+    d = _edit_config(saved, tmp_path, model_type="olmo2")
+    with pytest.raises(ConfigError, match="model_type='olmo2'"):
         converters.convert(d)
 
 

@@ -154,6 +154,7 @@ def test_transformer_lens_parity(name):
     (dict(positional="none"), "without positional embeddings"),
     (dict(positional="rotary", normalization="RMS", gated_mlp=True, d_mlp=8), "rotary, RMSNorm, gated_mlp"),
     (dict(parallel_attn_mlp=True, d_mlp=8), "parallel_attn_mlp"),
+    (dict(logit_softcap=30.0), "capped"),
 ])
 def test_transformer_lens_export_refuses_what_it_cannot_write(fields, words):
     from acdc_jax import Transformer, TransformerConfig

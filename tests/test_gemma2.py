@@ -82,7 +82,7 @@ def test_query_pre_attn_scalar_sets_the_attention_scale(tmp_path):
 
 
 @pytest.mark.parametrize("case,change,error,words", [
-    ("gqa", dict(attention_bias=True), ConfigError, "attention_bias=true is not supported for Gemma 2"),
+    ("gqa", dict(attention_bias=True), ConfigError, "attention_bias=true is not supported for gemma2"),
     ("gqa", dict(use_bidirectional_attention=True), ConfigError, "use_bidirectional_attention"),
     ("gqa", dict(hidden_activation="silu"), ConfigError, "hidden_activation 'silu'"),
     ("gqa", dict(attn_logit_softcapping=-1.0), ConfigError, "attn_softcap must be a positive finite float"),
@@ -110,7 +110,7 @@ def test_a_missing_norm_after_the_mlp_is_named(tmp_path):
 def test_gemma2_fields_are_refused_elsewhere(tmp_path):
     random_hf_llama(tmp_path, name="llama")
     edit_config(tmp_path / "llama", {"final_logit_softcapping": 30.0})
-    with pytest.raises(ConfigError, match="final_logit_softcapping is a Gemma 2 field"):
+    with pytest.raises(ConfigError, match="final_logit_softcapping is read only for model_type gemma2 or gemma3_text"):
         converters.convert(tmp_path / "llama")
 
 
@@ -153,7 +153,7 @@ def test_patched_edges_match_pytorch_hooks(gemma2, names):
 def test_heads_normalised_alone_fail_the_hook_reference(gemma2, monkeypatch):
     """A mutation: each head's sender normalised on its own (not as its share
     of the norm of the heads' sum) misses PyTorch's patched logits."""
-    from acdc_jax.model import LayerNorm
+    from acdc_jax.layers import LayerNorm
 
     pt, model = gemma2
     names = ("blocks.0.attn.hook_result[1]->blocks.2.hook_k_input[2]",

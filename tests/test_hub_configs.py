@@ -60,6 +60,15 @@ HUB = {
         "query_pre_attn_scalar": 144, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
         "sliding_window_size": 4096, "torch_dtype": "float32", "transformers_version": "4.42.0.dev0",
         "use_cache": True, "vocab_size": 256000},
+    "gemma-3-1b-pt": {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+        "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144},
     "pythia-70m": {
         "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "classifier_dropout": 0.1, "eos_token_id": 0,
         "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048,
@@ -104,6 +113,7 @@ EXPECTED = {
     "gemma-2b": (18, 8, 256, 16384, 8192, 256, False, "gelu_new"),
     "gemma-2-2b": (26, 8, 256, 9216, 4096, 256, False, "gelu_new"),  # the sliding window bounds prompts
     "gemma-2-27b": (46, 32, 128, 36864, 4096, 128, False, "gelu_new"),
+    "gemma-3-1b-pt": (26, 4, 256, 6912, 512, 256, False, "gelu_new"),
     "pythia-70m": (6, 8, 64, 2048, 2048, 16, True, "gelu"),
     "phi-2": (32, 32, 80, 10240, 2048, 32, True, "gelu_new"),
     "gpt-j-6b": (28, 16, 256, 16384, 2048, 64, True, "gelu_new"),
@@ -127,7 +137,8 @@ def test_hub_configs_convert_as_their_model_cards_say(name):
     assert got == EXPECTED[name]
 
 
-@pytest.mark.parametrize("name", sorted(set(HUB) - {"gpt-j-6b"}))  # GPT-J's frequencies have no config field
+# GPT-J's frequencies have no config field; Gemma 3 has two sets (below)
+@pytest.mark.parametrize("name", sorted(set(HUB) - {"gpt-j-6b", "gemma-3-1b-pt"}))
 def test_rotary_frequencies_are_transformers_own(name):
     import transformers
 
@@ -153,3 +164,19 @@ def test_gemma2_configs_read_their_caps_and_norms(name):
     c = _config(name)
     assert c.post_norm and (c.attn_softcap, c.logit_softcap) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
     assert c.attn_scale == pytest.approx(hf.query_pre_attn_scalar ** 0.5)
+
+
+def test_gemma3_reads_both_layer_types_rotations():
+    """Every sixth layer global (rotary base 1e6), the rest local (1e4), as
+    transformers' Gemma3RotaryEmbedding holds them; queries and keys normed."""
+    import transformers
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    hf = transformers.AutoConfig.for_model(**HUB["gemma-3-1b-pt"])
+    rotary, c = Gemma3RotaryEmbedding(hf), _config("gemma-3-1b-pt")
+    assert c.qk_norm and c.post_norm and (c.attn_softcap, c.logit_softcap) == (None, None)
+    assert c.rotary_local_layers == tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
+    assert len(c.rotary_local_layers) == 22
+    ours = np.asarray(c.rotary[1], np.float64)
+    np.testing.assert_allclose(ours, rotary.full_attention_inv_freq.double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(c.rotary_local_inv_freq, rotary.sliding_attention_inv_freq.double().numpy(), rtol=1e-6)

@@ -1,0 +1,74 @@
+"""Gemma 3's rotary settings (``Gemma3TextConfig``): its sliding-window
+("local") layers and its full-attention ("global") layers rotate with
+different frequencies. The weights load as the Llama family's
+(`converters.llama`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+from acdc_jax.config import default_inv_freq
+from acdc_jax.errors import ConfigError
+
+from .rope import Rope, rope_settings
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # transformers' defaults
+
+
+def local_layers(hf: Mapping[str, Any], n_layers: int, origin: str) -> tuple[int, ...]:
+    """The sliding-window layers: from ``layer_types``, else every layer but
+    each ``sliding_window_pattern``-th (6 by default), as transformers reads them."""
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))  # transformers 5 saves the latter
+        if not (isinstance(pattern, int) and pattern >= 1):
+            raise ConfigError(f"{origin}: sliding_window_pattern must be a positive int, got {pattern!r}.")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(f"{origin}: layer_types must give one of {LAYER_TYPES} for each of the {n_layers} layers, "
+                          f"got {types!r}.")
+    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+def gemma3_ropes(hf: Mapping[str, Any], d_head: int, origin: str) -> dict[str, Rope]:
+    """Each layer type's `Rope`: transformers 5's ``rope_parameters`` per
+    layer type, or the older ``rope_theta`` and ``rope_scaling`` (global
+    layers) and ``rope_local_base_freq`` (local layers). A cos/sin factor
+    other than 1 is refused: the per-head norms come after the projection,
+    so it folds into no weight here."""
+    params = hf.get("rope_parameters")
+    if params is not None and not set(params) <= set(LAYER_TYPES):
+        raise ConfigError(f"{origin}: Gemma 3's rope_parameters must be given per layer type {LAYER_TYPES}, "
+                          f"got the fields {sorted(params)}.")
+    if params is None:
+        params = {"full_attention": {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq")}}
+    elif any(k in hf for k in ("rope_theta", "rope_scaling", "rope_local_base_freq")):
+        raise ConfigError(f"{origin}: rope_parameters and the older rope_theta / rope_scaling / rope_local_base_freq "
+                          "are both given; keep one.")
+    ropes = {}
+    for kind in LAYER_TYPES:
+        sub = {k: v for k, v in (params.get(kind) or {}).items() if v is not None}
+        sub.setdefault("rope_theta", DEFAULT_THETA[kind])
+        rope = rope_settings({"rope_parameters": sub, "max_position_embeddings": hf.get("max_position_embeddings")},
+                             f"{origin} ({kind} rope)", d_head)
+        if rope.attention_factor != 1.0 or rope.rotary_dim != d_head:
+            raise ConfigError(f"{origin}: Gemma 3's {kind} rope must rotate the whole head with no cos/sin factor "
+                              f"(got {rope.rotary_dim} of {d_head} dimensions, factor {rope.attention_factor}).")
+        ropes[kind] = rope
+    return ropes
+
+
+def gemma3_rotary(hf: Mapping[str, Any], d_head: int, n_layers: int, origin: str
+                  ) -> tuple[Rope, float, tuple[int, ...], Optional[tuple[float, ...]]]:
+    """The global layers' `Rope`, the attention scale, the local layers and
+    their inverse frequencies (None without local layers)."""
+    if hf.get("attn_logit_softcapping") is not None:
+        raise ConfigError(f"{origin}: attn_logit_softcapping is set, but transformers' Gemma 3 does not apply it "
+                          "(its per-head norms took its place); set it to null.")
+    ropes, local = gemma3_ropes(hf, d_head, origin), local_layers(hf, n_layers, origin)
+    sliding = ropes["sliding_attention"]
+    local_inv = (sliding.inv_freq or default_inv_freq(sliding.rotary_dim, sliding.base)) if local else None
+    return ropes["full_attention"], math.sqrt(hf.get("query_pre_attn_scalar") or d_head), local, local_inv

@@ -1,0 +1,213 @@
+"""Gemma 3 text checkpoints (``Gemma3ForCausalLM``, ``gemma3_text``) against
+transformers: logits parity with per-head query and key norms, local and
+global layers that rotate with different frequencies (from transformers 5's
+per-layer-type ``rope_parameters`` and from the older fields), the norms
+after attention and the MLP; edges cut by PyTorch hooks; ACDC against the
+reference loop; mutations; refusals by name."""
+
+import copy
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import converters
+from acdc_jax import CircuitGraph
+from acdc_jax.checkpoint import fill_model, model_arrays
+from acdc_jax.config import TransformerConfig
+from acdc_jax.errors import CheckpointError, ConfigError
+
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama
+from .test_gemma2 import _parity, _random_task
+from .test_llama import EDGES, torch_patched_logits
+
+VOCAB = 61
+ROPES = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}
+CASES = {
+    # layers 0 and 2 local, 1 global; the global rope linearly scaled, as in Gemma 3 4B and up
+    "gqa-local-global": dict(n_kv=2, n_layers=3, sliding_window=16, sliding_window_pattern=2, rope_parameters=ROPES),
+    "mqa-scalar-capped": dict(n_kv=1, head_dim=12, query_pre_attn_scalar=10, final_logit_softcapping=1.0,
+                              sliding_window=12, rope_parameters=ROPES),
+    "mha-global-untied": dict(n_kv=4, layer_types=["full_attention"] * 2, tie_word_embeddings=False),
+}
+
+
+def _random(tmp_path, case, **kw):
+    return random_hf_llama(tmp_path, model_type="gemma3_text", name=case, scale=0.3,
+                           **copy.deepcopy({**CASES[case], **kw}))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    pt, model = _random(tmp_path, case)
+    c = model.config
+    assert c.qk_norm and c.post_norm and c.attn_softcap is None
+    assert c.rotary_local_layers == {"gqa-local-global": (0, 2), "mqa-scalar-capped": (0, 1),
+                                     "mha-global-untied": ()}[case]
+    assert _parity(model, pt) <= 1e-5
+
+
+def test_the_two_layer_types_rotate_as_transformers_does(tmp_path):
+    pt, model = _random(tmp_path, "gqa-local-global")
+    rotary = pt.model.rotary_emb
+    np.testing.assert_allclose(model.config.rotary_inv_freq, rotary.full_attention_inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.config.rotary_local_inv_freq, rotary.sliding_attention_inv_freq.numpy(), rtol=1e-6)
+
+
+def test_the_older_rope_fields_read_the_same(tmp_path):
+    """Configs written before transformers 5 give rope_theta and rope_scaling
+    (global layers), rope_local_base_freq and sliding_window_pattern."""
+    pt, _ = _random(tmp_path, "gqa-local-global")
+    path = tmp_path / "gqa-local-global" / "config.json"
+    cfg = json.loads(path.read_text())
+    for name in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+        cfg.pop(name, None)
+    cfg.update(rope_theta=1000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=50.0,
+               sliding_window_pattern=2)
+    path.write_text(json.dumps(cfg))
+    model = converters.convert(tmp_path / "gqa-local-global")
+    assert model.config.rotary_local_layers == (0, 2)
+    assert _parity(model, pt) <= 1e-5
+
+
+def test_each_gemma3_difference_is_needed_for_parity(tmp_path):
+    """Mutations fail parity: every layer rotated with the global frequencies,
+    the two frequencies swapped, or the per-head norms' weights dropped."""
+    pt, model = _random(tmp_path, "gqa-local-global")
+    c, arrays = model.config, model_arrays(model)
+    mutants = [
+        dataclasses.replace(c, rotary_local_inv_freq=None, rotary_local_layers=()),
+        dataclasses.replace(c, rotary_inv_freq=c.rotary_local_inv_freq, rotary_local_inv_freq=c.rotary_inv_freq),
+    ]
+    for config in mutants:
+        assert _parity(fill_model(config, arrays), pt) > 1e-3
+    ones = {n: np.ones_like(a) for n, a in arrays.items() if n.endswith(("q_norm.w", "k_norm.w"))}
+    assert _parity(fill_model(c, {**arrays, **ones}), pt) > 1e-3
+
+
+@pytest.mark.parametrize("case,change,error,words", [
+    ("gqa-local-global", dict(attn_logit_softcapping=50.0), ConfigError, "transformers' Gemma 3 does not apply it"),
+    ("gqa-local-global", dict(rope_parameters={"rope_type": "default", "rope_theta": 10.0}), ConfigError,
+     "rope_parameters must be given per layer type"),
+    ("gqa-local-global", dict(rope_theta=10.0), ConfigError, "are both given; keep one"),
+    ("gqa-local-global", dict(layer_types=["full_attention"]), ConfigError, "for each of the 3 layers"),
+    ("gqa-local-global", dict(rope_parameters={**ROPES, "full_attention": {
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0, "original_max_position_embeddings": 16}}),
+     ConfigError, "no cos/sin factor"),
+    ("gqa-local-global", dict(attention_bias=True), ConfigError, "attention_bias=true is not supported for gemma3_text"),
+])
+def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
+    _random(tmp_path, case)
+    edit_config(tmp_path / case, change)
+    with pytest.raises(error, match=words):
+        converters.convert(tmp_path / case)
+
+
+def test_a_missing_key_norm_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _random(tmp_path, "mha-global-untied")
+    path = tmp_path / "mha-global-untied" / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="Missing tensor 'model.layers.1.self_attn.k_norm.weight'"):
+        converters.convert(tmp_path / "mha-global-untied")
+
+
+def test_a_config_without_tie_word_embeddings_is_tied_as_transformers_reads_it(tmp_path):
+    """Published Gemma configs leave tie_word_embeddings out; transformers'
+    Gemma configs default it to true, and their checkpoints hold no lm_head."""
+    from safetensors.numpy import load_file
+
+    pt, _ = _random(tmp_path, "gqa-local-global")
+    directory = tmp_path / "gqa-local-global"
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    assert "lm_head.weight" not in load_file(str(directory / "model.safetensors"))
+    assert _parity(converters.convert(directory), pt) <= 1e-5
+
+
+@pytest.mark.parametrize("fields,words", [
+    (dict(rotary_local_layers=(0,)), "go together"),
+    (dict(rotary_local_layers=(3,), rotary_local_inv_freq=(1.0, 0.5)), "distinct layers 0..1"),
+    (dict(rotary_local_layers=(0,), rotary_local_inv_freq=(1.0,)), "rotary_dim / 2 = 2"),
+    (dict(qk_norm=True, normalization="LN"), "qk_norm=True needs normalization='RMS'"),
+])
+def test_bad_rotary_and_norm_settings_are_refused(fields, words):
+    base = dict(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=6, d_mlp=8, normalization="RMS",
+                positional="rotary")
+    with pytest.raises(ConfigError, match=words):
+        TransformerConfig(**{**base, **fields})
+
+
+# --- the edge-decomposed forward ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return random_hf_llama(tmp_path_factory.mktemp("gemma3"), model_type="gemma3_text", n_layers=3, n_kv=2, seed=1,
+                           scale=0.3, sliding_window=16, sliding_window_pattern=2, rope_parameters=copy.deepcopy(ROPES),
+                           final_logit_softcapping=1.0)
+
+
+def _tokens(seed, shape=(3, 9)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
+
+
+def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(gemma3):
+    _, model = gemma3
+    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
+
+
+@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
+def test_patched_edges_match_pytorch_hooks(gemma3, names):
+    """The Llama tests' edges, cut by their hook reference on q_proj, k_proj
+    and v_proj (transformers then applies the per-head norms and the layer's
+    own rotation to the patched projection)."""
+    pt, model = gemma3
+    clean, corrupt = _tokens(7), _tokens(8)
+    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
+
+
+def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(gemma3, monkeypatch):
+    from acdc_jax import acdc
+
+    from .helpers import force_accelerator_path
+    from .test_acdc import _decisions, _reference
+
+    _, model = gemma3
+    task, tau = _random_task(4), 1e-2
+    ref = _reference(model, task, tau, task.make_corruption(model))
+    assert 0 < sum(kept for *_, kept in ref) < len(ref)
+    for mode in ("sequential", "batched"):
+        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
+    force_accelerator_path(monkeypatch)
+    assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau", [1e-3, 3e-2])
+def test_batched_acdc_decides_like_the_sequential_loop_at_more_taus(gemma3, tau):
+    from .test_batched_equals_sequential import _same
+
+    _, model = gemma3
+    circuit = _same(model, _random_task(4), tau)
+    assert 0 < circuit.n_edges < CircuitGraph(model.config).n_edges
+
+
+def test_saved_and_loaded_in_our_own_format(gemma3, tmp_path):
+    """acdc_jax.save writes the new config fields to JSON and back: the same
+    config (so the same graph) and the same logits."""
+    from acdc_jax import save
+
+    _, model = gemma3
+    save(model, tmp_path / "saved")
+    loaded = converters.convert(tmp_path / "saved")
+    assert loaded.config == model.config
+    CircuitGraph(model.config).check_config(loaded.config)
+    assert np.array_equal(np.asarray(loaded(_tokens(3))), np.asarray(model(_tokens(3))))
