@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Gemma 1-3, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -22,6 +22,9 @@ adds an RMSNorm of each head's query and key (``qk_norm``) and rotates its
 sliding-window layers with other frequencies than its global ones
 (`converters.gemma`).
 
+Qwen3 is Llama with an RMSNorm of each head's query and key after the
+projection (``qk_norm``), and biases on all four projections or none.
+
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
 embedding that may cover part of each head, and LongRoPE, whose short
@@ -32,7 +35,7 @@ factors hold for prompts up to ``original_max_position_embeddings`` tokens
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -44,7 +47,7 @@ from ._source import HF_INERT, Source, check_fields, require, stack
 from .gemma import gemma3_rotary
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
 # fields that only these model types read
@@ -133,7 +136,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
         gated_mlp=True, post_norm=post_norm, attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None, qk_norm=model_type == "gemma3_text",
+        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None, qk_norm=model_type in ("gemma3_text", "qwen3"),
         rotary_local_inv_freq=local_inv, rotary_local_layers=local,
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
@@ -166,7 +169,7 @@ def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
 
 
 def _sliding_window(hf: Mapping[str, Any], model_type: str):
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         return None
     return hf.get("sliding_window")
 
@@ -181,8 +184,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         state_dict = _split_fused(state_dict, config, n_kv, origin)
     src = Source(state_dict, origin)
 
-    def norm(key: str) -> np.ndarray:
-        w = src.take(key, (D,))
+    def norm(key: str, size: Optional[int] = None) -> np.ndarray:
+        w = src.take(key, (size or D,))
         return w + np.float32(1) if gemma else w
 
     L, D, H, K, M, V = config.n_layers, config.d_model, config.n_heads, config.d_head, config.d_mlp, config.d_vocab
@@ -212,7 +215,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
         if config.qk_norm:
             for letter in "qk":
-                put(f"blocks.attn.{letter}_norm.w", src.take(f"{p}self_attn.{letter}_norm.weight", (K,)) + np.float32(1))
+                put(f"blocks.attn.{letter}_norm.w", norm(f"{p}self_attn.{letter}_norm.weight", K))
         if config.post_norm:  # Gemma 2: post_attention_layernorm is the norm after attention, not before the MLP
             put("blocks.ln1_post.w", norm(p + "post_attention_layernorm.weight"))
             put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))

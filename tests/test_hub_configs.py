@@ -27,6 +27,14 @@ HUB = {
         "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+        "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+        "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
     "Mistral-7B-v0.1": {
         "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
         "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -109,6 +117,7 @@ HUB = {
 EXPECTED = {
     "Llama-3.2-1B": (16, 32, 64, 8192, 131072, 64, False, "silu"),
     "Qwen2.5-0.5B": (24, 14, 64, 4864, 32768, 64, False, "silu"),
+    "Qwen3-0.6B": (28, 16, 128, 3072, 40960, 128, False, "silu"),
     "Mistral-7B-v0.1": (32, 32, 128, 14336, 4096, 128, False, "silu"),  # the sliding window bounds prompts
     "gemma-2b": (18, 8, 256, 16384, 8192, 256, False, "gelu_new"),
     "gemma-2-2b": (26, 8, 256, 9216, 4096, 256, False, "gelu_new"),  # the sliding window bounds prompts
@@ -144,7 +153,7 @@ def test_rotary_frequencies_are_transformers_own(name):
 
     cfg = HUB[name]
     hf = transformers.AutoConfig.for_model(**cfg)
-    module = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
+    module = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
               "gpt_neox": "gpt_neox", "phi": "phi", "phi3": "phi3"}[cfg["model_type"]]
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)

@@ -1,0 +1,66 @@
+"""Qwen3 checkpoints (``Qwen3ForCausalLM``): Llama with an RMSNorm of each
+head's query and key. Logits parity is in test_llama.py; here the norms'
+weights are shown to matter, edges are cut by PyTorch hooks on q_proj,
+k_proj and v_proj (transformers then normalises the patched projection),
+and ACDC makes the reference loop's decisions."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax import CircuitGraph
+from acdc_jax.checkpoint import fill_model, model_arrays
+
+from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, torch_logits
+from .test_gemma2 import _random_task
+from .test_llama import EDGES, torch_patched_logits
+
+VOCAB = 61
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return random_hf_llama(tmp_path_factory.mktemp("qwen3"), model_type="qwen3", n_layers=3, n_kv=2, seed=2,
+                           scale=0.3)
+
+
+def _tokens(seed, shape=(3, 9)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
+
+
+def test_the_query_and_key_norms_are_read_and_needed(qwen3):
+    pt, model = qwen3
+    assert model.config.qk_norm and not model.config.post_norm
+    arrays = model_arrays(model)
+    np.testing.assert_array_equal(arrays["blocks.attn.q_norm.w"][1], pt.model.layers[1].self_attn.q_norm.weight.detach().numpy())
+    tokens = np.asarray(_tokens(5))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    ones = {n: np.ones_like(a) for n, a in arrays.items() if n.endswith(("q_norm.w", "k_norm.w"))}
+    mutant = fill_model(model.config, {**arrays, **ones})
+    assert np.abs(np.asarray(mutant(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() > 1e-3
+
+
+def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(qwen3):
+    _, model = qwen3
+    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
+
+
+@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
+def test_patched_edges_match_pytorch_hooks(qwen3, names):
+    pt, model = qwen3
+    clean, corrupt = _tokens(7), _tokens(8)
+    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
+    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
+
+
+def test_acdc_matches_the_reference_loop(qwen3):
+    from acdc_jax import acdc
+
+    from .test_acdc import _decisions, _reference
+
+    _, model = qwen3
+    task, tau = _random_task(5), 1e-2
+    ref = _reference(model, task, tau, task.make_corruption(model))
+    assert 0 < sum(kept for *_, kept in ref) < len(ref)
+    for mode in ("sequential", "batched"):
+        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
