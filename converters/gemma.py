@@ -72,3 +72,52 @@ def gemma3_rotary(hf: Mapping[str, Any], d_head: int, n_layers: int, origin: str
     sliding = ropes["sliding_attention"]
     local_inv = (sliding.inv_freq or default_inv_freq(sliding.rotary_dim, sliding.base)) if local else None
     return ropes["full_attention"], math.sqrt(hf.get("query_pre_attn_scalar") or d_head), local, local_inv
+
+
+# transformers' Gemma3TextConfig defaults: an image-text config's text_config gives only the fields that differ
+TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "attention_bias": False, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+}
+# the image-text config's own fields that do not change the text model's forward pass
+_IMAGE_TEXT_FIELDS = {"text_config", "vision_config", "model_type", "mm_tokens_per_image", "boi_token_index",
+                      "eoi_token_index", "image_token_index", "tie_word_embeddings"}
+_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+             ("language_model.lm_head.", "lm_head."))
+_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def image_text_config(hf: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """The text model's config of a Gemma 3 image-text checkpoint
+    (``Gemma3ForConditionalGeneration``, model_type ``gemma3``): its
+    ``text_config`` over transformers' defaults, and the tying of the LM head."""
+    from ._source import HF_INERT
+
+    unknown = sorted(set(hf) - _IMAGE_TEXT_FIELDS - HF_INERT)
+    if unknown:
+        raise ConfigError(f"{origin}: unsupported field(s) {unknown} in a Gemma 3 image-text config.")
+    text = dict(hf.get("text_config") or {})
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ConfigError(f"{origin}: text_config has model_type {text['model_type']!r}; Gemma 3's is 'gemma3_text'.")
+    ties = {hf.get("tie_word_embeddings"), text.get("tie_word_embeddings")} - {None}
+    if len(ties) > 1:
+        raise ConfigError(f"{origin}: tie_word_embeddings differs between the config and its text_config; "
+                          "the LM head's source is unclear.")
+    return {**TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "tie_word_embeddings": ties.pop() if ties else True}
+
+
+def image_text_weights(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The text model's tensors of a Gemma 3 image-text checkpoint under
+    ``Gemma3ForCausalLM``'s names; the vision tower and projector are dropped."""
+    out = {}
+    for name, value in state_dict.items():
+        if name.startswith(_VISION):
+            continue
+        for old, new in _PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = value
+    return out

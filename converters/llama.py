@@ -17,10 +17,10 @@ Gemma 2 adds an RMSNorm after attention and after the MLP (``post_norm``:
 each head's sender is its share of the normalised sum of the layer's heads),
 caps attention scores and logits with ``c * tanh(x / c)``, and scales
 attention by ``query_pre_attn_scalar``. Its sliding-window layers see every
-key up to the window, so prompts are limited to it. Gemma 3 (``gemma3_text``)
-adds an RMSNorm of each head's query and key (``qk_norm``) and rotates its
-sliding-window layers with other frequencies than its global ones
-(`converters.gemma`).
+key up to the window, so prompts are limited to it. Gemma 3 (``gemma3_text``,
+or the text model of an image-text ``gemma3`` checkpoint) adds an RMSNorm of
+each head's query and key (``qk_norm``) and rotates its sliding-window
+layers with other frequencies than its global ones (`converters.gemma`).
 
 Qwen3 is Llama with an RMSNorm of each head's query and key after the
 projection (``qk_norm``), and biases on all four projections or none.
@@ -44,10 +44,10 @@ from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
 from ._source import HF_INERT, Source, check_fields, require, stack
-from .gemma import gemma3_rotary
+from .gemma import gemma3_rotary, image_text_config, image_text_weights
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
 # fields that only these model types read
@@ -102,6 +102,8 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     """TransformerConfig, the number of key/value heads, whether (q/k/v, o)
     have biases, whether the unembedding is tied, and the factor for the
     rotated columns of W_Q and W_K (1 unless only part of a head rotates)."""
+    if hf.get("model_type") == "gemma3":
+        hf = image_text_config(hf, origin)
     check_fields(hf, handled=_HANDLED, ignored=_IGNORED, origin=origin)
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
@@ -178,6 +180,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
                   origin: str = "Llama state dict") -> Transformer:
     """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
+    if hf_config.get("model_type") == "gemma3":  # an image-text checkpoint: its text model
+        hf_config, state_dict = image_text_config(hf_config, origin), image_text_weights(state_dict)
     config, n_kv, (qkv_bias, o_bias), tied, qk_factor = llama_config(hf_config)
     gemma = hf_config["model_type"] in _GEMMA
     if hf_config["model_type"] == "phi3":

@@ -211,3 +211,75 @@ def test_saved_and_loaded_in_our_own_format(gemma3, tmp_path):
     assert loaded.config == model.config
     CircuitGraph(model.config).check_config(loaded.config)
     assert np.array_equal(np.asarray(loaded(_tokens(3))), np.asarray(model(_tokens(3))))
+
+
+# --- image-text checkpoints (Gemma 3 4B and up): the text model ----------------------
+
+def _image_text(tmp_path, name="image-text"):
+    """A random Gemma3ForConditionalGeneration (a tiny SigLIP tower), saved and converted."""
+    import torch
+    import transformers
+
+    from .helpers import _perturbed
+
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=VOCAB + 8, max_position_embeddings=64, sliding_window=16,
+                sliding_window_pattern=2, rope_parameters=copy.deepcopy(ROPES))
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2,
+                                       image_token_index=VOCAB + 3)
+    torch.manual_seed(3)
+    return _perturbed(transformers.Gemma3ForConditionalGeneration(config), 0.3, tmp_path / name)
+
+
+def test_an_image_text_checkpoints_text_model_matches_transformers(tmp_path):
+    """Text-only prompts through Gemma3ForConditionalGeneration: its vision
+    tower and projector are dropped, its language model converted."""
+    from .helpers import torch_logits
+
+    pt, model = _image_text(tmp_path)
+    assert model.config.rotary_local_layers == (0, 2) and model.config.qk_norm
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 12))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
+
+
+def test_the_image_text_names_of_other_transformers_versions_convert_alike(tmp_path):
+    """transformers 4.52-4.57 kept the language model under
+    ``model.language_model.`` and the tower under ``model.vision_tower.``."""
+    from safetensors.numpy import load_file, save_file
+
+    _, model = _image_text(tmp_path)
+    path = tmp_path / "image-text" / "model.safetensors"
+    renamed = {}
+    for name, value in load_file(str(path)).items():
+        for old, new in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        renamed[name] = value
+    save_file(renamed, str(path))
+    again = converters.convert(tmp_path / "image-text")
+    assert np.array_equal(np.asarray(again(_tokens(2))), np.asarray(model(_tokens(2))))
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(tie_word_embeddings=False), "tie_word_embeddings differs"),
+    (dict(audio_config={}), r"unsupported field\(s\) \['audio_config'\]"),
+    (dict(text_config={"model_type": "gemma2"}), "text_config has model_type 'gemma2'"),
+])
+def test_bad_image_text_configs_are_refused_by_name(tmp_path, change, words):
+    _image_text(tmp_path)
+    directory = tmp_path / "image-text"
+    cfg = json.loads((directory / "config.json").read_text())
+    if "text_config" in change:
+        cfg["text_config"].update(change["text_config"])
+    else:
+        cfg.update(change)
+        cfg["text_config"]["tie_word_embeddings"] = True
+    (directory / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=words):
+        converters.convert(directory)

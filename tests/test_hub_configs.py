@@ -77,6 +77,18 @@ HUB = {
         "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
         "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
         "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144},
+    # image-text: its text_config gives only what differs from transformers' Gemma3TextConfig defaults
+    "gemma-3-4b-pt": {
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+        "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+        "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False}},
     "pythia-70m": {
         "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "classifier_dropout": 0.1, "eos_token_id": 0,
         "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048,
@@ -123,6 +135,7 @@ EXPECTED = {
     "gemma-2-2b": (26, 8, 256, 9216, 4096, 256, False, "gelu_new"),  # the sliding window bounds prompts
     "gemma-2-27b": (46, 32, 128, 36864, 4096, 128, False, "gelu_new"),
     "gemma-3-1b-pt": (26, 4, 256, 6912, 512, 256, False, "gelu_new"),
+    "gemma-3-4b-pt": (34, 8, 256, 10240, 1024, 256, False, "gelu_new"),
     "pythia-70m": (6, 8, 64, 2048, 2048, 16, True, "gelu"),
     "phi-2": (32, 32, 80, 10240, 2048, 32, True, "gelu_new"),
     "gpt-j-6b": (28, 16, 256, 16384, 2048, 64, True, "gelu_new"),
@@ -147,7 +160,7 @@ def test_hub_configs_convert_as_their_model_cards_say(name):
 
 
 # GPT-J's frequencies have no config field; Gemma 3 has two sets (below)
-@pytest.mark.parametrize("name", sorted(set(HUB) - {"gpt-j-6b", "gemma-3-1b-pt"}))
+@pytest.mark.parametrize("name", sorted(set(HUB) - {"gpt-j-6b", "gemma-3-1b-pt", "gemma-3-4b-pt"}))
 def test_rotary_frequencies_are_transformers_own(name):
     import transformers
 
@@ -175,17 +188,23 @@ def test_gemma2_configs_read_their_caps_and_norms(name):
     assert c.attn_scale == pytest.approx(hf.query_pre_attn_scalar ** 0.5)
 
 
-def test_gemma3_reads_both_layer_types_rotations():
-    """Every sixth layer global (rotary base 1e6), the rest local (1e4), as
-    transformers' Gemma3RotaryEmbedding holds them; queries and keys normed."""
+@pytest.mark.parametrize("name,n_local", [("gemma-3-1b-pt", 22), ("gemma-3-4b-pt", 29)])
+def test_gemma3_reads_both_layer_types_rotations(name, n_local):
+    """Every sixth layer global (rotary base 1e6; 4B: linearly scaled by 8),
+    the rest local (1e4), as transformers' Gemma3RotaryEmbedding holds them;
+    queries and keys normed. The 4B image-text config's text model fills its
+    text_config with transformers' defaults."""
     import transformers
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
-    hf = transformers.AutoConfig.for_model(**HUB["gemma-3-1b-pt"])
-    rotary, c = Gemma3RotaryEmbedding(hf), _config("gemma-3-1b-pt")
+    hf = transformers.AutoConfig.for_model(**HUB[name])
+    hf = hf.text_config if name == "gemma-3-4b-pt" else hf
+    rotary, c = Gemma3RotaryEmbedding(hf), _config(name)
     assert c.qk_norm and c.post_norm and (c.attn_softcap, c.logit_softcap) == (None, None)
+    assert (c.n_heads, c.d_head, c.d_vocab, c.attn_scale) == (hf.num_attention_heads, hf.head_dim, hf.vocab_size,
+                                                             hf.query_pre_attn_scalar ** 0.5)
     assert c.rotary_local_layers == tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
-    assert len(c.rotary_local_layers) == 22
+    assert len(c.rotary_local_layers) == n_local
     ours = np.asarray(c.rotary[1], np.float64)
     np.testing.assert_allclose(ours, rotary.full_attention_inv_freq.double().numpy(), rtol=1e-6)
     np.testing.assert_allclose(c.rotary_local_inv_freq, rotary.sliding_attention_inv_freq.double().numpy(), rtol=1e-6)
