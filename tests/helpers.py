@@ -135,6 +135,23 @@ def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head
     return acts
 
 
+def assert_missing_tensor_named(directory, name: str) -> None:
+    """With tensor `name` deleted from the saved model.safetensors in
+    `directory`, the conversion fails naming it."""
+    import pytest
+    from safetensors.numpy import load_file, save_file
+
+    import converters
+    from acdc_jax.errors import CheckpointError
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors[name]
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=f"Missing tensor '{name}'"):
+        converters.convert(directory)
+
+
 def edit_config(directory, change: dict) -> None:
     """Overwrite fields of the config.json in `directory` (a saved HF model)."""
     import json

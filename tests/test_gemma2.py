@@ -18,7 +18,8 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, torch_logits
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, assert_missing_tensor_named, edit_config,
+                      random_hf_llama, torch_logits)
 from .test_llama import EDGES, torch_patched_logits
 
 VOCAB = 61
@@ -96,15 +97,8 @@ def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
 
 
 def test_a_missing_norm_after_the_mlp_is_named(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     _random(tmp_path, "gqa")
-    path = tmp_path / "gqa" / "model.safetensors"
-    tensors = load_file(str(path))
-    del tensors["model.layers.1.post_feedforward_layernorm.weight"]
-    save_file(tensors, str(path))
-    with pytest.raises(CheckpointError, match="Missing tensor 'model.layers.1.post_feedforward_layernorm.weight'"):
-        converters.convert(tmp_path / "gqa")
+    assert_missing_tensor_named(tmp_path / "gqa", "model.layers.1.post_feedforward_layernorm.weight")
 
 
 def test_gemma2_fields_are_refused_elsewhere(tmp_path):
@@ -208,23 +202,26 @@ def _random_task(seed):
                        position=[5, 7], name="random-gemma2")
 
 
-def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(gemma2, monkeypatch):
+def assert_acdc_matches_the_reference_loop(model, task, tau, monkeypatch=None):
     """The plain reference loop over patched forwards against both modes
-    (the batched one recomputes a subset of a layer's heads, whose norm
-    still reads every head) and the vmapped accelerator path."""
+    and, given `monkeypatch`, the vmapped accelerator path."""
     from acdc_jax import acdc
 
     from .helpers import force_accelerator_path
     from .test_acdc import _decisions, _reference
 
-    _, model = gemma2
-    task, tau = _random_task(3), 1e-2
     ref = _reference(model, task, tau, task.make_corruption(model))
     assert 0 < sum(kept for *_, kept in ref) < len(ref)
     for mode in ("sequential", "batched"):
         assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
-    force_accelerator_path(monkeypatch)
-    assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref
+    if monkeypatch is not None:
+        force_accelerator_path(monkeypatch)
+        assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref
+
+
+def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(gemma2, monkeypatch):
+    """The batched mode recomputes a subset of a layer's heads, whose norm still reads every head."""
+    assert_acdc_matches_the_reference_loop(gemma2[1], _random_task(3), 1e-2, monkeypatch)
 
 
 @pytest.mark.slow

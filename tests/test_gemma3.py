@@ -17,10 +17,11 @@ import converters
 from acdc_jax import CircuitGraph
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
-from acdc_jax.errors import CheckpointError, ConfigError
+from acdc_jax.errors import ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama
-from .test_gemma2 import _parity, _random_task
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, assert_missing_tensor_named, edit_config,
+                      random_hf_llama)
+from .test_gemma2 import _parity, _random_task, assert_acdc_matches_the_reference_loop
 from .test_llama import EDGES, torch_patched_logits
 
 VOCAB = 61
@@ -107,15 +108,8 @@ def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
 
 
 def test_a_missing_key_norm_is_named(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     _random(tmp_path, "mha-global-untied")
-    path = tmp_path / "mha-global-untied" / "model.safetensors"
-    tensors = load_file(str(path))
-    del tensors["model.layers.1.self_attn.k_norm.weight"]
-    save_file(tensors, str(path))
-    with pytest.raises(CheckpointError, match="Missing tensor 'model.layers.1.self_attn.k_norm.weight'"):
-        converters.convert(tmp_path / "mha-global-untied")
+    assert_missing_tensor_named(tmp_path / "mha-global-untied", "model.layers.1.self_attn.k_norm.weight")
 
 
 def test_a_config_without_tie_word_embeddings_is_tied_as_transformers_reads_it(tmp_path):
@@ -175,19 +169,7 @@ def test_patched_edges_match_pytorch_hooks(gemma3, names):
 
 
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(gemma3, monkeypatch):
-    from acdc_jax import acdc
-
-    from .helpers import force_accelerator_path
-    from .test_acdc import _decisions, _reference
-
-    _, model = gemma3
-    task, tau = _random_task(4), 1e-2
-    ref = _reference(model, task, tau, task.make_corruption(model))
-    assert 0 < sum(kept for *_, kept in ref) < len(ref)
-    for mode in ("sequential", "batched"):
-        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
-    force_accelerator_path(monkeypatch)
-    assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref
+    assert_acdc_matches_the_reference_loop(gemma3[1], _random_task(4), 1e-2, monkeypatch)
 
 
 @pytest.mark.slow

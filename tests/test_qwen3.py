@@ -12,7 +12,7 @@ from acdc_jax import CircuitGraph
 from acdc_jax.checkpoint import fill_model, model_arrays
 
 from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, torch_logits
-from .test_gemma2 import _random_task
+from .test_gemma2 import _random_task, assert_acdc_matches_the_reference_loop
 from .test_llama import EDGES, torch_patched_logits
 
 VOCAB = 61
@@ -54,13 +54,4 @@ def test_patched_edges_match_pytorch_hooks(qwen3, names):
 
 
 def test_acdc_matches_the_reference_loop(qwen3):
-    from acdc_jax import acdc
-
-    from .test_acdc import _decisions, _reference
-
-    _, model = qwen3
-    task, tau = _random_task(5), 1e-2
-    ref = _reference(model, task, tau, task.make_corruption(model))
-    assert 0 < sum(kept for *_, kept in ref) < len(ref)
-    for mode in ("sequential", "batched"):
-        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
+    assert_acdc_matches_the_reference_loop(qwen3[1], _random_task(5), 1e-2)
