@@ -79,7 +79,7 @@ def _acdc_nodes(args, model, task, tau, **kw):
     return acdc_nodes(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
                       abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
                       max_width=getattr(args, "max_width", None), precision=args.precision,
-                      progress=not args.no_progress, **kw)
+                      progress=not args.no_progress, mesh=args.mesh, **kw)
 
 
 def cmd_discover(args) -> int:

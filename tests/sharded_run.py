@@ -1,5 +1,6 @@
-"""Run in a fresh process with 4 host devices (see test_sharding.py): ACDC and
-mask gradients on one device and on several meshes, printed as JSON."""
+"""Run in a fresh process with 4 host devices (see test_sharding.py): ACDC
+(over edges and over nodes) and mask gradients on one device and on several
+meshes, printed as JSON."""
 
 import os
 import sys
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from acdc_jax import tasks  # noqa: E402
 from acdc_jax.acdc import acdc, resolve_corruption  # noqa: E402
+from acdc_jax.algorithms import acdc_nodes  # noqa: E402
 from acdc_jax.scoring import Scorer  # noqa: E402
 from acdc_jax.sharding import make_mesh  # noqa: E402
 
@@ -27,6 +29,9 @@ def main(name: str, n_examples: int):
             c = acdc(model, task, tau, mode="batched", progress=False, mesh=mesh)
             runs[str(tau)] = {"decisions": [[d.edge, d.tried, d.kept] for d in c.decisions],
                               "metrics": [d.metric_after for d in c.decisions if d.tried], "final": c.metric}
+            nodes = acdc_nodes(model, task, tau, progress=False, mesh=mesh)
+            runs[f"nodes {tau}"] = {"decisions": [[d.edge, d.tried, d.kept] for d in nodes.decisions],
+                                    "metrics": [d.metric_after for d in nodes.decisions], "final": nodes.metric}
         bound = task.bind(model)
         _, corruption = resolve_corruption(model, bound, None)
         scorer = Scorer(model, task.graph(model), bound, corruption, task.metric(task.default_metric), mesh=mesh)

@@ -29,15 +29,18 @@ from ..scoring import Scorer
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
-          prompt_chunk: Optional[int] = None):
-    """The graph, a Scorer and the settings shared by the methods."""
+          prompt_chunk: Optional[int] = None, mesh=None):
+    """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, if given) and
+    the settings shared by the methods."""
     from ..acdc import resolve_corruption, resolve_metric
 
     graph = task.graph_for(model, graph)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
-    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk)
+    scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
+                    mesh=mesh)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
+                "mesh": None if mesh is None else dict(mesh.shape),
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
                 "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed},
                 "precision": jax.config.jax_default_matmul_precision}  # in effect (None: JAX's platform default)

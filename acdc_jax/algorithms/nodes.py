@@ -37,6 +37,7 @@ from ..graph import CircuitGraph
 from ..memory import default_max_width, plan_batch
 from ..precision import takes_precision
 from ..runlog import RunLog, model_fingerprint
+from ..sharding import candidate_shards, parse_mesh, prompt_shards
 from ..speculate import trial_result
 from .attribution import receiver_layers, setup
 
@@ -94,13 +95,15 @@ def _chain_width(p_remove: float, cap: int, cpu: bool) -> int:
 @takes_precision
 def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: str = "batched",
                abs_value: bool = False, head_order: str = "ascending", graph: Optional[CircuitGraph] = None,
-               max_width: Optional[int] = None, log_path=None, resume=None, progress: bool = True) -> Circuit:
+               max_width: Optional[int] = None, log_path=None, resume=None, progress: bool = True,
+               mesh=None) -> Circuit:
     """ACDC over whole heads and MLPs (see the module doc). Returns a Circuit
     whose mask keeps the edges between the kept nodes; ``decisions`` name
     nodes ('a3.5', 'm2'), in the order tried, ``settings["nodes"]`` lists the
     kept ones, and each removed or kept node's metric change is the score of
-    its outgoing edges. `log_path` / `resume`: a JSON-lines decision log, as
-    for `acdc`."""
+    its outgoing edges. `log_path` / `resume`: a JSON-lines decision log, and
+    `mesh` (a Mesh, "auto" or "CxP"): candidates and prompts spread over
+    devices, as for `acdc`."""
     import jax
 
     tau = check_tau(tau)
@@ -108,11 +111,12 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
     start_time = time.perf_counter()
     graph = task.graph_for(model, graph)
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     caps, chunk = [1] * (graph.n_layers + 1), None
     if mode == "batched":
         caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                                 max_width or default_max_width())
-    graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk)
+                                 max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     nodes = _Nodes(graph, node_order(graph, head_order))
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
                     model=model_fingerprint(model))
