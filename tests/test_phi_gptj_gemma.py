@@ -18,6 +18,7 @@ from acdc_jax.tasks import prompt_task
 from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, random_hf_parallel,
                       record_senders, torch_logits)
 from .test_batched_equals_sequential import _same
+from .test_llama import torch_patched_logits
 
 VOCAB = 61
 CASES = {
@@ -92,21 +93,18 @@ def family(request, tmp_path_factory):
 
 def _modules(case, pt):
     """(layers, attention output projection, q/k/v projection, the norm the
-    MLP reads through, final norm, embedding) of an HF Phi, GPT-J or Gemma."""
+    MLP reads through, final norm, embedding) of an HF Phi or GPT-J."""
     if case == "gptj":
         return (pt.transformer.h, lambda b: b.attn.out_proj, lambda b, x: getattr(b.attn, f"{x}_proj"),
                 lambda b: b.ln_1, pt.transformer.ln_f, pt.transformer.wte)
-    if case == "phi":
-        return (pt.model.layers, lambda b: b.self_attn.dense, lambda b, x: getattr(b.self_attn, f"{x}_proj"),
-                lambda b: b.input_layernorm, pt.model.final_layernorm, pt.model.embed_tokens)
-    return (pt.model.layers, lambda b: b.self_attn.o_proj, lambda b, x: getattr(b.self_attn, f"{x}_proj"),
-            lambda b: b.post_attention_layernorm, pt.model.norm, pt.model.embed_tokens)
+    return (pt.model.layers, lambda b: b.self_attn.dense, lambda b, x: getattr(b.self_attn, f"{x}_proj"),
+            lambda b: b.input_layernorm, pt.model.final_layernorm, pt.model.embed_tokens)
 
 
 def _torch_patched_logits(case, pt, clean, corrupt, edge):
-    """One edge cut by hand with forward hooks. A k or v receiver is a whole
-    key/value head (all these fixtures have one per query head, but Gemma's
-    one shared head, which is cut for every query head at once)."""
+    """One edge cut by hand with forward hooks on HF Phi or GPT-J, whose MLP
+    reads the shared norm of the layer's input (Gemma's, a Llama-family
+    model, is cut by the Llama tests' reference)."""
     import torch
 
     layers, out_proj, proj, mlp_norm, final_norm, embed = _modules(case, pt)
@@ -133,11 +131,7 @@ def _torch_patched_logits(case, pt, clean, corrupt, edge):
         hook = proj(blk, letter).register_forward_hook(qkv_hook)
     elif receiver[0] == "mlp_in":
         l = receiver[1]
-        if case == "gemma-mqa":
-            hook = mlp_norm(layers[l]).register_forward_pre_hook(lambda m, a: (a[0] - delta,))
-        else:  # the MLP reads the shared norm of the layer's input
-            hook = layers[l].mlp.register_forward_pre_hook(
-                lambda m, a: (mlp_norm(layers[l])(a_clean[("resid", l)] - delta),))
+        hook = layers[l].mlp.register_forward_pre_hook(lambda m, a: (mlp_norm(layers[l])(a_clean[("resid", l)] - delta),))
     else:
         hook = final_norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
     with torch.no_grad():
@@ -168,8 +162,11 @@ def test_patched_edges_match_pytorch_hooks(family, names):
     graph = CircuitGraph(model.config)
     clean, corrupt = _tokens(7), _tokens(8)
     sender, (kind, *where) = EDGES[names]
-    receiver = (kind, where[0], 0) if case == "gemma-mqa" and kind in "kv" else (kind, *where)
-    ref = _torch_patched_logits(case, pt, clean, corrupt, (sender, receiver))
+    if case == "gemma-mqa":  # one key/value head: a k or v cut is a cut of head 0 of the group
+        receiver = (kind, where[0], 0) if kind in "kv" else (kind, *where)
+        ref = torch_patched_logits(pt, clean, corrupt, ("residual", sender, receiver))
+    else:
+        ref = _torch_patched_logits(case, pt, clean, corrupt, (sender, (kind, *where)))
     assert_cut_matches(pt, model, graph, _names(case, names), clean, corrupt, ref)
 
 
