@@ -40,7 +40,8 @@ class TransformerConfig:
     added after that norm) and the MLP's output. ``attn_softcap`` and
     ``logit_softcap`` cap the attention scores and the logits at ``c`` by
     ``c * tanh(x / c)``. ``qk_norm`` (Gemma 3) RMS-normalises each head's
-    query and key after the projection, before the rotation.
+    query and key after the projection, before the rotation; ``qkv_clip``
+    (OLMo) clamps the projected queries, keys and values to ``[-c, c]``.
     ``rotary_local_layers`` (Gemma 3's sliding-window layers) rotate with
     ``rotary_local_inv_freq`` instead of the model's other frequencies.
     """
@@ -68,6 +69,7 @@ class TransformerConfig:
     attn_softcap: Optional[float] = None
     logit_softcap: Optional[float] = None
     qk_norm: bool = False
+    qkv_clip: Optional[float] = None
     rotary_local_inv_freq: Optional[tuple[float, ...]] = None
     rotary_local_layers: tuple[int, ...] = ()
 
@@ -112,7 +114,7 @@ class TransformerConfig:
             if getattr(self, flag) and self.normalization != "RMS":
                 raise ConfigError(f"TransformerConfig.{flag}=True needs normalization='RMS' (its norms are "
                                   f"RMSNorms), got {self.normalization!r}.")
-        for name in ("attn_softcap", "logit_softcap"):
+        for name in ("attn_softcap", "logit_softcap", "qkv_clip"):
             cap = getattr(self, name)
             if cap is not None:
                 if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (0 < cap < math.inf):

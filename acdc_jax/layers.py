@@ -127,8 +127,9 @@ def attend(
 
 
 class Attention(eqx.Module):
-    """Per-head attention; ``q_norm`` and ``k_norm`` (``qk_norm``: Gemma 3)
-    normalise each head's query and key after the projection."""
+    """Per-head attention; ``q_norm`` and ``k_norm`` (``qk_norm``: Gemma 3,
+    Qwen3) normalise each head's query and key after the projection, and
+    ``clip`` (``qkv_clip``: OLMo) clamps queries, keys and values there."""
 
     W_Q: Float[Array, "n_heads d_model d_head"]
     b_Q: Float[Array, "n_heads d_head"]
@@ -144,6 +145,7 @@ class Attention(eqx.Module):
     causal: bool = eqx.field(static=True)
     rotary: Rotary = eqx.field(static=True)
     softcap: Optional[float] = eqx.field(static=True)
+    clip: Optional[float] = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         H, D, K = config.n_heads, config.d_model, config.d_head
@@ -153,13 +155,15 @@ class Attention(eqx.Module):
         self.W_O = _normal(ko, (H, K, D))
         self.b_O = jnp.zeros((D,), jnp.float32)
         self.scale, self.causal, self.rotary = config.attn_scale, config.causal, config.rotary
-        self.softcap = config.attn_softcap
+        self.softcap, self.clip = config.attn_softcap, config.qkv_clip
         norm = lambda: LayerNorm(K, "RMS", config.ln_eps) if config.qk_norm else None
         self.q_norm, self.k_norm = norm(), norm()
 
-    def normed(self, q: Array, k: Array) -> tuple[Array, Array]:
-        """Queries and keys after the per-head norms, if any."""
-        return q if self.q_norm is None else self.q_norm(q), k if self.k_norm is None else self.k_norm(k)
+    def finish(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+        """Projected queries, keys and values after the clamp and the per-head norms, if any."""
+        if self.clip is not None:
+            q, k, v = (jnp.clip(a, -self.clip, self.clip) for a in (q, k, v))
+        return q if self.q_norm is None else self.q_norm(q), k if self.k_norm is None else self.k_norm(k), v
 
     def head_results(
         self,
@@ -192,7 +196,7 @@ class Attention(eqx.Module):
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        q, k = self.normed(q, k)
+        q, k, v = self.finish(q, k, v)
         return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary, self.softcap, layer)
 
 

@@ -168,7 +168,7 @@ class Transformer(eqx.Module):
             q = jnp.einsum("pd,hdk->hpk", xqk, attn.W_Q) + attn.b_Q[:, None, :]
             k = jnp.einsum("pd,hdk->hpk", xqk, attn.W_K) + attn.b_K[:, None, :]
             v = jnp.einsum("pd,hdk->hpk", x, attn.W_V) + attn.b_V[:, None, :]
-            q, k = attn.normed(q, k)
+            q, k, v = attn.finish(q, k, v)
             pattern = attention_pattern(q, k, attn.scale, attn.causal, rotary=attn.rotary, cap=attn.softcap,
                                         layer=index)
             z = jnp.einsum("hqk,hkd->hqd", pattern, v)

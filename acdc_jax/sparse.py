@@ -51,9 +51,9 @@ class BaseState(eqx.Module):
 def eligible(graph: CircuitGraph) -> bool:
     """Attention-only models whose heads write straight to the logits (no norm
     after attention, no cap on the logits) from linear projections of their
-    inputs' norms (no norm of each query and key)."""
+    inputs' norms (no norm or clamp of each query, key and value)."""
     c = graph.config
-    return not graph.has_mlp and not c.post_norm and c.logit_softcap is None and not c.qk_norm
+    return not graph.has_mlp and not c.post_norm and c.logit_softcap is None and not c.qk_norm and c.qkv_clip is None
 
 
 def reach(graph: CircuitGraph, base: np.ndarray, cols: np.ndarray, start_layer: int) -> tuple[list, list]:

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -23,7 +23,10 @@ each head's query and key (``qk_norm``) and rotates its sliding-window
 layers with other frequencies than its global ones (`converters.gemma`).
 
 Qwen3 is Llama with an RMSNorm of each head's query and key after the
-projection (``qk_norm``), and biases on all four projections or none.
+projection (``qk_norm``), and biases on all four projections or none. OLMo
+(the first generation) is Llama with LayerNorms that have no weights
+(``LNPre``, eps 1e-5) and, with ``clip_qkv``, queries, keys and values
+clamped after the projection (``qkv_clip``).
 
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
@@ -47,13 +50,14 @@ from ._source import HF_INERT, Source, check_fields, require, stack
 from .gemma import gemma3_rotary, image_text_config, image_text_weights
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
 # fields that only these model types read
 _ONLY = {"query_pre_attn_scalar": _POST_NORM, "attn_logit_softcapping": _POST_NORM,
          "final_logit_softcapping": _POST_NORM, "rope_local_base_freq": ("gemma3_text",),
-         "sliding_window_pattern": ("gemma3_text",), "_sliding_window_pattern": ("gemma3_text",)}
+         "sliding_window_pattern": ("gemma3_text",), "_sliding_window_pattern": ("gemma3_text",),
+         "clip_qkv": ("olmo",)}
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -135,7 +139,10 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     config = TransformerConfig(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
         d_vocab=require(hf, "vocab_size", origin), n_ctx=n_ctx, d_mlp=require(hf, "intermediate_size", origin),
-        act_fn=act, normalization="RMS", positional="rotary", causal=True, ln_eps=hf.get("rms_norm_eps", 1e-6),
+        act_fn=act, positional="rotary", causal=True, qkv_clip=hf.get("clip_qkv"),
+        # OLMo's LayerNorm has no weights and a fixed eps
+        normalization="LNPre" if model_type == "olmo" else "RMS",
+        ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
         gated_mlp=True, post_norm=post_norm, attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
         logit_softcap=hf.get("final_logit_softcapping") if post_norm else None, qk_norm=model_type in ("gemma3_text", "qwen3"),
@@ -216,7 +223,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
             put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0) * scale)
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
-        put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
+        if config.normalization == "RMS":
+            put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
         if config.qk_norm:
             for letter in "qk":
                 put(f"blocks.attn.{letter}_norm.w", norm(f"{p}self_attn.{letter}_norm.weight", K))
@@ -224,7 +232,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
             put("blocks.ln1_post.w", norm(p + "post_attention_layernorm.weight"))
             put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))
             put("blocks.ln2_post.w", norm(p + "post_feedforward_layernorm.weight"))
-        else:
+        elif config.normalization == "RMS":
             put("blocks.ln2.w", norm(p + "post_attention_layernorm.weight"))
         put("blocks.mlp.W_gate", src.take(p + "mlp.gate_proj.weight", (M, D)).T)
         put("blocks.mlp.W_in", src.take(p + "mlp.up_proj.weight", (M, D)).T)
@@ -235,7 +243,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     arrays = {name: stack(values) for name, values in per_layer.items()}
     embedding = src.take("model.embed_tokens.weight", (V, D))
     arrays["embed.W_E"] = embedding * np.float32(math.sqrt(D)) if gemma else embedding
-    arrays["ln_final.w"] = norm("model.norm.weight")
+    if config.normalization == "RMS":
+        arrays["ln_final.w"] = norm("model.norm.weight")
     if tied:  # as in transformers: a tied head is the token embedding, whatever lm_head holds
         src.ignore(["lm_head.weight"])
         arrays["unembed.W_U"] = embedding.T.copy()

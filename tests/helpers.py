@@ -24,17 +24,19 @@ def random_hf_gpt2(tmp_path, *, tied=True, n_layer=2, n_embd=16, n_head=2, vocab
 def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_heads=4, n_kv=2, d_mlp=48, vocab=61,
                     seed=0, scale=0.1, name=None, **extra):
     """(torch model in eval mode, acdc_jax model converted from its saved
-    files) for a small random Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 or Phi-3 with grouped-query
+    files) for a small random Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo or Phi-3 with grouped-query
     attention and every tensor perturbed (so the RMSNorm weights are exercised)."""
     import torch
     import transformers
 
     config_cls, model_cls = {
-        "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"), "qwen3": ("Qwen3", "Qwen3"),
+        "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"), "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":
         extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
+    if model_type == "olmo":
+        extra.setdefault("eos_token_id", 0)  # OlmoConfig's default, 50279, likewise
     torch.manual_seed(seed)
     config = getattr(transformers, f"{config_cls}Config")(
         hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,

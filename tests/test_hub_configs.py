@@ -35,6 +35,13 @@ HUB = {
         "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
         "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "OLMo-1B-hf": {
+        "architectures": ["OlmoForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+        "clip_qkv": None, "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 2048, "model_type": "olmo",
+        "num_attention_heads": 16, "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 1,
+        "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
+        "transformers_version": "4.40.0.dev0", "use_cache": True, "vocab_size": 50304},
     "Mistral-7B-v0.1": {
         "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
         "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
@@ -130,6 +137,7 @@ EXPECTED = {
     "Llama-3.2-1B": (16, 32, 64, 8192, 131072, 64, False, "silu"),
     "Qwen2.5-0.5B": (24, 14, 64, 4864, 32768, 64, False, "silu"),
     "Qwen3-0.6B": (28, 16, 128, 3072, 40960, 128, False, "silu"),
+    "OLMo-1B-hf": (16, 16, 128, 8192, 2048, 128, False, "silu"),
     "Mistral-7B-v0.1": (32, 32, 128, 14336, 4096, 128, False, "silu"),  # the sliding window bounds prompts
     "gemma-2b": (18, 8, 256, 16384, 8192, 256, False, "gelu_new"),
     "gemma-2-2b": (26, 8, 256, 9216, 4096, 256, False, "gelu_new"),  # the sliding window bounds prompts
@@ -166,7 +174,7 @@ def test_rotary_frequencies_are_transformers_own(name):
 
     cfg = HUB[name]
     hf = transformers.AutoConfig.for_model(**cfg)
-    module = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
+    module = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo": "olmo", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
               "gpt_neox": "gpt_neox", "phi": "phi", "phi3": "phi3"}[cfg["model_type"]]
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)

@@ -53,5 +53,6 @@ def test_patched_edges_match_pytorch_hooks(qwen3, names):
     assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 
+@pytest.mark.slow  # 13 s; the quick suite runs ACDC through per-head norms on Gemma 3
 def test_acdc_matches_the_reference_loop(qwen3):
     assert_acdc_matches_the_reference_loop(qwen3[1], _random_task(5), 1e-2)
