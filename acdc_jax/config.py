@@ -156,8 +156,8 @@ class TransformerConfig:
         local = tuple(self.rotary_local_layers)
         if not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < self.n_layers for l in local) \
                 or len(set(local)) != len(local):
-            raise ConfigError(f"TransformerConfig.rotary_local_layers must name distinct layers 0..{self.n_layers - 1}, "
-                              f"got {self.rotary_local_layers!r}.")
+            raise ConfigError("TransformerConfig.rotary_local_layers must name distinct layers "
+                              f"0..{self.n_layers - 1}, got {self.rotary_local_layers!r}.")
         if bool(local) != (self.rotary_local_inv_freq is not None):
             raise ConfigError("TransformerConfig.rotary_local_layers and rotary_local_inv_freq go together: set both "
                               "(the layers that rotate with the local frequencies, and those frequencies) or neither.")

@@ -50,7 +50,8 @@ class Block(eqx.Module):
         self.ln1_post = norm() if config.post_norm else None
         self.ln2_post = norm() if config.post_norm and not config.attn_only else None
 
-    def head_senders(self, results: Float[Array, "*rest n_heads pos d_model"]) -> Float[Array, "*rest n_heads pos d_model"]:
+    def head_senders(self, results: Float[Array, "*rest n_heads pos d_model"]
+                     ) -> Float[Array, "*rest n_heads pos d_model"]:
         """What each head writes to the residual stream, from its result
         (z times its W_O rows): with a norm after attention, its share of it."""
         return results if self.ln1_post is None else self.ln1_post.shares(results)

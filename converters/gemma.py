@@ -22,7 +22,8 @@ def local_layers(hf: Mapping[str, Any], n_layers: int, origin: str) -> tuple[int
     each ``sliding_window_pattern``-th (6 by default), as transformers reads them."""
     types = hf.get("layer_types")
     if types is None:
-        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))  # transformers 5 saves the latter
+        # transformers 5 saves the latter
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
         if not (isinstance(pattern, int) and pattern >= 1):
             raise ConfigError(f"{origin}: sliding_window_pattern must be a positive int, got {pattern!r}.")
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]

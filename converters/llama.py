@@ -144,9 +144,10 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         normalization="LNPre" if model_type == "olmo" else "RMS",
         ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
-        gated_mlp=True, post_norm=post_norm, attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None, qk_norm=model_type in ("gemma3_text", "qwen3"),
-        rotary_local_inv_freq=local_inv, rotary_local_layers=local,
+        rotary_local_inv_freq=local_inv, rotary_local_layers=local, gated_mlp=True, post_norm=post_norm,
+        attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None,
+        qk_norm=model_type in ("gemma3_text", "qwen3"),
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
     qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))

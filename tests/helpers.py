@@ -30,7 +30,8 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
     import transformers
 
     config_cls, model_cls = {
-        "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"), "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"),
+        "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
+        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":

@@ -98,7 +98,8 @@ def test_each_gemma3_difference_is_needed_for_parity(tmp_path):
     ("gqa-local-global", dict(rope_parameters={**ROPES, "full_attention": {
         "rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0, "original_max_position_embeddings": 16}}),
      ConfigError, "no cos/sin factor"),
-    ("gqa-local-global", dict(attention_bias=True), ConfigError, "attention_bias=true is not supported for gemma3_text"),
+    ("gqa-local-global", dict(attention_bias=True), ConfigError,
+     "attention_bias=true is not supported for gemma3_text"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, case, change, error, words):
     _random(tmp_path, case)

@@ -32,7 +32,8 @@ def test_the_query_and_key_norms_are_read_and_needed(qwen3):
     pt, model = qwen3
     assert model.config.qk_norm and not model.config.post_norm
     arrays = model_arrays(model)
-    np.testing.assert_array_equal(arrays["blocks.attn.q_norm.w"][1], pt.model.layers[1].self_attn.q_norm.weight.detach().numpy())
+    q_norm = pt.model.layers[1].self_attn.q_norm.weight.detach().numpy()
+    np.testing.assert_array_equal(arrays["blocks.attn.q_norm.w"][1], q_norm)
     tokens = np.asarray(_tokens(5))
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
     ones = {n: np.ones_like(a) for n, a in arrays.items() if n.endswith(("q_norm.w", "k_norm.w"))}
