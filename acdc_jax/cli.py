@@ -53,6 +53,11 @@ def _run_method(args, model, task):
     from .algorithms import METHODS
 
     kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision}
+    if args.method in ("eap", "eap_ig", "hisp"):
+        kw["mesh"] = args.mesh
+    elif args.mesh not in (None, "none"):
+        raise ValueError(f"--mesh is not supported for --method {args.method}; it is for acdc, acdc_nodes, eap, "
+                         "eap_ig and hisp.")
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
     if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones

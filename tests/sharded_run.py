@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from acdc_jax import tasks  # noqa: E402
 from acdc_jax.acdc import acdc, resolve_corruption  # noqa: E402
-from acdc_jax.algorithms import acdc_nodes  # noqa: E402
+from acdc_jax.algorithms import acdc_nodes, eap_ig  # noqa: E402
 from acdc_jax.scoring import Scorer  # noqa: E402
 from acdc_jax.sharding import make_mesh  # noqa: E402
 
@@ -37,7 +37,8 @@ def main(name: str, n_examples: int):
         scorer = Scorer(model, task.graph(model), bound, corruption, task.metric(task.default_metric), mesh=mesh)
         masks = np.random.default_rng(0).uniform(size=(2, scorer.graph.n_edges)).astype(np.float32)
         values, grads = scorer.value_and_grads(masks)
-        runs["grads"] = {"values": values.tolist(), "grads": grads.tolist()}
+        runs["grads"] = {"values": values.tolist(), "grads": grads.tolist(),
+                         "eap_ig": eap_ig(model, task, steps=2, mesh=mesh).scores.tolist()}
         out["runs"][label] = runs
     print(json.dumps(out))
 

@@ -34,9 +34,9 @@ def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
     largest score with --rank signed."""
     out = tmp_path / "eap"
     assert main(["discover", "--task", "induction", "--method", "eap", "--metric", "nll", "--n-edges", "12",
-                 "--examples", "8", "--out", str(out), "--no-progress"]) == 0
+                 "--examples", "8", "--out", str(out), "--no-progress", "--mesh", "1x1"]) == 0
     circuit = Circuit.load(out / "circuit.json")
-    assert circuit.n_edges == 12
+    assert circuit.n_edges == 12 and circuit.settings["mesh"] == {"candidates": 1, "prompts": 1}
     order = np.argsort(-np.abs(circuit.scores), kind="stable")
     assert set(circuit.edges) == {circuit.graph.edge_names[i] for i in order[:12]}
     assert not (out / "decisions.jsonl").exists()
@@ -82,6 +82,8 @@ def test_tasks_command_lists_every_task(capsys):
     (["discover", "--task", "nonesuch", "--tau", "0.1"], "Unknown task 'nonesuch'"),
     (["roc", "--task", "induction", "--taus", "nan"], "tau must be a finite number >= 0"),
     (["discover", "--task", "tracr-reverse", "--checkpoint", "x", "--tau", "0.1"], "do not pass a checkpoint"),
+    (["discover", "--task", "induction", "--method", "exact_patching", "--n-edges", "3", "--mesh", "1x1"],
+     "--mesh is not supported for --method exact_patching"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2

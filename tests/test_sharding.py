@@ -38,7 +38,9 @@ def test_meshes_match_one_device(name, n):
             np.testing.assert_allclose(runs[tau]["metrics"], one[tau]["metrics"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(runs["grads"]["values"], one["grads"]["values"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(runs["grads"]["grads"], one["grads"]["grads"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(runs["grads"]["eap_ig"], one["grads"]["eap_ig"], rtol=1e-4, atol=1e-6)
     # The runs must have something to agree on: some edges removed, some kept.
+    assert np.abs(one["grads"]["eap_ig"]).max() > 0
     for run in ("0.05", "nodes 0.05"):
         kept = [k for _, tried, k in one[run]["decisions"] if tried]
         assert any(kept) and not all(kept), run

@@ -26,15 +26,17 @@ from ..graph import CircuitGraph
 from ..memory import default_max_width, layer_widths
 from ..precision import takes_precision
 from ..scoring import Scorer
+from ..sharding import parse_mesh
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
           prompt_chunk: Optional[int] = None, mesh=None):
-    """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, if given) and
-    the settings shared by the methods."""
+    """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, "auto" or
+    "CxP", if given) and the settings shared by the methods."""
     from ..acdc import resolve_corruption, resolve_metric
 
     graph = task.graph_for(model, graph)
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
@@ -139,12 +141,14 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
 
 @takes_precision
 def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
-        rank: str = "abs") -> Circuit:
+        rank: str = "abs", mesh=None) -> Circuit:
     """Edge attribution patching (Syed et al. 2023): one gradient with respect
     to the masks at the full model (a clean and a corrupted forward pass and
-    one backward pass)."""
+    one backward pass). `mesh` (a Mesh, "auto" or "CxP"): the prompts are
+    spread over its prompt axis (a gradient has no candidates to spread, so
+    use a 1xP mesh)."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
     value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap", full_metric=float(value[0]))
     return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
@@ -152,16 +156,16 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
 
 @takes_precision
 def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
-           threshold=None, rank: str = "abs") -> Circuit:
+           threshold=None, rank: str = "abs", mesh=None) -> Circuit:
     """EAP with integrated gradients (Hanna et al. 2024) along the path of
     masks alpha * 1 from the corrupted run (alpha = 0) to the clean run
     (alpha = 1), with `steps` midpoint samples. The scores add up to the
     effect of cutting every edge, ``metric(empty) - metric(full)``, up to an
-    O(1/steps^2) error."""
+    O(1/steps^2) error. `mesh`: as for `eap`."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
     alphas = (np.arange(steps) + 0.5) / steps
     _, grads = scorer.value_and_grads(alphas[:, None] * np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap_ig", steps=steps)
@@ -192,14 +196,15 @@ def sender_groups(graph: CircuitGraph) -> dict:
 
 @takes_precision
 def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
-         rank: str = "abs") -> Circuit:
+         rank: str = "abs", mesh=None) -> Circuit:
     """Head importance scores (Michel et al. 2019, as the ACDC paper uses them):
     |d metric / d gate| for a gate on each head's (and MLP's) output,
     interpolating it towards the corruption. A gate scales all of a node's
     outgoing edges, so its gradient is the sum of their mask gradients. The
-    metric is taken over the whole batch. Edges score as their weaker end."""
+    metric is taken over the whole batch. Edges score as their weaker end.
+    `mesh`: as for `eap`."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
     _, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)
