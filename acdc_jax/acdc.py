@@ -154,8 +154,7 @@ def acdc(
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
     with matmul_precision(precision):
         graph = task.graph_for(model, graph)
-        if isinstance(mesh, str):
-            mesh = parse_mesh(mesh)
+        mesh = parse_mesh(mesh)
         metric_name, metric_fn = resolve_metric(task, metric)
         corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
         unbound, task = task, task.bind(model)

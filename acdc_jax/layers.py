@@ -42,7 +42,7 @@ class LayerNorm(eqx.Module):
             return x
         if self.mode != "RMS":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self._inv_rms(x)
         if self.w is not None:
             x = x * _lead(self.w, x.ndim)
         if self.b is not None:
@@ -53,8 +53,11 @@ class LayerNorm(eqx.Module):
         """Each of `parts`' share of this RMSNorm of their sum: the parts times
         the sum's weight / rms, so that the shares add up to the normalised sum."""
         total = parts.sum(-3)
-        factor = jax.lax.rsqrt((total * total).mean(-1, keepdims=True) + self.eps) * _lead(self.w, total.ndim)
+        factor = self._inv_rms(total) * _lead(self.w, total.ndim)
         return parts * factor[..., None, :, :]
+
+    def _inv_rms(self, x: Float[Array, "*rest d_model"]) -> Float[Array, "*rest 1"]:
+        return jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
 
 
 def softcap(x: Array, cap: Optional[float]) -> Array:

@@ -40,10 +40,13 @@ def make_mesh(candidates: Optional[int] = None, prompts: int = 1, devices: Optio
     return Mesh(grid, AXES)
 
 
-def parse_mesh(spec: Optional[str]) -> Optional[Mesh]:
+def parse_mesh(spec) -> Optional[Mesh]:
     """``None``/``"none"``: one device; ``"auto"``: all devices on candidates;
-    ``"CxP"``: C candidate shards times P prompt shards."""
-    if spec is None or spec == "none":
+    ``"CxP"``: C candidate shards times P prompt shards; a mesh (anything but
+    a string) as it is."""
+    if not isinstance(spec, str):
+        return spec
+    if spec == "none":
         return None
     if spec == "auto":
         return make_mesh()

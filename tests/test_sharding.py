@@ -49,6 +49,8 @@ def test_meshes_match_one_device(name, n):
 def test_mesh_arguments():
     assert parse_mesh(None) is None and parse_mesh("none") is None
     assert dict(parse_mesh("1x1").shape) == {"candidates": 1, "prompts": 1}
+    mesh = make_mesh(1, 1)
+    assert parse_mesh(mesh) is mesh
     with pytest.raises(ValueError, match="CxP"):
         parse_mesh("four")
     with pytest.raises(ValueError, match="needs 8 devices"):

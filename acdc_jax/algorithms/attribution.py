@@ -36,7 +36,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     from ..acdc import resolve_corruption, resolve_metric
 
     graph = task.graph_for(model, graph)
-    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    mesh = parse_mesh(mesh)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,

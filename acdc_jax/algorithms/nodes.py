@@ -111,7 +111,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
     start_time = time.perf_counter()
     graph = task.graph_for(model, graph)
-    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    mesh = parse_mesh(mesh)
     caps, chunk = [1] * (graph.n_layers + 1), None
     if mode == "batched":
         caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
