@@ -173,7 +173,8 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
         lowered = batch_metric_heads.lower(*args, base, jnp.zeros(1, jnp.int32), s.prompt_chunk, rows, False)
     else:
         lowered = batch_metric.lower(*args, s.prompt_chunk, None, False)
-    analysis = lowered.compile().compiled.memory_analysis()
+    compiled = lowered.compile()
+    analysis = getattr(compiled, "compiled", compiled).memory_analysis()  # equinox wraps jax's Compiled
     if analysis is None:
         return None
     data = sum(x.nbytes for x in jax.tree_util.tree_leaves((s.deviations, s.corruption.acts)))

@@ -209,9 +209,10 @@ def check_token_values(tokens, d_vocab: int, what: str = "tokens", error=ValueEr
     """Every id in [0, d_vocab): an embedding lookup under jit clamps an id
     outside it and runs on without a word. Traced tokens (values unknown
     here) are not checked."""
-    if isinstance(tokens, jax.core.Tracer):
+    try:
+        t = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
         return
-    t = np.asarray(tokens)
     if t.size == 0:
         return
     bad = np.flatnonzero((t.reshape(-1) < 0) | (t.reshape(-1) >= d_vocab))
