@@ -166,7 +166,7 @@ def acdc(
                                     max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
-                        prompt_chunk=chunk, sparse=sparse, start=start_edges)
+                        prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision,

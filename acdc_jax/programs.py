@@ -14,9 +14,11 @@ hindsight, per shape. The costs are measured as the run goes: compile
 seconds from `jax.monitoring`, seconds per FLOP from the passes themselves.
 Where compiling is free (programs already compiled earlier in the process),
 the measured cost is near zero and every pass gets its exact shape.
-On accelerators, where a pass takes milliseconds, the first program from a
-layer is a cover (every head, no shared upstream sum) that all later passes
-from that layer can rent (`Scorer._choose`; see benchmarks/bench_programs.py).
+On accelerators, where a pass takes milliseconds and a compilation seconds
+(about 14-27 s each on an H200), the first program a layer needs is a cover
+(every head, no shared upstream sum) from the earliest layer whose passes are
+as wide, which the later passes from all those layers can rent
+(`Scorer._choose`; see benchmarks/bench_programs.py).
 
 The choice changes which program computes a score, never which candidates
 are scored, so decisions are the same (up to float rounding, as between any
@@ -91,11 +93,17 @@ class Shape:
         return Shape("pass", self.start_layer, self.width, None, None)
 
     def covers(self, need: "Shape") -> bool:
-        """Whether a pass of shape `need` can run in this program."""
+        """Whether a pass of shape `need` can run in this program. A cover
+        serves passes from later layers too: it recomputes the layers between
+        under the pass's masks, which there agree with the start circuit whose
+        deviations a later start would read (or cut only senders that no longer
+        reach the output), so only float rounding differs."""
         if self.reach is not None or need.reach is not None:
             return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width
                     and len(self.reach or ()) == len(need.reach or ())
                     and all(a >= b for a, b in zip(self.reach, need.reach)))
+        if self.kind == need.kind == "pass" and self.heads is None and self.rows is None:
+            return self.start_layer <= need.start_layer and self.width >= need.width
         return (self.kind == need.kind and self.start_layer == need.start_layer and self.width >= need.width
                 and (self.heads is None or (need.heads is not None and self.heads >= need.heads))
                 and (self.rows is None or (need.rows is not None and self.rows >= need.rows)))
@@ -125,9 +133,11 @@ class Programs:
         """The shape to run a pass that needs `need`: `need` itself, or a
         compiled one (at most `max_width` wide: memory) that covers it while
         renting is still cheaper. `cover` (a shape that covers every pass
-        from `need`'s start layer) is compiled instead of `need` when nothing
-        compiled covers it yet, so that the later passes from that layer can
-        rent it."""
+        from `need`'s start layer, perhaps from an earlier layer) is compiled
+        instead of `need` when nothing compiled covers it yet, so that the
+        later passes from those layers can rent it; where renting an earlier
+        layer's cover has cost a compilation, `need`'s own layer's cover is
+        bought before its exact shape."""
         if need in self.compiled or not self.adaptive:
             return need
         larger = [s for s in self.compiled if s.covers(need) and (max_width is None or s.width <= max_width)]
@@ -137,10 +147,13 @@ class Programs:
             return need
         best = min(larger, key=flops)
         extra = max(flops(best) - flops(need), 0.0) * self.seconds_per_flop
-        paid = self.regret.get(need, 0.0) + extra
+        # renting an earlier layer's cover is regretted per layer: this layer's own cover would serve all its passes
+        early = cover is not None and best.start_layer < need.start_layer and need.cover() not in self.compiled
+        key = ("cover", need.start_layer) if early else need
+        paid = self.regret.get(key, 0.0) + extra
         if paid >= self.estimate_compile(need.kind):
-            return need
-        self.regret[need] = paid
+            return need.cover() if early else need
+        self.regret[key] = paid
         self.reused += 1
         return best
 

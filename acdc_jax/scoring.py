@@ -12,7 +12,8 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import dataclasses
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ class Scorer:
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
-                 sparse: Union[bool, str] = "auto", start: Optional[np.ndarray] = None):
+                 sparse: Union[bool, str] = "auto", start: Optional[np.ndarray] = None,
+                 widths: Optional[Sequence[int]] = None):
         graph.check_config(model.config)
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
@@ -81,8 +83,10 @@ class Scorer:
         self.loop = mesh is None and jax.default_backend() == "cpu"
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
         self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
-        # the first pass program compiled from a layer covers every pass from it (`Programs.choose`)
+        # the first pass program a layer needs is a cover that every pass from it can rent (`Programs.choose`),
+        # from the earliest layer whose passes are as wide (`widths`: the widest pass from each start layer)
         self.cover_first = jax.default_backend() != "cpu"
+        self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
         self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
@@ -224,9 +228,17 @@ class Scorer:
                 return shape
         return self._choose(need, max(need.width, max_width or width))
 
+    def cover_start(self, need: Shape) -> int:
+        """The earliest layer from which a pass as wide as `need` fits in
+        memory at every start layer up to `need`'s, so that one cover serves them all."""
+        layer = need.start_layer
+        while self.widths is not None and layer > 0 and self.widths[layer - 1] >= need.width:
+            layer -= 1
+        return layer
+
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
         first = self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers
-        cover = need.cover() if first else None
+        cover = dataclasses.replace(need.cover(), start_layer=self.cover_start(need)) if first else None
         shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape
@@ -279,10 +291,11 @@ class Scorer:
         flops = self._shape_flops(shape)
         self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
-        loop = self.loop and shape.width > 1 and start_layer < self.graph.n_layers - 1
+        first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there
+        loop = self.loop and shape.width > 1 and first < self.graph.n_layers - 1
         if heads is None:
             program = lambda running_max: dense.batch_metric(
-                self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
+                self.model, self.graph, first, self.corruption, self.metric, self.task, self.arrays, masks,
                 self.tokens, self.deviations, self.positions, self.prompt_chunk, upstream, loop, running_max)
         else:
             heads = put_replicated(jnp.asarray(heads), self.mesh)

@@ -301,6 +301,47 @@ def test_accelerator_path_makes_the_same_decisions(small_gpt2, monkeypatch):
                                [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
 
 
+def test_one_cover_serves_several_layers_on_an_accelerator(tmp_path, monkeypatch):
+    """Where passes from several start layers are equally wide, the first
+    program any of them needs is a cover from the earliest of those layers,
+    which the passes from the later layers rent (recomputing the layers
+    between): fewer programs than a cover per layer, and the loop's decisions."""
+    import collections
+    import importlib
+
+    from acdc_jax import programs
+    from acdc_jax.scoring import Scorer
+
+    _, model = random_hf_gpt2(tmp_path, n_layer=4, n_embd=16, n_head=2, vocab=31, seed=7)
+    rng = np.random.default_rng(3)
+    task = Task("random-kl", rng.integers(0, 31, (6, 7)), rng.integers(0, 31, (6, 7)), positions=np.array([6]),
+                metrics={"kl": kl_divergence})
+    seq = acdc(model, task, 3e-4, mode="sequential", progress=False)
+    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)
+    force_accelerator_path(monkeypatch)
+    run = Scorer._run
+
+    def batched(cover_start=None):
+        ran = []
+        with monkeypatch.context() as m:
+            m.setattr(programs, "_shared", collections.OrderedDict())  # nothing compiled yet
+            m.setattr(Scorer, "_run", lambda self, shape, *a: ran.append(shape) or run(self, shape, *a))
+            if cover_start:
+                m.setattr(Scorer, "cover_start", cover_start)
+            circuit = acdc(model, task, 3e-4, progress=False, max_width=8)
+        return circuit, [s for s in ran if s.kind == "pass" and s.start_layer < model.config.n_layers]
+
+    shared, passes = batched()
+    per_layer, own = batched(cover_start=lambda self, need: need.start_layer)
+    assert shared.settings["widths"][:4] == [8] * 4
+    assert {s.start_layer for s in passes} == {0}  # one cover from layer 0 for every layer's passes
+    assert len({s.start_layer for s in own}) >= 3
+    assert shared.settings["programs"] < per_layer.settings["programs"]
+    assert _decisions(shared) == _decisions(per_layer) == _decisions(seq)
+    np.testing.assert_allclose([d.metric_after for d in shared.decisions if d.tried],
+                               [d.metric_after for d in seq.decisions if d.tried], rtol=1e-4, atol=1e-7)  # rounding
+
+
 def test_stop_after_then_resume(small_gpt2, tmp_path):
     model, task = small_gpt2
     whole = acdc(model, task, 0.004, progress=False, max_width=4)

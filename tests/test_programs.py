@@ -21,7 +21,10 @@ def test_covers():
     need = Shape("pass", 2, 4, 2, 4)
     assert Shape("pass", 2, 16, 4, 16).covers(need)
     assert Shape("pass", 2, 4, None, None).covers(need)  # all heads, no shared sum: any pass from layer 2
-    assert not Shape("pass", 1, 16, None, None).covers(need)  # another start layer
+    assert Shape("pass", 1, 16, None, None).covers(need)  # a cover from an earlier layer recomputes layer 1 too
+    assert not Shape("pass", 3, 16, None, None).covers(need)  # from a later one it cannot
+    assert not Shape("pass", 1, 16, 4, 16).covers(need)  # nor a program that recomputes some heads only
+    assert not Shape("pass", 1, 1, None, None).covers(need)  # too narrow
     assert not Shape("pass", 2, 1, None, None).covers(need)  # too narrow
     assert not Shape("pass", 2, 4, 1, 4).covers(need)  # too few heads
     assert not Shape("pass", 2, 4, 2, 4).covers(Shape("pass", 2, 4, None, 4))  # needs every head
@@ -192,3 +195,25 @@ def test_a_later_process_loads_the_programs_from_disk(tmp_path):
     assert first["where"] == str(tmp_path / "xla") and any((tmp_path / "xla").iterdir())
     assert second["hits"] > first["hits"]  # (one process can hit its own entries: equal programs in two jits)
     assert second["decisions"] == first["decisions"]
+
+
+def test_an_earlier_cover_is_rented_then_the_layers_own_cover_bought():
+    """A pass from layer 2 rents a compiled cover from layer 0 (which
+    recomputes layers 0 and 1 as well) until that has cost a compilation;
+    then it buys layer 2's cover, not its exact shape, and rents that as
+    before, its regret starting afresh."""
+    flops = lambda s: s.width * (3 - s.start_layer) * (4.0 if s.heads is None else s.heads)
+    p = Programs()
+    p.compile_costs = {"pass": [1.0]}
+    p.seconds_per_flop = 0.01
+    early, need = Shape("pass", 0, 4, None, None), Shape("pass", 2, 4, 1, None)
+    own = need.cover()
+    p.compiled.add(early)
+    picks = []
+    for _ in range(30):
+        picks.append(p.choose(need, flops, early))
+        p.compiled.add(picks[-1])  # a chosen program is compiled when it runs
+    rentals = math.ceil(1.0 / ((flops(early) - flops(need)) * 0.01) - 1e-9) - 1
+    again = math.ceil(1.0 / ((flops(own) - flops(need)) * 0.01) - 1e-9) - 1
+    assert rentals > 0 and picks[:rentals] == [early] * rentals and picks[rentals] == own
+    assert picks[rentals + 1:rentals + 1 + again] == [own] * again and set(picks[rentals + 1 + again:]) == {need}
