@@ -132,27 +132,45 @@ def main(argv=None):
     fwd = args.n_prompts * forward_flops(model.config, args.n_pos)  # the plain model, logits everywhere
     floor = args.n_prompts * sweep_floor(task.graph(model), args.n_pos, 1)  # every edge once, nothing wasted
     rows = []
+
+    def save(partial=None):  # after each run, so that a time limit keeps what was measured
+        write_json("bench_acdc" + ("" if args.precision == "float32" else f"-{args.precision}"), {
+            "environment": environment(),
+            "model": ATTN_ONLY_4L, "precision": args.precision, "weights": "random (seeded), TransformerLens layout",
+            "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
+                     "corruption": "random corrupted prompts"},
+            "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "
+                      "compilation, from jax.monitoring); warm: a second call in the same process; sparse: the "
+                      "batched calls' sparse= argument; disk_cached: the same call in a fresh process whose programs "
+                      "a previous fresh process left in acdc_jax.use_disk_cache's directory; auto-circuit: its "
+                      "acdc_prune_scores call",
+            "rows": rows + ([partial] if partial else []), "complete": partial is None})
+
     for tau in args.taus:
         t_seq, seq = run_ours(model, task, tau, "sequential", precision=args.precision)
-        t_bat, bat = run_ours(model, task, tau, "batched", precision=args.precision, sparse=args.sparse)
         n = seq.graph.n_edges
-        row = {"tau": tau, "edges": n, "kept": bat.n_edges, "sequential_s": t_seq, "batched_s": t_bat,
-               "speedup": t_seq / t_bat, "seq_passes": seq.settings["passes"], "bat_passes": bat.settings["passes"],
-               "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask)),
+        row = {"tau": tau, "edges": n, "sequential_s": t_seq, "seq_passes": seq.settings["passes"],
                "seq_flops_per_edge_over_forward": seq.settings["flops"] / n / fwd,
-               "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd,
-               "floor_flops_per_edge_over_forward": floor / n / fwd,
-               "seq_compile_s": seq.settings["compile_s"], "bat_compile_s": bat.settings["compile_s"],
-               "bat_programs": bat.settings["programs"], "bat_rescored": bat.settings["rescored"],
-               "bat_near_tie_scale": bat.settings["near_tie_scale"],
-               "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"],
-               "sparse": args.sparse, "bat_sparse_passes": bat.settings["sparse_passes"]}
+               "seq_compile_s": seq.settings["compile_s"]}
+        save(row)
+        t_bat, bat = run_ours(model, task, tau, "batched", precision=args.precision, sparse=args.sparse)
+        row.update({
+            "kept": bat.n_edges, "batched_s": t_bat, "speedup": t_seq / t_bat, "bat_passes": bat.settings["passes"],
+            "batched_edges_per_s": n / t_bat, "same_as_sequential": bool(np.array_equal(seq.mask, bat.mask)),
+            "bat_flops_per_edge_over_forward": bat.settings["flops"] / n / fwd,
+            "floor_flops_per_edge_over_forward": floor / n / fwd, "bat_compile_s": bat.settings["compile_s"],
+            "bat_programs": bat.settings["programs"], "bat_rescored": bat.settings["rescored"],
+            "bat_near_tie_scale": bat.settings["near_tie_scale"],
+            "bat_passes_in_larger_programs": bat.settings["passes_in_larger_programs"],
+            "sparse": args.sparse, "bat_sparse_passes": bat.settings["sparse_passes"]})
+        save(row)
         if args.warm:
             row["sequential_warm_s"] = run_ours(model, task, tau, "sequential", precision=args.precision)[0]
             t_warm, warm = run_ours(model, task, tau, "batched", precision=args.precision, sparse=args.sparse)
             row.update(batched_warm_s=t_warm, speedup_warm=row["sequential_warm_s"] / t_warm,
                        warm_sparse_passes=warm.settings["sparse_passes"],
                        warm_same_as_sequential=bool(np.array_equal(seq.mask, warm.mask)))
+            save(row)
         if args.disk_cache:
             cache = tmp / f"xla-{tau}"
             child = [sys.executable, __file__, "--child", repr(tau), str(cache), "--n-prompts", str(args.n_prompts),
@@ -163,6 +181,7 @@ def main(argv=None):
                        batched_disk_cached_compile_s=cached["compile_s"],
                        speedup_disk_cached=t_seq / cached["seconds"],
                        disk_cached_same_circuit=fresh["mask"] == cached["mask"] == bat.mask.astype(int).tolist())
+        save(row)
         if args.auto_circuit_python:
             ac = run_auto_circuit(args.auto_circuit_python, tmp / "model", tmp / "prompts.npz", tau)
             ours, theirs = set(bat.edges), set(ac["kept"])
@@ -174,6 +193,7 @@ def main(argv=None):
                        same_circuit_in_their_order=set(in_their_order.edges) == theirs)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
 
     columns = ["tau", "edges", "kept", "sequential_s", "batched_s", "speedup", "seq_passes", "bat_passes",
                "same_as_sequential", "seq_flops_per_edge_over_forward", "bat_flops_per_edge_over_forward",
@@ -189,18 +209,6 @@ def main(argv=None):
         columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
                     "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]
     print_table(rows, columns)
-    write_json("bench_acdc" + ("" if args.precision == "float32" else f"-{args.precision}"), {
-        "environment": environment(),
-        "model": ATTN_ONLY_4L, "precision": args.precision, "weights": "random (seeded), TransformerLens layout",
-        "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position",
-                 "corruption": "random corrupted prompts"},
-        "timing": "wall time of one acdc() call including compilation (compile_s: its tracing, lowering and XLA "
-                  "compilation, from jax.monitoring); warm: a second call in the same process; sparse: the batched "
-                  "calls' sparse= argument; disk_cached: the same call in a fresh process whose programs "
-                  "a previous fresh process left in acdc_jax.use_disk_cache's directory; auto-circuit: its "
-                  "acdc_prune_scores call",
-        "rows": rows,
-    })
 
 
 if __name__ == "__main__":

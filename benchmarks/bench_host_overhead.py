@@ -134,18 +134,22 @@ def main(argv=None):
                         help="fractions of tried edges to keep (each sets tau)")
     args = parser.parse_args(argv)
     rows = []
+
+    def save():  # after each run, so that a time limit keeps what was measured
+        write_json("bench_host_overhead", {
+            "graph": "GPT-2 small (12 layers x 12 heads, MLPs, split q/k/v with steps): 32,923 edges",
+            "task": {"n_prompts": N_PROMPTS, "n_pos": 16},
+            "passes": "synthetic: summed random per-edge effects of the cut edges whose receiver reaches the output",
+            "host_s": "wall time of acdc() minus waiting for the synthetic passes minus compilation",
+            "rows": rows})
+
     for kept in args.kept:
         for width in args.widths:
             rows.append(run(width, kept))
             print(rows[-1], flush=True)
+            save()
     print_table(rows, ["width", "target_kept", "tried", "kept", "passes", "decisions_per_pass", "wall_s",
                        "synthetic_pass_s", "compile_s", "host_s", "host_ms_per_pass", "host_us_per_edge"])
-    write_json("bench_host_overhead", {
-        "graph": "GPT-2 small (12 layers x 12 heads, MLPs, split q/k/v with steps): 32,923 edges",
-        "task": {"n_prompts": N_PROMPTS, "n_pos": 16},
-        "passes": "synthetic: summed random per-edge effects of the cut edges whose receiver reaches the output",
-        "host_s": "wall time of acdc() minus waiting for the synthetic passes minus compilation",
-        "rows": rows})
 
 
 if __name__ == "__main__":

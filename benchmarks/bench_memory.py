@@ -64,6 +64,16 @@ def main(argv=None):
     ones = np.ones(graph.n_edges, np.float32)
     layers = receiver_layers(graph)
     rows = []
+
+    def save():  # after each start layer, so that a time limit keeps what was measured
+        write_json(f"bench_memory-{args.dtype}", {
+            "environment": environment(), "model": GPT2_SMALL.to_dict(), "dtype": args.dtype,
+            "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position"},
+            "available_bytes": available, "widths_per_start_layer": widths, "prompt_chunk": chunk,
+            "note": "xla_*: temporaries of the compiled vmapped pass plus the deviations and corrupted activations it "
+                    "reads (memory.xla_pass_bytes); peak_gb_so_far: the device's peak bytes in use after running the "
+                    "passes so far (weights included)", "rows": rows})
+
     for start in args.starts:
         width = widths[start]
         fixed, per = pass_bytes(model, graph, args.n_prompts, args.n_pos, 1, start, chunk)
@@ -80,16 +90,10 @@ def main(argv=None):
             peak = _peak()
             row["ran"], row["peak_gb_so_far"] = True, None if peak is None else peak / GB
         rows.append(row)
+        save()
     print(f"free memory {available / GB:.1f} GB; widths per start layer {widths}; prompt chunk {chunk}")
     print_table(rows, ["start_layer", "width", "prompt_chunk", "estimate_gb", "xla_gb", "xla_shared_upstream_gb",
                        "estimate_over_xla"] + (["peak_gb_so_far"] if run else []))
-    write_json(f"bench_memory-{args.dtype}", {
-        "environment": environment(), "model": GPT2_SMALL.to_dict(), "dtype": args.dtype,
-        "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position"},
-        "available_bytes": available, "widths_per_start_layer": widths, "prompt_chunk": chunk,
-        "note": "xla_*: temporaries of the compiled vmapped pass plus the deviations and corrupted activations it "
-                "reads (memory.xla_pass_bytes); peak_gb_so_far: the device's peak bytes in use after running the "
-                "passes so far (weights included)", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import importlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -37,6 +38,7 @@ def environment() -> dict:
         "numpy": numpy.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 
@@ -108,6 +110,8 @@ def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = payload.setdefault("environment", environment())
     tag = f"{env['backend']}-{env['device_kind'].replace(' ', '_')}"
+    if os.environ.get("ACDC_JAX_BENCH_TAG"):  # a variant's results beside the plain run's (run_all.py sets it)
+        name += "-" + os.environ["ACDC_JAX_BENCH_TAG"]
     path = RESULTS / f"{name}-{tag}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")

@@ -3,8 +3,13 @@
 # (no network there: the project runs from the checkout on PYTHONPATH, with the
 # image's JAX). From the repository root:
 #
-#   bash benchmarks/device_run.sh                      # memory sweep-tf32 acdc host patching (about 9 minutes)
+#   bash benchmarks/device_run.sh                      # the default plan below, stopped after 520 s in all
 #   bash benchmarks/device_run.sh --only precision methods speculation sparse --timeout 240
+#
+# A lease is 15 minutes of device time, the start (about 30 s) included. On
+# the first H200 (2026-12-04) each pass program took 14-27 s to compile, so the
+# default plan first measures ACDC with XLA's GPU autotuning off, then the
+# sweep, then ACDC as it is, each benchmark writing its JSON as it goes.
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
 # compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
@@ -22,7 +27,8 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only memory sweep-tf32 acdc host patching --timeout 200 --sweep-seconds 150
+  set -- --only acdc-no-autotune sweep-tf32 acdc-one-tau memory host patching --timeout 200 --total 520 \
+    --sweep-seconds 120
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?

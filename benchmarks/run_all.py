@@ -8,12 +8,13 @@ hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
     python benchmarks/run_all.py [--only sweep acdc host memory programs patching precision methods sparse ...] [--timeout S]
-                                 [--sweep-seconds S] [--auto-circuit-python PATH]
+                                 [--total S] [--sweep-seconds S] [--auto-circuit-python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+
+
+# Variants: the same benchmark under other XLA flags, its JSON named with the tag. On an H200 a pass
+# program took 14-27 s to compile (benchmarks/README.md); XLA's GPU autotuning is the suspect.
+VARIANTS = {"acdc-no-autotune": {"XLA_FLAGS": "--xla_gpu_autotune_level=0", "ACDC_JAX_BENCH_TAG": "no-autotune"}}
 
 
 def plan(cpu: bool, args) -> dict[str, list[str]]:
@@ -46,6 +52,8 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
     if args.auto_circuit_python:
         runs["acdc"] += ["--auto-circuit-python", args.auto_circuit_python]
     if not cpu:  # TF32 tensor cores (JAX's default for float32 on NVIDIA GPUs) and bf16
+        runs["acdc-one-tau"] = ["bench_acdc.py", "--taus", "0.1"]
+        runs["acdc-no-autotune"] = runs["acdc-one-tau"]  # with VARIANTS' XLA flags
         runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]
         runs["sweep-bf16"] = sweep + ["--dtype", "bfloat16"]
         if jax.device_count() > 1:
@@ -61,20 +69,28 @@ def main(argv=None):
     parser.add_argument("--cpu-sweep-seconds", type=float, default=300.0)
     parser.add_argument("--sweep-seconds", type=float, help="stop the GPT-2-small sweep after this long, on any backend")
     parser.add_argument("--timeout", type=float, help="seconds each benchmark may run before it is stopped")
+    parser.add_argument("--total", type=float, help="seconds for the whole run: later benchmarks get what is left")
     args = parser.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
     runs = plan(cpu, args)
     unknown = set(args.only or []) - set(runs)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {sorted(runs)}")
-    rows = []
+    rows, began = [], time.perf_counter()
     for name in args.only or runs:
         command = runs[name]
         cmd = [sys.executable, str(HERE / command[0]), *command[1:]]
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        limits = [t for t in (args.timeout, None if args.total is None else args.total - (time.perf_counter() - began))
+                  if t is not None]
+        limit = min(limits) if limits else None
+        if limit is not None and limit < 10:
+            rows.append({"benchmark": name, "command": " ".join(command), "exit": "not run (--total)", "seconds": 0})
+            continue
+        env = {**os.environ, **VARIANTS.get(name, {})}
+        print(f"== {name}: {' '.join(cmd[1:])}" + (f" with {VARIANTS[name]}" if name in VARIANTS else ""), flush=True)
         start = time.perf_counter()
         try:
-            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=args.timeout).returncode
+            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=limit, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         rows.append({"benchmark": name, "command": " ".join(command), "exit": rc,
