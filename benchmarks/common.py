@@ -79,15 +79,15 @@ def accelerator_path():
     dense masks made on the device from the cut edges, and a covering
     program compiled first from each layer. Pass counts then are those a GPU
     would run."""
-    acdc_module, scoring = (importlib.import_module(f"acdc_jax.{m}") for m in ("acdc", "scoring"))
-    saved_width = acdc_module.adaptive_width
-    acdc_module.adaptive_width = lambda: False
+    decide, scoring = (importlib.import_module(f"acdc_jax.{m}") for m in ("decide", "scoring"))
+    saved_width = decide.adaptive_width
+    decide.adaptive_width = lambda: False
     for name, value in (("loop", False), ("cuts_to_device", True), ("cover_first", True)):  # Scorer's own writes ignored
         setattr(scoring.Scorer, name, property(lambda self, value=value: value, lambda self, _: None))
     try:
         yield
     finally:
-        acdc_module.adaptive_width = saved_width
+        decide.adaptive_width = saved_width
         del scoring.Scorer.loop, scoring.Scorer.cuts_to_device, scoring.Scorer.cover_first
 
 

@@ -317,7 +317,7 @@ def test_one_cover_serves_several_layers_on_an_accelerator(tmp_path, monkeypatch
     task = Task("random-kl", rng.integers(0, 31, (6, 7)), rng.integers(0, 31, (6, 7)), positions=np.array([6]),
                 metrics={"kl": kl_divergence})
     seq = acdc(model, task, 3e-4, mode="sequential", progress=False)
-    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)
+    monkeypatch.setattr(importlib.import_module("acdc_jax.decide"), "adaptive_width", lambda: False)
     force_accelerator_path(monkeypatch)
     run = Scorer._run
 

@@ -57,7 +57,7 @@ def test_induction_in_wide_passes_as_on_an_accelerator(monkeypatch):
 
     from acdc_jax.tasks import get
 
-    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)
+    monkeypatch.setattr(importlib.import_module("acdc_jax.decide"), "adaptive_width", lambda: False)
     force_accelerator_path(monkeypatch)
     model, task = get("induction")
     seq = _same(model, task, 3e-3, max_width=64)

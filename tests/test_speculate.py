@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from acdc_jax import speculate
-from acdc_jax.acdc import acdc, pass_width
+from acdc_jax.acdc import acdc
+from acdc_jax.decide import pass_width
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import TransformerConfig
 from acdc_jax.schedule import Schedule
@@ -121,7 +122,7 @@ def test_any_guess_makes_the_loops_decisions(small, monkeypatch, p):
     seq = acdc(model, task, tau, mode="sequential", progress=False)
     guess = (lambda edge: (0.1, 0.9)[edge % 2]) if p == "alternating" else (lambda edge: p)
     monkeypatch.setattr(speculate.Forecast, "p", lambda self, edge: guess(edge))
-    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "adaptive_width", lambda: False)  # score every planned node
+    monkeypatch.setattr(importlib.import_module("acdc_jax.decide"), "adaptive_width", lambda: False)  # score every planned node
     bat = acdc(model, task, tau, mode="batched", progress=False, max_width=16)
     assert 0 < seq.n_edges < seq.graph.n_edges
     assert _decisions(bat) == _decisions(seq)
@@ -180,14 +181,14 @@ def test_trials_within_rounding_of_tau_are_decided_as_the_loop_decides_them(monk
     from acdc_jax.model import Transformer
     from acdc_jax.tasks.base import Task, kl_divergence
 
-    acdc_module = importlib.import_module("acdc_jax.acdc")
+    decide = importlib.import_module("acdc_jax.decide")
     config = TransformerConfig(n_layers=4, n_heads=4, d_model=32, d_head=8, d_mlp=128, d_vocab=200, n_ctx=32)
     model = Transformer(config, key=jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     task = Task("random-kl", rng.integers(0, 200, (8, 10)), rng.integers(0, 200, (8, 10)), positions=np.array([9]),
                 metrics={"kl": kl_divergence})
     seq = acdc(model, task, 1e-6, mode="sequential", progress=False)
-    monkeypatch.setattr(acdc_module, "adaptive_width", lambda: False)  # as on an accelerator: 64-wide passes
+    monkeypatch.setattr(decide, "adaptive_width", lambda: False)  # as on an accelerator: 64-wide passes
     bat = acdc(model, task, 1e-6, progress=False, max_width=64)
     assert bat.settings["rescored"] > 0 and _decisions(bat) == _decisions(seq)
 
@@ -203,7 +204,7 @@ def test_the_band_follows_the_rounding_the_pass_programs_show(monkeypatch):
     from acdc_jax.scoring import Scorer
     from acdc_jax.tasks import get
 
-    acdc_module = importlib.import_module("acdc_jax.acdc")
+    decide = importlib.import_module("acdc_jax.decide")
     model, task = get("induction")
     batch = Scorer.batch
 
@@ -221,5 +222,5 @@ def test_the_band_follows_the_rounding_the_pass_programs_show(monkeypatch):
         s = c.settings
         assert s["checked_programs"] >= 1 and s["rescored"] >= 1
         assert s["near_tie_scale"] * (1e-6 + 1e-5 * 2 * c.metric) > 4e-3
-    monkeypatch.setattr(acdc_module, "_calibrate", lambda *args: None)
+    monkeypatch.setattr(decide, "calibrate", lambda *args: None)
     assert [_decisions(acdc(model, task, tau, progress=False)) for tau in taus] != loop

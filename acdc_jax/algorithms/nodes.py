@@ -29,7 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..acdc import TieBand, check_tau, progress_bar
+from ..acdc import check_tau, progress_bar
+from ..decide import TieBand
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
 from ..errors import MetricError

@@ -1,0 +1,185 @@
+"""One step of batched or sequential ACDC: score the planned trials in a
+pass, then decide them as the loop would (`decide`), with the band of float
+rounding around tau inside which a trial is rescored in full passes
+(`TieBand`, `rescore`, `calibrate`), and the width of the pass
+(`pass_width`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import numpy as np
+
+from .circuit import Decision
+from .errors import MetricError
+from .scoring import Scorer
+from .speculate import candidates, node_effects, trial_result
+
+
+def adaptive_width() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = lambda layer: 1.0,
+               overhead: float = 1.0) -> int:
+    """How many of the plan's nodes to score in one pass. On accelerators a
+    wider pass costs little more, so all of them. On a CPU each candidate costs
+    about as much as a pass of its own, and every candidate of a pass starts at
+    the earliest layer any of them needs (`candidate_cost(layer)`); the width
+    in 1, 4, 16, ... (few compiled shapes) is the one that decides the most
+    edges per unit of work: the sum of the nodes' probabilities over the
+    pass's cost, counted in candidates from the first node's layer plus
+    `overhead` of them per pass. The overhead is a constant, not measured:
+    a choice that follows the timings drifts from run to run, and a second
+    run then compiles other widths (fitting it from the passes timed made the
+    benchmark's second runs 15-50% slower)."""
+    if not adaptive_width() or not nodes:
+        return cap
+    widths = sorted({min(4 ** k, cap) for k in range(8)})
+    reach = np.cumsum([n.prob for n in nodes])
+    start = np.minimum.accumulate([n.first_layer for n in nodes])
+    unit = candidate_cost(int(start[0]))
+
+    def gain(w):
+        i = min(w, len(nodes)) - 1
+        return reach[i] / (overhead + w * candidate_cost(int(start[i])) / unit)
+
+    return max(widths, key=gain)
+
+
+@dataclasses.dataclass
+class TieBand:
+    """How far a batched result may lie from the sequential loop's for the
+    same trial: float32 rounding in another program (measured: up to 2e-7
+    for KL, whatever its value, on the test models), widened where a
+    program's scores were measured further off (`widen`). A result within
+    the band of tau is rescored in the loop's own full passes."""
+
+    scale: float = 1.0  # 0: no rescoring (bf16, whose rounding is 2^16 times coarser)
+
+    def __call__(self, before: float, new: float) -> float:
+        return self.scale * (1e-6 + 1e-5 * (abs(before) + abs(new)))
+
+    def widen(self, discrepancy: float, before: float, new: float) -> None:
+        """Make the band at least 4x a measured gap between a batched result and the loop's."""
+        band = self(before, new)
+        if band and 4 * discrepancy > band:
+            self.scale *= 4 * discrepancy / band
+
+
+@dataclasses.dataclass
+class State:
+    mask: np.ndarray
+    cursor: tuple
+    metric: float
+    decisions: list
+    tie_band: TieBand = dataclasses.field(default_factory=TieBand)
+    full_values: dict = dataclasses.field(default_factory=dict)  # circuit bytes -> its metric from a full pass
+    calibrated: set = dataclasses.field(default_factory=set)  # the pass programs checked against full passes
+    rescored: int = 0  # trials decided from full passes
+
+    def full(self, scorer: Scorer, circuit: np.ndarray) -> float:
+        """The metric of `circuit` as the sequential loop computes it (a full pass, remembered)."""
+        key = circuit.tobytes()
+        if key not in self.full_values:
+            if len(self.full_values) >= 16:
+                self.full_values.pop(next(iter(self.full_values)))
+            self.full_values[key] = scorer.full(circuit)
+        return self.full_values[key]
+
+    def apply(self, decision: Decision, cursor) -> None:
+        if not decision.kept:
+            self.mask[decision.index] = 0.0
+        if decision.tried and not decision.kept:
+            self.metric = decision.metric_after
+        self.cursor = cursor
+        self.decisions.append(decision)
+
+
+def rescore(node, state: State, scorer: Scorer, result: float, abs_value: bool) -> tuple[float, float]:
+    """A trial whose result lies within float32 rounding of tau, scored as the
+    sequential loop scores it: both circuits in full passes (the same program
+    and arithmetic), so that batched and sequential runs decide it alike.
+    Widens the band where the batched score was further off than expected."""
+    before, new = state.full(scorer, node.mask), state.full(scorer, node.candidate())
+    state.tie_band.widen(abs(trial_result(before, new, abs_value) - result), before, new)
+    state.rescored += 1
+    return before, new
+
+
+def calibrate(node, metric: float, state: State, scorer: Scorer, shape) -> None:
+    """The first time a pass program runs in this process, score its first
+    candidate in a full pass too and widen the band to the gap: a trial's
+    result (two metrics) can be off by twice as much. So the band follows the
+    rounding that the programs really show (larger models, other
+    precisions), not only the trials that happen to fall inside it. Later
+    runs with the same programs (a threshold sweep) widen their band by the
+    gap already measured (`Programs.gaps`) instead of measuring it again."""
+    if shape not in scorer.programs.gaps:
+        full = state.full(scorer, node.candidate())
+        scorer.programs.gaps[shape] = (2 * abs(metric - full), full)
+    gap, full = scorer.programs.gaps[shape]
+    state.tie_band.widen(gap, state.metric, full)
+
+
+def apply_prunes(prunes, state: State, graph) -> list[Decision]:
+    made = []
+    for ev in prunes:
+        d = Decision(graph.edge_names[ev.edge], ev.edge, tried=False, kept=False)
+        state.apply(d, ev.cursor)
+        made.append(d)
+    return made
+
+
+def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, caps):
+    """Score the plan's nodes, then walk the tree along the real outcomes from
+    node 0, deciding each trial, until the next node was not scored. Returns
+    the decisions, the nodes scored and their effects (`node_effects`)."""
+    if mode == "sequential":
+        nodes = nodes[:1]
+        metrics = [scorer.full(nodes[0].candidate())]
+    else:
+        first = nodes[0].first_layer
+        width = pass_width(nodes, caps[first], scorer.candidate_flops)
+        chosen = nodes[:width]
+        start_layer = min(n.first_layer for n in chosen)
+        while len(chosen) > caps[start_layer]:  # a pass from an earlier layer holds fewer candidates
+            width = caps[start_layer]
+            chosen = nodes[:width]
+            start_layer = min(n.first_layer for n in chosen)
+        cands = candidates(chosen, state.mask)
+        shape = scorer.choose(cands, start_layer, width, max_width=caps[start_layer])
+        if shape.width > len(chosen) and len(nodes) > len(chosen):  # a larger compiled program: fill it
+            more = nodes[:shape.width]
+            if min(n.first_layer for n in more) == start_layer:
+                more_cands = candidates(more, state.mask)
+                if scorer.fits(more_cands, start_layer, shape):
+                    chosen, cands = more, more_cands
+        nodes = chosen
+        metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
+        if state.tie_band.scale and shape not in state.calibrated:
+            state.calibrated.add(shape)
+            calibrate(nodes[0], float(metrics[0]), state, scorer, shape)
+    effects = node_effects(nodes, metrics, state.metric, abs_value)
+    made: list[Decision] = []
+    i = 0
+    while i is not None and i < len(nodes):
+        node = nodes[i]
+        made += apply_prunes(node.prunes, state, graph)
+        before, new = state.metric, float(metrics[i])
+        name = graph.edge_names[node.trial.edge]
+        if not math.isfinite(new):
+            raise MetricError(f"The metric is {new} after removing {name}; it must stay finite.")
+        result = trial_result(before, new, abs_value)
+        if mode == "batched" and abs(result - tau) < state.tie_band(before, new):
+            before, new = rescore(node, state, scorer, result, abs_value)
+            result = trial_result(before, new, abs_value)
+        keep = not result < tau
+        d = Decision(name, node.trial.edge, tried=True, kept=keep, metric_before=before, metric_after=new)
+        state.apply(d, node.trial.cursor)
+        made.append(d)
+        i = node.children.get(not keep)
+    return made, nodes, effects
