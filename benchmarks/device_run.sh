@@ -27,12 +27,14 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only acdc-no-autotune sweep-tf32 acdc-one-tau memory host patching --timeout 200 --total 520 \
+  set -- --only acdc-no-autotune sweep-tf32 acdc-one-tau memory host patching sweep-trace --timeout 200 --total 520 \
     --sweep-seconds 120
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/results.tar.gz" benchmarks/results
+  # a profile (sweep-trace) comes back apart: the tool returns files of 16 MB at most
+  [ -d benchmarks/trace ] && tar -czf "$OUT/trace.tar.gz" benchmarks/trace
 fi
 exit $rc

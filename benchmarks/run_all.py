@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 
 # Variants: the same benchmark under other XLA flags, its JSON named with the tag. On an H200 a pass
 # program took 14-27 s to compile (benchmarks/README.md); XLA's GPU autotuning is the suspect.
-VARIANTS = {"acdc-no-autotune": {"XLA_FLAGS": "--xla_gpu_autotune_level=0", "ACDC_JAX_BENCH_TAG": "no-autotune"}}
+VARIANTS = {"acdc-no-autotune": {"XLA_FLAGS": "--xla_gpu_autotune_level=0", "ACDC_JAX_BENCH_TAG": "no-autotune"},
+            "sweep-trace": {"ACDC_JAX_BENCH_TAG": "traced"}}
 
 
 def plan(cpu: bool, args) -> dict[str, list[str]]:
@@ -55,6 +56,9 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         runs["acdc-one-tau"] = ["bench_acdc.py", "--taus", "0.1"]
         runs["acdc-no-autotune"] = runs["acdc-one-tau"]  # with VARIANTS' XLA flags
         runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]
+        # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart)
+        runs["sweep-trace"] = ["bench_gpt2_sweep.py", "--stop-after", "20", "--precision", "tensorfloat32",
+                               "--trace", "benchmarks/trace"]
         runs["sweep-bf16"] = sweep + ["--dtype", "bfloat16"]
         if jax.device_count() > 1:
             runs["sweep-all-devices"] = sweep + ["--mesh", "auto"]
