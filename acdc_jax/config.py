@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -164,18 +164,16 @@ class TransformerConfig:
         object.__setattr__(self, "rotary_local_layers", tuple(sorted(local)))
 
     @property
-    def rotary(self) -> Optional[tuple]:
-        """(rotary_dim, its rotary_dim / 2 inverse frequencies) for a rotary
-        model, else None; with local layers, also their frequencies and a
-        0/1 flag per layer."""
+    def rotary(self) -> Optional["Rotary"]:
+        """How queries and keys rotate, for a rotary model; else None."""
         if self.positional != "rotary":
             return None
         inv = self.rotary_inv_freq if self.rotary_inv_freq is not None else default_inv_freq(self.rotary_dim,
                                                                                              self.rotary_base)
         if not self.rotary_local_layers:
-            return self.rotary_dim, inv
+            return Rotary(self.rotary_dim, tuple(inv))
         flags = tuple(int(l in self.rotary_local_layers) for l in range(self.n_layers))
-        return self.rotary_dim, inv, self.rotary_local_inv_freq, flags
+        return Rotary(self.rotary_dim, tuple(inv), tuple(self.rotary_local_inv_freq), flags)
 
     @property
     def attn_only(self) -> bool:
@@ -200,6 +198,19 @@ class TransformerConfig:
         if missing:
             raise ConfigError(f"TransformerConfig is missing required field(s) {missing}.")
         return cls(**d)
+
+
+class Rotary(NamedTuple):
+    """Rotary positions as a model's attention applies them (hashable: a
+    static field of the attention module). The first `dim` dimensions of
+    each head rotate in pairs at `inv_freq`; where some layers rotate at
+    other frequencies (Gemma 3's local layers), `local_flags` marks them
+    (0/1 per layer) and `local_inv_freq` gives theirs."""
+
+    dim: int
+    inv_freq: tuple
+    local_inv_freq: Optional[tuple] = None
+    local_flags: Optional[tuple] = None
 
 
 def default_inv_freq(dim: int, base: float) -> tuple[float, ...]:

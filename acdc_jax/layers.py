@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .config import TransformerConfig
+from .config import Rotary, TransformerConfig
 
 
 def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
@@ -70,22 +70,19 @@ def _lead(a: Array, ndim: int) -> Array:
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
 
-Rotary = Optional[tuple]  # TransformerConfig.rotary: (rotary_dim, inverse frequencies[, local ones, local flags])
-
-
-def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"], rotary: Rotary, layer=None):
+def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"], rotary: Optional[Rotary],
+           layer=None):
     """Rotary position embedding of queries or keys at `positions` (rotate-half
     pairs over the first rotary_dim dimensions; the rest pass through), with
     the frequencies of `layer` (an int, traced or not) where layers differ."""
     if rotary is None:
         return x
-    dim, inv_freq = rotary[:2]
-    inv_freq = jnp.asarray(inv_freq, dtype=jnp.float32)
-    if len(rotary) > 2:
+    dim, inv_freq = rotary.dim, jnp.asarray(rotary.inv_freq, dtype=jnp.float32)
+    if rotary.local_flags is not None:
         if layer is None:
             raise ValueError("This model's layers rotate with different frequencies: pass the layer.")
-        local = jnp.asarray(rotary[3])[layer] == 1
-        inv_freq = jnp.where(local, jnp.asarray(rotary[2], dtype=jnp.float32), inv_freq)
+        local = jnp.asarray(rotary.local_flags)[layer] == 1
+        inv_freq = jnp.where(local, jnp.asarray(rotary.local_inv_freq, dtype=jnp.float32), inv_freq)
     angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]
     cos, sin = _lead(jnp.cos(angle).astype(x.dtype), x.ndim), _lead(jnp.sin(angle).astype(x.dtype), x.ndim)
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 : dim]
@@ -98,7 +95,7 @@ def attention_pattern(
     scale: float,
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
-    rotary: Rotary = None,
+    rotary: Optional[Rotary] = None,
     cap: Optional[float] = None,
     layer=None,
 ) -> Float[Array, "n_heads q_pos pos"]:
@@ -121,7 +118,7 @@ def attend(
     scale: float,
     causal: bool,
     q_positions: Optional[Int[Array, " q_pos"]] = None,
-    rotary: Rotary = None,
+    rotary: Optional[Rotary] = None,
     cap: Optional[float] = None,
     layer=None,
 ) -> Float[Array, "n_heads q_pos d_head"]:
@@ -146,7 +143,7 @@ class Attention(eqx.Module):
     k_norm: Optional[LayerNorm]
     scale: float = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
-    rotary: Rotary = eqx.field(static=True)
+    rotary: Optional[Rotary] = eqx.field(static=True)
     softcap: Optional[float] = eqx.field(static=True)
     clip: Optional[float] = eqx.field(static=True)
 

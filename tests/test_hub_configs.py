@@ -179,7 +179,7 @@ def test_rotary_frequencies_are_transformers_own(name):
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)
     c = _config(name)
-    ours = np.asarray(c.rotary[1], np.float64)
+    ours = np.asarray(c.rotary.inv_freq, np.float64)
     np.testing.assert_allclose(ours, rotary.inv_freq.double().numpy(), rtol=1e-6)
     scale = math.sqrt(cfg.get("query_pre_attn_scalar", c.d_head))  # Gemma 2 names its own
     assert c.attn_scale == pytest.approx(scale / rotary.attention_scaling ** 2)
@@ -213,6 +213,6 @@ def test_gemma3_reads_both_layer_types_rotations(name, n_local):
                                                              hf.query_pre_attn_scalar ** 0.5)
     assert c.rotary_local_layers == tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
     assert len(c.rotary_local_layers) == n_local
-    ours = np.asarray(c.rotary[1], np.float64)
+    ours = np.asarray(c.rotary.inv_freq, np.float64)
     np.testing.assert_allclose(ours, rotary.full_attention_inv_freq.double().numpy(), rtol=1e-6)
     np.testing.assert_allclose(c.rotary_local_inv_freq, rotary.sliding_attention_inv_freq.double().numpy(), rtol=1e-6)
