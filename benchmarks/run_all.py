@@ -30,8 +30,11 @@ HERE = Path(__file__).resolve().parent
 
 # Variants: the same benchmark under other XLA flags, its JSON named with the tag. On an H200 a pass
 # program took 14-27 s to compile (benchmarks/README.md); XLA's GPU autotuning is the suspect.
-VARIANTS = {"acdc-no-autotune": {"XLA_FLAGS": "--xla_gpu_autotune_level=0", "ACDC_JAX_BENCH_TAG": "no-autotune"},
-            "sweep-trace": {"ACDC_JAX_BENCH_TAG": "traced"}}
+NO_AUTOTUNE = {"XLA_FLAGS": "--xla_gpu_autotune_level=0", "ACDC_JAX_BENCH_TAG": "no-autotune"}
+NO_FUSION_AUTOTUNER = {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_autotuner=false",
+                       "ACDC_JAX_BENCH_TAG": "no-fusion-autotuner"}
+VARIANTS = {"acdc-no-autotune": NO_AUTOTUNE, "compile-no-autotune": NO_AUTOTUNE,
+            "compile-no-fusion-autotuner": NO_FUSION_AUTOTUNER, "sweep-trace": {"ACDC_JAX_BENCH_TAG": "traced"}}
 
 
 def plan(cpu: bool, args) -> dict[str, list[str]]:
@@ -39,6 +42,7 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
     sweep = ["bench_gpt2_sweep.py"] + (["--stop-after", str(stop)] if stop is not None else [])
     runs = {
         "patching": ["bench_patching.py"],
+        "compile": ["bench_compile.py"],
         "acdc": ["bench_acdc.py", "--n-prompts", "10"] if cpu else ["bench_acdc.py"],
         "methods": ["roc_table.py"],
         "precision": ["bench_precision.py"],
@@ -55,6 +59,7 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
     if not cpu:  # TF32 tensor cores (JAX's default for float32 on NVIDIA GPUs) and bf16
         runs["acdc-one-tau"] = ["bench_acdc.py", "--taus", "0.1"]
         runs["acdc-no-autotune"] = runs["acdc-one-tau"]  # with VARIANTS' XLA flags
+        runs["compile-no-autotune"] = runs["compile-no-fusion-autotuner"] = runs["compile"]
         runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]
         # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart)
         runs["sweep-trace"] = ["bench_gpt2_sweep.py", "--stop-after", "20", "--precision", "tensorfloat32",
