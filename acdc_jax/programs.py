@@ -117,7 +117,8 @@ class Programs:
     def __init__(self, adaptive: bool = True):
         self.adaptive = adaptive and jax.process_count() == 1
         self.compiled: set[Shape] = set()
-        self.regret: dict[Shape, float] = {}  # seconds of extra work paid so far for lack of each shape
+        # seconds of extra work paid so far for lack of each shape, or (per layer) of its own cover
+        self.regret: dict[Hashable, float] = {}
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
         self.reused = 0  # passes run in a larger program than they needed
