@@ -18,9 +18,9 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, assert_missing_tensor_named, edit_config,
-                      random_hf_llama, torch_logits)
+from .helpers import assert_cut_matches, assert_missing_tensor_named, edit_config, random_hf_llama, torch_logits
 from .test_llama import EDGES, torch_patched_logits
+from .test_llama_families import family_model
 
 VOCAB = 61
 # caps low enough that random weights' scores and logits reach them
@@ -120,28 +120,11 @@ def test_post_norm_needs_rmsnorm():
 
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
-    return random_hf_llama(tmp_path_factory.mktemp("gemma2"), model_type="gemma2", n_layers=3, n_kv=2, seed=1,
-                           scale=0.3, attn_logit_softcapping=0.5, final_logit_softcapping=1.0)
+    return family_model("gemma2", tmp_path_factory)
 
 
 def _tokens(seed, shape=(3, 9)):
     return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
-
-
-def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(gemma2):
-    _, model = gemma2
-    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
-
-
-@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
-def test_patched_edges_match_pytorch_hooks(gemma2, names):
-    """The Llama tests' edges (the same head layout), cut by their hook
-    reference: senders are each head's share of the norm after attention
-    and the norm after the MLP's output; the MLP reads pre_feedforward_layernorm."""
-    pt, model = gemma2
-    clean, corrupt = _tokens(7), _tokens(8)
-    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 
 def test_heads_normalised_alone_fail_the_hook_reference(gemma2, monkeypatch):

@@ -19,14 +19,12 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import ConfigError
 
-from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, assert_missing_tensor_named, edit_config,
-                      random_hf_llama)
+from .helpers import assert_all_ones_and_zeros, assert_missing_tensor_named, edit_config, random_hf_llama
 from .test_gemma2 import _parity, _random_task, assert_acdc_matches_the_reference_loop
-from .test_llama import EDGES, torch_patched_logits
+from .test_llama_families import GEMMA3_ROPES, family_model
 
 VOCAB = 61
-ROPES = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
-         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}
+ROPES = GEMMA3_ROPES
 CASES = {
     # layers 0 and 2 local, 1 global; the global rope linearly scaled, as in Gemma 3 4B and up
     "gqa-local-global": dict(n_kv=2, n_layers=3, sliding_window=16, sliding_window_pattern=2, rope_parameters=ROPES),
@@ -144,29 +142,11 @@ def test_bad_rotary_and_norm_settings_are_refused(fields, words):
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    return random_hf_llama(tmp_path_factory.mktemp("gemma3"), model_type="gemma3_text", n_layers=3, n_kv=2, seed=1,
-                           scale=0.3, sliding_window=16, sliding_window_pattern=2, rope_parameters=copy.deepcopy(ROPES),
-                           final_logit_softcapping=1.0)
+    return family_model("gemma3", tmp_path_factory)
 
 
 def _tokens(seed, shape=(3, 9)):
     return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
-
-
-def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(gemma3):
-    _, model = gemma3
-    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
-
-
-@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
-def test_patched_edges_match_pytorch_hooks(gemma3, names):
-    """The Llama tests' edges, cut by their hook reference on q_proj, k_proj
-    and v_proj (transformers then applies the per-head norms and the layer's
-    own rotation to the patched projection)."""
-    pt, model = gemma3
-    clean, corrupt = _tokens(7), _tokens(8)
-    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(gemma3, monkeypatch):

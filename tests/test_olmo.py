@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 import converters
-from acdc_jax import CircuitGraph
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, torch_logits
+from .helpers import edit_config, random_hf_llama, torch_logits
 from .test_gemma2 import _random_task, assert_acdc_matches_the_reference_loop
-from .test_llama import EDGES, torch_patched_logits
+from .test_llama_families import family_model
 
 VOCAB = 61
 
@@ -54,21 +53,7 @@ def test_clip_qkv_is_refused_elsewhere(tmp_path):
 
 @pytest.fixture(scope="module")
 def olmo(tmp_path_factory):
-    return random_hf_llama(tmp_path_factory.mktemp("olmo"), model_type="olmo", n_layers=3, n_kv=2, seed=3, scale=0.2,
-                           clip_qkv=0.3)
-
-
-def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(olmo):
-    _, model = olmo
-    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
-
-
-@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
-def test_patched_edges_match_pytorch_hooks(olmo, names):
-    pt, model = olmo
-    clean, corrupt = _tokens(7), _tokens(8)
-    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
+    return family_model("olmo", tmp_path_factory)
 
 
 @pytest.mark.slow  # 13 s; the quick suite runs ACDC through changes inside the heads on Gemma 3

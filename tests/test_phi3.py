@@ -14,8 +14,8 @@ import converters
 from acdc_jax import CircuitGraph
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, torch_logits
-from .test_llama import EDGES, torch_patched_logits
+from .helpers import edit_config, random_hf_llama, torch_logits
+from .test_llama_families import family_model
 
 VOCAB = 61
 D_HEAD = 8  # d_model 32 over 4 heads
@@ -103,27 +103,11 @@ def test_a_top_level_original_length_is_refused_outside_phi3(tmp_path):
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
-    return random_hf_llama(tmp_path_factory.mktemp("phi3"), model_type="phi3", n_layers=3, n_kv=2, seed=1, scale=0.2,
-                           partial_rotary_factor=0.5)
+    return family_model("phi3", tmp_path_factory)
 
 
 def _tokens(seed, shape=(3, 9)):
     return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape))
-
-
-def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(phi3):
-    _, model = phi3
-    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
-
-
-@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
-def test_patched_edges_match_pytorch_hooks(phi3, names):
-    """The Llama tests' edges (the same head layout), cut by their hook
-    reference, which patches the fused qkv_proj's rows of the receiver."""
-    pt, model = phi3
-    clean, corrupt = _tokens(7), _tokens(8)
-    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 
 @pytest.mark.slow

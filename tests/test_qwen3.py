@@ -8,20 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax import CircuitGraph
 from acdc_jax.checkpoint import fill_model, model_arrays
 
-from .helpers import assert_all_ones_and_zeros, assert_cut_matches, random_hf_llama, torch_logits
+from .helpers import torch_logits
 from .test_gemma2 import _random_task, assert_acdc_matches_the_reference_loop
-from .test_llama import EDGES, torch_patched_logits
+from .test_llama_families import family_model
 
 VOCAB = 61
 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    return random_hf_llama(tmp_path_factory.mktemp("qwen3"), model_type="qwen3", n_layers=3, n_kv=2, seed=2,
-                           scale=0.3)
+    return family_model("qwen3", tmp_path_factory)
 
 
 def _tokens(seed, shape=(3, 9)):
@@ -39,19 +37,6 @@ def test_the_query_and_key_norms_are_read_and_needed(qwen3):
     ones = {n: np.ones_like(a) for n, a in arrays.items() if n.endswith(("q_norm.w", "k_norm.w"))}
     mutant = fill_model(model.config, {**arrays, **ones})
     assert np.abs(np.asarray(mutant(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() > 1e-3
-
-
-def test_all_ones_is_the_plain_forward_and_all_zeros_the_corrupted_run(qwen3):
-    _, model = qwen3
-    assert_all_ones_and_zeros(model, CircuitGraph(model.config), _tokens(0), _tokens(1))
-
-
-@pytest.mark.parametrize("names", sorted(EDGES), ids=lambda n: n[0])
-def test_patched_edges_match_pytorch_hooks(qwen3, names):
-    pt, model = qwen3
-    clean, corrupt = _tokens(7), _tokens(8)
-    ref = torch_patched_logits(pt, clean, corrupt, EDGES[names])
-    assert_cut_matches(pt, model, CircuitGraph(model.config), names, clean, corrupt, ref)
 
 
 @pytest.mark.slow  # 13 s; the quick suite runs ACDC through per-head norms on Gemma 3
