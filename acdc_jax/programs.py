@@ -87,10 +87,11 @@ class Shape:
     rows: Optional[int]
     reach: Optional[tuple] = None  # sparse.py's programs: heads per layer, then heads into the logits
 
-    def cover(self) -> "Shape":
+    def cover(self, start_layer: Optional[int] = None) -> "Shape":
         """The pass program that covers every pass from this one's start layer
-        at this width: every head recomputed, no shared upstream sum."""
-        return Shape("pass", self.start_layer, self.width, None, None)
+        at this width: every head recomputed, no shared upstream sum; from
+        `start_layer` (an earlier one) if given, which covers the layers between too."""
+        return Shape("pass", self.start_layer if start_layer is None else start_layer, self.width, None, None)
 
     def covers(self, need: "Shape") -> bool:
         """Whether a pass of shape `need` can run in this program. A cover

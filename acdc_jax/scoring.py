@@ -12,7 +12,6 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax
@@ -238,7 +237,7 @@ class Scorer:
 
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
         first = self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers
-        cover = dataclasses.replace(need.cover(), start_layer=self.cover_start(need)) if first else None
+        cover = need.cover(self.cover_start(need)) if first else None
         shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt2_sweep import gpt2_shaped  # noqa: E402
+from bench_gpt2_sweep import gpt2_shaped, random_prompts_task  # noqa: E402
 from common import GPT2_SMALL, block, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.algorithms.attribution import receiver_layers, setup  # noqa: E402
@@ -33,7 +33,6 @@ from acdc_jax.candidates import Candidates  # noqa: E402
 from acdc_jax.memory import default_max_width, plan_batch  # noqa: E402
 from acdc_jax.precision import PRECISIONS, matmul_precision  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
-from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 
 def timed(fn):
@@ -49,12 +48,7 @@ def main(argv=None):
     parser.add_argument("--n-pos", type=int, default=16)
     parser.add_argument("--precision", default="tensorfloat32", choices=PRECISIONS)
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    shape = (args.n_prompts, args.n_pos)
-    model = gpt2_shaped()
-    task = Task("random-prompts", rng.integers(0, GPT2_SMALL.d_vocab, shape),
-                rng.integers(0, GPT2_SMALL.d_vocab, shape), positions=np.array([args.n_pos - 1]),
-                metrics={"kl": kl_divergence})
+    model, task = gpt2_shaped(), random_prompts_task(args.n_prompts, args.n_pos)
     rows = []
 
     def save():

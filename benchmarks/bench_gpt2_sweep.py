@@ -46,6 +46,14 @@ def gpt2_shaped(seed: int = 0) -> Transformer:
     return eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 20.0)
 
 
+def random_prompts_task(n_prompts: int, n_pos: int) -> Task:
+    """Seeded random clean and corrupted prompts over GPT-2's vocabulary, KL at the last position."""
+    rng = np.random.default_rng(0)
+    shape = (n_prompts, n_pos)
+    clean, corrupted = rng.integers(0, GPT2_SMALL.d_vocab, shape), rng.integers(0, GPT2_SMALL.d_vocab, shape)
+    return Task("random-prompts", clean, corrupted, positions=np.array([n_pos - 1]), metrics={"kl": kl_divergence})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-prompts", type=int, default=100)
@@ -61,10 +69,7 @@ def main(argv=None):
     stop = args.stop_after if args.stop_after is not None else (300.0 if jax.default_backend() == "cpu" else None)
 
     model = gpt2_shaped()
-    rng = np.random.default_rng(0)
-    shape = (args.n_prompts, args.n_pos)
-    clean, corrupted = rng.integers(0, GPT2_SMALL.d_vocab, shape), rng.integers(0, GPT2_SMALL.d_vocab, shape)
-    task = Task("random-prompts", clean, corrupted, positions=np.array([args.n_pos - 1]), metrics={"kl": kl_divergence})
+    task = random_prompts_task(args.n_prompts, args.n_pos)
 
     start, compiling = time.perf_counter(), compile_seconds()
     with (jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()):

@@ -24,14 +24,13 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt2_sweep import gpt2_shaped  # noqa: E402
+from bench_gpt2_sweep import gpt2_shaped, random_prompts_task  # noqa: E402
 from common import GPT2_SMALL, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import cast_for  # noqa: E402
 from acdc_jax.algorithms.attribution import receiver_layers, setup  # noqa: E402
 from acdc_jax.candidates import Candidates  # noqa: E402
 from acdc_jax.memory import available_memory_bytes, default_max_width, pass_bytes, plan_batch, xla_pass_bytes  # noqa: E402
-from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
 GB = 1e9
 
@@ -52,11 +51,7 @@ def main(argv=None):
     run = args.run or jax.default_backend() != "cpu"
 
     model = cast_for(gpt2_shaped(), args.dtype)
-    rng = np.random.default_rng(0)
-    shape = (args.n_prompts, args.n_pos)
-    task = Task("random-prompts", rng.integers(0, GPT2_SMALL.d_vocab, shape),
-                rng.integers(0, GPT2_SMALL.d_vocab, shape), positions=np.array([args.n_pos - 1]),
-                metrics={"kl": kl_divergence})
+    task = random_prompts_task(args.n_prompts, args.n_pos)
     graph = task.graph(model)
     available = available_memory_bytes()
     widths, chunk = plan_batch(model, graph, args.n_prompts, args.n_pos, 1, default_max_width(), available=available)

@@ -11,8 +11,9 @@ counted for GPT-2 small with 100 prompts x 16 tokens, under three policies:
 exact shapes (with ski rental); a cover (every head, no shared upstream sum)
 as the first program from each layer; and one cover from layer 0 that every
 layer's passes rent (as acdc-jax does on accelerators where the memory plan
-gives the layers the same width, as in this replay). The outputs are a replay under stated costs, not timings: the
-compile seconds and FLOP rate are inputs; bench_gpt2_sweep.py measures them.
+gives the layers the same width, as in this replay). The outputs are a
+replay under stated costs, not timings: the compile seconds and FLOP rate
+are inputs; bench_gpt2_sweep.py measures them.
 
     python benchmarks/bench_programs.py [--width 32] [--kept 0.05 0.5] [--compile-s 1 3 14] [--tflops 200]
 """
@@ -63,7 +64,7 @@ def replay(needs: list[Shape], compile_s: float, flops_per_s: float, policy: str
     for need in needs:
         cover = None
         if policy != "exact" and need.start_layer < graph.n_layers:
-            cover = Shape("pass", 0 if policy == "shared" else need.start_layer, need.width, None, None)
+            cover = need.cover(0 if policy == "shared" else None)
         shape = programs.choose(need, flops, cover)
         if shape not in programs.compiled:
             programs.compiled.add(shape)
