@@ -3,14 +3,15 @@
 # (no network there: the project runs from the checkout on PYTHONPATH, with the
 # image's JAX). From the repository root:
 #
-#   bash benchmarks/device_run.sh                      # the default plan below, stopped after 520 s in all
+#   bash benchmarks/device_run.sh                      # the default plan below, stopped after 550 s in all
 #   bash benchmarks/device_run.sh --only precision methods speculation sparse --timeout 240
 #
 # A lease is 15 minutes of device time, the start (about 30 s) included. On
 # the first H200 (2026-12-04) each pass program took 14-27 s to compile, so the
 # default plan first times the sweep's first programs' compilation as XLA is
-# set up and with each of two GPU autotuners off, then runs the sweep, then
-# ACDC at one threshold, each benchmark writing its JSON as it goes.
+# set up and with each of two GPU autotuners off, then runs the sweep, 20 s of
+# it under the profiler and ACDC at one threshold, all three under the XLA
+# flags that compiled fastest, each benchmark writing its JSON as it goes.
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
 # compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
@@ -28,8 +29,8 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only compile compile-no-autotune compile-no-fusion-autotuner sweep-tf32 acdc-one-tau memory host \
-    patching sweep-trace --timeout 200 --total 520 --sweep-seconds 120
+  set -- --only compile compile-no-autotune compile-no-fusion-autotuner sweep-tf32 sweep-trace acdc-one-tau \
+    memory host patching --timeout 180 --total 550 --sweep-seconds 120 --adopt-fastest-compile
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?

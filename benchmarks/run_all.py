@@ -14,6 +14,7 @@ a projection); on an accelerator everything runs at full size.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, write_json  # noqa: E402
+from common import RESULTS, environment, print_table, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,6 +36,23 @@ NO_FUSION_AUTOTUNER = {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_autotu
                        "ACDC_JAX_BENCH_TAG": "no-fusion-autotuner"}
 VARIANTS = {"acdc-no-autotune": NO_AUTOTUNE, "compile-no-autotune": NO_AUTOTUNE,
             "compile-no-fusion-autotuner": NO_FUSION_AUTOTUNER, "sweep-trace": {"ACDC_JAX_BENCH_TAG": "traced"}}
+
+
+def fastest_compile_variant(names: list[str], since: float) -> tuple[str, dict]:
+    """(name, VARIANTS entry) of the compile run among `names` whose JSON,
+    written after `since`, has every program and the least compile seconds in all."""
+    best, best_s = ("compile", {}), None
+    for name in names:
+        tag = VARIANTS.get(name, {}).get("ACDC_JAX_BENCH_TAG")
+        for path in RESULTS.glob(f"bench_compile{'-' + tag if tag else ''}-{jax.default_backend()}-*.json"):
+            rows = json.loads(path.read_text())["rows"]
+            if path.stat().st_mtime < since or len(rows) < 5:
+                continue
+            total = sum(r["compile_s"] for r in rows)
+            print(f"   {name}: {total:.1f} s compiling in all")
+            if best_s is None or total < best_s:
+                best, best_s = (name, VARIANTS.get(name, {})), total
+    return best
 
 
 def plan(cpu: bool, args) -> dict[str, list[str]]:
@@ -79,13 +97,16 @@ def main(argv=None):
     parser.add_argument("--sweep-seconds", type=float, help="stop the GPT-2-small sweep after this long, on any backend")
     parser.add_argument("--timeout", type=float, help="seconds each benchmark may run before it is stopped")
     parser.add_argument("--total", type=float, help="seconds for the whole run: later benchmarks get what is left")
+    parser.add_argument("--adopt-fastest-compile", action="store_true",
+                        help="run the benchmarks after the compile runs under the XLA flags of the one that compiled "
+                             "fastest (their JSON tagged with its name)")
     args = parser.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
     runs = plan(cpu, args)
     unknown = set(args.only or []) - set(runs)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {sorted(runs)}")
-    rows, began = [], time.perf_counter()
+    rows, began, began_wall, ran = [], time.perf_counter(), time.time(), set()
     for name in args.only or runs:
         command = runs[name]
         cmd = [sys.executable, str(HERE / command[0]), *command[1:]]
@@ -96,14 +117,23 @@ def main(argv=None):
             rows.append({"benchmark": name, "command": " ".join(command), "exit": "not run (--total)", "seconds": 0})
             continue
         env = {**os.environ, **VARIANTS.get(name, {})}
+        compiled = [n for n in (args.only or runs) if n.startswith("compile") and n in ran]
+        if (args.adopt_fastest_compile and compiled and not name.startswith("compile")
+                and "XLA_FLAGS" not in VARIANTS.get(name, {})):
+            fastest, flags = fastest_compile_variant(compiled, began_wall)
+            if flags:
+                tag = "-".join(filter(None, [env.get("ACDC_JAX_BENCH_TAG"), flags["ACDC_JAX_BENCH_TAG"]]))
+                env.update(XLA_FLAGS=flags["XLA_FLAGS"], ACDC_JAX_BENCH_TAG=tag)
+                print(f"   under {fastest}'s flags, the fastest to compile", flush=True)
         print(f"== {name}: {' '.join(cmd[1:])}" + (f" with {VARIANTS[name]}" if name in VARIANTS else ""), flush=True)
         start = time.perf_counter()
         try:
             rc = subprocess.run(cmd, cwd=HERE.parent, timeout=limit, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        ran.add(name)
         rows.append({"benchmark": name, "command": " ".join(command), "exit": rc,
-                     "seconds": round(time.perf_counter() - start, 1)})
+                     "seconds": round(time.perf_counter() - start, 1), "xla_flags": env.get("XLA_FLAGS")})
     print_table(rows, ["benchmark", "exit", "seconds", "command"])
     write_json("run_all", {"environment": environment(), "rows": rows})
     return 1 if any(r["exit"] for r in rows) else 0
