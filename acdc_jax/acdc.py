@@ -103,6 +103,7 @@ def acdc(
     callback: Optional[Callable[[Decision], None]] = None,
     sparse: Union[bool, str] = "auto",
     start=None,
+    rescore_ties: Optional[bool] = None,
 ) -> Circuit:
     """Find the circuit for `task` in `model` at threshold `tau`.
 
@@ -145,6 +146,14 @@ def acdc(
       as `acdc_nodes`' result, the path of its circuit.json, a mask or edge
       names): its other edges are removed from the start and never tried, and
       the metric starts at the start circuit's. Default: the full model.
+    rescore_ties: score the trials whose result lies within rounding of tau
+      again in the loop's own full passes, so that the decisions are exactly
+      the sequential loop's. Default: on in full float32, off in bf16 and in
+      TF32 ("tensorfloat32", "default"), whose rounding band holds many
+      trials: on an H200 in TF32 one trial in six was rescored, a full pass
+      each, and those passes took 87% of the GPU's time (benchmarks/README.md).
+      Off, a decision can differ from the loop's only where the trial's result
+      is within that rounding of tau.
     """
     tau = check_tau(tau)
     if mode not in ("batched", "sequential"):
@@ -152,6 +161,8 @@ def acdc(
     model = cast_for(model, dtype)
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
+    if rescore_ties is None:
+        rescore_ties = dtype == "float32" and precision == "float32"
     with matmul_precision(precision):
         graph = task.graph_for(model, graph)
         mesh = parse_mesh(mesh)
@@ -169,7 +180,7 @@ def acdc(
                         prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-            "dtype": dtype, "precision": precision,
+            "dtype": dtype, "precision": precision, "rescore_ties": bool(rescore_ties),
             "abs_value": bool(abs_value), "head_order": head_order,
             "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
             "n_prompts": int(task.clean.shape[0]),
@@ -186,7 +197,7 @@ def acdc(
             raise MetricError(f"The metric {metric_name!r} of the {'full model' if start is None else 'start circuit'} "
                               f"is {full_metric}; it must be a finite number.")
         state = State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
-                       tie_band=TieBand(1.0 if dtype == "float32" else 0.0))
+                       tie_band=TieBand(1.0 if rescore_ties else 0.0))
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
@@ -220,7 +231,7 @@ def acdc(
             log.close()
 
         settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
-                        passes=scorer.passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
+                        passes=scorer.passes, full_passes=scorer.full_passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),
                         rescored=state.rescored, checked_programs=len(state.calibrated),
                         near_tie_scale=state.tie_band.scale,

@@ -107,7 +107,8 @@ def cmd_discover(args) -> int:
                        abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                        log_path=None if args.resume else log, resume=log if args.resume else None,
-                       progress=not args.no_progress, sparse=args.sparse, start=args.start)
+                       progress=not args.no_progress, sparse=args.sparse, start=args.start,
+                       rescore_ties=ON_OFF[args.rescore_ties])
     elif args.method == "acdc_nodes":
         if args.tau is None:
             raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
@@ -148,7 +149,7 @@ def cmd_roc(args) -> int:
     elif args.method == "acdc":
         result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
                      mode=args.mode, mesh=args.mesh, dtype=args.dtype, precision=args.precision,
-                     progress=not args.no_progress, start=args.start)
+                     progress=not args.no_progress, start=args.start, rescore_ties=ON_OFF[args.rescore_ties])
     else:
         from .evaluate import roc_from_scores
 
@@ -212,6 +213,9 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+ON_OFF = {"on": True, "off": False, None: None}
+
+
 def _task_args(p) -> None:
     p.add_argument("--task", required=True, help="a task name (see `acdc-jax tasks`) or a task file, PATH.json")
     p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads, or a "
@@ -230,6 +234,9 @@ def _task_args(p) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32 matrix products: full float32 (default), or TF32 on NVIDIA GPUs (faster, "
                         "10-bit mantissas); the same on CPUs")
+    p.add_argument("--rescore-ties", choices=["on", "off"],
+                   help="ACDC: rescore the trials within rounding of tau in full passes, so that batched "
+                        "decisions are exactly the loop's (default: on in full float32, off in bf16 and TF32)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--method", default="acdc", choices=["acdc", "acdc_nodes", "eap", "eap_ig", "exact_patching",

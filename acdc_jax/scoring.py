@@ -73,6 +73,7 @@ class Scorer:
                                            self._rep(graph.ones() if start is None else start), corruption)
         self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
         self.passes = 0
+        self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
         self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
@@ -110,6 +111,7 @@ class Scorer:
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
         self.passes += 1
+        self.full_passes += 1
         flops = self._pass_flops(0, self.graph.n_heads)
         self.flops += flops
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(

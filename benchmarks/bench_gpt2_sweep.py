@@ -65,6 +65,8 @@ def main(argv=None):
                         help="float32 matmuls: full float32 (acdc's default) or TF32 tensor cores on NVIDIA GPUs")
     parser.add_argument("--mesh", default=None, help="'auto' or CxP to use several devices")
     parser.add_argument("--trace", help="write a jax.profiler trace here (open with TensorBoard or Perfetto)")
+    parser.add_argument("--rescore-ties", choices=["on", "off"],
+                        help="rescore trials within rounding of tau in full passes (default: on in full float32 only)")
     args = parser.parse_args(argv)
     stop = args.stop_after if args.stop_after is not None else (300.0 if jax.default_backend() == "cpu" else None)
 
@@ -74,7 +76,8 @@ def main(argv=None):
     start, compiling = time.perf_counter(), compile_seconds()
     with (jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()):
         circuit = acdc(model, task, args.tau, progress=False, stop_after=stop, dtype=args.dtype,
-                       precision=args.precision, mesh=args.mesh)
+                       precision=args.precision, mesh=args.mesh,
+                       rescore_ties={"on": True, "off": False, None: None}[args.rescore_ties])
     seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
     n_edges = circuit.graph.n_edges
     decided = len(circuit.decisions)
@@ -84,7 +87,9 @@ def main(argv=None):
     floor = args.n_prompts * sweep_floor(circuit.graph, args.n_pos, 1)  # every edge once, nothing wasted
     row = {"edges": n_edges, "decided": decided, "finished": circuit.settings["finished"], "seconds": seconds,
            "edges_per_s": decided / seconds, "projected_full_sweep_s": n_edges / (decided / seconds),
-           "passes": circuit.settings["passes"], "width": circuit.settings["width"],
+           "passes": circuit.settings["passes"], "full_passes": circuit.settings["full_passes"],
+           "rescore_ties": circuit.settings["rescore_ties"], "rescored": circuit.settings["rescored"],
+           "checked_programs": circuit.settings["checked_programs"], "width": circuit.settings["width"],
            "widths_per_start_layer": circuit.settings["widths"], "prompt_chunk": circuit.settings["prompt_chunk"],
            "compile_s": compiling,
            "programs": circuit.settings["programs"],
@@ -94,10 +99,12 @@ def main(argv=None):
            "floor_flops_per_edge_over_forward": floor / n_edges / fwd, "floor_s_at_peak": floor / peak,
            "achieved_flops_per_s": flops / seconds, "peak_flops_per_s": peak,
            "fraction_of_peak": None if peak is None else flops / seconds / peak}
-    print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "edges_per_s",
+    print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "passes", "full_passes",
+                        "rescored", "edges_per_s",
                         "projected_full_sweep_s", "floor_s_at_peak",
                         "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak"])
     tag = args.dtype if args.dtype != "float32" or args.precision == "float32" else args.precision
+    tag += {"on": "-rescoring", "off": "-no-rescoring", None: ""}[args.rescore_ties]
     write_json(f"bench_gpt2_sweep-{tag}", {
         "environment": environment(), "model": GPT2_SMALL.to_dict(),
         "weights": "random (seeded), embeddings x5 and unembedding x20 for a peaked output",

@@ -6,12 +6,14 @@
 #   bash benchmarks/device_run.sh                      # the default plan below, stopped after 550 s in all
 #   bash benchmarks/device_run.sh --only precision methods speculation sparse --timeout 240
 #
-# A lease is 15 minutes of device time, the start (about 30 s) included. On
-# the first H200 (2026-12-04) each pass program took 14-27 s to compile, so the
-# default plan first times the sweep's first programs' compilation as XLA is
-# set up and with each of two GPU autotuners off, then runs the sweep, 20 s of
-# it under the profiler and ACDC at one threshold, all three under the XLA
-# flags that compiled fastest, each benchmark writing its JSON as it goes.
+# A lease is 15 minutes of device time, the start (about 30 s) included. The
+# default plan runs the GPT-2-small-shaped sweep in TF32 (near ties no longer
+# rescored: on the second H200 lease the rescoring full passes took 87% of the
+# GPU's time), 20 s of it under the profiler, ACDC at one threshold, then the
+# sweep with rescoring and in bf16, ACDC from programs kept on disk and the
+# memory benchmark, each writing its JSON as it goes. XLA's autotuning stays
+# on: switched off it compiled 30% faster and ran the passes 1.7-2.9x slower
+# (`compile-no-autotune`, kept by name with --adopt-fastest-compile).
 #
 # Arguments go to benchmarks/run_all.py. The precision and methods benchmarks
 # compile tracr programs: carry wheels of tracr-pypi 1.0.0, dm-haiku and jmp
@@ -29,14 +31,15 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only compile compile-no-autotune compile-no-fusion-autotuner sweep-tf32 sweep-trace acdc-one-tau \
-    memory host patching --timeout 180 --total 550 --sweep-seconds 120 --adopt-fastest-compile
+  set -- --only sweep-tf32 sweep-trace acdc-one-tau sweep-tf32-rescoring sweep-bf16 acdc-disk-cache memory \
+    --timeout 200 --total 550 --sweep-seconds 150
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/results.tar.gz" benchmarks/results
-  # a profile (sweep-trace) comes back apart: the tool returns files of 16 MB at most
-  [ -d benchmarks/trace ] && tar -czf "$OUT/trace.tar.gz" benchmarks/trace
+  # a profile (sweep-trace) comes back apart, its Perfetto file alone, in parts: the tool returns at
+  # most 8 files of 16 MB (join them with cat)
+  find benchmarks/trace -name '*.trace.json.gz' 2>/dev/null | head -1 | xargs -r -I{} split -b 15M {} "$OUT/trace.json.gz.part_"
 fi
 exit $rc

@@ -78,7 +78,9 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         runs["acdc-one-tau"] = ["bench_acdc.py", "--taus", "0.1"]
         runs["acdc-no-autotune"] = runs["acdc-one-tau"]  # with VARIANTS' XLA flags
         runs["compile-no-autotune"] = runs["compile-no-fusion-autotuner"] = runs["compile"]
-        runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]
+        runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]  # near ties not rescored (acdc's TF32 default)
+        runs["sweep-tf32-rescoring"] = runs["sweep-tf32"] + ["--rescore-ties", "on"]  # the loop's exact decisions
+        runs["acdc-disk-cache"] = runs["acdc-one-tau"] + ["--disk-cache"]  # programs kept on disk, a fresh process
         # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart)
         runs["sweep-trace"] = ["bench_gpt2_sweep.py", "--stop-after", "20", "--precision", "tensorfloat32",
                                "--trace", "benchmarks/trace"]

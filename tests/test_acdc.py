@@ -374,12 +374,16 @@ def test_precision_applies_to_every_program_of_the_run(small_gpt2):
                    max_width=4)
     assert circuit.settings["precision"] == "tensorfloat32"
     assert len(seen) >= 2 and set(seen) == {"tensorfloat32"}  # the full pass and the batched ones
+    # in TF32 near ties are not rescored by default: no program checked against full passes, no trial rescored
+    assert circuit.settings["rescore_ties"] is False
+    assert circuit.settings["checked_programs"] == circuit.settings["rescored"] == 0
     seen.clear()
     faithfulness(model, task, circuit, metric=kl_noting_again)  # at the circuit's precision
     assert seen and set(seen) == {"tensorfloat32"}
     seen.clear()
     circuit = acdc(model, task, 0.002, metric=kl_noting_precision, mode="sequential", progress=False)
     assert circuit.settings["precision"] == "float32" and seen and set(seen) == {"float32"}  # the default
+    assert circuit.settings["rescore_ties"] is True
     assert jax.config.jax_default_matmul_precision is None
     seen.clear()
     circuit = acdc(model, task, 0.002, metric=kl_noting_precision, dtype="bfloat16", mode="sequential",
