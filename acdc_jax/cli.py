@@ -84,7 +84,8 @@ def _acdc_nodes(args, model, task, tau, **kw):
     return acdc_nodes(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
                       abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
                       max_width=getattr(args, "max_width", None), precision=args.precision,
-                      progress=not args.no_progress, mesh=args.mesh, **kw)
+                      progress=not args.no_progress, mesh=args.mesh,
+                      rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)], **kw)
 
 
 def cmd_discover(args) -> int:
@@ -235,7 +236,7 @@ def _task_args(p) -> None:
                    help="float32 matrix products: full float32 (default), or TF32 on NVIDIA GPUs (faster, "
                         "10-bit mantissas); the same on CPUs")
     p.add_argument("--rescore-ties", choices=["on", "off"],
-                   help="ACDC: rescore the trials within rounding of tau in full passes, so that batched "
+                   help="ACDC (edges or nodes): rescore the trials within rounding of tau in full passes, so that batched "
                         "decisions are exactly the loop's (default: on in full float32, off in bf16 and TF32)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -68,6 +68,16 @@ def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
     assert (cut / "decisions.jsonl").read_text().count("\n") == len(lines)
 
 
+def test_rescore_ties_reaches_the_run(tmp_path):
+    """--rescore-ties on keeps the near-tie rescoring that TF32 turns off by default."""
+    out = tmp_path / "tf32"
+    assert main(["discover", "--task", "induction", "--tau", "0.01", "--examples", "10", "--no-progress",
+                 "--precision", "tensorfloat32", "--rescore-ties", "on", "--out", str(out)]) == 0
+    settings = Circuit.load(out / "circuit.json").settings
+    assert settings["precision"] == "tensorfloat32" and settings["rescore_ties"] is True
+    assert settings["checked_programs"] >= 1  # the band was measured, as in full float32
+
+
 def test_tasks_command_lists_every_task(capsys):
     assert main(["tasks"]) == 0
     printed = capsys.readouterr().out

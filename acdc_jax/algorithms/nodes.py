@@ -97,14 +97,14 @@ def _chain_width(p_remove: float, cap: int, cpu: bool) -> int:
 def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: str = "batched",
                abs_value: bool = False, head_order: str = "ascending", graph: Optional[CircuitGraph] = None,
                max_width: Optional[int] = None, log_path=None, resume=None, progress: bool = True,
-               mesh=None) -> Circuit:
+               mesh=None, rescore_ties: Optional[bool] = None) -> Circuit:
     """ACDC over whole heads and MLPs (see the module doc). Returns a Circuit
     whose mask keeps the edges between the kept nodes; ``decisions`` name
     nodes ('a3.5', 'm2'), in the order tried, ``settings["nodes"]`` lists the
     kept ones, and each removed or kept node's metric change is the score of
     its outgoing edges. `log_path` / `resume`: a JSON-lines decision log, and
     `mesh` (a Mesh, "auto" or "CxP"): candidates and prompts spread over
-    devices, as for `acdc`."""
+    devices, and `rescore_ties` (default: on in full float32 only), as for `acdc`."""
     import jax
 
     tau = check_tau(tau)
@@ -119,14 +119,16 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
                                  max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     nodes = _Nodes(graph, node_order(graph, head_order))
+    if rescore_ties is None:
+        rescore_ties = settings["precision"] == "float32"
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
-                    model=model_fingerprint(model))
+                    model=model_fingerprint(model), rescore_ties=bool(rescore_ties))
     mask = np.ones(graph.n_edges, np.float32)
     full_metric = scorer.full(mask)
     if not math.isfinite(full_metric):
         raise MetricError(f"The metric {settings['metric']!r} of the full model is {full_metric}; it must be finite.")
     log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
-    run = _Run(nodes, scorer, mask, full_metric, tau, abs_value)
+    run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, rescore_ties)
     run.replay(log.logged)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
     try:
@@ -151,14 +153,15 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
 class _Run:
     """The walk's state: the current mask and metric, the decisions so far."""
 
-    def __init__(self, nodes: _Nodes, scorer, mask: np.ndarray, metric: float, tau: float, abs_value: bool):
+    def __init__(self, nodes: _Nodes, scorer, mask: np.ndarray, metric: float, tau: float, abs_value: bool,
+                 rescore_ties: bool = True):
         self.nodes, self.scorer, self.mask, self.metric = nodes, scorer, mask, metric
         self.tau, self.abs_value = tau, abs_value
         self.removed: set = set()
         self.decisions: list[Decision] = []
         self.next = 0
         self.p_remove = 0.5  # recent share of trials that removed their node (sets the chain width)
-        self.tie_band, self.gaps, self.rescored = TieBand(), {}, 0
+        self.tie_band, self.gaps, self.rescored = TieBand(1.0 if rescore_ties else 0.0), {}, 0
 
     def _apply(self, d: Decision) -> None:
         name = d.edge
@@ -191,7 +194,8 @@ class _Run:
             start = self.nodes.pass_start(chain)
             cuts = [np.concatenate([self.nodes.out[n] for n in chain[:k + 1]]) for k in range(len(chain))]
             metrics = self.scorer.batch(Candidates(self.mask, cuts), start, len(chain))
-            self._calibrate((start, len(chain)), chain[0], float(metrics[0]))
+            if self.tie_band.scale:
+                self._calibrate((start, len(chain)), chain[0], float(metrics[0]))
         for k, name in enumerate(chain):
             before, new = self.metric, float(metrics[k])
             if not math.isfinite(new):
