@@ -32,7 +32,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
   set -- --only sweep-tf32 sweep-trace acdc-one-tau sweep-tf32-rescoring sweep-bf16 acdc-disk-cache memory \
-    --timeout 200 --total 550 --sweep-seconds 150
+    --timeout 200 --total 550 --sweep-seconds 120
 fi
 python3 benchmarks/run_all.py "$@"
 rc=$?
