@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .circuit import Circuit, Decision, start_mask
-from .decide import State, TieBand, apply_prunes, decide
+from .decide import State, apply_prunes, decide, tie_band
 from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
@@ -161,8 +161,7 @@ def acdc(
     model = cast_for(model, dtype)
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose
-    if rescore_ties is None:
-        rescore_ties = dtype == "float32" and precision == "float32"
+    band = tie_band(rescore_ties, precision)
     with matmul_precision(precision):
         graph = task.graph_for(model, graph)
         mesh = parse_mesh(mesh)
@@ -180,7 +179,7 @@ def acdc(
                         prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
-            "dtype": dtype, "precision": precision, "rescore_ties": bool(rescore_ties),
+            "dtype": dtype, "precision": precision, "rescore_ties": bool(band.scale),
             "abs_value": bool(abs_value), "head_order": head_order,
             "order": None if order is None else [graph.edge_names[graph.edge_index(e)] for e in order],
             "n_prompts": int(task.clean.shape[0]),
@@ -197,7 +196,7 @@ def acdc(
             raise MetricError(f"The metric {metric_name!r} of the {'full model' if start is None else 'start circuit'} "
                               f"is {full_metric}; it must be a finite number.")
         state = State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
-                       tie_band=TieBand(1.0 if rescore_ties else 0.0))
+                       tie_band=band)
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
@@ -231,7 +230,8 @@ def acdc(
             log.close()
 
         settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
-                        passes=scorer.passes, full_passes=scorer.full_passes, programs=len(scorer.shapes), passes_in_larger_programs=scorer.reused,
+                        passes=scorer.passes, full_passes=scorer.full_passes, programs=len(scorer.shapes),
+                        passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),
                         rescored=state.rescored, checked_programs=len(state.calibrated),
                         near_tie_scale=state.tie_band.scale,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -68,6 +68,15 @@ class TieBand:
         band = self(before, new)
         if band and 4 * discrepancy > band:
             self.scale *= 4 * discrepancy / band
+
+
+def tie_band(rescore_ties: Optional[bool], precision: Optional[str]) -> TieBand:
+    """The near-tie band of a run: measured (trials in it rescored in full
+    passes) when `rescore_ties` says so, by default only at full float32
+    precision (`precision` None: bf16 operands); else none."""
+    if rescore_ties is None:
+        rescore_ties = precision == "float32"
+    return TieBand(1.0 if rescore_ties else 0.0)
 
 
 @dataclasses.dataclass

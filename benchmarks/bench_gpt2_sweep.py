@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GPT2_SMALL, device_peak_flops, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
+from acdc_jax.cli import ON_OFF  # noqa: E402
 from acdc_jax.precision import PRECISIONS  # noqa: E402
 from acdc_jax.flops import forward_flops, sweep_floor  # noqa: E402
 from acdc_jax.model import Transformer  # noqa: E402
@@ -77,7 +78,7 @@ def main(argv=None):
     with (jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()):
         circuit = acdc(model, task, args.tau, progress=False, stop_after=stop, dtype=args.dtype,
                        precision=args.precision, mesh=args.mesh,
-                       rescore_ties={"on": True, "off": False, None: None}[args.rescore_ties])
+                       rescore_ties=ON_OFF[args.rescore_ties])
     seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
     n_edges = circuit.graph.n_edges
     decided = len(circuit.decisions)

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ..acdc import check_tau, progress_bar
-from ..decide import TieBand
+from ..decide import TieBand, tie_band
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
 from ..errors import MetricError
@@ -119,16 +119,15 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
                                  max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     nodes = _Nodes(graph, node_order(graph, head_order))
-    if rescore_ties is None:
-        rescore_ties = settings["precision"] == "float32"
+    band = tie_band(rescore_ties, settings["precision"])
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
-                    model=model_fingerprint(model), rescore_ties=bool(rescore_ties))
+                    model=model_fingerprint(model), rescore_ties=bool(band.scale))
     mask = np.ones(graph.n_edges, np.float32)
     full_metric = scorer.full(mask)
     if not math.isfinite(full_metric):
         raise MetricError(f"The metric {settings['metric']!r} of the full model is {full_metric}; it must be finite.")
     log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
-    run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, rescore_ties)
+    run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, band)
     run.replay(log.logged)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
     try:
@@ -154,14 +153,14 @@ class _Run:
     """The walk's state: the current mask and metric, the decisions so far."""
 
     def __init__(self, nodes: _Nodes, scorer, mask: np.ndarray, metric: float, tau: float, abs_value: bool,
-                 rescore_ties: bool = True):
+                 band: TieBand):
         self.nodes, self.scorer, self.mask, self.metric = nodes, scorer, mask, metric
         self.tau, self.abs_value = tau, abs_value
         self.removed: set = set()
         self.decisions: list[Decision] = []
         self.next = 0
         self.p_remove = 0.5  # recent share of trials that removed their node (sets the chain width)
-        self.tie_band, self.gaps, self.rescored = TieBand(1.0 if rescore_ties else 0.0), {}, 0
+        self.tie_band, self.gaps, self.rescored = band, {}, 0
 
     def _apply(self, d: Decision) -> None:
         name = d.edge
