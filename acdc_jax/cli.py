@@ -52,12 +52,7 @@ def _run_method(args, model, task):
     """A scored circuit from a method other than ACDC."""
     from .algorithms import METHODS
 
-    kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision}
-    if args.method in ("eap", "eap_ig", "hisp"):
-        kw["mesh"] = args.mesh
-    elif args.mesh not in (None, "none"):
-        raise ValueError(f"--mesh is not supported for --method {args.method}; it is for acdc, acdc_nodes, eap, "
-                         "eap_ig and hisp.")
+    kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision, "mesh": args.mesh}
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
     if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones
@@ -228,8 +223,8 @@ def _task_args(p) -> None:
     p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
     p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched")
-    p.add_argument("--mesh", help="spread ACDC over devices: 'auto' (all, on candidates) or CxP, e.g. 4x2 "
-                                  "(candidate shards x prompt shards)")
+    p.add_argument("--mesh", help="spread the work over devices: 'auto' (all, on candidates; on prompts for the "
+                                  "gradient and pruning methods) or CxP, e.g. 4x2 (candidate shards x prompt shards)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and activations (the metric is always float32)")
     p.add_argument("--precision", choices=PRECISIONS, default="float32",

@@ -1,6 +1,6 @@
 """Run in a fresh process with 4 host devices (see test_sharding.py): ACDC
-(over edges and over nodes) and mask gradients on one device and on several
-meshes, printed as JSON."""
+(over edges and over nodes), mask gradients, exact patching and the two
+pruning methods on one device and on several meshes, printed as JSON."""
 
 import os
 import sys
@@ -14,9 +14,17 @@ import numpy as np  # noqa: E402
 
 from acdc_jax import tasks  # noqa: E402
 from acdc_jax.acdc import acdc, resolve_corruption  # noqa: E402
-from acdc_jax.algorithms import acdc_nodes, eap_ig  # noqa: E402
+from acdc_jax.algorithms import acdc_nodes, eap_ig, edge_pruning, exact_patching, subnetwork_probing  # noqa: E402
 from acdc_jax.scoring import Scorer  # noqa: E402
 from acdc_jax.sharding import make_mesh  # noqa: E402
+
+
+def methods(model, task, mesh):
+    """Each method's edge scores and the mesh it ran on."""
+    runs = {"exact_patching": exact_patching(model, task, mesh=mesh, max_width=8, progress=False),
+            "edge_pruning": edge_pruning(model, task, steps=20, sparsity=0.8, mesh=mesh, progress=False),
+            "subnetwork_probing": subnetwork_probing(model, task, steps=20, mesh=mesh, progress=False)}
+    return {name: {"scores": c.scores.tolist(), "mesh": c.settings["mesh"]} for name, c in runs.items()}
 
 
 def main(name: str, n_examples: int):
@@ -39,7 +47,9 @@ def main(name: str, n_examples: int):
         values, grads = scorer.value_and_grads(masks)
         runs["grads"] = {"values": values.tolist(), "grads": grads.tolist(),
                          "eap_ig": eap_ig(model, task, steps=2, mesh=mesh).scores.tolist()}
+        runs["methods"] = methods(model, task, mesh)
         out["runs"][label] = runs
+    out["auto"] = methods(model, task, "auto")  # candidates for exact patching, prompts for the gradient methods
     print(json.dumps(out))
 
 

@@ -92,12 +92,23 @@ def test_tasks_command_lists_every_task(capsys):
     (["discover", "--task", "nonesuch", "--tau", "0.1"], "Unknown task 'nonesuch'"),
     (["roc", "--task", "induction", "--taus", "nan"], "tau must be a finite number >= 0"),
     (["discover", "--task", "tracr-reverse", "--checkpoint", "x", "--tau", "0.1"], "do not pass a checkpoint"),
-    (["discover", "--task", "induction", "--method", "exact_patching", "--n-edges", "3", "--mesh", "1x1"],
-     "--mesh is not supported for --method exact_patching"),
+    (["discover", "--task", "induction", "--method", "edge_pruning", "--mesh", "3x1"], "needs 3 devices"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, extra", [("exact_patching", ["--tau", "0.01"]), ("edge_pruning", ["--steps", "2"])])
+def test_mesh_reaches_every_method(tmp_path, method, extra):
+    """--mesh is passed to the scoring methods too: a 1x1 mesh is recorded in
+    the circuit's settings (test_sharding.py compares real meshes)."""
+    pytest.importorskip("tracr")
+    out = tmp_path / method
+    assert main(["discover", "--task", "tracr-reverse", "--method", method, "--mesh", "1x1", *extra,
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "circuit.json").read_text())
+    assert saved["settings"]["mesh"] == {"candidates": 1, "prompts": 1}
 
 
 def test_roc_of_a_scoring_method(tmp_path):

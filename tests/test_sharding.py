@@ -1,5 +1,6 @@
 """Sharding over devices gives the results of one device: ACDC decisions are
-identical and metrics and mask gradients agree to float32 rounding. Runs in a
+identical, and metrics, mask gradients and the other methods' edge scores
+agree to float32 rounding. Runs in a
 subprocess with four host CPU devices (XLA_FLAGS must be set before jax starts)."""
 
 import json
@@ -39,11 +40,25 @@ def test_meshes_match_one_device(name, n):
         np.testing.assert_allclose(runs["grads"]["values"], one["grads"]["values"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(runs["grads"]["grads"], one["grads"]["grads"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(runs["grads"]["eap_ig"], one["grads"]["eap_ig"], rtol=1e-4, atol=1e-6)
+        _same_method_scores(runs["methods"], one["methods"], label)
+    # "auto": exact patching spreads candidates, the gradient methods (one mask at a time) spread prompts
+    _same_method_scores(out["auto"], one["methods"], "auto")
+    assert out["auto"]["exact_patching"]["mesh"] == {"candidates": 4, "prompts": 1}
+    assert out["auto"]["edge_pruning"]["mesh"] == {"candidates": 1, "prompts": 4}
+    assert out["auto"]["subnetwork_probing"]["mesh"] == {"candidates": 1, "prompts": 4}
     # The runs must have something to agree on: some edges removed, some kept.
     assert np.abs(one["grads"]["eap_ig"]).max() > 0
     for run in ("0.05", "nodes 0.05"):
         kept = [k for _, tried, k in one[run]["decisions"] if tried]
         assert any(kept) and not all(kept), run
+    for name, run in one["methods"].items():
+        finite = np.asarray(run["scores"])[np.isfinite(run["scores"])]
+        assert np.ptp(finite) > 0, name
+
+
+def _same_method_scores(runs, one, label):
+    for name in ("exact_patching", "edge_pruning", "subnetwork_probing"):
+        np.testing.assert_allclose(runs[name]["scores"], one[name]["scores"], rtol=1e-4, atol=1e-6, err_msg=(label, name))
 
 
 def test_mesh_arguments():

@@ -23,20 +23,21 @@ import numpy as np
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
-from ..memory import default_max_width, layer_widths
+from ..memory import default_max_width, plan_batch
 from ..precision import takes_precision
 from ..scoring import Scorer
-from ..sharding import parse_mesh
+from ..sharding import candidate_shards, parse_mesh, prompt_shards
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
-          prompt_chunk: Optional[int] = None, mesh=None):
+          prompt_chunk: Optional[int] = None, mesh=None, gradient: bool = False):
     """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, "auto" or
-    "CxP", if given) and the settings shared by the methods."""
+    "CxP", if given) and the settings shared by the methods. A `gradient`
+    method scores one mask at a time, so its "auto" mesh spreads the prompts."""
     from ..acdc import resolve_corruption, resolve_metric
 
     graph = task.graph_for(model, graph)
-    mesh = parse_mesh(mesh)
+    mesh = parse_mesh(mesh, task.clean.shape[0] if gradient else None)
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
@@ -113,17 +114,21 @@ def receiver_layers(graph: CircuitGraph) -> np.ndarray:
 
 @takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
-                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True) -> Circuit:
+                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True, mesh=None) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
-    start at the edge's receiver layer (with a progress bar unless `progress` is False)."""
+    start at the edge's receiver layer (with a progress bar unless `progress`
+    is False). `mesh` (a Mesh, "auto" or "CxP"): the candidates and prompts
+    of each batch are spread over devices, as in `acdc`."""
     from ..acdc import progress_bar
 
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph = task.graph_for(model, graph)
+    mesh = parse_mesh(mesh)
+    widths, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                               max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
-    widths = layer_widths(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                          max_width or default_max_width())
     layers = receiver_layers(graph)
     scores = np.zeros(graph.n_edges)
     bar = progress_bar(progress, graph.n_edges, desc="exact patching")
@@ -146,9 +151,9 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     to the masks at the full model (a clean and a corrupted forward pass and
     one backward pass). `mesh` (a Mesh, "auto" or "CxP"): the prompts are
     spread over its prompt axis (a gradient has no candidates to spread, so
-    use a 1xP mesh)."""
+    "auto" puts the devices on prompts; a CxP mesh holds C copies)."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap", full_metric=float(value[0]))
     return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
@@ -165,7 +170,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     alphas = (np.arange(steps) + 0.5) / steps
     _, grads = scorer.value_and_grads(alphas[:, None] * np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap_ig", steps=steps)
@@ -204,7 +209,7 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     metric is taken over the whole batch. Edges score as their weaker end.
     `mesh`: as for `eap`."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     _, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)

@@ -97,12 +97,13 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
 @takes_precision
 def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
                  lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
-                 progress: bool = True) -> "Circuit":
+                 progress: bool = True, mesh=None) -> "Circuit":
     """Hard-concrete edge masks trained to `sparsity` (the fraction of edges
     removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges.
-    A progress bar shows the steps unless `progress` is False."""
+    A progress bar shows the steps unless `progress` is False. `mesh` (a Mesh,
+    "auto" or "CxP"): each step's prompts are spread over its prompt axis, as in `eap`."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed,
                                          progress)
     k = int(round((1.0 - sparsity) * graph.n_edges))
@@ -115,12 +116,13 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
 @takes_precision
 def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500, lr: float = 0.05,
                        lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
-                       progress: bool = True) -> "Circuit":
+                       progress: bool = True, mesh=None) -> "Circuit":
     """Hard-concrete gates on each head's and MLP's output (all its outgoing
     edges), trained to `sparsity` (the fraction of nodes removed). Edges score
-    as their weaker end; the circuit keeps the edges between kept nodes."""
+    as their weaker end; the circuit keeps the edges between kept nodes.
+    `mesh`: as for `edge_pruning`."""
     start = time.perf_counter()
-    graph, scorer, settings = setup(model, task, metric, corruption, graph)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     groups = sender_groups(graph)
     names = sorted(groups)
     owner = np.full(graph.n_edges, len(names), np.int32)  # edges not out of a head/MLP: gate index n (always 1)
