@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .fused_kl import residual_kl, streams
-from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, run_from, senders_before,
+from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, per_prompt, run_from,
+                       senders_before,
                        start_layer_heads, upstream_mix)
 from .tasks.base import TaskArrays
 
@@ -103,12 +104,13 @@ def layer_heads(model, graph, layer, corruption, mask, tokens, deviations, heads
     """Results of `heads` of `layer` under `mask`, for every prompt [batch, n, pos, d_model]."""
     m_add, m_dir = graph.dense_masks(mask)
 
-    def one(tok, up, acts):
+    def one(m_add, tok, up, acts):
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         return start_layer_heads(model, graph, layer, up, m_add, m_dir, corr, pos_qk, heads)
 
     up_all = deviations[:, :senders_before(graph, layer)]
-    return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(tokens, up_all, corruption.acts)
+    return jax.vmap(one, in_axes=(0, 0, 0, corruption_axes(corruption)))(per_prompt(m_add, tokens.shape[0]), tokens,
+                                                                         up_all, corruption.acts)
 
 
 def map_prompts(fn, args: tuple, axes: tuple, chunk: Optional[int] = None, out_axis: Optional[int] = None):
@@ -149,8 +151,7 @@ def candidates_metric(model, graph, start_layer, corruption, metric, task, array
     axes = corruption_axes(corruption)
     base_add = None if upstream is None else graph.dense_masks(upstream[0])[0]
 
-    def one_example(mask, tok, up, acts, results, shared):
-        m_add, m_dir = graph.dense_masks(mask)
+    def one_example(m_dir, m_add, tok, up, acts, results, shared):  # m_add: this prompt's copy (`per_prompt`)
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         first = None if results is None else (results, heads)
         if shared is None and base_add is not None:  # the same for every candidate: vmap computes it once
@@ -164,10 +165,15 @@ def candidates_metric(model, graph, start_layer, corruption, metric, task, array
 
     in_axes = (0, 0, axes, 0 if base_results is not None else None)
     args = (tokens, up_all, corruption.acts, base_results)
+
+    def on_prompts(mask, tok, *rest):  # a candidate over (a chunk of) prompts, each with its copy of the mask
+        m_add, m_dir = graph.dense_masks(mask)
+        ex_axes = (0,) + in_axes + (None if rest[-1] is None else 0,)
+        return jax.vmap(lambda *a: one_example(m_dir, *a), in_axes=ex_axes)(per_prompt(m_add, tok.shape[0]), tok, *rest)
+
     if not loop:
         def one_candidate(mask):
-            resid = map_prompts(lambda *a: one_example(mask, *a, None), args, in_axes, chunk)
-            return metric_of(resid)
+            return metric_of(map_prompts(lambda *a: on_prompts(mask, *a, None), args, in_axes, chunk, out_axis=0))
 
         return jax.vmap(one_candidate)(masks), True
 
@@ -177,9 +183,7 @@ def candidates_metric(model, graph, start_layer, corruption, metric, task, array
         shared = None
         if base_add is not None:
             shared = jax.vmap(lambda up: upstream_mix(graph, start_layer, up, base_add, upstream[1]))(chunk_args[1])
-        ex_axes = in_axes + (None if shared is None else 0,)
-        return jax.lax.map(lambda mask: jax.vmap(lambda *a: one_example(mask, *a), in_axes=ex_axes)(
-            *chunk_args, shared), masks)
+        return jax.lax.map(lambda mask: on_prompts(mask, *chunk_args, shared), masks)
 
     resid = map_prompts(prompts_step, args, in_axes, chunk, out_axis=1)  # [candidates, prompts, out, d_model]
     if streams(metric, resid, loop, model):
