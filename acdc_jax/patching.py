@@ -309,9 +309,11 @@ def run_from(
             base = base + corr_mlp
         return down, base
 
-    def layer_step(carry, xs):
+    def layer_step(carry, l):
+        # each layer's weights and corrupted outputs are indexed here, not sliced into the scan's inputs:
+        # a pass that loops over candidates copied those slices once per candidate (docs/performance.md)
         down, base = carry
-        blk, l, corr_heads, corr_mlp = xs
+        blk, corr_heads, corr_mlp = layer(model.blocks, l), corr.heads[l], None if corr.mlps is None else corr.mlps[l]
         results = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, None, upstream)
         return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, upstream), None
 
@@ -322,10 +324,7 @@ def run_from(
         down, base = finish_layer(blk, start_layer, results, up, down, base, corr.heads[start_layer],
                                   mlps[start_layer], None)
     if start_layer + 1 < n_full:
-        rest = slice(start_layer + 1, n_full)
-        blocks = jax.tree_util.tree_map(lambda a: a[rest], model.blocks)
-        xs = (blocks, jnp.arange(rest.start, rest.stop), corr.heads[rest], None if corr.mlps is None else corr.mlps[rest])
-        (down, base), _ = jax.lax.scan(layer_step, (down, base), xs)
+        (down, base), _ = jax.lax.scan(layer_step, (down, base), jnp.arange(start_layer + 1, n_full))
     logits_col = np.array([graph.logits_column])
     if not narrow:
         x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream)[0]
