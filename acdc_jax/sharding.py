@@ -43,16 +43,18 @@ def make_mesh(candidates: Optional[int] = None, prompts: int = 1, devices: Optio
 def parse_mesh(spec, n_prompts: Optional[int] = None) -> Optional[Mesh]:
     """``None``/``"none"``: one device; ``"auto"``: all devices on candidates,
     or, given `n_prompts` (for methods with one mask at a time, which have no
-    candidates to spread), on prompts: the most devices whose count divides
-    `n_prompts` (at most all); ``"CxP"``: C candidate shards times P prompt shards; a mesh
-    (anything but a string) as it is."""
+    candidates to spread), as many prompt shards as divide both the device
+    count and `n_prompts`, the rest of the devices holding copies (every
+    device, so that every host takes part); ``"CxP"``: C candidate shards
+    times P prompt shards; a mesh (anything but a string) as it is."""
     if not isinstance(spec, str):
         return spec
     if spec == "none":
         return None
     if spec == "auto" and n_prompts is not None:
         n = len(jax.devices())
-        return make_mesh(1, max(p for p in range(1, n + 1) if n_prompts % p == 0))
+        p = max(k for k in range(1, n + 1) if n % k == 0 and n_prompts % k == 0)
+        return make_mesh(n // p, p)
     if spec == "auto":
         return make_mesh()
     try:

@@ -16,7 +16,7 @@ from acdc_jax import tasks  # noqa: E402
 from acdc_jax.acdc import acdc, resolve_corruption  # noqa: E402
 from acdc_jax.algorithms import acdc_nodes, eap_ig, edge_pruning, exact_patching, subnetwork_probing  # noqa: E402
 from acdc_jax.scoring import Scorer  # noqa: E402
-from acdc_jax.sharding import make_mesh  # noqa: E402
+from acdc_jax.sharding import make_mesh, parse_mesh  # noqa: E402
 
 
 def methods(model, task, mesh):
@@ -50,6 +50,7 @@ def main(name: str, n_examples: int):
         runs["methods"] = methods(model, task, mesh)
         out["runs"][label] = runs
     out["auto"] = methods(model, task, "auto")  # candidates for exact patching, prompts for the gradient methods
+    out["auto_shapes"] = {n: dict(parse_mesh("auto", n).shape) for n in (48, 6, 7)}  # one-mask methods' "auto"
     print(json.dumps(out))
 
 

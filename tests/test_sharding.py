@@ -46,6 +46,9 @@ def test_meshes_match_one_device(name, n):
     assert out["auto"]["exact_patching"]["mesh"] == {"candidates": 4, "prompts": 1}
     assert out["auto"]["edge_pruning"]["mesh"] == {"candidates": 1, "prompts": 4}
     assert out["auto"]["subnetwork_probing"]["mesh"] == {"candidates": 1, "prompts": 4}
+    # prompt shards divide both counts; the other devices hold copies, so every device (and host) takes part
+    assert out["auto_shapes"] == {"48": {"candidates": 1, "prompts": 4}, "6": {"candidates": 2, "prompts": 2},
+                                  "7": {"candidates": 4, "prompts": 1}}
     # The runs must have something to agree on: some edges removed, some kept.
     assert np.abs(one["grads"]["eap_ig"]).max() > 0
     for run in ("0.05", "nodes 0.05"):
