@@ -60,6 +60,9 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
     sweep = ["bench_gpt2_sweep.py"] + (["--stop-after", str(stop)] if stop is not None else [])
     runs = {
         "patching": ["bench_patching.py"],
+        # single dense passes by start layer against the loop's full pass (a sweep's early-layer cost)
+        "pass": ["bench_pass.py"] if cpu else ["bench_pass.py", "--n-prompts", "100", "--width", "16",
+                                               "--precision", "tensorfloat32"],
         "compile": ["bench_compile.py"],
         "acdc": ["bench_acdc.py", "--n-prompts", "10"] if cpu else ["bench_acdc.py"],
         "methods": ["roc_table.py"],
