@@ -47,9 +47,9 @@ from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F4
 from .runlog import RunLog, model_fingerprint
 from .schedule import Schedule
 from .speculate import Forecast, plan
-from .memory import default_max_width, plan_batch
+from .memory import plan_task
 from .scoring import Scorer
-from .sharding import candidate_shards, parse_mesh, prompt_shards
+from .sharding import parse_mesh
 from .tasks.base import Task
 
 MetricArg = Union[None, str, Callable]
@@ -172,8 +172,7 @@ def acdc(
         schedule = Schedule(graph, head_order, order, start_edges)
         caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
         if mode == "batched":
-            caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                                    max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+            caps, chunk = plan_task(model, graph, task, max_width, mesh)
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                         prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)

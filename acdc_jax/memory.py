@@ -27,6 +27,7 @@ import jax
 
 from .graph import CircuitGraph
 from .model import Transformer
+from .sharding import candidate_shards, prompt_shards
 
 HEADROOM = 1.5  # over the counted floats: XLA allocated up to 1.3x as much (tests/test_memory.py)
 BUDGET_FRACTION = 0.7
@@ -148,6 +149,14 @@ def grad_prompt_chunk(model: Transformer, graph: CircuitGraph, n_prompts: int, n
 def default_max_width() -> int:
     """Wide batches pay off on accelerators; on a CPU the pass is compute-bound."""
     return 256 if jax.default_backend() != "cpu" else 16
+
+
+def plan_task(model: Transformer, graph: CircuitGraph, task, max_width: Optional[int] = None,
+              mesh=None) -> tuple[list[int], Optional[int]]:
+    """`plan_batch` for `task`'s prompts over `mesh`'s shards (None: one
+    device), at most `max_width` wide (default: `default_max_width`)."""
+    return plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
+                      max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
 
 
 def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False) -> Optional[dict]:

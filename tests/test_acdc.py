@@ -252,7 +252,7 @@ def test_widths_per_start_layer_bound_every_pass(small_gpt2, monkeypatch):
     for tau in (0.0005, 0.005):  # wide programs from every layer, compiled and there to rent
         acdc(model, task, tau, progress=False, max_width=8)
     widths = [1, 2, 8]
-    monkeypatch.setattr(acdc_module, "plan_batch", lambda *a, **k: (list(widths), None))
+    monkeypatch.setattr(acdc_module, "plan_task", lambda *a, **k: (list(widths), None))
     seen = []
     batch = Scorer.batch
 

@@ -23,10 +23,10 @@ import numpy as np
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..graph import CircuitGraph
-from ..memory import default_max_width, plan_batch
+from ..memory import plan_task
 from ..precision import takes_precision
 from ..scoring import Scorer
-from ..sharding import candidate_shards, parse_mesh, prompt_shards
+from ..sharding import parse_mesh
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
@@ -124,8 +124,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     start = time.perf_counter()
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh)
-    widths, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                               max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+    widths, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)

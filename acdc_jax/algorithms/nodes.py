@@ -35,10 +35,10 @@ from ..candidates import Candidates
 from ..circuit import Circuit, Decision
 from ..errors import MetricError
 from ..graph import CircuitGraph
-from ..memory import default_max_width, plan_batch
+from ..memory import plan_task
 from ..precision import takes_precision
 from ..runlog import RunLog, model_fingerprint
-from ..sharding import candidate_shards, parse_mesh, prompt_shards
+from ..sharding import parse_mesh
 from ..speculate import trial_result
 from .attribution import receiver_layers, setup
 
@@ -115,8 +115,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     mesh = parse_mesh(mesh)
     caps, chunk = [1] * (graph.n_layers + 1), None
     if mode == "batched":
-        caps, chunk = plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
-                                 max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
+        caps, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
     nodes = _Nodes(graph, node_order(graph, head_order))
     band = tie_band(rescore_ties, settings["precision"])
