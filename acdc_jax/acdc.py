@@ -235,7 +235,7 @@ def acdc(
                         rescored=state.rescored, checked_programs=len(state.calibrated),
                         near_tie_scale=state.tie_band.scale,
                         sparse_passes=scorer.sparse.passes,
-                        rebases=scorer.sparse.rebases,
+                        rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
                         compile_seconds=round(compile_seconds() - compiled, 3),
                         mesh=None if mesh is None else dict(mesh.shape))

@@ -87,7 +87,7 @@ class State:
     decisions: list
     tie_band: TieBand = dataclasses.field(default_factory=TieBand)
     full_values: dict = dataclasses.field(default_factory=dict)  # circuit bytes -> its metric from a full pass
-    calibrated: set = dataclasses.field(default_factory=set)  # the pass programs checked against full passes
+    calibrated: set = dataclasses.field(default_factory=set)  # the program families checked against full passes
     rescored: int = 0  # trials decided from full passes
 
     def full(self, scorer: Scorer, circuit: np.ndarray) -> float:
@@ -119,18 +119,19 @@ def rescore(node, state: State, scorer: Scorer, result: float, abs_value: bool) 
     return before, new
 
 
-def calibrate(node, metric: float, state: State, scorer: Scorer, shape) -> None:
-    """The first time a pass program runs in this process, score its first
-    candidate in a full pass too and widen the band to the gap: a trial's
-    result (two metrics) can be off by twice as much. So the band follows the
-    rounding that the programs really show (larger models, other
-    precisions), not only the trials that happen to fall inside it. Later
-    runs with the same programs (a threshold sweep) widen their band by the
-    gap already measured (`Programs.gaps`) instead of measuring it again."""
-    if shape not in scorer.programs.gaps:
+def calibrate(node, metric: float, state: State, scorer: Scorer, family) -> None:
+    """The first time a program family (`Shape.family`) runs in this
+    process, score its first candidate in a full pass too and widen the band
+    to the gap: a trial's result (two metrics) can be off by twice as much.
+    So the band follows the rounding that the programs really show (larger
+    models, other precisions), not only the trials that happen to fall
+    inside it. Later runs with the same programs (a threshold sweep) widen
+    their band by the gap already measured (`Programs.gaps`) instead of
+    measuring it again."""
+    if family not in scorer.programs.gaps:
         full = state.full(scorer, node.candidate())
-        scorer.programs.gaps[shape] = (2 * abs(metric - full), full)
-    gap, full = scorer.programs.gaps[shape]
+        scorer.programs.gaps[family] = (2 * abs(metric - full), full)
+    gap, full = scorer.programs.gaps[family]
     state.tie_band.widen(gap, state.metric, full)
 
 
@@ -169,9 +170,9 @@ def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, cap
                     chosen, cands = more, more_cands
         nodes = chosen
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
-        if state.tie_band.scale and shape not in state.calibrated:
-            state.calibrated.add(shape)
-            calibrate(nodes[0], float(metrics[0]), state, scorer, shape)
+        if state.tie_band.scale and shape.family() not in state.calibrated:
+            state.calibrated.add(shape.family())
+            calibrate(nodes[0], float(metrics[0]), state, scorer, shape.family())
     effects = node_effects(nodes, metrics, state.metric, abs_value)
     made: list[Decision] = []
     i = 0

@@ -24,9 +24,13 @@ from .tasks.base import TaskArrays
 
 
 @eqx.filter_jit
-def deviations(model, graph, tokens, masks, corruption):
-    """Every sender's deviation (act - corrupt) under `masks`, for every prompt."""
-    return patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32))[1]
+def deviations(model, graph, tokens, masks, corruption, z_at: Optional[tuple] = None):
+    """Every sender's deviation (act - corrupt) under `masks`, for every
+    prompt; with `z_at`, also every head's z at those positions (see
+    `patched_logits_and_deviations`)."""
+    out = patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=np.zeros((1,), np.int32),
+                                        z_at=None if z_at is None else np.asarray(z_at))
+    return out[1] if z_at is None else out[1:]
 
 
 def metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions, chunk=None):

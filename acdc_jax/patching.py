@@ -255,7 +255,8 @@ def run_from(
     narrow: bool = False,
     upstream: Optional[UpstreamMix] = None,
     residual: bool = False,
-) -> tuple[Float[Array, "pos d_vocab_out"], Optional[Float[Array, "n_down pos d_model"]]]:
+    z_at: Optional[np.ndarray] = None,
+):
     """Run one example from layer `start_layer` to the logits.
 
     `up` holds the deviations (act - corrupt) of the senders before that layer;
@@ -271,7 +272,10 @@ def run_from(
     MLP and the logits at `out_positions` only, since nothing else reaches the
     logits there; the deviations are then not returned. Returns the logits (at
     `out_positions`, or all; with `residual`, the final residual stream before
-    `ln_final` and the unembedding instead) and the deviations.
+    `ln_final` and the unembedding instead) and the deviations; with `z_at`
+    (a whole pass: no `first`, `narrow` or `upstream`), also the heads' z
+    at those positions, [n_layers - start_layer, n_heads, len(z_at), d_head]
+    (the state of a sparse pass: `sparse.py`).
     """
     c = model.config
     H, L, E = c.n_heads, c.n_layers, graph.n_embed
@@ -283,8 +287,14 @@ def run_from(
     per_layer = H + int(graph.has_mlp)
     narrow = narrow and out_positions is not None
     n_full = L - 1 if narrow else L  # layers start_layer .. n_full - 1 run at every position
+    if z_at is not None and (first is not None or narrow or upstream is not None):
+        raise ValueError("z_at needs a whole pass: no first, narrow or upstream.")
     base = _corrupt_base(model, corr, start_layer)
     mlps = corr.mlps if corr.mlps is not None else [None] * L
+
+    def with_z(blk, l, stacks, base):  # the heads' results, and their z at z_at (as head_results makes them)
+        z = _heads_at(blk, graph, l, base, stacks, m_add, m_dir, pos_qk, z=True)
+        return jnp.einsum("hpk,hkd->hpd", z, blk.attn.W_O), z[:, z_at]
 
     def heads_of(blk, l, up, down, base, q_positions=None):
         if l != start_layer:  # a Python int here; the scanned layers call _heads_at directly
@@ -314,22 +324,32 @@ def run_from(
         # a pass that loops over candidates copied those slices once per candidate (docs/performance.md)
         down, base = carry
         blk, corr_heads, corr_mlp = layer(model.blocks, l), corr.heads[l], None if corr.mlps is None else corr.mlps[l]
-        results = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, None, upstream)
-        return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, upstream), None
+        if z_at is None:
+            results, z = _heads_at(blk, graph, l, base, (up, down), m_add, m_dir, pos_qk, None, None, upstream), None
+        else:
+            results, z = with_z(blk, l, (up, down), base)
+        return finish_layer(blk, l, results, up, down, base, corr_heads, corr_mlp, upstream), z
 
     down = jnp.zeros((graph.n_senders - n_up, up.shape[1], c.d_model), up.dtype)
+    zs = []
     if start_layer < n_full:
         blk = layer(model.blocks, start_layer)
-        results = heads_of(blk, start_layer, up, down, base)
+        if z_at is None:
+            results = heads_of(blk, start_layer, up, down, base)
+        else:
+            results, z = with_z(blk, start_layer, (up,), base)
+            zs.append(z[None])
         down, base = finish_layer(blk, start_layer, results, up, down, base, corr.heads[start_layer],
                                   mlps[start_layer], None)
     if start_layer + 1 < n_full:
-        (down, base), _ = jax.lax.scan(layer_step, (down, base), jnp.arange(start_layer + 1, n_full))
+        (down, base), z = jax.lax.scan(layer_step, (down, base), jnp.arange(start_layer + 1, n_full))
+        zs.append(z)
     logits_col = np.array([graph.logits_column])
     if not narrow:
         x = base + _masked_sum(m_add, (up, down), logits_col, None, upstream)[0]
         x = x if out_positions is None else x[out_positions]
-        return (x if residual else model.unembed(model.ln_final(x))), down
+        out = (x if residual else model.unembed(model.ln_final(x))), down
+        return out if z_at is None else out + (jnp.concatenate(zs),)
 
     at = np.asarray(out_positions)
     upstream_at = None if upstream is None else upstream.at(at)
@@ -386,17 +406,19 @@ def per_prompt(m_add: Float[Array, "n_senders n_columns"], n: int) -> Float[Arra
     return jnp.broadcast_to(m_add, (n,) + m_add.shape)
 
 
-def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None, narrow=False):
+def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None, narrow=False,
+                                  z_at=None):
     """Batched patched forward that also returns every sender's deviation
     (act - corrupt), [batch, n_senders, pos, d_model]; with `narrow`, only the
-    logits at `out_positions` (see `run_from`) and None."""
+    logits at `out_positions` (see `run_from`) and None; with `z_at`, also
+    every head's z at those positions, [batch, n_layers, n_heads, len(z_at), d_head]."""
     m_add, m_dir = graph.dense_masks(masks.astype(model.embed.W_E.dtype))
 
     def one(m_add, tok, acts):
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         up = embed_deviations(model, graph, tok, corr)
-        logits, down = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow)
-        return logits, None if down is None else jnp.concatenate([up, down])
+        out = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow, z_at=z_at)
+        return (out[0], None if out[1] is None else jnp.concatenate([up, out[1]])) + out[2:]
 
     return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(per_prompt(m_add, tokens.shape[0]), tokens,
                                                                       corruption.acts)

@@ -87,6 +87,16 @@ class Shape:
     rows: Optional[int]
     reach: Optional[tuple] = None  # sparse.py's programs: heads per layer, then heads into the logits
 
+    def family(self) -> "Shape":
+        """The programs that run each candidate through the same arithmetic
+        as this one, so that one check of their rounding against a full pass
+        serves them all (`decide.calibrate`): any width of two or more (a
+        pass of one candidate is built otherwise), and for sparse programs
+        any head counts (more heads are more terms in the same sums, whose
+        rounding the band's margin covers)."""
+        return dataclasses.replace(self, width=min(self.width, 2),
+                                   reach=None if self.kind == "sparse" else self.reach)
+
     def cover(self, start_layer: Optional[int] = None) -> "Shape":
         """The pass program that covers every pass from this one's start layer
         at this width: every head recomputed, no shared upstream sum; from
@@ -123,12 +133,25 @@ class Programs:
         self.compile_costs: dict[str, list[float]] = {}
         self.seconds_per_flop: Optional[float] = None
         self.reused = 0  # passes run in a larger program than they needed
-        self.gaps: dict[Shape, tuple[float, float]] = {}  # shape -> (2 x its first pass's gap to a full pass, that metric)
+        self.gaps: dict[Shape, tuple[float, float]] = {}  # family -> (2 x its first pass's gap to a full pass, that metric)
         self.forgone = 0.0  # seconds sparse passes would have saved where none was compiled (sparse_passes.py)
 
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
+
+    def has(self, need: Shape, max_width: Optional[int] = None) -> bool:
+        """Whether a compiled program (at most `max_width` wide) can run a pass that needs `need`."""
+        return any(s.covers(need) and (max_width is None or s.width <= max_width) for s in self.compiled)
+
+    def rent(self, key: Hashable, extra: float, compile_cost: float) -> bool:
+        """Ski rental for one choice `key`: pay `extra` seconds now (True) while
+        the seconds paid so far stay below `compile_cost`, else buy (False)."""
+        paid = self.regret.get(key, 0.0) + extra
+        if paid >= compile_cost:
+            return False
+        self.regret[key] = paid
+        return True
 
     def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None,
                max_width: Optional[int] = None) -> Shape:

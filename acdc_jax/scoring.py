@@ -67,11 +67,17 @@ class Scorer:
         self.tokens = put_prompts(jnp.asarray(task.clean), mesh)
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
+        self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
+        self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
-        self.deviations = dense.deviations(model, graph, self.tokens,
-                                           self._rep(graph.ones() if start is None else start), corruption)
-        self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
+        start = graph.ones() if start is None else np.asarray(start, np.float32)
+        if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
+            self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
+                                                  self.positions)
+            self.sparse.start(start, z)
+        else:
+            self.deviations = dense.deviations(model, graph, self.tokens, self._rep(start), corruption)
         self.passes = 0
         self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
@@ -89,7 +95,6 @@ class Scorer:
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
-        self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
 
     @property
     def _dtype(self):
@@ -221,13 +226,31 @@ class Scorer:
         one already compiled (at most `max_width` wide, default `width`) while
         that is cheaper (see `programs.py`)."""
         need = self.need(cands, start_layer, width)
+        dense_cap = max(need.width, max_width or width)
         sparse = self.sparse.need(cands, start_layer, width)
-        if sparse is not None and self.sparse.cheaper(sparse, need, cands.base):
+        if sparse is not None and self._sparse_first(sparse, need, cands.base, dense_cap):
             shape = self._choose(sparse, max(sparse.width, max_width or width))
-            # a larger compiled one may not be cheaper; auto mode also counts the compiling
-            if self.sparse.cheaper(shape, need, cands.base) and self.sparse.pays(shape, need, cands.base):
+            # a larger compiled one may cost more than the dense pass: then the dense pass, where its program is
+            # compiled (else compiling it weighs as compiling `sparse` would). A program to compile (`sparse`, or a
+            # cover of it) is weighed as `sparse`. Auto mode also counts the compiling of the sparse family (`pays`).
+            weigh = shape if shape in self.programs.compiled else sparse
+            if ((not self.programs.has(need, dense_cap) or self.sparse.cheaper(weigh, need, cands.base))
+                    and self.sparse.pays(weigh, need, cands.base)):
                 return shape
-        return self._choose(need, max(need.width, max_width or width))
+        return self._choose(need, dense_cap)
+
+    def _sparse_first(self, sparse: Shape, need: Shape, base: np.ndarray, dense_cap: int) -> bool:
+        """Whether to try the sparse program `sparse` before the dense pass
+        `need`: it costs fewer FLOPs, or a compiled sparse program can run it
+        and the dense pass's is not compiled, while the seconds paid for
+        not compiling it stay below its compile time (`Programs.rent`)."""
+        extra = -self.sparse.saving(sparse, need, base)
+        if extra < 0:
+            return True
+        p = self.programs
+        if p.seconds_per_flop is None or p.has(need, dense_cap) or not p.has(sparse):
+            return False
+        return p.rent(("dense", need), extra * p.seconds_per_flop, p.estimate_compile(need.kind))
 
     def cover_start(self, need: Shape) -> int:
         """The earliest layer from which a pass as wide as `need` fits in
@@ -240,6 +263,8 @@ class Scorer:
     def _choose(self, need: Shape, max_width: Optional[int] = None) -> Shape:
         first = self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers
         cover = need.cover(self.cover_start(need)) if first else None
+        if need.kind == "sparse":
+            cover = self.sparse.cover(need, max_width)
         shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape

@@ -142,24 +142,33 @@ def _logits(model: Transformer, x, pre):
 
 
 @eqx.filter_jit
-def _head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
+def _head_maps(model: Transformer, heads) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
     W_O = model.blocks.attn.W_O
-    maps = jnp.einsum("lhkd,dv->lhkv", final_numerator(model.ln_final, W_O), model.unembed.W_U)
-    return maps.reshape((-1,) + maps.shape[2:])
+    W_O = W_O.reshape((-1,) + W_O.shape[2:])
+    maps = jnp.einsum("hkd,dv->hkv", final_numerator(model.ln_final, W_O[heads]), model.unembed.W_U)
+    return jnp.zeros(W_O.shape[:2] + maps.shape[-1:], maps.dtype).at[heads].set(maps)
 
 
-_maps_cache: list = []  # [(the weights the maps were made from, the maps)]: the last model's
+_maps_cache: list = []  # [(the weights the maps were made from, the heads made, the maps)]: the last model's
 
 
-def head_maps(model: Transformer) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
-    """G_h = W_O_h P diag(gamma) W_U for every head (layer-major); kept for
-    the last model asked, as a threshold sweep asks again for each tau (they
-    take as long as a few dozen forward passes to make)."""
+def head_maps(model: Transformer, heads=None) -> Float[Array, "n_all_heads d_head d_vocab_out"]:
+    """G_h = W_O_h P diag(gamma) W_U for the global head indices `heads`
+    (default: every head; layer-major), zero for the others: a pass reads
+    the maps of heads with an edge into the logits only, and ACDC decides
+    those edges first. Kept for the last model asked, as a threshold sweep
+    asks again for each tau (every head's take as long as a few dozen
+    forward passes to make)."""
+    n_all = model.config.n_layers * model.config.n_heads
+    want = frozenset(range(n_all) if heads is None else (int(h) for h in heads))
     key = (model.ln_final.mode, model.blocks.attn.W_O, model.ln_final.w, model.unembed.W_U)
-    old = _maps_cache[0][0] if _maps_cache else None
-    if old is None or old[0] != key[0] or any(a is not b for a, b in zip(old[1:], key[1:])):
-        _maps_cache[:] = [(key, _head_maps(model))]
-    return _maps_cache[0][1]
+    old = _maps_cache[0] if _maps_cache else None
+    if old is None or old[0][0] != key[0] or any(a is not b for a, b in zip(old[0][1:], key[1:])):
+        old = None
+    if old is None or not want <= old[1]:
+        made = want | (old[1] if old is not None else frozenset())
+        _maps_cache[:] = [(key, made, _head_maps(model, jnp.asarray(sorted(made), jnp.int32)))]
+    return _maps_cache[0][2]
 
 
 def _first(hs, dtype):
@@ -329,16 +338,16 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     return (jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)), True
 
 
-def initial_state(graph: CircuitGraph, deviations, n_out: int, d_head: int, d_vocab: int) -> BaseState:
-    """A placeholder to rebase from with every head: the embedding rows are
-    kept; the heads' rows are recomputed (their old values cancel in base
-    plus change)."""
+@functools.partial(jax.jit, static_argnames=("graph", "out_at", "d_vocab"))
+def initial_state(graph: CircuitGraph, deviations, z, out_at: tuple, d_vocab: int) -> BaseState:
+    """The state of the circuit that `deviations` and `z` (every head's, at
+    the metric positions `out_at`: `dense.deviations`) belong to, but for
+    the unembedded numerator: zeros, for the first move to make (dense)."""
     n_mid = graph.n_senders_before_attn(graph.n_layers - 1)
-    batch, _, _, d = deviations.shape
-    dt = deviations.dtype
-    return BaseState(deviations[:, :n_mid], jnp.zeros((batch, graph.n_heads, n_out, d), dt),
-                     jnp.zeros((batch, graph.n_layers * graph.n_heads, n_out, d_head), dt),
-                     jnp.zeros((batch, n_out, d_vocab), dt))
+    batch, n_layers, n_heads, n_out, d_head = z.shape
+    return BaseState(deviations[:, :n_mid], deviations[:, n_mid:][:, :, np.asarray(out_at)],
+                     z.reshape(batch, n_layers * n_heads, n_out, d_head),
+                     jnp.zeros((batch, n_out, d_vocab), deviations.dtype))
 
 
 def diff_columns(graph: CircuitGraph, old: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -46,11 +46,21 @@ class SparsePasses:
         self.entered: Optional[bool] = None  # auto: whether this run goes sparse (decided at its first sparse pass)
         self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
         self.state: Optional[BaseState] = None
+        self.start_mask: Optional[np.ndarray] = None  # the Scorer's start circuit, and its heads' z (`start`)
+        self.start_z = None
         self.maps = None
+        self.maps_heads: set = set()  # the heads whose maps `maps` holds (the others' are zero)
+        self._logits_edges = None
         self.rebases = 0
+        self.unmoved = 0  # passes that left the state where it was (`_unmoved`)
         self.updates = 0  # moves through the maps since the last dense one
         self.caches: dict[int, ReceiverCache] = {}  # start layer -> its receiver cache under the state
         self.passes = 0
+
+    def start(self, mask: np.ndarray, z) -> None:
+        """The start circuit of the Scorer's deviations, and every head's z
+        under it at the metric positions: the first state is made from them."""
+        self.start_mask, self.start_z = np.array(mask, np.float32), z
 
     def _reach(self, cands, start_layer: int):
         g = self.scorer.graph
@@ -68,23 +78,36 @@ class SparsePasses:
             return None
         return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
 
+    def cover(self, need: Shape, max_width: Optional[int]) -> Shape:
+        """The sparse program to compile when none runs `need`: as wide as
+        the widest sparse program compiled (within `max_width`), with at
+        least two heads wherever `need` has one, so that the passes still to
+        come from its layer can rent it (a receiver's cuts reach one head, a
+        node's speculation over the next receiver two)."""
+        widest = max([s.width for s in self.scorer.programs.compiled if s.kind == "sparse"], default=need.width)
+        width = max(need.width, min(widest, max_width or need.width))
+        g = self.scorer.graph
+        most = (g.n_heads,) * (len(need.reach) - 1) + (g.n_layers * g.n_heads,)
+        reach = tuple(min(max(k, 2), m) if k else 0 for k, m in zip(need.reach, most))
+        return Shape("sparse", need.start_layer, width, None, None, reach)
+
     def _rebase_plan(self, base: np.ndarray):
         """(shape, heads per layer, dense) of the move of the state to `base`,
         or None if it is there. Dense (the residual unembedded again) after an
         edge into the logits changed and every `REFRESH` moves (so that float
         rounding cannot pile up); else the heads' change goes through the maps.
+        The first move starts from the start circuit's deviations, and makes
+        the unembedded numerator (dense) even where `base` is that circuit.
         A layer's head count is padded to 2 or all heads: moves are cheap, and
         few shapes are few programs to compile."""
         g = self.scorer.graph
         if self.mask is not None and np.array_equal(self.mask, base):
             return None
-        if self.state is None:
-            start, heads, dense = 0, [list(range(g.n_heads))] * g.n_layers, True
-        else:
-            cols = diff_columns(g, self.mask, base)
-            start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
-            heads, _ = reach(g, base, cols, start)
-            dense = self.updates >= self.REFRESH or bool(cols.size and cols.max() >= g.logits_column)
+        cols = diff_columns(g, self.start_mask if self.state is None else self.mask, base)
+        start = min(int(cols.min()) // g._layer_columns, g.n_layers - 1) if cols.size else g.n_layers - 1
+        heads, _ = reach(g, base, cols, start)
+        dense = (self.state is None or self.updates >= self.REFRESH
+                 or bool(cols.size and cols.max() >= g.logits_column))
         size = tuple(0 if not hs else min(2, g.n_heads) if len(hs) <= 2 else g.n_heads for hs in heads) + (0,)
         dense = dense or not low_rank(sum(size), g.config)
         return Shape("rebase", start, 1, None, None, size), heads, dense
@@ -106,8 +129,13 @@ class SparsePasses:
         """FLOPs that the sparse program `shape`, with the move of the state
         to `base`, saves against the dense pass `dense` (negative: it costs more)."""
         plan = self._rebase_plan(base)
-        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
+        move = 0.0 if plan is None or self.state is None else self._move_flops(plan[0], plan[2])
         return self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move
+
+    def _first_move_flops(self, base: np.ndarray) -> float:
+        """FLOPs of making the state (every head) for the run's first sparse pass: paid once, like compiling."""
+        plan = self._rebase_plan(base) if self.state is None else None
+        return 0.0 if plan is None else self._move_flops(plan[0], plan[2])
 
     def pays(self, shape: Shape, dense: Shape, base: np.ndarray) -> bool:
         """Whether to run the sparse program `shape` instead of the dense pass
@@ -127,7 +155,8 @@ class SparsePasses:
         programs.forgone += saved
         if self.entered is None:  # decided once per run: entering midway would pay for both families of programs
             left = self.passes_left(shape.start_layer) - 1
-            self.entered = programs.forgone + left * saved >= self.entry_cost(shape, dense)
+            first_move = self._first_move_flops(base) * programs.seconds_per_flop
+            self.entered = programs.forgone + left * saved >= self.entry_cost(shape, dense) + first_move
         return self.entered
 
     def entry_cost(self, shape: Shape, dense: Shape) -> float:
@@ -160,13 +189,13 @@ class SparsePasses:
         layers = padded(heads, [], shape.reach, g)[0]
         changed = np.concatenate([(shape.start_layer + i) * g.n_heads + hs for i, hs in enumerate(layers)]).astype(np.int32)
         state = self.state if self.state is not None else initial_state(
-            g, s.deviations, len(s.positions), s.model.config.d_head, s.model.config.d_vocab_out)
+            g, s.deviations, self.start_z, s.positions, s.model.config.d_vocab_out)
         self.updates = 0 if dense else self.updates + 1
         flops = self._move_flops(shape, dense)
         s.flops += flops
         self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
             s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
-            self._maps(), np.asarray(dense))))
+            self._maps(base), np.asarray(dense))))
         self.mask = np.array(base, np.float32)
         self.rebases += 1
         moved = [shape.start_layer + i for i, hs in enumerate(layers) if len(hs)]
@@ -186,20 +215,53 @@ class SparsePasses:
             self.caches[l] = cache
         return self.caches[l]
 
-    def _maps(self):
-        if self.maps is None:
-            self.maps = head_maps(self.scorer.model)
+    def _maps(self, base: np.ndarray):
+        """Head maps with those of the heads that have an edge into the
+        logits in `base` (made at ACDC's first move, as its later circuits
+        have no more such edges; made again for a circuit that has)."""
+        g = self.scorer.graph
+        if self._logits_edges is None:  # (edge, head) of each head's edge into the logits
+            edge, rows, cols = g._entries
+            at = (cols == g.logits_column) & (rows >= g.n_embed)
+            self._logits_edges = edge[at], rows[at] - g.n_embed
+        edge, head = self._logits_edges
+        heads = set(head[np.asarray(base)[edge] != 0].tolist())
+        if self.maps is None or not heads <= self.maps_heads:
+            self.maps_heads = heads | (self.maps_heads if self.maps is not None else set())
+            self.maps = head_maps(self.scorer.model, sorted(self.maps_heads))
         return self.maps
+
+    def _unmoved(self, cands, start_layer: int, shape: Shape):
+        """The heads to recompute (as `reach` gives them) where the program
+        `shape` can score `cands` from the state where it is, without moving
+        it to their base: the heads whose inputs differ between the state's
+        circuit and the base are recomputed for each candidate along with
+        those the cuts reach, and fit in the program (the next pass at the
+        same receiver, after the last one's removals). None where not."""
+        if self.state is None:
+            return None
+        g = self.scorer.graph
+        diff = diff_columns(g, self.mask, cands.base)
+        if not diff.size or diff.max() >= g.logits_column or diff.min() < start_layer * g._layer_columns:
+            return None
+        found = reach(g, cands.base, np.union1d(np.unique(cands.places(g)[1]), diff), start_layer)
+        if any(a > b for a, b in zip(sizes(*found, g), shape.reach)):
+            return None
+        self.unmoved += 1
+        return found
 
     def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
         s, g = self.scorer, self.scorer.graph
-        self._move_to(cands.base)
-        layers, pick, glob, valid = padded(*self._reach(cands, start_layer), shape.reach, g)
+        found = self._unmoved(cands, start_layer, shape)
+        if found is None:
+            self._move_to(cands.base)
+            found = self._reach(cands, start_layer)
+        layers, pick, glob, valid = padded(*found, shape.reach, g)
         cache = self._cache(start_layer)
         flops = s._shape_flops(shape)
         s.flops += flops
         self.passes += 1
         program = lambda running_max: sparse_metric(
             s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
-            self._maps(), cache, layers, pick, glob, valid, s.positions, s.loop, running_max)
+            self._maps(cands.base), cache, layers, pick, glob, valid, s.positions, s.loop, running_max)
         return s._run(shape, flops, lambda: exact(program))

@@ -57,6 +57,25 @@ def test_ski_rental(compile_s, extra_s):
     assert p.choose(Shape("pass", 0, 4, None, None), flops) == Shape("pass", 0, 4, None, None)  # nothing covers it
 
 
+def test_rent_pays_until_the_compile_cost_then_buys():
+    programs = Programs()
+    assert [programs.rent("k", 0.3, 1.0) for _ in range(4)] == [True, True, True, False]
+    assert programs.rent("other", 0.3, 1.0)  # regret is kept per choice
+
+
+def test_one_check_serves_a_family_of_programs():
+    """Programs that differ only in width (two or more) or, when sparse, in
+    head counts share one check of their rounding; one candidate wide, other
+    start layers, other kinds or other dense head counts do not."""
+    sparse = Shape("sparse", 2, 16, None, None, (2, 0, 2))
+    assert sparse.family() == Shape("sparse", 2, 4, None, None, (4, 0, 8)).family()
+    assert sparse.family() != Shape("sparse", 2, 1, None, None, (2, 0, 2)).family()
+    assert sparse.family() != Shape("sparse", 1, 16, None, None, (2, 0, 0, 2)).family()
+    dense = Shape("pass", 2, 16, 2, 4)
+    assert dense.family() == Shape("pass", 2, 4, 2, 4).family() != Shape("pass", 2, 4, 4, 4).family()
+    assert dense.family() != Shape("heads", 2, 16, 2, 4).family()
+
+
 def test_no_program_wider_than_memory_allows_is_rented():
     p = _programs(10.0, 1e-9)  # renting is far cheaper than compiling
     need, wide = Shape("pass", 1, 4, 2, None), Shape("pass", 1, 16, None, None)

@@ -103,6 +103,27 @@ def test_the_base_state_follows_the_circuit():
     np.testing.assert_allclose(state.last, devs[:, n_mid:][:, :, out], rtol=1e-5, atol=1e-6)
 
 
+def test_a_pass_at_the_same_head_leaves_the_state_where_it_was():
+    """After removals into one head's inputs, a pass that cuts more of that
+    head's inputs scores from the state as it is, without moving it (the
+    head is recomputed for each candidate anyway), and its metrics equal
+    full passes'; a pass at another head moves the state first."""
+    model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [6])
+    into = lambda layer, head: [e.index for e in graph.edges if e.kind == "residual" and e.receiver.layer == layer
+                                and e.receiver.head == head and e.receiver.kind in ("q", "k", "v")]
+    base = np.ones(graph.n_edges, np.float32)
+    first, other = into(1, 2), into(1, 3)
+    for step, cuts, moved in ((0, first[:4], True), (1, first[4:8], False), (2, other[:4], True)):
+        base[first[:4 * step] if step < 2 else first[:8]] = 0.0
+        cands = Candidates(base.copy(), [[e] for e in cuts])
+        shape = scorer.sparse.need(cands, 1, 4)
+        rebases = scorer.sparse.rebases
+        got = scorer.batch(cands, 1, 4, shape=shape)
+        assert (scorer.sparse.rebases > rebases) == moved and scorer.sparse.unmoved == int(step >= 1)
+        full = np.array([scorer.full(m) for m in cands.masks()])
+        np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-6)
+
+
 def test_updates_keep_the_unembedded_numerator_exact():
     """Edges removed one at a time (as ACDC does) move the state by low-rank
     updates, with a dense one every `REFRESH` moves: after each move, the
@@ -190,13 +211,37 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
     assert programs.forgone == pytest.approx(80 / 16)
     assert (80 + left) / 16 >= cost  # what it forwent carries the next run's first pass over the cost
     scorer = run()
-    assert scorer.choose(cands, 2, 4) == sparse and scorer.sparse.entered is True
+    chosen = scorer.choose(cands, 2, 4)  # a cover of `sparse` (two heads), for its layer's later passes to rent
+    assert chosen == scorer.sparse.cover(sparse, 4) and chosen.covers(sparse) and chosen.reach == (2, 2)
+    assert scorer.sparse.entered is True
     programs.forgone = 0.0
     programs.compiled.add(Shape("sparse", 0, 16, None, None, (4, 4, 4, 16)))  # a sparse program, compiled
     scorer = run()
     assert scorer.choose(Candidates(base, [[last_layer[5]]]), 2, 4).kind == "sparse"
     with pytest.raises(ValueError, match="sparse must be one of"):
         Scorer(model, graph, task, corr, kl_divergence, sparse="sometimes")
+
+
+def test_a_compiled_sparse_program_is_rented_before_a_dense_one_is_compiled(monkeypatch):
+    """Where a pass costs more sparse than dense (a move to pay, one
+    candidate) but only a sparse program that runs it is compiled, the extra
+    seconds are rented until they add up to a dense program's compile time;
+    then the dense program is compiled, and used from then on."""
+    from acdc_jax.programs import Programs
+
+    model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [6])
+    base = np.ones(graph.n_edges, np.float32)
+    last_layer = np.flatnonzero(_receiver_layers(graph) == graph.n_layers - 1)
+    cands = Candidates(base, [[last_layer[0]]])
+    scorer.programs = programs = Programs()
+    dense, sparse = scorer.need(cands, 2, 1), scorer.sparse.need(cands, 2, 1)
+    programs.compiled.add(scorer.sparse.cover(sparse, 4))
+    programs.compile_costs["pass"], programs.seconds_per_flop = [1.0], 1e-9
+    monkeypatch.setattr(type(scorer.sparse), "saving", lambda self, *args: -0.3e9)  # 0.3 s more a pass
+    chosen = [scorer.choose(cands, 2, 1, max_width=4) for _ in range(4)]
+    assert [c.kind for c in chosen] == ["sparse"] * 3 + ["pass"] and chosen[-1] == dense
+    programs.compiled.add(dense)
+    assert scorer.choose(cands, 2, 1, max_width=4) == dense
 
 
 @pytest.mark.parametrize("kind", [("LN", "shortformer"), ("RMS", "rotary")])
