@@ -264,7 +264,7 @@ class Scorer:
         first = self.cover_first and need.kind == "pass" and need.start_layer < self.graph.n_layers
         cover = need.cover(self.cover_start(need)) if first else None
         if need.kind == "sparse":
-            cover = self.sparse.cover(need, max_width)
+            cover = self.sparse.cover(need)
         shape = self.programs.choose(need, self._shape_flops, cover, max_width)
         self.reused += shape != need
         return shape

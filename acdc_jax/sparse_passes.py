@@ -4,9 +4,10 @@ caches and head maps, and the choice between a sparse and a dense pass.
 
 The choice counts FLOPs. In the default "auto" mode a run also weighs,
 once, at its first sparse pass, what going sparse would cost in compiling
-(`entry_cost`) against the seconds it would save (this pass's saving once
-for each pass likely to come, plus what earlier runs in the process would
-have saved: a sweep's later runs can go sparse where its first did not).
+(`entry_cost`) against the seconds it would save (the saving of a pass
+like this one, as wide as its layer allows, once for each pass likely to
+come, plus what earlier runs in the process would have saved: a sweep's
+later runs can go sparse where its first did not).
 Entering midway would pay for both families of programs. On a small model
 or a short run it stays dense and compiles no sparse program. Once the
 process has a sparse program, every pass that costs fewer FLOPs sparse
@@ -16,6 +17,7 @@ the worst of both."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -78,18 +80,17 @@ class SparsePasses:
             return None
         return Shape("sparse", start_layer, max(width, len(cands)), None, None, sizes(*found, self.scorer.graph))
 
-    def cover(self, need: Shape, max_width: Optional[int]) -> Shape:
-        """The sparse program to compile when none runs `need`: as wide as
-        the widest sparse program compiled (within `max_width`), with at
-        least two heads wherever `need` has one, so that the passes still to
-        come from its layer can rent it (a receiver's cuts reach one head, a
-        node's speculation over the next receiver two)."""
-        widest = max([s.width for s in self.scorer.programs.compiled if s.kind == "sparse"], default=need.width)
-        width = max(need.width, min(widest, max_width or need.width))
+    def cover(self, need: Shape) -> Shape:
+        """The sparse program to compile when none runs `need`: at least two
+        heads wherever `need` has one, so that the passes still to come from
+        its layer can rent it (a receiver's cuts reach one head, a node's
+        speculation over the next receiver two). As wide as `need`: wider
+        covers saved a program or two on a first call, but their rent made
+        second calls with 10 prompts 1.5x slower (docs/performance.md)."""
         g = self.scorer.graph
         most = (g.n_heads,) * (len(need.reach) - 1) + (g.n_layers * g.n_heads,)
         reach = tuple(min(max(k, 2), m) if k else 0 for k, m in zip(need.reach, most))
-        return Shape("sparse", need.start_layer, width, None, None, reach)
+        return Shape("sparse", need.start_layer, need.width, None, None, reach)
 
     def _rebase_plan(self, base: np.ndarray):
         """(shape, heads per layer, dense) of the move of the state to `base`,
@@ -143,9 +144,10 @@ class SparsePasses:
         the process has no sparse program yet: then, decided at the run's
         first sparse pass, only if the seconds that sparse passes would have
         saved in earlier runs (`Programs.forgone`, kept for the later runs of
-        a sweep), with this pass's saving counted once for each pass likely
-        to come (`passes_left`), cover the compiling it would add
-        (`entry_cost`)."""
+        a sweep), with the saving of a pass like this one as wide as its
+        layer allows counted once for each pass likely to come
+        (`passes_left`; a layer's first passes are often narrow), cover the
+        compiling it would add (`entry_cost`) and the first move."""
         programs = self.scorer.programs
         if not self.auto or any(c.kind == "sparse" for c in programs.compiled):
             return True
@@ -154,9 +156,13 @@ class SparsePasses:
         saved = self.saving(shape, dense, base) * programs.seconds_per_flop
         programs.forgone += saved
         if self.entered is None:  # decided once per run: entering midway would pay for both families of programs
+            widths = self.scorer.widths
+            wide = max(shape.width, widths[shape.start_layer] if widths is not None else 0)
+            typical = self.saving(dataclasses.replace(shape, width=wide), dataclasses.replace(dense, width=wide),
+                                  base) * programs.seconds_per_flop
             left = self.passes_left(shape.start_layer) - 1
             first_move = self._first_move_flops(base) * programs.seconds_per_flop
-            self.entered = programs.forgone + left * saved >= self.entry_cost(shape, dense) + first_move
+            self.entered = programs.forgone + left * typical >= self.entry_cost(shape, dense) + first_move
         return self.entered
 
     def entry_cost(self, shape: Shape, dense: Shape) -> float:

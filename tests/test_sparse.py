@@ -212,7 +212,7 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
     assert (80 + left) / 16 >= cost  # what it forwent carries the next run's first pass over the cost
     scorer = run()
     chosen = scorer.choose(cands, 2, 4)  # a cover of `sparse` (two heads), for its layer's later passes to rent
-    assert chosen == scorer.sparse.cover(sparse, 4) and chosen.covers(sparse) and chosen.reach == (2, 2)
+    assert chosen == scorer.sparse.cover(sparse) and chosen.covers(sparse) and chosen.reach == (2, 2)
     assert scorer.sparse.entered is True
     programs.forgone = 0.0
     programs.compiled.add(Shape("sparse", 0, 16, None, None, (4, 4, 4, 16)))  # a sparse program, compiled
@@ -235,7 +235,7 @@ def test_a_compiled_sparse_program_is_rented_before_a_dense_one_is_compiled(monk
     cands = Candidates(base, [[last_layer[0]]])
     scorer.programs = programs = Programs()
     dense, sparse = scorer.need(cands, 2, 1), scorer.sparse.need(cands, 2, 1)
-    programs.compiled.add(scorer.sparse.cover(sparse, 4))
+    programs.compiled.add(scorer.sparse.cover(sparse))
     programs.compile_costs["pass"], programs.seconds_per_flop = [1.0], 1e-9
     monkeypatch.setattr(type(scorer.sparse), "saving", lambda self, *args: -0.3e9)  # 0.3 s more a pass
     chosen = [scorer.choose(cands, 2, 1, max_width=4) for _ in range(4)]
