@@ -170,9 +170,10 @@ def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, cap
                     chosen, cands = more, more_cands
         nodes = chosen
         metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
-        if state.tie_band.scale and shape.family() not in state.calibrated:
-            state.calibrated.add(shape.family())
-            calibrate(nodes[0], float(metrics[0]), state, scorer, shape.family())
+        family = shape.family()
+        if state.tie_band.scale and family not in state.calibrated:
+            state.calibrated.add(family)
+            calibrate(nodes[0], float(metrics[0]), state, scorer, family)
     effects = node_effects(nodes, metrics, state.metric, abs_value)
     made: list[Decision] = []
     i = 0

@@ -140,9 +140,12 @@ class Programs:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
         return sum(seen) / len(seen) if seen else 0.0
 
+    def covering(self, need: Shape, max_width: Optional[int] = None) -> list[Shape]:
+        """The compiled programs (at most `max_width` wide) that can run a pass that needs `need`."""
+        return [s for s in self.compiled if s.covers(need) and (max_width is None or s.width <= max_width)]
+
     def has(self, need: Shape, max_width: Optional[int] = None) -> bool:
-        """Whether a compiled program (at most `max_width` wide) can run a pass that needs `need`."""
-        return any(s.covers(need) and (max_width is None or s.width <= max_width) for s in self.compiled)
+        return bool(self.covering(need, max_width))
 
     def rent(self, key: Hashable, extra: float, compile_cost: float) -> bool:
         """Ski rental for one choice `key`: pay `extra` seconds now (True) while
@@ -165,7 +168,7 @@ class Programs:
         bought before its exact shape."""
         if need in self.compiled or not self.adaptive:
             return need
-        larger = [s for s in self.compiled if s.covers(need) and (max_width is None or s.width <= max_width)]
+        larger = self.covering(need, max_width)
         if not larger:
             return need if cover is None else cover
         if self.seconds_per_flop is None:
@@ -175,10 +178,8 @@ class Programs:
         # renting an earlier layer's cover is regretted per layer: this layer's own cover would serve all its passes
         early = cover is not None and best.start_layer < need.start_layer and need.cover() not in self.compiled
         key = ("cover", need.start_layer) if early else need
-        paid = self.regret.get(key, 0.0) + extra
-        if paid >= self.estimate_compile(need.kind):
+        if not self.rent(key, extra, self.estimate_compile(need.kind)):
             return need.cover() if early else need
-        self.regret[key] = paid
         self.reused += 1
         return best
 

@@ -228,29 +228,28 @@ class Scorer:
         need = self.need(cands, start_layer, width)
         dense_cap = max(need.width, max_width or width)
         sparse = self.sparse.need(cands, start_layer, width)
-        if sparse is not None and self._sparse_first(sparse, need, cands.base, dense_cap):
+        saved = None if sparse is None else self.sparse.saving(sparse, need, cands.base)
+        if saved is not None and (saved > 0 or self._rent_sparse(sparse, need, -saved, dense_cap)):
             shape = self._choose(sparse, max(sparse.width, max_width or width))
             # a larger compiled one may cost more than the dense pass: then the dense pass, where its program is
             # compiled (else compiling it weighs as compiling `sparse` would). A program to compile (`sparse`, or a
             # cover of it) is weighed as `sparse`. Auto mode also counts the compiling of the sparse family (`pays`).
             weigh = shape if shape in self.programs.compiled else sparse
-            if ((not self.programs.has(need, dense_cap) or self.sparse.cheaper(weigh, need, cands.base))
-                    and self.sparse.pays(weigh, need, cands.base)):
+            cheaper = saved > 0 if weigh == sparse else self.sparse.cheaper(weigh, need, cands.base)
+            if (not self.programs.has(need, dense_cap) or cheaper) and self.sparse.pays(weigh, need, cands.base):
                 return shape
         return self._choose(need, dense_cap)
 
-    def _sparse_first(self, sparse: Shape, need: Shape, base: np.ndarray, dense_cap: int) -> bool:
-        """Whether to try the sparse program `sparse` before the dense pass
-        `need`: it costs fewer FLOPs, or a compiled sparse program can run it
-        and the dense pass's is not compiled, while the seconds paid for
-        not compiling it stay below its compile time (`Programs.rent`)."""
-        extra = -self.sparse.saving(sparse, need, base)
-        if extra < 0:
-            return True
+    def _rent_sparse(self, sparse: Shape, need: Shape, extra_flops: float, dense_cap: int) -> bool:
+        """Whether to try the sparse program `sparse`, which costs
+        `extra_flops` more than the dense pass `need`: where a compiled sparse
+        program can run it and the dense pass's is not compiled, while the
+        seconds paid for not compiling it stay below its compile time
+        (`Programs.rent`)."""
         p = self.programs
         if p.seconds_per_flop is None or p.has(need, dense_cap) or not p.has(sparse):
             return False
-        return p.rent(("dense", need), extra * p.seconds_per_flop, p.estimate_compile(need.kind))
+        return p.rent(("dense", need), extra_flops * p.seconds_per_flop, p.estimate_compile(need.kind))
 
     def cover_start(self, need: Shape) -> int:
         """The earliest layer from which a pass as wide as `need` fits in

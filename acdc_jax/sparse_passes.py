@@ -50,9 +50,7 @@ class SparsePasses:
         self.state: Optional[BaseState] = None
         self.start_mask: Optional[np.ndarray] = None  # the Scorer's start circuit, and its heads' z (`start`)
         self.start_z = None
-        self.maps = None
-        self.maps_heads: set = set()  # the heads whose maps `maps` holds (the others' are zero)
-        self._logits_edges = None
+        self._logits_edges = None  # (edge, head) of each head's edge into the logits
         self.rebases = 0
         self.unmoved = 0  # passes that left the state where it was (`_unmoved`)
         self.updates = 0  # moves through the maps since the last dense one
@@ -129,8 +127,8 @@ class SparsePasses:
     def saving(self, shape: Shape, dense: Shape, base: np.ndarray) -> float:
         """FLOPs that the sparse program `shape`, with the move of the state
         to `base`, saves against the dense pass `dense` (negative: it costs more)."""
-        plan = self._rebase_plan(base)
-        move = 0.0 if plan is None or self.state is None else self._move_flops(plan[0], plan[2])
+        plan = None if self.state is None else self._rebase_plan(base)  # the first move: `_first_move_flops`
+        move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
         return self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move
 
     def _first_move_flops(self, base: np.ndarray) -> float:
@@ -223,19 +221,16 @@ class SparsePasses:
 
     def _maps(self, base: np.ndarray):
         """Head maps with those of the heads that have an edge into the
-        logits in `base` (made at ACDC's first move, as its later circuits
-        have no more such edges; made again for a circuit that has)."""
+        logits in `base` (`head_maps` keeps the maps made, and makes them
+        again, with more heads, only for a circuit that has others: ACDC's
+        later circuits have no more such edges than its first move's)."""
         g = self.scorer.graph
-        if self._logits_edges is None:  # (edge, head) of each head's edge into the logits
+        if self._logits_edges is None:
             edge, rows, cols = g._entries
             at = (cols == g.logits_column) & (rows >= g.n_embed)
             self._logits_edges = edge[at], rows[at] - g.n_embed
         edge, head = self._logits_edges
-        heads = set(head[np.asarray(base)[edge] != 0].tolist())
-        if self.maps is None or not heads <= self.maps_heads:
-            self.maps_heads = heads | (self.maps_heads if self.maps is not None else set())
-            self.maps = head_maps(self.scorer.model, sorted(self.maps_heads))
-        return self.maps
+        return head_maps(self.scorer.model, np.unique(head[np.asarray(base)[edge] != 0]))
 
     def _unmoved(self, cands, start_layer: int, shape: Shape):
         """The heads to recompute (as `reach` gives them) where the program
@@ -253,7 +248,6 @@ class SparsePasses:
         found = reach(g, cands.base, np.union1d(np.unique(cands.places(g)[1]), diff), start_layer)
         if any(a > b for a, b in zip(sizes(*found, g), shape.reach)):
             return None
-        self.unmoved += 1
         return found
 
     def batch(self, cands, start_layer: int, shape: Shape, masks) -> np.ndarray:
@@ -262,6 +256,8 @@ class SparsePasses:
         if found is None:
             self._move_to(cands.base)
             found = self._reach(cands, start_layer)
+        else:
+            self.unmoved += 1
         layers, pick, glob, valid = padded(*found, shape.reach, g)
         cache = self._cache(start_layer)
         flops = s._shape_flops(shape)
