@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from .layers import _lead
 from .model import Transformer
@@ -73,41 +74,81 @@ def final_bias(model: Transformer):
     return un.b_U if ln.b is None else un.b_U + ln.b @ un.W_U
 
 
+class KLReference(eqx.Module):
+    """What streamed KL reads of the full model's logits and of the model,
+    made once per run (`kl_reference`, `reference_arrays`): made in every
+    pass, the log-softmax and the bias (a product with W_U) cost a sparse
+    pass of the benchmark model a tenth of its time."""
+
+    logits: Float[Array, "rows vocab"]  # the full model's, float32
+    log_p: Float[Array, "rows vocab"]  # their log-softmax
+    p: Float[Array, "rows vocab"]
+    lse: Float[Array, " rows"]  # LSE(log_p): 0 but for float rounding
+    bias: Float[Array, " vocab"]  # of the logits (`final_bias`)
+
+
+def kl_reference(reference: Float[Array, "rows vocab"], bias: Float[Array, " vocab"]) -> KLReference:
+    logits = reference.astype(jnp.float32)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return KLReference(logits, log_p, jnp.exp(log_p), jax.nn.logsumexp(log_p, axis=-1), bias)
+
+
+@eqx.filter_jit
+def _reference_of(model: Transformer, reference) -> KLReference:
+    return kl_reference(reference.reshape(-1, reference.shape[-1]), final_bias(model))
+
+
+def reference_arrays(model: Transformer, arrays: dict) -> dict:
+    """`arrays` (a task's, `tasks.base.task_arrays`) with its `KLReference`
+    under "kl", made once, for the passes that stream KL (`streams`)."""
+    if arrays.get("reference") is None or model.unembed.softcap is not None:
+        return arrays
+    return {**arrays, "kl": _reference_of(model, arrays["reference"])}
+
+
 def residual_kl(
     model: Transformer,
     x: Float[Array, "cand batch pos d_model"],
     arrays,
     u: Optional[Float[Array, "cand batch pos rank"]] = None,
-    maps: Optional[Float[Array, "rank vocab"]] = None,
+    maps: Optional[Array] = None,
     pre: Optional[Float[Array, "batch pos vocab"]] = None,
+    heads: Optional[Int[Array, " k"]] = None,
     running_max: bool = False,
 ) -> tuple[Float[Array, " cand"], Bool[Array, ""]]:
     """`kl_divergence` of each candidate whose final residuals at the metric
     positions are `x`, and whose unembedded ln_final numerator is
-    ``pre + u @ maps`` (by default the numerator of `x` through `W_U`), and
-    whether it is exact (see `low_rank_kl`)."""
+    ``pre + u @ maps`` (by default the numerator of `x` through `W_U`; with
+    `heads`, the maps of those heads, see `low_rank_kl`), and whether it is
+    exact. Reads the reference from ``arrays["kl"]`` where
+    `reference_arrays` made it, else makes it here."""
     cand, rows = x.shape[0], x.shape[1] * x.shape[2]
     if u is None:
         u, maps = final_numerator(model.ln_final, x), model.unembed.W_U
+    ref = arrays.get("kl")
+    if ref is None:
+        ref = kl_reference(arrays["reference"].reshape(rows, -1), final_bias(model))
     kl, ok = low_rank_kl(u.reshape(cand, rows, -1), maps, None if pre is None else pre.reshape(rows, -1),
-                         final_scale(model.ln_final, x).reshape(cand, rows), final_bias(model),
-                         arrays["reference"].reshape(rows, -1).astype(jnp.float32), running_max=running_max)
+                         final_scale(model.ln_final, x).reshape(cand, rows), ref, heads=heads, running_max=running_max)
     return weighted_mean(kl, arrays["weights"]), ok
 
 
 def low_rank_kl(
     u: Float[Array, "cand batch rank"],
-    maps: Float[Array, "rank vocab"],
+    maps: Array,
     pre: Optional[Float[Array, "batch vocab"]],
     scale: Float[Array, "cand batch"],
-    bias: Float[Array, " vocab"],
-    reference: Float[Array, "batch vocab"],
+    ref: KLReference,
     width: Optional[int] = None,
     running_max: bool = False,
+    heads: Optional[Int[Array, " k"]] = None,
 ) -> tuple[Float[Array, "cand batch"], Bool[Array, ""]]:
-    """KL(softmax(reference) || softmax(l)) per candidate and row, for
-    ``l = (pre + u @ maps) * scale[..., None] + bias`` (no `pre`: zero), and
-    whether every sum held.
+    """KL(softmax(ref.logits) || softmax(l)) per candidate and row, for
+    ``l = (pre + u @ maps) * scale[..., None] + ref.bias`` (no `pre`: zero),
+    and whether every sum held. `maps` is [rank, vocab], or with `heads`
+    every head's map [n_heads, d_head, vocab], of which those of `heads`
+    are read chunk by chunk (rank = k x d_head; gathered whole first, they
+    were a copy as large as the maps read, in every pass).
 
     Without `running_max` the sum of exp(l - LSE(lr)) is taken as it comes
     (a running maximum doubled the cost: a second sweep of every chunk).
@@ -117,14 +158,13 @@ def low_rank_kl(
     `running_max`. That is a second program, compiled only when a run needs
     it: inside the pass (a `lax.cond`) it was compiled into every pass
     program (the benchmark model's sparse programs took 15-20% longer)."""
-    rows, vocab = reference.shape
+    rows, vocab = ref.logits.shape
     width = width or chunk_width(u.shape[0] * rows, vocab)
-    log_p = jax.nn.log_softmax(reference, axis=-1)
-    top, total, diff = _sums(u, maps, pre, scale, bias, reference, log_p, width, running_max=running_max)
+    top, total, diff = _sums(u, maps, heads, pre, scale, ref, width, running_max=running_max)
     kl = _kl(top, total, diff)
     ok = jnp.all((total > 1e-30) & jnp.isfinite(kl))
     # less LSE(log p), which float rounding of log p moves off 0
-    return kl - jax.nn.logsumexp(log_p, axis=-1)[None], ok
+    return kl - ref.lse[None], ok
 
 
 def exact(program: Callable[[bool], tuple]) -> np.ndarray:
@@ -140,22 +180,27 @@ def _kl(top, total, diff):
     return top + jnp.log(total) - diff  # LSE(l) - LSE(lr) - sum p (l - lr)
 
 
-def _sums(u, maps, pre, scale, bias, reference, log_p, width: int, running_max: bool):
+def _heads_chunk(maps, heads, start, width: int):
+    """Columns start:start + width of the maps of `heads`, [k x d_head, width]."""
+    size = (1, maps.shape[1], width)
+    return jax.vmap(lambda h: jax.lax.dynamic_slice(maps, (h, 0, start), size)[0])(heads).reshape(-1, width)
+
+
+def _sums(u, maps, heads, pre, scale, ref: KLReference, width: int, running_max: bool):
     """Per candidate and row over the vocabulary, in chunks of `width`: the
     running maximum of l - LSE(lr) (0 without `running_max`), the sum of
     exp(l - LSE(lr) - that maximum), and sum p (l - lr)."""
-    vocab = reference.shape[1]
-    p = jnp.exp(log_p)
+    vocab = ref.logits.shape[1]
 
     def step(carry, start, width=width):
         top, total, diff = carry
         cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
-        logits = jnp.einsum("cbr,rv->cbv", u, cut(maps))
+        logits = jnp.einsum("cbr,rv->cbv", u, cut(maps) if heads is None else _heads_chunk(maps, heads, start, width))
         if pre is not None:
             logits = logits + cut(pre)[None]
-        r = logits * scale[..., None] + cut(bias)[None, None] - cut(reference)[None]  # l - lr, small near the reference
-        diff = diff + jnp.sum(cut(p)[None] * r, axis=-1)
-        t = r + cut(log_p)[None]  # l - LSE(lr)
+        r = logits * scale[..., None] + cut(ref.bias)[None, None] - cut(ref.logits)[None]  # l - lr, small near the reference
+        diff = diff + jnp.sum(cut(ref.p)[None] * r, axis=-1)
+        t = r + cut(ref.log_p)[None]  # l - LSE(lr)
         if not running_max:
             return (top, total + jnp.exp(t).sum(-1), diff), None
         new_top = jnp.maximum(top, t.max(-1))

@@ -21,7 +21,7 @@ import numpy as np
 from . import dense, xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
-from .fused_kl import exact
+from .fused_kl import exact, reference_arrays
 from .graph import CircuitGraph, with_sentinels
 from .memory import grad_prompt_chunk
 from .model import Transformer
@@ -31,7 +31,7 @@ from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_rep
 from .receivers import cache_flops
 from .sparse import sparse_flops
 from .sparse_passes import SparsePasses
-from .tasks.base import Task, task_arrays
+from .tasks.base import Task, kl_divergence, task_arrays
 
 
 class Scorer:
@@ -87,6 +87,8 @@ class Scorer:
                                 jax.config.jax_default_matmul_precision))
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and jax.default_backend() == "cpu"
+        if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
+            self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
         self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
         # the first pass program a layer needs is a cover that every pass from it can rent (`Programs.choose`),

@@ -214,8 +214,8 @@ def _changes(model, graph, start_layer, heads, m_add, m_dir, corr, pos_qk, mid, 
 
 def _final_residual(model, graph, corr, mid, last, m_add, out_at):
     base = _corrupt_base(model, corr, graph.n_layers)[out_at]
-    devs = jnp.concatenate([mid[:, out_at], last])
-    return base + jnp.einsum("s,spd->pd", m_add[:, graph.logits_column], devs)
+    m, n = m_add[:, graph.logits_column], mid.shape[0]  # two sums: concatenated, the senders were a copy per pass
+    return base + jnp.einsum("s,spd->pd", m[:n], mid[:, out_at]) + jnp.einsum("s,spd->pd", m[n:], last)
 
 
 def rebase(model, graph, start_layer, corruption, tokens, state: BaseState, mask, heads, changed, out_at, maps,
@@ -327,7 +327,7 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     if streams(metric, x, loop, model):  # the numerator as the base's plus the maps', or the residual's own
         factors = ()
         if low_rank(k, model.config):
-            factors = (jnp.moveaxis(u, 2, 3), jnp.take(maps, glob, axis=0).reshape(-1, maps.shape[-1]), state.pre)
+            factors = (jnp.moveaxis(u, 2, 3), maps, state.pre, glob)
         return residual_kl(model, x, arrays, *factors, running_max=running_max)
     if low_rank(k, model.config):
         pre = state.pre[None] + jnp.einsum("cpknd,kdv->cpnv", u, jnp.take(maps, glob, axis=0))

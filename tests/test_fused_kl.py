@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax.fused_kl import chunk_width, exact, low_rank_kl, weighted_mean
+from acdc_jax.fused_kl import chunk_width, exact, kl_reference, low_rank_kl, weighted_mean
 from acdc_jax.tasks.base import kl_divergence
 
 
@@ -38,7 +38,8 @@ def test_streamed_kl_equals_the_whole_logits_kl(width, weighted):
     rng = np.random.default_rng(0)
     args = _case(rng)
     weights = jnp.asarray(rng.uniform(0.5, 2.0, size=(5, 1)), jnp.float32) if weighted else None
-    kl, ok = low_rank_kl(*args, width=width)
+    u, maps, pre, scale, bias, reference = args
+    kl, ok = low_rank_kl(u, maps, pre, scale, kl_reference(reference, bias), width=width)
     got = np.asarray(weighted_mean(kl, weights))
     want = _whole(*args, weights)
     assert bool(ok)
@@ -49,7 +50,7 @@ def test_streamed_kl_equals_the_whole_logits_kl(width, weighted):
 def test_no_base_numerator_means_zero():
     rng = np.random.default_rng(1)
     u, maps, pre, scale, bias, reference = _case(rng)
-    got = low_rank_kl(u, maps, None, scale, bias, reference, width=256)[0].mean(-1)
+    got = low_rank_kl(u, maps, None, scale, kl_reference(reference, bias), width=256)[0].mean(-1)
     np.testing.assert_allclose(np.asarray(got), _whole(u, maps, jnp.zeros_like(pre), scale, bias, reference),
                                rtol=2e-6, atol=1e-7)
 
@@ -65,7 +66,7 @@ def test_large_logits_and_small_changes_stay_precise():
     delta = jnp.asarray(10.0 ** -np.arange(2, 6), jnp.float32)[None, :, None]
     direction = jnp.asarray(rng.normal(size=(1, vocab)), jnp.float32)
     scale, bias = jnp.ones((1, rows), jnp.float32), jnp.zeros(vocab, jnp.float32)
-    got = np.asarray(low_rank_kl(delta, direction, reference, scale, bias, reference, width=128)[0])[0]
+    got = np.asarray(low_rank_kl(delta, direction, reference, scale, kl_reference(reference, bias), width=128)[0])[0]
     ref64 = np.asarray(reference, np.float64)
     logits64 = (np.asarray(reference + delta[0] * direction, np.float32)).astype(np.float64)  # the float32 logits
     log_p = ref64 - np.log(np.exp(ref64 - ref64.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref64.max(-1, keepdims=True)
@@ -87,7 +88,8 @@ def test_candidates_far_from_the_reference_are_flagged_and_summed_again_with_a_r
     u, maps, pre, scale, bias, reference = _case(rng)
     maps = maps.at[0].set(1.0)  # a direction that moves every token alike
     u = u.at[1, :, 0].add(shift)
-    plain = lambda running_max: low_rank_kl(u, maps, pre, scale, bias, reference, width=256, running_max=running_max)
+    plain = lambda running_max: low_rank_kl(u, maps, pre, scale, kl_reference(reference, bias), width=256,
+                                            running_max=running_max)
     assert not bool(plain(False)[1])
     assert bool(plain(True)[1])
     got = exact(plain).mean(-1)
@@ -95,10 +97,24 @@ def test_candidates_far_from_the_reference_are_flagged_and_summed_again_with_a_r
     np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=5e-5)  # logits of 300 carry float32 rounding of 3e-5
     keep = np.array([0, 2])
-    near = lambda running_max: low_rank_kl(u[keep], maps, pre, scale[keep], bias, reference, width=256,
+    near = lambda running_max: low_rank_kl(u[keep], maps, pre, scale[keep], kl_reference(reference, bias), width=256,
                                            running_max=running_max)
     assert bool(near(False)[1])  # without the far candidate the plain sums hold
     np.testing.assert_allclose(np.asarray(near(False)[0]), np.asarray(near(True)[0]), rtol=2e-6, atol=1e-7)
+
+
+def test_maps_read_by_head_equal_the_maps_gathered_first():
+    """With `heads`, each chunk reads the listed heads' rows of every head's
+    maps [n_heads, d_head, vocab] (repeats allowed, as padding makes them):
+    the KL is that of the maps gathered whole, and of the whole logits."""
+    rng = np.random.default_rng(4)
+    u, _, pre, scale, bias, reference = _case(rng, rank=3 * 4)
+    every = jnp.asarray(rng.normal(size=(5, 4, 1000)) * 0.3, jnp.float32)
+    heads = jnp.asarray([3, 0, 3], jnp.int32)
+    gathered = np.asarray(every)[np.asarray(heads)].reshape(12, 1000)
+    got = low_rank_kl(u, every, pre, scale, kl_reference(reference, bias), width=128, heads=heads)[0].mean(-1)
+    np.testing.assert_allclose(np.asarray(got), _whole(u, jnp.asarray(gathered), pre, scale, bias, reference),
+                               rtol=2e-6, atol=1e-7)
 
 
 def test_chunks_fit_the_cache_and_the_vocabulary():
@@ -112,7 +128,7 @@ def test_residual_kl_follows_each_final_normalisation(norm):
     """`residual_kl` splits ln_final into numerator, scale and bias; for each
     mode it equals KL of the model's own ln_final and unembedding."""
     from acdc_jax.checkpoint import fill_model, parameter_shapes
-    from acdc_jax.fused_kl import residual_kl
+    from acdc_jax.fused_kl import reference_arrays, residual_kl
     from acdc_jax.model import TransformerConfig
 
     c = TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=300, n_ctx=8, normalization=norm)
@@ -122,7 +138,12 @@ def test_residual_kl_follows_each_final_normalisation(norm):
     # residuals with a large mean, so that centring or not matters
     x = jnp.asarray(rng.normal(size=(3, 2, 4, 16)) + 2.0, jnp.float32)
     reference = jnp.asarray(rng.normal(size=(2, 4, 300)), jnp.float32)
-    got, ok = residual_kl(model, x, {"reference": reference, "weights": None})
+    arrays = {"reference": reference, "weights": None}
+    got, ok = residual_kl(model, x, arrays)
     want = [float(kl_divergence(model.unembed(model.ln_final(xc)), _Ref(reference))) for xc in x]
     assert bool(ok)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    # the reference made once per run (as a Scorer makes it) gives the same KL
+    made = reference_arrays(model, arrays)
+    assert "kl" in made and "kl" not in arrays
+    np.testing.assert_allclose(np.asarray(residual_kl(model, x, made)[0]), want, rtol=1e-5)
