@@ -93,9 +93,12 @@ def kl_reference(reference: Float[Array, "rows vocab"], bias: Float[Array, " voc
     return KLReference(logits, log_p, jnp.exp(log_p), jax.nn.logsumexp(log_p, axis=-1), bias)
 
 
-@eqx.filter_jit
-def _reference_of(model: Transformer, reference) -> KLReference:
+def model_reference(model: Transformer, reference: Float[Array, "*rows vocab"]) -> KLReference:
+    """The `KLReference` of a task's reference logits (any leading shape) under `model`'s bias."""
     return kl_reference(reference.reshape(-1, reference.shape[-1]), final_bias(model))
+
+
+_model_reference = eqx.filter_jit(model_reference)  # one program, kept across runs
 
 
 def reference_arrays(model: Transformer, arrays: dict) -> dict:
@@ -103,7 +106,7 @@ def reference_arrays(model: Transformer, arrays: dict) -> dict:
     under "kl", made once, for the passes that stream KL (`streams`)."""
     if arrays.get("reference") is None or model.unembed.softcap is not None:
         return arrays
-    return {**arrays, "kl": _reference_of(model, arrays["reference"])}
+    return {**arrays, "kl": _model_reference(model, arrays["reference"])}
 
 
 def residual_kl(
@@ -127,7 +130,7 @@ def residual_kl(
         u, maps = final_numerator(model.ln_final, x), model.unembed.W_U
     ref = arrays.get("kl")
     if ref is None:
-        ref = kl_reference(arrays["reference"].reshape(rows, -1), final_bias(model))
+        ref = model_reference(model, arrays["reference"])
     kl, ok = low_rank_kl(u.reshape(cand, rows, -1), maps, None if pre is None else pre.reshape(rows, -1),
                          final_scale(model.ln_final, x).reshape(cand, rows), ref, heads=heads, running_max=running_max)
     return weighted_mean(kl, arrays["weights"]), ok
