@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .circuit import Circuit, Decision, start_mask
-from .decide import State, apply_prunes, decide, tie_band
+from .decide import State, apply_prunes, decide, probe_below, tie_band
 from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
@@ -207,7 +207,8 @@ def acdc(
         start, compiled = time.perf_counter(), compile_seconds()
         try:
             while not schedule.finished(state.cursor):
-                nodes = plan(schedule, state.mask, state.cursor, caps[schedule.layer_at(state.cursor)], forecast.p)
+                width = caps[schedule.layer_at(state.cursor)]
+                nodes = plan(schedule, state.mask, state.cursor, width, forecast.p, probe_below())
                 if nodes:
                     new, nodes, effects = decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
                     forecast.update(new, nodes, effects)

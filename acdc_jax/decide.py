@@ -23,6 +23,17 @@ def adaptive_width() -> bool:
     return jax.default_backend() == "cpu"
 
 
+PROBE_BELOW = 0.05  # measured: benchmarks/README.md, "Guessing trial outcomes"
+
+
+def probe_below() -> float:
+    """Below what probability a plan stops branching and probes ahead
+    (`speculate.plan`). On accelerators, where a pass is as wide as memory
+    allows, the spare width scores edges ahead; a CPU chooses each pass's
+    width by its likely decisions (`pass_width`), so there no probes."""
+    return 0.0 if adaptive_width() else PROBE_BELOW
+
+
 def pass_width(nodes: list, cap: int, candidate_cost: Callable[[int], float] = lambda layer: 1.0,
                overhead: float = 1.0) -> int:
     """How many of the plan's nodes to score in one pass. On accelerators a

@@ -56,17 +56,29 @@ class TrialNode:
         return m
 
 
-def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Callable[[int], float]) -> list[TrialNode]:
+def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Callable[[int], float],
+         probe_below: float = 0.0) -> list[TrialNode]:
     """Up to `width` trial nodes, most probable first; node 0 is the next
     trial from (`mask`, `cursor`). A node's parent always comes before it.
     `p_remove(edge)` estimates how likely a trial of `edge` removes it. Empty
-    when no trial is left."""
+    when no trial is left.
+
+    Once the likeliest node left is less likely than `probe_below`, the rest
+    of the width is one chain of probes from it, each guessing its parent's
+    likelier outcome, as far as the layers the pass already starts from. A
+    probe is rarely reached, but it scores an edge ahead on a circuit near
+    the one the run will reach, so that the next passes can guess that edge
+    (`Forecast`) and follow the likely path far instead of branching at every
+    unscored edge."""
     nodes: list[TrialNode] = []
     heap = [(-1.0, 0, None, False, cursor, ())]  # a child's cuts are its parent's, and its edge if removed
     mask = mask.copy()  # the nodes' reference, whatever the caller does with its own later
     scratch = mask.copy()  # a node's circuit: `mask` with its cuts applied, then restored
     count, floor = 1, schedule.cut_layer(mask)
+    probing, lowest = False, None  # lowest: the earliest layer the pass starts from when probing begins
     while heap and len(nodes) < width:
+        if not probing and -heap[0][0] < probe_below:
+            probing, lowest, heap = True, min(n.first_layer for n in nodes), heap[:1]  # the likeliest entry
         neg, _, parent, removed, cur, cut = heapq.heappop(heap)
         if removed:
             cut = cut + (nodes[parent].trial.edge,)
@@ -77,13 +89,17 @@ def plan(schedule: Schedule, mask: np.ndarray, cursor, width: int, p_remove: Cal
         scratch[undo] = mask[undo]
         if trial is None:
             continue
+        inherited = floor if parent is None else nodes[parent].first_layer
+        first_layer = min([ev.layer for ev in prunes] + [trial.layer, inherited])
+        if probing and first_layer < lowest:  # a probe would make the pass start earlier
+            break
         if parent is not None:
             nodes[parent].children[removed] = len(nodes)
-        inherited = floor if parent is None else nodes[parent].first_layer
-        nodes.append(TrialNode(prunes, trial, mask, cut, -neg, min([ev.layer for ev in prunes] + [trial.layer, inherited])))
+        nodes.append(TrialNode(prunes, trial, mask, cut, -neg, first_layer))
         p = p_remove(trial.edge)
         for outcome, q in ((True, p), (False, 1.0 - p)):
-            heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, trial.cursor, cut))
+            if not probing or outcome == (p >= 0.5):
+                heapq.heappush(heap, (neg * q, count, len(nodes) - 1, outcome, trial.cursor, cut))
             count += 1
     return nodes
 

@@ -15,7 +15,7 @@ that no longer reaches the logits changes nothing). The threshold sets the
 fraction of tried edges kept. Host seconds are the loop's wall time minus the
 time spent waiting for those synthetic passes and minus compilation.
 
-    python benchmarks/bench_host_overhead.py [--widths 16 64 256] [--kept 0.05 0.5]
+    python benchmarks/bench_host_overhead.py [--widths 16 64 256] [--kept 0.05 0.5] [--no-probes-too]
 """
 
 from __future__ import annotations
@@ -76,9 +76,11 @@ def synthetic_metric(graph: CircuitGraph, effect: np.ndarray):
     return metric
 
 
-def run(width: int, kept: float, seed: int = 0) -> dict:
-    """One ACDC sweep of the GPT-2 graph at a fixed pass width with synthetic passes."""
+def run(width: int, kept: float, probes: bool = True, seed: int = 0) -> dict:
+    """One ACDC sweep of the GPT-2 graph at a fixed pass width with synthetic
+    passes, with the plan's probes ahead (the accelerators' default) or not."""
     scoring = importlib.import_module("acdc_jax.scoring")
+    decide = importlib.import_module("acdc_jax.decide")
     acdc_module = importlib.import_module("acdc_jax.acdc")
     model = Transformer(GRAPH_OF_GPT2, key=jax.random.PRNGKey(seed))
     graph = CircuitGraph(GRAPH_OF_GPT2)
@@ -100,6 +102,8 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
              [(scoring, "fetch"), (fused_kl, "fetch")] + [(dense, name) for name in
               ("batch_metric", "batch_metric_heads", "full_metric", "layer_heads", "deviations")]]
     scoring.fetch = fused_kl.fetch = fetch
+    saved.append((decide, "PROBE_BELOW", decide.PROBE_BELOW))
+    decide.PROBE_BELOW = decide.PROBE_BELOW if probes else 0.0
     dense.batch_metric = lambda model, graph, start, corr, metric_fn, task, arrays, masks, *a, **k: (
         metric(masks), True)
     dense.batch_metric_heads = dense.batch_metric
@@ -121,7 +125,7 @@ def run(width: int, kept: float, seed: int = 0) -> dict:
     if set(circuit.settings["widths"]) != {width}:
         raise RuntimeError(f"The pass widths became {circuit.settings['widths']}, not {width} from every layer.")
     host = wall - waited[0] - compiling
-    return {"width": width, "target_kept": kept, "edges": graph.n_edges, "tried": len(tried),
+    return {"width": width, "target_kept": kept, "probes": probes, "edges": graph.n_edges, "tried": len(tried),
             "kept": sum(d.kept for d in tried), "passes": passes, "decisions_per_pass": len(circuit.decisions) / passes,
             "wall_s": wall, "synthetic_pass_s": waited[0], "compile_s": compiling, "host_s": host,
             "host_ms_per_pass": 1e3 * host / passes, "host_us_per_edge": 1e6 * host / graph.n_edges}
@@ -132,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--kept", type=float, nargs="+", default=[0.05, 0.5],
                         help="fractions of tried edges to keep (each sets tau)")
+    parser.add_argument("--no-probes-too", action="store_true",
+                        help="also run each case without the plan's probes ahead (the baseline before them)")
     args = parser.parse_args(argv)
     rows = []
 
@@ -145,10 +151,11 @@ def main(argv=None):
 
     for kept in args.kept:
         for width in args.widths:
-            rows.append(run(width, kept))
-            print(rows[-1], flush=True)
-            save()
-    print_table(rows, ["width", "target_kept", "tried", "kept", "passes", "decisions_per_pass", "wall_s",
+            for probes in (True, False) if args.no_probes_too else (True,):
+                rows.append(run(width, kept, probes))
+                print(rows[-1], flush=True)
+                save()
+    print_table(rows, ["width", "target_kept", "probes", "tried", "kept", "passes", "decisions_per_pass", "wall_s",
                        "synthetic_pass_s", "compile_s", "host_s", "host_ms_per_pass", "host_us_per_edge"])
 
 

@@ -65,6 +65,36 @@ def test_plan_is_a_tree_of_both_outcomes(schedule):
             assert sorted(changed) == sorted(ev.edge for ev in nodes[j].prunes)
 
 
+def test_probes_follow_the_likelier_outcome_below_the_threshold(schedule):
+    """Branch while nodes are likely, then one chain that takes each node's
+    likelier outcome, as far as the layers the tree already starts from."""
+    g = schedule.graph
+    mask = np.ones(g.n_edges, np.float32)
+    p = {e: (0.6, 0.3)[e % 2] for e in range(g.n_edges)}
+    nodes = speculate.plan(schedule, mask, (0, 0), 40, p_remove=p.__getitem__, probe_below=0.2)
+    tree = [i for i, n in enumerate(nodes) if n.prob >= 0.2]
+    assert tree == list(range(len(tree))) and 3 <= len(tree) < len(nodes)
+    probes = nodes[len(tree):]
+    lowest = min(n.first_layer for n in nodes[:len(tree)])
+    assert all(n.first_layer >= lowest for n in probes)
+    # each probe is the child of the one before, along that one's likelier outcome
+    for a, b in zip(probes, probes[1:]):
+        assert a.children == {p[a.trial.edge] >= 0.5: nodes.index(b)}
+        expect = a.candidate() if p[a.trial.edge] >= 0.5 else a.mask
+        assert sorted(np.flatnonzero(b.mask != expect)) == sorted(ev.edge for ev in b.prunes)
+    # the first probe continues the likeliest branch the tree left open
+    branched = speculate.plan(schedule, mask, (0, 0), len(tree) + 1, p_remove=p.__getitem__)
+    assert np.array_equal(probes[0].candidate(), branched[-1].candidate())
+    # the chain ends where a probe would start the pass in an earlier layer, or at the width
+    longer = speculate.plan(schedule, mask, (0, 0), 400, p_remove=p.__getitem__, probe_below=0.2)
+    assert len(longer) == len(nodes) or len(nodes) == 40
+    if len(longer) < 400:
+        last = longer[-1]
+        outcome = p[last.trial.edge] >= 0.5
+        after = schedule.next_trial(last.candidate() if outcome else last.mask, last.trial.cursor)
+        assert after[2] is None or min([ev.layer for ev in after[0]] + [after[2].layer]) < lowest
+
+
 def test_candidates_as_cuts_match_the_planned_masks(schedule):
     """Deep in a plan, with receivers pruned on the way, the cuts each node
     records from the plan's circuit give the masks that the walk built."""
@@ -115,15 +145,27 @@ def small(tmp_path_factory):
     return model, task
 
 
-@pytest.mark.parametrize("p", [0.03, 0.5, 0.97, "alternating"])
-def test_any_guess_makes_the_loops_decisions(small, monkeypatch, p):
+@pytest.mark.parametrize("p, probe", [(0.03, 0.05), (0.5, 0.05), (0.97, 0.05), ("alternating", 0.05),
+                                      (0.5, 0.3), ("alternating", 0.9)])
+def test_any_guess_makes_the_loops_decisions(small, monkeypatch, p, probe):
     model, task = small
     tau = 0.003
     seq = acdc(model, task, tau, mode="sequential", progress=False)
     guess = (lambda edge: (0.1, 0.9)[edge % 2]) if p == "alternating" else (lambda edge: p)
     monkeypatch.setattr(speculate.Forecast, "p", lambda self, edge: guess(edge))
-    monkeypatch.setattr(importlib.import_module("acdc_jax.decide"), "adaptive_width", lambda: False)  # score every planned node
+    decide = importlib.import_module("acdc_jax.decide")
+    monkeypatch.setattr(decide, "adaptive_width", lambda: False)  # score every planned node
+    monkeypatch.setattr(decide, "PROBE_BELOW", probe)  # 0.3, 0.9: most of each pass probes
+    probes, plan = [], speculate.plan
+
+    def counted(*args):
+        nodes = plan(*args)
+        probes.append(sum(n.prob < args[-1] for n in nodes))
+        return nodes
+
+    monkeypatch.setattr(importlib.import_module("acdc_jax.acdc"), "plan", counted)
     bat = acdc(model, task, tau, mode="batched", progress=False, max_width=16)
+    assert probe < 0.3 or sum(probes) >= len(probes)  # about a probe per pass or more
     assert 0 < seq.n_edges < seq.graph.n_edges
     assert _decisions(bat) == _decisions(seq)
     assert [d.metric_after for d in bat.decisions if d.tried] == pytest.approx(
