@@ -106,20 +106,22 @@ class Scorer:
         """Masks in the model's dtype, on every device of the mesh."""
         return put_replicated(jnp.asarray(np.asarray(masks, np.float32), self._dtype), self.mesh)
 
-    def _pass_flops(self, start_layer: int, heads: int, upstream_rows: Optional[int] = None) -> int:
+    def flops_of_pass(self, start_layer: int, heads: int, upstream_rows: Optional[int] = None) -> int:
+        """Matrix-multiply FLOPs of one candidate over the task's prompts, in a
+        pass from `start_layer` recomputing `heads` heads there (`flops.pass_flops`)."""
         n_prompts, n_pos = self.tokens.shape
         return n_prompts * pass_flops(self.graph, start_layer, heads, n_pos, len(self.positions),
                                       upstream_rows)["total"]
 
     def candidate_flops(self, start_layer: int) -> int:
         """FLOPs of one candidate in a pass from `start_layer` that recomputes one head there."""
-        return self._pass_flops(start_layer, 1)
+        return self.flops_of_pass(start_layer, 1)
 
     def full(self, mask) -> float:
         """Metric of one mask, from a pass over the whole model (no cache)."""
         self.passes += 1
         self.full_passes += 1
-        flops = self._pass_flops(0, self.graph.n_heads)
+        flops = self.flops_of_pass(0, self.graph.n_heads)
         self.flops += flops
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
@@ -139,7 +141,7 @@ class Scorer:
         """Metric and its gradient with respect to the edge masks, for each of
         `masks` [n, n_edges] (one forward and one backward pass each)."""
         self.passes += len(masks)
-        self.flops += 3 * len(masks) * self._pass_flops(0, self.graph.n_heads)  # backward ~ 2x forward
+        self.flops += 3 * len(masks) * self.flops_of_pass(0, self.graph.n_heads)  # backward ~ 2x forward
         values, grads = dense.metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
                                            self._rep(masks), self.tokens, self.positions, self.grad_chunk)
         return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
@@ -167,7 +169,7 @@ class Scorer:
             need = Shape("heads", layer, 1, _pow2(len(stale), H), None)
             shape = need if results is None else self._choose(need)
             heads = _pad_heads(stale, shape.heads, H)
-            flops = self._shape_flops(shape)
+            flops = self.flops_of_program(shape)
             self.flops += flops
             fresh = self._run(shape, flops, lambda: dense.layer_heads(
                 self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
@@ -207,7 +209,8 @@ class Scorer:
             raise ValueError(f"{len(changed)} changed upstream senders do not fit in {k} rows.")
         return np.concatenate([changed, np.flatnonzero(~differ)[:k - len(changed)]]).astype(np.int32)
 
-    def _shape_flops(self, shape: Shape) -> float:
+    def flops_of_program(self, shape: Shape) -> float:
+        """FLOPs of one run of the program `shape` over the task's prompts (`shape_flops`)."""
         return shape_flops(self.graph, shape, *self.tokens.shape, len(self.positions))
 
     def need(self, cands: Candidates, start_layer: int, width: int) -> Shape:
@@ -266,7 +269,7 @@ class Scorer:
         cover = need.cover(self.cover_start(need)) if first else None
         if need.kind == "sparse":
             cover = self.sparse.cover(need)
-        shape = self.programs.choose(need, self._shape_flops, cover, max_width)
+        shape = self.programs.choose(need, self.flops_of_program, cover, max_width)
         self.reused += shape != need
         return shape
 
@@ -315,7 +318,7 @@ class Scorer:
         if shape.rows is not None:
             rows = self.upstream_rows(cands, start_layer, size=shape.rows)
         self.passes += 1
-        flops = self._shape_flops(shape)
+        flops = self.flops_of_program(shape)
         self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there

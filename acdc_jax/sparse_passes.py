@@ -129,7 +129,7 @@ class SparsePasses:
         to `base`, saves against the dense pass `dense` (negative: it costs more)."""
         plan = None if self.state is None else self._rebase_plan(base)  # the first move: `_first_move_flops`
         move = 0.0 if plan is None else self._move_flops(plan[0], plan[2])
-        return self.scorer._shape_flops(dense) - self.scorer._shape_flops(shape) - move
+        return self.scorer.flops_of_program(dense) - self.scorer.flops_of_program(shape) - move
 
     def _first_move_flops(self, base: np.ndarray) -> float:
         """FLOPs of making the state (every head) for the run's first sparse pass: paid once, like compiling."""
@@ -211,7 +211,7 @@ class SparsePasses:
         if l not in self.caches:
             s = self.scorer
             shape = Shape("receivers", l, 1, None, None)
-            flops = s._shape_flops(shape)
+            flops = s.flops_of_program(shape)
             s.flops += flops
             cache = s._run(shape, flops, lambda: jax.block_until_ready(receiver_cache(
                 s.model, s.graph, l, s.corruption, s.tokens, self.state.mid)))
@@ -260,7 +260,7 @@ class SparsePasses:
             self.unmoved += 1
         layers, pick, glob, valid = padded(*found, shape.reach, g)
         cache = self._cache(start_layer)
-        flops = s._shape_flops(shape)
+        flops = s.flops_of_program(shape)
         s.flops += flops
         self.passes += 1
         program = lambda running_max: sparse_metric(

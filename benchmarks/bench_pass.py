@@ -63,7 +63,7 @@ def main(argv=None):
         layers = receiver_layers(graph)
         peak, peak_source = device_peak_flops("float32", args.precision)
         full_first, full_s = timed(lambda: scorer.full(ones), args.repeats)
-        full_flops = scorer._pass_flops(0, graph.n_heads)
+        full_flops = scorer.flops_of_pass(0, graph.n_heads)
         rows = [{"start_layer": "full", "width": 1, "first_s": full_first, "s": full_s, "s_per_candidate": full_s,
                  "over_full_pass": 1.0, "flops_per_s": full_flops / full_s, "fraction_of_peak": full_flops / full_s / peak}]
         for layer in args.layers:
@@ -72,7 +72,7 @@ def main(argv=None):
             shape = Shape("pass", layer, args.width, None, None)
             before = compile_seconds()
             first, best = timed(lambda: scorer.batch(cands, layer, args.width, shape), args.repeats)
-            flops = scorer._shape_flops(shape)
+            flops = scorer.flops_of_program(shape)
             rows.append({"start_layer": layer, "width": args.width, "first_s": first, "s": best,
                          "compile_s": compile_seconds() - before, "s_per_candidate": best / args.width,
                          "over_full_pass": best / args.width / full_s, "flops_per_s": flops / best,

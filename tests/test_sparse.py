@@ -197,7 +197,7 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
     scorer = run()
     dense, sparse = scorer.need(cands, 2, 4), scorer.sparse.need(cands, 2, 4)
     assert scorer.sparse.cheaper(sparse, dense, base)
-    saved_flops = scorer._shape_flops(dense) - scorer._shape_flops(sparse)
+    saved_flops = scorer.flops_of_program(dense) - scorer.flops_of_program(sparse)
     assert scorer.choose(cands, 2, 4) == dense and scorer.sparse.entered is None  # no seconds per FLOP measured yet
     programs.compiled.add(dense)
     programs.compile_costs["pass"] = [0.975]
