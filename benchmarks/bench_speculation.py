@@ -107,6 +107,15 @@ def main(argv=None):
     parser.add_argument("--skip-gpt2-graph", action="store_true")
     args = parser.parse_args(argv)
     rows = []
+
+    def save():  # after each row, so that a time limit keeps what was measured
+        complete = [r for r in rows if r["stopped_after_s"] is None]
+        total = {g: sum(r[f"{g}_passes"] for r in complete) for g in GUESSES}
+        write_json("bench_speculation", {"environment": environment(), "passes_total": total,
+                                         "passes_ratio_total": total["scores"] / max(total["kind"], 1),
+                                         "probes_passes_ratio_total": total["probes"] / max(total["scores"], 1),
+                                         "rows": rows})
+
     for name, model, task, taus, stopped in cases(not args.skip_gpt2_graph):
         stop = args.stop_after if stopped else None
         for tau in taus:
@@ -135,15 +144,11 @@ def main(argv=None):
                 row["probes_per_tried_ratio"] = row["scores_tried_per_pass"] / row["probes_tried_per_pass"]
                 rows.append(row)
                 print(row, flush=True)
+                save()
     print_table(rows, ["model", "tau", "tried", "kept", "width", "kind_passes", "scores_passes", "probes_passes",
                        "scores_tried_per_pass", "probes_tried_per_pass", "probes_per_tried_ratio",
                        "scores_full_passes", "probes_full_passes", "kind_same_as_sequential",
                        "scores_same_as_sequential", "probes_same_as_sequential"])
-    complete = [r for r in rows if r["stopped_after_s"] is None]
-    total = {g: sum(r[f"{g}_passes"] for r in complete) for g in GUESSES}
-    write_json("bench_speculation", {"environment": environment(), "passes_total": total,
-                                     "passes_ratio_total": total["scores"] / total["kind"],
-                                     "probes_passes_ratio_total": total["probes"] / total["scores"], "rows": rows})
 
 
 if __name__ == "__main__":
