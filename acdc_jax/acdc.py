@@ -12,7 +12,9 @@ activations (in that layer only the heads they change are recomputed). Which
 trials: the outcome of a trial decides the circuit the next one starts from,
 so the pass guesses outcomes (`speculate.py`): the chain of cumulative
 removals e1, e1+e2, ... when most trials remove their edge, single removals
-when most keep it, a tree of both in between. A score is used only when the
+when most keep it, a tree of both in between (on accelerators, past the
+likely nodes, a chain of probes that scores the edges ahead for the next
+passes' guesses). A score is used only when the
 guesses before it were right, so every decision is the one the loop makes;
 a trial whose metric change lies within rounding of tau is rescored in the
 loop's own full passes (`decide.rescore`), so that rounding in another
