@@ -37,12 +37,13 @@ from acdc_jax.model import Transformer  # noqa: E402
 from acdc_jax.programs import compile_seconds  # noqa: E402
 from acdc_jax.tasks.base import Task, kl_divergence  # noqa: E402
 
-def gpt2_shaped(seed: int = 0) -> Transformer:
-    """Random GPT-2-small-shaped weights; embeddings and unembedding scaled up
-    so that the next-token distribution is peaked, as in a trained model."""
+def gpt2_shaped(seed: int = 0, config=GPT2_SMALL) -> Transformer:
+    """Random GPT-2-small-shaped weights (or `config`'s); embeddings and
+    unembedding scaled up so that the next-token distribution is peaked, as
+    in a trained model."""
     import equinox as eqx
 
-    model = Transformer(GPT2_SMALL, key=jax.random.PRNGKey(seed))
+    model = Transformer(config, key=jax.random.PRNGKey(seed))
     model = eqx.tree_at(lambda m: m.embed.W_E, model, model.embed.W_E * 5.0)
     return eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 20.0)
 

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpt2_sweep import gpt2_shaped  # noqa: E402
 from common import accelerator_path, environment, print_table, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
@@ -56,11 +57,7 @@ def cases(gpt2_graph: bool):
         yield name, Transformer(TransformerConfig(**cfg), key=jax.random.PRNGKey(1)), random_task(name, cfg, n, pos), \
             [1e-6, 1e-5], False
     if gpt2_graph:
-        import equinox as eqx
-
-        model = Transformer(TransformerConfig(**GPT2_GRAPH), key=jax.random.PRNGKey(0))
-        model = eqx.tree_at(lambda m: m.embed.W_E, model, model.embed.W_E * 5.0)
-        model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 20.0)
+        model = gpt2_shaped(0, TransformerConfig(**GPT2_GRAPH))
         yield "gpt2-graph", model, random_task("gpt2-graph", GPT2_GRAPH, 8, 16, seed=0), [1e-5, 2e-6], True
 
 
