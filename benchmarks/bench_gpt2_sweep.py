@@ -12,13 +12,21 @@ a projection of the full sweep's time, labelled as such. Reported FLOPs are
 the matrix-multiply FLOPs of the passes run (acdc_jax.flops), against the
 model's forward FLOPs per edge and against the device's peak.
 
+With ``--disk-cache DIR`` the compiled programs are kept in DIR (JAX's
+persistent compilation cache, as the CLI does by default): a first run fills
+it, and a second run in a fresh process with the same DIR loads its programs
+instead of compiling them (the JSON's tag ends in ``-disk-cache-cold`` or
+``-warm``, from whether DIR held programs before).
+
     python benchmarks/bench_gpt2_sweep.py [--n-prompts 100] [--tau 0.001] [--stop-after S] [--dtype bfloat16]
+                                          [--disk-cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +35,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GPT2_SMALL, device_peak_flops, environment, print_table, write_json  # noqa: E402
+from common import GPT2_SMALL, device_peak_flops, environment, print_table, result_path, write_json  # noqa: E402
 
 from acdc_jax.acdc import acdc  # noqa: E402
 from acdc_jax.cli import ON_OFF  # noqa: E402
@@ -69,7 +77,14 @@ def main(argv=None):
     parser.add_argument("--trace", help="write a jax.profiler trace here (open with TensorBoard or Perfetto)")
     parser.add_argument("--rescore-ties", choices=["on", "off"],
                         help="rescore trials within rounding of tau in full passes (default: on in full float32 only)")
+    parser.add_argument("--disk-cache", metavar="DIR", help="keep compiled programs in DIR (and load those there)")
     args = parser.parse_args(argv)
+    cached_before = None
+    if args.disk_cache:
+        from acdc_jax.programs import use_disk_cache
+
+        cached_before = sum(1 for p in Path(args.disk_cache).rglob("*") if p.is_file())
+        use_disk_cache(args.disk_cache)
     stop = args.stop_after if args.stop_after is not None else (300.0 if jax.default_backend() == "cpu" else None)
 
     model = gpt2_shaped()
@@ -93,7 +108,7 @@ def main(argv=None):
            "rescore_ties": circuit.settings["rescore_ties"], "rescored": circuit.settings["rescored"],
            "checked_programs": circuit.settings["checked_programs"], "width": circuit.settings["width"],
            "widths_per_start_layer": circuit.settings["widths"], "prompt_chunk": circuit.settings["prompt_chunk"],
-           "compile_s": compiling,
+           "compile_s": compiling, "disk_cache_files_before": cached_before,
            "programs": circuit.settings["programs"],
            "passes_in_larger_programs": circuit.settings["passes_in_larger_programs"],
            "kept_so_far": int(sum(d.kept for d in circuit.decisions)),
@@ -101,20 +116,31 @@ def main(argv=None):
            "floor_flops_per_edge_over_forward": floor / n_edges / fwd, "floor_s_at_peak": floor / peak,
            "achieved_flops_per_s": flops / seconds, "peak_flops_per_s": peak,
            "fraction_of_peak": None if peak is None else flops / seconds / peak}
+    codes = "".join("k" if d.kept else ("r" if d.tried else "p") for d in circuit.decisions)
+    tag = args.dtype if args.dtype != "float32" or args.precision == "float32" else args.precision
+    tag += {"on": "-rescoring", "off": "-no-rescoring", None: ""}[args.rescore_ties]
+    if args.disk_cache and cached_before:  # the same decisions as the run that filled the cache, as far as both went
+        cold = result_path(f"bench_gpt2_sweep-{tag}-disk-cache-cold")
+        if cold.exists():
+            before = json.loads(cold.read_text()).get("decisions", "")
+            n = min(len(before), len(codes))
+            row.update(compared_with_cold=n, same_as_cold=before[:n] == codes[:n])
     print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "passes", "full_passes",
                         "rescored", "edges_per_s",
                         "projected_full_sweep_s", "floor_s_at_peak",
-                        "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak"])
-    tag = args.dtype if args.dtype != "float32" or args.precision == "float32" else args.precision
-    tag += {"on": "-rescoring", "off": "-no-rescoring", None: ""}[args.rescore_ties]
+                        "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak", "same_as_cold"])
+    if args.disk_cache:
+        tag += "-disk-cache-warm" if cached_before else "-disk-cache-cold"
     write_json(f"bench_gpt2_sweep-{tag}", {
         "environment": environment(), "model": GPT2_SMALL.to_dict(),
         "weights": "random (seeded), embeddings x5 and unembedding x20 for a peaked output",
         "task": {"n_prompts": args.n_prompts, "n_pos": args.n_pos, "metric": "kl at the last position", "tau": args.tau},
-        "dtype": args.dtype, "precision": circuit.settings["precision"], "mesh": args.mesh, "stop_after_s": stop, "peak_source": peak_source,
+        "dtype": args.dtype, "precision": circuit.settings["precision"], "mesh": args.mesh, "stop_after_s": stop,
+        "disk_cache": args.disk_cache, "peak_source": peak_source,
         "note": "projected_full_sweep_s extrapolates edges_per_s over all edges when the run was stopped early; "
-                "FLOPs are matrix-multiply FLOPs counted by acdc_jax.flops",
-        "rows": [row]})
+                "FLOPs are matrix-multiply FLOPs counted by acdc_jax.flops; decisions: one letter per decision in "
+                "ACDC's order (k kept, r removed, p pruned untried)",
+        "decisions": codes, "rows": [row]})
 
 
 if __name__ == "__main__":

@@ -106,13 +106,18 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    env = payload.setdefault("environment", environment())
+def result_path(name: str, env: Optional[dict] = None) -> Path:
+    """Where `write_json(name, ...)` writes on this device (and under this process's ACDC_JAX_BENCH_TAG)."""
+    env = env or environment()
     tag = f"{env['backend']}-{env['device_kind'].replace(' ', '_')}"
     if os.environ.get("ACDC_JAX_BENCH_TAG"):  # a variant's results beside the plain run's (run_all.py sets it)
         name += "-" + os.environ["ACDC_JAX_BENCH_TAG"]
-    path = RESULTS / f"{name}-{tag}.json"
+    return RESULTS / f"{name}-{tag}.json"
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = result_path(name, payload.setdefault("environment", environment()))
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -9,7 +9,9 @@
 # A lease is 15 minutes of device time, the start (about 30 s) included. The
 # default plan runs the GPT-2-small-shaped sweep in TF32 (near ties no longer
 # rescored: on the second H200 lease the rescoring full passes took 87% of the
-# GPU's time), 20 s of it under the profiler, ACDC at one threshold, then the
+# GPU's time) twice, compiling its programs into a new directory and then in a
+# fresh process loading them from there (compiling was 70 s of the first
+# lease's 156 s), 20 s of it under the profiler, ACDC at one threshold, then the
 # sweep with rescoring and in bf16, ACDC from programs kept on disk and the
 # memory benchmark, each writing its JSON as it goes. XLA's autotuning stays
 # on: switched off it compiled 30% faster and ran the passes 1.7-2.9x slower
@@ -31,7 +33,8 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only sweep-tf32 sweep-trace acdc-one-tau sweep-tf32-rescoring sweep-bf16 acdc-disk-cache memory \
+  set -- --only sweep-tf32-cold sweep-tf32-warm sweep-trace acdc-one-tau sweep-tf32-rescoring sweep-bf16 \
+    acdc-disk-cache memory \
     --timeout 200 --total 550 --sweep-seconds 120
 fi
 python3 benchmarks/run_all.py "$@"

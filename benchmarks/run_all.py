@@ -7,6 +7,10 @@ and wall time. On a CPU the sizes are cut so that the whole takes well under an
 hour (the GPT-2-small-shaped sweep stops after --cpu-sweep-seconds and records
 a projection); on an accelerator everything runs at full size.
 
+On an accelerator `sweep-tf32-cold` and then `sweep-tf32-warm` run the TF32
+sweep with its programs kept in a new directory: the first compiles them, the
+second (a fresh process) loads them, as a second CLI run would.
+
     python benchmarks/run_all.py [--only sweep acdc host memory programs patching precision methods sparse ...] [--timeout S]
                                  [--total S] [--sweep-seconds S] [--auto-circuit-python PATH]
 """
@@ -18,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,6 +88,10 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         runs["compile-no-autotune"] = runs["compile-no-fusion-autotuner"] = runs["compile"]
         runs["sweep-tf32"] = sweep + ["--precision", "tensorfloat32"]  # near ties not rescored (acdc's TF32 default)
         runs["sweep-tf32-rescoring"] = runs["sweep-tf32"] + ["--rescore-ties", "on"]  # the loop's exact decisions
+        # the same sweep twice with its programs kept on disk, as the CLI keeps them: this process's own
+        # directory, so the first run compiles (and fills it) and the second loads them
+        cache = str(Path(tempfile.gettempdir()) / f"acdc-jax-sweep-cache-{os.getpid()}")
+        runs["sweep-tf32-cold"] = runs["sweep-tf32-warm"] = runs["sweep-tf32"] + ["--disk-cache", cache]
         runs["acdc-disk-cache"] = runs["acdc-one-tau"] + ["--disk-cache"]  # programs kept on disk, a fresh process
         # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart)
         runs["sweep-trace"] = ["bench_gpt2_sweep.py", "--stop-after", "20", "--precision", "tensorfloat32",
