@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .circuit import Circuit, Decision, start_mask
-from .decide import State, apply_prunes, decide, probe_below, tie_band
+from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
 from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
@@ -207,12 +208,21 @@ def acdc(
         forecast = Forecast(graph, tau, abs_value)
         forecast.update(state.decisions)
         start, compiled = time.perf_counter(), compile_seconds()
+        narrowed = []  # the passes that ran out of device memory
         try:
             while not schedule.finished(state.cursor):
                 width = caps[schedule.layer_at(state.cursor)]
                 nodes = plan(schedule, state.mask, state.cursor, width, forecast.p, probe_below())
                 if nodes:
-                    new, nodes, effects = decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
+                    try:
+                        new, nodes, effects = decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
+                    except PassOutOfMemory as oom:  # narrower passes from its layer, and plan again
+                        narrow(caps, scorer, oom)
+                        narrowed.append({"start_layer": oom.start_layer, "program_layer": oom.program_layer,
+                                         "width": oom.shape.width})
+                        warnings.warn(f"{oom} Passes from layers 0-{oom.program_layer} now hold at most "
+                                      f"{oom.shape.width // 2}.", stacklevel=2)
+                        continue
                     forecast.update(new, nodes, effects)
                 else:  # the schedule ends with skipped receivers
                     new = apply_prunes(schedule.next_trial(state.mask, state.cursor)[0], state, graph)
@@ -231,7 +241,7 @@ def acdc(
             bar.close()
             log.close()
 
-        settings.update(mode=mode, width=max(caps), widths=caps, prompt_chunk=scorer.prompt_chunk,
+        settings.update(mode=mode, width=max(caps), widths=caps, narrowed=narrowed, prompt_chunk=scorer.prompt_chunk,
                         passes=scorer.passes, full_passes=scorer.full_passes, programs=len(scorer.shapes),
                         passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),

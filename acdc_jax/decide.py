@@ -155,10 +155,45 @@ def apply_prunes(prunes, state: State, graph) -> list[Decision]:
     return made
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is a failed device allocation (XLA's RESOURCE_EXHAUSTED, compiling or running)."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err))
+
+
+class PassOutOfMemory(Exception):
+    """A batched pass from `start_layer` ran out of device memory in the program `shape`."""
+
+    def __init__(self, start_layer: int, shape):
+        self.start_layer, self.shape = start_layer, shape
+        self.program_layer = min(start_layer, shape.start_layer)  # a cover computes from an earlier layer
+        where = "" if self.program_layer == start_layer else f" (in a program from layer {self.program_layer})"
+        super().__init__(f"A pass of {shape.width} candidates from layer {start_layer}{where} ran out of device "
+                         "memory.")
+
+
+def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> None:
+    """After `oom`: passes from the layer its program started at, and from
+    every earlier one (which hold more per candidate), at most half as wide,
+    in `caps` and the scorer's width plan; and that program is not rented
+    again. The memory plan is an estimate (1.8-2.7x what XLA allocated where
+    measured: benchmarks/README.md); this keeps a long run going where XLA
+    needs more on some backend. Each call halves a width, so it ends."""
+    if oom.shape.width <= 1:
+        raise MemoryError(f"A pass of one candidate from layer {oom.start_layer} does not fit in device memory. "
+                          "Run its prompts in chunks (prompt_chunk=), with bf16 activations (dtype='bfloat16'), "
+                          "with fewer prompts, or on a device with more memory.") from oom
+    for layer in range(oom.program_layer + 1):
+        caps[layer] = min(caps[layer], oom.shape.width // 2)
+    scorer.widths = list(caps)
+    scorer.programs.compiled.discard(oom.shape)
+
+
 def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, caps):
     """Score the plan's nodes, then walk the tree along the real outcomes from
     node 0, deciding each trial, until the next node was not scored. Returns
-    the decisions, the nodes scored and their effects (`node_effects`)."""
+    the decisions, the nodes scored and their effects (`node_effects`).
+    Raises `PassOutOfMemory` where the pass did not fit in device memory."""
     if mode == "sequential":
         nodes = nodes[:1]
         metrics = [scorer.full(nodes[0].candidate())]
@@ -180,7 +215,12 @@ def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, cap
                 if scorer.fits(more_cands, start_layer, shape):
                     chosen, cands = more, more_cands
         nodes = chosen
-        metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
+        try:
+            metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
+        except Exception as err:  # nothing is decided yet: the caller narrows the passes and plans again
+            if not out_of_memory(err):
+                raise
+            raise PassOutOfMemory(start_layer, shape) from err
         family = shape.family()
         if state.tie_band.scale and family not in state.calibrated:
             state.calibrated.add(family)

@@ -1,0 +1,94 @@
+"""A batched pass that runs out of device memory: ACDC narrows the passes from
+that layer and earlier, plans again and makes the sequential loop's
+decisions; a pass of one candidate that does not fit says how to fix it.
+The device here is emulated: a pass wider than it allows first makes XLA
+fail a real allocation (4 TiB), so the error is XLA's own."""
+
+import importlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax.acdc import acdc
+from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.scoring import Scorer
+from acdc_jax.tasks.base import Task, kl_divergence
+
+from .helpers import force_accelerator_path
+
+CONFIG = TransformerConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=29, n_ctx=8)
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = Transformer(CONFIG, key=jax.random.PRNGKey(3))
+    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 10.0)  # a peaked output
+    rng = np.random.default_rng(0)
+    task = Task("random-kl", rng.integers(0, 29, (5, 6)), rng.integers(0, 29, (5, 6)),
+                positions=np.array([5]), metrics={"kl": kl_divergence})
+    return model, task
+
+
+def _decisions(circuit):
+    return [(d.edge, d.tried, d.kept) for d in circuit.decisions]
+
+
+def _device_holding(monkeypatch, fits):
+    """Scorer.batch as on a device where a program from layer l holds at most `fits(l)` candidates."""
+    batch, programs = Scorer.batch, []
+
+    def limited(self, cands, start_layer, width, shape=None):
+        shape = shape or self.choose(cands, start_layer, width)
+        first = min(start_layer, shape.start_layer)  # a cover from an earlier layer computes from there
+        programs.append((first, shape.width))
+        if shape.width > fits(first):
+            jnp.ones((1 << 40,), jnp.float32).block_until_ready()  # XLA: RESOURCE_EXHAUSTED
+        return batch(self, cands, start_layer, width, shape=shape)
+
+    monkeypatch.setattr(Scorer, "batch", limited)
+    return programs
+
+
+def test_passes_too_wide_for_the_device_are_narrowed(small, monkeypatch):
+    model, task = small
+    tau = 1e-4
+    seq = acdc(model, task, tau, mode="sequential", progress=False)
+    tried = [d for d in seq.decisions if d.tried]
+    assert any(not d.kept for d in tried) and any(d.kept for d in tried)
+    force_accelerator_path(monkeypatch)
+    monkeypatch.setattr(importlib.import_module("acdc_jax.decide"), "adaptive_width", lambda: False)  # widest passes
+    fits = {0: 2, 1: 8}
+    programs = _device_holding(monkeypatch, lambda layer: fits.get(layer, 1 << 30))
+    with pytest.warns(UserWarning, match="ran out of device memory"):
+        bat = acdc(model, task, tau, progress=False, max_width=16)
+    assert _decisions(bat) == _decisions(seq)
+    assert {n["program_layer"] for n in bat.settings["narrowed"]} == {0, 1}  # the emulated device refused both
+    assert all(n["width"] > fits[n["program_layer"]] for n in bat.settings["narrowed"])
+    widths = bat.settings["widths"]
+    assert widths == [fits[0], fits[1], 16]  # each layer narrowed as far as its own program needed, no further
+    refused = sum(w > fits.get(first, 1 << 30) for first, w in programs)
+    assert refused == len(bat.settings["narrowed"])  # each refusal narrowed once, and only refusals did
+
+
+@pytest.mark.filterwarnings("ignore:A pass of")
+def test_one_candidate_that_does_not_fit_says_how_to_fix_it(small, monkeypatch):
+    model, task = small
+    force_accelerator_path(monkeypatch)
+    programs = _device_holding(monkeypatch, lambda layer: 0)
+    with pytest.raises(MemoryError, match=r"one candidate from layer .*\(prompt_chunk=\).*bfloat16"):
+        acdc(model, task, 1e-4, progress=False, max_width=4)
+    assert programs[-1][1] == 1  # narrowed down to single candidates first
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(small, monkeypatch):
+    model, task = small
+
+    def broken(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else went wrong")
+
+    monkeypatch.setattr(Scorer, "batch", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        acdc(model, task, 1e-4, progress=False)
