@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -218,10 +217,7 @@ def acdc(
                         new, nodes, effects = decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
                     except PassOutOfMemory as oom:  # narrower passes from its layer, and plan again
                         narrow(caps, scorer, oom)
-                        narrowed.append({"start_layer": oom.start_layer, "program_layer": oom.program_layer,
-                                         "width": oom.shape.width})
-                        warnings.warn(f"{oom} Passes from layers 0-{oom.program_layer} now hold at most "
-                                      f"{oom.shape.width // 2}.", stacklevel=2)
+                        narrowed.append(oom.record())
                         continue
                     forecast.update(new, nodes, effects)
                 else:  # the schedule ends with skipped receivers

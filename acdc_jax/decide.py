@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable, Optional
 
 import jax
@@ -171,6 +172,21 @@ class PassOutOfMemory(Exception):
         super().__init__(f"A pass of {shape.width} candidates from layer {start_layer}{where} ran out of device "
                          "memory.")
 
+    def record(self) -> dict:
+        """For a run's settings (`narrowed`)."""
+        return {"start_layer": self.start_layer, "program_layer": self.program_layer, "width": self.shape.width}
+
+
+def score_pass(scorer: Scorer, cands, start_layer: int, width: int, shape=None) -> np.ndarray:
+    """`scorer.batch`, raising `PassOutOfMemory` where the pass did not fit in device memory."""
+    shape = shape or scorer.choose(cands, start_layer, width)
+    try:
+        return scorer.batch(cands, start_layer, shape.width, shape=shape)
+    except Exception as err:  # nothing is decided yet: the caller narrows the passes and plans again
+        if not out_of_memory(err):
+            raise
+        raise PassOutOfMemory(start_layer, shape) from err
+
 
 def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> None:
     """After `oom`: passes from the layer its program started at, and from
@@ -178,15 +194,19 @@ def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> None:
     in `caps` and the scorer's width plan; and that program is not rented
     again. The memory plan is an estimate (1.8-2.7x what XLA allocated where
     measured: benchmarks/README.md); this keeps a long run going where XLA
-    needs more on some backend. Each call halves a width, so it ends."""
+    needs more on some backend. Each call halves a width or drops a program, so
+    a run's retries end."""
     if oom.shape.width <= 1:
         raise MemoryError(f"A pass of one candidate from layer {oom.start_layer} does not fit in device memory. "
                           "Run its prompts in chunks (prompt_chunk=), with bf16 activations (dtype='bfloat16'), "
                           "with fewer prompts, or on a device with more memory.") from oom
     for layer in range(oom.program_layer + 1):
         caps[layer] = min(caps[layer], oom.shape.width // 2)
-    scorer.widths = list(caps)
+    if scorer.widths is not None:  # the plan that covers are chosen by (`Scorer.cover_start`)
+        scorer.widths = list(caps)
     scorer.programs.compiled.discard(oom.shape)
+    warnings.warn(f"{oom} Passes from layers 0-{oom.program_layer} now hold at most {oom.shape.width // 2}.",
+                  stacklevel=3)
 
 
 def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, caps):
@@ -215,12 +235,7 @@ def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, cap
                 if scorer.fits(more_cands, start_layer, shape):
                     chosen, cands = more, more_cands
         nodes = chosen
-        try:
-            metrics = scorer.batch(cands, start_layer, shape.width, shape=shape)
-        except Exception as err:  # nothing is decided yet: the caller narrows the passes and plans again
-            if not out_of_memory(err):
-                raise
-            raise PassOutOfMemory(start_layer, shape) from err
+        metrics = score_pass(scorer, cands, start_layer, shape.width, shape)
         family = shape.family()
         if state.tie_band.scale and family not in state.calibrated:
             state.calibrated.add(family)

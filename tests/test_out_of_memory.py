@@ -1,6 +1,7 @@
 """A batched pass that runs out of device memory: ACDC narrows the passes from
 that layer and earlier, plans again and makes the sequential loop's
-decisions; a pass of one candidate that does not fit says how to fix it.
+decisions (as do ACDC over nodes and exact patching, with their own
+references); a pass of one candidate that does not fit says how to fix it.
 The device here is emulated: a pass wider than it allows first makes XLA
 fail a real allocation (4 TiB), so the error is XLA's own."""
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from acdc_jax.acdc import acdc
+from acdc_jax.algorithms import acdc_nodes, exact_patching
 from acdc_jax.model import Transformer, TransformerConfig
 from acdc_jax.scoring import Scorer
 from acdc_jax.tasks.base import Task, kl_divergence
@@ -92,3 +94,25 @@ def test_other_runtime_errors_are_not_taken_for_memory(small, monkeypatch):
     monkeypatch.setattr(Scorer, "batch", broken)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         acdc(model, task, 1e-4, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:A pass of")
+def test_exact_patching_and_acdc_over_nodes_narrow_too(small, monkeypatch):
+    model, task = small
+    plain = exact_patching(model, task, progress=False, max_width=16)
+    nodes_seq = acdc_nodes(model, task, 3e-3, mode="sequential", progress=False)
+    tried = [d for d in nodes_seq.decisions if d.tried]
+    assert any(not d.kept for d in tried) and any(d.kept for d in tried)
+    force_accelerator_path(monkeypatch)
+    _device_holding(monkeypatch, lambda layer: {0: 2, 1: 4}.get(layer, 1 << 30))
+    narrow = exact_patching(model, task, progress=False, max_width=16)
+    assert {n["program_layer"] for n in narrow.settings["narrowed"]} == {0, 1}
+    assert narrow.settings["widths"][:2] == [2, 4]
+    assert np.abs(plain.scores).max() > 1e-3
+    # every edge scored once, alone; the two paths (CPU loop, vmapped) round differently near 0
+    np.testing.assert_allclose(narrow.scores, plain.scores, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(importlib.import_module("acdc_jax.algorithms.nodes"), "_chain_width",
+                        lambda p_remove, cap, cpu: cap)  # chains as long as allowed, as on an accelerator
+    nodes_bat = acdc_nodes(model, task, 3e-3, progress=False, max_width=16)
+    assert nodes_bat.settings["narrowed"]
+    assert [(d.edge, d.kept) for d in nodes_bat.decisions] == [(d.edge, d.kept) for d in nodes_seq.decisions]

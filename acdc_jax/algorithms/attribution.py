@@ -22,6 +22,7 @@ import numpy as np
 
 from ..candidates import Candidates
 from ..circuit import Circuit
+from ..decide import PassOutOfMemory, narrow, score_pass
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
@@ -131,15 +132,23 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     layers = receiver_layers(graph)
     scores = np.zeros(graph.n_edges)
     bar = progress_bar(progress, graph.n_edges, desc="exact patching")
+    narrowed = []  # passes that ran out of device memory (then narrower ones: `decide.narrow`)
     for layer in sorted(set(layers.tolist())):
         edges = np.nonzero(layers == layer)[0]
-        width = widths[layer]
-        for i in range(0, len(edges), width):
+        i = 0
+        while i < len(edges):
+            width = widths[layer]
             chunk = edges[i:i + width]
-            scores[chunk] = scorer.batch(Candidates(ones, chunk[:, None]), int(layer), width) - full
+            try:
+                scores[chunk] = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width) - full
+            except PassOutOfMemory as oom:
+                narrow(widths, scorer, oom)
+                narrowed.append(oom.record())
+                continue
+            i += len(chunk)
             bar.update(len(chunk))
     bar.close()
-    settings.update(method="exact_patching", full_metric=full)
+    settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed)
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 

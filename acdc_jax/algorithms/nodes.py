@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ..acdc import check_tau, progress_bar
-from ..decide import TieBand, tie_band
+from ..decide import PassOutOfMemory, TieBand, narrow, score_pass, tie_band
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
 from ..errors import MetricError
@@ -144,7 +144,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     for d in run.decisions:
         scores[nodes.out[d.edge]] = d.result
     settings.update(mode=mode, nodes=kept, n_nodes=len(nodes.order), passes=scorer.passes, rescored=run.rescored,
-                    seconds=round(time.perf_counter() - start_time, 3))
+                    narrowed=run.narrowed, seconds=round(time.perf_counter() - start_time, 3))
     return Circuit(graph, final, scorer.full(final), run.decisions, settings, scores)
 
 
@@ -160,6 +160,7 @@ class _Run:
         self.next = 0
         self.p_remove = 0.5  # recent share of trials that removed their node (sets the chain width)
         self.tie_band, self.gaps, self.rescored = band, {}, 0
+        self.narrowed: list[dict] = []  # passes that ran out of device memory
 
     def _apply(self, d: Decision) -> None:
         name = d.edge
@@ -191,7 +192,12 @@ class _Run:
                 chain = chain[:-1]
             start = self.nodes.pass_start(chain)
             cuts = [np.concatenate([self.nodes.out[n] for n in chain[:k + 1]]) for k in range(len(chain))]
-            metrics = self.scorer.batch(Candidates(self.mask, cuts), start, len(chain))
+            try:
+                metrics = score_pass(self.scorer, Candidates(self.mask, cuts), start, len(chain))
+            except PassOutOfMemory as oom:  # nothing decided: narrower passes, and the caller steps again
+                narrow(caps, self.scorer, oom)
+                self.narrowed.append(oom.record())
+                return made
             if self.tie_band.scale:
                 self._calibrate((start, len(chain)), chain[0], float(metrics[0]))
         for k, name in enumerate(chain):
