@@ -185,6 +185,11 @@ def score_pass(scorer: Scorer, cands, start_layer: int, width: int, shape=None) 
     except Exception as err:  # nothing is decided yet: the caller narrows the passes and plans again
         if not out_of_memory(err):
             raise
+        if jax.process_count() > 1:  # all processes run the same programs: one cannot narrow alone
+            raise MemoryError(f"A pass of {shape.width} candidates from layer {start_layer} ran out of device "
+                              f"memory in a run over {jax.process_count()} processes, where one process cannot "
+                              f"narrow its passes alone. Run again with max_width={max(shape.width // 2, 1)} (or "
+                              "less), prompt_chunk= or dtype='bfloat16'.") from err
         raise PassOutOfMemory(start_layer, shape) from err
 
 

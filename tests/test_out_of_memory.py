@@ -116,3 +116,21 @@ def test_exact_patching_and_acdc_over_nodes_narrow_too(small, monkeypatch):
     nodes_bat = acdc_nodes(model, task, 3e-3, progress=False, max_width=16)
     assert nodes_bat.settings["narrowed"]
     assert [(d.edge, d.kept) for d in nodes_bat.decisions] == [(d.edge, d.kept) for d in nodes_seq.decisions]
+
+
+def test_over_several_processes_a_pass_is_not_narrowed_alone(monkeypatch):
+    """Every process runs the same programs, so one cannot narrow its passes
+    by itself: the error names the width to run with instead."""
+    from acdc_jax.decide import score_pass
+    from acdc_jax.programs import Shape
+
+    class Refusing:  # a scorer whose device refuses every pass
+        def choose(self, cands, start_layer, width):
+            return Shape("pass", start_layer, width, None, None)
+
+        def batch(self, *args, **kwargs):
+            jnp.ones((1 << 40,), jnp.float32).block_until_ready()
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(MemoryError, match="over 2 processes.*max_width=8"):
+        score_pass(Refusing(), None, 3, 16)
