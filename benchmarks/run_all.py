@@ -93,9 +93,10 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         cache = str(Path(tempfile.gettempdir()) / f"acdc-jax-sweep-cache-{os.getpid()}")
         runs["sweep-tf32-cold"] = runs["sweep-tf32-warm"] = runs["sweep-tf32"] + ["--disk-cache", cache]
         runs["acdc-disk-cache"] = runs["acdc-one-tau"] + ["--disk-cache"]  # programs kept on disk, a fresh process
-        # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart)
+        # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart);
+        # after sweep-tf32-cold its programs load from disk, so the 20 s are passes
         runs["sweep-trace"] = ["bench_gpt2_sweep.py", "--stop-after", "20", "--precision", "tensorfloat32",
-                               "--trace", "benchmarks/trace"]
+                               "--trace", "benchmarks/trace", "--disk-cache", cache]
         runs["sweep-bf16"] = sweep + ["--dtype", "bfloat16"]
         if jax.device_count() > 1:
             runs["sweep-all-devices"] = sweep + ["--mesh", "auto"]
