@@ -170,10 +170,10 @@ class Scorer:
             shape = need if results is None else self._choose(need)
             heads = _pad_heads(stale, shape.heads, H)
             flops = self.flops_of_program(shape)
-            self.flops += flops
             fresh = self._run(shape, flops, lambda: dense.layer_heads(
                 self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
                 put_replicated(jnp.asarray(heads), self.mesh)))
+            self.flops += flops
             results = fresh if results is None or len(heads) == H else results.at[:, heads].set(fresh)
             cols = np.where(np.isin(np.arange(H), heads)[:, None, None], now, cols)
         self._heads_cache = (layer, results, cols)
@@ -274,8 +274,9 @@ class Scorer:
         return shape
 
     def _run(self, shape: Shape, flops: float, fn):
+        out = self.programs.run(shape, flops, fn)
         self.shapes.add(shape)
-        return self.programs.run(shape, flops, fn)
+        return out
 
     def fits(self, cands: Candidates, start_layer: int, shape: Shape) -> bool:
         if shape.kind == "sparse":
@@ -308,8 +309,9 @@ class Scorer:
         else:
             masks = put_candidates(np.asarray(cands.masks(shape.width), self._dtype), self.mesh)
         if shape.kind == "sparse":
-            self.passes += 1
-            return self.sparse.batch(cands, start_layer, shape, masks)[:n]
+            out = self.sparse.batch(cands, start_layer, shape, masks)[:n]
+            self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
+            return out
         base, heads, rows, base_results = cands.base, None, None, None
         if shape.heads is not None:
             touched = self.changed_heads(cands, start_layer) or [0]
@@ -317,9 +319,7 @@ class Scorer:
             base_results = self._base_heads(base, start_layer, set(touched))
         if shape.rows is not None:
             rows = self.upstream_rows(cands, start_layer, size=shape.rows)
-        self.passes += 1
         flops = self.flops_of_program(shape)
-        self.flops += flops
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
         first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there
         loop = self.loop and shape.width > 1 and first < self.graph.n_layers - 1
@@ -333,8 +333,10 @@ class Scorer:
                 self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
                 self.tokens, self.deviations, self.positions, base_results, heads, self.prompt_chunk, upstream, loop,
                 running_max)
-        run = lambda: exact(program)
-        return self._run(shape, flops, run)[:n]
+        out = self._run(shape, flops, lambda: exact(program))[:n]
+        self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
+        self.flops += flops
+        return out
 
 
 def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:

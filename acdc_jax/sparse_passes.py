@@ -261,9 +261,10 @@ class SparsePasses:
         layers, pick, glob, valid = padded(*found, shape.reach, g)
         cache = self._cache(start_layer)
         flops = s.flops_of_program(shape)
-        s.flops += flops
-        self.passes += 1
         program = lambda running_max: sparse_metric(
             s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
             self._maps(cands.base), cache, layers, pick, glob, valid, s.positions, s.loop, running_max)
-        return s._run(shape, flops, lambda: exact(program))
+        out = s._run(shape, flops, lambda: exact(program))
+        s.flops += flops  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
+        self.passes += 1
+        return out

@@ -73,6 +73,7 @@ def test_passes_too_wide_for_the_device_are_narrowed(small, monkeypatch):
     assert widths == [fits[0], fits[1], 16]  # each layer narrowed as far as its own program needed, no further
     refused = sum(w > fits.get(first, 1 << 30) for first, w in programs)
     assert refused == len(bat.settings["narrowed"])  # each refusal narrowed once, and only refusals did
+    assert bat.settings["passes"] - bat.settings["full_passes"] == len(programs) - refused  # refused: not counted
 
 
 @pytest.mark.filterwarnings("ignore:A pass of")
