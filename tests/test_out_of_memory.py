@@ -3,7 +3,8 @@ that layer and earlier, plans again and makes the sequential loop's
 decisions (as do ACDC over nodes and exact patching, with their own
 references); a pass of one candidate that does not fit says how to fix it.
 The device here is emulated: a pass wider than it allows first makes XLA
-fail a real allocation (4 TiB), so the error is XLA's own."""
+fail a real allocation (1 EiB, more than any address space holds), so the
+error is XLA's own."""
 
 import importlib
 
@@ -47,7 +48,7 @@ def _device_holding(monkeypatch, fits):
         first = min(start_layer, shape.start_layer)  # a cover from an earlier layer computes from there
         programs.append((first, shape.width))
         if shape.width > fits(first):
-            jnp.ones((1 << 40,), jnp.float32).block_until_ready()  # XLA: RESOURCE_EXHAUSTED
+            jnp.ones((1 << 58,), jnp.float32).block_until_ready()  # 1 EiB, past any address space: RESOURCE_EXHAUSTED
         return batch(self, cands, start_layer, width, shape=shape)
 
     monkeypatch.setattr(Scorer, "batch", limited)
@@ -130,7 +131,7 @@ def test_over_several_processes_a_pass_is_not_narrowed_alone(monkeypatch):
             return Shape("pass", start_layer, width, None, None)
 
         def batch(self, *args, **kwargs):
-            jnp.ones((1 << 40,), jnp.float32).block_until_ready()
+            jnp.ones((1 << 58,), jnp.float32).block_until_ready()
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(MemoryError, match="over 2 processes.*max_width=8"):
