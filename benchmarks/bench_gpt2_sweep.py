@@ -121,8 +121,9 @@ def main(argv=None):
     tag += {"on": "-rescoring", "off": "-no-rescoring", None: ""}[args.rescore_ties]
     if args.disk_cache and cached_before:  # the same decisions as the run that filled the cache, as far as both went
         cold = result_path(f"bench_gpt2_sweep-{tag}-disk-cache-cold")
-        if cold.exists():
-            before = json.loads(cold.read_text()).get("decisions", "")
+        earlier = json.loads(cold.read_text()) if cold.exists() else {}
+        if earlier.get("disk_cache") == args.disk_cache:  # the run that filled this directory
+            before = earlier.get("decisions", "")
             n = min(len(before), len(codes))
             row.update(compared_with_cold=n, same_as_cold=before[:n] == codes[:n])
     print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "programs", "passes", "full_passes",
