@@ -216,8 +216,7 @@ def acdc(
                     try:
                         new, nodes, effects = decide(nodes, state, scorer, tau, abs_value, graph, mode, caps)
                     except PassOutOfMemory as oom:  # narrower passes from its layer, and plan again
-                        narrow(caps, scorer, oom)
-                        narrowed.append(oom.record())
+                        narrowed.append(narrow(caps, scorer, oom))
                         continue
                     forecast.update(new, nodes, effects)
                 else:  # the schedule ends with skipped receivers

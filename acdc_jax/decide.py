@@ -172,10 +172,6 @@ class PassOutOfMemory(Exception):
         super().__init__(f"A pass of {shape.width} candidates from layer {start_layer}{where} ran out of device "
                          "memory.")
 
-    def record(self) -> dict:
-        """For a run's settings (`narrowed`)."""
-        return {"start_layer": self.start_layer, "program_layer": self.program_layer, "width": self.shape.width}
-
 
 def score_pass(scorer: Scorer, cands, start_layer: int, width: int, shape=None) -> np.ndarray:
     """`scorer.batch`, raising `PassOutOfMemory` where the pass did not fit in device memory."""
@@ -193,14 +189,14 @@ def score_pass(scorer: Scorer, cands, start_layer: int, width: int, shape=None) 
         raise PassOutOfMemory(start_layer, shape) from err
 
 
-def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> None:
+def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> dict:
     """After `oom`: passes from the layer its program started at, and from
     every earlier one (which hold more per candidate), at most half as wide,
     in `caps` and the scorer's width plan; and that program is not rented
     again. The memory plan is an estimate (1.8-2.7x what XLA allocated where
     measured: benchmarks/README.md); this keeps a long run going where XLA
     needs more on some backend. Each call halves a width or drops a program, so
-    a run's retries end."""
+    a run's retries end. Returns what a run's settings record (`narrowed`)."""
     if oom.shape.width <= 1:
         raise MemoryError(f"A pass of one candidate from layer {oom.start_layer} does not fit in device memory. "
                           "Run its prompts in chunks (prompt_chunk=), with bf16 activations (dtype='bfloat16'), "
@@ -212,6 +208,7 @@ def narrow(caps: list, scorer: Scorer, oom: PassOutOfMemory) -> None:
     scorer.programs.compiled.discard(oom.shape)
     warnings.warn(f"{oom} Passes from layers 0-{oom.program_layer} now hold at most {oom.shape.width // 2}.",
                   stacklevel=3)
+    return {"start_layer": oom.start_layer, "program_layer": oom.program_layer, "width": oom.shape.width}
 
 
 def decide(nodes, state: State, scorer: Scorer, tau, abs_value, graph, mode, caps):

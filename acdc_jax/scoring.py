@@ -122,7 +122,6 @@ class Scorer:
         self.passes += 1
         self.full_passes += 1
         flops = self.flops_of_pass(0, self.graph.n_heads)
-        self.flops += flops
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
             self.positions))))
@@ -173,7 +172,6 @@ class Scorer:
             fresh = self._run(shape, flops, lambda: dense.layer_heads(
                 self.model, self.graph, layer, self.corruption, self._rep(base), self.tokens, self.deviations,
                 put_replicated(jnp.asarray(heads), self.mesh)))
-            self.flops += flops
             results = fresh if results is None or len(heads) == H else results.at[:, heads].set(fresh)
             cols = np.where(np.isin(np.arange(H), heads)[:, None, None], now, cols)
         self._heads_cache = (layer, results, cols)
@@ -274,8 +272,11 @@ class Scorer:
         return shape
 
     def _run(self, shape: Shape, flops: float, fn):
+        """Run the program `shape` (`fn`, `flops` FLOPs), and count it once it has
+        run (a pass out of memory is retried narrower: `decide.narrow`)."""
         out = self.programs.run(shape, flops, fn)
         self.shapes.add(shape)
+        self.flops += flops
         return out
 
     def fits(self, cands: Candidates, start_layer: int, shape: Shape) -> bool:
@@ -335,7 +336,6 @@ class Scorer:
                 running_max)
         out = self._run(shape, flops, lambda: exact(program))[:n]
         self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
-        self.flops += flops
         return out
 
 

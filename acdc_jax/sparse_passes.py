@@ -196,7 +196,6 @@ class SparsePasses:
             g, s.deviations, self.start_z, s.positions, s.model.config.d_vocab_out)
         self.updates = 0 if dense else self.updates + 1
         flops = self._move_flops(shape, dense)
-        s.flops += flops
         self.state = s._run(shape, flops, lambda: jax.block_until_ready(rebase(
             s.model, g, shape.start_layer, s.corruption, s.tokens, state, s._rep(base), layers, changed, s.positions,
             self._maps(base), np.asarray(dense))))
@@ -212,7 +211,6 @@ class SparsePasses:
             s = self.scorer
             shape = Shape("receivers", l, 1, None, None)
             flops = s.flops_of_program(shape)
-            s.flops += flops
             cache = s._run(shape, flops, lambda: jax.block_until_ready(receiver_cache(
                 s.model, s.graph, l, s.corruption, s.tokens, self.state.mid)))
             self.caches = {k: c for k, c in list(self.caches.items())[-1:]}
@@ -265,6 +263,5 @@ class SparsePasses:
             s.model, g, start_layer, s.corruption, s.metric, s.task, s.arrays, masks, s.tokens, self.state,
             self._maps(cands.base), cache, layers, pick, glob, valid, s.positions, s.loop, running_max)
         out = s._run(shape, flops, lambda: exact(program))
-        s.flops += flops  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
-        self.passes += 1
+        self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
         return out

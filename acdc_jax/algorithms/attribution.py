@@ -142,8 +142,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
             try:
                 scores[chunk] = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width) - full
             except PassOutOfMemory as oom:
-                narrow(widths, scorer, oom)
-                narrowed.append(oom.record())
+                narrowed.append(narrow(widths, scorer, oom))
                 continue
             i += len(chunk)
             bar.update(len(chunk))

@@ -195,8 +195,7 @@ class _Run:
             try:
                 metrics = score_pass(self.scorer, Candidates(self.mask, cuts), start, len(chain))
             except PassOutOfMemory as oom:  # nothing decided: narrower passes, and the caller steps again
-                narrow(caps, self.scorer, oom)
-                self.narrowed.append(oom.record())
+                self.narrowed.append(narrow(caps, self.scorer, oom))
                 return made
             if self.tie_band.scale:
                 self._calibrate((start, len(chain)), chain[0], float(metrics[0]))
