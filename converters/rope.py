@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from acdc_jax.config import default_inv_freq
+from acdc_jax.config import default_inv_freq, rope_powers
 from acdc_jax.errors import ConfigError
 
 _COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"}
@@ -121,7 +121,7 @@ def _yarn(params: Mapping, base: float, dim: int, factor: float, original: float
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     keep = 1 - ramp  # the share of each frequency left unscaled
-    powers = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    powers = rope_powers(dim, base)
     inv = (1 / (np.float32(factor) * powers)) * (1 - keep) + (1 / powers) * keep
     return Rope(base, dim, _tuple(inv), float(attention))
 
@@ -143,7 +143,7 @@ def _longrope(params: Mapping, config: Mapping, origin: str, base: float, dim: i
     attention = params.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    powers = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    powers = rope_powers(dim, base)
     inv = 1 / (np.asarray(short, np.float32) * powers)
     return Rope(base, dim, _tuple(inv), float(attention), original if max_positions is None or max_positions > original
                 else None)

@@ -179,8 +179,10 @@ def test_rotary_frequencies_are_transformers_own(name):
     modeling = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["_"])
     rotary = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding"))(hf)
     c = _config(name)
-    ours = np.asarray(c.rotary.inv_freq, np.float64)
-    np.testing.assert_allclose(ours, rotary.inv_freq.double().numpy(), rtol=1e-6)
+    ours, theirs = np.asarray(c.rotary.inv_freq, np.float32), rotary.inv_freq.float().numpy()
+    # PyTorch's float32 powers are nearly correctly rounded, ours rounded from float64: an ulp apart now and then
+    np.testing.assert_array_max_ulp(ours, theirs, maxulp=1)
+    assert (ours != theirs).sum() <= max(1, ours.size // 32)
     scale = math.sqrt(cfg.get("query_pre_attn_scalar", c.d_head))  # Gemma 2 names its own
     assert c.attn_scale == pytest.approx(scale / rotary.attention_scaling ** 2)
 
