@@ -178,6 +178,8 @@ def acdc(
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                         prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)
+        waited = scorer.programs.waited
+        ahead = scorer.compile_ahead() if mode == "batched" else []
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision, "rescore_ties": bool(band.scale),
@@ -233,6 +235,7 @@ def acdc(
                 if stop_after is not None and time.perf_counter() - start > stop_after:
                     break
         finally:
+            scorer.programs.cancel_ahead()
             bar.close()
             log.close()
 
@@ -245,7 +248,9 @@ def acdc(
                         sparse_passes=scorer.sparse.passes,
                         rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
-                        compile_seconds=round(compile_seconds() - compiled, 3),
+                        compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(ahead),
+                        compiled_ahead_and_run=len(set(ahead) & scorer.shapes),
+                        compile_wait_seconds=round(scorer.programs.waited - waited, 3),
                         mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)
         for d in state.decisions:

@@ -29,8 +29,10 @@ that every process runs the same programs.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Hashable, Optional
@@ -40,11 +42,13 @@ import jax
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]  # in this process, so far
+_thread = threading.local()  # the same, in this thread (programs compiled ahead: `Programs.compile_ahead`)
 
 
 def _listen(event: str, duration: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         _compile_seconds[0] += duration
+        _thread.seconds = getattr(_thread, "seconds", 0.0) + duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_listen)
@@ -67,8 +71,32 @@ def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
 
 
 def compile_seconds() -> float:
-    """Seconds spent tracing, lowering and compiling in this process so far."""
+    """Seconds spent tracing, lowering and compiling in this process so far
+    (in every thread: with programs compiled ahead, more than the wall time it took)."""
     return _compile_seconds[0]
+
+
+def thread_compile_seconds() -> float:
+    """Seconds spent tracing, lowering and compiling in this thread so far."""
+    return getattr(_thread, "seconds", 0.0)
+
+
+_workers: list = []
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that compile programs ahead: XLA compiles in C++ without
+    Python's lock, so one host core per program compiles while the device runs passes."""
+    if not _workers:
+        _workers.append(concurrent.futures.ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)),
+                                                              thread_name_prefix="acdc-jax-compile"))
+    return _workers[0]
+
+
+def _timed(compile_program: Callable[[], object]) -> float:
+    before = thread_compile_seconds()
+    compile_program()
+    return thread_compile_seconds() - before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +163,41 @@ class Programs:
         self.reused = 0  # passes run in a larger program than they needed
         self.gaps: dict[Shape, tuple[float, float]] = {}  # family -> (2 x its first pass's gap to a full pass, that metric)
         self.forgone = 0.0  # seconds sparse passes would have saved where none was compiled (sparse_passes.py)
+        self.ahead: dict[Shape, concurrent.futures.Future] = {}  # compiling in the background
+        self.compiled_ahead = 0  # programs compiled ahead that were ready or waited for
+        self.waited = 0.0  # seconds passes waited for programs compiling ahead
+
+    def compile_ahead(self, shape: Shape, compile_program: Callable[[], object]) -> bool:
+        """Compile the program `shape` in a background thread (`compile_program`
+        lowers and compiles it, as `jax.jit(f).lower(...).compile()`, which a
+        later call of the same function with such arguments reuses), unless it
+        is compiled or on its way. A pass that needs it waits for it."""
+        if shape in self.compiled or shape in self.ahead:
+            return False
+        self.ahead[shape] = _pool().submit(_timed, compile_program)
+        return True
+
+    def collect(self, wait_for: Optional[Shape] = None) -> None:
+        """Count the programs compiled ahead that are ready (after waiting for
+        `wait_for`'s, if on its way). One that failed (out of memory, ...) is
+        left to the pass that needs it, which compiles it and fails or retries in its own way."""
+        if wait_for in self.ahead:
+            start = time.perf_counter()
+            concurrent.futures.wait([self.ahead[wait_for]])
+            self.waited += time.perf_counter() - start
+        for shape, job in list(self.ahead.items()):
+            if job.done():
+                del self.ahead[shape]
+                if not job.cancelled() and job.exception() is None:
+                    self.compiled.add(shape)
+                    self.compiled_ahead += 1
+                    self.compile_costs.setdefault(shape.kind, []).append(job.result())
+
+    def cancel_ahead(self) -> None:
+        """Drop the programs not yet started (a run that ends early needs them no more)."""
+        for job in self.ahead.values():
+            job.cancel()
+        self.collect()
 
     def estimate_compile(self, kind: str) -> float:
         seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
@@ -166,6 +229,7 @@ class Programs:
         later passes from those layers can rent it; where renting an earlier
         layer's cover has cost a compilation, `need`'s own layer's cover is
         bought before its exact shape."""
+        self.collect()
         if need in self.compiled or not self.adaptive:
             return need
         larger = self.covering(need, max_width)
@@ -185,10 +249,12 @@ class Programs:
 
     def run(self, shape: Shape, flops: float, fn: Callable[[], object]):
         """Call `fn` (which runs the program `shape` and returns host values),
-        measuring its compile seconds and its seconds per FLOP."""
-        before, start = compile_seconds(), time.perf_counter()
+        measuring its compile seconds and its seconds per FLOP (after waiting
+        for the program if it is compiling ahead)."""
+        self.collect(wait_for=shape)
+        before, start = thread_compile_seconds(), time.perf_counter()
         out = fn()
-        wall, compiled = time.perf_counter() - start, compile_seconds() - before
+        wall, compiled = time.perf_counter() - start, thread_compile_seconds() - before
         if shape not in self.compiled:
             self.compiled.add(shape)
             if compiled > 0:  # zero: JAX had it compiled already (another Scorer of the same kind)

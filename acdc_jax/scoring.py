@@ -12,6 +12,8 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Sequence, Union
 
 import jax
@@ -72,6 +74,7 @@ class Scorer:
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
         start = graph.ones() if start is None else np.asarray(start, np.float32)
+        self.start = np.asarray(start, np.float32)
         if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
             self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
                                                   self.positions)
@@ -94,6 +97,9 @@ class Scorer:
         # the first pass program a layer needs is a cover that every pass from it can rent (`Programs.choose`),
         # from the earliest layer whose passes are as wide (`widths`: the widest pass from each start layer)
         self.cover_first = jax.default_backend() != "cpu"
+        # and compiles the covers in background threads while the device runs passes (`compile_ahead`;
+        # ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed)
+        self.covers_ahead = jax.default_backend() != "cpu" and os.environ.get("ACDC_JAX_COVERS_AHEAD") != "0"
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
@@ -305,10 +311,7 @@ class Scorer:
         shape = shape or self.choose(cands, start_layer, width)
         if not self.fits(cands, start_layer, shape):
             raise ValueError(f"The program {shape} cannot score these {n} candidates from layer {start_layer}.")
-        if self.cuts_to_device:
-            masks = cands.on_device(shape.width, self._dtype)
-        else:
-            masks = put_candidates(np.asarray(cands.masks(shape.width), self._dtype), self.mesh)
+        masks = self._masks(cands, shape.width)
         if shape.kind == "sparse":
             out = self.sparse.batch(cands, start_layer, shape, masks)[:n]
             self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
@@ -322,21 +325,58 @@ class Scorer:
             rows = self.upstream_rows(cands, start_layer, size=shape.rows)
         flops = self.flops_of_program(shape)
         upstream = None if rows is None else (self._rep(base), put_replicated(jnp.asarray(rows), self.mesh))
-        first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there
-        loop = self.loop and shape.width > 1 and first < self.graph.n_layers - 1
-        if heads is None:
-            program = lambda running_max: dense.batch_metric(
-                self.model, self.graph, first, self.corruption, self.metric, self.task, self.arrays, masks,
-                self.tokens, self.deviations, self.positions, self.prompt_chunk, upstream, loop, running_max)
-        else:
-            heads = put_replicated(jnp.asarray(heads), self.mesh)
-            program = lambda running_max: dense.batch_metric_heads(
-                self.model, self.graph, start_layer, self.corruption, self.metric, self.task, self.arrays, masks,
-                self.tokens, self.deviations, self.positions, base_results, heads, self.prompt_chunk, upstream, loop,
-                running_max)
-        out = self._run(shape, flops, lambda: exact(program))[:n]
+        program, args = self._dense_pass(shape, start_layer, masks, heads, base_results, upstream)
+        out = self._run(shape, flops, lambda: exact(lambda running_max: program(*args, running_max)))[:n]
         self.passes += 1  # counted once it ran (a pass out of memory is retried: `decide.narrow`)
         return out
+
+    def _masks(self, cands: Candidates, width: int) -> jax.Array:
+        if self.cuts_to_device:
+            return cands.on_device(width, self._dtype)
+        return put_candidates(np.asarray(cands.masks(width), self._dtype), self.mesh)
+
+    def _dense_pass(self, shape: Shape, start_layer: int, masks, heads=None, base_results=None, upstream=None):
+        """The jitted pass that runs the program `shape` from `start_layer`, and
+        its arguments but the last (`running_max`, `fused_kl.exact`)."""
+        first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there
+        loop = self.loop and shape.width > 1 and first < self.graph.n_layers - 1
+        common = (self.corruption, self.metric, self.task, self.arrays, masks, self.tokens, self.deviations,
+                  self.positions)
+        if heads is None:
+            return dense.batch_metric, (self.model, self.graph, first, *common, self.prompt_chunk, upstream, loop)
+        heads = put_replicated(jnp.asarray(heads), self.mesh)
+        return dense.batch_metric_heads, (self.model, self.graph, start_layer, *common, base_results, heads,
+                                          self.prompt_chunk, upstream, loop)
+
+    def ahead_covers(self) -> list[Shape]:
+        """The cover programs that the walk's first pass from each layer will
+        compile (`_choose`), the latest layer first, as the walk needs them."""
+        if not (self.covers_ahead and self.cover_first and self.programs.adaptive and self.widths):
+            return []
+        shapes = []
+        for layer in reversed(range(self.graph.n_layers)):
+            need = Shape("pass", layer, round_width(self.widths[layer], self.mesh), None, None)
+            cover = need.cover(self.cover_start(need))
+            if cover not in shapes:
+                shapes.append(cover)
+        return shapes
+
+    def compile_ahead(self) -> list[Shape]:
+        """On accelerators, compile the cover programs (`ahead_covers`) in
+        background threads while the first passes run, so that compiling
+        them overlaps with passes and with each other: on an H200 each took
+        14-27 s, one after another, most of a cold run. Returns those started."""
+        base = self.start
+        precision = jax.config.jax_default_matmul_precision  # a context of this thread, which the workers enter
+
+        def compile_cover(shape: Shape) -> None:
+            with jax.default_matmul_precision(precision):
+                program, args = self._dense_pass(shape, shape.start_layer,
+                                                 self._masks(Candidates(base, [[]]), shape.width))
+                program.lower(*args, False).compile()
+
+        return [shape for shape in self.ahead_covers()
+                if self.programs.compile_ahead(shape, functools.partial(compile_cover, shape))]
 
 
 def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:

@@ -11,7 +11,9 @@
 # rescored: on the second H200 lease the rescoring full passes took 87% of the
 # GPU's time) twice, compiling its programs into a new directory and then in a
 # fresh process loading them from there (compiling was 70 s of the first
-# lease's 156 s), 20 s of it under the profiler, ACDC at one threshold, then the
+# lease's 156 s; the cold run compiles each layer's cover in background threads,
+# and a third run, its baseline, compiles each when first needed into a
+# directory of its own), 20 s of it under the profiler, ACDC at one threshold, then the
 # sweep with rescoring and in bf16, ACDC from programs kept on disk and the
 # memory benchmark, each writing its JSON as it goes. XLA's autotuning stays
 # on: switched off it compiled 30% faster and ran the passes 1.7-2.9x slower
@@ -33,8 +35,8 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, equinox; print('jax', jax.__version__, 'equinox', equinox.__version__, jax.devices())" || exit 1
 if [ $# -eq 0 ]; then
-  set -- --only sweep-tf32-cold sweep-tf32-warm sweep-trace acdc-one-tau sweep-tf32-rescoring sweep-bf16 \
-    acdc-disk-cache memory \
+  set -- --only sweep-tf32-cold sweep-tf32-warm sweep-tf32-covers-when-needed sweep-trace acdc-one-tau \
+    sweep-tf32-rescoring sweep-bf16 acdc-disk-cache memory \
     --timeout 200 --total 550 --sweep-seconds 120
 fi
 python3 benchmarks/run_all.py "$@"

@@ -92,6 +92,10 @@ def plan(cpu: bool, args) -> dict[str, list[str]]:
         # directory, so the first run compiles (and fills it) and the second loads them
         cache = str(Path(tempfile.gettempdir()) / f"acdc-jax-sweep-cache-{os.getpid()}")
         runs["sweep-tf32-cold"] = runs["sweep-tf32-warm"] = runs["sweep-tf32"] + ["--disk-cache", cache]
+        # the cold run's baseline: each layer's cover compiled when first needed, not in background threads
+        # (its own new directory, so that it compiles and writes to disk as the cold run does)
+        runs["sweep-tf32-covers-when-needed"] = runs["sweep-tf32"] + ["--covers-ahead", "off",
+                                                                      "--disk-cache", cache + "-when-needed"]
         runs["acdc-disk-cache"] = runs["acdc-one-tau"] + ["--disk-cache"]  # programs kept on disk, a fresh process
         # 20 s of the TF32 sweep under jax.profiler, into benchmarks/trace (device_run.sh packs it apart);
         # after sweep-tf32-cold its programs load from disk, so the 20 s are passes

@@ -1,0 +1,104 @@
+"""Cover programs compiled ahead in background threads (accelerators'
+default, taken here on the CPU): a pass that needs one runs it without
+compiling on its own thread, and batched ACDC makes the sequential loop's
+decisions, in full float32 and in TF32 (whose matmul setting the threads
+must trace under)."""
+
+import threading
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from acdc_jax.acdc import acdc
+from acdc_jax.candidates import Candidates
+from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.patching import Corruption
+from acdc_jax.precision import matmul_precision
+from acdc_jax.scoring import Scorer
+from acdc_jax.tasks.base import Task, kl_divergence
+
+from .helpers import force_accelerator_path
+
+CONFIG = TransformerConfig(n_layers=3, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=31, n_ctx=8)
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = Transformer(CONFIG, key=jax.random.PRNGKey(5))
+    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 10.0)  # a peaked output
+    rng = np.random.default_rng(1)
+    task = Task("random-kl", rng.integers(0, 31, (4, 6)), rng.integers(0, 31, (4, 6)),
+                positions=np.array([5]), metrics={"kl": kl_divergence})
+    return model, task
+
+
+@pytest.fixture
+def backend_compiles():
+    """(thread name, event) of each XLA compile from now on."""
+    seen = []
+
+    def listen(event, duration, **_):
+        if event.endswith("backend_compile_duration"):
+            seen.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("precision", [None, "tensorfloat32"])
+def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch, backend_compiles, precision):
+    model, task = small
+    force_accelerator_path(monkeypatch, covers_ahead=True)
+    graph = task.graph_for(model)
+    with matmul_precision(precision):
+        widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1, then pass(2, 5) (odd widths: programs of their own)
+        scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
+                        static_task=task, widths=widths)
+        scorer.full(graph.ones())  # as acdc starts: a full pass measures the seconds per FLOP
+        covers = scorer.ahead_covers()
+        backend_compiles.clear()
+        assert [(s.start_layer, s.width) for s in covers] == [(2, 5), (0, 3)]
+        assert scorer.compile_ahead() == covers
+        for shape in covers:
+            scorer.programs.collect(wait_for=shape)
+        assert set(covers) <= scorer.programs.compiled and not scorer.programs.ahead
+        assert backend_compiles and "MainThread" not in backend_compiles  # compiled, and by the workers
+        before = len(backend_compiles)
+        edges = [i for i, name in enumerate(graph.edge_names) if name.endswith("->blocks.2.hook_q_input[0]")]
+        cands = Candidates(graph.ones(), [[e] for e in edges[:5]])
+        assert scorer.choose(cands, 2, 5) == covers[0]
+        metrics = scorer.batch(cands, 2, 5)
+        assert len(backend_compiles) == before  # the pass ran the program compiled ahead
+    masks = cands.masks()
+    with matmul_precision(precision):  # the reference: each candidate's own full pass
+        reference = np.array([scorer.full(m) for m in masks])
+    np.testing.assert_allclose(metrics, reference, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
+def test_acdc_with_covers_compiled_ahead_makes_the_loops_decisions(small, monkeypatch, precision):
+    model, task = small
+    tau = 3e-4
+    seq = acdc(model, task, tau, mode="sequential", progress=False, precision=precision)
+    tried = [d for d in seq.decisions if d.tried]
+    assert any(not d.kept for d in tried) and any(d.kept for d in tried)
+    force_accelerator_path(monkeypatch, covers_ahead=True)
+    bat = acdc(model, task, tau, progress=False, max_width=6, precision=precision, rescore_ties=True)
+    assert bat.settings["compiled_ahead"] >= 1
+    assert [(d.edge, d.tried, d.kept) for d in bat.decisions] == [(d.edge, d.tried, d.kept) for d in seq.decisions]
+
+
+def test_a_program_that_fails_to_compile_ahead_is_left_to_its_pass():
+    from acdc_jax.programs import Programs, Shape
+
+    programs, shape = Programs(), Shape("pass", 0, 4, None, None)
+
+    def out_of_memory():
+        raise MemoryError("RESOURCE_EXHAUSTED: emulated")
+
+    assert programs.compile_ahead(shape, out_of_memory)
+    ran = programs.run(shape, 0.0, lambda: "ran")  # waits for it, then runs (and so compiles) it itself
+    assert ran == "ran" and shape in programs.compiled and programs.compiled_ahead == 0 and not programs.ahead
