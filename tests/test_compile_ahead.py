@@ -102,3 +102,24 @@ def test_a_program_that_fails_to_compile_ahead_is_left_to_its_pass():
     assert programs.compile_ahead(shape, out_of_memory)
     ran = programs.run(shape, 0.0, lambda: "ran")  # waits for it, then runs (and so compiles) it itself
     assert ran == "ran" and shape in programs.compiled and programs.compiled_ahead == 0 and not programs.ahead
+
+
+def test_exact_patching_with_covers_compiled_ahead_scores_each_edge_alone(small, monkeypatch):
+    from acdc_jax import patched_forward
+    from acdc_jax.algorithms import exact_patching
+
+    model, task = small
+    graph, bound, corruption = task.graph(model), task.bind(model), task.make_corruption(model)
+
+    def metric_of(mask):  # the plain patched forward, one mask at a time
+        logits = patched_forward(model, jax.numpy.asarray(task.clean), jax.numpy.asarray(mask), corruption, graph)
+        return float(kl_divergence(logits[:, task.positions], bound))
+
+    ones = np.ones(graph.n_edges, np.float32)
+    reference = np.array([metric_of(np.where(np.arange(graph.n_edges) == e, 0.0, ones)) for e in range(graph.n_edges)])
+    reference -= metric_of(ones)
+    force_accelerator_path(monkeypatch, covers_ahead=True)
+    circuit = exact_patching(model, task, progress=False, max_width=8)
+    assert circuit.settings["compiled_ahead"] >= 1
+    assert np.abs(reference).max() > 1e-3
+    np.testing.assert_allclose(circuit.scores, reference, rtol=1e-4, atol=1e-6)

@@ -31,10 +31,11 @@ from ..sharding import parse_mesh
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
-          prompt_chunk: Optional[int] = None, mesh=None, gradient: bool = False):
+          prompt_chunk: Optional[int] = None, mesh=None, gradient: bool = False, widths=None):
     """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, "auto" or
-    "CxP", if given) and the settings shared by the methods. A `gradient`
-    method scores one mask at a time, so its "auto" mesh spreads the prompts."""
+    "CxP", if given; `widths`: the widest pass from each start layer) and the
+    settings shared by the methods. A `gradient` method scores one mask at a
+    time, so its "auto" mesh spreads the prompts."""
     from ..acdc import resolve_corruption, resolve_metric
 
     graph = task.graph_for(model, graph)
@@ -42,7 +43,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
-                    mesh=mesh)
+                    mesh=mesh, widths=widths)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
                 "mesh": None if mesh is None else dict(mesh.shape),
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
@@ -126,28 +127,34 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh)
     widths, chunk = plan_task(model, graph, task, max_width, mesh)
-    graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh)
+    graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
+                                    widths=widths)
+    ahead = scorer.compile_ahead()  # on accelerators: the passes' programs, in background threads
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
     layers = receiver_layers(graph)
     scores = np.zeros(graph.n_edges)
     bar = progress_bar(progress, graph.n_edges, desc="exact patching")
     narrowed = []  # passes that ran out of device memory (then narrower ones: `decide.narrow`)
-    for layer in sorted(set(layers.tolist())):
-        edges = np.nonzero(layers == layer)[0]
-        i = 0
-        while i < len(edges):
-            width = widths[layer]
-            chunk = edges[i:i + width]
-            try:
-                scores[chunk] = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width) - full
-            except PassOutOfMemory as oom:
-                narrowed.append(narrow(widths, scorer, oom))
-                continue
-            i += len(chunk)
-            bar.update(len(chunk))
-    bar.close()
-    settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed)
+    try:
+        for layer in sorted(set(layers.tolist())):
+            edges = np.nonzero(layers == layer)[0]
+            i = 0
+            while i < len(edges):
+                width = widths[layer]
+                chunk = edges[i:i + width]
+                try:
+                    scores[chunk] = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width) - full
+                except PassOutOfMemory as oom:
+                    narrowed.append(narrow(widths, scorer, oom))
+                    continue
+                i += len(chunk)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        scorer.programs.cancel_ahead()
+    settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
+                    compiled_ahead=len(ahead))
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
