@@ -179,7 +179,8 @@ def acdc(
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                         prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps)
         waited = scorer.programs.waited
-        ahead = scorer.compile_ahead() if mode == "batched" else []
+        if mode == "batched":
+            scorer.compile_ahead()
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision, "rescore_ties": bool(band.scale),
@@ -248,8 +249,8 @@ def acdc(
                         sparse_passes=scorer.sparse.passes,
                         rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
-                        compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(ahead),
-                        compiled_ahead_and_run=len(set(ahead) & scorer.shapes),
+                        compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(scorer.ahead),
+                        compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
                         compile_wait_seconds=round(scorer.programs.waited - waited, 3),
                         mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)

@@ -71,16 +71,6 @@ class Scorer:
         self.arrays = put_replicated(task_arrays(task), mesh)
         self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
         self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
-        # the senders' deviations under the start circuit (default: the full model); a pass from a layer
-        # reads those before it, so its candidates must agree with the start on every edge into earlier layers
-        start = graph.ones() if start is None else np.asarray(start, np.float32)
-        self.start = np.asarray(start, np.float32)
-        if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
-            self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
-                                                  self.positions)
-            self.sparse.start(start, z)
-        else:
-            self.deviations = dense.deviations(model, graph, self.tokens, self._rep(start), corruption)
         self.passes = 0
         self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
@@ -97,12 +87,30 @@ class Scorer:
         # the first pass program a layer needs is a cover that every pass from it can rent (`Programs.choose`),
         # from the earliest layer whose passes are as wide (`widths`: the widest pass from each start layer)
         self.cover_first = jax.default_backend() != "cpu"
-        # and compiles the covers in background threads while the device runs passes (`compile_ahead`;
-        # ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed)
-        self.covers_ahead = jax.default_backend() != "cpu" and os.environ.get("ACDC_JAX_COVERS_AHEAD") != "0"
+        # and the full pass and the covers compile in background threads while the device computes
+        # (`compile_ahead`; ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed, =1 ahead on CPUs too)
+        ahead = os.environ.get("ACDC_JAX_COVERS_AHEAD")
+        self.covers_ahead = ahead == "1" or (ahead != "0" and jax.default_backend() != "cpu")
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
+        start = graph.ones() if start is None else np.asarray(start, np.float32)
+        self.start = np.asarray(start, np.float32)
+        self.ahead: list[Shape] = []  # the programs it started compiling ahead
+        if self.covers_ahead and self.programs.adaptive:  # the first pass, while the deviations' program compiles
+            full = Shape("full", 0, 1, None, None)
+            if self.programs.compile_ahead(full, self._in_this_context(lambda: dense.full_metric.lower(
+                    self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
+                    self._rep(self.start), self.tokens, self.positions).compile())):
+                self.ahead.append(full)
+        # the senders' deviations under the start circuit (default: the full model); a pass from a layer
+        # reads those before it, so its candidates must agree with the start on every edge into earlier layers
+        if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
+            self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
+                                                  self.positions)
+            self.sparse.start(start, z)
+        else:
+            self.deviations = dense.deviations(model, graph, self.tokens, self._rep(start), corruption)
 
     @property
     def _dtype(self):
@@ -366,17 +374,27 @@ class Scorer:
         background threads while the first passes run, so that compiling
         them overlaps with passes and with each other: on an H200 each took
         14-27 s, one after another, most of a cold run. Returns those started."""
-        base = self.start
-        precision = jax.config.jax_default_matmul_precision  # a context of this thread, which the workers enter
-
         def compile_cover(shape: Shape) -> None:
-            with jax.default_matmul_precision(precision):
-                program, args = self._dense_pass(shape, shape.start_layer,
-                                                 self._masks(Candidates(base, [[]]), shape.width))
-                program.lower(*args, False).compile()
+            program, args = self._dense_pass(shape, shape.start_layer,
+                                             self._masks(Candidates(self.start, [[]]), shape.width))
+            program.lower(*args, False).compile()
 
-        return [shape for shape in self.ahead_covers()
-                if self.programs.compile_ahead(shape, functools.partial(compile_cover, shape))]
+        started = [shape for shape in self.ahead_covers() if self.programs.compile_ahead(
+            shape, self._in_this_context(functools.partial(compile_cover, shape)))]
+        self.ahead += started
+        return started
+
+    @staticmethod
+    def _in_this_context(fn):
+        """`fn`, to run in a worker thread under this thread's matmul precision
+        (JAX keeps it per thread, and it is part of a program's key)."""
+        precision = jax.config.jax_default_matmul_precision
+
+        def run():
+            with jax.default_matmul_precision(precision):
+                return fn()
+
+        return run
 
 
 def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:

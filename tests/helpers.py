@@ -174,16 +174,17 @@ def force_accelerator_path(monkeypatch, covers_ahead: bool = False) -> None:
     """Scorers made from now on take one accelerator's path on the CPU:
     vmapped candidates (no CPU loop), dense masks made on the device from the
     cut edges, and a covering program first from each layer (with
-    `covers_ahead`, compiled in background threads; off by default, as on a
-    CPU those threads slow the passes, whose timing picks programs)."""
+    `covers_ahead`, the full pass and the covers compiled in background
+    threads; off by default, as on a CPU those threads slow the passes, whose
+    timing picks programs)."""
     from acdc_jax.scoring import Scorer
 
     init = Scorer.__init__
+    monkeypatch.setenv("ACDC_JAX_COVERS_AHEAD", "1" if covers_ahead else "0")
 
     def as_on_accelerator(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.loop, self.cuts_to_device, self.cover_first = False, True, True
-        self.covers_ahead = covers_ahead
 
     monkeypatch.setattr(Scorer, "__init__", as_on_accelerator)
 

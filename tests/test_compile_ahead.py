@@ -1,8 +1,8 @@
-"""Cover programs compiled ahead in background threads (accelerators'
-default, taken here on the CPU): a pass that needs one runs it without
-compiling on its own thread, and batched ACDC makes the sequential loop's
-decisions, in full float32 and in TF32 (whose matmul setting the threads
-must trace under)."""
+"""The full pass and the cover programs compiled ahead in background threads
+(accelerators' default, taken here on the CPU): a pass that needs one runs it
+without compiling on its own thread, and batched ACDC makes the sequential
+loop's decisions, in full float32 and in TF32 (whose matmul setting the
+threads must trace under), as exact patching scores each edge alone."""
 
 import threading
 
@@ -15,6 +15,7 @@ from acdc_jax.acdc import acdc
 from acdc_jax.candidates import Candidates
 from acdc_jax.model import Transformer, TransformerConfig
 from acdc_jax.patching import Corruption
+from acdc_jax.programs import Shape
 from acdc_jax.precision import matmul_precision
 from acdc_jax.scoring import Scorer
 from acdc_jax.tasks.base import Task, kl_divergence
@@ -57,7 +58,10 @@ def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch,
         widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1, then pass(2, 5) (odd widths: programs of their own)
         scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
                         static_task=task, widths=widths)
+        assert scorer.ahead == [Shape("full", 0, 1, None, None)]  # started before the deviations compiled
+        on_main = backend_compiles.count("MainThread")
         scorer.full(graph.ones())  # as acdc starts: a full pass measures the seconds per FLOP
+        assert backend_compiles.count("MainThread") == on_main  # it ran the full pass compiled ahead
         covers = scorer.ahead_covers()
         backend_compiles.clear()
         assert [(s.start_layer, s.width) for s in covers] == [(2, 5), (0, 3)]
@@ -92,7 +96,7 @@ def test_acdc_with_covers_compiled_ahead_makes_the_loops_decisions(small, monkey
 
 
 def test_a_program_that_fails_to_compile_ahead_is_left_to_its_pass():
-    from acdc_jax.programs import Programs, Shape
+    from acdc_jax.programs import Programs
 
     programs, shape = Programs(), Shape("pass", 0, 4, None, None)
 

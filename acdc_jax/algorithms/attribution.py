@@ -129,7 +129,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     widths, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
                                     widths=widths)
-    ahead = scorer.compile_ahead()  # on accelerators: the passes' programs, in background threads
+    scorer.compile_ahead()  # on accelerators: the passes' programs, in background threads
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
     layers = receiver_layers(graph)
@@ -154,7 +154,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
         bar.close()
         scorer.programs.cancel_ahead()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
-                    compiled_ahead=len(ahead))
+                    compiled_ahead=len(scorer.ahead))
     return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
