@@ -191,7 +191,8 @@ class Programs:
                 if not job.cancelled() and job.exception() is None:
                     self.compiled.add(shape)
                     self.compiled_ahead += 1
-                    self.compile_costs.setdefault(shape.kind, []).append(job.result())
+                    if job.result() > 0:  # zero: JAX had it compiled already
+                        self.compile_costs.setdefault(shape.kind, []).append(job.result())
 
     def cancel_ahead(self) -> None:
         """Drop the programs not yet started (a run that ends early needs them no more)."""

@@ -46,13 +46,15 @@ class Scorer:
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     `sparse` ("auto", "on" or "off"): attention-only models score a pass in a
     sparse program (`sparse.py`) where that costs fewer FLOPs ("auto": and
-    pays for its compiling; see `sparse_passes.py`).
+    pays for its compiling; see `sparse_passes.py`). `full_ahead`: where
+    programs compile ahead (`compile_ahead`), start with the full pass's, for
+    callers whose first pass is a full one.
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
                  sparse: Union[bool, str] = "auto", start: Optional[np.ndarray] = None,
-                 widths: Optional[Sequence[int]] = None):
+                 widths: Optional[Sequence[int]] = None, full_ahead: bool = False):
         graph.check_config(model.config)
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
@@ -97,7 +99,7 @@ class Scorer:
         start = graph.ones() if start is None else np.asarray(start, np.float32)
         self.start = np.asarray(start, np.float32)
         self.ahead: list[Shape] = []  # the programs it started compiling ahead
-        if self.covers_ahead and self.programs.adaptive:  # the first pass, while the deviations' program compiles
+        if full_ahead and self.covers_ahead and self.programs.adaptive:  # while the deviations' program compiles
             full = Shape("full", 0, 1, None, None)
             if self.programs.compile_ahead(full, self._in_this_context(lambda: dense.full_metric.lower(
                     self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,

@@ -57,7 +57,7 @@ def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch,
     with matmul_precision(precision):
         widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1, then pass(2, 5) (odd widths: programs of their own)
         scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
-                        static_task=task, widths=widths)
+                        static_task=task, widths=widths, full_ahead=True)
         assert scorer.ahead == [Shape("full", 0, 1, None, None)]  # started before the deviations compiled
         on_main = backend_compiles.count("MainThread")
         scorer.full(graph.ones())  # as acdc starts: a full pass measures the seconds per FLOP
