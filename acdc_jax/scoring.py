@@ -360,16 +360,22 @@ class Scorer:
 
     def ahead_covers(self) -> list[Shape]:
         """The cover programs that the walk's first pass from each layer will
-        compile (`_choose`), the latest layer first, as the walk needs them."""
+        compile (`_choose`), the latest layer first, as the walk needs them;
+        then each layer's own cover where that is a shared one from an earlier
+        layer, which its passes rent (recomputing the layers between) until
+        their own is compiled: compiled off the walk's path, it costs the
+        walk no wait, only the host's idle cores."""
         if not (self.covers_ahead and self.cover_first and self.programs.adaptive and self.widths):
             return []
-        shapes = []
+        shared, own = [], []
         for layer in reversed(range(self.graph.n_layers)):
             need = Shape("pass", layer, round_width(self.widths[layer], self.mesh), None, None)
             cover = need.cover(self.cover_start(need))
-            if cover not in shapes:
-                shapes.append(cover)
-        return shapes
+            if cover not in shared:
+                shared.append(cover)
+            if cover != need:
+                own.append(need)
+        return shared + own
 
     def compile_ahead(self) -> list[Shape]:
         """On accelerators, compile the cover programs (`ahead_covers`) in

@@ -55,7 +55,7 @@ def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch,
     force_accelerator_path(monkeypatch, covers_ahead=True)
     graph = task.graph_for(model)
     with matmul_precision(precision):
-        widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1, then pass(2, 5) (odd widths: programs of their own)
+        widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1 until layer 1's own; pass(2, 5) covers layer 2
         scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
                         static_task=task, widths=widths, full_ahead=True)
         assert scorer.ahead == [Shape("full", 0, 1, None, None)]  # started before the deviations compiled
@@ -64,22 +64,23 @@ def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch,
         assert backend_compiles.count("MainThread") == on_main  # it ran the full pass compiled ahead
         covers = scorer.ahead_covers()
         backend_compiles.clear()
-        assert [(s.start_layer, s.width) for s in covers] == [(2, 5), (0, 3)]
+        assert [(s.start_layer, s.width) for s in covers] == [(2, 5), (0, 3), (1, 3)]
         assert scorer.compile_ahead() == covers
         for shape in covers:
             scorer.programs.collect(wait_for=shape)
         assert set(covers) <= scorer.programs.compiled and not scorer.programs.ahead
         assert backend_compiles and "MainThread" not in backend_compiles  # compiled, and by the workers
-        before = len(backend_compiles)
-        edges = [i for i, name in enumerate(graph.edge_names) if name.endswith("->blocks.2.hook_q_input[0]")]
-        cands = Candidates(graph.ones(), [[e] for e in edges[:5]])
-        assert scorer.choose(cands, 2, 5) == covers[0]
-        metrics = scorer.batch(cands, 2, 5)
-        assert len(backend_compiles) == before  # the pass ran the program compiled ahead
-    masks = cands.masks()
-    with matmul_precision(precision):  # the reference: each candidate's own full pass
-        reference = np.array([scorer.full(m) for m in masks])
-    np.testing.assert_allclose(metrics, reference, rtol=1e-4, atol=1e-7)
+        before, runs = len(backend_compiles), []
+        for layer, width, cover in ((2, 5, covers[0]), (1, 3, covers[2])):  # layer 1: its own, not layer 0's
+            edges = [i for i, name in enumerate(graph.edge_names) if name.endswith(f"->blocks.{layer}.hook_q_input[0]")]
+            cands = Candidates(graph.ones(), [[e] for e in edges[:width]])
+            assert scorer.choose(cands, layer, width) == cover
+            runs.append((cands, scorer.batch(cands, layer, width)))
+        assert len(backend_compiles) == before  # the passes ran the programs compiled ahead
+    for cands, metrics in runs:
+        with matmul_precision(precision):  # the reference: each candidate's own full pass
+            reference = np.array([scorer.full(m) for m in cands.masks()])
+        np.testing.assert_allclose(metrics, reference, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
