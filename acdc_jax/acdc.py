@@ -177,10 +177,9 @@ def acdc(
             caps, chunk = plan_task(model, graph, task, max_width, mesh)
             chunk = prompt_chunk if prompt_chunk is not None else chunk
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
-                        prompt_chunk=chunk, sparse=sparse, start=start_edges, widths=caps, full_ahead=True)
+                        prompt_chunk=chunk, sparse=sparse, start=start_edges,
+                        widths=caps if mode == "batched" else None, ahead=True)
         waited = scorer.programs.waited
-        if mode == "batched":
-            scorer.compile_ahead()
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision, "rescore_ties": bool(band.scale),

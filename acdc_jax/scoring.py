@@ -16,6 +16,7 @@ import functools
 import os
 from typing import Optional, Sequence, Union
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,15 +47,16 @@ class Scorer:
     devices; `prompt_chunk` runs a batched pass that many prompts at a time.
     `sparse` ("auto", "on" or "off"): attention-only models score a pass in a
     sparse program (`sparse.py`) where that costs fewer FLOPs ("auto": and
-    pays for its compiling; see `sparse_passes.py`). `full_ahead`: where
-    programs compile ahead (`compile_ahead`), start with the full pass's, for
-    callers whose first pass is a full one.
+    pays for its compiling; see `sparse_passes.py`). `ahead`: where
+    programs compile ahead (accelerators, `compile_ahead`), start compiling
+    the full pass's and, with `widths`, the covers' before the deviations'
+    (for callers whose first pass is a full one).
     """
 
     def __init__(self, model: Transformer, graph: CircuitGraph, task: Task, corruption: Corruption, metric,
                  static_task: Optional[Task] = None, mesh=None, prompt_chunk: Optional[int] = None,
                  sparse: Union[bool, str] = "auto", start: Optional[np.ndarray] = None,
-                 widths: Optional[Sequence[int]] = None, full_ahead: bool = False):
+                 widths: Optional[Sequence[int]] = None, ahead: bool = False):
         graph.check_config(model.config)
         check_prompts(mesh, task.clean.shape[0])
         xla_cpu.check()
@@ -80,31 +82,36 @@ class Scorer:
         self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
                                 prompt_chunk, mesh, str(model.embed.W_E.dtype),
                                 jax.config.jax_default_matmul_precision))
+        accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
-        self.loop = mesh is None and jax.default_backend() == "cpu"
+        self.loop = mesh is None and not accelerator
         if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
             self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
-        self.cuts_to_device = mesh is None and jax.default_backend() != "cpu"
+        self.cuts_to_device = mesh is None and accelerator
         # the first pass program a layer needs is a cover that every pass from it can rent (`Programs.choose`),
         # from the earliest layer whose passes are as wide (`widths`: the widest pass from each start layer)
-        self.cover_first = jax.default_backend() != "cpu"
-        # and the full pass and the covers compile in background threads while the device computes
+        self.cover_first = accelerator
+        # and (`ahead`) the full pass and the covers compile in background threads while the device computes
         # (`compile_ahead`; ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed, =1 ahead on CPUs too)
-        ahead = os.environ.get("ACDC_JAX_COVERS_AHEAD")
-        self.covers_ahead = ahead == "1" or (ahead != "0" and jax.default_backend() != "cpu")
+        setting = os.environ.get("ACDC_JAX_COVERS_AHEAD")
+        self.covers_ahead = setting == "1" or (setting != "0" and accelerator)
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
         start = graph.ones() if start is None else np.asarray(start, np.float32)
         self.start = np.asarray(start, np.float32)
         self.ahead: list[Shape] = []  # the programs it started compiling ahead
-        if full_ahead and self.covers_ahead and self.programs.adaptive:  # while the deviations' program compiles
+        ahead = ahead and self.covers_ahead and self.programs.adaptive
+        if ahead:  # the first pass, then the covers, while this thread compiles the deviations
             full = Shape("full", 0, 1, None, None)
             if self.programs.compile_ahead(full, self._in_this_context(lambda: dense.full_metric.lower(
                     self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
                     self._rep(self.start), self.tokens, self.positions).compile())):
                 self.ahead.append(full)
+            if mesh is None and not self.sparse.ok and self.ahead_covers():  # the covers read only their shape
+                like = eqx.filter_eval_shape(dense.deviations, model, graph, self.tokens, self._rep(start), corruption)
+                self.compile_ahead(jnp.zeros(like.shape, like.dtype))
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
         if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
@@ -113,6 +120,14 @@ class Scorer:
             self.sparse.start(start, z)
         else:
             self.deviations = dense.deviations(model, graph, self.tokens, self._rep(start), corruption)
+        if ahead:
+            self.compile_ahead()  # where the covers needed the deviations themselves (none left otherwise)
+
+    @staticmethod
+    def _on_accelerator() -> bool:
+        """Whether passes take the accelerators' path (vmapped candidates, masks
+        made on the device, covers first, compiled ahead): on a GPU or TPU."""
+        return jax.default_backend() != "cpu"
 
     @property
     def _dtype(self):
@@ -345,12 +360,14 @@ class Scorer:
             return cands.on_device(width, self._dtype)
         return put_candidates(np.asarray(cands.masks(width), self._dtype), self.mesh)
 
-    def _dense_pass(self, shape: Shape, start_layer: int, masks, heads=None, base_results=None, upstream=None):
+    def _dense_pass(self, shape: Shape, start_layer: int, masks, heads=None, base_results=None, upstream=None,
+                    deviations=None):
         """The jitted pass that runs the program `shape` from `start_layer`, and
         its arguments but the last (`running_max`, `fused_kl.exact`)."""
         first = min(start_layer, shape.start_layer)  # a cover from an earlier layer recomputes from there
         loop = self.loop and shape.width > 1 and first < self.graph.n_layers - 1
-        common = (self.corruption, self.metric, self.task, self.arrays, masks, self.tokens, self.deviations,
+        deviations = self.deviations if deviations is None else deviations
+        common = (self.corruption, self.metric, self.task, self.arrays, masks, self.tokens, deviations,
                   self.positions)
         if heads is None:
             return dense.batch_metric, (self.model, self.graph, first, *common, self.prompt_chunk, upstream, loop)
@@ -367,7 +384,8 @@ class Scorer:
         walk no wait, only the host's idle cores."""
         if not (self.covers_ahead and self.cover_first and self.programs.adaptive and self.widths):
             return []
-        shared, own = [], []
+        # the logits' first pass tries every edge into them, so it re-mixes every sender: no upstream rows
+        shared, own = [Shape("pass", self.graph.n_layers, round_width(self.widths[-1], self.mesh), None, None)], []
         for layer in reversed(range(self.graph.n_layers)):
             need = Shape("pass", layer, round_width(self.widths[layer], self.mesh), None, None)
             cover = need.cover(self.cover_start(need))
@@ -377,14 +395,18 @@ class Scorer:
                 own.append(need)
         return shared + own
 
-    def compile_ahead(self) -> list[Shape]:
+    def compile_ahead(self, deviations=None) -> list[Shape]:
         """On accelerators, compile the cover programs (`ahead_covers`) in
         background threads while the first passes run, so that compiling
         them overlaps with passes and with each other: on an H200 each took
-        14-27 s, one after another, most of a cold run. Returns those started."""
+        14-27 s, one after another, most of a cold run. `deviations`: an
+        array shaped and placed as the Scorer's (before it has its own: a
+        program depends only on its arguments' shapes and placement). Returns
+        those started."""
         def compile_cover(shape: Shape) -> None:
             program, args = self._dense_pass(shape, shape.start_layer,
-                                             self._masks(Candidates(self.start, [[]]), shape.width))
+                                             self._masks(Candidates(self.start, [[]]), shape.width),
+                                             deviations=deviations)
             program.lower(*args, False).compile()
 
         started = [shape for shape in self.ahead_covers() if self.programs.compile_ahead(

@@ -7,13 +7,14 @@ shapes that a GPT-2-small-graph sweep needs, in order, from the synthetic
 accelerator run of bench_host_overhead.py (the real acdc() loop with synthetic
 passes), and replays them through the program chooser (`programs.Programs`)
 with a given compile time and device FLOP rate, the FLOPs of each shape
-counted for GPT-2 small with 100 prompts x 16 tokens, under three policies:
+counted for GPT-2 small with 100 prompts x 16 tokens, under four policies:
 exact shapes (with ski rental); a cover (every head, no shared upstream sum)
 as the first program from each layer; and one cover from layer 0 that every
 layer's passes rent (as acdc-jax does on accelerators where the memory plan
-gives the layers the same width, as in this replay); and that cover and then
-each layer's own compiled ahead by `--workers` background threads (acdc-jax's
-default on accelerators since 2026-12-05: `Scorer.compile_ahead`), a pass
+gives the layers the same width, as in this replay); and the logits' pass,
+that cover and then each layer's own compiled ahead by `--workers`
+background threads (acdc-jax's default on accelerators since 2026-12-05:
+`Scorer.compile_ahead`), a pass
 waiting only for a program it needs that is not ready, on a clock. The
 outputs are a replay under stated costs, not timings: the compile seconds and
 FLOP rate are inputs, the threads are taken not to slow each other or the
@@ -89,13 +90,16 @@ def replay(needs: list[Shape], compile_s: float, flops_per_s: float, policy: str
 
 
 def replay_ahead(needs: list[Shape], compile_s: float, flops_per_s: float, workers: int, graph, flops) -> dict:
-    """The shared cover from layer 0, then each later layer's own, latest
-    first, compiled from time 0 by `workers` threads; the passes on a clock
-    that waits for a program compiling ahead and stops for any other."""
+    """The logits' pass, the shared cover from layer 0, then each later
+    layer's own, latest first, compiled from time 0 by `workers` threads; the
+    passes on a clock that waits for a program compiling ahead and stops for
+    any other."""
     programs = Programs()
     programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
     width = max(n.width for n in needs if n.start_layer < graph.n_layers)
-    ahead = [Shape("pass", layer, width, None, None) for layer in [0, *range(graph.n_layers - 1, 0, -1)]]
+    # as Scorer.ahead_covers: the logits' pass (every sender re-mixed), the shared cover, each later layer's own
+    ahead = [Shape("pass", layer, width, None, None)
+             for layer in [graph.n_layers, 0, *range(graph.n_layers - 1, 0, -1)]]
     ready = {s: (i // workers + 1) * compile_s for i, s in enumerate(ahead)}
     clock = waited = blocked = work = extra = 0.0
     compiled, cached_heads, used = 0, set(), set()

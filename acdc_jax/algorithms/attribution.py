@@ -32,7 +32,7 @@ from ..sharding import parse_mesh
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
           prompt_chunk: Optional[int] = None, mesh=None, gradient: bool = False, widths=None,
-          full_ahead: bool = False):
+          ahead: bool = False):
     """The graph, a Scorer (over `mesh`, a `jax.sharding.Mesh`, "auto" or
     "CxP", if given; `widths`: the widest pass from each start layer) and the
     settings shared by the methods. A `gradient` method scores one mask at a
@@ -44,7 +44,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     metric_name, metric_fn = resolve_metric(task, metric)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
-                    mesh=mesh, widths=widths, full_ahead=full_ahead)
+                    mesh=mesh, widths=widths, ahead=ahead)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
                 "mesh": None if mesh is None else dict(mesh.shape),
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
@@ -129,8 +129,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     mesh = parse_mesh(mesh)
     widths, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
-                                    widths=widths, full_ahead=True)
-    scorer.compile_ahead()  # on accelerators: the passes' programs, in background threads
+                                    widths=widths, ahead=True)  # on accelerators: programs compiled ahead
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
     layers = receiver_layers(graph)

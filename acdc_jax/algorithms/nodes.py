@@ -117,7 +117,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     if mode == "batched":
         caps, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
-                                    full_ahead=True)
+                                    ahead=True)
     nodes = _Nodes(graph, node_order(graph, head_order))
     band = tie_band(rescore_ties, settings["precision"])
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
