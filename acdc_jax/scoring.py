@@ -12,7 +12,6 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Sequence, Union
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import dense, xla_cpu
+from . import compile_ahead, dense, xla_cpu
 from .candidates import Candidates
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .fused_kl import exact, reference_arrays
@@ -48,7 +47,7 @@ class Scorer:
     `sparse` ("auto", "on" or "off"): attention-only models score a pass in a
     sparse program (`sparse.py`) where that costs fewer FLOPs ("auto": and
     pays for its compiling; see `sparse_passes.py`). `ahead`: where
-    programs compile ahead (accelerators, `compile_ahead`), start compiling
+    programs compile ahead (accelerators, `compile_ahead.py`), start compiling
     the full pass's and, with `widths`, the covers' before the deviations'
     (for callers whose first pass is a full one).
     """
@@ -93,7 +92,7 @@ class Scorer:
         # from the earliest layer whose passes are as wide (`widths`: the widest pass from each start layer)
         self.cover_first = accelerator
         # and (`ahead`) the full pass and the covers compile in background threads while the device computes
-        # (`compile_ahead`; ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed, =1 ahead on CPUs too)
+        # (`compile_ahead.py`; ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed, =1 ahead on CPUs too)
         setting = os.environ.get("ACDC_JAX_COVERS_AHEAD")
         self.covers_ahead = setting == "1" or (setting != "0" and accelerator)
         self.widths = None if widths is None else list(widths)
@@ -101,17 +100,13 @@ class Scorer:
         self.reused = 0  # passes run in a larger program than they needed
         start = graph.ones() if start is None else np.asarray(start, np.float32)
         self.start = np.asarray(start, np.float32)
-        self.ahead: list[Shape] = []  # the programs it started compiling ahead
+        self.ahead: list[Shape] = []  # the programs it started compiling ahead (`compile_ahead.py`)
         ahead = ahead and self.covers_ahead and self.programs.adaptive
         if ahead:  # the first pass, then the covers, while this thread compiles the deviations
-            full = Shape("full", 0, 1, None, None)
-            if self.programs.compile_ahead(full, self._in_this_context(lambda: dense.full_metric.lower(
-                    self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                    self._rep(self.start), self.tokens, self.positions).compile())):
-                self.ahead.append(full)
-            if mesh is None and not self.sparse.ok and self.ahead_covers():  # the covers read only their shape
+            compile_ahead.full_pass(self)
+            if mesh is None and not self.sparse.ok and compile_ahead.covers(self):  # they read only its shape
                 like = eqx.filter_eval_shape(dense.deviations, model, graph, self.tokens, self._rep(start), corruption)
-                self.compile_ahead(jnp.zeros(like.shape, like.dtype))
+                compile_ahead.start(self, jnp.zeros(like.shape, like.dtype))
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
         if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
@@ -121,7 +116,7 @@ class Scorer:
         else:
             self.deviations = dense.deviations(model, graph, self.tokens, self._rep(start), corruption)
         if ahead:
-            self.compile_ahead()  # where the covers needed the deviations themselves (none left otherwise)
+            compile_ahead.start(self)  # where the covers needed the deviations themselves (none left otherwise)
 
     @staticmethod
     def _on_accelerator() -> bool:
@@ -374,57 +369,6 @@ class Scorer:
         heads = put_replicated(jnp.asarray(heads), self.mesh)
         return dense.batch_metric_heads, (self.model, self.graph, start_layer, *common, base_results, heads,
                                           self.prompt_chunk, upstream, loop)
-
-    def ahead_covers(self) -> list[Shape]:
-        """The cover programs that the walk's first pass from each layer will
-        compile (`_choose`), the latest layer first, as the walk needs them;
-        then each layer's own cover where that is a shared one from an earlier
-        layer, which its passes rent (recomputing the layers between) until
-        their own is compiled: compiled off the walk's path, it costs the
-        walk no wait, only the host's idle cores."""
-        if not (self.covers_ahead and self.cover_first and self.programs.adaptive and self.widths):
-            return []
-        # the logits' first pass tries every edge into them, so it re-mixes every sender: no upstream rows
-        shared, own = [Shape("pass", self.graph.n_layers, round_width(self.widths[-1], self.mesh), None, None)], []
-        for layer in reversed(range(self.graph.n_layers)):
-            need = Shape("pass", layer, round_width(self.widths[layer], self.mesh), None, None)
-            cover = need.cover(self.cover_start(need))
-            if cover not in shared:
-                shared.append(cover)
-            if cover != need:
-                own.append(need)
-        return shared + own
-
-    def compile_ahead(self, deviations=None) -> list[Shape]:
-        """On accelerators, compile the cover programs (`ahead_covers`) in
-        background threads while the first passes run, so that compiling
-        them overlaps with passes and with each other: on an H200 each took
-        14-27 s, one after another, most of a cold run. `deviations`: an
-        array shaped and placed as the Scorer's (before it has its own: a
-        program depends only on its arguments' shapes and placement). Returns
-        those started."""
-        def compile_cover(shape: Shape) -> None:
-            program, args = self._dense_pass(shape, shape.start_layer,
-                                             self._masks(Candidates(self.start, [[]]), shape.width),
-                                             deviations=deviations)
-            program.lower(*args, False).compile()
-
-        started = [shape for shape in self.ahead_covers() if self.programs.compile_ahead(
-            shape, self._in_this_context(functools.partial(compile_cover, shape)))]
-        self.ahead += started
-        return started
-
-    @staticmethod
-    def _in_this_context(fn):
-        """`fn`, to run in a worker thread under this thread's matmul precision
-        (JAX keeps it per thread, and it is part of a program's key)."""
-        precision = jax.config.jax_default_matmul_precision
-
-        def run():
-            with jax.default_matmul_precision(precision):
-                return fn()
-
-        return run
 
 
 def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:

@@ -14,7 +14,7 @@ layer's passes rent (as acdc-jax does on accelerators where the memory plan
 gives the layers the same width, as in this replay); and the logits' pass,
 that cover and then each layer's own compiled ahead by `--workers`
 background threads (acdc-jax's default on accelerators since 2026-12-05:
-`Scorer.compile_ahead`), a pass
+`acdc_jax/compile_ahead.py`), a pass
 waiting only for a program it needs that is not ready, on a clock. The
 outputs are a replay under stated costs, not timings: the compile seconds and
 FLOP rate are inputs, the threads are taken not to slow each other or the
@@ -97,7 +97,7 @@ def replay_ahead(needs: list[Shape], compile_s: float, flops_per_s: float, worke
     programs = Programs()
     programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
     width = max(n.width for n in needs if n.start_layer < graph.n_layers)
-    # as Scorer.ahead_covers: the logits' pass (every sender re-mixed), the shared cover, each later layer's own
+    # as compile_ahead.covers: the logits' pass (every sender re-mixed), the shared cover, each later layer's own
     ahead = [Shape("pass", layer, width, None, None)
              for layer in [graph.n_layers, 0, *range(graph.n_layers - 1, 0, -1)]]
     ready = {s: (i // workers + 1) * compile_s for i, s in enumerate(ahead)}

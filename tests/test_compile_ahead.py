@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from acdc_jax import compile_ahead
 from acdc_jax.acdc import acdc
 from acdc_jax.candidates import Candidates
 from acdc_jax.model import Transformer, TransformerConfig
@@ -58,7 +59,7 @@ def test_a_cover_compiled_ahead_runs_without_compiling_again(small, monkeypatch,
         widths = [3, 3, 5, 7]  # pass(0, 3) covers layers 0 and 1 until layer 1's own; pass(2, 5) covers layer 2
         scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
                         static_task=task, widths=widths, ahead=True)
-        covers = scorer.ahead_covers()
+        covers = compile_ahead.covers(scorer)
         assert [(s.start_layer, s.width) for s in covers] == [(3, 7), (2, 5), (0, 3), (1, 3)]  # 3: the logits
         # started before the deviations compiled, the covers from an array shaped as theirs
         assert scorer.ahead == [Shape("full", 0, 1, None, None), *covers]

@@ -1,0 +1,83 @@
+"""The programs a run's first passes need, compiled ahead in background threads.
+
+On an accelerator a pass takes milliseconds and a compilation seconds (14-27 s
+each on an H200), so a cold run waits mostly for the compiler, one program
+after another as the walk reaches them. Which programs come first is known
+before any pass: the full pass, the logits' pass (its first pass tries every
+edge into the logits, so it re-mixes every sender: no upstream rows), one
+cover per run of layers that the memory plan gives the same width, and each
+layer's own cover, which its passes take over from a shared one once ready
+(`programs.py`). A Scorer made with ``ahead=True`` starts compiling them in
+`Programs`' threads (`jax.jit(f).lower(...).compile()`, whose executable a
+later call of `f` with arguments of those shapes and placement reuses),
+before it compiles its own deviations; a pass waits for one still compiling
+(`Programs.run`). See docs/performance.md, "Compiling ahead".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+
+from . import dense
+from .candidates import Candidates
+from .programs import Shape
+from .sharding import round_width
+
+
+def covers(scorer) -> list[Shape]:
+    """The logits' pass, then the cover that the walk's first pass from each
+    layer compiles (`Scorer._choose`), the latest layer first, as the walk
+    needs them; then each layer's own cover where that is a shared one from an
+    earlier layer, which its passes rent (recomputing the layers between)
+    until their own is compiled. Empty where nothing compiles ahead."""
+    s = scorer
+    if not (s.covers_ahead and s.cover_first and s.programs.adaptive and s.widths):
+        return []
+    shared, own = [Shape("pass", s.graph.n_layers, round_width(s.widths[-1], s.mesh), None, None)], []
+    for layer in reversed(range(s.graph.n_layers)):
+        need = Shape("pass", layer, round_width(s.widths[layer], s.mesh), None, None)
+        cover = need.cover(s.cover_start(need))
+        if cover not in shared:
+            shared.append(cover)
+        if cover != need:
+            own.append(need)
+    return shared + own
+
+
+def start(scorer, deviations=None) -> list[Shape]:
+    """Start compiling `covers(scorer)`. `deviations`: an array shaped and
+    placed as the Scorer's, before it has its own. Returns those started."""
+    def compile_cover(shape: Shape) -> None:
+        program, args = scorer._dense_pass(shape, shape.start_layer,
+                                           scorer._masks(Candidates(scorer.start, [[]]), shape.width),
+                                           deviations=deviations)
+        program.lower(*args, False).compile()
+
+    started = [shape for shape in covers(scorer) if scorer.programs.compile_ahead(
+        shape, in_this_context(functools.partial(compile_cover, shape)))]
+    scorer.ahead += started
+    return started
+
+
+def full_pass(scorer) -> None:
+    """Start compiling the full pass (`Scorer.full`)."""
+    s, shape = scorer, Shape("full", 0, 1, None, None)
+    if s.programs.compile_ahead(shape, in_this_context(lambda: dense.full_metric.lower(
+            s.model, s.graph, s.corruption, s.metric, s.task, s.arrays, s._rep(s.start), s.tokens,
+            s.positions).compile())):
+        s.ahead.append(shape)
+
+
+def in_this_context(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn`, to run in a worker thread under this thread's matmul precision
+    (JAX keeps it per thread, and it is part of a program's key)."""
+    precision = jax.config.jax_default_matmul_precision
+
+    def run():
+        with jax.default_matmul_precision(precision):
+            return fn()
+
+    return run
