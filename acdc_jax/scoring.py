@@ -98,8 +98,7 @@ class Scorer:
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
-        start = graph.ones() if start is None else np.asarray(start, np.float32)
-        self.start = np.asarray(start, np.float32)
+        self.start = start = np.asarray(graph.ones() if start is None else start, np.float32)
         self.ahead: list[Shape] = []  # the programs it started compiling ahead (`compile_ahead.py`)
         ahead = ahead and self.covers_ahead and self.programs.adaptive
         if ahead:  # the first pass, then the covers, while this thread compiles the deviations

@@ -170,6 +170,25 @@ def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
         return pt(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
+def peaked_random_model_and_task(config, seed: int, prompt_seed: int, n_prompts: int, n_pos: int = 6):
+    """A random `Transformer` with its unembedding scaled 10x (a peaked output,
+    so that cutting edges moves KL) and random clean and corrupted prompts,
+    KL at the last position."""
+    import equinox as eqx
+    import jax
+
+    from acdc_jax.model import Transformer
+    from acdc_jax.tasks.base import Task, kl_divergence
+
+    model = Transformer(config, key=jax.random.PRNGKey(seed))
+    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 10.0)
+    rng = np.random.default_rng(prompt_seed)
+    shape = (n_prompts, n_pos)
+    task = Task("random-kl", rng.integers(0, config.d_vocab, shape), rng.integers(0, config.d_vocab, shape),
+                positions=np.array([n_pos - 1]), metrics={"kl": kl_divergence})
+    return model, task
+
+
 def force_accelerator_path(monkeypatch, covers_ahead: bool = False) -> None:
     """Scorers made from now on take one accelerator's path on the CPU:
     vmapped candidates (no CPU loop), dense masks made on the device from the

@@ -6,7 +6,6 @@ threads must trace under), as exact patching scores each edge alone."""
 
 import threading
 
-import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -14,31 +13,26 @@ import pytest
 from acdc_jax import compile_ahead
 from acdc_jax.acdc import acdc
 from acdc_jax.candidates import Candidates
-from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.model import TransformerConfig
 from acdc_jax.patching import Corruption
 from acdc_jax.programs import Shape
 from acdc_jax.precision import matmul_precision
 from acdc_jax.scoring import Scorer
-from acdc_jax.tasks.base import Task, kl_divergence
+from acdc_jax.tasks.base import kl_divergence
 
-from .helpers import force_accelerator_path
+from .helpers import force_accelerator_path, peaked_random_model_and_task
 
 CONFIG = TransformerConfig(n_layers=3, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=31, n_ctx=8)
 
 
 @pytest.fixture(scope="module")
 def small():
-    model = Transformer(CONFIG, key=jax.random.PRNGKey(5))
-    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 10.0)  # a peaked output
-    rng = np.random.default_rng(1)
-    task = Task("random-kl", rng.integers(0, 31, (4, 6)), rng.integers(0, 31, (4, 6)),
-                positions=np.array([5]), metrics={"kl": kl_divergence})
-    return model, task
+    return peaked_random_model_and_task(CONFIG, seed=5, prompt_seed=1, n_prompts=4)
 
 
 @pytest.fixture
 def backend_compiles():
-    """(thread name, event) of each XLA compile from now on."""
+    """The name of the thread of each XLA compile from now on."""
     seen = []
 
     def listen(event, duration, **_):

@@ -8,7 +8,6 @@ error is XLA's own."""
 
 import importlib
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,23 +16,18 @@ import pytest
 from acdc_jax import patched_forward
 from acdc_jax.acdc import acdc
 from acdc_jax.algorithms import acdc_nodes, exact_patching
-from acdc_jax.model import Transformer, TransformerConfig
+from acdc_jax.model import TransformerConfig
 from acdc_jax.scoring import Scorer
-from acdc_jax.tasks.base import Task, kl_divergence
+from acdc_jax.tasks.base import kl_divergence
 
-from .helpers import force_accelerator_path
+from .helpers import force_accelerator_path, peaked_random_model_and_task
 
 CONFIG = TransformerConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=29, n_ctx=8)
 
 
 @pytest.fixture(scope="module")
 def small():
-    model = Transformer(CONFIG, key=jax.random.PRNGKey(3))
-    model = eqx.tree_at(lambda m: m.unembed.W_U, model, model.unembed.W_U * 10.0)  # a peaked output
-    rng = np.random.default_rng(0)
-    task = Task("random-kl", rng.integers(0, 29, (5, 6)), rng.integers(0, 29, (5, 6)),
-                positions=np.array([5]), metrics={"kl": kl_divergence})
-    return model, task
+    return peaked_random_model_and_task(CONFIG, seed=3, prompt_seed=0, n_prompts=5)
 
 
 def _decisions(circuit):
