@@ -78,12 +78,30 @@ def full_pass(scorer) -> None:
 
 
 def in_this_context(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn`, to run in a worker thread under this thread's matmul precision
-    (JAX keeps it per thread, and it is part of a program's key)."""
-    precision = jax.config.jax_default_matmul_precision
+    """`fn`, to run in a worker thread under this thread's JAX settings that
+    are part of a program's key (matmul precision, default device, x64, ...:
+    JAX keeps them per thread). Where they still differ there (a context JAX
+    keeps otherwise, such as a mesh), it compiles nothing: the pass would not
+    find the program, and compiles its own."""
+    try:  # JAX's own list of them
+        from jax._src import config
+        states = [config.config_states[n] for n in config.trace_context_names() if n in config.config_states]
+        settings, context = [(state, state.get_local()) for state in states], config.trace_context()
+    except (AttributeError, ImportError, NotImplementedError):  # a JAX without it: the precision alone
+        config, context = None, None
+        settings = jax.config.jax_default_matmul_precision
 
     def run():
-        with jax.default_matmul_precision(precision):
+        if config is None:
+            with jax.default_matmul_precision(settings):
+                return fn()
+        saved = [state.swap_local(value) for state, value in settings]
+        try:
+            if config.trace_context() != context:
+                raise RuntimeError("JAX settings this thread cannot enter: not compiled ahead")
             return fn()
+        finally:
+            for (state, _), value in zip(settings, saved):
+                state.set_local(value)
 
     return run

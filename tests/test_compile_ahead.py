@@ -32,11 +32,12 @@ def small():
 
 @pytest.fixture
 def backend_compiles():
-    """The name of the thread of each XLA compile from now on."""
+    """The name of the thread of each XLA compile from now on (but JAX's
+    lifting of a numpy array, `jnp.asarray`: a trivial program per shape)."""
     seen = []
 
-    def listen(event, duration, **_):
-        if event.endswith("backend_compile_duration"):
+    def listen(event, duration, fun_name=None, **_):
+        if event.endswith("backend_compile_duration") and fun_name != "jit(stage)":
             seen.append(threading.current_thread().name)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -121,3 +122,19 @@ def test_exact_patching_with_covers_compiled_ahead_scores_each_edge_alone(small,
     assert circuit.settings["compiled_ahead"] >= 1
     assert np.abs(reference).max() > 1e-3
     np.testing.assert_allclose(circuit.scores, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_workers_enter_the_callers_jax_settings(backend_compiles):
+    """A program compiled ahead under the caller's thread-local settings
+    (here a default device and the rank-promotion rule, both part of a
+    program's key) is the one the caller's own call then runs."""
+    f = jax.jit(lambda x: (x * 2.0).sum())
+    x = np.arange(6.0, dtype=np.float32)
+    with jax.default_device(jax.devices("cpu")[0]), jax.numpy_rank_promotion("raise"):
+        job = compile_ahead.in_this_context(lambda: f.lower(x).compile())
+        worker = threading.Thread(target=job, name="acdc-jax-compile-test")
+        worker.start()
+        worker.join()
+        before = backend_compiles.count("MainThread")
+        assert float(f(x)) == 30.0
+    assert backend_compiles.count("MainThread") == before and "acdc-jax-compile-test" in backend_compiles
