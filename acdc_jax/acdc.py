@@ -249,7 +249,7 @@ def acdc(
                         rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
                         compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(scorer.ahead),
-                        compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
+                        bought_ahead=scorer.bought_ahead, compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
                         compile_wait_seconds=round(scorer.programs.waited - waited, 3),
                         mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)

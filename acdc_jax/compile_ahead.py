@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 from . import dense
 from .candidates import Candidates
@@ -75,6 +77,46 @@ def full_pass(scorer) -> None:
             s.model, s.graph, s.corruption, s.metric, s.task, s.arrays, s._rep(s.start), s.tokens,
             s.positions).compile())):
         s.ahead.append(shape)
+
+
+def buy(scorer, shape: Shape) -> bool:
+    """Compile `shape`, which the ski rental has decided to buy, in a
+    background thread while the passes rent the program they ran in (its
+    arguments lowered as zeros of their shapes). True where it is compiling
+    (now or already). Dense passes (their own cover, or with a head cache and
+    a shared upstream sum) and head caches on one device; others compile when run."""
+    s, p = scorer, scorer.programs
+    if shape in p.ahead:
+        return True
+    if not (s.covers_ahead and p.adaptive and s.mesh is None and shape.kind in ("pass", "heads")):
+        return False
+    H = s.graph.n_heads
+    if shape.kind == "pass" and shape.heads is not None:  # its first run computes the layer's head cache
+        buy(s, Shape("heads", shape.start_layer, 1, H, None))
+
+    def compile_program() -> None:
+        base = s._rep(s.start)
+        heads = None if shape.heads is None else jnp.arange(shape.heads, dtype=jnp.int32) % H
+        if shape.kind == "heads":
+            program, args = dense.layer_heads, (s.model, s.graph, shape.start_layer, s.corruption, base, s.tokens,
+                                                s.deviations, heads)
+            program.lower(*args).compile()
+            return
+        results = None
+        if heads is not None:
+            like = eqx.filter_eval_shape(dense.layer_heads, s.model, s.graph, shape.start_layer, s.corruption, base,
+                                         s.tokens, s.deviations, jnp.arange(H, dtype=jnp.int32))
+            results = jnp.zeros(like.shape, like.dtype)
+        upstream = None if shape.rows is None else (base, jnp.arange(shape.rows, dtype=jnp.int32))
+        masks = s._masks(Candidates(s.start, [[]]), shape.width)
+        program, args = s._dense_pass(shape, shape.start_layer, masks, heads, results, upstream)
+        program.lower(*args, False).compile()
+
+    if not p.compile_ahead(shape, in_this_context(compile_program)):
+        return False
+    s.ahead.append(shape)
+    s.bought_ahead += 1
+    return True
 
 
 def in_this_context(fn: Callable[[], object]) -> Callable[[], object]:

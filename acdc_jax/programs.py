@@ -165,6 +165,7 @@ class Programs:
         self.forgone = 0.0  # seconds sparse passes would have saved where none was compiled (sparse_passes.py)
         self.ahead: dict[Shape, concurrent.futures.Future] = {}  # compiling in the background
         self.compiled_ahead = 0  # programs compiled ahead that were ready or waited for
+        self.failed_ahead: set[Shape] = set()  # left to their passes, never tried ahead again
         self.waited = 0.0  # seconds passes waited for programs compiling ahead
 
     def compile_ahead(self, shape: Shape, compile_program: Callable[[], object]) -> bool:
@@ -172,7 +173,7 @@ class Programs:
         lowers and compiles it, as `jax.jit(f).lower(...).compile()`, which a
         later call of the same function with such arguments reuses), unless it
         is compiled or on its way. A pass that needs it waits for it."""
-        if shape in self.compiled or shape in self.ahead:
+        if shape in self.compiled or shape in self.ahead or shape in self.failed_ahead:
             return False
         self.ahead[shape] = _pool().submit(_timed, compile_program)
         return True
@@ -188,7 +189,9 @@ class Programs:
         for shape, job in list(self.ahead.items()):
             if job.done():
                 del self.ahead[shape]
-                if not job.cancelled() and job.exception() is None:
+                if not job.cancelled() and job.exception() is not None:
+                    self.failed_ahead.add(shape)
+                elif not job.cancelled():
                     self.compiled.add(shape)
                     self.compiled_ahead += 1
                     if job.result() > 0:  # zero: JAX had it compiled already
@@ -221,7 +224,7 @@ class Programs:
         return True
 
     def choose(self, need: Shape, flops: Callable[[Shape], float], cover: Optional[Shape] = None,
-               max_width: Optional[int] = None) -> Shape:
+               max_width: Optional[int] = None, buy_ahead: Optional[Callable[[Shape], bool]] = None) -> Shape:
         """The shape to run a pass that needs `need`: `need` itself, or a
         compiled one (at most `max_width` wide: memory) that covers it while
         renting is still cheaper. `cover` (a shape that covers every pass
@@ -229,7 +232,8 @@ class Programs:
         instead of `need` when nothing compiled covers it yet, so that the
         later passes from those layers can rent it; where renting an earlier
         layer's cover has cost a compilation, `need`'s own layer's cover is
-        bought before its exact shape."""
+        bought before its exact shape. `buy_ahead(shape)`: start compiling a
+        shape bought (True where it is compiling), renting meanwhile."""
         self.collect()
         if need in self.compiled or not self.adaptive:
             return need
@@ -244,7 +248,9 @@ class Programs:
         early = cover is not None and best.start_layer < need.start_layer and need.cover() not in self.compiled
         key = ("cover", need.start_layer) if early else need
         if not self.rent(key, extra, self.estimate_compile(need.kind)):
-            return need.cover() if early else need
+            buy = need.cover() if early else need
+            if buy_ahead is None or not buy_ahead(buy):
+                return buy
         self.reused += 1
         return best
 

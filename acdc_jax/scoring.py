@@ -100,6 +100,7 @@ class Scorer:
         self.reused = 0  # passes run in a larger program than they needed
         self.start = start = np.asarray(graph.ones() if start is None else start, np.float32)
         self.ahead: list[Shape] = []  # the programs it started compiling ahead (`compile_ahead.py`)
+        self.bought_ahead = 0  # of those, bought by the ski rental while renting (`compile_ahead.buy`)
         ahead = ahead and self.covers_ahead and self.programs.adaptive
         if ahead:  # the first pass, then the covers, while this thread compiles the deviations
             compile_ahead.full_pass(self)
@@ -292,9 +293,12 @@ class Scorer:
         cover = need.cover(self.cover_start(need)) if first else None
         if need.kind == "sparse":
             cover = self.sparse.cover(need)
-        shape = self.programs.choose(need, self.flops_of_program, cover, max_width)
+        shape = self.programs.choose(need, self.flops_of_program, cover, max_width, self._buy_ahead)
         self.reused += shape != need
         return shape
+
+    def _buy_ahead(self, shape: Shape) -> bool:
+        return compile_ahead.buy(self, shape)
 
     def _run(self, shape: Shape, flops: float, fn):
         """Run the program `shape` (`fn`, `flops` FLOPs), and count it once it has

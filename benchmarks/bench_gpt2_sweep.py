@@ -124,7 +124,7 @@ def main(argv=None):
            "compile_s": compiling, "disk_cache_files_before": cached_before,
            # compiling ahead: programs compiled in background threads, and the seconds the run itself spent
            # compiling and waiting for those (the rest of compile_s overlapped with passes or each other)
-           "compiled_ahead": circuit.settings["compiled_ahead"],
+           "compiled_ahead": circuit.settings["compiled_ahead"], "bought_ahead": circuit.settings["bought_ahead"],
            "compiled_ahead_and_run": circuit.settings["compiled_ahead_and_run"], "compile_main_thread_s": main_compiling,
            "compile_wait_s": circuit.settings["compile_wait_seconds"],
            "programs": circuit.settings["programs"],

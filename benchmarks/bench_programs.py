@@ -15,7 +15,9 @@ gives the layers the same width, as in this replay); and the logits' pass,
 that cover and then each layer's own compiled ahead by `--workers`
 background threads (acdc-jax's default on accelerators since 2026-12-05:
 `acdc_jax/compile_ahead.py`), a pass
-waiting only for a program it needs that is not ready, on a clock. The
+waiting only for a program it needs that is not ready, on a clock; and the
+same with the programs the rental buys later compiled by the next free
+thread while the passes rent (the default since 2026-12-06). The
 outputs are a replay under stated costs, not timings: the compile seconds and
 FLOP rate are inputs, the threads are taken not to slow each other or the
 device; bench_gpt2_sweep.py measures them.
@@ -58,14 +60,14 @@ def shapes_needed(width: int, kept: float) -> list[Shape]:
 
 
 POLICIES = {"exact": "exact shapes", "cover": "a cover per layer", "shared": "one cover from layer 0",
-            "ahead": "covers compiled ahead"}
+            "ahead": "covers compiled ahead", "buy": "and buys compiled ahead"}
 
 
 def replay(needs: list[Shape], compile_s: float, flops_per_s: float, policy: str, workers: int = 4) -> dict:
     graph = CircuitGraph(GPT2_SMALL)
     flops = lambda s: float(shape_flops(graph, s, N_PROMPTS, N_POS, 1))  # as the Scorer counts them
-    if policy == "ahead":
-        return replay_ahead(needs, compile_s, flops_per_s, workers, graph, flops)
+    if policy in ("ahead", "buy"):
+        return replay_ahead(needs, compile_s, flops_per_s, workers, graph, flops, buy=policy == "buy")
 
     programs = Programs()
     programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
@@ -89,11 +91,13 @@ def replay(needs: list[Shape], compile_s: float, flops_per_s: float, policy: str
             "extra_work_s": extra, "total_s": n * compile_s + work + extra}
 
 
-def replay_ahead(needs: list[Shape], compile_s: float, flops_per_s: float, workers: int, graph, flops) -> dict:
+def replay_ahead(needs: list[Shape], compile_s: float, flops_per_s: float, workers: int, graph, flops,
+                 buy: bool = False) -> dict:
     """The logits' pass, the shared cover from layer 0, then each later
     layer's own, latest first, compiled from time 0 by `workers` threads; the
     passes on a clock that waits for a program compiling ahead and stops for
-    any other."""
+    any other. `buy`: a program the rental buys (and its head cache) is
+    compiled by the next free thread too, the passes renting meanwhile."""
     programs = Programs()
     programs.compile_costs, programs.seconds_per_flop = {"pass": [compile_s]}, 1.0 / flops_per_s
     width = max(n.width for n in needs if n.start_layer < graph.n_layers)
@@ -101,30 +105,49 @@ def replay_ahead(needs: list[Shape], compile_s: float, flops_per_s: float, worke
     ahead = [Shape("pass", layer, width, None, None)
              for layer in [graph.n_layers, 0, *range(graph.n_layers - 1, 0, -1)]]
     ready = {s: (i // workers + 1) * compile_s for i, s in enumerate(ahead)}
+    free = sorted(ready.values())[-workers:]  # when each thread is next free
     clock = waited = blocked = work = extra = 0.0
-    compiled, cached_heads, used = 0, set(), set()
+    compiled, cached_heads, used, bought = 0, set(), set(), set()
+
+    def buy_ahead(shape: Shape) -> bool:  # as compile_ahead.buy: the program, and the head cache its first run needs
+        jobs = [shape]
+        if shape.heads is not None and shape.start_layer not in cached_heads:
+            jobs.append(Shape("heads", shape.start_layer, 1, None, None))
+        for job in jobs:
+            if job not in ready:
+                free.sort()
+                ready[job] = free[0] = max(free[0], clock) + compile_s
+                bought.add(job)
+        return True
+
     for need in needs:
-        programs.compiled |= {s for s, at in ready.items() if at <= clock}
+        programs.compiled |= {s for s, at in ready.items() if at <= clock and s.kind == "pass"}
         cover = need.cover(0) if need.start_layer < graph.n_layers else None
-        shape = programs.choose(need, flops, cover)
+        shape = programs.choose(need, flops, cover, buy_ahead=buy_ahead if buy else None)
         if shape not in programs.compiled:
             if shape in ready:
-                waited += ready[shape] - clock
-                clock = ready[shape]
+                waited += max(ready[shape] - clock, 0.0)
+                clock = max(clock, ready[shape])
             else:
                 clock, blocked, compiled = clock + compile_s, blocked + compile_s, compiled + 1
             programs.compiled.add(shape)
         if shape.heads is not None and shape.start_layer not in cached_heads:
             cached_heads.add(shape.start_layer)
-            clock, blocked = clock + compile_s, blocked + compile_s
+            heads = Shape("heads", shape.start_layer, 1, None, None)
+            if heads in ready:
+                waited += max(ready[heads] - clock, 0.0)
+                clock = max(clock, ready[heads])
+            else:
+                clock, blocked = clock + compile_s, blocked + compile_s
         used.add(shape)
         clock += flops(shape) / flops_per_s
         work += flops(need) / flops_per_s
         extra += (flops(shape) - flops(need)) / flops_per_s
-    return {"policy": POLICIES["ahead"], "compile_s_each": compile_s, "tflops": flops_per_s / 1e12,
-            "passes": len(needs), "pass_programs": compiled + len(used & set(ahead)),
-            "head_cache_programs": len(cached_heads), "compiled_ahead": len(ahead),
-            "compiled_ahead_and_run": len(used & set(ahead)), "compile_s": blocked, "waited_s": waited,
+    started = set(ahead) | {s for s in bought if s.kind == "pass"}
+    return {"policy": POLICIES["buy" if buy else "ahead"], "compile_s_each": compile_s,
+            "tflops": flops_per_s / 1e12, "passes": len(needs), "pass_programs": compiled + len(used & started),
+            "head_cache_programs": len(cached_heads), "compiled_ahead": len(ahead) + len(bought),
+            "compiled_ahead_and_run": len(used & started), "compile_s": blocked, "waited_s": waited,
             "needed_work_s": work, "extra_work_s": extra, "total_s": clock}
 
 

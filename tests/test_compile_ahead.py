@@ -124,6 +124,56 @@ def test_exact_patching_with_covers_compiled_ahead_scores_each_edge_alone(small,
     np.testing.assert_allclose(circuit.scores, reference, rtol=1e-4, atol=1e-6)
 
 
+def test_a_program_bought_while_renting_compiles_in_the_background(small, monkeypatch, backend_compiles):
+    """The rental buys a pass's exact shape (with the layer's head cache):
+    the passes rent the cover until it is compiled, off their thread, and
+    then run in it, compiling nothing themselves; the metrics are each
+    candidate's own full pass."""
+    model, task = small
+    force_accelerator_path(monkeypatch, covers_ahead=True)
+    graph = task.graph_for(model)
+    scorer = Scorer(model, graph, task.bind(model), Corruption.from_prompts(model, task.corrupted), kl_divergence,
+                    static_task=task, widths=[4, 4, 4, 4])
+    scorer.full(graph.ones())
+    edges = [i for i, name in enumerate(graph.edge_names) if name.endswith("->blocks.1.hook_q_input[0]")]
+    cands = Candidates(graph.ones(), [[e] for e in edges[:2]])
+    need = scorer.need(cands, 1, 4)
+    assert need.heads == 1  # a head cache of layer 1, one head recomputed per candidate
+    cover = scorer.choose(cands, 1, 4)
+    assert cover == Shape("pass", 0, 4, None, None)
+    first = scorer.batch(cands, 1, 4, cover)  # compiles the cover (nothing to rent yet)
+    monkeypatch.setattr(scorer.programs, "estimate_compile", lambda kind: 0.0)  # compiling looks free: buy now
+    before = backend_compiles.count("MainThread")
+    rented = scorer.choose(cands, 1, 4)
+    assert rented == cover and need.cover() in scorer.programs.ahead  # bought layer 1's own cover, rented meanwhile
+    scorer.programs.collect(wait_for=need.cover())
+    assert scorer.choose(cands, 1, 4) == need.cover()  # ... and once it is compiled, rents that cover
+    scorer.programs.regret.clear()
+    assert scorer.choose(cands, 1, 4) == need.cover() and need in scorer.programs.ahead  # then buys the exact shape
+    assert Shape("heads", 1, 1, graph.n_heads, None) in scorer.programs.ahead  # and its head cache
+    for shape in list(scorer.programs.ahead):
+        scorer.programs.collect(wait_for=shape)
+    assert scorer.choose(cands, 1, 4) == need
+    exact = scorer.batch(cands, 1, 4, need)
+    assert backend_compiles.count("MainThread") == before and scorer.bought_ahead == 3
+    reference = np.array([scorer.full(m) for m in cands.masks()])
+    np.testing.assert_allclose(first[:2], reference, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(exact, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_acdc_buying_in_the_background_makes_the_loops_decisions(small, monkeypatch):
+    model, task = small
+    tau = 3e-4
+    seq = acdc(model, task, tau, mode="sequential", progress=False)
+    force_accelerator_path(monkeypatch, covers_ahead=True)
+    from acdc_jax.programs import Programs
+
+    monkeypatch.setattr(Programs, "estimate_compile", lambda self, kind: 0.0)  # every rental buys at once
+    bat = acdc(model, task, tau, progress=False, max_width=6, rescore_ties=True)
+    assert bat.settings["bought_ahead"] >= 1
+    assert [(d.edge, d.tried, d.kept) for d in bat.decisions] == [(d.edge, d.tried, d.kept) for d in seq.decisions]
+
+
 def test_the_workers_enter_the_callers_jax_settings(backend_compiles):
     """A program compiled ahead under the caller's thread-local settings
     (here a default device and the rank-promotion rule, both part of a
