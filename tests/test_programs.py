@@ -236,3 +236,34 @@ def test_an_earlier_cover_is_rented_then_the_layers_own_cover_bought():
     again = math.ceil(1.0 / ((flops(own) - flops(need)) * 0.01) - 1e-9) - 1
     assert rentals > 0 and picks[:rentals] == [early] * rentals and picks[rentals] == own
     assert picks[rentals + 1:rentals + 1 + again] == [own] * again and set(picks[rentals + 1 + again:]) == {need}
+
+
+def test_binding_a_task_again_compiles_nothing():
+    """A threshold sweep binds its task once per run: the reference logits'
+    program is compiled once per model shape, not once per bind."""
+    import dataclasses
+
+    import jax
+
+    from acdc_jax.model import TransformerConfig
+
+    from .helpers import peaked_random_model_and_task
+
+    config = TransformerConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=29, n_ctx=8)
+    model, task = peaked_random_model_and_task(config, seed=3, prompt_seed=4, n_prompts=3)
+    task.bind(model)
+    compiled = []
+
+    def listen(event, duration, fun_name=None, **_):
+        if event.endswith("backend_compile_duration") and fun_name != "jit(stage)":  # jnp.asarray's lifting
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        other = dataclasses.replace(task, clean=np.roll(task.clean, 1, axis=0))  # same shapes, other prompts
+        bound = other.bind(model)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []
+    expected = np.stack([np.asarray(model(jax.numpy.asarray(t)))[task.positions] for t in other.clean])
+    np.testing.assert_allclose(bound.reference, expected, rtol=1e-5, atol=1e-6)

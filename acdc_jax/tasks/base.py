@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,7 +214,8 @@ def task_arrays(task: Task) -> dict:
     }
 
 
+@eqx.filter_jit
 def _forward(model, tokens):
-    import equinox as eqx
-
-    return eqx.filter_jit(lambda m, t: m(t))(model, tokens)
+    """The model's logits: one program per model shape, kept across binds (a
+    threshold sweep binds its task once per run)."""
+    return model(tokens)
