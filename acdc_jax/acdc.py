@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import compile_ahead
 from .circuit import Circuit, Decision, start_mask
 from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
 from .errors import MetricError
@@ -168,14 +169,18 @@ def acdc(
         graph = task.graph_for(model, graph)
         mesh = parse_mesh(mesh)
         metric_name, metric_fn = resolve_metric(task, metric)
-        corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
-        unbound, task = task, task.bind(model)
         start_edges = None if start is None else start_mask(graph, start)
-        schedule = Schedule(graph, head_order, order, start_edges)
         caps, chunk = [1] * (graph.n_layers + 1), None  # the widest pass from each start layer
         if mode == "batched":
             caps, chunk = plan_task(model, graph, task, max_width, mesh)
             chunk = prompt_chunk if prompt_chunk is not None else chunk
+        # on accelerators the reference logits' and the deviations' programs compile while this thread
+        # compiles the corrupted run
+        compile_ahead.setup(model, graph, task, corruption, start_edges, mesh, sparse, chunk)
+        corruption_kind, corruption_obj = resolve_corruption(model, task, corruption)
+        compile_ahead.wait("forward")
+        unbound, task = task, task.bind(model)
+        schedule = Schedule(graph, head_order, order, start_edges)
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                         prompt_chunk=chunk, sparse=sparse, start=start_edges,
                         widths=caps if mode == "batched" else None, ahead=True)

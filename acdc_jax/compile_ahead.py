@@ -16,17 +16,76 @@ before it compiles its own deviations; a pass waits for one still compiling
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-from typing import Callable
+import os
+from typing import Callable, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import dense
 from .candidates import Candidates
-from .programs import Shape
+from .patching import Corruption, _senders, with_resid
+from .programs import Shape, _pool
 from .sharding import round_width
+from .tasks.base import _forward
+
+
+def enabled(accelerator: bool) -> bool:
+    """Whether programs compile ahead: on accelerators, unless
+    ``ACDC_JAX_COVERS_AHEAD=0``; ``=1`` turns it on for CPUs too (tests)."""
+    setting = os.environ.get("ACDC_JAX_COVERS_AHEAD")
+    return setting == "1" or (setting != "0" and accelerator)
+
+
+_setup: dict[str, concurrent.futures.Future] = {}  # the latest run's setup programs compiling ahead
+
+
+def setup(model, graph, task, corruption, start: Optional[np.ndarray], mesh=None, sparse="auto",
+          prompt_chunk: Optional[int] = None) -> None:
+    """Where programs compile ahead, start compiling those a run on one
+    device needs before its first pass, but the corrupted run's, which this
+    thread compiles meanwhile: the full model's logits (`Task.bind`) and the
+    senders' deviations under `start` (as the run's `Scorer` asks for them,
+    given its `sparse` and `prompt_chunk`), lowered with zeros shaped as the
+    corrupted activations (corruption "prompts" or "zeros", by name). `wait`
+    before the call that reuses one."""
+    from .scoring import Scorer  # its accelerator check, which tests patch
+    from .sparse import eligible
+
+    if isinstance(corruption, Corruption) or mesh is not None or jax.process_count() > 1 \
+            or not enabled(Scorer._on_accelerator()):
+        return
+    corruption = corruption or task.corruption
+    sparse_ok = {True: "on", False: "off"}.get(sparse, sparse) != "off" and eligible(graph) and prompt_chunk is None
+    z_at = tuple(int(p) for p in task.positions) if sparse_ok else None
+    start = graph.ones() if start is None else start
+    tokens = jnp.asarray(task.clean)
+    masks = jnp.asarray(np.asarray(start, np.float32), model.embed.W_E.dtype)  # as `Scorer._rep` on one device
+
+    def deviations() -> None:
+        if corruption == "zeros":
+            corrupted = Corruption.zeros()
+        else:
+            like = eqx.filter_eval_shape(lambda m, t: with_resid(m, _senders(m, t)), model, jnp.asarray(task.corrupted))
+            corrupted = Corruption("prompts", jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), like))
+        args = (model, graph, tokens, masks, corrupted) + (() if z_at is None else (z_at,))
+        dense.deviations.lower(*args).compile()
+
+    _setup["forward"] = _pool().submit(in_this_context(lambda: _forward.lower(model, tokens).compile()))
+    if corruption == "zeros" or (corruption == "prompts" and task.corrupted is not None):
+        _setup["deviations"] = _pool().submit(in_this_context(deviations))
+
+
+def wait(name: str) -> None:
+    """Wait for the setup program `name` ("forward", "deviations") if it is
+    compiling ahead, so that this thread does not compile it too."""
+    job = _setup.pop(name, None)
+    if job is not None:
+        concurrent.futures.wait([job])
 
 
 def covers(scorer) -> list[Shape]:

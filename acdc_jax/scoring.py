@@ -12,7 +12,6 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import equinox as eqx
@@ -93,8 +92,7 @@ class Scorer:
         self.cover_first = accelerator
         # and (`ahead`) the full pass and the covers compile in background threads while the device computes
         # (`compile_ahead.py`; ACDC_JAX_COVERS_AHEAD=0 compiles each when first needed, =1 ahead on CPUs too)
-        setting = os.environ.get("ACDC_JAX_COVERS_AHEAD")
-        self.covers_ahead = setting == "1" or (setting != "0" and accelerator)
+        self.covers_ahead = compile_ahead.enabled(accelerator)
         self.widths = None if widths is None else list(widths)
         self.shapes: set[Shape] = set()  # the programs this Scorer ran
         self.reused = 0  # passes run in a larger program than they needed
@@ -109,6 +107,7 @@ class Scorer:
                 compile_ahead.start(self, jnp.zeros(like.shape, like.dtype))
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
+        compile_ahead.wait("deviations")  # where `compile_ahead.setup` compiles them
         if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
             self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
                                                   self.positions)

@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from .. import compile_ahead
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..decide import PassOutOfMemory, narrow, score_pass
@@ -42,7 +43,10 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh, task.clean.shape[0] if gradient else None)
     metric_name, metric_fn = resolve_metric(task, metric)
+    if ahead:  # on accelerators, the reference logits and the deviations compile beside the corrupted run
+        compile_ahead.setup(model, graph, task, corruption, None, mesh, prompt_chunk=prompt_chunk)
     corruption_kind, corr = resolve_corruption(model, task, corruption)
+    compile_ahead.wait("forward")
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task, prompt_chunk=prompt_chunk,
                     mesh=mesh, widths=widths, ahead=ahead)
     settings = {"task": task.name, "metric": metric_name, "corruption": corruption_kind,
