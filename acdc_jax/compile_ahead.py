@@ -11,7 +11,10 @@ layer's own cover, which its passes take over from a shared one once ready
 `Programs`' threads (`jax.jit(f).lower(...).compile()`, whose executable a
 later call of `f` with arguments of those shapes and placement reuses),
 before it compiles its own deviations; a pass waits for one still compiling
-(`Programs.run`). See docs/performance.md, "Compiling ahead".
+(`Programs.run`). Before the Scorer, `setup` starts the run's reference
+logits and deviations while the run compiles its corrupted run; later, `buy`
+compiles what the rental buys while the passes rent. See
+docs/performance.md, "Compiling ahead".
 """
 
 from __future__ import annotations
