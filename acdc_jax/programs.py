@@ -86,10 +86,15 @@ _workers: list = []
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     """The threads that compile programs ahead: XLA compiles in C++ without
-    Python's lock, so one host core per program compiles while the device runs passes."""
+    Python's lock, so one host core per program compiles while the device runs
+    passes. ``ACDC_JAX_COMPILE_THREADS`` sets how many (default: 4, at most
+    half the host's cores; how many pay on a GPU, whose autotuning they share, is not yet measured)."""
     if not _workers:
-        _workers.append(concurrent.futures.ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)),
-                                                              thread_name_prefix="acdc-jax-compile"))
+        setting = os.environ.get("ACDC_JAX_COMPILE_THREADS", "")
+        if setting and not (setting.isdigit() and int(setting) > 0):
+            raise ValueError(f"ACDC_JAX_COMPILE_THREADS must be a positive whole number, got {setting!r}.")
+        n = int(setting) if setting else max(1, min(4, (os.cpu_count() or 2) // 2))
+        _workers.append(concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="acdc-jax-compile"))
     return _workers[0]
 
 

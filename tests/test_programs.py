@@ -267,3 +267,19 @@ def test_binding_a_task_again_compiles_nothing():
     assert compiled == []
     expected = np.stack([np.asarray(model(jax.numpy.asarray(t)))[task.positions] for t in other.clean])
     np.testing.assert_allclose(bound.reference, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compile_threads_follow_the_setting(monkeypatch):
+    from acdc_jax import programs
+
+    monkeypatch.setattr(programs, "_workers", [])
+    monkeypatch.setenv("ACDC_JAX_COMPILE_THREADS", "3")
+    pool = programs._pool()
+    try:
+        assert pool._max_workers == 3 and programs._pool() is pool
+    finally:
+        pool.shutdown()
+    monkeypatch.setattr(programs, "_workers", [])
+    monkeypatch.setenv("ACDC_JAX_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="ACDC_JAX_COMPILE_THREADS"):
+        programs._pool()
