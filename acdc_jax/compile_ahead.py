@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import time
 from typing import Callable, Optional
 
 import equinox as eqx
@@ -83,12 +84,15 @@ def setup(model, graph, task, corruption, start: Optional[np.ndarray], mesh=None
         _setup["deviations"] = _pool().submit(in_this_context(deviations))
 
 
-def wait(name: str) -> None:
+def wait(name: str) -> float:
     """Wait for the setup program `name` ("forward", "deviations") if it is
-    compiling ahead, so that this thread does not compile it too."""
+    compiling ahead, so that this thread does not compile it too. Returns the seconds waited."""
     job = _setup.pop(name, None)
-    if job is not None:
-        concurrent.futures.wait([job])
+    if job is None:
+        return 0.0
+    start = time.perf_counter()
+    concurrent.futures.wait([job])
+    return time.perf_counter() - start
 
 
 def covers(scorer) -> list[Shape]:

@@ -107,7 +107,7 @@ class Scorer:
                 compile_ahead.start(self, jnp.zeros(like.shape, like.dtype))
         # the senders' deviations under the start circuit (default: the full model); a pass from a layer
         # reads those before it, so its candidates must agree with the start on every edge into earlier layers
-        compile_ahead.wait("deviations")  # where `compile_ahead.setup` compiles them
+        self.setup_waited = compile_ahead.wait("deviations")  # where `compile_ahead.setup` compiles them
         if self.sparse.ok:  # and the heads' z at the metric positions, from which sparse passes start
             self.deviations, z = dense.deviations(model, graph, self.tokens, self._rep(start), corruption,
                                                   self.positions)
