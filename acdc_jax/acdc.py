@@ -184,7 +184,8 @@ def acdc(
         scorer = Scorer(model, graph, task, corruption_obj, metric_fn, static_task=unbound, mesh=mesh,
                         prompt_chunk=chunk, sparse=sparse, start=start_edges,
                         widths=caps if mode == "batched" else None, ahead=True)
-        waited = scorer.programs.waited - setup_waited - scorer.setup_waited  # the setup's waits count too
+        setup_waited += scorer.setup_waited
+        waited = scorer.programs.waited
         settings = {
             "method": "acdc", "task": task.name, "tau": tau, "metric": metric_name, "corruption": corruption_kind,
             "dtype": dtype, "precision": precision, "rescore_ties": bool(band.scale),
@@ -255,7 +256,7 @@ def acdc(
                         seconds=round(time.perf_counter() - start, 3),
                         compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(scorer.ahead),
                         bought_ahead=scorer.bought_ahead, compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
-                        compile_wait_seconds=round(scorer.programs.waited - waited, 3),
+                        compile_wait_seconds=round(setup_waited + scorer.programs.waited - waited, 3),
                         mesh=None if mesh is None else dict(mesh.shape))
         scores = np.full(graph.n_edges, np.nan)
         for d in state.decisions:

@@ -58,14 +58,13 @@ def setup(model, graph, task, corruption, start: Optional[np.ndarray], mesh=None
     corrupted activations (corruption "prompts" or "zeros", by name). `wait`
     before the call that reuses one."""
     from .scoring import Scorer  # its accelerator check, which tests patch
-    from .sparse import eligible
+    from .sparse_passes import taken
 
     if isinstance(corruption, Corruption) or mesh is not None or jax.process_count() > 1 \
             or not enabled(Scorer._on_accelerator()):
         return
     corruption = corruption or task.corruption
-    sparse_ok = {True: "on", False: "off"}.get(sparse, sparse) != "off" and eligible(graph) and prompt_chunk is None
-    z_at = tuple(int(p) for p in task.positions) if sparse_ok else None
+    z_at = tuple(int(p) for p in task.positions) if taken(sparse, graph, mesh, prompt_chunk) else None
     start = graph.ones() if start is None else start
     tokens = jnp.asarray(task.clean)
     masks = jnp.asarray(np.asarray(start, np.float32), model.embed.W_E.dtype)  # as `Scorer._rep` on one device

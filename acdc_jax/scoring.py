@@ -72,7 +72,7 @@ class Scorer:
         self.positions = tuple(int(p) for p in task.positions)
         self.arrays = put_replicated(task_arrays(task), mesh)
         self.prompt_chunk = prompt_chunk  # prompts per step inside a batched pass (None: all)
-        self.sparse = SparsePasses(self, {True: "on", False: "off"}.get(sparse, sparse))
+        self.sparse = SparsePasses(self, sparse)
         self.passes = 0
         self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)

@@ -30,6 +30,17 @@ from .sparse import (BaseState, diff_columns, eligible, head_maps, initial_state
                      sizes, sparse_flops, sparse_metric)
 
 
+def _mode(sparse) -> str:
+    """`sparse` as "auto", "on" or "off" (True and False stand for the last two)."""
+    return {True: "on", False: "off"}.get(sparse, sparse)
+
+
+def taken(sparse, graph, mesh=None, prompt_chunk: Optional[int] = None) -> bool:
+    """Whether a Scorer with these settings scores passes sparsely where they
+    pay (and so computes every head's z at the metric positions with its deviations)."""
+    return _mode(sparse) != "off" and eligible(graph) and mesh is None and prompt_chunk is None
+
+
 class SparsePasses:
     """A `Scorer`'s sparse passes: the base state they start from, kept at
     the last base scored, the receiver caches of the last two start layers,
@@ -39,12 +50,13 @@ class SparsePasses:
 
     MODES = ("auto", "on", "off")
 
-    def __init__(self, scorer, mode: str):
+    def __init__(self, scorer, sparse):
+        mode = _mode(sparse)
         if mode not in self.MODES:
             raise ValueError(f"sparse must be one of {self.MODES} (or True / False for 'on' / 'off'), got {mode!r}.")
         self.scorer = scorer
         self.auto = mode == "auto"
-        self.ok = mode != "off" and eligible(scorer.graph) and scorer.mesh is None and scorer.prompt_chunk is None
+        self.ok = taken(mode, scorer.graph, scorer.mesh, scorer.prompt_chunk)
         self.entered: Optional[bool] = None  # auto: whether this run goes sparse (decided at its first sparse pass)
         self.mask: Optional[np.ndarray] = None  # the circuit `state` belongs to
         self.state: Optional[BaseState] = None
