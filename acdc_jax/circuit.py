@@ -91,8 +91,13 @@ class Circuit:
 
     @classmethod
     def from_json(cls, d: dict) -> "Circuit":
-        if d.get("format") != CIRCUIT_FORMAT:
-            raise ValueError(f"Not an acdc-jax circuit file (format={d.get('format')!r}).")
+        if not isinstance(d, dict) or d.get("format") != CIRCUIT_FORMAT:
+            found = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"Not an acdc-jax circuit file (format={found!r}).")
+        missing = [k for k in ("model_config", "graph", "edges") if k not in d]
+        if missing:
+            raise ValueError(f"The circuit file lacks {missing}: it was cut short or edited; write it again with "
+                             "Circuit.save.")
         opts = d["graph"]
         graph = CircuitGraph(TransformerConfig.from_dict(d["model_config"]), split_qkv=opts["split_qkv"],
                              qkv_edges=opts["qkv_edges"], split_embed=opts["split_embed"])
@@ -111,7 +116,18 @@ class Circuit:
 
     @classmethod
     def load(cls, path) -> "Circuit":
-        return cls.from_json(json.loads(Path(path).read_text()))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No circuit file at {path}; give the circuit.json a run wrote.")
+        try:
+            d = json.loads(path.read_text(errors="replace"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): the file was cut short or is not a circuit; "
+                             "write it again with Circuit.save.") from e
+        try:
+            return cls.from_json(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def start_mask(graph: CircuitGraph, start) -> np.ndarray:

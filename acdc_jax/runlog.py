@@ -56,12 +56,17 @@ class RunLog:
             return cls(path, settings, initial_metric, [])
         if not path.is_file():
             raise FileNotFoundError(f"No decision log to resume from at {path}.")
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # bytes that are not text fail the checks below
         if not lines:
             raise ValueError(f"The decision log {path} is empty.")
-        header = json.loads(lines[0])
-        if header.get("type") != "header":
-            raise ValueError(f"{path} does not start with an acdc-jax log header.")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if not (isinstance(header, dict) and header.get("type") == "header"
+                and isinstance(header.get("settings"), dict) and "initial_metric" in header):
+            raise ValueError(f"{path} does not start with an acdc-jax log header: resume from the decision log "
+                             "an acdc run wrote (its log= or the CLI's log.jsonl), or start again without resume.")
         differ = {k: (header["settings"].get(k), v) for k, v in settings.items() if header["settings"].get(k) != v}
         if differ:
             raise ValueError(f"Cannot resume from {path}: the settings differ (logged, now): {differ}.")

@@ -206,6 +206,11 @@ def test_resume_needs_a_log_of_this_run(small_gpt2, tmp_path):
     (tmp_path / "other.jsonl").write_text(json.dumps({"edge": "x"}) + "\n")
     with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
         acdc(model, task, 0.05, progress=False, resume=tmp_path / "other.jsonl")
+    for name, first in [("binary.jsonl", b"\xff\xfe\x00 not json"), ("list.jsonl", b"[1, 2]"),
+                        ("bare.jsonl", json.dumps({"type": "header", "settings": 1}).encode())]:
+        (tmp_path / name).write_bytes(first + b"\n")
+        with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
+            acdc(model, task, 0.05, progress=False, resume=tmp_path / name)
 
 
 def test_prompt_chunks_make_the_same_decisions(small_gpt2):

@@ -208,6 +208,28 @@ def test_named_tasks_say_what_they_need(tmp_path):
         aj.Circuit.load(tmp_path / "c.json")
 
 
+def test_a_broken_circuit_file_is_refused(tmp_path):
+    graph = aj.CircuitGraph(CONFIG)
+    path = aj.Circuit(graph, np.asarray(graph.ones())).save(tmp_path / "circuit.json")
+    assert aj.Circuit.load(path).edges == list(graph.edge_names)
+    text = path.read_text()
+    with pytest.raises(FileNotFoundError, match="No circuit file at"):
+        aj.Circuit.load(tmp_path / "missing.json")
+    path.write_text(text[: len(text) // 2])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match="is not valid JSON .* cut short"):
+        aj.Circuit.load(path)
+    for drop in ("graph", "edges", "model_config"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != drop}))
+        with pytest.raises(ValueError, match=f"lacks \\['{drop}'\\]"):
+            aj.Circuit.load(path)
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="Not an acdc-jax circuit file"):
+        aj.Circuit.load(path)
+    path.write_text(json.dumps({**json.loads(text), "edges": ["no such edge"]}))
+    with pytest.raises(KeyError, match="No edge named 'no such edge'"):
+        aj.Circuit.load(path)
+
+
 def test_faithfulness_asks_for_a_callable_metric_it_cannot_name(model):
     def my_kl(logits, task):
         return kl_divergence(logits, task)
