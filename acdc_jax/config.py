@@ -40,7 +40,11 @@ class TransformerConfig:
     added after that norm) and the MLP's output. ``attn_softcap`` and
     ``logit_softcap`` cap the attention scores and the logits at ``c`` by
     ``c * tanh(x / c)``. ``qk_norm`` (Gemma 3) RMS-normalises each head's
-    query and key after the projection, before the rotation; ``qkv_clip``
+    query and key after the projection, before the rotation; with
+    ``qk_norm_across_heads`` (OLMo 2) one RMSNorm spans every head's query
+    (and key) at a position, each head's projected from its own input.
+    ``pre_norm=False`` (OLMo 2) drops the norms before attention and the
+    MLP, which then read the residual stream as it is; ``qkv_clip``
     (OLMo) clamps the projected queries, keys and values to ``[-c, c]``.
     ``rotary_local_layers`` (Gemma 3's sliding-window layers) rotate with
     ``rotary_local_inv_freq`` instead of the model's other frequencies.
@@ -69,6 +73,8 @@ class TransformerConfig:
     attn_softcap: Optional[float] = None
     logit_softcap: Optional[float] = None
     qk_norm: bool = False
+    qk_norm_across_heads: bool = False
+    pre_norm: bool = True
     qkv_clip: Optional[float] = None
     rotary_local_inv_freq: Optional[tuple[float, ...]] = None
     rotary_local_layers: tuple[int, ...] = ()
@@ -108,6 +114,11 @@ class TransformerConfig:
                 raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
             if getattr(self, flag) and self.d_mlp is None:
                 raise ConfigError(f"TransformerConfig.{flag}=True needs an MLP: set d_mlp.")
+        for flag in ("qk_norm_across_heads", "pre_norm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ConfigError("TransformerConfig.qk_norm_across_heads=True needs qk_norm=True.")
         for flag in ("post_norm", "qk_norm"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")

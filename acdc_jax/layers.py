@@ -129,7 +129,11 @@ def attend(
 class Attention(eqx.Module):
     """Per-head attention; ``q_norm`` and ``k_norm`` (``qk_norm``: Gemma 3,
     Qwen3) normalise each head's query and key after the projection, and
-    ``clip`` (``qkv_clip``: OLMo) clamps queries, keys and values there."""
+    ``clip`` (``qkv_clip``: OLMo) clamps queries, keys and values there.
+    With ``across_heads`` (OLMo 2) each norm spans all heads (its weight
+    [n_heads * d_head]): a head's query is its own input's projection over
+    the rms of every head's at that position, so a cut into one head's
+    query input moves the others', as a hook on ``q_proj``'s rows does."""
 
     W_Q: Float[Array, "n_heads d_model d_head"]
     b_Q: Float[Array, "n_heads d_head"]
@@ -146,6 +150,7 @@ class Attention(eqx.Module):
     rotary: Optional[Rotary] = eqx.field(static=True)
     softcap: Optional[float] = eqx.field(static=True)
     clip: Optional[float] = eqx.field(static=True)
+    across_heads: bool = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         H, D, K = config.n_heads, config.d_model, config.d_head
@@ -156,14 +161,23 @@ class Attention(eqx.Module):
         self.b_O = jnp.zeros((D,), jnp.float32)
         self.scale, self.causal, self.rotary = config.attn_scale, config.causal, config.rotary
         self.softcap, self.clip = config.attn_softcap, config.qkv_clip
-        norm = lambda: LayerNorm(K, "RMS", config.ln_eps) if config.qk_norm else None
+        self.across_heads = config.qk_norm_across_heads
+        size = H * K if self.across_heads else K
+        norm = lambda: LayerNorm(size, "RMS", config.ln_eps) if config.qk_norm else None
         self.q_norm, self.k_norm = norm(), norm()
 
-    def finish(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
-        """Projected queries, keys and values after the clamp and the per-head norms, if any."""
+    def finish(self, q: Array, k: Array, v: Array, heads: Optional[Array] = None) -> tuple[Array, Array, Array]:
+        """Projected queries, keys and values [n_heads, pos, d_head] after the
+        clamp and the query and key norms, if any."""
         if self.clip is not None:
             q, k, v = (jnp.clip(a, -self.clip, self.clip) for a in (q, k, v))
-        return q if self.q_norm is None else self.q_norm(q), k if self.k_norm is None else self.k_norm(k), v
+        if self.q_norm is None:
+            return q, k, v
+        if not self.across_heads:
+            return self.q_norm(q), self.k_norm(k), v
+        if heads is not None:  # the rms reads every head: no program recomputes only some (scoring.py)
+            raise ValueError("A query/key norm across heads needs every head's projection: recompute all heads.")
+        return _across_heads(self.q_norm, q), _across_heads(self.k_norm, k), v
 
     def head_results(
         self,
@@ -196,8 +210,14 @@ class Attention(eqx.Module):
         q = jnp.einsum("hpd,hdk->hpk", xq, pick(self.W_Q)) + pick(self.b_Q)[:, None, :]
         k = jnp.einsum("hpd,hdk->hpk", xk, pick(self.W_K)) + pick(self.b_K)[:, None, :]
         v = jnp.einsum("hpd,hdk->hpk", xv, pick(self.W_V)) + pick(self.b_V)[:, None, :]
-        q, k, v = self.finish(q, k, v)
+        q, k, v = self.finish(q, k, v, heads)
         return attend(q, k, v, self.scale, self.causal, q_positions, self.rotary, self.softcap, layer)
+
+
+def _across_heads(norm: LayerNorm, x: Float[Array, "n_heads pos d_head"]) -> Float[Array, "n_heads pos d_head"]:
+    """RMSNorm of each position's heads together (the weight is [n_heads * d_head])."""
+    inv = jax.lax.rsqrt((x * x).mean((0, 2), keepdims=True) + norm.eps)
+    return x * inv * norm.w.reshape(x.shape[0], 1, x.shape[2])
 
 
 def activation(name: str, x: Array) -> Array:

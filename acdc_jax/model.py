@@ -28,7 +28,8 @@ from .layers import MLP, Attention, LayerNorm, _lead, _normal, attention_pattern
 
 class Block(eqx.Module):
     """One layer. ``ln1_post`` and ``ln2_post`` (``post_norm``: Gemma 2) normalise
-    the attention's and the MLP's outputs before they join the residual stream."""
+    the attention's and the MLP's outputs before they join the residual stream;
+    without ``pre_norm`` (OLMo 2) ``ln1`` and ``ln2`` pass their input through."""
 
     ln1: LayerNorm
     attn: Attention
@@ -40,12 +41,13 @@ class Block(eqx.Module):
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jr.split(key)
         norm = lambda: LayerNorm(config.d_model, config.normalization, config.ln_eps)
-        self.ln1 = norm()
+        pre = lambda: norm() if config.pre_norm else LayerNorm(config.d_model, "none", config.ln_eps)
+        self.ln1 = pre()
         self.attn = Attention(config, key=ka)
         if config.attn_only:
             self.ln2 = self.mlp = None
         else:
-            self.ln2 = norm()
+            self.ln2 = pre()
             self.mlp = MLP(config, key=km)
         self.ln1_post = norm() if config.post_norm else None
         self.ln2_post = norm() if config.post_norm and not config.attn_only else None

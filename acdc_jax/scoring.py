@@ -244,7 +244,8 @@ class Scorer:
         if start_layer < self.graph.n_layers:
             touched = self.changed_heads(cands, start_layer) or [0]
             k = _pow2(len(touched), self.graph.n_heads)
-            heads = k if k < self.graph.n_heads else None
+            # a query/key norm across heads (OLMo 2) reads every head: no head cache
+            heads = k if k < self.graph.n_heads and not self.model.config.qk_norm_across_heads else None
             up = self.upstream_rows(cands, start_layer)
             rows = None if up is None else len(up)
         return Shape("pass", start_layer, round_width(max(width, len(cands)), self.mesh), heads, rows)

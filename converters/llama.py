@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-2, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -23,7 +23,10 @@ each head's query and key (``qk_norm``) and rotates its sliding-window
 layers with other frequencies than its global ones (`converters.gemma`).
 
 Qwen3 is Llama with an RMSNorm of each head's query and key after the
-projection (``qk_norm``), and biases on all four projections or none. OLMo
+projection (``qk_norm``), and biases on all four projections or none. OLMo 2
+has no norms before attention and the MLP, Gemma 2's norms after them
+(``post_norm``, plain RMSNorm weights), and one RMSNorm over all heads'
+queries and one over all keys (``qk_norm_across_heads``). OLMo
 (the first generation) is Llama with LayerNorms that have no weights
 (``LNPre``, eps 1e-5) and, with ``clip_qkv``, queries, keys and values
 clamped after the projection (``qkv_clip``).
@@ -50,7 +53,8 @@ from ._source import HF_INERT, Source, check_fields, require, stack
 from .gemma import gemma3_rotary, image_text_config, image_text_weights
 from .rope import rope_settings
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
+               "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
 # fields that only these model types read
@@ -112,7 +116,7 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
-    post_norm = model_type in _POST_NORM
+    post_norm = model_type in _POST_NORM or model_type == "olmo2"
     for field, types in _ONLY.items():
         if field in hf and model_type not in types:
             raise ConfigError(f"{origin}: {field} is read only for model_type {' or '.join(types)}; "
@@ -142,12 +146,13 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         act_fn=act, positional="rotary", causal=True, qkv_clip=hf.get("clip_qkv"),
         # OLMo's LayerNorm has no weights and a fixed eps
         normalization="LNPre" if model_type == "olmo" else "RMS",
-        ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-6),
+        ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-5 if model_type == "olmo2" else 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
         rotary_local_inv_freq=local_inv, rotary_local_layers=local, gated_mlp=True, post_norm=post_norm,
         attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-        logit_softcap=hf.get("final_logit_softcapping") if post_norm else None,
-        qk_norm=model_type in ("gemma3_text", "qwen3"),
+        logit_softcap=hf.get("final_logit_softcapping") if model_type in _POST_NORM else None,
+        qk_norm=model_type in ("gemma3_text", "qwen3", "olmo2"), qk_norm_across_heads=model_type == "olmo2",
+        pre_norm=model_type != "olmo2",
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
     qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))
@@ -224,14 +229,19 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
             put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0) * scale)
         put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
         put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
-        if config.normalization == "RMS":
+        if config.normalization == "RMS" and config.pre_norm:
             put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
-        if config.qk_norm:
+        if config.qk_norm_across_heads:  # OLMo 2: one norm over all heads, the key's over the key/value heads
+            put("blocks.attn.q_norm.w", norm(p + "self_attn.q_norm.weight", H * K))
+            k_norm = norm(p + "self_attn.k_norm.weight", n_kv * K).reshape(n_kv, K)
+            put("blocks.attn.k_norm.w", np.repeat(k_norm, H // n_kv, axis=0).reshape(H * K))
+        elif config.qk_norm:
             for letter in "qk":
                 put(f"blocks.attn.{letter}_norm.w", norm(f"{p}self_attn.{letter}_norm.weight", K))
         if config.post_norm:  # Gemma 2: post_attention_layernorm is the norm after attention, not before the MLP
             put("blocks.ln1_post.w", norm(p + "post_attention_layernorm.weight"))
-            put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))
+            if config.pre_norm:  # OLMo 2 has no norm before the MLP
+                put("blocks.ln2.w", norm(p + "pre_feedforward_layernorm.weight"))
             put("blocks.ln2_post.w", norm(p + "post_feedforward_layernorm.weight"))
         elif config.normalization == "RMS":
             put("blocks.ln2.w", norm(p + "post_attention_layernorm.weight"))

@@ -31,12 +31,12 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
 
     config_cls, model_cls = {
         "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
-        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"),
+        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":
         extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
-    if model_type == "olmo":
+    if model_type in ("olmo", "olmo2"):
         extra.setdefault("eos_token_id", 0)  # OlmoConfig's default, 50279, likewise
     torch.manual_seed(seed)
     config = getattr(transformers, f"{config_cls}Config")(
@@ -106,8 +106,8 @@ def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head
     rows)`` is that [d_head, d_model] block; no bias), ("mlp", l) from
     ``layer.mlp``, ("resid", l), and ("embed",) = ``embed(tokens)``. With
     ``post_norms(layer)`` = (norm after attention, norm after the MLP), as
-    in Gemma 2, a head's output is scaled as its share of the first norm
-    (weight / rms of the projection's output) and the MLP's is the second's."""
+    in Gemma 2 and OLMo 2, a head's output is scaled as its share of the first
+    norm (weight / rms of the projection's output) and the MLP's is the second's."""
     import torch
 
     acts, hooks = {}, []
@@ -120,9 +120,11 @@ def record_senders(pt, tokens, layers, n_heads: int, d_head: int, out_proj, head
             acts[("mlp", l)] = out
         def resid_hook(mod, args, kwargs, l=l):
             acts[("resid", l)] = args[0] if args else kwargs["hidden_states"]
-        def share_hook(mod, args, l=l):  # the factor of Gemma's RMSNorm (weight 1 + w) on the heads' sum
+        def share_hook(mod, args, l=l):  # the factor of the RMSNorm (Gemma's weight 1 + w) on the heads' sum
             x = args[0]
-            factor = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps) * (1.0 + mod.weight)
+            weight = (1.0 + mod.weight) if "Gemma" in type(mod).__name__ else mod.weight
+            eps = mod.eps if hasattr(mod, "eps") else mod.variance_epsilon  # Gemma's name, Llama's
+            factor = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
             for h in range(n_heads):
                 acts[("head", l, h)] = acts[("head", l, h)] * factor
         mlp_out = blk.mlp if post_norms is None else post_norms(blk)[1]

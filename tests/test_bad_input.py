@@ -72,8 +72,8 @@ def _edit_config(saved, tmp_path, **changes):
 
 
 def test_unknown_architecture(saved, tmp_path):
-    d = _edit_config(saved, tmp_path, model_type="olmo2")
-    with pytest.raises(ConfigError, match="model_type='olmo2'"):
+    d = _edit_config(saved, tmp_path, model_type="olmoe")
+    with pytest.raises(ConfigError, match="model_type='olmoe'"):
         converters.convert(d)
 
 

@@ -139,7 +139,9 @@ def torch_patched_logits(pt, clean, corrupt, edge):
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     layers = pt.model.layers
     gemma2 = hasattr(layers[0], "pre_feedforward_layernorm")
-    post_norms = (lambda blk: (blk.post_attention_layernorm, blk.post_feedforward_layernorm)) if gemma2 else None
+    olmo2 = not hasattr(layers[0], "input_layernorm")  # no norms before attention and the MLP
+    post_norms = (lambda blk: (blk.post_attention_layernorm, blk.post_feedforward_layernorm)) \
+        if gemma2 or olmo2 else None
 
     def record(tokens):
         return record_senders(pt, tokens, layers, H, dh, lambda blk: blk.self_attn.o_proj,
@@ -157,14 +159,14 @@ def torch_patched_logits(pt, clean, corrupt, edge):
         first = h * dh + (0 if fused is None else {"q": 0, "k": H * dh, "v": (H + n_kv) * dh}[letter])
         def qkv_hook(mod, args, out):
             resid = a_corr[("resid", l)] if kind == "qkv" else a_clean[("resid", l)] - delta
-            new = torch.nn.functional.linear(blk.input_layernorm(resid), mod.weight, mod.bias)
+            new = torch.nn.functional.linear(resid if olmo2 else blk.input_layernorm(resid), mod.weight, mod.bias)
             out = out.clone()
             out[..., first:first + dh] = new[..., first:first + dh]
             return out
         hook = proj.register_forward_hook(qkv_hook)
     elif receiver[0] == "mlp_in":
         blk = layers[receiver[1]]
-        mlp_norm = blk.pre_feedforward_layernorm if gemma2 else blk.post_attention_layernorm
+        mlp_norm = blk.pre_feedforward_layernorm if gemma2 else blk.mlp if olmo2 else blk.post_attention_layernorm
         hook = mlp_norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))
     else:
         hook = pt.model.norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,))

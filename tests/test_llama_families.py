@@ -1,12 +1,14 @@
 """The families read by the Llama converter with changes of their own (Phi-3,
-Qwen3, OLMo, Gemma 2 and Gemma 3), on random transformers models: all-ones
+Qwen3, OLMo, OLMo 2, Gemma 2 and Gemma 3), on random transformers models: all-ones
 masks give the plain forward, and cutting each of the Llama tests' edges
 matches their PyTorch hook reference. That reference patches q_proj, k_proj
 and v_proj (Phi-3: the fused qkv_proj's rows of the receiver), so
 transformers then applies each family's per-head norms, clamp and rotation to
 the patched projection; with norms after attention and after the MLP
-(Gemma 2 and 3), the senders are each head's share of the norm after
-attention and the norm after the MLP's output. Each family's own file holds
+(Gemma 2 and 3, OLMo 2), the senders are each head's share of the norm after
+attention and the norm after the MLP's output; OLMo 2's query and key norms
+span all heads, so transformers normalises a patched head's rows together
+with the other heads'. Each family's own file holds
 its parity, refusals and ACDC tests, with the model built here."""
 
 import copy
@@ -27,6 +29,7 @@ FAMILIES = {
     "phi3": dict(model_type="phi3", seed=1, scale=0.2, partial_rotary_factor=0.5),
     "qwen3": dict(model_type="qwen3", seed=2, scale=0.3),
     "olmo": dict(model_type="olmo", seed=3, scale=0.2, clip_qkv=0.3),
+    "olmo2": dict(model_type="olmo2", seed=3, scale=0.3),
     "gemma2": dict(model_type="gemma2", seed=1, scale=0.3, attn_logit_softcapping=0.5, final_logit_softcapping=1.0),
     "gemma3": dict(model_type="gemma3_text", seed=1, scale=0.3, sliding_window=16, sliding_window_pattern=2,
                    rope_parameters=GEMMA3_ROPES, final_logit_softcapping=1.0),
