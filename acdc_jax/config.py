@@ -48,6 +48,8 @@ class TransformerConfig:
     (OLMo) clamps the projected queries, keys and values to ``[-c, c]``.
     ``rotary_local_layers`` (Gemma 3's sliding-window layers) rotate with
     ``rotary_local_inv_freq`` instead of the model's other frequencies.
+    ``rotary_attention_factor`` (YaRN's on OLMo 3's full-attention layers
+    only) multiplies the cosines and sines of the layers that are not local.
     """
 
     n_layers: int
@@ -78,6 +80,7 @@ class TransformerConfig:
     qkv_clip: Optional[float] = None
     rotary_local_inv_freq: Optional[tuple[float, ...]] = None
     rotary_local_layers: tuple[int, ...] = ()
+    rotary_attention_factor: float = 1.0
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
@@ -133,6 +136,12 @@ class TransformerConfig:
                 object.__setattr__(self, name, float(cap))
 
     def _check_rotary(self) -> None:
+        f = self.rotary_attention_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < math.inf):
+            raise ConfigError(f"TransformerConfig.rotary_attention_factor must be a positive finite float, got {f!r}.")
+        object.__setattr__(self, "rotary_attention_factor", float(f))
+        if f != 1.0 and self.positional != "rotary":
+            raise ConfigError(f"TransformerConfig.rotary_attention_factor={f} needs positional='rotary'.")
         if self.positional != "rotary":
             if self.rotary_local_layers:
                 raise ConfigError("TransformerConfig.rotary_local_layers is set but positional="
@@ -182,9 +191,10 @@ class TransformerConfig:
         inv = self.rotary_inv_freq if self.rotary_inv_freq is not None else default_inv_freq(self.rotary_dim,
                                                                                              self.rotary_base)
         if not self.rotary_local_layers:
-            return Rotary(self.rotary_dim, tuple(inv))
+            return Rotary(self.rotary_dim, tuple(inv), factor=self.rotary_attention_factor)
         flags = tuple(int(l in self.rotary_local_layers) for l in range(self.n_layers))
-        return Rotary(self.rotary_dim, tuple(inv), tuple(self.rotary_local_inv_freq), flags)
+        return Rotary(self.rotary_dim, tuple(inv), tuple(self.rotary_local_inv_freq), flags,
+                      self.rotary_attention_factor)
 
     @property
     def attn_only(self) -> bool:
@@ -216,12 +226,14 @@ class Rotary(NamedTuple):
     static field of the attention module). The first `dim` dimensions of
     each head rotate in pairs at `inv_freq`; where some layers rotate at
     other frequencies (Gemma 3's local layers), `local_flags` marks them
-    (0/1 per layer) and `local_inv_freq` gives theirs."""
+    (0/1 per layer) and `local_inv_freq` gives theirs; the other layers'
+    cosines and sines are multiplied by `factor`."""
 
     dim: int
     inv_freq: tuple
     local_inv_freq: Optional[tuple] = None
     local_flags: Optional[tuple] = None
+    factor: float = 1.0  # on the cosines and sines of the layers that are not local
 
 
 def rope_powers(dim: int, base: float) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""Gemma 3's rotary settings (``Gemma3TextConfig``): its sliding-window
-("local") layers and its full-attention ("global") layers rotate with
-different frequencies. The weights load as the Llama family's
-(`converters.llama`)."""
+"""Rotary settings per layer type, for Gemma 3 (``Gemma3TextConfig``) and
+OLMo 3 (``Olmo3Config``): their sliding-window ("local") layers and their
+full-attention ("global") layers rotate with different frequencies (OLMo 3's
+global layers also with YaRN's cos/sin factor). The weights load as the
+Llama family's (`converters.llama`)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # transformers' defaults
 
 
-def local_layers(hf: Mapping[str, Any], n_layers: int, origin: str) -> tuple[int, ...]:
+def local_layers(hf: Mapping[str, Any], n_layers: int, origin: str, pattern: int = 6) -> tuple[int, ...]:
     """The sliding-window layers: from ``layer_types``, else every layer but
-    each ``sliding_window_pattern``-th (6 by default), as transformers reads them."""
+    each ``sliding_window_pattern``-th (Gemma 3: 6 by default; OLMo 3: every
+    4th), as transformers reads them."""
     types = hf.get("layer_types")
     if types is None:
         # transformers 5 saves the latter
-        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", pattern))
         if not (isinstance(pattern, int) and pattern >= 1):
             raise ConfigError(f"{origin}: sliding_window_pattern must be a positive int, got {pattern!r}.")
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
@@ -34,32 +36,55 @@ def local_layers(hf: Mapping[str, Any], n_layers: int, origin: str) -> tuple[int
 
 
 def gemma3_ropes(hf: Mapping[str, Any], d_head: int, origin: str) -> dict[str, Rope]:
+    """Gemma 3's `layer_type_ropes`: the older format's local layers read
+    ``rope_local_base_freq``, and no layer may have a cos/sin factor (the
+    per-head norms come after the projection, so it folds into no weight)."""
+    return layer_type_ropes(hf, d_head, origin, "Gemma 3", DEFAULT_THETA, "rope_local_base_freq", ())
+
+
+def layer_type_ropes(hf: Mapping[str, Any], d_head: int, origin: str, family: str, default_theta: Mapping[str, float],
+                     local_theta: Optional[str], factor_on: tuple[str, ...]) -> dict[str, Rope]:
     """Each layer type's `Rope`: transformers 5's ``rope_parameters`` per
     layer type, or the older ``rope_theta`` and ``rope_scaling`` (global
-    layers) and ``rope_local_base_freq`` (local layers). A cos/sin factor
-    other than 1 is refused: the per-head norms come after the projection,
-    so it folds into no weight here."""
+    layers) and the field `local_theta` (local layers; without one, their
+    default theta, as transformers 5 reads an older OLMo 3 config). A cos/sin
+    factor other than 1 is refused but on the layer types `factor_on`."""
     params = hf.get("rope_parameters")
     if params is not None and not set(params) <= set(LAYER_TYPES):
-        raise ConfigError(f"{origin}: Gemma 3's rope_parameters must be given per layer type {LAYER_TYPES}, "
+        raise ConfigError(f"{origin}: {family}'s rope_parameters must be given per layer type {LAYER_TYPES}, "
                           f"got the fields {sorted(params)}.")
+    older = ("rope_theta", "rope_scaling") + ((local_theta,) if local_theta else ())
     if params is None:
         params = {"full_attention": {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")},
-                  "sliding_attention": {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq")}}
-    elif any(k in hf for k in ("rope_theta", "rope_scaling", "rope_local_base_freq")):
-        raise ConfigError(f"{origin}: rope_parameters and the older rope_theta / rope_scaling / rope_local_base_freq "
-                          "are both given; keep one.")
+                  "sliding_attention": {"rope_type": "default",
+                                        "rope_theta": hf.get(local_theta) if local_theta else None}}
+    elif any(k in hf for k in older):
+        raise ConfigError(f"{origin}: rope_parameters and the older {' / '.join(older)} are both given; keep one.")
     ropes = {}
     for kind in LAYER_TYPES:
         sub = {k: v for k, v in (params.get(kind) or {}).items() if v is not None}
-        sub.setdefault("rope_theta", DEFAULT_THETA[kind])
+        sub.setdefault("rope_theta", default_theta[kind])
         rope = rope_settings({"rope_parameters": sub, "max_position_embeddings": hf.get("max_position_embeddings")},
                              f"{origin} ({kind} rope)", d_head)
-        if rope.attention_factor != 1.0 or rope.rotary_dim != d_head:
-            raise ConfigError(f"{origin}: Gemma 3's {kind} rope must rotate the whole head with no cos/sin factor "
+        if (rope.attention_factor != 1.0 and kind not in factor_on) or rope.rotary_dim != d_head:
+            allowed = "" if kind in factor_on else " with no cos/sin factor"
+            raise ConfigError(f"{origin}: {family}'s {kind} rope must rotate the whole head{allowed} "
                               f"(got {rope.rotary_dim} of {d_head} dimensions, factor {rope.attention_factor}).")
         ropes[kind] = rope
     return ropes
+
+
+def olmo3_rotary(hf: Mapping[str, Any], d_head: int, n_layers: int, origin: str
+                 ) -> tuple[Rope, tuple[int, ...], Optional[tuple[float, ...]], float]:
+    """OLMo 3's global layers' `Rope`, its local layers, their inverse
+    frequencies (None without local layers) and the global layers' cos/sin
+    factor (YaRN's, on those layers only)."""
+    theta = {kind: 500_000.0 for kind in LAYER_TYPES}  # transformers' Olmo3Config default
+    ropes = layer_type_ropes(hf, d_head, origin, "OLMo 3", theta, None, ("full_attention",))
+    local, sliding = local_layers(hf, n_layers, origin, pattern=4), ropes["sliding_attention"]
+    local_inv = (sliding.inv_freq or default_inv_freq(sliding.rotary_dim, sliding.base)) if local else None
+    full = ropes["full_attention"]
+    return full, local, local_inv, full.attention_factor
 
 
 def gemma3_rotary(hf: Mapping[str, Any], d_head: int, n_layers: int, origin: str

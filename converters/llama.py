@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-2, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Phi-3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -26,7 +26,9 @@ Qwen3 is Llama with an RMSNorm of each head's query and key after the
 projection (``qk_norm``), and biases on all four projections or none. OLMo 2
 has no norms before attention and the MLP, Gemma 2's norms after them
 (``post_norm``, plain RMSNorm weights), and one RMSNorm over all heads'
-queries and one over all keys (``qk_norm_across_heads``). OLMo
+queries and one over all keys (``qk_norm_across_heads``); OLMo 3 adds
+sliding-window layers with their own rotary frequencies and YaRN's cos/sin
+factor on its full-attention layers only (`converters.gemma`). OLMo
 (the first generation) is Llama with LayerNorms that have no weights
 (``LNPre``, eps 1e-5) and, with ``clip_qkv``, queries, keys and values
 clamped after the projection (``qkv_clip``).
@@ -50,13 +52,14 @@ from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
 from ._source import HF_INERT, Source, check_fields, require, stack
-from .gemma import gemma3_rotary, image_text_config, image_text_weights
+from .gemma import gemma3_rotary, image_text_config, image_text_weights, olmo3_rotary
 from .rope import rope_settings
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
-               "phi3")
+               "olmo3", "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
+_OLMO2 = ("olmo2", "olmo3")
 # fields that only these model types read
 _ONLY = {"query_pre_attn_scalar": _POST_NORM, "attn_logit_softcapping": _POST_NORM,
          "final_logit_softcapping": _POST_NORM, "rope_local_base_freq": ("gemma3_text",),
@@ -116,7 +119,8 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     model_type = require(hf, "model_type", origin)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{origin}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)}).")
-    post_norm = model_type in _POST_NORM or model_type == "olmo2"
+    olmo2 = model_type in _OLMO2  # OLMo 2's layout: norms after the sublayers, query/key norms across heads
+    post_norm = model_type in _POST_NORM or olmo2
     for field, types in _ONLY.items():
         if field in hf and model_type not in types:
             raise ConfigError(f"{origin}: {field} is read only for model_type {' or '.join(types)}; "
@@ -131,8 +135,11 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         raise ConfigError(f"{origin}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
     d_head = hf.get("head_dim") or d_model // n_heads
     n_layers = require(hf, "num_hidden_layers", origin)
+    factor = 1.0
     if model_type == "gemma3_text":
         (rope, attn_scale, local, local_inv), qk_factor = gemma3_rotary(hf, d_head, n_layers, origin), 1.0
+    elif model_type == "olmo3":
+        (rope, local, local_inv, factor), attn_scale, qk_factor = olmo3_rotary(hf, d_head, n_layers, origin), None, 1.0
     else:
         (rope, attn_scale, qk_factor), local, local_inv = _rope(hf, d_head, origin), (), None
     n_ctx = require(hf, "max_position_embeddings", origin)
@@ -146,13 +153,13 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         act_fn=act, positional="rotary", causal=True, qkv_clip=hf.get("clip_qkv"),
         # OLMo's LayerNorm has no weights and a fixed eps
         normalization="LNPre" if model_type == "olmo" else "RMS",
-        ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-5 if model_type == "olmo2" else 1e-6),
+        ln_eps=1e-5 if model_type == "olmo" else hf.get("rms_norm_eps", 1e-5 if olmo2 else 1e-6),
         rotary_dim=rope.rotary_dim, rotary_base=rope.base, rotary_inv_freq=rope.inv_freq, attn_scale=attn_scale,
-        rotary_local_inv_freq=local_inv, rotary_local_layers=local, gated_mlp=True, post_norm=post_norm,
+        rotary_local_inv_freq=local_inv, rotary_local_layers=local, rotary_attention_factor=factor,
+        gated_mlp=True, post_norm=post_norm,
         attn_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
         logit_softcap=hf.get("final_logit_softcapping") if model_type in _POST_NORM else None,
-        qk_norm=model_type in ("gemma3_text", "qwen3", "olmo2"), qk_norm_across_heads=model_type == "olmo2",
-        pre_norm=model_type != "olmo2",
+        qk_norm=model_type in ("gemma3_text", "qwen3") or olmo2, qk_norm_across_heads=olmo2, pre_norm=not olmo2,
     )
     # Phi-3's projections never have biases (transformers ignores attention_bias there)
     qkv_bias = model_type == "qwen2" or (model_type != "phi3" and bool(hf.get("attention_bias", False)))

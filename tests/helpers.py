@@ -31,12 +31,12 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
 
     config_cls, model_cls = {
         "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
-        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"),
+        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"), "olmo3": ("Olmo3", "Olmo3"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":
         extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
-    if model_type in ("olmo", "olmo2"):
+    if model_type in ("olmo", "olmo2", "olmo3"):
         extra.setdefault("eos_token_id", 0)  # OlmoConfig's default, 50279, likewise
     torch.manual_seed(seed)
     config = getattr(transformers, f"{config_cls}Config")(
