@@ -47,7 +47,8 @@ class TransformerConfig:
     MLP, which then read the residual stream as it is; ``qkv_clip``
     (OLMo) clamps the projected queries, keys and values to ``[-c, c]``.
     ``rotary_local_layers`` (Gemma 3's sliding-window layers) rotate with
-    ``rotary_local_inv_freq`` instead of the model's other frequencies.
+    ``rotary_local_inv_freq`` instead of the model's other frequencies (zeros:
+    not at all, as SmolLM3's layers without rotary positions).
     ``rotary_attention_factor`` (YaRN's on OLMo 3's full-attention layers
     only) multiplies the cosines and sines of the layers that are not local.
     """
@@ -164,12 +165,14 @@ class TransformerConfig:
             raise ConfigError(f"TransformerConfig.rotary_base must be a float above 1, got {self.rotary_base!r}.")
         object.__setattr__(self, "rotary_base", float(self.rotary_base))
         object.__setattr__(self, "ln_eps", float(self.ln_eps))
-        for name in ("rotary_inv_freq", "rotary_local_inv_freq"):
+        for name, least in (("rotary_inv_freq", "positive"), ("rotary_local_inv_freq", "non-negative")):
             if getattr(self, name) is not None:
                 inv = tuple(float(f) for f in getattr(self, name))  # a list after JSON
-                if len(inv) != self.rotary_dim // 2 or not all(math.isfinite(f) and f > 0 for f in inv):
+                # local layers may rotate by nothing (SmolLM3's layers without rotary positions: zeros)
+                if len(inv) != self.rotary_dim // 2 or not all(
+                        math.isfinite(f) and (f > 0 if least == "positive" else f >= 0) for f in inv):
                     raise ConfigError(
-                        f"TransformerConfig.{name} must be rotary_dim / 2 = {self.rotary_dim // 2} positive "
+                        f"TransformerConfig.{name} must be rotary_dim / 2 = {self.rotary_dim // 2} {least} "
                         f"finite floats, got {len(inv)} values."
                     )
                 object.__setattr__(self, name, inv)

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Phi-3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Phi-3, SmolLM3) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -33,6 +33,9 @@ factor on its full-attention layers only (`converters.gemma`). OLMo
 (``LNPre``, eps 1e-5) and, with ``clip_qkv``, queries, keys and values
 clamped after the projection (``qkv_clip``).
 
+SmolLM3 is Llama with no rotary positions in some layers (``no_rope_layers``),
+which rotate here at zero frequencies.
+
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
 embedding that may cover part of each head, and LongRoPE, whose short
@@ -56,7 +59,7 @@ from .gemma import gemma3_rotary, image_text_config, image_text_weights, olmo3_r
 from .rope import rope_settings
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
-               "olmo3", "phi3")
+               "olmo3", "phi3", "smollm3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
 _OLMO2 = ("olmo2", "olmo3")
@@ -64,7 +67,7 @@ _OLMO2 = ("olmo2", "olmo3")
 _ONLY = {"query_pre_attn_scalar": _POST_NORM, "attn_logit_softcapping": _POST_NORM,
          "final_logit_softcapping": _POST_NORM, "rope_local_base_freq": ("gemma3_text",),
          "sliding_window_pattern": ("gemma3_text",), "_sliding_window_pattern": ("gemma3_text",),
-         "clip_qkv": ("olmo",)}
+         "clip_qkv": ("olmo",), "no_rope_layers": ("smollm3",), "no_rope_layer_interval": ("smollm3",)}
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -142,6 +145,8 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         (rope, local, local_inv, factor), attn_scale, qk_factor = olmo3_rotary(hf, d_head, n_layers, origin), None, 1.0
     else:
         (rope, attn_scale, qk_factor), local, local_inv = _rope(hf, d_head, origin), (), None
+        if model_type == "smollm3":
+            local, local_inv, factor, attn_scale = _no_rope(hf, n_layers, rope, attn_scale, origin)
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
@@ -170,8 +175,30 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         raise ConfigError(f"{origin}: attention_bias=true is not supported for {model_type}: o_proj's bias sits "
                           "inside the norm after attention, so it belongs to no head's share of it.")
     # transformers' Gemma configs tie by default, and the published ones leave the field out
-    tied = bool(hf.get("tie_word_embeddings", model_type in _GEMMA))
+    tied = bool(hf.get("tie_word_embeddings", model_type in _GEMMA + ("smollm3",)))
     return config, n_kv, (qkv_bias, o_bias), tied, qk_factor
+
+
+def _no_rope(hf: Mapping[str, Any], n_layers: int, rope, attn_scale: float, origin: str):
+    """SmolLM3's layers without rotary positions (``no_rope_layers[l] == 0``;
+    by default every ``no_rope_layer_interval``-th): the "local" layers, with
+    zero frequencies, so that they rotate by nothing. The rope's cos/sin
+    factor then applies to the other layers only (`rotary_attention_factor`),
+    not to the attention scale of every layer. Returns (those layers, their
+    frequencies, the factor, the attention scale)."""
+    interval = hf.get("no_rope_layer_interval", 4)
+    if not (isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1):
+        raise ConfigError(f"{origin}: no_rope_layer_interval must be a positive int, got {interval!r}.")
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        flags = [int((l + 1) % interval != 0) for l in range(n_layers)]
+    if not (isinstance(flags, list) and len(flags) == n_layers and all(f in (0, 1) for f in flags)):
+        raise ConfigError(f"{origin}: no_rope_layers must give 1 (rotary) or 0 (none) for each of the {n_layers} "
+                          f"layers, got {flags!r}.")
+    local = tuple(l for l, f in enumerate(flags) if f == 0)
+    if not local:
+        return (), None, 1.0, attn_scale
+    return local, (0.0,) * (rope.rotary_dim // 2), rope.attention_factor, attn_scale * rope.attention_factor ** 2
 
 
 def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
@@ -191,7 +218,7 @@ def _activation(hf: Mapping[str, Any], model_type: str, origin: str) -> str:
 
 
 def _sliding_window(hf: Mapping[str, Any], model_type: str):
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
         return None
     return hf.get("sliding_window")
 
