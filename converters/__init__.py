@@ -7,7 +7,7 @@ format             source
 =================  ==========================================================
 ``hf-gpt2``        HF GPT-2 dir: config.json + model.safetensors or pytorch_model.bin
 ``flax-gpt2``      HF GPT-2 dir: config.json + flax_model.msgpack
-``hf-llama``       HF Llama (also Llama 3.x rope scaling), Mistral, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, SmolLM3 or Phi-3 dir: config.json + model.safetensors
+``hf-llama``       HF Llama (also Llama 3.x rope scaling), Mistral, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, SmolLM3, Granite or Phi-3 dir: config.json + model.safetensors
                    (or sharded, with model.safetensors.index.json) or pytorch_model.bin
 ``hf-gpt-neox``    HF GPT-NeoX (Pythia) dir, with the same weight files
 ``hf-phi``         HF Phi (phi-1, phi-1.5, phi-2) dir, with the same weight files

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Phi-3, SmolLM3) -> acdc_jax.Transformer.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Phi-3, SmolLM3, Granite) -> acdc_jax.Transformer.
 
 These share one layout: RMSNorm, rotary queries and keys (rotate-half,
 scaled as in Llama 3 and YaRN where the config says so: converters.rope), a
@@ -34,7 +34,10 @@ factor on its full-attention layers only (`converters.gemma`). OLMo
 clamped after the projection (``qkv_clip``).
 
 SmolLM3 is Llama with no rotary positions in some layers (``no_rope_layers``),
-which rotate here at zero frequencies.
+which rotate here at zero frequencies. Granite is Llama with four scalars, folded into
+the weights: ``embedding_multiplier`` (W_E), ``residual_multiplier`` (each
+sublayer's output projection), ``attention_multiplier`` (the attention
+scale) and ``logits_scaling`` (W_U).
 
 Phi-3 (``Phi3ForCausalLM``: Phi-3, Phi-3.5, Phi-4-mini) is Llama with fused
 ``qkv_proj`` and ``gate_up_proj`` tensors, which are split, a rotary
@@ -59,15 +62,17 @@ from .gemma import gemma3_rotary, image_text_config, image_text_weights, olmo3_r
 from .rope import rope_settings
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
-               "olmo3", "phi3", "smollm3")
+               "olmo3", "phi3", "smollm3", "granite")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _POST_NORM = ("gemma2", "gemma3_text")
+_GRANITE = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 _OLMO2 = ("olmo2", "olmo3")
 # fields that only these model types read
 _ONLY = {"query_pre_attn_scalar": _POST_NORM, "attn_logit_softcapping": _POST_NORM,
          "final_logit_softcapping": _POST_NORM, "rope_local_base_freq": ("gemma3_text",),
          "sliding_window_pattern": ("gemma3_text",), "_sliding_window_pattern": ("gemma3_text",),
-         "clip_qkv": ("olmo",), "no_rope_layers": ("smollm3",), "no_rope_layer_interval": ("smollm3",)}
+         "clip_qkv": ("olmo",), "no_rope_layers": ("smollm3",), "no_rope_layer_interval": ("smollm3",),
+         **{f: ("granite",) for f in _GRANITE}}
 
 _HANDLED = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -147,6 +152,8 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
         (rope, attn_scale, qk_factor), local, local_inv = _rope(hf, d_head, origin), (), None
         if model_type == "smollm3":
             local, local_inv, factor, attn_scale = _no_rope(hf, n_layers, rope, attn_scale, origin)
+        if model_type == "granite":  # scores times attention_multiplier instead of over sqrt(d_head)
+            attn_scale = attn_scale / math.sqrt(d_head) / float(_multipliers(hf, origin)["attention_multiplier"])
     n_ctx = require(hf, "max_position_embeddings", origin)
     window = _sliding_window(hf, model_type)
     if window is not None and window < n_ctx:
@@ -177,6 +184,19 @@ def llama_config(hf: Mapping[str, Any], origin: str = "config.json"
     # transformers' Gemma configs tie by default, and the published ones leave the field out
     tied = bool(hf.get("tie_word_embeddings", model_type in _GEMMA + ("smollm3",)))
     return config, n_kv, (qkv_bias, o_bias), tied, qk_factor
+
+
+def _multipliers(hf: Mapping[str, Any], origin: str) -> dict[str, np.float32]:
+    """Granite's scalars (1 where absent, and for other families): they fold
+    into the embedding, each sublayer's output projection, the attention
+    scale and the unembedding."""
+    out = {}
+    for name in _GRANITE:
+        value = hf.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            raise ConfigError(f"{origin}: {name} must be a positive finite number, got {value!r}.")
+        out[name] = np.float32(value)
+    return out
 
 
 def _no_rope(hf: Mapping[str, Any], n_layers: int, rope, attn_scale: float, origin: str):
@@ -234,6 +254,8 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
     if hf_config["model_type"] == "phi3":
         state_dict = _split_fused(state_dict, config, n_kv, origin)
     src = Source(state_dict, origin)
+    mult = _multipliers(hf_config, origin)
+    residual = mult["residual_multiplier"]  # on each sublayer's output, bias included
 
     def norm(key: str, size: Optional[int] = None) -> np.ndarray:
         w = src.take(key, (size or D,))
@@ -261,8 +283,9 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
             put(f"blocks.attn.W_{letter}", heads_in(src.take(proj + "weight", (n * K, D)), n) * scale)
             bias = src.take(proj + "bias", (n * K,)).reshape(n, K) if qkv_bias else np.zeros((n, K), np.float32)
             put(f"blocks.attn.b_{letter}", np.repeat(bias, H // n, axis=0) * scale)
-        put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D))
-        put("blocks.attn.b_O", src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
+        put("blocks.attn.W_O", src.take(p + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D) * residual)
+        put("blocks.attn.b_O", (src.take(p + "self_attn.o_proj.bias", (D,)) if o_bias else np.zeros(D, np.float32))
+            * residual)
         if config.normalization == "RMS" and config.pre_norm:
             put("blocks.ln1.w", norm(p + "input_layernorm.weight"))
         if config.qk_norm_across_heads:  # OLMo 2: one norm over all heads, the key's over the key/value heads
@@ -282,24 +305,24 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
         put("blocks.mlp.W_gate", src.take(p + "mlp.gate_proj.weight", (M, D)).T)
         put("blocks.mlp.W_in", src.take(p + "mlp.up_proj.weight", (M, D)).T)
         put("blocks.mlp.b_in", np.zeros(M, np.float32))
-        put("blocks.mlp.W_out", src.take(p + "mlp.down_proj.weight", (D, M)).T)
+        put("blocks.mlp.W_out", src.take(p + "mlp.down_proj.weight", (D, M)).T * residual)
         put("blocks.mlp.b_out", np.zeros(D, np.float32))
 
     arrays = {name: stack(values) for name, values in per_layer.items()}
     embedding = src.take("model.embed_tokens.weight", (V, D))
-    arrays["embed.W_E"] = embedding * np.float32(math.sqrt(D)) if gemma else embedding
+    arrays["embed.W_E"] = embedding * np.float32(math.sqrt(D)) if gemma else embedding * mult["embedding_multiplier"]
     if config.normalization == "RMS":
         arrays["ln_final.w"] = norm("model.norm.weight")
     if tied:  # as in transformers: a tied head is the token embedding, whatever lm_head holds
         src.ignore(["lm_head.weight"])
-        arrays["unembed.W_U"] = embedding.T.copy()
+        arrays["unembed.W_U"] = embedding.T / mult["logits_scaling"]
     else:
         if not src.has("lm_head.weight"):
             raise CheckpointError(
                 f"Missing tensor 'lm_head.weight' in {origin}: the config sets tie_word_embeddings=false "
                 "(a base model without its LM head?)."
             )
-        arrays["unembed.W_U"] = src.take("lm_head.weight", (V, D)).T.copy()
+        arrays["unembed.W_U"] = src.take("lm_head.weight", (V, D)).T / mult["logits_scaling"]
     arrays["unembed.b_U"] = np.zeros((V,), np.float32)
     src.finish()
     return fill_model(config, arrays, source=origin)

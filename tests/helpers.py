@@ -31,7 +31,7 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
 
     config_cls, model_cls = {
         "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
-        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"), "olmo3": ("Olmo3", "Olmo3"), "smollm3": ("SmolLM3", "SmolLM3"),
+        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"), "olmo3": ("Olmo3", "Olmo3"), "smollm3": ("SmolLM3", "SmolLM3"), "granite": ("Granite", "Granite"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":

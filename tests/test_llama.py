@@ -149,6 +149,12 @@ def torch_patched_logits(pt, clean, corrupt, edge):
 
     clean_t, corrupt_t = torch.tensor(np.asarray(clean)), torch.tensor(np.asarray(corrupt))
     a_clean, a_corr = record(clean_t), record(corrupt_t)
+    for acts in (a_clean, a_corr):  # Granite scales the embedding and each sublayer's output before the sum
+        for key in acts:
+            if key[0] in ("head", "mlp"):
+                acts[key] = acts[key] * getattr(cfg, "residual_multiplier", 1.0)
+            elif key[0] == "embed":
+                acts[key] = acts[key] * getattr(cfg, "embedding_multiplier", 1.0)
     kind, sender, receiver = edge
     delta = None if kind == "qkv" else a_clean[sender] - a_corr[sender]
     if receiver[0] in ("q", "k", "v"):

@@ -1,5 +1,5 @@
 """The families read by the Llama converter with changes of their own (Phi-3,
-Qwen3, OLMo, OLMo 2 and 3, SmolLM3, Gemma 2 and Gemma 3), on random transformers models: all-ones
+Qwen3, OLMo, OLMo 2 and 3, SmolLM3, Granite, Gemma 2 and Gemma 3), on random transformers models: all-ones
 masks give the plain forward, and cutting each of the Llama tests' edges
 matches their PyTorch hook reference. That reference patches q_proj, k_proj
 and v_proj (Phi-3: the fused qkv_proj's rows of the receiver), so
@@ -30,6 +30,8 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", seed=2, scale=0.3),
     "olmo": dict(model_type="olmo", seed=3, scale=0.2, clip_qkv=0.3),
     "olmo2": dict(model_type="olmo2", seed=3, scale=0.3),
+    "granite": dict(model_type="granite", seed=1, scale=0.3, embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.0625, logits_scaling=8.0),
     "smollm3": dict(model_type="smollm3", seed=2, scale=0.2, no_rope_layers=[1, 0, 1]),
     "olmo3": dict(model_type="olmo3", seed=1, scale=0.3, sliding_window=16,
                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
