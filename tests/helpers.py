@@ -175,6 +175,24 @@ def torch_logits(pt, tokens: np.ndarray) -> np.ndarray:
         return pt(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
+def logits_gap(model, pt, n_pos: int, vocab: int) -> float:
+    """The largest difference between our model's logits and those of the
+    transformers model `pt` on 3 random prompts (seed 0) of `n_pos` tokens."""
+    import jax.numpy as jnp
+
+    tokens = np.random.default_rng(0).integers(0, vocab, (3, n_pos))
+    return np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+
+
+def random_prompt_task(seed: int, vocab: int, name: str):
+    """6 random clean and corrupted prompts of 8 tokens, metric at positions 5 and 7."""
+    from acdc_jax.tasks import prompt_task
+
+    rng = np.random.default_rng(seed)
+    return prompt_task(rng.integers(0, vocab, (6, 8)).tolist(), rng.integers(0, vocab, (6, 8)).tolist(),
+                       position=[5, 7], name=name)
+
+
 def peaked_random_model_and_task(config, seed: int, prompt_seed: int, n_prompts: int, n_pos: int = 6):
     """A random `Transformer` with its unembedding scaled 10x (a peaked output,
     so that cutting edges moves KL) and random clean and corrupted prompts,

@@ -18,7 +18,8 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import assert_cut_matches, assert_missing_tensor_named, edit_config, random_hf_llama, torch_logits
+from .helpers import (assert_cut_matches, assert_missing_tensor_named, edit_config, logits_gap, random_hf_llama,
+                      random_prompt_task)
 from .test_llama import EDGES, torch_patched_logits
 from .test_llama_families import family_model
 
@@ -38,9 +39,7 @@ def _random(tmp_path, case, **kw):
 
 
 def _parity(model, pt, n=None):
-    n = n or min(model.config.n_ctx, 20)
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, n))
-    return np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+    return logits_gap(model, pt, n or min(model.config.n_ctx, 20), VOCAB)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -178,11 +177,7 @@ def test_sparse_passes_and_the_streamed_kl_are_not_used(gemma2):
 
 
 def _random_task(seed):
-    from acdc_jax.tasks import prompt_task
-
-    rng = np.random.default_rng(seed)
-    return prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
-                       position=[5, 7], name="random-gemma2")
+    return random_prompt_task(seed, VOCAB, "random-gemma2")
 
 
 def assert_acdc_matches_the_reference_loop(model, task, tau, monkeypatch=None):

@@ -16,7 +16,7 @@ from acdc_jax import CircuitGraph, Corruption, patched_forward
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, random_hf_llama, torch_logits
+from .helpers import edit_config, logits_gap, random_hf_llama, random_prompt_task
 from .test_gemma2 import assert_acdc_matches_the_reference_loop
 
 VOCAB = 61
@@ -29,8 +29,7 @@ def _random(tmp_path, case):
 
 
 def _parity(model, pt):
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 12))
-    return np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+    return logits_gap(model, pt, 12, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +101,7 @@ def test_no_program_recomputes_only_some_heads(olmo2):
 
 
 def _random_task(seed):
-    from acdc_jax.tasks import prompt_task
-
-    rng = np.random.default_rng(seed)
-    return prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
-                       position=[5, 7], name="random-olmo2")
+    return random_prompt_task(seed, VOCAB, "random-olmo2")
 
 
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(olmo2, monkeypatch):

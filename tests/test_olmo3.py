@@ -8,15 +8,13 @@ edges cut by PyTorch hooks are in test_llama_families."""
 import copy
 import dataclasses
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import converters
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, random_hf_llama, torch_logits
+from .helpers import edit_config, logits_gap, random_hf_llama, random_prompt_task
 from .test_gemma2 import assert_acdc_matches_the_reference_loop
 
 VOCAB = 61
@@ -41,8 +39,7 @@ def _random(tmp_path, case, seed=1):
 
 
 def _parity(model, pt):
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 14))
-    return np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+    return logits_gap(model, pt, 14, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +106,7 @@ def test_bad_rope_configs_are_refused_by_name(tmp_path, olmo3):
 
 
 def _random_task(seed):
-    from acdc_jax.tasks import prompt_task
-
-    rng = np.random.default_rng(seed)
-    return prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
-                       position=[5, 7], name="random-olmo3")
+    return random_prompt_task(seed, VOCAB, "random-olmo3")
 
 
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(olmo3, monkeypatch):

@@ -9,15 +9,13 @@ transformers' own against a float64 run included, is about 2e-5)."""
 
 import dataclasses
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import converters
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, random_hf_llama, torch_logits
+from .helpers import edit_config, logits_gap, random_hf_llama, random_prompt_task
 from .test_gemma2 import assert_acdc_matches_the_reference_loop
 
 VOCAB = 61
@@ -37,8 +35,7 @@ def _random(tmp_path, case):
 
 
 def _parity(model, pt):
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, min(14, model.config.n_ctx)))
-    return np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max()
+    return logits_gap(model, pt, min(14, model.config.n_ctx), VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +83,7 @@ def test_bad_configs_are_refused_by_name(tmp_path, smollm3):
 
 
 def _random_task(seed):
-    from acdc_jax.tasks import prompt_task
-
-    rng = np.random.default_rng(seed)
-    return prompt_task(rng.integers(0, VOCAB, (6, 8)).tolist(), rng.integers(0, VOCAB, (6, 8)).tolist(),
-                       position=[5, 7], name="random-smollm3")
+    return random_prompt_task(seed, VOCAB, "random-smollm3")
 
 
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(smollm3, monkeypatch):
