@@ -77,17 +77,16 @@ def rotate(x: Float[Array, "n_heads pos d_head"], positions: Int[Array, " pos"],
     the frequencies of `layer` (an int, traced or not) where layers differ."""
     if rotary is None:
         return x
-    dim, inv_freq = rotary.dim, jnp.asarray(rotary.inv_freq, dtype=jnp.float32)
-    factor = rotary.factor
+    dim, inv_freq, local = rotary.dim, jnp.asarray(rotary.inv_freq, dtype=jnp.float32), None
     if rotary.local_flags is not None:
         if layer is None:
             raise ValueError("This model's layers rotate with different frequencies: pass the layer.")
         local = jnp.asarray(rotary.local_flags)[layer] == 1
         inv_freq = jnp.where(local, jnp.asarray(rotary.local_inv_freq, dtype=jnp.float32), inv_freq)
-        factor = jnp.where(local, 1.0, factor)
     angle = positions.astype(jnp.float32)[:, None] * inv_freq[None]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
-    if rotary.factor != 1.0:  # as transformers scales them, before the cast
+    if rotary.factor != 1.0:  # the non-local layers' factor, as transformers scales them, before the cast
+        factor = rotary.factor if local is None else jnp.where(local, 1.0, rotary.factor)
         cos, sin = cos * factor, sin * factor
     cos, sin = _lead(cos.astype(x.dtype), x.ndim), _lead(sin.astype(x.dtype), x.ndim)
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 : dim]
