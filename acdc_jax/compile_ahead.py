@@ -33,7 +33,7 @@ import numpy as np
 from . import dense
 from .candidates import Candidates
 from .patching import Corruption, _senders, with_resid
-from .programs import Shape, _pool
+from .programs import Shape, submit
 from .sharding import round_width
 from .tasks.base import _forward
 
@@ -78,9 +78,9 @@ def setup(model, graph, task, corruption, start: Optional[np.ndarray], mesh=None
         args = (model, graph, tokens, masks, corrupted) + (() if z_at is None else (z_at,))
         dense.deviations.lower(*args).compile()
 
-    _setup["forward"] = _pool().submit(in_this_context(lambda: _forward.lower(model, tokens).compile()))
+    _setup["forward"] = submit(in_this_context(lambda: _forward.lower(model, tokens).compile()))
     if corruption == "zeros" or (corruption == "prompts" and task.corrupted is not None):
-        _setup["deviations"] = _pool().submit(in_this_context(deviations))
+        _setup["deviations"] = submit(in_this_context(deviations))
 
 
 def wait(name: str) -> float:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -96,6 +97,24 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         n = int(setting) if setting else max(1, min(4, (os.cpu_count() or 2) // 2))
         _workers.append(concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="acdc-jax-compile"))
     return _workers[0]
+
+
+_jobs: list = []  # submitted to `_pool`, pruned as they finish
+
+
+def submit(fn: Callable[[], object]) -> concurrent.futures.Future:
+    """Run `fn` (which compiles a program) in a compile thread."""
+    _jobs[:] = [j for j in _jobs if not j.done()]
+    job = _pool().submit(fn)
+    _jobs.append(job)
+    return job
+
+
+def compiling() -> int:
+    """How many programs submitted to the compile threads have not finished
+    (running or queued). At exit Python waits for the running ones, which
+    XLA cannot stop: see `cli.run`."""
+    return sum(not j.done() for j in _jobs)
 
 
 def _timed(compile_program: Callable[[], object]) -> float:
@@ -180,7 +199,7 @@ class Programs:
         is compiled or on its way. A pass that needs it waits for it."""
         if shape in self.compiled or shape in self.ahead or shape in self.failed_ahead:
             return False
-        self.ahead[shape] = _pool().submit(_timed, compile_program)
+        self.ahead[shape] = submit(functools.partial(_timed, compile_program))
         return True
 
     def collect(self, wait_for: Optional[Shape] = None) -> None:

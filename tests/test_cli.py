@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +124,26 @@ def test_roc_of_a_scoring_method(tmp_path):
     assert saved["method"] == "exact_patching" and saved["edge"]["auc"] == pytest.approx(1.0)
     fpr = [p[0] for p in saved["edge"]["points"]]
     assert fpr == sorted(fpr) and len(fpr) > 2  # one point per score threshold, from the top
+
+
+_EXIT = """
+import sys, threading, time
+from acdc_jax import cli, programs
+started = threading.Event()
+if {busy}:
+    programs.submit(lambda: (started.set(), time.sleep(300)))  # a compilation XLA cannot stop
+    started.wait()
+cli.main = lambda: (print("written"), {code})[1]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_the_command_exits_without_waiting_for_programs_compiling_ahead(busy):
+    """The console script leaves once its output is written, with main's exit
+    code, although a compile thread still runs (a normal exit would join it
+    for 300 s), and exits normally when none does."""
+    script = _EXIT.format(busy=busy, code=3)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "written\n"
