@@ -15,8 +15,8 @@ from acdc_jax.config import default_inv_freq as config_default_inv_freq
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, random_hf_llama, record_senders,
-                      torch_logits)
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, logits_gap, random_hf_llama,
+                      record_senders, torch_logits)
 from .test_batched_equals_sequential import _same
 
 VOCAB = 61
@@ -33,9 +33,8 @@ def _tokens(seed, shape=(3, 9)):
 ], ids=str)
 def test_logits_match_transformers(tmp_path, options):
     pt, model = random_hf_llama(tmp_path, **options)
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 20))
     # about 1e-6 measured; a wrong rotary base, bias or head grouping is off by 1e-2 or more
-    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    assert logits_gap(model, pt, 20, VOCAB) <= 1e-5
 
 
 ROPES = {
@@ -55,8 +54,7 @@ def test_scaled_rotary_embeddings_match_transformers(tmp_path, kind):
     embedding up to max_position_embeddings."""
     rope = {"rope_type": kind.split("-")[0], "rope_theta": 10000.0, **ROPES[kind]}
     pt, model = random_hf_llama(tmp_path, n_kv=4, rope_parameters=rope)
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 30))
-    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-5
+    assert logits_gap(model, pt, 30, VOCAB) <= 1e-5
     scaled = model.config.rotary_inv_freq
     default = np.asarray(config_default_inv_freq(model.config.rotary_dim, 10000.0))
     if kind == "dynamic":
