@@ -109,5 +109,6 @@ def _random_task(seed):
     return random_prompt_task(seed, VOCAB, "random-olmo3")
 
 
+@pytest.mark.slow  # 26 s; per-layer-type ropes run through ACDC in test_gemma3, the across-heads norms in test_olmo2
 def test_acdc_matches_the_reference_loop_batched_sequential_and_on_the_accelerator_path(olmo3, monkeypatch):
     assert_acdc_matches_the_reference_loop(olmo3[1], _random_task(3), 1e-2, monkeypatch)
