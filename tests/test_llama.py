@@ -29,7 +29,8 @@ def _tokens(seed, shape=(3, 9)):
 @pytest.mark.parametrize("options", [
     dict(), dict(tie_word_embeddings=True), dict(attention_bias=True), dict(model_type="mistral"),
     dict(model_type="qwen2"), dict(n_kv=4, rope_theta=500.0), dict(n_kv=1, head_dim=12),
-    dict(model_type="qwen3", scale=0.3), dict(model_type="qwen3", attention_bias=True, n_kv=1, head_dim=12, scale=0.3),
+    # Qwen3 perturbed by 0.2, not 0.3: there float32 rounding alone came to 7.9e-6 of the 1e-5 (3.3e-6 here)
+    dict(model_type="qwen3", scale=0.2), dict(model_type="qwen3", attention_bias=True, n_kv=1, head_dim=12, scale=0.2),
 ], ids=str)
 def test_logits_match_transformers(tmp_path, options):
     pt, model = random_hf_llama(tmp_path, **options)
