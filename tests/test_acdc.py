@@ -4,6 +4,7 @@ compiled ground truth."""
 
 import json
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +212,33 @@ def test_resume_needs_a_log_of_this_run(small_gpt2, tmp_path):
         (tmp_path / name).write_bytes(first + b"\n")
         with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
             acdc(model, task, 0.05, progress=False, resume=tmp_path / name)
+
+
+def test_resume_refuses_a_log_whose_decisions_are_out_of_order(small_gpt2, tmp_path):
+    """A log with this run's settings whose decisions are not the ones the
+    schedule makes next (two lines swapped, as an edited or merged log) is
+    refused, not replayed into another circuit."""
+    model, task = small_gpt2
+    log = tmp_path / "decisions.jsonl"
+    acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
+    lines = log.read_text().splitlines()
+    first, second = (re.escape(json.loads(line)["edge"]) for line in lines[1:3])
+    log.write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"Decision 0 of the log \({second}.*is not what the schedule does next "
+                                         rf"\({first}.*belongs to another run"):
+        acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+
+
+def test_a_corruption_object_makes_the_named_corruptions_decisions(small_gpt2):
+    """A Corruption made by the caller (here from the task's corrupted
+    prompts) is used as given, cast to the model's dtype."""
+    model, task = small_gpt2
+    named = acdc(model, task, 0.004, progress=False, max_width=4)
+    given = acdc(model, task, 0.004, progress=False, max_width=4,
+                 corruption=Corruption.from_prompts(model, jnp.asarray(task.corrupted)))
+    assert given.settings["corruption"] == named.settings["corruption"] == "prompts"
+    assert _decisions(given) == _decisions(named)
+    assert np.array_equal(given.mask, named.mask)
 
 
 def test_prompt_chunks_make_the_same_decisions(small_gpt2):

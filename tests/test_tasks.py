@@ -190,3 +190,33 @@ def test_the_papers_circuits_are_given_only_for_the_papers_model_shapes(tmp_path
     assert docstring.docstring(mlps, dtok, n_examples=2).canonical is None
     assert docstring.docstring(Transformer(ATTN_ONLY_4L_SHAPE, key=jax.random.PRNGKey(0)), dtok,
                                n_examples=2).canonical == docstring.DOCSTRING_CANONICAL
+
+
+def test_docstring_logit_difference_and_greaterthan_probability_difference(tmp_path):
+    """The tasks' own metrics on random logits against the papers'
+    definitions, computed prompt by prompt: docstring's right parameter's
+    logit minus the largest of the other parameters', greater-than's
+    probability of the years after YY minus those up to it (over 00..99)."""
+    rng = np.random.default_rng(0)
+    tok = build_tokenizer(_docstring_texts(), special="<|BOS|>", path=tmp_path / "doc.json")
+    task = docstring.docstring_task(tok, n_examples=6)
+    logits = rng.normal(size=task.clean.shape + (tok.get_vocab_size(),)).astype(np.float32)
+    diffs = []
+    for row, answer, wrong in zip(logits[:, -1], task.labels["answer"], task.labels["wrong"]):
+        assert answer not in wrong and len(wrong) == 5  # the five other parameters of the definition
+        diffs.append(row[answer] - max(row[w] for w in wrong))
+    got = task.metric("logit_diff")(jax.numpy.asarray(logits), task)
+    np.testing.assert_allclose(float(got), -np.mean(diffs), rtol=1e-5)
+
+    tok = build_tokenizer(_language_texts(), path=tmp_path / "lang.json")
+    task = greaterthan.greaterthan_task(tok, n_examples=6)
+    logits = rng.normal(size=task.clean.shape + (tok.get_vocab_size(),)).astype(np.float32)
+    diffs = []
+    for row, yy in zip(logits[:, -1].astype(np.float64), task.labels["yy"]):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        after = sum(p[tok.token_to_id(f"{y:02d}")] for y in range(yy + 1, 100))
+        upto = sum(p[tok.token_to_id(f"{y:02d}")] for y in range(yy + 1))
+        diffs.append(after - upto)
+    got = task.metric("prob_diff")(jax.numpy.asarray(logits), task)
+    np.testing.assert_allclose(float(got), -np.mean(diffs), rtol=1e-4, atol=1e-7)

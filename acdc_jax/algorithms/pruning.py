@@ -43,15 +43,19 @@ def expected_density(log_alpha):
     return jax.nn.sigmoid(log_alpha - BETA * np.log(-LEFT / RIGHT)).mean()
 
 
+def _check(sparsity: float, steps: int) -> None:
+    """Refuse bad training settings before any compiling."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+
+
 def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
            progress: bool = True, desc: str = "edge pruning"):
     """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks."""
     from ..acdc import progress_bar
 
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
     target = 1.0 - sparsity
     s = scorer
     args = (s.model, s.graph, s.corruption, s.metric, s.task, s.arrays)
@@ -102,6 +106,7 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
     removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges.
     A progress bar shows the steps unless `progress` is False. `mesh` (a Mesh,
     "auto" or "CxP"): each step's prompts are spread over its prompt axis, as in `eap`."""
+    _check(sparsity, steps)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed,
@@ -121,6 +126,7 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     edges), trained to `sparsity` (the fraction of nodes removed). Edges score
     as their weaker end; the circuit keeps the edges between kept nodes.
     `mesh`: as for `edge_pruning`."""
+    _check(sparsity, steps)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     groups = sender_groups(graph)

@@ -1,0 +1,194 @@
+"""Bad arguments to the API and bad converter configs raise errors that name
+the problem, before any compiling (checkpoint files are in test_bad_input.py,
+saved models, tasks and configs in test_bad_values.py)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import acdc_jax as aj
+from acdc_jax import ConfigError, TaskError, TransformerConfig
+from acdc_jax.algorithms import eap_ig, edge_pruning, subnetwork_probing, top_k_threshold
+from acdc_jax.candidates import Candidates
+from acdc_jax.schedule import Schedule
+from acdc_jax.sharding import make_mesh
+from acdc_jax.tasks.base import Task, kl_divergence
+
+CONFIG = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6, d_mlp=None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return aj.Transformer(CONFIG, key=jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def task():
+    rng = np.random.default_rng(0)
+    return Task(name="t", clean=rng.integers(0, 11, (4, 5)), corrupted=rng.integers(0, 11, (4, 5)),
+                positions=np.array([4]), metrics={"kl": kl_divergence})
+
+
+@pytest.mark.parametrize("call,error,pattern", [
+    (lambda m, t: aj.acdc(m, t, 0.1, mode="fast"), ValueError, "mode must be 'batched' or 'sequential', got 'fast'"),
+    (lambda m, t: aj.acdc(m, t, 0.1, dtype="float16"), ValueError, "dtype must be 'float32' or 'bfloat16'"),
+    (lambda m, t: aj.acdc(m, t, 0.1, metric=3), TypeError, "metric must be a name, a callable"),
+    (lambda m, t: aj.acdc(m, t, 0.1, head_order="random"), ValueError, "head_order must be 'ascending' or"),
+    (lambda m, t: edge_pruning(m, t, sparsity=1.0), ValueError, r"sparsity .* must be in \[0, 1\), got 1.0"),
+    (lambda m, t: edge_pruning(m, t, sparsity=float("nan")), ValueError, "sparsity .* got nan"),
+    (lambda m, t: subnetwork_probing(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
+    (lambda m, t: eap_ig(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
+], ids=["mode", "dtype", "metric", "head_order", "sparsity", "sparsity-nan", "probing-steps", "eap_ig-steps"])
+def test_bad_method_arguments_are_named(model, task, call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(model, task)
+
+
+def test_bad_tokens_are_named(model):
+    graph = aj.CircuitGraph(CONFIG)
+    with pytest.raises(TypeError, match="tokens must be an integer array, got dtype float32"):
+        model(jnp.zeros((2, 3), jnp.float32))
+    with pytest.raises(ValueError, match=r"tokens must have shape \[pos\] or \[batch, pos\], got a scalar"):
+        model(jnp.asarray(3))
+    with pytest.raises(ValueError, match=r"tokens must have shape \[batch, pos\], got \(1, 2, 3\)"):
+        aj.patched_forward(model, jnp.zeros((1, 2, 3), jnp.int32), graph.ones(), aj.Corruption.zeros(), graph)
+    with pytest.raises(TaskError, match=r"mean corruption must have shape \[batch, pos\], got \(5,\)"):
+        aj.Corruption.mean(model, jnp.zeros(5, jnp.int32))
+
+
+def test_corrupted_prompts_of_another_length_are_refused(model):
+    """Patching with a corruption made from prompts one token longer than
+    the clean ones would mix positions; it is refused by name."""
+    graph = aj.CircuitGraph(CONFIG)
+    corruption = aj.Corruption.from_prompts(model, jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(TaskError, match=r"Clean tokens have shape \(2, 3\) but the corrupted prompts have shape "
+                                        r"\(2, 4\); give one corrupted prompt of equal length"):
+        aj.patched_forward(model, jnp.zeros((2, 3), jnp.int32), graph.ones(), corruption, graph)
+
+
+def test_bad_candidates_graphs_and_meshes_are_named():
+    graph = aj.CircuitGraph(CONFIG)
+    base = np.ones(graph.n_edges, np.float32)
+    with pytest.raises(ValueError, match=r"base circuit must be one mask \[n_edges\], got shape \(1, "):
+        Candidates(base[None], [[0]])
+    with pytest.raises(ValueError, match="No candidates: give at least one set of cut edges"):
+        Candidates(base, [])
+    with pytest.raises(ValueError, match=r"masks must have shape \[n, n_edges\], got \("):
+        Candidates.from_masks(base)
+    with pytest.raises(ValueError, match="3 candidates do not fit in a batch of 2"):
+        Candidates(base, [[0], [1], [2]]).on_device(2, jnp.float32)
+    with pytest.raises(ValueError, match="qkv_edges=True needs split_qkv=True"):
+        aj.CircuitGraph(CONFIG, split_qkv=False, qkv_edges=True)
+    with pytest.raises(IndexError, match=rf"Edge index {graph.n_edges} out of range \[0, {graph.n_edges}\)"):
+        graph.edge_index(graph.n_edges)
+    with pytest.raises(ValueError, match="head_order must be 'ascending' or 'descending'"):
+        Schedule(graph, head_order="sideways")
+    with pytest.raises(ValueError, match="prompts must be a positive int, got 0"):
+        make_mesh(prompts=0)
+    with pytest.raises(ValueError, match="1 devices cannot be split into 2 prompt shards"):
+        make_mesh(prompts=2, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="k must be between 0 and 3, got 4"):
+        top_k_threshold(np.array([0.1, 0.2, 0.3]), 4)
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    (dict(pre_norm=1), "pre_norm must be a bool, got 1"),
+    (dict(normalization="RMS", qk_norm="yes"), "qk_norm must be a bool"),
+    (dict(positional="rotary", rotary_dim=4, rotary_attention_factor=0.0), "rotary_attention_factor must be a "
+     "positive finite float, got 0.0"),
+    (dict(rotary_attention_factor=1.5), r"rotary_attention_factor=1.5 needs positional='rotary'"),
+    (dict(rotary_local_layers=(0,)), "rotary_local_layers is set but positional='learned'"),
+])
+def test_bad_config_fields_are_named(fields, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        dataclasses.replace(CONFIG, **fields)
+
+
+GPT2 = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, vocab_size=11, n_positions=8)
+NEOX = dict(model_type="gpt_neox", hidden_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=11,
+            intermediate_size=32, max_position_embeddings=8)
+PHI = dict(model_type="phi", hidden_size=16, num_attention_heads=4, num_hidden_layers=1, vocab_size=11,
+           intermediate_size=32, max_position_embeddings=8)
+GPTJ = dict(model_type="gptj", n_embd=16, n_head=4, n_layer=1, vocab_size=11, rotary_dim=2, n_positions=8)
+LLAMA = dict(model_type="llama", hidden_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=11,
+             intermediate_size=32, max_position_embeddings=8)
+
+
+def _config_of(kind):
+    from converters.gpt2 import gpt2_config
+    from converters.gpt_neox import gpt_neox_config
+    from converters.llama import llama_config
+    from converters.phi_gptj import phi_gptj_config
+
+    return {"gpt2": gpt2_config, "neox": gpt_neox_config, "phi": phi_gptj_config, "llama": llama_config}[kind]
+
+
+@pytest.mark.parametrize("kind,hf,pattern", [
+    ("gpt2", dict(GPT2, n_embd=10, n_head=4), "n_embd=10 is not divisible by n_head=4"),
+    ("gpt2", {k: v for k, v in GPT2.items() if k != "n_positions"}, "missing the field 'n_positions'"),
+    ("neox", dict(NEOX, model_type="gpt2"), "model_type 'gpt2' is not 'gpt_neox'"),
+    ("neox", dict(NEOX, hidden_size=10, num_attention_heads=4), "hidden_size=10 is not divisible by num_attention"),
+    ("phi", dict(PHI, model_type="llama"), "model_type 'llama' is neither 'phi' nor 'gptj'"),
+    ("phi", dict(PHI, hidden_size=10), "the model width 10 is not divisible by the head count 4"),
+    ("phi", dict(PHI, num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ("phi", dict(GPTJ, scale_attn_weights=False), "scale_attn_weights=false is not supported"),
+    ("llama", dict(LLAMA, model_type="gpt2"), "model_type 'gpt2' is not a Llama-family model"),
+    ("llama", dict(LLAMA, rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0), max_position_embeddings=None),
+     "rope type 'llama3' needs original_max_position_embeddings"),
+], ids=["gpt2-heads", "gpt2-positions", "neox-type", "neox-heads", "phi-type", "phi-heads", "phi-kv", "gptj-scale",
+        "llama-type", "llama3-original"])
+def test_bad_checkpoint_configs_are_named(kind, hf, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        _config_of(kind)(hf)
+
+
+def test_the_first_config_of_each_family_is_accepted():
+    """The configs the refusals above edit are themselves valid."""
+    for kind, hf in [("gpt2", GPT2), ("neox", NEOX), ("phi", PHI), ("phi", GPTJ), ("llama", LLAMA)]:
+        config = _config_of(kind)(hf)[0]
+        assert config.n_layers == 1 and config.d_vocab == 11
+
+
+def test_bad_transformer_lens_and_tracr_settings_are_named():
+    from converters.tracr import from_tracr
+    from converters.transformer_lens import tl_config
+
+    cfg = dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=10, n_ctx=8, attn_only=True)
+    with pytest.raises(ConfigError, match="act_fn 'swish' is not supported"):
+        tl_config(dict(cfg, attn_only=False, d_mlp=16, act_fn="swish"))
+    with pytest.raises(ConfigError, match="attention_dir 'sideways' is not supported"):
+        tl_config(dict(cfg, attention_dir="sideways"))
+    meta = dict(n_heads=1, d_head=2, d_mlp=4, causal=False, layer_norm=False, activation="relu",
+                unembed=np.zeros((6, 3)))
+    with pytest.raises(ConfigError, match="layer_norm=True are not supported"):
+        from_tracr({}, dict(meta, layer_norm=True))
+    with pytest.raises(ConfigError, match="tracr activation 'gelu' is not supported"):
+        from_tracr({}, dict(meta, activation="gelu"))
+
+
+def test_a_sharded_index_without_a_weight_map_is_refused(tmp_path):
+    from converters import convert
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(aj.CheckpointError, match="has no weight_map; it is not a sharded checkpoint index"):
+        convert(tmp_path)
+
+
+def test_flax_files_that_are_not_gpt2_parameter_trees_are_refused(tmp_path):
+    from flax import serialization
+
+    from converters.gpt2 import flax_gpt2_state_dict, read_flax_msgpack
+
+    (tmp_path / "garbage.msgpack").write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(aj.CheckpointError, match="Cannot read .* as a Flax msgpack checkpoint"):
+        read_flax_msgpack(tmp_path / "garbage.msgpack")
+    (tmp_path / "list.msgpack").write_bytes(serialization.msgpack_serialize([np.zeros(2)]))
+    with pytest.raises(aj.CheckpointError, match="does not hold a parameter tree"):
+        read_flax_msgpack(tmp_path / "list.msgpack")
+    with pytest.raises(aj.CheckpointError, match=r"Unexpected parameter 'params\.transformer\.wte\.weight'"):
+        flax_gpt2_state_dict({"params": {"transformer": {"wte": {"weight": np.zeros((3, 2))}}}})
