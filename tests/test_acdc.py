@@ -436,16 +436,20 @@ def test_bad_tau(small_gpt2, tau):
         acdc(model, task, tau, progress=False)
 
 
-def test_nan_metric_is_an_error(small_gpt2):
+@pytest.mark.parametrize("method", ["acdc", "acdc_nodes"])
+def test_nan_metric_is_an_error(small_gpt2, method):
+    from acdc_jax.algorithms import acdc_nodes
+
     model, task = small_gpt2
+    run = {"acdc": acdc, "acdc_nodes": acdc_nodes}[method]
 
     def nan_after_cut(logits, t):
         return jnp.where(jnp.abs(logits - t.reference).max() > 1e-4, jnp.nan, 0.0)
 
     with pytest.raises(MetricError, match="metric is nan after removing"):
-        acdc(model, task, 0.1, metric=nan_after_cut, progress=False)
+        run(model, task, 0.1, metric=nan_after_cut, progress=False)
     with pytest.raises(MetricError, match="full model is nan"):
-        acdc(model, task, 0.1, metric=lambda logits, t: jnp.nan * logits.sum(), progress=False)
+        run(model, task, 0.1, metric=lambda logits, t: jnp.nan * logits.sum(), progress=False)
 
 
 def test_task_input_errors(small_gpt2):

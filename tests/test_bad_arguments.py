@@ -192,3 +192,25 @@ def test_flax_files_that_are_not_gpt2_parameter_trees_are_refused(tmp_path):
         read_flax_msgpack(tmp_path / "list.msgpack")
     with pytest.raises(aj.CheckpointError, match=r"Unexpected parameter 'params\.transformer\.wte\.weight'"):
         flax_gpt2_state_dict({"params": {"transformer": {"wte": {"weight": np.zeros((3, 2))}}}})
+
+
+def test_prompts_that_tokenize_to_different_lengths_are_refused():
+    """A word the tokenizer splits makes one prompt longer than the rest."""
+    pytest.importorskip("tokenizers")
+    from acdc_jax.tasks.text import tokenize_batch
+
+    from .tokenizers_for_tests import build_tokenizer
+
+    tok = build_tokenizer(["When Mary and John went"])
+    assert tokenize_batch(tok, ["When Mary and John", "When John and Mary"], None, "t").shape == (2, 4)
+    with pytest.raises(TaskError, match=r"t: prompts tokenize to different lengths \[4, \d+\] .*'When Maryanne and "
+                                        r"John'.*use words that are single tokens"):
+        tokenize_batch(tok, ["When Mary and John", "When Maryanne and John"], None, "t")
+
+
+def test_an_unknown_tracr_program_is_named():
+    pytest.importorskip("tracr")
+    from acdc_jax.tasks.tracr_programs import compile_tracr
+
+    with pytest.raises(TaskError, match="Unknown tracr program 'sort'; choose from"):
+        compile_tracr("sort")

@@ -95,6 +95,12 @@ def test_tasks_command_lists_every_task(capsys):
     (["roc", "--task", "induction", "--taus", "nan"], "tau must be a finite number >= 0"),
     (["discover", "--task", "tracr-reverse", "--checkpoint", "x", "--tau", "0.1"], "do not pass a checkpoint"),
     (["discover", "--task", "induction", "--method", "edge_pruning", "--mesh", "3x1"], "needs 3 devices"),
+    (["discover", "--task", "induction", "--method", "acdc_nodes"], "ACDC over nodes needs --tau"),
+    (["discover", "--task", "induction", "--method", "eap", "--start", "c.json"], "--start is for --method acdc"),
+    (["roc", "--task", "induction", "--method", "eap", "--start", "c.json"], "--start is for --method acdc"),
+    (["discover", "--task", "t.json", "--checkpoint", "x", "--examples", "3", "--tau", "0.1"],
+     "its prompts are given; do not pass n_examples (--examples)"),
+    (["discover", "--task", "t.json", "--tau", "0.1"], "pass the model as checkpoint=DIR"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
