@@ -61,6 +61,35 @@ def test_flax_msgpack_parity():
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-4
 
 
+def test_a_directory_of_flax_weights_alone_is_read_as_flax(tmp_path):
+    """A GPT-2 directory with flax_model.msgpack and no PyTorch weights is
+    detected as Flax, and reads as the msgpack file named directly."""
+    import shutil
+
+    for name in ("config.json", "flax_model.msgpack"):
+        shutil.copy(DATA / "gpt2_flax_tiny" / name, tmp_path / name)
+    assert converters.detect_format(tmp_path) == "flax-gpt2"
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 8)))
+    np.testing.assert_array_equal(np.asarray(converters.convert(tmp_path)(tokens)),
+                                  np.asarray(converters.convert(DATA / "gpt2_flax_tiny" / "flax_model.msgpack")(tokens)))
+
+
+def test_a_cache_entry_with_one_snapshot_and_no_ref_is_that_snapshot(tmp_path):
+    entry = tmp_path / "models--org--tiny"
+    (entry / "snapshots" / "abc123").mkdir(parents=True)
+    assert converters.resolve(entry) == entry / "snapshots" / "abc123"
+    assert converters.resolve(tmp_path) == tmp_path  # not a cache entry
+
+
+def test_the_converter_command_names_a_bad_checkpoint(tmp_path, capsys):
+    from converters.__main__ import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "error: Unsupported architecture model_type='bert'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- TransformerLens layout, against a reference forward written here ---------
 
 def _tl_state_dict(cfg, rng):
