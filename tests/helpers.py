@@ -249,3 +249,19 @@ def assert_cut_matches(pt, model, graph, names, clean, corrupt, reference: np.nd
     ours = patched_forward(model, clean, masks, Corruption.from_prompts(model, corrupt), graph)
     assert np.abs(reference - torch_logits(pt, clean)).max() > 1e-3  # the cut matters
     assert np.abs(np.asarray(ours) - reference).max() <= 1e-4
+
+
+def assert_acdc_matches_the_reference_loop(model, task, tau, monkeypatch=None):
+    """The plain reference loop over patched forwards against both modes
+    and, given `monkeypatch`, the vmapped accelerator path."""
+    from acdc_jax import acdc
+
+    from .test_acdc import _decisions, _reference
+
+    ref = _reference(model, task, tau, task.make_corruption(model))
+    assert 0 < sum(kept for *_, kept in ref) < len(ref)
+    for mode in ("sequential", "batched"):
+        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
+    if monkeypatch is not None:
+        force_accelerator_path(monkeypatch)
+        assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref

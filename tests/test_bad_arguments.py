@@ -137,7 +137,8 @@ def _config_of(kind):
     ("phi", dict(PHI, num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     ("phi", dict(GPTJ, scale_attn_weights=False), "scale_attn_weights=false is not supported"),
     ("llama", dict(LLAMA, model_type="gpt2"), "model_type 'gpt2' is not a Llama-family model"),
-    ("llama", dict(LLAMA, rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0), max_position_embeddings=None),
+    ("llama", dict(LLAMA, rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0),
+                   max_position_embeddings=None),
      "rope type 'llama3' needs original_max_position_embeddings"),
 ], ids=["gpt2-heads", "gpt2-positions", "neox-type", "neox-heads", "phi-type", "phi-heads", "phi-kv", "gptj-scale",
         "llama-type", "llama3-original"])

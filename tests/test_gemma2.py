@@ -18,8 +18,8 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import CheckpointError, ConfigError
 
-from .helpers import (assert_cut_matches, assert_missing_tensor_named, edit_config, logits_gap, random_hf_llama,
-                      random_prompt_task)
+from .helpers import (assert_acdc_matches_the_reference_loop, assert_cut_matches, assert_missing_tensor_named,
+                      edit_config, logits_gap, random_hf_llama, random_prompt_task)
 from .test_llama import EDGES, torch_patched_logits
 from .test_llama_families import family_model
 
@@ -178,23 +178,6 @@ def test_sparse_passes_and_the_streamed_kl_are_not_used(gemma2):
 
 def _random_task(seed):
     return random_prompt_task(seed, VOCAB, "random-gemma2")
-
-
-def assert_acdc_matches_the_reference_loop(model, task, tau, monkeypatch=None):
-    """The plain reference loop over patched forwards against both modes
-    and, given `monkeypatch`, the vmapped accelerator path."""
-    from acdc_jax import acdc
-
-    from .helpers import force_accelerator_path
-    from .test_acdc import _decisions, _reference
-
-    ref = _reference(model, task, tau, task.make_corruption(model))
-    assert 0 < sum(kept for *_, kept in ref) < len(ref)
-    for mode in ("sequential", "batched"):
-        assert _decisions(acdc(model, task, tau, mode=mode, progress=False, max_width=8)) == ref
-    if monkeypatch is not None:
-        force_accelerator_path(monkeypatch)
-        assert _decisions(acdc(model, task, tau, progress=False, max_width=8)) == ref
 
 
 @pytest.mark.slow  # 22 s; the quick suite runs the same check through post-attention norms on Gemma 3,

@@ -19,8 +19,9 @@ from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.config import TransformerConfig
 from acdc_jax.errors import ConfigError
 
-from .helpers import assert_all_ones_and_zeros, assert_missing_tensor_named, edit_config, random_hf_llama
-from .test_gemma2 import _parity, _random_task, assert_acdc_matches_the_reference_loop
+from .helpers import (assert_acdc_matches_the_reference_loop, assert_all_ones_and_zeros, assert_missing_tensor_named,
+                      edit_config, random_hf_llama)
+from .test_gemma2 import _parity, _random_task
 from .test_llama_families import GEMMA3_ROPES, family_model
 
 VOCAB = 61

@@ -14,8 +14,8 @@ import converters
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, logits_gap, random_hf_llama, random_prompt_task
-from .test_gemma2 import assert_acdc_matches_the_reference_loop
+from .helpers import (assert_acdc_matches_the_reference_loop, edit_config, logits_gap, random_hf_llama,
+                      random_prompt_task)
 
 VOCAB = 61
 SCALARS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0)

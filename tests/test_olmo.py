@@ -14,8 +14,8 @@ import converters
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, random_hf_llama, torch_logits
-from .test_gemma2 import _random_task, assert_acdc_matches_the_reference_loop
+from .helpers import assert_acdc_matches_the_reference_loop, edit_config, random_hf_llama, torch_logits
+from .test_gemma2 import _random_task
 from .test_llama_families import family_model
 
 VOCAB = 61

@@ -14,8 +14,8 @@ import converters
 from acdc_jax.checkpoint import fill_model, model_arrays
 from acdc_jax.errors import ConfigError
 
-from .helpers import edit_config, logits_gap, random_hf_llama, random_prompt_task
-from .test_gemma2 import assert_acdc_matches_the_reference_loop
+from .helpers import (assert_acdc_matches_the_reference_loop, edit_config, logits_gap, random_hf_llama,
+                      random_prompt_task)
 
 VOCAB = 61
 TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]

@@ -15,8 +15,8 @@ from acdc_jax import CircuitGraph
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.tasks import prompt_task
 
-from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, logits_gap, random_hf_llama, random_hf_parallel,
-                      record_senders)
+from .helpers import (assert_all_ones_and_zeros, assert_cut_matches, edit_config, logits_gap, random_hf_llama,
+                      random_hf_parallel, record_senders)
 from .test_batched_equals_sequential import _same
 from .test_llama import torch_patched_logits
 

@@ -10,8 +10,8 @@ import pytest
 
 from acdc_jax.checkpoint import fill_model, model_arrays
 
-from .helpers import torch_logits
-from .test_gemma2 import _random_task, assert_acdc_matches_the_reference_loop
+from .helpers import assert_acdc_matches_the_reference_loop, torch_logits
+from .test_gemma2 import _random_task
 from .test_llama_families import family_model
 
 VOCAB = 61
