@@ -73,9 +73,12 @@ def test_names_say_which_convention():
         g.edge_index("blocks.1.attn.hook_result[0]->blocks.0.hook_q_input[0]")
 
 
-def test_networkx_view_is_a_dag_reaching_the_logits():
+@pytest.mark.parametrize("options", [dict(), dict(qkv_edges=False), dict(split_qkv=False)], ids=str)
+def test_networkx_view_is_a_dag_reaching_the_logits(options):
+    """At every granularity each head's inputs lead to its output, so every
+    sender reaches the logits, and the embedding reaches every sender."""
     config = TransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_vocab=10, n_ctx=8, d_mlp=16)
-    g = CircuitGraph(config)
+    g = CircuitGraph(config, **options)
     mask = np.ones(g.n_edges)
     mask[0] = 0
     nxg = g.to_networkx(mask)
@@ -85,6 +88,8 @@ def test_networkx_view_is_a_dag_reaching_the_logits():
     assert sum(not d["present"] for d in removable) == 1
     logits = g.receivers[-1].name
     assert all(nx.has_path(nxg, s.name, logits) for s in g.senders)
+    assert all(nx.has_path(nxg, g.senders[0].name, s.name) for s in g.senders)
+    assert set(nxg.nodes) == {n for e in g.edges for n in (e.sender.name, e.receiver.name)} | {s.name for s in g.senders}
 
 
 def test_graph_hash_and_equality():
