@@ -169,6 +169,11 @@ def test_a_cut_log_resumes_to_the_same_circuit(gpt2, tmp_path):
     assert _decisions(resumed) == _decisions(whole) and np.array_equal(resumed.mask, whole.mask)
     with pytest.raises(ValueError, match="settings differ"):
         acdc_nodes(model, task, 2e-2, resume=log, progress=False)
+    lines = log.read_text().splitlines()  # whole again; now two decisions swapped, as in an edited log
+    assert len(lines) == 1 + len(whole.decisions) and lines[1] != lines[2]
+    log.write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
+    with pytest.raises(ValueError, match="Decision 0 of the log .* is not what ACDC over nodes does next .* another run"):
+        acdc_nodes(model, task, 1e-2, resume=log, progress=False)
 
 
 def test_bad_arguments_are_named(gpt2):
