@@ -223,3 +223,18 @@ def test_tracr_nodes_are_recovered_exactly(name):
     circuit = acdc_nodes(model, task, 1e-3, corruption="zeros", progress=False)
     truth = nodes_of(circuit.graph, task.canonical) - {"embed", "pos", "logits"}
     assert truth and set(circuit.settings["nodes"]) == truth
+
+
+def test_a_trial_at_tau_is_rescored_and_decided_as_the_sequential_loop(gpt2):
+    """tau set to the first trial's metric change (which no earlier decision
+    alters) puts that trial within rounding of tau: the batched run checks it
+    in full passes and decides every node as the sequential loop does."""
+    _, model, task = gpt2
+    first = acdc_nodes(model, task, 1e-2, mode="sequential", progress=False).decisions[0]
+    assert first.tried and first.result > 0
+    seq = acdc_nodes(model, task, first.result, mode="sequential", progress=False)
+    assert seq.decisions[0].result == first.result  # the tie itself
+    bat = acdc_nodes(model, task, first.result, progress=False)
+    assert bat.settings["rescored"] > 0 and _decisions(bat) == _decisions(seq)
+    # decided on the full passes' value (the chain's pass gave 0.0264610469 against 0.0264610282 here)
+    assert bat.decisions[0].result == first.result
