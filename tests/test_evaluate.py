@@ -160,3 +160,35 @@ def test_compare_gives_auc_and_the_faithfulness_curve(tracr_tasks):
     assert fraction == circuit.n_edges / circuit.graph.n_edges
     assert value == pytest.approx(evaluate.faithfulness(model, task, circuit)["normalized"], abs=1e-6)
     assert (fraction, pytest.approx(value, abs=1e-6)) in [tuple(p) for p in rows[0]["curve"]]
+
+
+def test_a_scored_circuit_keeps_max_points_thresholds_and_its_exact_auc():
+    """With more distinct scores than max_points, the plotted thresholds are
+    spread from the highest score to the lowest; the AUC stays the exact
+    ranking AUC (the Mann-Whitney count, computed here pair by pair)."""
+    from acdc_jax import Circuit, CircuitGraph, TransformerConfig
+
+    graph = CircuitGraph(TransformerConfig(n_layers=2, d_model=8, n_heads=4, d_head=2, d_vocab=10, n_ctx=8, d_mlp=16))
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=graph.n_edges)
+    truth = rng.random(graph.n_edges) < 0.3
+    circuit = Circuit(graph, np.ones(graph.n_edges, np.float32), scores=scores, settings={"rank": "signed"})
+    result = evaluate.roc_from_scores(circuit, [n for n, t in zip(graph.edge_names, truth) if t], max_points=20)
+    assert len(result.taus) == 20 and graph.n_edges > 20
+    assert result.taus[0] == scores.max() and result.taus[-1] == scores.min()
+    assert result.edge_points[-1] == (1.0, 1.0)
+    pos, neg = scores[truth], scores[~truth]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert result.edge_auc == pytest.approx(pairs, abs=1e-12)
+
+
+def test_a_circuit_answers_membership_by_name_or_index():
+    from acdc_jax import Circuit, CircuitGraph, TransformerConfig
+
+    graph = CircuitGraph(TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=10, n_ctx=8))
+    mask = np.ones(graph.n_edges, np.float32)
+    mask[3] = 0
+    circuit = Circuit(graph, mask, metric=0.25)
+    assert graph.edge_names[3] not in circuit and 3 not in circuit
+    assert graph.edge_names[4] in circuit and 4 in circuit
+    assert repr(circuit) == f"Circuit({graph.n_edges - 1} of {graph.n_edges} edges, metric=0.25)"
