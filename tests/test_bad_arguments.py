@@ -1,6 +1,6 @@
 """Bad arguments to the API and bad converter configs raise errors that name
-the problem, before any compiling (checkpoint files are in test_bad_input.py,
-saved models, tasks and configs in test_bad_values.py)."""
+the problem (the methods' arguments before any compiling; checkpoint files
+are in test_bad_input.py, saved models, tasks and configs in test_bad_values.py)."""
 
 import dataclasses
 import json
