@@ -109,3 +109,30 @@ def test_gradients_in_prompt_chunks_equal_the_whole_batch(monkeypatch):
     for a, b in zip(whole, chunked):
         assert np.abs(a.scores).max() > 1e-3
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("available_gb", [12, 20], ids=["16GB-GPU", "24GB-CPU"])
+def test_a_gpt2_small_sweep_plan_fits_the_budget(available_gb):
+    """The issue's sweep (GPT-2 small's shape, 100 prompts x 16 tokens, all
+    32,923 edges) on a 16 GB GPU (XLA's limit 12 GB) and on this 24 GB host:
+    every start layer's pass, at its planned width and prompt chunk, fits 70%
+    of the memory by the estimate (which the tests above bound XLA's own
+    allocation by), and twice the width would not (unless capped)."""
+    import equinox as eqx
+
+    from acdc_jax.graph import CircuitGraph
+    from acdc_jax.memory import BUDGET_FRACTION, plan_batch
+
+    config = TransformerConfig(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, d_vocab=50257,
+                               n_ctx=1024)
+    model = eqx.filter_eval_shape(Transformer, config, key=jax.random.PRNGKey(0))  # shapes only, no weights
+    graph = CircuitGraph(config)
+    assert graph.n_edges == 32_923
+    available, cap = available_gb << 30, 256
+    widths, chunk = plan_batch(model, graph, 100, 16, 1, cap, available=available)
+    assert chunk is None or 100 % chunk == 0
+    for start, width in enumerate(widths):
+        fixed, per = pass_bytes(model, graph, 100, 16, 1, start, chunk)
+        assert fixed + width * per <= BUDGET_FRACTION * available, (start, width)
+        assert width == cap or fixed + 2 * width * per > BUDGET_FRACTION * available, (start, width)
+    assert widths == sorted(widths) and widths[-1] > widths[0]  # later layers recompute less
