@@ -136,3 +136,20 @@ def test_a_gpt2_small_sweep_plan_fits_the_budget(available_gb):
         assert fixed + width * per <= BUDGET_FRACTION * available, (start, width)
         assert width == cap or fixed + 2 * width * per > BUDGET_FRACTION * available, (start, width)
     assert widths == sorted(widths) and widths[-1] > widths[0]  # later layers recompute less
+
+
+def test_free_memory_is_the_devices_limit_less_its_use_else_the_hosts():
+    from acdc_jax.memory import available_memory_bytes
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert available_memory_bytes(Device({"bytes_limit": 12 << 30, "bytes_in_use": 3 << 30})) == 9 << 30
+    assert available_memory_bytes(Device({"bytes_limit": 12 << 30})) == 12 << 30
+    with open("/proc/meminfo") as f:  # a CPU reports no limit: the host's MemAvailable
+        host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert abs(available_memory_bytes(Device(None)) - host) < 0.1 * host
