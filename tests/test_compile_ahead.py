@@ -190,13 +190,16 @@ def test_the_workers_enter_the_callers_jax_settings(backend_compiles):
     assert backend_compiles.count("MainThread") == before and "acdc-jax-compile-test" in backend_compiles
 
 
-@pytest.mark.parametrize("d_mlp", [24, None])  # None: attention only, whose deviations come with the heads' z
-def test_the_setup_compiles_beside_the_corrupted_run(monkeypatch, d_mlp):
+# d_mlp None: attention only, whose deviations come with the heads' z; "zeros": no corrupted run to compile beside
+@pytest.mark.parametrize("d_mlp,corruption", [(24, None), (None, None), (24, "zeros")])
+def test_the_setup_compiles_beside_the_corrupted_run(monkeypatch, d_mlp, corruption):
     """On accelerators the reference logits' and the deviations' programs
-    compile in the workers while the run compiles its corrupted run, and the
-    run reuses them (model shapes no other test compiles for)."""
+    compile in the workers while the run compiles its corrupted run (or,
+    under zero ablation, while it waits), and the run reuses them (model
+    shapes no other test compiles for)."""
     config = TransformerConfig(n_layers=2, n_heads=3, d_model=12, d_head=4, d_mlp=d_mlp, d_vocab=37, n_ctx=8)
-    model, task = peaked_random_model_and_task(config, seed=6, prompt_seed=2, n_prompts=3)
+    n_prompts = 4 if corruption else 3  # shapes no other case has compiled
+    model, task = peaked_random_model_and_task(config, seed=6, prompt_seed=2, n_prompts=n_prompts)
     where = {}
 
     def listen(event, duration, fun_name=None, **_):
@@ -206,12 +209,12 @@ def test_the_setup_compiles_beside_the_corrupted_run(monkeypatch, d_mlp):
     force_accelerator_path(monkeypatch, covers_ahead=True)
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        bat = acdc(model, task, 1e-4, progress=False, max_width=4)
+        bat = acdc(model, task, 1e-4, progress=False, max_width=4, corruption=corruption)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert set(where) == {"jit(_forward)", "jit(deviations)"}
     assert all(len(names) == 1 and names[0].startswith("acdc-jax-compile") for names in where.values()), where
     monkeypatch.setenv("ACDC_JAX_COVERS_AHEAD", "0")
-    seq = acdc(model, task, 1e-4, mode="sequential", progress=False)
+    seq = acdc(model, task, 1e-4, mode="sequential", progress=False, corruption=corruption)
     assert any(not d.kept for d in seq.decisions if d.tried)
     assert [(d.edge, d.tried, d.kept) for d in bat.decisions] == [(d.edge, d.tried, d.kept) for d in seq.decisions]
