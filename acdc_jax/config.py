@@ -113,19 +113,15 @@ class TransformerConfig:
             )
         object.__setattr__(self, "attn_scale", float(self.attn_scale))
         self._check_rotary()
-        for flag in ("gated_mlp", "parallel_attn_mlp"):
+        for flag in ("gated_mlp", "parallel_attn_mlp", "qk_norm_across_heads", "pre_norm", "post_norm", "qk_norm"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
+        for flag in ("gated_mlp", "parallel_attn_mlp"):
             if getattr(self, flag) and self.d_mlp is None:
                 raise ConfigError(f"TransformerConfig.{flag}=True needs an MLP: set d_mlp.")
-        for flag in ("qk_norm_across_heads", "pre_norm"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
         if self.qk_norm_across_heads and not self.qk_norm:
             raise ConfigError("TransformerConfig.qk_norm_across_heads=True needs qk_norm=True.")
         for flag in ("post_norm", "qk_norm"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"TransformerConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
             if getattr(self, flag) and self.normalization != "RMS":
                 raise ConfigError(f"TransformerConfig.{flag}=True needs normalization='RMS' (its norms are "
                                   f"RMSNorms), got {self.normalization!r}.")
