@@ -2,7 +2,6 @@
 the problem (the methods' arguments before any compiling; checkpoint files
 are in test_bad_input.py, saved models, tasks and configs in test_bad_values.py)."""
 
-import dataclasses
 import json
 
 import jax
@@ -11,26 +10,23 @@ import numpy as np
 import pytest
 
 import acdc_jax as aj
-from acdc_jax import ConfigError, TaskError, TransformerConfig
+from acdc_jax import ConfigError, TaskError
 from acdc_jax.algorithms import eap_ig, edge_pruning, subnetwork_probing, top_k_threshold
 from acdc_jax.candidates import Candidates
 from acdc_jax.schedule import Schedule
 from acdc_jax.sharding import make_mesh
-from acdc_jax.tasks.base import Task, kl_divergence
 
-CONFIG = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=6, d_mlp=None)
+from .test_bad_values import CONFIG, _task
 
 
 @pytest.fixture(scope="module")
-def model():
+def model():  # test_bad_values' model
     return aj.Transformer(CONFIG, key=jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
 def task():
-    rng = np.random.default_rng(0)
-    return Task(name="t", clean=rng.integers(0, 11, (4, 5)), corrupted=rng.integers(0, 11, (4, 5)),
-                positions=np.array([4]), metrics={"kl": kl_divergence})
+    return _task()
 
 
 @pytest.mark.parametrize("call,error,pattern", [
@@ -95,19 +91,6 @@ def test_bad_candidates_graphs_and_meshes_are_named():
         top_k_threshold(np.array([0.1, 0.2, 0.3]), 4)
 
 
-@pytest.mark.parametrize("fields,pattern", [
-    (dict(pre_norm=1), "pre_norm must be a bool, got 1"),
-    (dict(normalization="RMS", qk_norm="yes"), "qk_norm must be a bool"),
-    (dict(positional="rotary", rotary_dim=4, rotary_attention_factor=0.0), "rotary_attention_factor must be a "
-     "positive finite float, got 0.0"),
-    (dict(rotary_attention_factor=1.5), r"rotary_attention_factor=1.5 needs positional='rotary'"),
-    (dict(rotary_local_layers=(0,)), "rotary_local_layers is set but positional='learned'"),
-])
-def test_bad_config_fields_are_named(fields, pattern):
-    with pytest.raises(ConfigError, match=pattern):
-        dataclasses.replace(CONFIG, **fields)
-
-
 GPT2 = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, vocab_size=11, n_positions=8)
 NEOX = dict(model_type="gpt_neox", hidden_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=11,
             intermediate_size=32, max_position_embeddings=8)
@@ -154,15 +137,9 @@ def test_the_first_config_of_each_family_is_accepted():
         assert config.n_layers == 1 and config.d_vocab == 11
 
 
-def test_bad_transformer_lens_and_tracr_settings_are_named():
+def test_bad_tracr_settings_are_named():
     from converters.tracr import from_tracr
-    from converters.transformer_lens import tl_config
 
-    cfg = dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=10, n_ctx=8, attn_only=True)
-    with pytest.raises(ConfigError, match="act_fn 'swish' is not supported"):
-        tl_config(dict(cfg, attn_only=False, d_mlp=16, act_fn="swish"))
-    with pytest.raises(ConfigError, match="attention_dir 'sideways' is not supported"):
-        tl_config(dict(cfg, attention_dir="sideways"))
     meta = dict(n_heads=1, d_head=2, d_mlp=4, causal=False, layer_norm=False, activation="relu",
                 unembed=np.zeros((6, 3)))
     with pytest.raises(ConfigError, match="layer_norm=True are not supported"):

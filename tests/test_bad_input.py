@@ -98,6 +98,8 @@ def test_unsupported_config_option(saved, tmp_path, change, pattern):
         (dict(gated_mlp=True), "gated_mlp=True"),
         (dict(n_key_value_heads=1), "n_key_value_heads=1"),
         (dict(mystery_option=3), "mystery_option"),
+        (dict(act_fn="swish"), "act_fn 'swish' is not supported"),
+        (dict(attention_dir="sideways"), "attention_dir 'sideways' is not supported"),
     ],
 )
 def test_transformer_lens_config_rejections(change, pattern):

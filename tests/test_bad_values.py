@@ -106,6 +106,12 @@ def test_torch_files_that_are_not_state_dicts_are_refused(tmp_path):
     (dict(gated_mlp=True, d_mlp=None), "gated_mlp=True needs an MLP"),
     (dict(parallel_attn_mlp="yes"), "parallel_attn_mlp must be a bool"),
     (dict(parallel_attn_mlp=True), "parallel_attn_mlp=True needs an MLP"),
+    (dict(pre_norm=1), "pre_norm must be a bool, got 1"),
+    (dict(normalization="RMS", qk_norm="yes"), "qk_norm must be a bool"),
+    (dict(positional="rotary", rotary_dim=4, rotary_attention_factor=0.0), "rotary_attention_factor must be a "
+     "positive finite float, got 0.0"),
+    (dict(rotary_attention_factor=1.5), r"rotary_attention_factor=1.5 needs positional='rotary'"),
+    (dict(rotary_local_layers=(0,)), "rotary_local_layers is set but positional='learned'"),
 ])
 def test_bad_config_fields_are_named(fields, pattern):
     with pytest.raises(ConfigError, match=pattern):
