@@ -31,16 +31,17 @@ def random_hf_llama(tmp_path, *, model_type="llama", n_layers=2, d_model=32, n_h
 
     config_cls, model_cls = {
         "llama": ("Llama", "Llama"), "mistral": ("Mistral", "Mistral"), "qwen2": ("Qwen2", "Qwen2"),
-        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"), "olmo3": ("Olmo3", "Olmo3"), "smollm3": ("SmolLM3", "SmolLM3"), "granite": ("Granite", "Granite"),
+        "qwen3": ("Qwen3", "Qwen3"), "olmo": ("Olmo", "Olmo"), "olmo2": ("Olmo2", "Olmo2"), "olmo3": ("Olmo3", "Olmo3"),
+        "smollm3": ("SmolLM3", "SmolLM3"), "granite": ("Granite", "Granite"),
         "gemma": ("Gemma", "Gemma"), "gemma2": ("Gemma2", "Gemma2"), "gemma3_text": ("Gemma3Text", "Gemma3"),
         "phi3": ("Phi3", "Phi3")}[model_type]
     if model_type == "phi3":
         extra.setdefault("pad_token_id", 0)  # Phi3Config's default, 32000, is outside a small vocabulary
     if model_type in ("olmo", "olmo2", "olmo3", "smollm3"):
-        extra.setdefault("eos_token_id", 0)
+        extra.setdefault("eos_token_id", 0)  # OlmoConfig's default, 50279, likewise
     if model_type == "smollm3":  # SmolLM3Config's special tokens lie outside a small vocabulary
         extra.setdefault("pad_token_id", 0)
-        extra.setdefault("bos_token_id", 0)  # OlmoConfig's default, 50279, likewise
+        extra.setdefault("bos_token_id", 0)
     torch.manual_seed(seed)
     config = getattr(transformers, f"{config_cls}Config")(
         hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=d_mlp,
