@@ -229,9 +229,11 @@ def test_resume_refuses_a_log_whose_decisions_are_out_of_order(small_gpt2, tmp_p
         acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
 
 
-def test_a_corruption_object_makes_the_named_corruptions_decisions(small_gpt2):
-    """A Corruption made by the caller (here from the task's corrupted
-    prompts) is used as given, cast to the model's dtype."""
+def test_a_corruption_object_is_used_as_given(small_gpt2):
+    """A Corruption made by the caller from the task's corrupted prompts makes
+    the named corruption's decisions; another (the mean of the corrupted
+    prompts' activations, which decides otherwise here) makes the plain
+    reference loop's decisions under that corruption."""
     model, task = small_gpt2
     named = acdc(model, task, 0.004, progress=False, max_width=4)
     given = acdc(model, task, 0.004, progress=False, max_width=4,
@@ -239,6 +241,10 @@ def test_a_corruption_object_makes_the_named_corruptions_decisions(small_gpt2):
     assert given.settings["corruption"] == named.settings["corruption"] == "prompts"
     assert _decisions(given) == _decisions(named)
     assert np.array_equal(given.mask, named.mask)
+    other = Corruption.mean(model, jnp.asarray(task.corrupted))
+    mean = acdc(model, task, 0.004, progress=False, max_width=4, corruption=other)
+    assert mean.settings["corruption"] == "mean" and _decisions(mean) != _decisions(named)
+    assert _decisions(mean) == _reference(model, task, 0.004, other)
 
 
 def test_prompt_chunks_make_the_same_decisions(small_gpt2):
