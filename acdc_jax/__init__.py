@@ -8,7 +8,8 @@ from .checkpoint import load, save
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .graph import CircuitGraph, Edge, Node, expected_edge_count
 from .model import SenderActivations, Transformer, TransformerConfig
-from .patching import Corruption, patched_forward
+from .corruption import Corruption
+from .patching import patched_forward
 from .circuit import Circuit, Decision
 from .acdc import acdc
 from .programs import use_disk_cache

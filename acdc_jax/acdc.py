@@ -40,11 +40,11 @@ import numpy as np
 
 from . import compile_ahead
 from .circuit import Circuit, Decision, start_mask
+from .corruption import Corruption
 from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
 from .errors import MetricError
 from .graph import CircuitGraph
 from .model import Transformer, cast
-from .patching import Corruption
 from .programs import compile_seconds
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, model_fingerprint

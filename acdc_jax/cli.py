@@ -177,7 +177,8 @@ def cmd_patch(args) -> int:
     import converters
 
     from .graph import CircuitGraph
-    from .patching import Corruption, patched_forward
+    from .corruption import Corruption
+    from .patching import patched_forward
 
     model = converters.convert(args.checkpoint)
     graph = CircuitGraph(model.config)

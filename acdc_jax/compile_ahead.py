@@ -32,7 +32,7 @@ import numpy as np
 
 from . import dense
 from .candidates import Candidates
-from .patching import Corruption, _senders, with_resid
+from .corruption import Corruption, _senders, with_resid
 from .programs import Shape, submit
 from .sharding import round_width
 from .tasks.base import _forward

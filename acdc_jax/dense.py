@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .corruption import Corruption, corruption_axes, example_inputs
 from .fused_kl import residual_kl, streams
-from .patching import (Corruption, corruption_axes, example_inputs, patched_logits_and_deviations, per_prompt, run_from,
-                       senders_before,
-                       start_layer_heads, upstream_mix)
+from .patching import (patched_logits_and_deviations, per_prompt, run_from, senders_before, start_layer_heads,
+                       upstream_mix)
 from .tasks.base import TaskArrays
 
 

@@ -95,7 +95,7 @@ class SenderActivations(eqx.Module):
     each head's output without the attention bias ``b_O`` (which is constant
     and belongs to no edge), ``mlps`` each MLP's output including its bias.
     ``resid``, if given, is the residual stream they sum to before each layer
-    and after the last (`patching.with_resid`). Leading ``*batch`` axes are
+    and after the last (`corruption.with_resid`). Leading ``*batch`` axes are
     optional.
     """
 

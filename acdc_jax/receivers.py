@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .corruption import _corrupt_base, corruption_axes, example_inputs
 from .graph import CircuitGraph
 from .layers import attend
 from .model import Transformer, layer
-from .patching import _corrupt_base, corruption_axes, example_inputs
 
 
 class ReceiverCache(eqx.Module):

@@ -21,13 +21,14 @@ import numpy as np
 
 from . import compile_ahead, dense, xla_cpu
 from .candidates import Candidates
+from .corruption import Corruption
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .fused_kl import exact, reference_arrays
 from .graph import CircuitGraph, with_sentinels
 from .memory import grad_prompt_chunk
 from .model import Transformer
 from .programs import Shape, shared
-from .patching import Corruption, senders_before, upstream_offset
+from .patching import senders_before, upstream_offset
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .receivers import cache_flops
 from .sparse import sparse_flops

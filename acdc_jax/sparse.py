@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .corruption import _corrupt_base, corruption_axes, example_inputs
 from .flops import attention_flops
 from .fused_kl import final_bias, final_numerator, final_scale, residual_kl, streams
 from .graph import CircuitGraph, with_sentinels
 from .layers import _lead
 from .model import Transformer, layer
-from .patching import _corrupt_base, _heads_at, corruption_axes, example_inputs
+from .patching import _heads_at
 from .receivers import ReceiverCache, cached_flops, cached_z
 from .tasks.base import TaskArrays
 

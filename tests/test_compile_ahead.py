@@ -14,7 +14,7 @@ from acdc_jax import compile_ahead
 from acdc_jax.acdc import acdc
 from acdc_jax.candidates import Candidates
 from acdc_jax.model import TransformerConfig
-from acdc_jax.patching import Corruption
+from acdc_jax.corruption import Corruption
 from acdc_jax.programs import Shape
 from acdc_jax.precision import matmul_precision
 from acdc_jax.scoring import Scorer

@@ -17,7 +17,7 @@ from acdc_jax.flops import base_heads_flops, forward_flops, pass_flops, sweep_fl
 from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
 from acdc_jax.model import Transformer, TransformerConfig
-from acdc_jax.patching import Corruption
+from acdc_jax.corruption import Corruption
 from acdc_jax.programs import Shape
 from acdc_jax.tasks.base import Task, kl_divergence
 

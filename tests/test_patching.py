@@ -185,8 +185,9 @@ def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
     """A pass started at any layer from cached deviations, with the last layer
     run at the metric positions only (and the start layer's heads partly taken
     from a cache), gives the full forward's logits at those positions."""
-    from acdc_jax.patching import example_corruption, patched_logits_and_deviations, run_from, senders_before, \
-        start_layer_heads, upstream_mix
+    from acdc_jax.corruption import example_corruption
+    from acdc_jax.patching import patched_logits_and_deviations, run_from, senders_before, start_layer_heads, \
+        upstream_mix
 
     model = gpt2[1] if which == "gpt2" else _shortformer_model()
     graph = CircuitGraph(model.config)

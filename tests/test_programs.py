@@ -9,7 +9,7 @@ import pytest
 
 from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
-from acdc_jax.patching import Corruption
+from acdc_jax.corruption import Corruption
 from acdc_jax.programs import Programs, Shape
 from acdc_jax.scoring import Scorer
 from acdc_jax.tasks.base import Task, kl_divergence

@@ -9,7 +9,8 @@ import pytest
 from acdc_jax import acdc
 from acdc_jax.candidates import Candidates
 from acdc_jax.graph import CircuitGraph
-from acdc_jax.patching import Corruption, patched_logits_and_deviations
+from acdc_jax.corruption import Corruption
+from acdc_jax.patching import patched_logits_and_deviations
 from acdc_jax.scoring import Scorer
 from acdc_jax.sparse import reach
 from acdc_jax.tasks.base import Task, kl_divergence
@@ -128,7 +129,7 @@ def test_updates_keep_the_unembedded_numerator_exact():
     """Edges removed one at a time (as ACDC does) move the state by low-rank
     updates, with a dense one every `REFRESH` moves: after each move, the
     logits made from the state equal the full patched forward's."""
-    from acdc_jax.patching import example_inputs
+    from acdc_jax.corruption import example_inputs
     from acdc_jax.sparse import _final_residual, _logits
 
     model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [5, 6])
