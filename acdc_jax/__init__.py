@@ -13,10 +13,10 @@ from .patching import patched_forward
 from .circuit import Circuit, Decision
 from .acdc import acdc
 from .programs import use_disk_cache
-from . import algorithms, evaluate
+from . import algorithms, draw, evaluate, explore
 
 __all__ = [
-    "Circuit", "Decision", "acdc", "algorithms", "evaluate",
+    "Circuit", "Decision", "acdc", "algorithms", "draw", "evaluate", "explore",
     "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "MetricError", "Node",
     "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
     "patched_forward", "save", "use_disk_cache",

@@ -116,9 +116,12 @@ class Circuit:
 
     @classmethod
     def load(cls, path) -> "Circuit":
+        """Read a circuit.json, or the one in a run's output directory."""
         path = Path(path)
+        if path.is_dir() and (path / "circuit.json").is_file():
+            path = path / "circuit.json"
         if not path.is_file():
-            raise FileNotFoundError(f"No circuit file at {path}; give the circuit.json a run wrote.")
+            raise FileNotFoundError(f"No circuit file at {path}; give the circuit.json a run wrote, or its directory.")
         try:
             d = json.loads(path.read_text(errors="replace"))
         except json.JSONDecodeError as e:
@@ -134,11 +137,7 @@ def start_mask(graph: CircuitGraph, start) -> np.ndarray:
     """The 0/1 mask [n_edges] of a circuit to start a search from: a `Circuit`
     (or the path of its circuit.json, or of the run directory holding it)
     over the same graph, a mask, or edge names."""
-    if isinstance(start, (str, Path)) and (Path(start) / "circuit.json").is_file():
-        start = Path(start) / "circuit.json"
-    if isinstance(start, (str, Path)) and Path(start).suffix == ".json":
-        if not Path(start).is_file():
-            raise FileNotFoundError(f"No circuit file at {start}; give the circuit.json a run wrote, or its directory.")
+    if isinstance(start, (str, Path)) and (Path(start).suffix == ".json" or (Path(start) / "circuit.json").is_file()):
         start = Circuit.load(start)
     if isinstance(start, Circuit):
         if start.graph.edge_names != graph.edge_names:

@@ -1,4 +1,4 @@
-"""The ``acdc-jax`` command: discover, roc, patch, tasks."""
+"""The ``acdc-jax`` command: discover, roc, draw, compare, patch, tasks."""
 
 from __future__ import annotations
 
@@ -169,6 +169,63 @@ def cmd_roc(args) -> int:
     return 0
 
 
+def _described(circuit) -> str:
+    s = circuit.settings
+    how = s.get("method", "acdc") + (f", tau={s['tau']}" if s.get("tau") is not None else "")
+    return f"{circuit.n_edges} of {circuit.graph.n_edges} edges ({how})"
+
+
+def cmd_draw(args) -> int:
+    """Draw a saved circuit: DOT, SVG (Graphviz) or PNG, and the edge matrices as HTML."""
+    from .circuit import Circuit
+    from .draw import render
+    from .explore import write_html
+
+    circuit = Circuit.load(args.circuit)
+    against = Circuit.load(args.against) if args.against else None
+    if against is not None and against.graph.edge_names != circuit.graph.edge_names:
+        raise ValueError(f"--against {args.against} is over another graph ({against.graph!r}) than the circuit's "
+                         f"({circuit.graph!r}).")
+    source = Path(args.circuit)
+    base = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "circuit"
+    title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
+    written = render(circuit, base, canonical=None if against is None else against.edges, title=title)
+    written.append(write_html(circuit, base.with_suffix(".html")))
+    print(f"{args.circuit}: {_described(circuit)}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Compare two saved circuits: edges and heads/MLPs in both or in one only, Jaccard indices."""
+    from .circuit import Circuit
+    from .draw import render
+    from .evaluate import overlap
+
+    first, second = Circuit.load(args.first), Circuit.load(args.second)
+    result = overlap(first, second)
+    print(f"first:  {args.first}: {_described(first)}")
+    print(f"second: {args.second}: {_described(second)}")
+    for kind, label in (("edges", "edges"), ("nodes", "heads and MLPs")):
+        r = result[kind]
+        print(f"{label}: {len(r['both'])} in both, {len(r['only_first'])} in the first only, "
+              f"{len(r['only_second'])} in the second only; Jaccard {r['jaccard']:.3f}")
+    for which in ("first", "second"):
+        nodes = result["nodes"][f"only_{which}"]
+        if nodes:
+            print(f"  heads and MLPs in the {which} only: {' '.join(nodes)}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"first": str(args.first), "second": str(args.second), **result}
+        (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
+        written = [out / "compare.json", *render(first, out / "compare", canonical=second.edges,
+                                                   title=f"first ({first.n_edges} edges) against second "
+                                                         f"({second.n_edges}): red = first only, dashed = second only")]
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def cmd_patch(args) -> int:
     """Effect of cutting single edges, on random prompts, for a checkpoint."""
     import jax
@@ -281,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
     _start_arg(p)
     p.set_defaults(func=cmd_roc)
+    p = sub.add_parser("draw", help=cmd_draw.__doc__)
+    p.add_argument("circuit", help="a circuit.json, or the --out directory of a run")
+    p.add_argument("--against", metavar="CIRCUIT", help="a reference circuit (a canonical one, another run): edges "
+                   "outside it are drawn red, its edges the circuit lacks dashed")
+    p.add_argument("--out", help="where to write OUT.dot, OUT.svg or OUT.png and OUT.html (default: circuit next "
+                   "to the circuit file)")
+    p.add_argument("--title", help="the picture's title (default: the task, method and size)")
+    p.set_defaults(func=cmd_draw)
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("first", help="a circuit.json, or the --out directory of a run")
+    p.add_argument("second", help="another, over the same graph")
+    p.add_argument("--out", help="directory for compare.json and a picture of the first circuit against the second")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("patch", help=cmd_patch.__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--edges", nargs="*", help="edge names (default: the last --n edges)")
@@ -301,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         # the other methods and faithfulness too; bf16 operands leave nothing to choose
         with matmul_precision(args.precision if getattr(args, "dtype", None) == "float32" else None):
             return args.func(args)
-    except (CheckpointError, ConfigError, TaskError, MetricError, ValueError) as e:
+    except (CheckpointError, ConfigError, TaskError, MetricError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,32 @@ def nodes_of(graph: CircuitGraph, edges: Iterable[str]) -> set[str]:
     return out
 
 
+def overlap(first: Circuit, second: Circuit) -> dict:
+    """Where two circuits over the same graph agree: for edges and for heads
+    and MLPs, those in both, in the first only and in the second only, and the
+    Jaccard index |both| / |either| (1 for two empty circuits)."""
+    if first.graph.edge_names != second.graph.edge_names:
+        raise ValueError(f"The second circuit is over another graph ({second.graph!r}) than the first "
+                         f"({first.graph!r}); compare circuits found on models of the same shape with the same graph "
+                         "options (split_qkv, qkv_edges, split_embed).")
+    g = first.graph
+    sets = {"edges": (set(first.edges), set(second.edges), g.edge_names),
+            "nodes": (nodes_of(g, first.edges), nodes_of(g, second.edges), sorted(all_nodes(g), key=_node_order))}
+    out = {}
+    for kind, (a, b, order) in sets.items():
+        either = a | b
+        out[kind] = {"both": [n for n in order if n in a & b], "only_first": [n for n in order if n in a - b],
+                     "only_second": [n for n in order if n in b - a],
+                     "jaccard": len(a & b) / len(either) if either else 1.0}
+    return out
+
+
+def _node_order(name: str) -> tuple:
+    """a0.1 < a0.2 < m0 < a1.0: by layer, heads before the MLP."""
+    layer, _, head = name[1:].partition(".")
+    return int(layer), name[0] == "m", int(head or 0)
+
+
 def all_nodes(graph: CircuitGraph) -> set[str]:
     return {s.component for s in graph.senders if s.kind in ("head", "mlp")}
 
