@@ -47,7 +47,7 @@ from .graph import CircuitGraph
 from .model import Transformer, cast
 from .programs import compile_seconds
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
-from .runlog import RunLog, model_fingerprint
+from .runlog import RunLog, model_fingerprint, task_fingerprint
 from .schedule import Schedule
 from .speculate import Forecast, plan
 from .memory import plan_task
@@ -194,7 +194,7 @@ def acdc(
             "n_prompts": int(task.clean.shape[0]),
             "n_pos": int(task.clean.shape[1]), "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges,
                                                          "split_embed": graph.split_embed},
-            "model": model_fingerprint(model),
+            "model": model_fingerprint(model), "prompts": task_fingerprint(task),
             "start": None if start_edges is None else {
                 "edges": int(start_edges.sum()), "sha256": hashlib.sha256(start_edges.tobytes()).hexdigest()[:16]},
         }

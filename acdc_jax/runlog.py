@@ -34,6 +34,22 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def task_fingerprint(task) -> str:
+    """A short hash of the prompts and of what the metrics read (answers,
+    weights, positions), to refuse resuming with other prompts: a log's
+    decisions hold only for the prompts that made them. Not the reference
+    logits, which the model fingerprint covers and rounding may move."""
+    h = hashlib.sha256()
+    arrays = {"clean": task.clean, "corrupted": task.corrupted, "positions": task.positions, "weights": task.weights,
+              "corrupt_positions": task.corrupt_positions, **{f"labels.{k}": v for k, v in task.labels.items()}}
+    for name in sorted(arrays):
+        if arrays[name] is not None:
+            a = np.ascontiguousarray(np.asarray(arrays[name]))
+            h.update(f"{name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 class RunLog:
     def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision],
                  write: bool = True):
@@ -69,7 +85,10 @@ class RunLog:
                              "an acdc run wrote (its log= or the CLI's log.jsonl), or start again without resume.")
         differ = {k: (header["settings"].get(k), v) for k, v in settings.items() if header["settings"].get(k) != v}
         if differ:
-            raise ValueError(f"Cannot resume from {path}: the settings differ (logged, now): {differ}.")
+            hint = (" 'prompts' fingerprints the clean and corrupted tokens and what the metric reads: were these "
+                    "prompts made with another seed or count?" if "prompts" in differ else "")
+            raise ValueError(f"Cannot resume from {path}: the settings differ (logged, now): {differ}. Resume with "
+                             f"the logged run's model, prompts and settings, or start a new log.{hint}")
         logged, good = [], 1
         for line in lines[1:]:
             try:

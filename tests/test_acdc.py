@@ -2,6 +2,7 @@
 original loop (tests/reference_acdc.py), the sequential mode, and tracr's
 compiled ground truth."""
 
+import dataclasses
 import json
 import math
 import re
@@ -177,6 +178,9 @@ def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
     assert all(json.loads(x)["edge"] for x in log.read_text().splitlines()[1:])
     with pytest.raises(ValueError, match="settings differ"):
         acdc(model, task, 0.5, progress=False, resume=log)
+    swapped = dataclasses.replace(task, clean=task.corrupted, corrupted=task.clean)  # other prompts, same settings
+    with pytest.raises(ValueError, match="settings differ.*'prompts'.*another seed or count"):
+        acdc(model, swapped, 0.004, progress=False, max_width=4, resume=log)
 
 
 def test_resume_from_a_log_cut_inside_a_group_of_prunes(small_gpt2, tmp_path):

@@ -2,6 +2,7 @@
 or MLP; the batched walk makes the decisions of a plain loop over nodes
 written here with the patched forward; a run resumes from a cut log."""
 
+import dataclasses
 import shutil
 
 import jax.numpy as jnp
@@ -171,6 +172,9 @@ def test_a_cut_log_resumes_to_the_same_circuit(gpt2, tmp_path):
     assert _decisions(resumed) == _decisions(whole) and np.array_equal(resumed.mask, whole.mask)
     with pytest.raises(ValueError, match="settings differ"):
         acdc_nodes(model, task, 2e-2, resume=log, progress=False)
+    swapped = dataclasses.replace(task, clean=task.corrupted, corrupted=task.clean)
+    with pytest.raises(ValueError, match="settings differ.*'prompts'"):
+        acdc_nodes(model, swapped, 1e-2, resume=log, progress=False)
     lines = log.read_text().splitlines()  # whole again; now two decisions swapped, as in an edited log
     assert len(lines) == 1 + len(whole.decisions) and lines[1] != lines[2]
     log.write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")

@@ -37,7 +37,7 @@ from ..errors import MetricError
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
-from ..runlog import RunLog, model_fingerprint
+from ..runlog import RunLog, model_fingerprint, task_fingerprint
 from ..sharding import parse_mesh
 from ..speculate import trial_result
 from .attribution import receiver_layers, setup
@@ -121,7 +121,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     nodes = _Nodes(graph, node_order(graph, head_order))
     band = tie_band(rescore_ties, settings["precision"])
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
-                    model=model_fingerprint(model), rescore_ties=bool(band.scale))
+                    model=model_fingerprint(model), prompts=task_fingerprint(task), rescore_ties=bool(band.scale))
     mask = np.ones(graph.n_edges, np.float32)
     full_metric = scorer.full(mask)
     if not math.isfinite(full_metric):
