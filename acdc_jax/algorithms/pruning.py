@@ -11,8 +11,12 @@ highest (threshold found by binary search).
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from typing import TYPE_CHECKING
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import equinox as eqx
 import jax
@@ -20,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..precision import takes_precision
 from ..dense import metric_of_mask
+from ..precision import takes_precision
+from ..runlog import model_fingerprint, task_fingerprint
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
 
 if TYPE_CHECKING:
@@ -51,9 +56,46 @@ def _check(sparsity: float, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}.")
 
 
+def _save(path: Path, settings: dict, step: int, arrays: dict, history: list) -> None:
+    """The training state after `step`, written whole or not at all (a crash
+    while writing leaves the previous state)."""
+    state = {f"array.{k}": np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, settings=np.array(json.dumps(settings, sort_keys=True)), step=np.array(step),
+                 history=np.array(json.dumps(history)), **state)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path, settings: dict) -> tuple[int, dict, list]:
+    """(the last step done, the arrays, the history) of a saved training state
+    made with these settings; anything else is refused by name."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No training state to resume from at {path}.")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            saved, step, history = json.loads(str(f["settings"])), int(f["step"]), json.loads(str(f["history"]))
+            arrays = {k[len("array."):]: f[k] for k in f.files if k.startswith("array.")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a training state that edge_pruning or subnetwork_probing wrote, or it was "
+                         f"cut short ({type(e).__name__}: {e}); start again without resume.") from e
+    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"Cannot resume from {path}: the settings differ (saved, now): {differ}. Resume with the "
+                         "saved run's model, prompts and settings, or start again without resume.")
+    return step, arrays, history
+
+
 def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
-           progress: bool = True, desc: str = "edge pruning"):
-    """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks."""
+           progress: bool = True, desc: str = "edge pruning", run: Optional[dict] = None, checkpoint=None,
+           resume=None, stop_after: Optional[float] = None):
+    """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks. The
+    state is saved to `checkpoint` (if given) at each history row and when
+    the training stops; `resume` continues from such a state, made with the
+    same `run` settings, to the same log-alphas as a run never stopped.
+    `stop_after` (seconds) stops after the step that passes it."""
     from ..acdc import progress_bar
 
     target = 1.0 - sparsity
@@ -81,39 +123,77 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
         return optax.apply_updates(log_alpha, updates), state, lam, value, gap
 
     lam = jnp.zeros((2,), s._dtype)
-    history = []
-    bar = progress_bar(progress, steps, desc=desc, unit="step")
-    for i in range(steps):
+    history, done = [], 0
+    leaves, treedef = jax.tree_util.tree_flatten((log_alpha, state, lam, key))
+    if resume is not None:
+        last, saved, history = _load(Path(resume), run)
+        leaves = [jnp.asarray(saved[str(j)], leaf.dtype) for j, leaf in enumerate(leaves)]
+        log_alpha, state, lam, key = jax.tree_util.tree_unflatten(treedef, leaves)
+        done = last + 1
+    write = checkpoint or resume
+    write = Path(write) if write is not None and jax.process_index() == 0 else None
+
+    def save(i):
+        if write is not None:
+            flat = jax.tree_util.tree_leaves((log_alpha, state, lam, key))
+            _save(write, run, i, {str(j): np.asarray(leaf) for j, leaf in enumerate(flat)}, history)
+
+    began = time.perf_counter()
+    bar = progress_bar(progress, steps, done, desc=desc, unit="step")
+    i = done - 1
+    for i in range(done, steps):
         key, sub = jax.random.split(key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
             log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
+        bar.update(1)
+        stop = stop_after is not None and time.perf_counter() - began > stop_after
         if i % max(1, steps // 20) == 0 or i == steps - 1:
             history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
             bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
-        bar.update(1)
+            save(i)
+        elif stop:
+            save(i)
+        if stop:
+            break
     bar.close()
-    s.passes += steps
+    s.passes += i + 1 - done
     log_alpha = np.asarray(log_alpha, np.float64)
     # scores must be >= 0 and rank like log-alpha: circuits and ROC rank by |score|
-    return log_alpha - log_alpha.min(), float(expected_density(jnp.asarray(log_alpha))), history
+    return (log_alpha - log_alpha.min(), float(expected_density(jnp.asarray(log_alpha))), history,
+            {"steps_done": i + 1, "finished": i + 1 == steps})
+
+
+def _run_settings(model, task, settings: dict, method: str, n_params: int, **training) -> dict:
+    """What a saved training state must share with the run resuming it."""
+    keep = {k: settings[k] for k in ("task", "metric", "corruption", "n_prompts", "n_pos", "graph", "precision")}
+    return {"method": method, "n_params": n_params, "model": model_fingerprint(model),
+            "prompts": task_fingerprint(task), **keep, **training}
 
 
 @takes_precision
 def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
                  lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
-                 progress: bool = True, mesh=None) -> "Circuit":
+                 progress: bool = True, mesh=None, checkpoint=None, resume=None,
+                 stop_after: Optional[float] = None) -> "Circuit":
     """Hard-concrete edge masks trained to `sparsity` (the fraction of edges
     removed); the circuit keeps exactly round((1 - sparsity) * n_edges) edges.
     A progress bar shows the steps unless `progress` is False. `mesh` (a Mesh,
-    "auto" or "CxP"): each step's prompts are spread over its prompt axis, as in `eap`."""
+    "auto" or "CxP"): each step's prompts are spread over its prompt axis, as in `eap`.
+    `checkpoint`: a path (.npz) the training state is saved to as it goes;
+    `resume`: continue from one, to the gates of a run never stopped;
+    `stop_after`: stop after this many seconds of training
+    (``settings["finished"]`` is False) and resume later."""
     _check(sparsity, steps)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
-    log_alpha, density, history = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr, seed,
-                                         progress)
+    run = _run_settings(model, task, settings, "edge_pruning", graph.n_edges, sparsity=sparsity, steps=steps, lr=lr,
+                        lambda_lr=lambda_lr, seed=seed)
+    log_alpha, density, history, status = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr,
+                                                 seed, progress, run=run, checkpoint=checkpoint, resume=resume,
+                                                 stop_after=stop_after)
     k = int(round((1.0 - sparsity) * graph.n_edges))
     settings.update(method="edge_pruning", sparsity=sparsity, steps=steps, lr=lr, expected_density=density,
-                    history=history)
+                    history=history, **status)
     return _done(graph, log_alpha, settings, start, scorer, n_edges=k) if k else _done(
         graph, log_alpha, settings, start, scorer, threshold=np.inf)
 
@@ -121,11 +201,12 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
 @takes_precision
 def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500, lr: float = 0.05,
                        lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
-                       progress: bool = True, mesh=None) -> "Circuit":
+                       progress: bool = True, mesh=None, checkpoint=None, resume=None,
+                       stop_after: Optional[float] = None) -> "Circuit":
     """Hard-concrete gates on each head's and MLP's output (all its outgoing
     edges), trained to `sparsity` (the fraction of nodes removed). Edges score
     as their weaker end; the circuit keeps the edges between kept nodes.
-    `mesh`: as for `edge_pruning`."""
+    `mesh`, `checkpoint`, `resume` and `stop_after`: as for `edge_pruning`."""
     _check(sparsity, steps)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
@@ -139,13 +220,16 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     def to_edges(gates):
         return jnp.concatenate([gates, jnp.ones((1,), gates.dtype)])[owner]
 
-    log_alpha, density, history = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed,
-                                         progress, "subnetwork probing")
+    run = _run_settings(model, task, settings, "subnetwork_probing", len(names), sparsity=sparsity, steps=steps,
+                        lr=lr, lambda_lr=lambda_lr, seed=seed)
+    log_alpha, density, history, status = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed,
+                                                 progress, "subnetwork probing", run=run, checkpoint=checkpoint,
+                                                 resume=resume, stop_after=stop_after)
     nodes = dict(zip(names, log_alpha.tolist()))
     k_nodes = int(round((1.0 - sparsity) * len(names)))
     kept = set(sorted(names, key=lambda n: -nodes[n])[:k_nodes])
     settings.update(method="subnetwork_probing", sparsity=sparsity, steps=steps, lr=lr, expected_density=density,
-                    node_scores=nodes, kept_nodes=sorted(kept), history=history)
+                    node_scores=nodes, kept_nodes=sorted(kept), history=history, **status)
     scores = node_scores_to_edges(graph, nodes)
     threshold = min((nodes[n] for n in kept), default=np.inf)
     return _done(graph, scores, settings, start, scorer, threshold=threshold)

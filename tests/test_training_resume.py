@@ -1,0 +1,89 @@
+"""Edge pruning and subnetwork probing save their training state as they go:
+a run stopped or crashed and resumed ends with the gates, history and circuit
+of a run never stopped, and a state from another run is refused by name."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from acdc_jax.algorithms import edge_pruning, subnetwork_probing
+from acdc_jax.algorithms import pruning
+
+from .test_algorithms import CFG, _mean_logit, _model, _task
+
+METHODS = {"edge_pruning": (edge_pruning, 0.7), "subnetwork_probing": (subnetwork_probing, 0.5)}
+STEPS = 10  # a history row, and so a saved state, after every step: steps // 20 < 1
+
+
+@pytest.fixture(scope="module")
+def random_run():
+    return _model(CFG), _task(CFG, _mean_logit)
+
+
+def _train(name, model, task, **kw):
+    method, sparsity = METHODS[name]
+    return method(model, task, steps=STEPS, sparsity=sparsity, progress=False, **kw)
+
+
+def _same(a, b):
+    assert np.array_equal(a.scores, b.scores)
+    assert np.array_equal(a.mask, b.mask)
+    assert a.settings["history"] == b.settings["history"]
+    assert a.settings["finished"] and a.settings["steps_done"] == STEPS
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_stopped_run_resumes_to_the_gates_of_a_run_never_stopped(random_run, tmp_path, name):
+    model, task = random_run
+    whole = _train(name, model, task)
+    state = tmp_path / "training.npz"
+    first = _train(name, model, task, checkpoint=state, stop_after=0)  # stops after its first step
+    assert not first.settings["finished"] and first.settings["steps_done"] == 1
+    second = _train(name, model, task, resume=state, stop_after=0)
+    assert second.settings["steps_done"] == 2
+    _same(_train(name, model, task, resume=state), whole)
+
+
+def test_a_crash_while_saving_leaves_the_last_state_whole(random_run, tmp_path, monkeypatch):
+    """The state is written to a side file and moved over the last one; a
+    crash at the move keeps the previous state, and resuming from it (a state
+    some steps behind the crash) still gives the unstopped run's gates."""
+    model, task = random_run
+    whole = _train("edge_pruning", model, task)
+    state = tmp_path / "training.npz"
+    moves = []
+
+    def crash_on_the_fourth(src, dst):
+        moves.append(dst)
+        if len(moves) == 4:
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(pruning.os, "replace", crash_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        _train("edge_pruning", model, task, checkpoint=state)
+    monkeypatch.undo()
+    with np.load(state) as saved:
+        assert int(saved["step"]) == 2  # the third state saved; the fourth never replaced it
+    _same(_train("edge_pruning", model, task, resume=state), whole)
+
+
+def test_a_state_from_another_run_is_refused_by_name(random_run, tmp_path):
+    model, task = random_run
+    state = tmp_path / "training.npz"
+    _train("edge_pruning", model, task, checkpoint=state, stop_after=0)
+    with pytest.raises(ValueError, match=r"settings differ .*'seed': \(0, 1\)"):
+        _train("edge_pruning", model, task, resume=state, seed=1)
+    swapped = dataclasses.replace(task, clean=task.corrupted, corrupted=task.clean)
+    with pytest.raises(ValueError, match="settings differ .*'prompts'"):
+        _train("edge_pruning", model, swapped, resume=state)
+    with pytest.raises(ValueError, match="settings differ .*'method'"):
+        _train("subnetwork_probing", model, task, resume=state)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a training state .* or it was cut short"):
+        _train("edge_pruning", model, task, resume=cut)
+    with pytest.raises(FileNotFoundError, match="No training state to resume from"):
+        _train("edge_pruning", model, task, resume=tmp_path / "none.npz")
