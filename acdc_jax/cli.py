@@ -51,8 +51,8 @@ def _summary(circuit, task, faith) -> list[str]:
 
 
 def _run_method(args, model, task, state=None):
-    """A scored circuit from a method other than ACDC; the training methods
-    save their state to `state` as they go (and resume from it with --resume)."""
+    """A scored circuit from a method other than ACDC; the long ones save
+    their progress to `state` as they go (and resume from it with --resume)."""
     from .algorithms import METHODS
 
     kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision, "mesh": args.mesh}
@@ -60,10 +60,10 @@ def _run_method(args, model, task, state=None):
         kw["steps"] = args.steps or 16
     if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones
         kw["progress"] = not args.no_progress
-    if args.method in ("edge_pruning", "subnetwork_probing"):
-        kw["steps"] = args.steps or 1500
         if state is not None:
             kw.update(checkpoint=state, resume=state if getattr(args, "resume", False) else None)
+    if args.method in ("edge_pruning", "subnetwork_probing"):
+        kw["steps"] = args.steps or 1500
         if args.sparsity is not None:
             kw["sparsity"] = args.sparsity
     circuit = METHODS[args.method](model, task, **kw)
@@ -88,6 +88,9 @@ def _acdc_nodes(args, model, task, tau, **kw):
                       rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)], **kw)
 
 
+SAVED = {"exact_patching": "patching.npz", "edge_pruning": "training.npz", "subnetwork_probing": "training.npz"}
+
+
 def cmd_discover(args) -> int:
     """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot, a picture
     and edges.html."""
@@ -96,9 +99,9 @@ def cmd_discover(args) -> int:
     from .explore import write_html
     from .evaluate import faithfulness
 
-    if args.resume and args.method not in ("acdc", "acdc_nodes", "edge_pruning", "subnetwork_probing"):
-        raise ValueError(f"--resume is for acdc, acdc_nodes, edge_pruning and subnetwork_probing, whose runs save "
-                         f"their progress; {args.method} does not.")
+    if args.resume and args.method not in ("acdc", "acdc_nodes", *SAVED):
+        raise ValueError(f"--resume is for acdc, acdc_nodes, {', '.join(SAVED)}, whose runs save their progress; "
+                         f"{args.method} does not.")
     model, task = _task(args)
     out = Path(args.out or f"runs/{Path(args.task).stem}")
     out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +121,8 @@ def cmd_discover(args) -> int:
             raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
         circuit = _acdc_nodes(args, model, task, args.tau, log_path=None if args.resume else log,
                               resume=log if args.resume else None)
-    elif args.method in ("edge_pruning", "subnetwork_probing"):
-        log = out / "training.npz"
+    elif args.method in SAVED:
+        log = out / SAVED[args.method]
         circuit = _run_method(args, model, task, state=log)
     else:
         circuit = _run_method(args, model, task)
@@ -339,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="attention-only models: sparse passes where they cost fewer FLOPs; auto (default): "
                    "once they would have saved their compiling; --sparse alone: on")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl (ACDC, edges or nodes) "
-                   "or OUT/training.npz (edge_pruning, subnetwork_probing)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl (ACDC, edges or nodes), "
+                   "OUT/patching.npz (exact_patching) or OUT/training.npz (edge_pruning, subnetwork_probing)")
     _start_arg(p)
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)

@@ -102,7 +102,7 @@ def test_tasks_command_lists_every_task(capsys):
      "its prompts are given; do not pass n_examples (--examples)"),
     (["discover", "--task", "t.json", "--tau", "0.1"], "pass the model as checkpoint=DIR"),
     (["discover", "--task", "induction", "--method", "eap", "--n-edges", "3", "--resume"],
-     "--resume is for acdc, acdc_nodes, edge_pruning and subnetwork_probing"),
+     "--resume is for acdc, acdc_nodes, exact_patching, edge_pruning, subnetwork_probing"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2

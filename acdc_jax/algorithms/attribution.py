@@ -15,6 +15,7 @@ full float32 matmuls, as ACDC does, unless given "tensorfloat32" or "default".
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -29,6 +30,7 @@ from ..memory import plan_task
 from ..precision import takes_precision
 from ..scoring import Scorer
 from ..sharding import parse_mesh
+from .saved import load_state, run_settings, save_state
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
@@ -119,13 +121,21 @@ def receiver_layers(graph: CircuitGraph) -> np.ndarray:
     return np.array([e.receiver.layer for e in graph.edges])
 
 
+SAVE_EVERY = 30.0  # seconds between saved states of a long exact-patching run
+
+
 @takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
-                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True, mesh=None) -> Circuit:
+                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True, mesh=None,
+                   checkpoint=None, resume=None, stop_after: Optional[float] = None) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
     start at the edge's receiver layer (with a progress bar unless `progress`
     is False). `mesh` (a Mesh, "auto" or "CxP"): the candidates and prompts
-    of each batch are spread over devices, as in `acdc`."""
+    of each batch are spread over devices, as in `acdc`. `checkpoint`: a path
+    (.npz) the scores so far are saved to every 30 s and at the end; `resume`:
+    continue from one, in the same batches, to the scores of a run never
+    stopped; `stop_after`: stop after the pass that ends this many seconds in
+    (``settings["finished"]`` is False; unscored edges score NaN)."""
     from ..acdc import progress_bar
 
     start = time.perf_counter()
@@ -134,17 +144,29 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     widths, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
                                     widths=widths, ahead=True)  # on accelerators: programs compiled ahead
+    run = run_settings(model, task, settings, "exact_patching", n_edges=graph.n_edges)
+    scores, done = np.zeros(graph.n_edges), np.zeros(graph.n_edges, bool)
+    if resume is not None:  # the saved widths, so that the rest runs in the batches it would have
+        _, saved, _ = load_state(Path(resume), run, "exact patching state")
+        scores, done, widths = saved["scores"], saved["done"], [int(w) for w in saved["widths"]]
+    write = checkpoint or resume
+    write = Path(write) if write is not None and jax.process_index() == 0 else None
+
+    def save():
+        if write is not None:
+            save_state(write, run, int(done.sum()), {"scores": scores, "done": done, "widths": np.array(widths)}, [])
+
     ones = np.ones(graph.n_edges, np.float32)
     full = scorer.full(ones)
     layers = receiver_layers(graph)
-    scores = np.zeros(graph.n_edges)
-    bar = progress_bar(progress, graph.n_edges, desc="exact patching")
+    bar = progress_bar(progress, graph.n_edges, int(done.sum()), desc="exact patching")
     narrowed = []  # passes that ran out of device memory (then narrower ones: `decide.narrow`)
+    saved_at, stopped = time.perf_counter(), False
     try:
         for layer in sorted(set(layers.tolist())):
-            edges = np.nonzero(layers == layer)[0]
+            edges = np.nonzero((layers == layer) & ~done)[0]
             i = 0
-            while i < len(edges):
+            while i < len(edges) and not stopped:
                 width = widths[layer]
                 chunk = edges[i:i + width]
                 try:
@@ -152,14 +174,21 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                 except PassOutOfMemory as oom:
                     narrowed.append(narrow(widths, scorer, oom))
                     continue
+                done[chunk] = True
                 i += len(chunk)
                 bar.update(len(chunk))
+                stopped = stop_after is not None and time.perf_counter() - start > stop_after
+                if stopped or time.perf_counter() - saved_at > SAVE_EVERY:
+                    save()
+                    saved_at = time.perf_counter()
     finally:
         bar.close()
         scorer.programs.cancel_ahead()
+    save()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
-                    compiled_ahead=len(scorer.ahead))
-    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
+                    compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
+    return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, n_edges=n_edges,
+                 threshold=threshold, rank=rank)
 
 
 @takes_precision

@@ -11,10 +11,7 @@ highest (threshold found by binary search).
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -26,8 +23,8 @@ import optax
 
 from ..dense import metric_of_mask
 from ..precision import takes_precision
-from ..runlog import model_fingerprint, task_fingerprint
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
+from .saved import load_state, run_settings, save_state
 
 if TYPE_CHECKING:
     from ..circuit import Circuit
@@ -54,38 +51,6 @@ def _check(sparsity: float, steps: int) -> None:
         raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
-
-
-def _save(path: Path, settings: dict, step: int, arrays: dict, history: list) -> None:
-    """The training state after `step`, written whole or not at all (a crash
-    while writing leaves the previous state)."""
-    state = {f"array.{k}": np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype) for k, v in arrays.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, settings=np.array(json.dumps(settings, sort_keys=True)), step=np.array(step),
-                 history=np.array(json.dumps(history)), **state)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load(path: Path, settings: dict) -> tuple[int, dict, list]:
-    """(the last step done, the arrays, the history) of a saved training state
-    made with these settings; anything else is refused by name."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No training state to resume from at {path}.")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            saved, step, history = json.loads(str(f["settings"])), int(f["step"]), json.loads(str(f["history"]))
-            arrays = {k[len("array."):]: f[k] for k in f.files if k.startswith("array.")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a training state that edge_pruning or subnetwork_probing wrote, or it was "
-                         f"cut short ({type(e).__name__}: {e}); start again without resume.") from e
-    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if differ:
-        raise ValueError(f"Cannot resume from {path}: the settings differ (saved, now): {differ}. Resume with the "
-                         "saved run's model, prompts and settings, or start again without resume.")
-    return step, arrays, history
 
 
 def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
@@ -126,7 +91,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     history, done = [], 0
     leaves, treedef = jax.tree_util.tree_flatten((log_alpha, state, lam, key))
     if resume is not None:
-        last, saved, history = _load(Path(resume), run)
+        last, saved, history = load_state(Path(resume), run, "training state")
         leaves = [jnp.asarray(saved[str(j)], leaf.dtype) for j, leaf in enumerate(leaves)]
         log_alpha, state, lam, key = jax.tree_util.tree_unflatten(treedef, leaves)
         done = last + 1
@@ -136,7 +101,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     def save(i):
         if write is not None:
             flat = jax.tree_util.tree_leaves((log_alpha, state, lam, key))
-            _save(write, run, i, {str(j): np.asarray(leaf) for j, leaf in enumerate(flat)}, history)
+            save_state(write, run, i, {str(j): np.asarray(leaf) for j, leaf in enumerate(flat)}, history)
 
     began = time.perf_counter()
     bar = progress_bar(progress, steps, done, desc=desc, unit="step")
@@ -163,13 +128,6 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
             {"steps_done": i + 1, "finished": i + 1 == steps})
 
 
-def _run_settings(model, task, settings: dict, method: str, n_params: int, **training) -> dict:
-    """What a saved training state must share with the run resuming it."""
-    keep = {k: settings[k] for k in ("task", "metric", "corruption", "n_prompts", "n_pos", "graph", "precision")}
-    return {"method": method, "n_params": n_params, "model": model_fingerprint(model),
-            "prompts": task_fingerprint(task), **keep, **training}
-
-
 @takes_precision
 def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: float = 0.05,
                  lambda_lr: float = 0.01, seed: int = 0, metric=None, corruption=None, graph=None,
@@ -186,8 +144,8 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
     _check(sparsity, steps)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
-    run = _run_settings(model, task, settings, "edge_pruning", graph.n_edges, sparsity=sparsity, steps=steps, lr=lr,
-                        lambda_lr=lambda_lr, seed=seed)
+    run = run_settings(model, task, settings, "edge_pruning", n_params=graph.n_edges, sparsity=sparsity, steps=steps,
+                       lr=lr, lambda_lr=lambda_lr, seed=seed)
     log_alpha, density, history, status = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr,
                                                  seed, progress, run=run, checkpoint=checkpoint, resume=resume,
                                                  stop_after=stop_after)
@@ -220,8 +178,8 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     def to_edges(gates):
         return jnp.concatenate([gates, jnp.ones((1,), gates.dtype)])[owner]
 
-    run = _run_settings(model, task, settings, "subnetwork_probing", len(names), sparsity=sparsity, steps=steps,
-                        lr=lr, lambda_lr=lambda_lr, seed=seed)
+    run = run_settings(model, task, settings, "subnetwork_probing", n_params=len(names), sparsity=sparsity,
+                       steps=steps, lr=lr, lambda_lr=lambda_lr, seed=seed)
     log_alpha, density, history, status = _train(scorer, len(names), to_edges, sparsity, steps, lr, lambda_lr, seed,
                                                  progress, "subnetwork probing", run=run, checkpoint=checkpoint,
                                                  resume=resume, stop_after=stop_after)

@@ -1,6 +1,8 @@
-"""Edge pruning and subnetwork probing save their training state as they go:
-a run stopped or crashed and resumed ends with the gates, history and circuit
-of a run never stopped, and a state from another run is refused by name."""
+"""The long methods save their progress as they go: edge pruning and
+subnetwork probing their training state, exact patching its scores so far. A
+run stopped or crashed and resumed ends with the gates, history, scores and
+circuit of a run never stopped, and a state from another run is refused by
+name."""
 
 import dataclasses
 import os
@@ -8,8 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from acdc_jax.algorithms import edge_pruning, subnetwork_probing
-from acdc_jax.algorithms import pruning
+from acdc_jax.algorithms import attribution, edge_pruning, exact_patching, saved, subnetwork_probing
 
 from .test_algorithms import CFG, _mean_logit, _model, _task
 
@@ -61,12 +62,12 @@ def test_a_crash_while_saving_leaves_the_last_state_whole(random_run, tmp_path, 
             raise KeyboardInterrupt
         os.rename(src, dst)
 
-    monkeypatch.setattr(pruning.os, "replace", crash_on_the_fourth)
+    monkeypatch.setattr(saved.os, "replace", crash_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         _train("edge_pruning", model, task, checkpoint=state)
     monkeypatch.undo()
-    with np.load(state) as saved:
-        assert int(saved["step"]) == 2  # the third state saved; the fourth never replaced it
+    with np.load(state) as written:
+        assert int(written["step"]) == 2  # the third state saved; the fourth never replaced it
     _same(_train("edge_pruning", model, task, resume=state), whole)
 
 
@@ -83,7 +84,38 @@ def test_a_state_from_another_run_is_refused_by_name(random_run, tmp_path):
         _train("subnetwork_probing", model, task, resume=state)
     cut = tmp_path / "cut.npz"
     cut.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    with pytest.raises(ValueError, match="not a training state .* or it was cut short"):
+    with pytest.raises(ValueError, match="not a training state that acdc-jax wrote, or it was cut short"):
         _train("edge_pruning", model, task, resume=cut)
     with pytest.raises(FileNotFoundError, match="No training state to resume from"):
         _train("edge_pruning", model, task, resume=tmp_path / "none.npz")
+
+
+def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run, tmp_path, monkeypatch):
+    model, task = random_run
+    whole = exact_patching(model, task, progress=False, max_width=4)
+    state = tmp_path / "patching.npz"
+    first = exact_patching(model, task, progress=False, max_width=4, checkpoint=state, stop_after=0)
+    assert not first.settings["finished"] and first.settings["edges_done"] == 4  # one pass of 4
+    assert np.isnan(first.scores).sum() == first.graph.n_edges - 4
+    resumed = exact_patching(model, task, progress=False, resume=state)  # the saved widths, not the planned ones
+    assert np.array_equal(resumed.scores, whole.scores) and resumed.settings["finished"]
+
+    monkeypatch.setattr(attribution, "SAVE_EVERY", 0.0)  # a state after every pass, and a crash at the third
+    moves = []
+
+    def crash_on_the_third(src, dst):
+        moves.append(dst)
+        if len(moves) == 3:
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(saved.os, "replace", crash_on_the_third)
+    crashed = tmp_path / "crashed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        exact_patching(model, task, progress=False, max_width=4, checkpoint=crashed)
+    monkeypatch.undo()
+    with np.load(crashed) as written:
+        assert int(written["step"]) == 8  # two passes of 4 edges saved
+    assert np.array_equal(exact_patching(model, task, progress=False, resume=crashed).scores, whole.scores)
+    with pytest.raises(ValueError, match="settings differ .*'method'"):
+        _train("edge_pruning", model, task, resume=crashed)
