@@ -55,25 +55,29 @@ def _run_method(args, model, task, state=None):
     their progress to `state` as they go (and resume from it with --resume)."""
     from .algorithms import METHODS
 
+    scored = args.method not in ("edge_pruning", "subnetwork_probing")
+    if scored and args.n_edges is None and args.tau is None:  # before the run, which may be long
+        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-ranked edges) or --tau T "
+                         "(keep edges ranked >= T: |score|, or the score with --rank signed).")
     kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision, "mesh": args.mesh}
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
     if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones
         kw["progress"] = not args.no_progress
         if state is not None:
-            kw.update(checkpoint=state, resume=state if getattr(args, "resume", False) else None)
+            kw.update(checkpoint=state, resume=state if getattr(args, "resume", False) else None,
+                      stop_after=getattr(args, "stop_after", None))
     if args.method in ("edge_pruning", "subnetwork_probing"):
         kw["steps"] = args.steps or 1500
         if args.sparsity is not None:
             kw["sparsity"] = args.sparsity
+    if args.method == "exact_patching":
+        kw["max_width"] = getattr(args, "max_width", None)
     circuit = METHODS[args.method](model, task, **kw)
-    if args.method in ("edge_pruning", "subnetwork_probing"):
-        return circuit
+    if not scored or circuit.settings.get("finished") is False:
+        return circuit  # trained to a size; or stopped, with no ranking yet
     from .algorithms import circuit_from_scores
 
-    if args.n_edges is None and args.tau is None:
-        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-ranked edges) or --tau T "
-                         "(keep edges ranked >= T: |score|, or the score with --rank signed).")
     return circuit_from_scores(circuit.graph, circuit.scores, circuit.settings, n_edges=args.n_edges,
                                threshold=None if args.n_edges is not None else args.tau, rank=args.rank)
 
@@ -99,9 +103,10 @@ def cmd_discover(args) -> int:
     from .explore import write_html
     from .evaluate import faithfulness
 
-    if args.resume and args.method not in ("acdc", "acdc_nodes", *SAVED):
-        raise ValueError(f"--resume is for acdc, acdc_nodes, {', '.join(SAVED)}, whose runs save their progress; "
-                         f"{args.method} does not.")
+    for flag, given in (("--resume", args.resume), ("--stop-after", args.stop_after is not None)):
+        if given and args.method not in ("acdc", "acdc_nodes", *SAVED):
+            raise ValueError(f"{flag} is for acdc, acdc_nodes, {', '.join(SAVED)}, whose runs save their progress; "
+                             f"{args.method} does not.")
     model, task = _task(args)
     out = Path(args.out or f"runs/{Path(args.task).stem}")
     out.mkdir(parents=True, exist_ok=True)
@@ -115,12 +120,12 @@ def cmd_discover(args) -> int:
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
                        log_path=None if args.resume else log, resume=log if args.resume else None,
                        progress=not args.no_progress, sparse=args.sparse, start=args.start,
-                       rescore_ties=ON_OFF[args.rescore_ties])
+                       rescore_ties=ON_OFF[args.rescore_ties], stop_after=args.stop_after)
     elif args.method == "acdc_nodes":
         if args.tau is None:
             raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
         circuit = _acdc_nodes(args, model, task, args.tau, log_path=None if args.resume else log,
-                              resume=log if args.resume else None)
+                              resume=log if args.resume else None, stop_after=args.stop_after)
     elif args.method in SAVED:
         log = out / SAVED[args.method]
         circuit = _run_method(args, model, task, state=log)
@@ -135,6 +140,9 @@ def cmd_discover(args) -> int:
     pictures.append(write_html(circuit, out / "edges.html"))
     for line in _summary(circuit, task, faith):
         print(line)
+    if circuit.settings.get("finished") is False:
+        print(f"stopped after {args.stop_after:g} s (--stop-after), before the end; the same command with --resume "
+              "continues where it stopped")
     print("wrote " + ", ".join(str(p) for p in [out / "circuit.json", *([log] if log else []), *pictures]))
     return 0
 
@@ -342,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="attention-only models: sparse passes where they cost fewer FLOPs; auto (default): "
                    "once they would have saved their compiling; --sparse alone: on")
+    p.add_argument("--stop-after", type=float, metavar="SECONDS", help="stop after this many seconds (a job's time "
+                   "limit) with the progress saved; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl (ACDC, edges or nodes), "
                    "OUT/patching.npz (exact_patching) or OUT/training.npz (edge_pruning, subnetwork_probing)")
     _start_arg(p)

@@ -70,6 +70,25 @@ def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
     assert (cut / "decisions.jsonl").read_text().count("\n") == len(lines)
 
 
+@pytest.mark.parametrize("method, extra, state", [
+    ("acdc_nodes", ["--tau", "0.5"], "decisions.jsonl"),
+    ("exact_patching", ["--n-edges", "20", "--max-width", "4"], "patching.npz"),
+])
+def test_stop_after_then_resume_gives_the_whole_runs_circuit(tmp_path, capsys, method, extra, state):
+    """--stop-after ends a run early with its progress saved (a job's time
+    limit); the same command with --resume finishes it as one run would."""
+    args = ["discover", "--task", "induction", "--method", method, *extra, "--examples", "8", "--no-progress"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(args + ["--out", str(whole)]) == 0
+    assert main(args + ["--out", str(parts), "--stop-after", "0"]) == 0
+    assert "before the end; the same command with --resume continues" in capsys.readouterr().out
+    assert not Circuit.load(parts).settings["finished"] and (parts / state).is_file()
+    assert main(args + ["--out", str(parts), "--resume"]) == 0
+    a, b = Circuit.load(whole), Circuit.load(parts)
+    assert a.edges == b.edges and b.settings["finished"] and 0 < a.n_edges < a.graph.n_edges
+    assert np.array_equal(a.scores, b.scores, equal_nan=True)
+
+
 def test_rescore_ties_reaches_the_run(tmp_path):
     """--rescore-ties on keeps the near-tie rescoring that TF32 turns off by default."""
     out = tmp_path / "tf32"
@@ -103,6 +122,8 @@ def test_tasks_command_lists_every_task(capsys):
     (["discover", "--task", "t.json", "--tau", "0.1"], "pass the model as checkpoint=DIR"),
     (["discover", "--task", "induction", "--method", "eap", "--n-edges", "3", "--resume"],
      "--resume is for acdc, acdc_nodes, exact_patching, edge_pruning, subnetwork_probing"),
+    (["discover", "--task", "induction", "--method", "eap_ig", "--n-edges", "3", "--stop-after", "5"],
+     "--stop-after is for acdc, acdc_nodes"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2

@@ -96,7 +96,7 @@ def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run
     state = tmp_path / "patching.npz"
     first = exact_patching(model, task, progress=False, max_width=4, checkpoint=state, stop_after=0)
     assert not first.settings["finished"] and first.settings["edges_done"] == 4  # one pass of 4
-    assert np.isnan(first.scores).sum() == first.graph.n_edges - 4
+    assert np.isnan(first.scores).sum() == first.graph.n_edges - 4 and first.n_edges == first.graph.n_edges
     resumed = exact_patching(model, task, progress=False, resume=state)  # the saved widths, not the planned ones
     assert np.array_equal(resumed.scores, whole.scores) and resumed.settings["finished"]
 

@@ -135,7 +135,8 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     (.npz) the scores so far are saved to every 30 s and at the end; `resume`:
     continue from one, in the same batches, to the scores of a run never
     stopped; `stop_after`: stop after the pass that ends this many seconds in
-    (``settings["finished"]`` is False; unscored edges score NaN)."""
+    (``settings["finished"]`` is False, the edges not scored yet score NaN,
+    and the circuit keeps every edge until the ranking is complete)."""
     from ..acdc import progress_bar
 
     start = time.perf_counter()
@@ -187,8 +188,11 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     save()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
-    return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, n_edges=n_edges,
-                 threshold=threshold, rank=rank)
+    if not done.all():  # no ranking yet: keep every edge, as ACDC keeps the edges it has not tried
+        settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes, n_edges=n_edges,
+                        threshold=threshold, rank=rank)
+        return Circuit(graph, ones, None, [], settings, np.where(done, scores, np.nan))
+    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 @takes_precision

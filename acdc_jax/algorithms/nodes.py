@@ -97,14 +97,15 @@ def _chain_width(p_remove: float, cap: int, cpu: bool) -> int:
 def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: str = "batched",
                abs_value: bool = False, head_order: str = "ascending", graph: Optional[CircuitGraph] = None,
                max_width: Optional[int] = None, log_path=None, resume=None, progress: bool = True,
-               mesh=None, rescore_ties: Optional[bool] = None) -> Circuit:
+               mesh=None, rescore_ties: Optional[bool] = None, stop_after: Optional[float] = None) -> Circuit:
     """ACDC over whole heads and MLPs (see the module doc). Returns a Circuit
     whose mask keeps the edges between the kept nodes; ``decisions`` name
     nodes ('a3.5', 'm2'), in the order tried, ``settings["nodes"]`` lists the
     kept ones, and each removed or kept node's metric change is the score of
     its outgoing edges. `log_path` / `resume`: a JSON-lines decision log, and
     `mesh` (a Mesh, "auto" or "CxP"): candidates and prompts spread over
-    devices, and `rescore_ties` (default: on in full float32 only), as for `acdc`."""
+    devices, `rescore_ties` (default: on in full float32 only) and
+    `stop_after` (seconds; nodes not yet tried stay in), as for `acdc`."""
     import jax
 
     tau = check_tau(tau)
@@ -136,6 +137,8 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
             log.write(made)
             bar.update(len(made))
             bar.set_postfix(removed=len(run.removed), metric=f"{run.metric:.4g}")
+            if stop_after is not None and time.perf_counter() - start_time > stop_after:
+                break
     finally:
         bar.close()
         log.close()
@@ -145,7 +148,8 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     for d in run.decisions:
         scores[nodes.out[d.edge]] = d.result
     settings.update(mode=mode, nodes=kept, n_nodes=len(nodes.order), passes=scorer.passes, rescored=run.rescored,
-                    narrowed=run.narrowed, seconds=round(time.perf_counter() - start_time, 3))
+                    narrowed=run.narrowed, seconds=round(time.perf_counter() - start_time, 3),
+                    finished=run.next == len(nodes.order))
     return Circuit(graph, final, scorer.full(final), run.decisions, settings, scores)
 
 
