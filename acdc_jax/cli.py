@@ -147,27 +147,61 @@ def cmd_discover(args) -> int:
     return 0
 
 
+def _sweep(args, model, task, out: Path, one) -> list:
+    """One circuit per tau, each saved in OUT/tau-T/ with its decision log as
+    soon as it is found; with --resume, the saved ones are read back and an
+    unfinished one continues from its log."""
+    from .circuit import Circuit
+    from .runlog import model_fingerprint, task_fingerprint
+
+    circuits = []
+    for tau in args.taus:
+        where = out / f"tau-{tau:g}"
+        done, log = where / "circuit.json", where / "decisions.jsonl"
+        if args.resume and done.is_file():
+            circuit = Circuit.load(done)
+            mine = {"method": args.method, "tau": tau, "model": model_fingerprint(model),
+                    "prompts": task_fingerprint(task)}
+            differ = {k: (circuit.settings.get(k), v) for k, v in mine.items() if circuit.settings.get(k) != v}
+            if differ:
+                raise ValueError(f"Cannot resume the sweep with {done}: it differs (saved, now): {differ}. Use "
+                                 "another --out, or the sweep's own model, prompts and method.")
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            again = args.resume and log.is_file()
+            circuit = one(tau, log_path=None if again else log, resume=log if again else None)
+            circuit.save(done)
+        circuits.append(circuit)
+    return circuits
+
+
 def cmd_roc(args) -> int:
     """Sweep tau, score each circuit against the canonical one, plot the ROC curve."""
     from .draw import plot_roc
-    from .evaluate import roc
 
+    if args.resume and args.method not in ("acdc", "acdc_nodes"):
+        raise ValueError(f"roc --resume is for acdc and acdc_nodes, whose sweeps save a circuit per tau; "
+                         f"{args.method} scores every edge in one run.")
     model, task = _task(args)
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     _check_start(args)
-    if args.method == "acdc_nodes":
+    if args.method in ("acdc", "acdc_nodes"):
+        from .acdc import acdc
         from .evaluate import roc_from_circuits
 
         if task.canonical is None:
             raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
-        result = roc_from_circuits([_acdc_nodes(args, model, task, tau) for tau in args.taus], task.canonical,
-                                   list(args.taus))
-    elif args.method == "acdc":
-        result = roc(model, task, args.taus, metric=args.metric, corruption=args.corruption,
-                     mode=args.mode, mesh=args.mesh, dtype=args.dtype, precision=args.precision,
-                     progress=not args.no_progress, start=args.start, rescore_ties=ON_OFF[args.rescore_ties])
+
+        def one(tau, **log):
+            if args.method == "acdc_nodes":
+                return _acdc_nodes(args, model, task, tau, **log)
+            return acdc(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
+                        mesh=args.mesh, dtype=args.dtype, precision=args.precision, progress=not args.no_progress,
+                        start=args.start, rescore_ties=ON_OFF[args.rescore_ties], **log)
+
+        result = roc_from_circuits(_sweep(args, model, task, out, one), task.canonical, list(args.taus))
     else:
         from .evaluate import roc_from_scores
 
@@ -178,6 +212,8 @@ def cmd_roc(args) -> int:
     payload = {"task": task.name, "method": args.method, "metric": args.metric or task.default_metric,
                "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
                **result.to_json()}
+    if args.method in ("acdc", "acdc_nodes"):
+        payload["circuits"] = [str(out / f"tau-{tau:g}" / "circuit.json") for tau in args.taus]
     (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
              title=f"{args.method} on {task.name} ({payload['corruption']})")
@@ -185,7 +221,8 @@ def cmd_roc(args) -> int:
         print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
         for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
             print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
-    print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}")
+    print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}"
+          + (f" and a circuit per tau in {out}/tau-T/" if args.method in ("acdc", "acdc_nodes") else ""))
     return 0
 
 
@@ -359,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roc", help=cmd_roc.__doc__)
     _task_args(p)
     p.add_argument("--taus", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    p.add_argument("--resume", action="store_true", help="ACDC (edges or nodes): keep the circuits a stopped sweep "
+                   "saved in OUT/tau-T/ and continue the unfinished one from its decision log")
     _start_arg(p)
     p.set_defaults(func=cmd_roc)
     p = sub.add_parser("draw", help=cmd_draw.__doc__)

@@ -89,6 +89,30 @@ def test_stop_after_then_resume_gives_the_whole_runs_circuit(tmp_path, capsys, m
     assert np.array_equal(a.scores, b.scores, equal_nan=True)
 
 
+def test_a_crashed_roc_sweep_resumes_from_its_saved_circuits(tmp_path, capsys):
+    """roc saves each tau's circuit and decision log as it goes; after a crash
+    in the second tau, --resume reads the first back and continues the second
+    from its log, to the ROC of a sweep never stopped."""
+    args = ["roc", "--task", "induction", "--taus", "0.01", "0.1", "--examples", "8", "--no-progress"]
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert main(args + ["--out", str(whole)]) == 0
+    assert main(args + ["--out", str(crashed)]) == 0
+    first = (crashed / "tau-0.01" / "circuit.json").read_bytes()
+    (crashed / "tau-0.1" / "circuit.json").unlink()  # the crash: tau 0.1 half decided
+    log = crashed / "tau-0.1" / "decisions.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[: len(lines) // 2]))
+    assert main(args + ["--out", str(crashed), "--resume"]) == 0
+    assert (crashed / "tau-0.01" / "circuit.json").read_bytes() == first  # read back, not found again
+    a, b = (json.loads((d / "roc.json").read_text()) for d in (whole, crashed))
+    assert a["edge"] == b["edge"] and a["node"] == b["node"] and a["n_edges"] == b["n_edges"]
+    assert Circuit.load(crashed / "tau-0.1").edges == Circuit.load(whole / "tau-0.1").edges
+    assert log.read_text().count("\n") == len(lines)
+    capsys.readouterr()
+    assert main(args[:-1] + ["--seed", "1", "--no-progress", "--out", str(crashed), "--resume"]) == 2
+    assert "Cannot resume the sweep" in capsys.readouterr().err
+
+
 def test_rescore_ties_reaches_the_run(tmp_path):
     """--rescore-ties on keeps the near-tie rescoring that TF32 turns off by default."""
     out = tmp_path / "tf32"
