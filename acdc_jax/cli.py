@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from .cli_tools import cmd_compare, cmd_draw, cmd_patch, cmd_tasks
+from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .precision import PRECISIONS, matmul_precision
 from .programs import use_disk_cache
-from .errors import CheckpointError, ConfigError, MetricError, TaskError
 
 
 def _task(args):
@@ -223,106 +222,6 @@ def cmd_roc(args) -> int:
             print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
     print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}"
           + (f" and a circuit per tau in {out}/tau-T/" if args.method in ("acdc", "acdc_nodes") else ""))
-    return 0
-
-
-def _described(circuit) -> str:
-    s = circuit.settings
-    how = s.get("method", "acdc") + (f", tau={s['tau']}" if s.get("tau") is not None else "")
-    return f"{circuit.n_edges} of {circuit.graph.n_edges} edges ({how})"
-
-
-def cmd_draw(args) -> int:
-    """Draw a saved circuit: DOT, SVG (Graphviz) or PNG, and the edge matrices as HTML."""
-    from .circuit import Circuit
-    from .draw import render
-    from .explore import write_html
-
-    circuit = Circuit.load(args.circuit)
-    against = Circuit.load(args.against) if args.against else None
-    if against is not None and against.graph.edge_names != circuit.graph.edge_names:
-        raise ValueError(f"--against {args.against} is over another graph ({against.graph!r}) than the circuit's "
-                         f"({circuit.graph!r}).")
-    source = Path(args.circuit)
-    base = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "circuit"
-    title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
-    written = render(circuit, base, canonical=None if against is None else against.edges, title=title)
-    written.append(write_html(circuit, base.with_suffix(".html")))
-    print(f"{args.circuit}: {_described(circuit)}")
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    """Compare two saved circuits: edges and heads/MLPs in both or in one only, Jaccard indices."""
-    from .circuit import Circuit
-    from .draw import render
-    from .evaluate import overlap
-
-    first, second = Circuit.load(args.first), Circuit.load(args.second)
-    result = overlap(first, second)
-    print(f"first:  {args.first}: {_described(first)}")
-    print(f"second: {args.second}: {_described(second)}")
-    for kind, label in (("edges", "edges"), ("nodes", "heads and MLPs")):
-        r = result[kind]
-        print(f"{label}: {len(r['both'])} in both, {len(r['only_first'])} in the first only, "
-              f"{len(r['only_second'])} in the second only; Jaccard {r['jaccard']:.3f}")
-    for which in ("first", "second"):
-        nodes = result["nodes"][f"only_{which}"]
-        if nodes:
-            print(f"  heads and MLPs in the {which} only: {' '.join(nodes)}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"first": str(args.first), "second": str(args.second), **result}
-        (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
-        written = [out / "compare.json", *render(first, out / "compare", canonical=second.edges,
-                                                   title=f"first ({first.n_edges} edges) against second "
-                                                         f"({second.n_edges}): red = first only, dashed = second only")]
-        print("wrote " + ", ".join(str(p) for p in written))
-    return 0
-
-
-def cmd_patch(args) -> int:
-    """Effect of cutting single edges, on random prompts, for a checkpoint."""
-    import jax
-    import jax.numpy as jnp
-
-    import converters
-
-    from .graph import CircuitGraph
-    from .corruption import Corruption
-    from .patching import patched_forward
-
-    model = converters.convert(args.checkpoint)
-    graph = CircuitGraph(model.config)
-    rng = np.random.default_rng(args.seed)
-    if not 0 < args.pos <= model.config.n_ctx or args.prompts < 1:
-        raise ValueError(f"--pos must be a prompt length from 1 to the model's n_ctx={model.config.n_ctx} and "
-                         f"--prompts at least 1; got --pos {args.pos}, --prompts {args.prompts}.")
-    shape = (args.prompts, args.pos)
-    clean = jnp.asarray(rng.integers(0, model.config.d_vocab, shape))
-    corruption = Corruption.from_prompts(model, jnp.asarray(rng.integers(0, model.config.d_vocab, shape)))
-    base = jax.nn.log_softmax(model(clean)[:, -1])
-    print(f"{graph!r}")
-    for name in args.edges or list(graph.edge_names[-args.n:]):
-        masks = graph.ones().at[graph.edge_index(name)].set(0.0)
-        logp = jax.nn.log_softmax(patched_forward(model, clean, masks, corruption, graph)[:, -1])
-        kl = float((jnp.exp(base) * (base - logp)).sum(-1).mean())
-        print(f"  KL(full || edge cut) = {kl:.3e}   {name}")
-    return 0
-
-
-def cmd_tasks(args) -> int:
-    """List the tasks."""
-    from .tasks import NEEDS_WEIGHTS, TASKS
-
-    for name in TASKS:
-        need = (f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and its tokenizer (--tokenizer, unless the checkpoint "
-                "directory has one)" if name in NEEDS_WEIGHTS else "ready to run")
-        print(f"{name:18s} {need}")
-    print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and a tokenizer "
-          "for texts")
     return 0
 
 
