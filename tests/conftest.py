@@ -3,6 +3,7 @@ import os
 
 import jax
 import jax.random as jr
+import numpy as np
 import pytest
 
 # As in Equinox's own suite: implicit dtype and rank promotion are errors, so
@@ -12,6 +13,22 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # The CLI keeps compiled programs on disk; tests that run it in this process
 # must neither write to the user's cache nor load programs from earlier runs.
 os.environ["ACDC_JAX_CACHE"] = "off"
+
+
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory):
+    """A random 2-layer GPT-2 (transformers', converted) and a KL task on
+    random prompts: the ACDC tests' model."""
+    from acdc_jax.tasks.base import Task, kl_divergence
+
+    from .helpers import random_hf_gpt2
+
+    _, model = random_hf_gpt2(tmp_path_factory.mktemp("acdc"), n_layer=2, n_embd=16, n_head=2, vocab=31, seed=4)
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 31, (6, 7))
+    task = Task("random-kl", clean, rng.integers(0, 31, (6, 7)), positions=np.array([5, 6]),
+                metrics={"kl": kl_divergence})
+    return model, task
 
 
 @pytest.fixture

@@ -2,10 +2,7 @@
 original loop (tests/reference_acdc.py), the sequential mode, and tracr's
 compiled ground truth."""
 
-import dataclasses
-import json
 import math
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,16 +16,6 @@ from acdc_jax.tasks.base import Task, kl_divergence
 
 from .helpers import force_accelerator_path, random_hf_gpt2
 from .reference_acdc import reference_acdc
-
-
-@pytest.fixture(scope="module")
-def small_gpt2(tmp_path_factory):
-    _, model = random_hf_gpt2(tmp_path_factory.mktemp("acdc"), n_layer=2, n_embd=16, n_head=2, vocab=31, seed=4)
-    rng = np.random.default_rng(0)
-    clean = rng.integers(0, 31, (6, 7))
-    task = Task("random-kl", clean, rng.integers(0, 31, (6, 7)), positions=np.array([5, 6]),
-                metrics={"kl": kl_divergence})
-    return model, task
 
 
 @pytest.fixture(scope="module")
@@ -149,88 +136,6 @@ def test_tracr_zero_ablation_recovers_compiled_circuit(tracr_reverse):
     circuit = acdc(model, task, 1e-3, corruption="zeros", progress=False)
     assert set(circuit.edges) == set(task.canonical)
     assert circuit.metric < 1e-3
-
-
-def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
-    model, task = small_gpt2
-    whole = acdc(model, task, 0.004, progress=False, max_width=4)
-
-    class Stop(Exception):
-        pass
-
-    seen = []
-
-    def stop_midway(decision):
-        seen.append(decision)
-        if len(seen) == 40:
-            raise Stop
-
-    log = tmp_path / "decisions.jsonl"
-    with pytest.raises(Stop):
-        acdc(model, task, 0.004, progress=False, max_width=4, log_path=log, callback=stop_midway)
-    lines = log.read_text().splitlines()
-    assert 1 + 40 <= len(lines) < 1 + len(whole.decisions)
-    log.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])  # a line cut by the crash
-    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log, mode="sequential")
-    assert _decisions(resumed) == _decisions(whole)
-    assert np.array_equal(resumed.mask, whole.mask)
-    assert len(log.read_text().splitlines()) == 1 + len(whole.decisions)
-    assert all(json.loads(x)["edge"] for x in log.read_text().splitlines()[1:])
-    with pytest.raises(ValueError, match="settings differ"):
-        acdc(model, task, 0.5, progress=False, resume=log)
-    swapped = dataclasses.replace(task, clean=task.corrupted, corrupted=task.clean)  # other prompts, same settings
-    with pytest.raises(ValueError, match="settings differ.*'prompts'.*another seed or count"):
-        acdc(model, swapped, 0.004, progress=False, max_width=4, resume=log)
-
-
-def test_resume_from_a_log_cut_inside_a_group_of_prunes(small_gpt2, tmp_path):
-    """A receiver found unreachable has its remaining edges removed untried,
-    as one group written together; a crash can cut that group. Resuming
-    finishes the group and then the run, as an uninterrupted run does."""
-    model, task = small_gpt2
-    log = tmp_path / "decisions.jsonl"
-    whole = acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
-    untried = [not d.tried for d in whole.decisions]
-    cut = next((i + 1 for i in range(len(untried) - 1) if untried[i] and untried[i + 1]), None)
-    assert cut is not None, "this run has no two prunes in a row to cut between"
-    lines = log.read_text().splitlines()
-    log.write_text("\n".join(lines[:1 + cut]) + "\n")
-    resumed = acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
-    assert _decisions(resumed) == _decisions(whole)
-    assert np.array_equal(resumed.mask, whole.mask)
-    assert log.read_text().splitlines() == lines
-
-
-def test_resume_needs_a_log_of_this_run(small_gpt2, tmp_path):
-    model, task = small_gpt2
-    with pytest.raises(FileNotFoundError, match="No decision log to resume from"):
-        acdc(model, task, 0.05, progress=False, resume=tmp_path / "missing.jsonl")
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="is empty"):
-        acdc(model, task, 0.05, progress=False, resume=tmp_path / "empty.jsonl")
-    (tmp_path / "other.jsonl").write_text(json.dumps({"edge": "x"}) + "\n")
-    with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
-        acdc(model, task, 0.05, progress=False, resume=tmp_path / "other.jsonl")
-    for name, first in [("binary.jsonl", b"\xff\xfe\x00 not json"), ("list.jsonl", b"[1, 2]"),
-                        ("bare.jsonl", json.dumps({"type": "header", "settings": 1}).encode())]:
-        (tmp_path / name).write_bytes(first + b"\n")
-        with pytest.raises(ValueError, match="does not start with an acdc-jax log header"):
-            acdc(model, task, 0.05, progress=False, resume=tmp_path / name)
-
-
-def test_resume_refuses_a_log_whose_decisions_are_out_of_order(small_gpt2, tmp_path):
-    """A log with this run's settings whose decisions are not the ones the
-    schedule makes next (two lines swapped, as an edited or merged log) is
-    refused, not replayed into another circuit."""
-    model, task = small_gpt2
-    log = tmp_path / "decisions.jsonl"
-    acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
-    lines = log.read_text().splitlines()
-    first, second = (re.escape(json.loads(line)["edge"]) for line in lines[1:3])
-    log.write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
-    with pytest.raises(ValueError, match=rf"Decision 0 of the log \({second}.*is not what the schedule does next "
-                                         rf"\({first}.*belongs to another run"):
-        acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
 
 
 def test_a_corruption_object_is_used_as_given(small_gpt2):
@@ -386,19 +291,6 @@ def test_one_cover_serves_several_layers_on_an_accelerator(tmp_path, monkeypatch
     assert _decisions(shared) == _decisions(per_layer) == _decisions(seq)
     np.testing.assert_allclose([d.metric_after for d in shared.decisions if d.tried],
                                [d.metric_after for d in seq.decisions if d.tried], rtol=1e-4, atol=1e-7)  # rounding
-
-
-def test_stop_after_then_resume(small_gpt2, tmp_path):
-    model, task = small_gpt2
-    whole = acdc(model, task, 0.004, progress=False, max_width=4)
-    assert whole.settings["finished"] and whole.settings["flops"] > 0
-    log = tmp_path / "decisions.jsonl"
-    part = acdc(model, task, 0.004, progress=False, max_width=4, log_path=log, stop_after=0.0)
-    assert not part.settings["finished"]
-    assert 0 < len(part.decisions) < len(whole.decisions)
-    assert _decisions(part) == _decisions(whole)[: len(part.decisions)]
-    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
-    assert resumed.settings["finished"] and _decisions(resumed) == _decisions(whole)
 
 
 def test_precision_applies_to_every_program_of_the_run(small_gpt2):
