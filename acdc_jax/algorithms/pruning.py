@@ -112,11 +112,11 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
             log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
         bar.update(1)
         stop = stop_after is not None and time.perf_counter() - began > stop_after
-        if i % max(1, steps // 20) == 0 or i == steps - 1:
+        row = i % max(1, steps // 20) == 0 or i == steps - 1
+        if row:
             history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
             bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
-            save(i)
-        elif stop:
+        if row or stop:
             save(i)
         if stop:
             break
