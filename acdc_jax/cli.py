@@ -49,6 +49,11 @@ def _summary(circuit, task, faith) -> list[str]:
     return lines
 
 
+# the methods that save their progress as they go, and where (beside circuit.json)
+SAVED = {"exact_patching": "patching.npz", "eap_ig": "eap_ig.npz", "edge_pruning": "training.npz",
+         "subnetwork_probing": "training.npz"}
+
+
 def _run_method(args, model, task, state=None):
     """A scored circuit from a method other than ACDC; the long ones save
     their progress to `state` as they go (and resume from it with --resume)."""
@@ -61,7 +66,7 @@ def _run_method(args, model, task, state=None):
     kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision, "mesh": args.mesh}
     if args.method == "eap_ig":
         kw["steps"] = args.steps or 16
-    if args.method in ("exact_patching", "edge_pruning", "subnetwork_probing"):  # the long ones
+    if args.method in SAVED:  # the long ones
         kw["progress"] = not args.no_progress
         if state is not None:
             kw.update(checkpoint=state, resume=state if getattr(args, "resume", False) else None,
@@ -89,9 +94,6 @@ def _acdc_nodes(args, model, task, tau, **kw):
                       max_width=getattr(args, "max_width", None), precision=args.precision,
                       progress=not args.no_progress, mesh=args.mesh,
                       rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)], **kw)
-
-
-SAVED = {"exact_patching": "patching.npz", "edge_pruning": "training.npz", "subnetwork_probing": "training.npz"}
 
 
 def cmd_discover(args) -> int:
@@ -288,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "once they would have saved their compiling; --sparse alone: on")
     p.add_argument("--stop-after", type=float, metavar="SECONDS", help="stop after this many seconds (a job's time "
                    "limit) with the progress saved; --resume continues")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl (ACDC, edges or nodes), "
-                   "OUT/patching.npz (exact_patching) or OUT/training.npz (edge_pruning, subnetwork_probing)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/decisions.jsonl (ACDC, edges or nodes) "
+                   "or from OUT/patching.npz, eap_ig.npz or training.npz (exact_patching, eap_ig, edge_pruning and "
+                   "subnetwork_probing)")
     _start_arg(p)
     p.set_defaults(func=cmd_discover)
     p = sub.add_parser("roc", help=cmd_roc.__doc__)

@@ -46,7 +46,7 @@ def main(name: str, n_examples: int):
         masks = np.random.default_rng(0).uniform(size=(2, scorer.graph.n_edges)).astype(np.float32)
         values, grads = scorer.value_and_grads(masks)
         runs["grads"] = {"values": values.tolist(), "grads": grads.tolist(),
-                         "eap_ig": eap_ig(model, task, steps=2, mesh=mesh).scores.tolist()}
+                         "eap_ig": eap_ig(model, task, steps=2, mesh=mesh, progress=False).scores.tolist()}
         runs["methods"] = methods(model, task, mesh)
         out["runs"][label] = runs
     out["auto"] = methods(model, task, "auto")  # candidates for exact patching, prompts for the gradient methods

@@ -145,8 +145,8 @@ def test_tasks_command_lists_every_task(capsys):
      "its prompts are given; do not pass n_examples (--examples)"),
     (["discover", "--task", "t.json", "--tau", "0.1"], "pass the model as checkpoint=DIR"),
     (["discover", "--task", "induction", "--method", "eap", "--n-edges", "3", "--resume"],
-     "--resume is for acdc, acdc_nodes, exact_patching, edge_pruning, subnetwork_probing"),
-    (["discover", "--task", "induction", "--method", "eap_ig", "--n-edges", "3", "--stop-after", "5"],
+     "--resume is for acdc, acdc_nodes, exact_patching, eap_ig, edge_pruning, subnetwork_probing"),
+    (["discover", "--task", "induction", "--method", "hisp", "--n-edges", "3", "--stop-after", "5"],
      "--stop-after is for acdc, acdc_nodes"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):

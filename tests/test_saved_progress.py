@@ -1,5 +1,6 @@
 """The long methods save their progress as they go: edge pruning and
-subnetwork probing their training state, exact patching its scores so far. A
+subnetwork probing their training state, exact patching its scores so far,
+EAP-IG its sum of gradients. A
 run stopped or crashed and resumed ends with the gates, history, scores and
 circuit of a run never stopped, and a state from another run is refused by
 name."""
@@ -10,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from acdc_jax.algorithms import attribution, edge_pruning, exact_patching, saved, subnetwork_probing
+from acdc_jax.algorithms import attribution, eap_ig, edge_pruning, exact_patching, saved, subnetwork_probing
 
 from .test_algorithms import CFG, _mean_logit, _model, _task
 
@@ -119,3 +120,15 @@ def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run
     assert np.array_equal(exact_patching(model, task, progress=False, resume=crashed).scores, whole.scores)
     with pytest.raises(ValueError, match="settings differ .*'method'"):
         _train("edge_pruning", model, task, resume=crashed)
+
+
+def test_eap_ig_stopped_resumes_to_the_same_scores(random_run, tmp_path):
+    model, task = random_run
+    whole = eap_ig(model, task, steps=5, progress=False)
+    state = tmp_path / "eap_ig.npz"
+    first = eap_ig(model, task, steps=5, progress=False, checkpoint=state, stop_after=0)
+    assert not first.settings["finished"] and first.settings["steps_done"] == 1
+    assert np.isnan(first.scores).all() and first.n_edges == first.graph.n_edges  # no scores before the end
+    assert np.array_equal(eap_ig(model, task, steps=5, progress=False, resume=state).scores, whole.scores)
+    with pytest.raises(ValueError, match=r"settings differ .*'steps': \(5, 6\)"):
+        eap_ig(model, task, steps=6, progress=False, resume=state)

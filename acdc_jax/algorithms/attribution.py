@@ -212,20 +212,49 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
 
 @takes_precision
 def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
-           threshold=None, rank: str = "abs", mesh=None) -> Circuit:
+           threshold=None, rank: str = "abs", mesh=None, progress: bool = True, checkpoint=None, resume=None,
+           stop_after: Optional[float] = None) -> Circuit:
     """EAP with integrated gradients (Hanna et al. 2024) along the path of
     masks alpha * 1 from the corrupted run (alpha = 0) to the clean run
-    (alpha = 1), with `steps` midpoint samples. The scores add up to the
+    (alpha = 1), with `steps` midpoint samples, one gradient each (with a
+    progress bar unless `progress` is False). The scores add up to the
     effect of cutting every edge, ``metric(empty) - metric(full)``, up to an
-    O(1/steps^2) error. `mesh`: as for `eap`."""
+    O(1/steps^2) error. `mesh`: as for `eap`. `checkpoint`, `resume` and
+    `stop_after`: as for `exact_patching` (a stopped run has no scores yet)."""
+    from ..acdc import progress_bar
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
-    alphas = (np.arange(steps) + 0.5) / steps
-    _, grads = scorer.value_and_grads(alphas[:, None] * np.ones((1, graph.n_edges), np.float32))
-    settings.update(method="eap_ig", steps=steps)
-    return _done(graph, -grads.mean(axis=0), settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
+    run = run_settings(model, task, settings, "eap_ig", steps=steps)
+    total, done = np.zeros(graph.n_edges), 0
+    if resume is not None:
+        last, saved, _ = load_state(Path(resume), run, "EAP-IG state")
+        total, done = saved["total"], last + 1
+    write = checkpoint or resume
+    write = Path(write) if write is not None and jax.process_index() == 0 else None
+    ones = np.ones((1, graph.n_edges), np.float32)
+    bar = progress_bar(progress, steps, done, desc="EAP-IG", unit="step")
+    saved_at, i = time.perf_counter(), done - 1
+    try:
+        for i in range(done, steps):
+            total = total + scorer.value_and_grads((i + 0.5) / steps * ones)[1][0]  # the same program every step
+            bar.update(1)
+            stop = stop_after is not None and time.perf_counter() - start > stop_after
+            if write is not None and (stop or i == steps - 1 or time.perf_counter() - saved_at > SAVE_EVERY):
+                save_state(write, run, i, {"total": total}, [])
+                saved_at = time.perf_counter()
+            if stop:
+                break
+    finally:
+        bar.close()
+    settings.update(method="eap_ig", steps=steps, finished=i + 1 == steps, steps_done=i + 1)
+    if i + 1 < steps:  # no scores until the integral is complete: keep every edge
+        settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes, n_edges=n_edges,
+                        threshold=threshold, rank=rank)
+        return Circuit(graph, ones[0], None, [], settings, np.full(graph.n_edges, np.nan))
+    return _done(graph, -total / steps, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 def node_scores_to_edges(graph: CircuitGraph, node_score: dict) -> np.ndarray:
