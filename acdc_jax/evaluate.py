@@ -172,6 +172,9 @@ def roc_from_scores(circuit: Circuit, canonical: Iterable[str], max_points: int 
     `max_points` thresholds are kept for plotting."""
     from .algorithms import edge_ranking
 
+    if circuit.settings.get("finished") is False:
+        raise ValueError(f"The circuit comes from a {circuit.settings.get('method')} run that was stopped before its "
+                         "scores were complete; resume it (resume=) before ranking its edges.")
     graph = circuit.graph
     canonical = set(canonical)
     importance = edge_ranking(circuit.scores, rank or circuit.settings.get("rank", "abs"))

@@ -1,9 +1,8 @@
 """The long methods save their progress as they go: edge pruning and
 subnetwork probing their training state, exact patching its scores so far,
-EAP-IG its sum of gradients. A
-run stopped or crashed and resumed ends with the gates, history, scores and
-circuit of a run never stopped, and a state from another run is refused by
-name."""
+EAP-IG its sum of gradients. A run stopped or crashed and resumed ends with
+the gates, history, scores and circuit of a run never stopped, and a state
+from another run is refused by name."""
 
 import dataclasses
 import os
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from acdc_jax.algorithms import attribution, eap_ig, edge_pruning, exact_patching, saved, subnetwork_probing
+from acdc_jax.evaluate import roc_from_scores
 
 from .test_algorithms import CFG, _mean_logit, _model, _task
 
@@ -129,6 +129,8 @@ def test_eap_ig_stopped_resumes_to_the_same_scores(random_run, tmp_path):
     first = eap_ig(model, task, steps=5, progress=False, checkpoint=state, stop_after=0)
     assert not first.settings["finished"] and first.settings["steps_done"] == 1
     assert np.isnan(first.scores).all() and first.n_edges == first.graph.n_edges  # no scores before the end
+    with pytest.raises(ValueError, match="stopped before its scores were complete"):
+        roc_from_scores(first, first.edges[:3])
     assert np.array_equal(eap_ig(model, task, steps=5, progress=False, resume=state).scores, whole.scores)
     with pytest.raises(ValueError, match=r"settings differ .*'steps': \(5, 6\)"):
         eap_ig(model, task, steps=6, progress=False, resume=state)
