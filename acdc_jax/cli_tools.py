@@ -3,6 +3,7 @@ circuits, patch single edges of a checkpoint, list the tasks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -100,9 +101,12 @@ def cmd_tasks(args) -> int:
     """List the tasks."""
     from .tasks import NEEDS_WEIGHTS, TASKS
 
+    tracr = importlib.util.find_spec("tracr") is not None
     for name in TASKS:
         need = (f"needs --checkpoint ({NEEDS_WEIGHTS[name]}) and its tokenizer (--tokenizer, unless the checkpoint "
                 "directory has one)" if name in NEEDS_WEIGHTS else "ready to run")
+        if name.startswith("tracr") and not tracr:
+            need = "needs tracr: pip install '.[tracr]' in the acdc-jax checkout"
         print(f"{name:18s} {need}")
     print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and a tokenizer "
           "for texts")

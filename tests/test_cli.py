@@ -131,6 +131,20 @@ def test_tasks_command_lists_every_task(capsys):
     assert "induction          ready to run" in printed and "PATH.json" in printed
 
 
+def test_tasks_command_says_when_tracr_is_missing(capsys, monkeypatch):
+    """Without tracr (installed only with the extra) the tracr tasks are not
+    ready to run, and the listing says how to install it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tracr" else find_spec(name, *a))
+    assert main(["tasks"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    tracr = [line for line in printed if line.startswith("tracr-")]
+    assert len(tracr) == 2 and all("needs tracr: pip install '.[tracr]'" in line for line in tracr)
+    assert any(line.startswith("induction") and "ready to run" in line for line in printed)
+
+
 @pytest.mark.parametrize("args, words", [
     (["discover", "--task", "induction"], "ACDC needs --tau"),
     (["discover", "--task", "induction", "--tau", "-1"], "tau must be a finite number >= 0"),

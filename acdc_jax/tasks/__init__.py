@@ -5,8 +5,8 @@
 ===================  ==========================  =================================
 task                 model                       needs
 ===================  ==========================  =================================
-``tracr-reverse``    compiled with tracr-pypi    ``pip install 'acdc-jax[tracr]'``
-``tracr-proportion`` compiled with tracr-pypi    ``pip install 'acdc-jax[tracr]'``
+``tracr-reverse``    compiled with tracr-pypi    ``pip install '.[tracr]'``
+``tracr-proportion`` compiled with tracr-pypi    ``pip install '.[tracr]'``
 ``induction``        ships with the package      nothing
 ``ioi``              GPT-2 small                 ``checkpoint``, ``tokenizer``
 ``greater-than``     GPT-2 small                 ``checkpoint``, ``tokenizer``

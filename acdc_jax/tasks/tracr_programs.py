@@ -28,7 +28,8 @@ def compile_tracr(name: str):
     try:
         from tracr.compiler import compiling
     except ImportError as e:
-        raise TaskError("The tracr tasks need tracr: pip install 'acdc-jax[tracr]'.") from e
+        raise TaskError("The tracr tasks need tracr: pip install '.[tracr]' in the acdc-jax checkout "
+                        "(the extra installs tracr-pypi).") from e
     program, vocab = _program(name)
     assembled = compiling.compile_rasp_to_model(program, vocab=vocab, max_seq_len=5, compiler_bos="BOS")
     return assembled, program
