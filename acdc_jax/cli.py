@@ -306,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("circuit", help="a circuit.json, or the --out directory of a run")
     p.add_argument("--against", metavar="CIRCUIT", help="a reference circuit (a canonical one, another run): edges "
                    "outside it are drawn red, its edges the circuit lacks dashed")
-    p.add_argument("--out", help="where to write OUT.dot, OUT.svg or OUT.png and OUT.html (default: circuit next "
-                   "to the circuit file)")
+    p.add_argument("--out", help="where to write OUT.dot, OUT.svg or OUT.png and OUT.html (default: drawn.* next "
+                   "to the circuit file, leaving the run's own circuit.* pictures as they are)")
     p.add_argument("--title", help="the picture's title (default: the task, method and size)")
     p.set_defaults(func=cmd_draw)
     p = sub.add_parser("compare", help=cmd_compare.__doc__)

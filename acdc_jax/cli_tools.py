@@ -28,7 +28,7 @@ def cmd_draw(args) -> int:
         raise ValueError(f"--against {args.against} is over another graph ({against.graph!r}) than the circuit's "
                          f"({circuit.graph!r}).")
     source = Path(args.circuit)
-    base = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "circuit"
+    base = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "drawn"  # not the run's own
     title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
     written = render(circuit, base, canonical=None if against is None else against.edges, title=title)
     written.append(write_html(circuit, base.with_suffix(".html")))

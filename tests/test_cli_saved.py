@@ -71,9 +71,9 @@ def test_draw_marks_the_edges_outside_the_reference(tmp_path, capsys):
     between its parts; the reference's edges the circuit lacks are dashed."""
     a, b = _saved(tmp_path / "run" / "circuit.json", 0, keep=0.2), _saved(tmp_path / "ref.json", 1, keep=0.2)
     assert main(["draw", str(tmp_path / "run"), "--against", str(b)]) == 0
-    dot = (tmp_path / "run" / "circuit.dot").read_text()
-    assert (tmp_path / "run" / "circuit.html").is_file()
-    assert sum((tmp_path / "run" / f"circuit.{ext}").is_file() for ext in ("svg", "png")) == 1
+    dot = (tmp_path / "run" / "drawn.dot").read_text()
+    assert (tmp_path / "run" / "drawn.html").is_file()
+    assert sum((tmp_path / "run" / f"drawn.{ext}").is_file() for ext in ("svg", "png")) == 1
     edges_a, edges_b = (set(json.loads(p.read_text())["edges"]) for p in (a, b))
 
     def drawn(edges):
