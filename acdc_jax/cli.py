@@ -86,14 +86,11 @@ def _run_method(args, model, task, state=None):
                                threshold=None if args.n_edges is not None else args.tau, rank=args.rank)
 
 
-def _acdc_nodes(args, model, task, tau, **kw):
-    from .algorithms import acdc_nodes
-
-    return acdc_nodes(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
-                      abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
-                      max_width=getattr(args, "max_width", None), precision=args.precision,
-                      progress=not args.no_progress, mesh=args.mesh,
-                      rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)], **kw)
+def _nodes_kwargs(args) -> dict:
+    return dict(metric=args.metric, corruption=args.corruption, mode=args.mode,
+                abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
+                max_width=getattr(args, "max_width", None), precision=args.precision, progress=not args.no_progress,
+                mesh=args.mesh, rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)])
 
 
 def cmd_discover(args) -> int:
@@ -125,8 +122,10 @@ def cmd_discover(args) -> int:
     elif args.method == "acdc_nodes":
         if args.tau is None:
             raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
-        circuit = _acdc_nodes(args, model, task, args.tau, log_path=None if args.resume else log,
-                              resume=log if args.resume else None, stop_after=args.stop_after)
+        from .algorithms import acdc_nodes
+
+        circuit = acdc_nodes(model, task, args.tau, log_path=None if args.resume else log,
+                             resume=log if args.resume else None, stop_after=args.stop_after, **_nodes_kwargs(args))
     elif args.method in SAVED:
         log = out / SAVED[args.method]
         circuit = _run_method(args, model, task, state=log)
@@ -148,34 +147,6 @@ def cmd_discover(args) -> int:
     return 0
 
 
-def _sweep(args, model, task, out: Path, one) -> list:
-    """One circuit per tau, each saved in OUT/tau-T/ with its decision log as
-    soon as it is found; with --resume, the saved ones are read back and an
-    unfinished one continues from its log."""
-    from .circuit import Circuit
-    from .runlog import model_fingerprint, task_fingerprint
-
-    circuits = []
-    for tau in args.taus:
-        where = out / f"tau-{tau:g}"
-        done, log = where / "circuit.json", where / "decisions.jsonl"
-        if args.resume and done.is_file():
-            circuit = Circuit.load(done)
-            mine = {"method": args.method, "tau": tau, "model": model_fingerprint(model),
-                    "prompts": task_fingerprint(task)}
-            differ = {k: (circuit.settings.get(k), v) for k, v in mine.items() if circuit.settings.get(k) != v}
-            if differ:
-                raise ValueError(f"Cannot resume the sweep with {done}: it differs (saved, now): {differ}. Use "
-                                 "another --out, or the sweep's own model, prompts and method.")
-        else:
-            where.mkdir(parents=True, exist_ok=True)
-            again = args.resume and log.is_file()
-            circuit = one(tau, log_path=None if again else log, resume=log if again else None)
-            circuit.save(done)
-        circuits.append(circuit)
-    return circuits
-
-
 def cmd_roc(args) -> int:
     """Sweep tau, score each circuit against the canonical one, plot the ROC curve."""
     from .draw import plot_roc
@@ -188,21 +159,18 @@ def cmd_roc(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     _check_start(args)
-    if args.method in ("acdc", "acdc_nodes"):
-        from .acdc import acdc
-        from .evaluate import roc_from_circuits
+    if args.method == "acdc_nodes":
+        from .algorithms import acdc_nodes
+        from .evaluate import roc
 
-        if task.canonical is None:
-            raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
+        result = roc(model, task, args.taus, method=acdc_nodes, out=out, resume=args.resume, **_nodes_kwargs(args))
+    elif args.method == "acdc":
+        from .evaluate import roc
 
-        def one(tau, **log):
-            if args.method == "acdc_nodes":
-                return _acdc_nodes(args, model, task, tau, **log)
-            return acdc(model, task, tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
-                        mesh=args.mesh, dtype=args.dtype, precision=args.precision, progress=not args.no_progress,
-                        start=args.start, rescore_ties=ON_OFF[args.rescore_ties], **log)
-
-        result = roc_from_circuits(_sweep(args, model, task, out, one), task.canonical, list(args.taus))
+        result = roc(model, task, args.taus, out=out, resume=args.resume, metric=args.metric,
+                     corruption=args.corruption, mode=args.mode, mesh=args.mesh, dtype=args.dtype,
+                     precision=args.precision, progress=not args.no_progress, start=args.start,
+                     rescore_ties=ON_OFF[args.rescore_ties])
     else:
         from .evaluate import roc_from_scores
 

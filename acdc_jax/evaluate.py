@@ -5,6 +5,7 @@ model)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -111,15 +112,46 @@ def roc_from_circuits(circuits: Sequence[Circuit], canonical: Iterable[str], tau
     return RocResult(list(taus), edge_points, node_points, auc(edge_points), auc(node_points), list(circuits))
 
 
-def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Callable = None, **kwargs) -> list[Circuit]:
-    """One circuit per threshold (ACDC unless `method` is given)."""
+def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Callable = None, out=None,
+          resume: bool = False, **kwargs) -> list[Circuit]:
+    """One circuit per threshold (ACDC unless `method` is given: a function
+    like `acdc` that takes ``log_path`` and ``resume``, such as `acdc_nodes`).
+    With `out`, each circuit and its decision log go to ``out/tau-T/`` as it
+    is found; with `resume`, those saved are read back (refused if another
+    model, other prompts or another method made them) and an unfinished one
+    continues from its log."""
     if method is None:
         from .acdc import acdc as method
-    return [method(model, task, tau, **kwargs) for tau in taus]
+    if out is None:
+        return [method(model, task, tau, **kwargs) for tau in taus]
+    from .runlog import model_fingerprint, task_fingerprint
+
+    circuits = []
+    for tau in taus:
+        where = Path(out) / f"tau-{tau:g}"
+        done, log = where / "circuit.json", where / "decisions.jsonl"
+        if resume and done.is_file():
+            circuit = Circuit.load(done)
+            mine = {"tau": tau, "model": model_fingerprint(model), "prompts": task_fingerprint(task)}
+            if getattr(method, "__name__", None) in ("acdc", "acdc_nodes"):  # a wrapper may record either
+                mine["method"] = method.__name__
+            differ = {k: (circuit.settings.get(k), v) for k, v in mine.items() if circuit.settings.get(k) != v}
+            if differ:
+                raise ValueError(f"Cannot resume the sweep with {done}: it differs (saved, now): {differ}. Use "
+                                 "another output directory, or the sweep's own model, prompts and method.")
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            again = resume and log.is_file()
+            circuit = method(model, task, tau, log_path=None if again else log, resume=log if again else None,
+                             **kwargs)
+            circuit.save(done)
+        circuits.append(circuit)
+    return circuits
 
 
 def roc(model: Transformer, task: Task, taus: Sequence[float], **kwargs) -> RocResult:
-    """ACDC at each tau, scored against ``task.canonical``."""
+    """ACDC at each tau (or `method`, `out`, `resume`: as for `sweep`),
+    scored against ``task.canonical``."""
     if task.canonical is None:
         raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
     circuits = sweep(model, task, taus, **kwargs)

@@ -192,3 +192,20 @@ def test_a_circuit_answers_membership_by_name_or_index():
     assert graph.edge_names[3] not in circuit and 3 not in circuit
     assert graph.edge_names[4] in circuit and 4 in circuit
     assert repr(circuit) == f"Circuit({graph.n_edges - 1} of {graph.n_edges} edges, metric=0.25)"
+
+
+def test_a_sweep_saved_as_it_goes_resumes_from_its_files(induction, tmp_path):
+    """`sweep(out=...)` saves each threshold's circuit and log; `resume` reads
+    the saved ones back instead of finding them again, and refuses a sweep
+    made by another method."""
+    from acdc_jax.algorithms import acdc_nodes
+
+    model, task = induction
+    taus = [0.01, 0.5]
+    first = evaluate.sweep(model, task, taus, method=acdc_nodes, out=tmp_path, progress=False)
+    saved = {tau: (tmp_path / f"tau-{tau:g}" / "circuit.json").read_bytes() for tau in taus}
+    again = evaluate.sweep(model, task, taus, method=acdc_nodes, out=tmp_path, resume=True, progress=False)
+    assert {tau: (tmp_path / f"tau-{tau:g}" / "circuit.json").read_bytes() for tau in taus} == saved
+    assert [c.edges for c in again] == [c.edges for c in first] and first[0].n_edges > first[1].n_edges
+    with pytest.raises(ValueError, match=r"Cannot resume the sweep .*'method': \('acdc_nodes', 'acdc'\)"):
+        evaluate.sweep(model, task, taus, out=tmp_path, resume=True, progress=False)
