@@ -101,6 +101,12 @@ class Circuit:
         opts = d["graph"]
         graph = CircuitGraph(TransformerConfig.from_dict(d["model_config"]), split_qkv=opts["split_qkv"],
                              qkv_edges=opts["qkv_edges"], split_embed=opts["split_embed"])
+        named = list(d["edges"]) + list(d.get("scores") or {})
+        unknown = sorted(set(named) - set(graph.edge_names))
+        if unknown:
+            raise ValueError(f"The circuit file names {len(unknown)} edge(s) that its own graph ({graph!r}) lacks, "
+                             f"e.g. {unknown[:2]}: it was edited or belongs to another model; write it again with "
+                             "Circuit.save.")
         mask = np.asarray(graph.mask(d["edges"]))
         scores = None
         if "scores" in d:

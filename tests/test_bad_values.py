@@ -232,7 +232,10 @@ def test_a_broken_circuit_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Not an acdc-jax circuit file"):
         aj.Circuit.load(path)
     path.write_text(json.dumps({**json.loads(text), "edges": ["no such edge"]}))
-    with pytest.raises(KeyError, match="No edge named 'no such edge'"):
+    with pytest.raises(ValueError, match=r"names 1 edge\(s\) that its own graph .* lacks, e.g. \['no such edge'\]"):
+        aj.Circuit.load(path)
+    path.write_text(json.dumps({**json.loads(text), "scores": {"no such edge": 1.0}}))  # not silently all NaN
+    with pytest.raises(ValueError, match="names 1 edge"):
         aj.Circuit.load(path)
 
 
