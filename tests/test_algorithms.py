@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from acdc_jax import evaluate
-from acdc_jax.algorithms import METHODS, eap, eap_ig, edge_pruning, exact_patching, top_k_threshold
+from acdc_jax.algorithms import (METHODS, eap, eap_ig, edge_pruning, exact_patching, subnetwork_probing,
+                                 top_k_threshold)
 from acdc_jax.model import cast
 from acdc_jax.patching import patched_forward
 from acdc_jax.tasks.base import Task, kl_divergence
@@ -162,6 +163,23 @@ def test_edge_pruning_reaches_the_requested_sparsity(tracr_reverse):
     n = circuit.graph.n_edges
     assert circuit.n_edges == round(0.2 * n)
     assert abs(circuit.settings["expected_density"] - 0.2) < 0.08  # the Lagrangian pulled training to the target
+
+
+@pytest.mark.parametrize("method, sparsity", [(edge_pruning, 0.8), (subnetwork_probing, 0.5)])
+def test_pruning_a_bf16_model_keeps_exactly_the_requested_size(method, sparsity):
+    """The gates train in float32 whatever the model's dtype: bf16 gates tie
+    in the dozens near their starting log-alpha, so no threshold kept exactly
+    k edges (edge pruning raised on the induction model)."""
+    from acdc_jax.tasks import get
+
+    model, task = get("induction", n_examples=8)
+    circuit = method(cast(model, jnp.bfloat16), task, steps=6, sparsity=sparsity, metric="nll", progress=False)
+    scores = circuit.scores if method is edge_pruning else np.array(list(circuit.settings["node_scores"].values()))
+    assert len(np.unique(scores)) == len(scores)  # no ties among the gates
+    if method is edge_pruning:
+        assert circuit.n_edges == round((1 - sparsity) * circuit.graph.n_edges)
+    else:
+        assert len(circuit.settings["kept_nodes"]) == round((1 - sparsity) * len(scores))
 
 
 def test_gradients_vanish_for_a_metric_minimised_by_the_full_model(tracr_reverse):

@@ -69,8 +69,9 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     opt = optax.adam(lr)
     key = jax.random.PRNGKey(seed)
     key, init = jax.random.split(key)
-    # gates start mostly open; the small spread breaks ties between gates the metric never tells apart
-    log_alpha = (INIT + 0.01 * jax.random.normal(init, (n_params,))).astype(s._dtype)
+    # gates start mostly open; the small spread breaks ties between gates the metric never tells apart. The
+    # gates train in float32 whatever the model's dtype: in bf16, log-alphas near 5 tie in hundreds
+    log_alpha = INIT + 0.01 * jax.random.normal(init, (n_params,), jnp.float32)
     state = opt.init(log_alpha)
     chunk = s.grad_chunk
 
@@ -87,7 +88,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
         lam = lam + lambda_lr * jnp.stack([gap, gap ** 2])  # ascent on the multipliers
         return optax.apply_updates(log_alpha, updates), state, lam, value, gap
 
-    lam = jnp.zeros((2,), s._dtype)
+    lam = jnp.zeros((2,), jnp.float32)
     history, done = [], 0
     leaves, treedef = jax.tree_util.tree_flatten((log_alpha, state, lam, key))
     if resume is not None:
