@@ -93,6 +93,22 @@ def _nodes_kwargs(args) -> dict:
                 mesh=args.mesh, rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)])
 
 
+def _keep_progress(state: Path, saved: Path) -> None:
+    """Refuse to start afresh over the saved progress of a run that did not
+    finish (a crash, --stop-after): its state is newer than its circuit.json,
+    or that is missing or marked unfinished."""
+    if not state.is_file():
+        return
+    try:
+        finished = (saved.stat().st_mtime >= state.stat().st_mtime
+                    and json.loads(saved.read_text()).get("settings", {}).get("finished") is not False)
+    except (OSError, ValueError):
+        finished = False
+    if not finished:
+        raise ValueError(f"{state} holds the progress of a run that did not finish; continue it with --resume, or "
+                         f"start afresh in another --out (or delete {state.name} there).")
+
+
 def cmd_discover(args) -> int:
     """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot, a picture
     and edges.html."""
@@ -105,8 +121,10 @@ def cmd_discover(args) -> int:
         if given and args.method not in ("acdc", "acdc_nodes", *SAVED):
             raise ValueError(f"{flag} is for acdc, acdc_nodes, {', '.join(SAVED)}, whose runs save their progress; "
                              f"{args.method} does not.")
-    model, task = _task(args)
     out = Path(args.out or f"runs/{Path(args.task).stem}")
+    if not args.resume and args.method in ("acdc", "acdc_nodes", *SAVED):
+        _keep_progress(out / SAVED.get(args.method, "decisions.jsonl"), out / "circuit.json")
+    model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "decisions.jsonl"
     _check_start(args)
@@ -154,8 +172,11 @@ def cmd_roc(args) -> int:
     if args.resume and args.method not in ("acdc", "acdc_nodes"):
         raise ValueError(f"roc --resume is for acdc and acdc_nodes, whose sweeps save a circuit per tau; "
                          f"{args.method} scores every edge in one run.")
-    model, task = _task(args)
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
+    if not args.resume and args.method in ("acdc", "acdc_nodes"):
+        for tau in args.taus:
+            _keep_progress(out / f"tau-{tau:g}" / "decisions.jsonl", out / f"tau-{tau:g}" / "circuit.json")
+    model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     _check_start(args)

@@ -83,6 +83,11 @@ def test_stop_after_then_resume_gives_the_whole_runs_circuit(tmp_path, capsys, m
     assert main(args + ["--out", str(parts), "--stop-after", "0"]) == 0
     assert "before the end; the same command with --resume continues" in capsys.readouterr().out
     assert not Circuit.load(parts).settings["finished"] and (parts / state).is_file()
+    saved = (parts / state).read_bytes()
+    assert main(args + ["--out", str(parts)]) == 2  # without --resume: the progress is kept, not overwritten
+    assert f"{state} holds the progress of a run that did not finish" in capsys.readouterr().err
+    assert (parts / state).read_bytes() == saved
+    assert main(args + ["--out", str(whole)]) == 0  # a finished run's directory is simply run again
     assert main(args + ["--out", str(parts), "--resume"]) == 0
     a, b = Circuit.load(whole), Circuit.load(parts)
     assert a.edges == b.edges and b.settings["finished"] and 0 < a.n_edges < a.graph.n_edges
@@ -102,6 +107,8 @@ def test_a_crashed_roc_sweep_resumes_from_its_saved_circuits(tmp_path, capsys):
     log = crashed / "tau-0.1" / "decisions.jsonl"
     lines = log.read_text().splitlines(keepends=True)
     log.write_text("".join(lines[: len(lines) // 2]))
+    assert main(args + ["--out", str(crashed)]) == 2  # without --resume the half-made sweep is kept
+    assert "tau-0.1/decisions.jsonl holds the progress of a run that did not finish" in capsys.readouterr().err
     assert main(args + ["--out", str(crashed), "--resume"]) == 0
     assert (crashed / "tau-0.01" / "circuit.json").read_bytes() == first  # read back, not found again
     a, b = (json.loads((d / "roc.json").read_text()) for d in (whole, crashed))
