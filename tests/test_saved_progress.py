@@ -29,6 +29,19 @@ def _train(name, model, task, **kw):
     return method(model, task, steps=STEPS, sparsity=sparsity, progress=False, **kw)
 
 
+def _crash_at_move(monkeypatch, n: int) -> None:
+    """The process dies (KeyboardInterrupt) at the n-th move of a written state into place."""
+    moves = []
+
+    def replace(src, dst):
+        moves.append(dst)
+        if len(moves) == n:
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr(saved.os, "replace", replace)
+
+
 def _same(a, b):
     assert np.array_equal(a.scores, b.scores)
     assert np.array_equal(a.mask, b.mask)
@@ -55,15 +68,7 @@ def test_a_crash_while_saving_leaves_the_last_state_whole(random_run, tmp_path, 
     model, task = random_run
     whole = _train("edge_pruning", model, task)
     state = tmp_path / "training.npz"
-    moves = []
-
-    def crash_on_the_fourth(src, dst):
-        moves.append(dst)
-        if len(moves) == 4:
-            raise KeyboardInterrupt
-        os.rename(src, dst)
-
-    monkeypatch.setattr(saved.os, "replace", crash_on_the_fourth)
+    _crash_at_move(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         _train("edge_pruning", model, task, checkpoint=state)
     monkeypatch.undo()
@@ -102,15 +107,7 @@ def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run
     assert np.array_equal(resumed.scores, whole.scores) and resumed.settings["finished"]
 
     monkeypatch.setattr(attribution, "SAVE_EVERY", 0.0)  # a state after every pass, and a crash at the third
-    moves = []
-
-    def crash_on_the_third(src, dst):
-        moves.append(dst)
-        if len(moves) == 3:
-            raise KeyboardInterrupt
-        os.rename(src, dst)
-
-    monkeypatch.setattr(saved.os, "replace", crash_on_the_third)
+    _crash_at_move(monkeypatch, 3)
     crashed = tmp_path / "crashed.npz"
     with pytest.raises(KeyboardInterrupt):
         exact_patching(model, task, progress=False, max_width=4, checkpoint=crashed)
