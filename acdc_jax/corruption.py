@@ -29,18 +29,12 @@ class Corruption(eqx.Module):
 
     @classmethod
     def from_prompts(cls, model: Transformer, corrupted_tokens: Int[Array, "batch pos"]) -> "Corruption":
-        tokens = jnp.asarray(corrupted_tokens)
-        if tokens.ndim != 2:
-            raise TaskError(f"corrupted tokens must have shape [batch, pos], got {tokens.shape}.")
-        check_token_values(tokens, model.config.d_vocab, "corrupted tokens", TaskError)
+        tokens = _checked(model, corrupted_tokens, "corrupted tokens")
         return cls("prompts", with_resid(model, _senders(model, tokens)))
 
     @classmethod
     def mean(cls, model: Transformer, tokens: Int[Array, "batch pos"]) -> "Corruption":
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2:
-            raise TaskError(f"tokens for a mean corruption must have shape [batch, pos], got {tokens.shape}.")
-        check_token_values(tokens, model.config.d_vocab, "tokens for a mean corruption", TaskError)
+        tokens = _checked(model, tokens, "tokens for a mean corruption")
         acts = jax.tree_util.tree_map(lambda a: a.mean(0), _senders(model, tokens))
         return cls("mean", with_resid(model, acts))
 
@@ -58,6 +52,14 @@ class Corruption(eqx.Module):
             raise TaskError(
                 f"The mean corruption covers {self.acts.tok.shape[0]} positions, the prompts have {tokens.shape[1]}."
             )
+
+
+def _checked(model: Transformer, tokens, what: str) -> Int[Array, "batch pos"]:
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise TaskError(f"{what} must have shape [batch, pos], got {tokens.shape}.")
+    check_token_values(tokens, model.config.d_vocab, what, TaskError)
+    return tokens
 
 
 @eqx.filter_jit
