@@ -1,4 +1,4 @@
-"""The ``acdc-jax`` command: discover, roc, draw, compare, patch, tasks."""
+"""The ``acdc-jax`` command: discover, roc, draw, compare, export, patch, tasks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_tools import cmd_compare, cmd_draw, cmd_patch, cmd_tasks
+from .cli_tools import cmd_compare, cmd_draw, cmd_export, cmd_patch, cmd_tasks
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .precision import PRECISIONS, matmul_precision
 from .programs import use_disk_cache
@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("second", help="another, over the same graph")
     p.add_argument("--out", help="directory for compare.json and a picture of the first circuit against the second")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("circuit", help="a circuit.json, or the --out directory of a run")
+    p.add_argument("--to", choices=["eap-ig"], default="eap-ig", help="the format (EAP-IG's Graph JSON)")
+    p.add_argument("--out", help="the file to write (default: eap_ig_graph.json next to the circuit file)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("patch", help=cmd_patch.__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--edges", nargs="*", help="edge names (default: the last --n edges)")

@@ -1,4 +1,4 @@
-"""The ``acdc-jax`` commands that find nothing: draw and compare saved
+"""The ``acdc-jax`` commands that find nothing: draw, compare and export saved
 circuits, patch single edges of a checkpoint, list the tasks."""
 
 from __future__ import annotations
@@ -64,6 +64,19 @@ def cmd_compare(args) -> int:
                                                    title=f"first ({first.n_edges} edges) against second "
                                                          f"({second.n_edges}): red = first only, dashed = second only")]
         print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a saved circuit in another tool's format (EAP-IG's graph JSON, which MIB reads)."""
+    from .circuit import Circuit
+    from .export import write_eap_ig
+
+    circuit = Circuit.load(args.circuit)
+    source = Path(args.circuit)
+    path = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eap_ig_graph.json"
+    write_eap_ig(circuit, path)
+    print(f"{args.circuit}: {_described(circuit)}; wrote {path} (EAP-IG Graph.from_json)")
     return 0
 
 

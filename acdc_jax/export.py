@@ -1,0 +1,71 @@
+"""Circuits in another tool's format: the graph JSON of the EAP-IG library
+(github.com/hannamw/EAP-IG, ``Graph.from_json``), which MIB's circuit
+localisation track also reads.
+
+That graph has one ``input`` node, heads ``a{layer}.h{head}``, MLPs
+``m{layer}`` and ``logits``; its edges are the residual ones, named
+``sender->receiver``, with ``<q>``, ``<k>`` or ``<v>`` after a head receiver.
+It has no q/k/v step edges, so a residual edge into a head's q input counts
+as in the circuit only where that head's q step is kept too: with the step
+cut, the input is corrupted whatever reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .circuit import Circuit
+from .graph import Node
+
+
+def _eap_name(node: Node) -> str:
+    if node.kind == "embed":
+        return "input"
+    if node.kind in ("head", "q", "k", "v"):
+        name = f"a{node.layer}.h{node.head}"
+        return name if node.kind == "head" else f"{name}<{node.kind}>"
+    return node.component  # m{layer}, logits
+
+
+def to_eap_ig(circuit: Circuit) -> dict:
+    """The circuit as an EAP-IG graph dict: ``cfg``, ``nodes`` (a head, MLP or
+    the input is in the graph when it sends a kept edge; the logits always)
+    and ``edges`` (``score``: the circuit's score, 0 where it has none;
+    ``in_graph``)."""
+    g = circuit.graph
+    if not g.split_qkv:
+        raise ValueError("EAP-IG graphs have separate q, k and v edges into each head; export a circuit found on "
+                         "a graph with split_qkv=True (the default).")
+    if g.split_embed:
+        raise ValueError("EAP-IG graphs have one input node; export a circuit found on a graph with "
+                         "split_embed=False (the default for all but the tracr tasks).")
+    kept = np.asarray(circuit.mask) > 0.5
+    scores = np.zeros(g.n_edges) if circuit.scores is None else np.nan_to_num(np.asarray(circuit.scores, float))
+    steps = {(e.sender.layer, e.sender.head, e.sender.kind): kept[e.index] for e in g.edges if e.kind == "qkv"}
+    edges, sending = {}, set()
+    for e in g.edges:
+        if e.kind != "residual":
+            continue
+        step = steps.get((e.receiver.layer, e.receiver.head, e.receiver.kind), True)
+        on = bool(kept[e.index] and step)
+        edges[f"{_eap_name(e.sender)}->{_eap_name(e.receiver)}"] = {"score": float(scores[e.index]), "in_graph": on}
+        if on:
+            sending.add(_eap_name(e.sender))
+    c = g.config
+    names = ["input"] + [f"a{l}.h{h}" for l in range(c.n_layers) for h in range(c.n_heads)]
+    names += [] if c.attn_only else [f"m{l}" for l in range(c.n_layers)]
+    nodes = {n: {"in_graph": n in sending} for n in names}
+    nodes["logits"] = {"in_graph": True}
+    cfg = {"n_layers": c.n_layers, "n_heads": c.n_heads, "parallel_attn_mlp": bool(c.parallel_attn_mlp),
+           "d_model": c.d_model}
+    return {"cfg": cfg, "nodes": nodes, "edges": edges}
+
+
+def write_eap_ig(circuit: Circuit, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_eap_ig(circuit)) + "\n")
+    return path

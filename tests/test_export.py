@@ -1,0 +1,99 @@
+"""Circuits exported as EAP-IG graph JSON: the edge names are exactly those of
+the EAP-IG library's graph (built here from its documented construction), and
+the exported circuit computes what the circuit computes."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acdc_jax import Circuit, CircuitGraph, Corruption, patched_forward
+from acdc_jax.cli import main
+from acdc_jax.config import TransformerConfig
+from acdc_jax.export import to_eap_ig
+
+from .helpers import peaked_random_model_and_task
+
+BASE = dict(n_layers=3, d_model=16, n_heads=2, d_head=4, d_vocab=13, n_ctx=8, d_mlp=32)
+
+
+def eap_ig_edge_names(n_layers: int, n_heads: int, parallel: bool) -> set:
+    """EAP-IG's ``Graph.from_model``: each layer's heads read q, k and v from
+    the input and every earlier head and MLP; the MLP reads those and, unless
+    it runs in parallel, its own layer's heads; the logits read everything."""
+    stream, names = ["input"], set()
+    for layer in range(n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
+        names |= {f"{s}->{h}<{x}>" for s in stream for h in heads for x in "qkv"}
+        if parallel:
+            names |= {f"{s}->m{layer}" for s in stream}
+            stream += heads
+        else:
+            stream += heads
+            names |= {f"{s}->m{layer}" for s in stream}
+        stream.append(f"m{layer}")
+    return names | {f"{s}->logits" for s in stream}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_edges_are_those_of_an_eap_ig_graph(parallel):
+    config = TransformerConfig(**BASE, parallel_attn_mlp=parallel)
+    graph = CircuitGraph(config)
+    exported = to_eap_ig(Circuit(graph, np.ones(graph.n_edges, np.float32)))
+    assert set(exported["edges"]) == eap_ig_edge_names(3, 2, parallel)
+    assert exported["cfg"] == {"n_layers": 3, "n_heads": 2, "parallel_attn_mlp": parallel, "d_model": 16}
+    assert all(e["in_graph"] for e in exported["edges"].values())
+
+
+def test_the_exported_circuit_computes_what_the_circuit_computes():
+    """Read back as a mask over the residual edges alone (every q/k/v step
+    kept, as in EAP-IG's graph), the exported circuit gives the circuit's
+    logits: an edge into a head whose q/k/v step is cut is out of the export."""
+    config = TransformerConfig(**BASE)
+    model, task = peaked_random_model_and_task(config, seed=3, prompt_seed=4, n_prompts=4)
+    graph = CircuitGraph(config)
+    rng = np.random.default_rng(0)
+    mask = (rng.random(graph.n_edges) < 0.6).astype(np.float32)
+    scores = rng.normal(size=graph.n_edges)
+    scores[:5] = np.nan
+    circuit = Circuit(graph, mask, scores=scores)
+    exported = to_eap_ig(circuit)
+    assert sum(not e["in_graph"] for e in exported["edges"].values()) > (mask[[e.index for e in graph.edges
+                                                                               if e.kind == "residual"]] == 0).sum()
+    names = {}  # EAP-IG name -> our edge, from the names' parts alone
+    for e in graph.edges:
+        if e.kind == "residual":
+            s, r = e.sender, e.receiver
+            sender = "input" if s.kind == "embed" else (f"m{s.layer}" if s.kind == "mlp" else f"a{s.layer}.h{s.head}")
+            receiver = {"logits": "logits", "mlp_in": f"m{r.layer}"}.get(r.kind, f"a{r.layer}.h{r.head}<{r.kind}>")
+            names[f"{sender}->{receiver}"] = e.index
+    read_back = np.array([1.0 if e.kind == "qkv" else 0.0 for e in graph.edges], np.float32)
+    for name, edge in exported["edges"].items():
+        read_back[names[name]] = float(edge["in_graph"])
+        if np.isfinite(scores[names[name]]):
+            assert edge["score"] == scores[names[name]]
+        else:
+            assert edge["score"] == 0.0
+    tokens = jnp.asarray(task.clean)
+    corruption = Corruption.from_prompts(model, jnp.asarray(task.corrupted))
+    ours = patched_forward(model, tokens, jnp.asarray(mask), corruption, graph)
+    theirs = patched_forward(model, tokens, jnp.asarray(read_back), corruption, graph)
+    np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-5)
+    steps = np.array([e.kind == "qkv" for e in graph.edges])
+    ungated = np.where(steps, 1.0, mask).astype(np.float32)  # every kept residual edge, whatever its step
+    assert not np.allclose(np.asarray(ours), np.asarray(patched_forward(model, tokens, jnp.asarray(ungated),
+                                                                        corruption, graph)))
+
+
+def test_export_command_and_its_refusals(tmp_path, capsys):
+    graph = CircuitGraph(TransformerConfig(**BASE))
+    Circuit(graph, np.ones(graph.n_edges, np.float32)).save(tmp_path / "run" / "circuit.json")
+    assert main(["export", str(tmp_path / "run")]) == 0
+    written = json.loads((tmp_path / "run" / "eap_ig_graph.json").read_text())
+    assert set(written) == {"cfg", "nodes", "edges"} and written["nodes"]["a2.h1"]["in_graph"]
+    for options, words in [(dict(split_qkv=False), "split_qkv=True"), (dict(split_embed=True), "one input node")]:
+        other = CircuitGraph(TransformerConfig(**BASE), **options)
+        Circuit(other, np.ones(other.n_edges, np.float32)).save(tmp_path / "other.json")
+        assert main(["export", str(tmp_path / "other.json")]) == 2
+        assert words in capsys.readouterr().err
