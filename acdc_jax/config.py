@@ -139,6 +139,7 @@ class TransformerConfig:
         object.__setattr__(self, "rotary_attention_factor", float(f))
         if f != 1.0 and self.positional != "rotary":
             raise ConfigError(f"TransformerConfig.rotary_attention_factor={f} needs positional='rotary'.")
+        object.__setattr__(self, "rotary_local_layers", tuple(self.rotary_local_layers))  # a list after JSON
         if self.positional != "rotary":
             if self.rotary_local_layers:
                 raise ConfigError("TransformerConfig.rotary_local_layers is set but positional="

@@ -69,3 +69,36 @@ def write_eap_ig(circuit: Circuit, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_eap_ig(circuit)) + "\n")
     return path
+
+
+def from_eap_ig(data: dict, graph) -> Circuit:
+    """A circuit over `graph` from an EAP-IG graph dict (as `to_eap_ig` writes
+    it, or as that library's ``Graph.to_json`` does): its in-graph edges, with
+    every q/k/v step kept, and its scores."""
+    if not (isinstance(data, dict) and {"cfg", "edges"} <= set(data)):
+        raise ValueError("Not an EAP-IG graph: it needs 'cfg' and 'edges' (eap.graph.Graph.to_json writes them).")
+    c, cfg = graph.config, data["cfg"]
+    mine = {"n_layers": c.n_layers, "n_heads": c.n_heads, "parallel_attn_mlp": bool(c.parallel_attn_mlp)}
+    differ = {k: (cfg.get(k), v) for k, v in mine.items() if cfg.get(k) != v}
+    if differ:
+        raise ValueError(f"The EAP-IG graph is for another model (graph, this model): {differ}.")
+    if not graph.split_qkv or graph.split_embed:
+        raise ValueError("Read EAP-IG graphs into a graph with split_qkv=True and split_embed=False (the defaults).")
+    index = {f"{_eap_name(e.sender)}->{_eap_name(e.receiver)}": e.index for e in graph.edges if e.kind == "residual"}
+    mask = np.array([float(e.kind == "qkv") for e in graph.edges], np.float32)
+    scores = np.full(graph.n_edges, np.nan)
+    for name, edge in data["edges"].items():
+        if name not in index:
+            if edge.get("in_graph") or not (c.attn_only and _is_mlp_edge(name)):
+                raise ValueError(f"The EAP-IG graph names an edge this model's graph lacks: {name!r}.")
+            continue
+        mask[index[name]] = float(bool(edge.get("in_graph")))
+        if edge.get("score") is not None:
+            scores[index[name]] = float(edge["score"])
+    return Circuit(graph, mask, settings={"method": "eap-ig-graph"}, scores=scores)
+
+
+def _is_mlp_edge(name: str) -> bool:
+    """An edge from or into an MLP, which EAP-IG graphs of attention-only models still list."""
+    sender, receiver = name.split("->")
+    return sender.startswith("m") or receiver.startswith("m")

@@ -121,6 +121,8 @@ def test_bad_config_fields_are_named(fields, pattern):
 def test_config_dicts_with_unknown_or_missing_fields_are_refused():
     d = CONFIG.to_dict()
     assert TransformerConfig.from_dict(d) == CONFIG
+    read = TransformerConfig.from_dict(json.loads(json.dumps(d)))  # as a circuit or model file gives it back
+    assert read == CONFIG and hash(read) == hash(CONFIG) and CONFIG.positional != "rotary"
     with pytest.raises(ConfigError, match=r"Unknown TransformerConfig field\(s\) \['post_embedding_ln'\]"):
         TransformerConfig.from_dict({**d, "post_embedding_ln": True})
     with pytest.raises(ConfigError, match=r"missing required field\(s\) \['d_head'\]"):

@@ -11,7 +11,7 @@ import pytest
 from acdc_jax import Circuit, CircuitGraph, Corruption, patched_forward
 from acdc_jax.cli import main
 from acdc_jax.config import TransformerConfig
-from acdc_jax.export import to_eap_ig
+from acdc_jax.export import from_eap_ig, to_eap_ig
 
 from .helpers import peaked_random_model_and_task
 
@@ -97,3 +97,38 @@ def test_export_command_and_its_refusals(tmp_path, capsys):
         Circuit(other, np.ones(other.n_edges, np.float32)).save(tmp_path / "other.json")
         assert main(["export", str(tmp_path / "other.json")]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_an_eap_ig_graph_reads_back_to_the_same_function(tmp_path):
+    config = TransformerConfig(**BASE)
+    model, task = peaked_random_model_and_task(config, seed=5, prompt_seed=6, n_prompts=4)
+    graph = CircuitGraph(config)
+    mask = (np.random.default_rng(1).random(graph.n_edges) < 0.6).astype(np.float32)
+    read = from_eap_ig(json.loads(json.dumps(to_eap_ig(Circuit(graph, mask)))), graph)
+    tokens, corruption = jnp.asarray(task.clean), Corruption.from_prompts(model, jnp.asarray(task.corrupted))
+    np.testing.assert_allclose(np.asarray(patched_forward(model, tokens, jnp.asarray(read.mask), corruption, graph)),
+                               np.asarray(patched_forward(model, tokens, jnp.asarray(mask), corruption, graph)),
+                               rtol=1e-5, atol=1e-5)
+    assert all(read.mask[e.index] == 1 for e in graph.edges if e.kind == "qkv")  # EAP-IG cuts no step
+    exported = to_eap_ig(Circuit(graph, mask))
+    with pytest.raises(ValueError, match="for another model .*'n_heads': \\(3, 2\\)"):
+        from_eap_ig({**exported, "cfg": {**exported["cfg"], "n_heads": 3}}, graph)
+    with pytest.raises(ValueError, match="names an edge this model's graph lacks: 'a9.h0->logits'"):
+        from_eap_ig({**exported, "edges": {"a9.h0->logits": {"score": 1.0, "in_graph": True}}}, graph)
+    with pytest.raises(ValueError, match="Not an EAP-IG graph"):
+        from_eap_ig({"edges": {}}, graph)
+
+
+def test_evaluate_command_scores_a_saved_circuit_as_the_run_did(tmp_path, capsys):
+    """`acdc-jax evaluate` on a run's circuit.json (a non-rotary model, whose
+    config read back from JSON once differed from the model's) and on its
+    EAP-IG export prints the faithfulness the run recorded."""
+    out = tmp_path / "run"
+    assert main(["discover", "--task", "induction", "--tau", "0.01", "--examples", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    recorded = json.loads((out / "circuit.json").read_text())["settings"]["faithfulness"]["normalized"]
+    assert main(["export", str(out)]) == 0
+    capsys.readouterr()
+    for source in (out, out / "eap_ig_graph.json"):
+        assert main(["evaluate", str(source), "--task", "induction", "--examples", "8"]) == 0
+        assert f"faithfulness {recorded:.3f}" in capsys.readouterr().out
