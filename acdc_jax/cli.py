@@ -246,8 +246,8 @@ def cmd_evaluate(args) -> int:
         kept, g = set(circuit.edges), circuit.graph
         fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
         print(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
-              f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f}); heads and MLPs: "
-              f"{' '.join(sorted(nodes_of(g, kept))) or '(none)'}")
+              f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f}); heads and MLPs on its residual "
+              f"edges: {' '.join(sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == 'residual']))) or '(none)'}")
     return 0
 
 
