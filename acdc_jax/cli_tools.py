@@ -1,5 +1,5 @@
-"""The ``acdc-jax`` commands that find nothing: draw, compare and export saved
-circuits, patch single edges of a checkpoint, list the tasks."""
+"""The ``acdc-jax`` commands that find nothing: evaluate, draw, compare and
+export saved circuits, patch single edges of a checkpoint, list the tasks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,45 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+
+def _task(args):
+    from . import tasks
+
+    return tasks.get(args.task, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                     n_examples=args.examples, seed=args.seed)
+
+
+def cmd_evaluate(args) -> int:
+    """Score a saved circuit (acdc-jax's circuit.json or an EAP-IG graph JSON) on a task: faithfulness, and recall
+    against the task's canonical circuit."""
+    from .circuit import Circuit
+    from .evaluate import faithfulness, nodes_of, rates
+    from .export import from_eap_ig
+
+    model, task = _task(args)
+    source = Path(args.circuit)
+    path = source / "circuit.json" if source.is_dir() else source
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read a circuit from {path}: {e}") from e
+    if isinstance(data, dict) and "format" in data:
+        circuit = Circuit.from_json(data)
+    else:
+        circuit = from_eap_ig(data, task.graph(model))
+    faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
+    print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
+          f"({circuit.settings.get('method', 'acdc')})")
+    print(f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
+          f"{faith['empty']:.4g}; faithfulness {faith['normalized']:.3f}")
+    if task.canonical is not None:
+        kept, g = set(circuit.edges), circuit.graph
+        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
+        print(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
+              f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f}); heads and MLPs on its residual "
+              f"edges: {' '.join(sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == 'residual']))) or '(none)'}")
+    return 0
 
 
 def _described(circuit) -> str:
