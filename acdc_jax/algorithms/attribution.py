@@ -30,7 +30,7 @@ from ..memory import plan_task
 from ..precision import takes_precision
 from ..scoring import Scorer
 from ..sharding import parse_mesh
-from .saved import load_state, run_settings, save_state
+from .saved import load_state, run_settings, save_state, state_path
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
@@ -111,8 +111,10 @@ def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict,
     return Circuit(graph, mask.astype(np.float32), metric, [], settings, np.asarray(scores, np.float64))
 
 
-def _done(graph, scores, settings, start, scorer, **keep) -> Circuit:
+def _done(graph, scores, settings, start, scorer, complete: bool = True, **keep) -> Circuit:
     settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes)
+    if not complete:  # a stopped scoring run has no ranking yet: keep every edge, as ACDC keeps those not tried
+        return Circuit(graph, np.ones(graph.n_edges, np.float32), None, [], dict(settings, **keep), scores)
     return circuit_from_scores(graph, scores, settings, **keep)
 
 
@@ -150,8 +152,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     if resume is not None:  # the saved widths, so that the rest runs in the batches it would have
         _, saved, _ = load_state(Path(resume), run, "exact patching state")
         scores, done, widths = saved["scores"], saved["done"], [int(w) for w in saved["widths"]]
-    write = checkpoint or resume
-    write = Path(write) if write is not None and jax.process_index() == 0 else None
+    write = state_path(checkpoint, resume)
 
     def save():
         if write is not None:
@@ -188,11 +189,8 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     save()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
-    if not done.all():  # no ranking yet: keep every edge, as ACDC keeps the edges it has not tried
-        settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes, n_edges=n_edges,
-                        threshold=threshold, rank=rank)
-        return Circuit(graph, ones, None, [], settings, np.where(done, scores, np.nan))
-    return _done(graph, scores, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
+    return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, complete=bool(done.all()),
+                 n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 @takes_precision
@@ -232,8 +230,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     if resume is not None:
         last, saved, _ = load_state(Path(resume), run, "EAP-IG state")
         total, done = saved["total"], last + 1
-    write = checkpoint or resume
-    write = Path(write) if write is not None and jax.process_index() == 0 else None
+    write = state_path(checkpoint, resume)
     ones = np.ones((1, graph.n_edges), np.float32)
     bar = progress_bar(progress, steps, done, desc="EAP-IG", unit="step")
     saved_at, i = time.perf_counter(), done - 1
@@ -249,12 +246,10 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
                 break
     finally:
         bar.close()
-    settings.update(method="eap_ig", steps=steps, finished=i + 1 == steps, steps_done=i + 1)
-    if i + 1 < steps:  # no scores until the integral is complete: keep every edge
-        settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes, n_edges=n_edges,
-                        threshold=threshold, rank=rank)
-        return Circuit(graph, ones[0], None, [], settings, np.full(graph.n_edges, np.nan))
-    return _done(graph, -total / steps, settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
+    complete = i + 1 == steps  # no scores until the integral is
+    settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=i + 1)
+    return _done(graph, -total / steps if complete else np.full(graph.n_edges, np.nan), settings, start, scorer,
+                 complete=complete, n_edges=n_edges, threshold=threshold, rank=rank)
 
 
 def node_scores_to_edges(graph: CircuitGraph, node_score: dict) -> np.ndarray:

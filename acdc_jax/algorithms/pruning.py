@@ -24,7 +24,7 @@ import optax
 from ..dense import metric_of_mask
 from ..precision import takes_precision
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
-from .saved import load_state, run_settings, save_state
+from .saved import load_state, run_settings, save_state, state_path
 
 if TYPE_CHECKING:
     from ..circuit import Circuit
@@ -96,8 +96,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
         leaves = [jnp.asarray(saved[str(j)], leaf.dtype) for j, leaf in enumerate(leaves)]
         log_alpha, state, lam, key = jax.tree_util.tree_unflatten(treedef, leaves)
         done = last + 1
-    write = checkpoint or resume
-    write = Path(write) if write is not None and jax.process_index() == 0 else None
+    write = state_path(checkpoint, resume)
 
     def save(i):
         if write is not None:

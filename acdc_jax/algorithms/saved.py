@@ -1,5 +1,5 @@
 """The saved progress of the long methods (edge pruning, subnetwork
-probing, exact patching): numpy arrays and the run's settings in one .npz,
+probing, exact patching, EAP-IG): numpy arrays and the run's settings in one .npz,
 read back without unpickling anything."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -19,6 +20,15 @@ def run_settings(model, task, settings: dict, method: str, **more) -> dict:
     its settings, and the fingerprints of the model and of the prompts."""
     keep = {k: settings[k] for k in ("task", "metric", "corruption", "n_prompts", "n_pos", "graph", "precision")}
     return {"method": method, "model": model_fingerprint(model), "prompts": task_fingerprint(task), **keep, **more}
+
+
+def state_path(checkpoint, resume) -> Optional[Path]:
+    """Where a run saves its progress: `checkpoint`, else the state it resumed
+    from; None where nothing is saved, and on every process but the first."""
+    import jax
+
+    path = checkpoint or resume
+    return Path(path) if path is not None and jax.process_index() == 0 else None
 
 
 def save_state(path: Path, settings: dict, step: int, arrays: dict, history: list) -> None:
