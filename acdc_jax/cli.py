@@ -45,6 +45,7 @@ def _summary(circuit, task, faith) -> list[str]:
 # the methods that save their progress as they go, and where (beside circuit.json)
 SAVED = {"exact_patching": "patching.npz", "eap_ig": "eap_ig.npz", "edge_pruning": "training.npz",
          "subnetwork_probing": "training.npz"}
+RESUMABLE = ("acdc", "acdc_nodes", *SAVED)  # ACDC keeps a decision log
 
 
 def _run_method(args, model, task, state=None):
@@ -111,15 +112,16 @@ def cmd_discover(args) -> int:
     from .evaluate import faithfulness
 
     for flag, given in (("--resume", args.resume), ("--stop-after", args.stop_after is not None)):
-        if given and args.method not in ("acdc", "acdc_nodes", *SAVED):
-            raise ValueError(f"{flag} is for acdc, acdc_nodes, {', '.join(SAVED)}, whose runs save their progress; "
+        if given and args.method not in RESUMABLE:
+            raise ValueError(f"{flag} is for {', '.join(RESUMABLE)}, whose runs save their progress; "
                              f"{args.method} does not.")
     out = Path(args.out or f"runs/{Path(args.task).stem}")
-    if not args.resume and args.method in ("acdc", "acdc_nodes", *SAVED):
-        _keep_progress(out / SAVED.get(args.method, "decisions.jsonl"), out / "circuit.json")
+    # where the run saves its progress: the decision log (ACDC), a .npz state (the long methods), or nothing
+    log = out / SAVED.get(args.method, "decisions.jsonl") if args.method in RESUMABLE else None
+    if log is not None and not args.resume:
+        _keep_progress(log, out / "circuit.json")
     model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "decisions.jsonl"
     _check_start(args)
     if args.method == "acdc":
         if args.tau is None:
@@ -137,12 +139,8 @@ def cmd_discover(args) -> int:
 
         circuit = acdc_nodes(model, task, args.tau, log_path=None if args.resume else log,
                              resume=log if args.resume else None, stop_after=args.stop_after, **_nodes_kwargs(args))
-    elif args.method in SAVED:
-        log = out / SAVED[args.method]
-        circuit = _run_method(args, model, task, state=log)
     else:
-        circuit = _run_method(args, model, task)
-        log = None
+        circuit = _run_method(args, model, task, state=log)
     faith = faithfulness(model, task, circuit)
     circuit.settings["faithfulness"] = faith
     circuit.save(out / "circuit.json")
@@ -165,10 +163,12 @@ def cmd_roc(args) -> int:
     if args.resume and args.method not in ("acdc", "acdc_nodes"):
         raise ValueError(f"roc --resume is for acdc and acdc_nodes, whose sweeps save a circuit per tau; "
                          f"{args.method} scores every edge in one run.")
+    from .evaluate import tau_dir
+
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
     if not args.resume and args.method in ("acdc", "acdc_nodes"):
         for tau in args.taus:
-            _keep_progress(out / f"tau-{tau:g}" / "decisions.jsonl", out / f"tau-{tau:g}" / "circuit.json")
+            _keep_progress(tau_dir(out, tau) / "decisions.jsonl", tau_dir(out, tau) / "circuit.json")
     model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -196,7 +196,7 @@ def cmd_roc(args) -> int:
                "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
                **result.to_json()}
     if args.method in ("acdc", "acdc_nodes"):
-        payload["circuits"] = [str(out / f"tau-{tau:g}" / "circuit.json") for tau in args.taus]
+        payload["circuits"] = [str(tau_dir(out, tau) / "circuit.json") for tau in args.taus]
     (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
              title=f"{args.method} on {task.name} ({payload['corruption']})")

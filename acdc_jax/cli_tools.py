@@ -55,6 +55,12 @@ def _described(circuit) -> str:
     return f"{circuit.n_edges} of {circuit.graph.n_edges} edges ({how})"
 
 
+def _beside(circuit: str, name: str) -> Path:
+    """`name` in the directory of a circuit argument (a circuit.json or a run's directory)."""
+    source = Path(circuit)
+    return (source if source.is_dir() else source.parent) / name
+
+
 def cmd_draw(args) -> int:
     """Draw a saved circuit: DOT, SVG (Graphviz) or PNG, and the edge matrices as HTML."""
     from .circuit import Circuit
@@ -66,8 +72,7 @@ def cmd_draw(args) -> int:
     if against is not None and against.graph.edge_names != circuit.graph.edge_names:
         raise ValueError(f"--against {args.against} is over another graph ({against.graph!r}) than the circuit's "
                          f"({circuit.graph!r}).")
-    source = Path(args.circuit)
-    base = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "drawn"  # not the run's own
+    base = Path(args.out) if args.out else _beside(args.circuit, "drawn")  # not the run's own circuit.*
     title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
     written = render(circuit, base, canonical=None if against is None else against.edges, title=title)
     written.append(write_html(circuit, base.with_suffix(".html")))
@@ -112,8 +117,7 @@ def cmd_export(args) -> int:
     from .export import write_eap_ig
 
     circuit = Circuit.load(args.circuit)
-    source = Path(args.circuit)
-    path = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eap_ig_graph.json"
+    path = Path(args.out) if args.out else _beside(args.circuit, "eap_ig_graph.json")
     write_eap_ig(circuit, path)
     print(f"{args.circuit}: {_described(circuit)}; wrote {path} (EAP-IG Graph.from_json)")
     return 0

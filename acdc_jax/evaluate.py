@@ -124,18 +124,19 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
         from .acdc import acdc as method
     if out is None:
         return [method(model, task, tau, **kwargs) for tau in taus]
-    from .runlog import model_fingerprint, task_fingerprint
+    from .runlog import differing, model_fingerprint, task_fingerprint
 
-    circuits = []
+    circuits, made = [], None
     for tau in taus:
-        where = Path(out) / f"tau-{tau:g}"
+        where = tau_dir(out, tau)
         done, log = where / "circuit.json", where / "decisions.jsonl"
         if resume and done.is_file():
             circuit = Circuit.load(done)
-            mine = {"tau": tau, "model": model_fingerprint(model), "prompts": task_fingerprint(task)}
-            if getattr(method, "__name__", None) in ("acdc", "acdc_nodes"):  # a wrapper may record either
-                mine["method"] = method.__name__
-            differ = {k: (circuit.settings.get(k), v) for k, v in mine.items() if circuit.settings.get(k) != v}
+            if made is None:  # what a saved circuit must have been made with (hashing the weights once)
+                made = {"model": model_fingerprint(model), "prompts": task_fingerprint(task)}
+                if getattr(method, "__name__", None) in ("acdc", "acdc_nodes"):  # a wrapper may record either
+                    made["method"] = method.__name__
+            differ = differing(circuit.settings, {"tau": tau, **made})
             if differ:
                 raise ValueError(f"Cannot resume the sweep with {done}: it differs (saved, now): {differ}. Use "
                                  "another output directory, or the sweep's own model, prompts and method.")
@@ -147,6 +148,11 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
             circuit.save(done)
         circuits.append(circuit)
     return circuits
+
+
+def tau_dir(out, tau: float) -> Path:
+    """Where a sweep into `out` keeps the circuit and decision log of `tau`."""
+    return Path(out) / f"tau-{tau:g}"
 
 
 def roc(model: Transformer, task: Task, taus: Sequence[float], **kwargs) -> RocResult:

@@ -50,6 +50,11 @@ def task_fingerprint(task) -> str:
     return h.hexdigest()[:16]
 
 
+def differing(saved: dict, now: dict) -> dict:
+    """The settings of `now` that `saved` records otherwise: name -> (saved, now)."""
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+
+
 class RunLog:
     def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision],
                  write: bool = True):
@@ -83,7 +88,7 @@ class RunLog:
                 and isinstance(header.get("settings"), dict) and "initial_metric" in header):
             raise ValueError(f"{path} does not start with an acdc-jax log header: resume from the decision log "
                              "an acdc run wrote (its log= or the CLI's log.jsonl), or start again without resume.")
-        differ = {k: (header["settings"].get(k), v) for k, v in settings.items() if header["settings"].get(k) != v}
+        differ = differing(header["settings"], settings)
         if differ:
             hint = (" 'prompts' fingerprints the clean and corrupted tokens and what the metric reads: were these "
                     "prompts made with another seed or count?" if "prompts" in differ else "")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..runlog import model_fingerprint, task_fingerprint
+from ..runlog import differing, model_fingerprint, task_fingerprint
 
 
 def run_settings(model, task, settings: dict, method: str, **more) -> dict:
@@ -56,7 +56,7 @@ def load_state(path: Path, settings: dict, what: str) -> tuple[int, dict, list]:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a {what} that acdc-jax wrote, or it was cut short "
                          f"({type(e).__name__}: {e}); start again without resume.") from e
-    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    differ = differing(saved, settings)
     if differ:
         raise ValueError(f"Cannot resume from {path}: the settings differ (saved, now): {differ}. Resume with the "
                          "saved run's model, prompts and settings, or start again without resume.")
