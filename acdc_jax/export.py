@@ -30,18 +30,23 @@ def _eap_name(node: Node) -> str:
     return node.component  # m{layer}, logits
 
 
+def _check_granularity(graph) -> None:
+    """EAP-IG's graph has ours at its default granularity, and no other."""
+    if not graph.split_qkv:
+        raise ValueError("EAP-IG graphs have separate q, k and v edges into each head; use a graph with "
+                         "split_qkv=True (the default).")
+    if graph.split_embed:
+        raise ValueError("EAP-IG graphs have one input node; use a graph with split_embed=False (the default for "
+                         "all but the tracr tasks).")
+
+
 def to_eap_ig(circuit: Circuit) -> dict:
     """The circuit as an EAP-IG graph dict: ``cfg``, ``nodes`` (a head, MLP or
     the input is in the graph when it sends a kept edge; the logits always)
     and ``edges`` (``score``: the circuit's score, 0 where it has none;
     ``in_graph``)."""
     g = circuit.graph
-    if not g.split_qkv:
-        raise ValueError("EAP-IG graphs have separate q, k and v edges into each head; export a circuit found on "
-                         "a graph with split_qkv=True (the default).")
-    if g.split_embed:
-        raise ValueError("EAP-IG graphs have one input node; export a circuit found on a graph with "
-                         "split_embed=False (the default for all but the tracr tasks).")
+    _check_granularity(g)
     kept = np.asarray(circuit.mask) > 0.5
     scores = np.zeros(g.n_edges) if circuit.scores is None else np.nan_to_num(np.asarray(circuit.scores, float))
     steps = {(e.sender.layer, e.sender.head, e.sender.kind): kept[e.index] for e in g.edges if e.kind == "qkv"}
@@ -82,8 +87,7 @@ def from_eap_ig(data: dict, graph) -> Circuit:
     differ = {k: (cfg.get(k), v) for k, v in mine.items() if cfg.get(k) != v}
     if differ:
         raise ValueError(f"The EAP-IG graph is for another model (graph, this model): {differ}.")
-    if not graph.split_qkv or graph.split_embed:
-        raise ValueError("Read EAP-IG graphs into a graph with split_qkv=True and split_embed=False (the defaults).")
+    _check_granularity(graph)
     index = {f"{_eap_name(e.sender)}->{_eap_name(e.receiver)}": e.index for e in graph.edges if e.kind == "residual"}
     mask = np.array([float(e.kind == "qkv") for e in graph.edges], np.float32)
     scores = np.full(graph.n_edges, np.nan)
