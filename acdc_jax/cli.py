@@ -77,7 +77,8 @@ def _run_method(args, model, task, state=None):
     from .algorithms import circuit_from_scores
 
     return circuit_from_scores(circuit.graph, circuit.scores, circuit.settings, n_edges=args.n_edges,
-                               threshold=None if args.n_edges is not None else args.tau, rank=args.rank)
+                               threshold=None if args.n_edges is not None else args.tau, rank=args.rank,
+                               ties=getattr(args, "ties", "refuse"))
 
 
 def _nodes_kwargs(args) -> dict:
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, help="ACDC threshold: an edge is removed when the metric rises by less; "
                    "for scoring methods, keep edges with |score| (or the score, with --rank signed) >= tau")
     p.add_argument("--n-edges", type=int, help="scoring methods: keep this many highest-scoring edges")
+    p.add_argument("--ties", choices=["refuse", "more", "fewer", "index"], default="refuse",
+                   help="--n-edges K where edges tie at the K-th score (many scores of zero, say): refuse (default), "
+                        "keep every tied edge (more), none of them (fewer), or those earliest in the graph (index)")
     p.add_argument("--abs-value", action="store_true", help="compare |metric change| with tau")
     p.add_argument("--head-order", choices=["ascending", "descending"], default="ascending")
     p.add_argument("--max-width", type=int, help="most candidates per batched pass")

@@ -11,7 +11,7 @@ import pytest
 
 from acdc_jax import evaluate
 from acdc_jax.algorithms import (METHODS, eap, eap_ig, edge_pruning, exact_patching, subnetwork_probing,
-                                 top_k_threshold)
+                                 top_k_mask, top_k_threshold)
 from acdc_jax.model import cast
 from acdc_jax.patching import patched_forward
 from acdc_jax.tasks.base import Task, kl_divergence
@@ -116,8 +116,35 @@ def test_eap_ig_converges_to_the_effect_of_cutting_everything():
 def test_top_k_threshold():
     x = np.array([0.5, 3.0, 1.0, 2.0, 1.0])
     assert top_k_threshold(x, 2) == 2.0 and top_k_threshold(x, 1) == 3.0
-    with pytest.raises(ValueError, match="tie"):
+    with pytest.raises(ValueError, match="2 edges tie at the score of the 3-th edge"):
         top_k_threshold(x, 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_mask_breaks_ties_as_asked(seed):
+    """Against a plain count: "more" keeps every edge at or above the k-th
+    score, "fewer" those strictly above, "index" exactly k, taking tied edges
+    by index (as a stable sort on -score does); "refuse" names all three and
+    how many each keeps."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 4, 30).astype(float)  # many ties
+    x[rng.integers(0, 30, 10)] = 0.0
+    for k in range(1, 31):
+        kth = sorted(x, reverse=True)[k - 1]
+        stable = np.zeros(30, bool)
+        stable[np.argsort(-x, kind="stable")[:k]] = True
+        assert np.array_equal(top_k_mask(x, k, "index")[0], stable)
+        assert top_k_mask(x, k, "index")[1] == kth
+        if sum(v >= kth for v in x) == k:  # no tie in the way: every choice keeps those k
+            assert all(np.array_equal(top_k_mask(x, k, ties)[0], x >= kth) for ties in ("refuse", "more", "fewer"))
+        else:
+            assert top_k_mask(x, k, "more")[0].sum() == sum(v >= kth for v in x)
+            assert top_k_mask(x, k, "fewer")[0].sum() == sum(v > kth for v in x)
+            with pytest.raises(ValueError, match=f"ties='more' keeps {sum(v >= kth for v in x)} edges, "
+                                                 f"ties='fewer' keeps {sum(v > kth for v in x)}, ties='index' keeps {k}"):
+                top_k_mask(x, k)
+    with pytest.raises(ValueError, match="ties='sometimes' is not one of"):
+        top_k_mask(x, 3, "sometimes")
 
 
 def test_signed_ranking_puts_the_edges_that_help_first():

@@ -54,6 +54,24 @@ def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
     assert set(circuit.edges) == {circuit.graph.edge_names[i] for i in order[:12]}
 
 
+def test_ties_at_the_kth_score(tmp_path, capsys):
+    """EAP on tracr-reverse scores most edges exactly 0 (the metric is at its
+    minimum for the full model), so --n-edges 20 ties: refused with the ways
+    round it, which --ties takes."""
+    args = ["discover", "--task", "tracr-reverse", "--method", "eap", "--n-edges", "20", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "refuse")]) == 2
+    assert "--ties more|fewer|index" in capsys.readouterr().err
+    kept = {}
+    for ties in ("more", "fewer", "index"):
+        assert main([*args, "--ties", ties, "--out", str(tmp_path / ties)]) == 0
+        kept[ties] = Circuit.load(tmp_path / ties)
+    scores = np.abs(kept["more"].scores)
+    kth = np.sort(scores)[::-1][19]
+    assert kept["more"].n_edges == (scores >= kth).sum() > 20 > kept["fewer"].n_edges == (scores > kth).sum()
+    assert kept["index"].n_edges == 20 and kept["index"].settings["ties"] == "index"
+    assert set(kept["fewer"].edges) < set(kept["index"].edges) < set(kept["more"].edges)
+
+
 def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
     """A run whose decision log lost its second half (a crash) resumes with
     --resume to the circuit of the uninterrupted run."""

@@ -2,7 +2,8 @@
 `Circuit` whose ``scores`` estimate how much the metric rises when an edge is
 cut (or, for the trained masks, how strongly it is kept)."""
 
-from .attribution import RANKS, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_threshold
+from .attribution import (RANKS, TIES, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_mask,
+                          top_k_threshold)
 from .nodes import acdc_nodes, node_order
 from .pruning import edge_pruning, subnetwork_probing
 
@@ -16,4 +17,4 @@ METHODS = {
 }
 
 __all__ = ["METHODS", "RANKS", "acdc_nodes", "node_order", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
-           "subnetwork_probing", "top_k_threshold"]
+           "subnetwork_probing", "TIES", "top_k_mask", "top_k_threshold"]

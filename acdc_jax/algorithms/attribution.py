@@ -59,24 +59,43 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
     return graph, scorer, settings
 
 
+TIES = ("refuse", "more", "fewer", "index")
+
+
 def top_k_threshold(importance: np.ndarray, k: int) -> float:
-    """The smallest threshold t (binary search over the sorted importances)
-    with exactly k edges at or above it; ties at the boundary are an error."""
-    values = np.sort(np.asarray(importance, np.float64))[::-1]
-    if not 0 <= k <= len(values):
-        raise ValueError(f"k must be between 0 and {len(values)}, got {k}.")
+    """The smallest threshold t with exactly k edges at or above it; ties at
+    the boundary are an error (see `top_k_mask` for the ways round one)."""
+    return top_k_mask(importance, k)[1]
+
+
+def top_k_mask(importance: np.ndarray, k: int, ties: str = "refuse") -> tuple[np.ndarray, float]:
+    """The k edges of highest importance, as a 0/1 mask, and the k-th
+    importance. Where edges tie at the k-th value (many scores of exactly zero,
+    say) no threshold keeps exactly k: then `ties` "refuse" (default) raises,
+    "more" keeps every tied edge, "fewer" none of them, and "index" the tied
+    edges earliest in the graph's order, as `evaluate.top_fraction_masks` does."""
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES}.")
+    importance = np.asarray(importance, np.float64)
+    if not 0 <= k <= len(importance):
+        raise ValueError(f"k must be between 0 and {len(importance)}, got {k}.")
     if k == 0:
-        return np.inf
-    lo, hi = 0, len(values) - 1  # find the last index holding values[k-1]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if values[mid] >= values[k - 1]:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo != k - 1:
-        raise ValueError(f"{lo - k + 2} edges tie at the score of the {k}-th edge; no threshold keeps exactly {k}.")
-    return float(values[k - 1])
+        return np.zeros(len(importance), bool), np.inf
+    kth = float(np.sort(importance)[::-1][k - 1])
+    above, tied = int((importance > kth).sum()), int((importance == kth).sum())
+    if above + tied == k or ties == "more":
+        return importance >= kth, kth
+    if ties == "fewer":
+        return importance > kth, kth
+    if ties == "index":
+        mask = importance > kth
+        mask[np.flatnonzero(importance == kth)[: k - above]] = True
+        return mask, kth
+    raise ValueError(f"{tied} edges tie at the score of the {k}-th edge ({kth:.6g}), so no threshold keeps exactly "
+                     f"{k}: {above} edges rank above it. Choose how to break the tie: ties='more' keeps "
+                     f"{above + tied} edges, ties='fewer' keeps {above}, ties='index' keeps {k} (the tied edges "
+                     "earliest in the graph's order); on the command line, --ties more|fewer|index. Or keep by "
+                     "score with a threshold (--tau).")
 
 
 RANKS = ("abs", "signed")
@@ -95,19 +114,21 @@ def edge_ranking(scores: np.ndarray, rank: str = "abs") -> np.ndarray:
 
 def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict, *, n_edges: Optional[int] = None,
                         threshold: Optional[float] = None, metric: Optional[float] = None,
-                        rank: str = "abs") -> Circuit:
+                        rank: str = "abs", ties: str = "refuse") -> Circuit:
     """Keep the `n_edges` edges ranked highest, or those ranked at or above
     `threshold` (default: every edge ranked above 0), by |score| or, with
-    ``rank="signed"``, by the score itself."""
+    ``rank="signed"``, by the score itself. `ties`: what to do where edges
+    tie at the `n_edges`-th rank (`top_k_mask`)."""
     ranked = edge_ranking(scores, rank)
     if n_edges is not None:
-        threshold = top_k_threshold(ranked, n_edges)
-        mask = ranked >= threshold
+        mask, threshold = top_k_mask(ranked, n_edges, ties)
     elif threshold is not None:
         mask = ranked >= threshold
     else:
         mask = ranked > 0
     settings = dict(settings, n_edges=n_edges, threshold=threshold, rank=rank)
+    if n_edges is not None:
+        settings["ties"] = ties
     return Circuit(graph, mask.astype(np.float32), metric, [], settings, np.asarray(scores, np.float64))
 
 
@@ -128,8 +149,8 @@ SAVE_EVERY = 30.0  # seconds between saved states of a long exact-patching run
 
 @takes_precision
 def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max_width: Optional[int] = None,
-                   n_edges=None, threshold=None, rank: str = "abs", progress: bool = True, mesh=None,
-                   checkpoint=None, resume=None, stop_after: Optional[float] = None) -> Circuit:
+                   n_edges=None, threshold=None, rank: str = "abs", ties: str = "refuse", progress: bool = True,
+                   mesh=None, checkpoint=None, resume=None, stop_after: Optional[float] = None) -> Circuit:
     """The true effect of cutting each edge alone, in vmapped batches that
     start at the edge's receiver layer (with a progress bar unless `progress`
     is False). `mesh` (a Mesh, "auto" or "CxP"): the candidates and prompts
@@ -190,12 +211,12 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
     return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, complete=bool(done.all()),
-                 n_edges=n_edges, threshold=threshold, rank=rank)
+                 n_edges=n_edges, threshold=threshold, rank=rank, ties=ties)
 
 
 @takes_precision
 def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
-        rank: str = "abs", mesh=None) -> Circuit:
+        rank: str = "abs", ties: str = "refuse", mesh=None) -> Circuit:
     """Edge attribution patching (Syed et al. 2023): one gradient with respect
     to the masks at the full model (a clean and a corrupted forward pass and
     one backward pass). `mesh` (a Mesh, "auto" or "CxP"): the prompts are
@@ -205,13 +226,14 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
     settings.update(method="eap", full_metric=float(value[0]))
-    return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank)
+    return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank,
+                 ties=ties)
 
 
 @takes_precision
 def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=None, n_edges=None,
-           threshold=None, rank: str = "abs", mesh=None, progress: bool = True, checkpoint=None, resume=None,
-           stop_after: Optional[float] = None) -> Circuit:
+           threshold=None, rank: str = "abs", ties: str = "refuse", mesh=None, progress: bool = True, checkpoint=None,
+           resume=None, stop_after: Optional[float] = None) -> Circuit:
     """EAP with integrated gradients (Hanna et al. 2024) along the path of
     masks alpha * 1 from the corrupted run (alpha = 0) to the clean run
     (alpha = 1), with `steps` midpoint samples, one gradient each (with a
@@ -249,7 +271,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     complete = i + 1 == steps  # no scores until the integral is
     settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=i + 1)
     return _done(graph, -total / steps if complete else np.full(graph.n_edges, np.nan), settings, start, scorer,
-                 complete=complete, n_edges=n_edges, threshold=threshold, rank=rank)
+                 complete=complete, n_edges=n_edges, threshold=threshold, rank=rank, ties=ties)
 
 
 def node_scores_to_edges(graph: CircuitGraph, node_score: dict) -> np.ndarray:
@@ -276,7 +298,7 @@ def sender_groups(graph: CircuitGraph) -> dict:
 
 @takes_precision
 def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
-         rank: str = "abs", mesh=None) -> Circuit:
+         rank: str = "abs", ties: str = "refuse", mesh=None) -> Circuit:
     """Head importance scores (Michel et al. 2019, as the ACDC paper uses them):
     |d metric / d gate| for a gate on each head's (and MLP's) output,
     interpolating it towards the corruption. A gate scales all of a node's
@@ -289,4 +311,4 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)
     return _done(graph, node_scores_to_edges(graph, nodes), settings, start, scorer, n_edges=n_edges,
-                 threshold=threshold, rank=rank)
+                 threshold=threshold, rank=rank, ties=ties)
