@@ -146,10 +146,7 @@ def start_mask(graph: CircuitGraph, start) -> np.ndarray:
     if isinstance(start, (str, Path)) and (Path(start).suffix == ".json" or (Path(start) / "circuit.json").is_file()):
         start = Circuit.load(start)
     if isinstance(start, Circuit):
-        if start.graph.edge_names != graph.edge_names:
-            raise ValueError(f"The start circuit is over another graph ({start.graph!r}) than this run's "
-                             f"({graph!r}); find it with the same model and graph options (split_qkv, qkv_edges, "
-                             "split_embed).")
+        graph.check_same_edges(start.graph, "The start circuit")
         start = start.mask
     if isinstance(start, str):
         raise TypeError(f"start must be a Circuit, the path of a circuit.json (or of its run directory), a mask or "

@@ -69,9 +69,8 @@ def cmd_draw(args) -> int:
 
     circuit = Circuit.load(args.circuit)
     against = Circuit.load(args.against) if args.against else None
-    if against is not None and against.graph.edge_names != circuit.graph.edge_names:
-        raise ValueError(f"--against {args.against} is over another graph ({against.graph!r}) than the circuit's "
-                         f"({circuit.graph!r}).")
+    if against is not None:
+        circuit.graph.check_same_edges(against.graph, f"--against {args.against}")
     base = Path(args.out) if args.out else _beside(args.circuit, "drawn")  # not the run's own circuit.*
     title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
     written = render(circuit, base, canonical=None if against is None else against.edges, title=title)

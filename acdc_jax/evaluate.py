@@ -66,10 +66,7 @@ def overlap(first: Circuit, second: Circuit) -> dict:
     """Where two circuits over the same graph agree: for edges and for heads
     and MLPs, those in both, in the first only and in the second only, and the
     Jaccard index |both| / |either| (1 for two empty circuits)."""
-    if first.graph.edge_names != second.graph.edge_names:
-        raise ValueError(f"The second circuit is over another graph ({second.graph!r}) than the first "
-                         f"({first.graph!r}); compare circuits found on models of the same shape with the same graph "
-                         "options (split_qkv, qkv_edges, split_embed).")
+    first.graph.check_same_edges(second.graph, "The second circuit")
     g = first.graph
     sets = {"edges": (set(first.edges), set(second.edges), g.edge_names),
             "nodes": (nodes_of(g, first.edges), nodes_of(g, second.edges), sorted(all_nodes(g), key=_node_order))}

@@ -131,6 +131,13 @@ class CircuitGraph:
                 "Use this model's graph: task.graph(model) or CircuitGraph(model.config)."
             )
 
+    def check_same_edges(self, other: "CircuitGraph", what: str) -> None:
+        """Raise unless `other` (the graph of `what`, a circuit read beside one
+        over this graph) has this graph's edges in this graph's order."""
+        if other.edge_names != self.edge_names:
+            raise ValueError(f"{what} is over another graph ({other!r}) than {self!r}; use circuits found on models "
+                             "of the same shape with the same graph options (split_qkv, qkv_edges, split_embed).")
+
     def __repr__(self) -> str:
         return (
             f"CircuitGraph({self.n_edges} edges: {self.n_residual_edges} residual"
