@@ -123,20 +123,26 @@ class Circuit:
     @classmethod
     def load(cls, path) -> "Circuit":
         """Read a circuit.json, or the one in a run's output directory."""
-        path = Path(path)
-        if path.is_dir() and (path / "circuit.json").is_file():
-            path = path / "circuit.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"No circuit file at {path}; give the circuit.json a run wrote, or its directory.")
-        try:
-            d = json.loads(path.read_text(errors="replace"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}): the file was cut short or is not a circuit; "
-                             "write it again with Circuit.save.") from e
+        path, d = read_json(path)
         try:
             return cls.from_json(d)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
+
+
+def read_json(path) -> tuple[Path, Any]:
+    """The JSON of a circuit file, or of the circuit.json in a run's output
+    directory, and the file's path."""
+    path = Path(path)
+    if path.is_dir() and (path / "circuit.json").is_file():
+        path = path / "circuit.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No circuit file at {path}; give the circuit.json a run wrote, or its directory.")
+    try:
+        return path, json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file was cut short or is not a circuit; "
+                         "write it again with Circuit.save.") from e
 
 
 def start_mask(graph: CircuitGraph, start) -> np.ndarray:

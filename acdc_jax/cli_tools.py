@@ -20,19 +20,17 @@ def _task(args):
 def cmd_evaluate(args) -> int:
     """Score a saved circuit (acdc-jax's circuit.json or an EAP-IG graph JSON) on a task: faithfulness, and recall
     against the task's canonical circuit."""
-    from .circuit import Circuit
+    from .circuit import Circuit, read_json
     from .evaluate import faithfulness, nodes_of, rates
     from .export import from_eap_ig
 
     model, task = _task(args)
-    source = Path(args.circuit)
-    path = source / "circuit.json" if source.is_dir() else source
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read a circuit from {path}: {e}") from e
+    path, data = read_json(args.circuit)
     if isinstance(data, dict) and "format" in data:
-        circuit = Circuit.from_json(data)
+        try:
+            circuit = Circuit.from_json(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     else:
         circuit = from_eap_ig(data, task.graph(model))
     faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
