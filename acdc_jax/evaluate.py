@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .circuit import Circuit
-from .errors import TaskError
+from .errors import TaskError, check_finite
 from .graph import CircuitGraph
 from .model import Transformer
 from .tasks.base import Task
@@ -182,6 +182,8 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
         full = scorer.full(np.ones(circuit.graph.n_edges, np.float32))
         empty = scorer.full(np.zeros(circuit.graph.n_edges, np.float32))
         value = scorer.full(np.asarray(circuit.mask, np.float32))
+    for what, v in (("the full model", full), ("the empty circuit", empty), ("the circuit", value)):
+        check_finite(v, f"The metric of {what}")
     span = empty - full
     return {"circuit": value, "full": full, "empty": empty,
             "normalized": float((empty - value) / span) if span != 0 else float("nan")}
@@ -256,10 +258,12 @@ def faithfulness_curve(model: Transformer, task: Task, masks: Sequence[np.ndarra
     _, metric_fn = resolve_metric(task, metric)
     _, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task)
-    full = scorer.full(np.ones(graph.n_edges, np.float32))
-    empty = scorer.full(np.zeros(graph.n_edges, np.float32))
+    full = check_finite(scorer.full(np.ones(graph.n_edges, np.float32)), "The metric of the full model")
+    empty = check_finite(scorer.full(np.zeros(graph.n_edges, np.float32)), "The metric of the empty circuit")
     span = empty - full if empty != full else float("nan")
-    return [(float(np.mean(m > 0.5)), float((empty - scorer.full(np.asarray(m, np.float32))) / span)) for m in masks]
+    values = [check_finite(scorer.full(np.asarray(m, np.float32)),
+                           f"The metric of the circuit keeping {int(np.sum(np.asarray(m) > 0.5))} edges") for m in masks]
+    return [(float(np.mean(m > 0.5)), float((empty - v) / span)) for m, v in zip(masks, values)]
 
 
 def top_fraction_masks(scores: np.ndarray, fractions: Sequence[float] = FRACTIONS,

@@ -289,3 +289,44 @@ def test_long_runs_show_a_progress_bar_that_can_be_turned_off(capsys):
         run(True)
         err = capsys.readouterr().err
         assert desc in err and count in err, (desc, err[-300:])
+
+
+def _nan_after_cut(logits, t):
+    return jnp.where(jnp.abs(logits - t.reference).max() > 1e-4, jnp.nan, 0.0)
+
+
+def _nan_everywhere(logits, t):
+    return jnp.nan * logits.sum()
+
+
+def _nan_gradient(logits, t):  # finite, but jnp.where's untaken branch makes the gradient NaN
+    return jnp.where(True, jnp.abs(logits - t.reference).sum(), jnp.sqrt(-jnp.abs(logits).sum() - 1.0))
+
+
+@pytest.mark.parametrize("run, metric, pattern", [
+    (lambda m, t, f: exact_patching(m, t, metric=f, n_edges=3, progress=False), _nan_after_cut,
+     r"metric after cutting \S+ is nan"),
+    (lambda m, t, f: exact_patching(m, t, metric=f, n_edges=3, progress=False), _nan_everywhere,
+     "metric of the full model is nan"),
+    (lambda m, t, f: eap(m, t, metric=f, n_edges=3), _nan_everywhere, "metric at the full model is nan"),
+    (lambda m, t, f: eap(m, t, metric=f, n_edges=3), _nan_gradient,
+     "gradient with respect to the masks at the full model is nan"),
+    (lambda m, t, f: METHODS["hisp"](m, t, metric=f, n_edges=3), _nan_gradient, "gradient .* is nan"),
+    (lambda m, t, f: eap_ig(m, t, 2, metric=f, n_edges=3, progress=False), _nan_after_cut,
+     "metric at alpha=0.25 is nan"),
+    (lambda m, t, f: edge_pruning(m, t, metric=f, steps=3, progress=False), _nan_after_cut,
+     "metric at training step 0 .* is nan"),
+    (lambda m, t, f: subnetwork_probing(m, t, metric=f, steps=3, progress=False), _nan_everywhere,
+     "metric at training step 0 .* is nan"),
+    (lambda m, t, f: evaluate.faithfulness(m, t, evaluate.Circuit(t.graph(m), np.ones(t.graph(m).n_edges)),
+                                           metric=f), _nan_after_cut, "metric of the empty circuit is nan"),
+])
+def test_a_metric_that_is_not_finite_is_refused_by_name(small_gpt2, run, metric, pattern):
+    """NaN scores would rank last and NaN gates train to an arbitrary circuit,
+    silently: every method refuses a metric (or gradient) that is not finite,
+    and says where it was."""
+    from acdc_jax import MetricError
+
+    model, task = small_gpt2
+    with pytest.raises(MetricError, match=pattern):
+        run(model, task, metric)

@@ -25,6 +25,7 @@ from .. import compile_ahead
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..decide import PassOutOfMemory, narrow, score_pass
+from ..errors import check_finite
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
@@ -180,7 +181,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
             save_state(write, run, int(done.sum()), {"scores": scores, "done": done, "widths": np.array(widths)}, [])
 
     ones = np.ones(graph.n_edges, np.float32)
-    full = scorer.full(ones)
+    full = check_finite(scorer.full(ones), "The metric of the full model")
     layers = receiver_layers(graph)
     bar = progress_bar(progress, graph.n_edges, int(done.sum()), desc="exact patching")
     narrowed = []  # passes that ran out of device memory (then narrower ones: `decide.narrow`)
@@ -193,10 +194,14 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                 width = widths[layer]
                 chunk = edges[i:i + width]
                 try:
-                    scores[chunk] = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width) - full
+                    result = score_pass(scorer, Candidates(ones, chunk[:, None]), int(layer), width)
                 except PassOutOfMemory as oom:
                     narrowed.append(narrow(widths, scorer, oom))
                     continue
+                if not np.isfinite(result).all():
+                    first = int(np.flatnonzero(~np.isfinite(result))[0])
+                    check_finite(result[first], f"The metric after cutting {graph.edge_names[chunk[first]]}")
+                scores[chunk] = result - full
                 done[chunk] = True
                 i += len(chunk)
                 bar.update(len(chunk))
@@ -214,6 +219,14 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                  n_edges=n_edges, threshold=threshold, rank=rank, ties=ties)
 
 
+def _gradient(scorer: Scorer, masks: np.ndarray, where: str):
+    """The metric and its gradient with respect to the masks, both finite."""
+    value, grads = scorer.value_and_grads(masks)
+    check_finite(value, f"The metric {where}")
+    check_finite(grads, f"The metric's gradient with respect to the masks {where}")
+    return value, grads
+
+
 @takes_precision
 def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, threshold=None,
         rank: str = "abs", ties: str = "refuse", mesh=None) -> Circuit:
@@ -224,7 +237,7 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     "auto" puts the devices on prompts; a CxP mesh holds C copies)."""
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
-    value, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
+    value, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")
     settings.update(method="eap", full_metric=float(value[0]))
     return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank,
                  ties=ties)
@@ -258,7 +271,8 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     saved_at, i = time.perf_counter(), done - 1
     try:
         for i in range(done, steps):
-            total = total + scorer.value_and_grads((i + 0.5) / steps * ones)[1][0]  # the same program every step
+            alpha = (i + 0.5) / steps  # the same program every step
+            total = total + _gradient(scorer, alpha * ones, f"at alpha={alpha:g}")[1][0]
             bar.update(1)
             stop = stop_after is not None and time.perf_counter() - start > stop_after
             if write is not None and (stop or i == steps - 1 or time.perf_counter() - saved_at > SAVE_EVERY):
@@ -307,7 +321,7 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     `mesh`: as for `eap`."""
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
-    _, grads = scorer.value_and_grads(np.ones((1, graph.n_edges), np.float32))
+    _, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)
     return _done(graph, node_scores_to_edges(graph, nodes), settings, start, scorer, n_edges=n_edges,

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from ..dense import metric_of_mask
+from ..errors import check_finite
 from ..precision import takes_precision
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
 from .saved import load_state, run_settings, save_state, state_path
@@ -113,6 +114,9 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
         bar.update(1)
         stop = stop_after is not None and time.perf_counter() - began > stop_after
         row = i % max(1, steps // 20) == 0 or i == steps - 1
+        if row or stop:  # a NaN metric or gradient makes every gate NaN from its step on: refuse to save that
+            check_finite(value, f"The metric at training step {i} (sampled gates)")
+            check_finite(log_alpha, f"A gate's log-alpha after training step {i} (the metric's gradient?)")
         if row:
             history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
             bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
