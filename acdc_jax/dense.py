@@ -20,7 +20,7 @@ from .corruption import Corruption, corruption_axes, example_inputs
 from .fused_kl import residual_kl, streams
 from .patching import (patched_logits_and_deviations, per_prompt, run_from, senders_before, start_layer_heads,
                        upstream_mix)
-from .tasks.base import TaskArrays
+from .tasks.base import apply_metric
 
 
 @eqx.filter_jit
@@ -41,7 +41,7 @@ def metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens,
     if chunk is not None and chunk < tokens.shape[0]:
         return _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_positions, chunk)(mask)
     logits = patched_logits_and_deviations(model, graph, tokens, mask, corruption, out_positions, narrow=True)[0]
-    return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+    return apply_metric(metric, logits, task, arrays)
 
 
 def _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_positions, chunk):
@@ -66,7 +66,7 @@ def _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_
         return out.reshape((n,) + out.shape[2:])
 
     def score(logits):
-        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+        return apply_metric(metric, logits, task, arrays)
 
     @jax.custom_vjp
     def f(mask):
@@ -165,7 +165,7 @@ def candidates_metric(model, graph, start_layer, corruption, metric, task, array
 
     def metric_of(resid):
         logits = model.unembed(model.ln_final(resid))
-        return metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+        return apply_metric(metric, logits, task, arrays)
 
     in_axes = (0, 0, axes, 0 if base_results is not None else None)
     args = (tokens, up_all, corruption.acts, base_results)

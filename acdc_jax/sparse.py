@@ -37,7 +37,7 @@ from .layers import _lead
 from .model import Transformer, layer
 from .patching import _heads_at
 from .receivers import ReceiverCache, cached_flops, cached_z
-from .tasks.base import TaskArrays
+from .tasks.base import apply_metric
 
 
 class BaseState(eqx.Module):
@@ -335,7 +335,7 @@ def sparse_metric(model, graph, start_layer, corruption, metric, task, arrays, m
     else:  # as many maps' rows as the residual has: unembed the residual itself
         pre = final_numerator(model.ln_final, x) @ model.unembed.W_U
     logits = _logits(model, x, pre)
-    score = lambda lg: metric(lg.astype(jnp.float32), TaskArrays(task, arrays))
+    score = lambda lg: apply_metric(metric, lg, task, arrays)
     return (jax.lax.map(score, logits) if loop else jax.vmap(score)(logits)), True
 
 

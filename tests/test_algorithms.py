@@ -330,3 +330,30 @@ def test_a_metric_that_is_not_finite_is_refused_by_name(small_gpt2, run, metric,
     model, task = small_gpt2
     with pytest.raises(MetricError, match=pattern):
         run(model, task, metric)
+
+
+def _per_prompt(logits, t):
+    return jnp.abs(logits - t.reference).sum(axis=-1)
+
+
+def _text(logits, t):
+    return "low"
+
+
+@pytest.mark.parametrize("metric, pattern", [(_per_prompt, r"returned an array of shape \(\d+, \d+\)"),
+                                             (_text, "returned str")])
+@pytest.mark.parametrize("method", ["acdc", "exact_patching", "eap", "edge_pruning"])
+def test_a_metric_that_is_not_one_number_is_refused(small_gpt2, method, metric, pattern):
+    """A metric must give one float for the batch; one per prompt (or a
+    string) is refused by name, whether the first to evaluate it is a full
+    pass, a gradient or a training step (before: a TypeError from deep in JAX
+    or numpy)."""
+    from acdc_jax import MetricError, acdc
+
+    model, task = small_gpt2
+    run = {"acdc": lambda: acdc(model, task, 0.01, metric=metric, progress=False),
+           "exact_patching": lambda: exact_patching(model, task, metric=metric, n_edges=3, progress=False),
+           "eap": lambda: eap(model, task, metric=metric, n_edges=3),
+           "edge_pruning": lambda: edge_pruning(model, task, metric=metric, steps=2, progress=False)}[method]
+    with pytest.raises(MetricError, match=f"The metric {metric.__name__} {pattern}"):
+        run()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import TaskError
+from ..errors import MetricError, TaskError
 from ..graph import CircuitGraph
 from ..model import Transformer, check_token_values
 from ..patching import Corruption
@@ -203,6 +203,22 @@ class TaskArrays:
 
     def __getattr__(self, name):
         return getattr(self._task, name)
+
+
+def apply_metric(metric: Callable, logits, task: Task, arrays: Mapping[str, Any]):
+    """`metric(logits, task)` in float32, refused (while it is traced) unless
+    it is one number: a metric that returns one value per prompt would
+    otherwise fail deep in JAX or be compared with tau element by element."""
+    value = metric(logits.astype(jnp.float32), TaskArrays(task, arrays))
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    name = getattr(metric, "__name__", repr(metric))
+    if isinstance(value, (bool, str)) or (shape is None and not isinstance(value, (int, float))):
+        raise MetricError(f"The metric {name} returned {type(value).__name__}; it must return one float (a scalar "
+                          "array) for the batch of prompts.")
+    if shape not in (None, ()) or (dtype is not None and not jnp.issubdtype(dtype, jnp.number)):
+        raise MetricError(f"The metric {name} returned an array of shape {shape} ({dtype}); it must return one float "
+                          "for the batch of prompts: average (or sum) over prompts and positions, e.g. with .mean().")
+    return value
 
 
 def task_arrays(task: Task) -> dict:
