@@ -10,36 +10,22 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_tools import _task, cmd_compare, cmd_draw, cmd_evaluate, cmd_export, cmd_patch, cmd_tasks
+from .cli_tools import _task, cmd_compare, cmd_draw, cmd_evaluate, cmd_export, cmd_patch, cmd_tasks, quality_lines
 from .errors import CheckpointError, ConfigError, MetricError, TaskError
 from .precision import PRECISIONS, matmul_precision
 from .programs import use_disk_cache
 
 
 def _summary(circuit, task, faith) -> list[str]:
-    from .evaluate import nodes_of, rates
-
     s = circuit.settings
     how = {"acdc": f"tau={s.get('tau')}", "acdc_nodes": f"over nodes, tau={s.get('tau')}, "
            f"{len(s.get('nodes', []))} of {s.get('n_nodes')} nodes kept"}.get(s.get("method", "acdc"), s.get("method"))
     if s.get("method", "acdc") == "acdc" and s.get("start"):
         how += f", within a start circuit of {s['start']['edges']} edges"
     mode = f", {s['mode']}" if "mode" in s else ""
-    lines = [
-        f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "
-        f"({s['metric']}, corruption={s['corruption']}{mode}) in {s['seconds']:.1f}s, {s['passes']} passes",
-        f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit {faith['empty']:.4g}; "
-        f"faithfulness {faith['normalized']:.3f}",
-    ]
-    if task.canonical is not None:
-        g = circuit.graph
-        kept = set(circuit.edges)
-        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
-        lines.append(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
-                     f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f})")
-        nodes = sorted(nodes_of(g, kept))
-        lines.append(f"heads and MLPs in the circuit: {' '.join(nodes) if nodes else '(none)'}")
-    return lines
+    return [f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "
+            f"({s['metric']}, corruption={s['corruption']}{mode}) in {s['seconds']:.1f}s, {s['passes']} passes",
+            *quality_lines(circuit, task, faith)]
 
 
 # the methods that save their progress as they go, and where (beside circuit.json)

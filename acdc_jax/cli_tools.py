@@ -21,7 +21,7 @@ def cmd_evaluate(args) -> int:
     """Score a saved circuit (acdc-jax's circuit.json or an EAP-IG graph JSON) on a task: faithfulness, and recall
     against the task's canonical circuit."""
     from .circuit import Circuit, read_json
-    from .evaluate import faithfulness, nodes_of, rates
+    from .evaluate import faithfulness
     from .export import from_eap_ig
 
     model, task = _task(args)
@@ -36,15 +36,26 @@ def cmd_evaluate(args) -> int:
     faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
     print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
           f"({circuit.settings.get('method', 'acdc')})")
-    print(f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
-          f"{faith['empty']:.4g}; faithfulness {faith['normalized']:.3f}")
-    if task.canonical is not None:
-        kept, g = set(circuit.edges), circuit.graph
-        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
-        print(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
-              f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f}); heads and MLPs on its residual "
-              f"edges: {' '.join(sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == 'residual']))) or '(none)'}")
+    print("\n".join(quality_lines(circuit, task, faith)))
     return 0
+
+
+def quality_lines(circuit, task, faith: dict) -> list[str]:
+    """How good a circuit is: its metric against the full model's and the empty
+    circuit's, its recall of the task's canonical circuit, and the heads and
+    MLPs on its residual edges (an EAP-IG graph keeps every head's q/k/v step)."""
+    from .evaluate import nodes_of, rates
+
+    g, kept = circuit.graph, set(circuit.edges)
+    lines = [f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
+             f"{faith['empty']:.4g}; faithfulness {faith['normalized']:.3f}"]
+    if task.canonical is not None:
+        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
+        lines.append(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
+                     f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f})")
+    nodes = sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == "residual"]))
+    lines.append(f"heads and MLPs on its residual edges: {' '.join(nodes) if nodes else '(none)'}")
+    return lines
 
 
 def _described(circuit) -> str:

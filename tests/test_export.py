@@ -3,6 +3,7 @@ the EAP-IG library's graph (built here from its documented construction), and
 the exported circuit computes what the circuit computes."""
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -122,13 +123,20 @@ def test_an_eap_ig_graph_reads_back_to_the_same_function(tmp_path):
 def test_evaluate_command_scores_a_saved_circuit_as_the_run_did(tmp_path, capsys):
     """`acdc-jax evaluate` on a run's circuit.json (a non-rotary model, whose
     config read back from JSON once differed from the model's) and on its
-    EAP-IG export prints the faithfulness the run recorded."""
+    EAP-IG export prints the faithfulness the run recorded, and the heads
+    on its residual edges as discover did, read here from the edge names."""
     out = tmp_path / "run"
     assert main(["discover", "--task", "induction", "--tau", "0.01", "--examples", "8", "--out", str(out),
                  "--no-progress"]) == 0
-    recorded = json.loads((out / "circuit.json").read_text())["settings"]["faithfulness"]["normalized"]
+    saved = json.loads((out / "circuit.json").read_text())
+    step = re.compile(r"blocks\.\d+\.hook_[qkv]_input\[\d+\]->blocks\.\d+\.attn\.hook_[qkv]\[\d+\]")
+    heads = {f"a{m[1]}.{m[2]}" for e in saved["edges"] if not step.fullmatch(e)
+             for m in re.finditer(r"blocks\.(\d+)\.(?:attn\.hook_result|hook_[qkv]_input)\[(\d+)\]", e)}
+    nodes_line = f"heads and MLPs on its residual edges: {' '.join(sorted(heads))}"
+    assert heads and nodes_line in capsys.readouterr().out
     assert main(["export", str(out)]) == 0
     capsys.readouterr()
     for source in (out, out / "eap_ig_graph.json"):
         assert main(["evaluate", str(source), "--task", "induction", "--examples", "8"]) == 0
-        assert f"faithfulness {recorded:.3f}" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"faithfulness {saved['settings']['faithfulness']['normalized']:.3f}" in printed and nodes_line in printed
