@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +14,28 @@ from .graph import CircuitGraph
 from .config import TransformerConfig
 
 CIRCUIT_FORMAT = "acdc-jax-circuit"
+
+
+def finite_json(value):
+    """`value` as plain JSON data, with every NaN or infinite number as None:
+    JSON has no such numbers, and strict readers (JavaScript, jq) refuse the
+    NaN and Infinity that Python would write."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def dumps(value, **kw) -> str:
+    """JSON text that any reader accepts (`finite_json`)."""
+    return json.dumps(finite_json(value), allow_nan=False, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +140,7 @@ class Circuit:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        path.write_text(dumps(self.to_json(), indent=1) + "\n")
         return path
 
     @classmethod

@@ -179,12 +179,14 @@ def cmd_roc(args) -> int:
             raise ValueError(f"Task {task.name} has no canonical circuit to compare with. {task.description}")
         args.n_edges, args.tau = None, 0.0
         result = roc_from_scores(_run_method(args, model, task), task.canonical)
+    from .circuit import dumps
+
     payload = {"task": task.name, "method": args.method, "metric": args.metric or task.default_metric,
                "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
                **result.to_json()}
     if args.method in ("acdc", "acdc_nodes"):
         payload["circuits"] = [str(tau_dir(out, tau) / "circuit.json") for tau in args.taus]
-    (out / "roc.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "roc.json").write_text(dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
              title=f"{args.method} on {task.name} ({payload['corruption']})")
     if args.method in ("acdc", "acdc_nodes"):

@@ -4,7 +4,6 @@ export saved circuits, patch single edges of a checkpoint, list the tasks."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +90,7 @@ def cmd_draw(args) -> int:
 
 def cmd_compare(args) -> int:
     """Compare two saved circuits: edges and heads/MLPs in both or in one only, Jaccard indices."""
-    from .circuit import Circuit
+    from .circuit import Circuit, dumps
     from .draw import render
     from .evaluate import overlap
 
@@ -111,7 +110,7 @@ def cmd_compare(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         payload = {"first": str(args.first), "second": str(args.second), **result}
-        (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / "compare.json").write_text(dumps(payload, indent=1) + "\n")
         written = [out / "compare.json", *render(first, out / "compare", canonical=second.edges,
                                                    title=f"first ({first.n_edges} edges) against second "
                                                          f"({second.n_edges}): red = first only, dashed = second only")]

@@ -12,12 +12,11 @@ cut, the input is corrupted whatever reaches it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .circuit import Circuit
+from .circuit import Circuit, dumps
 from .graph import Node
 
 
@@ -72,7 +71,7 @@ def to_eap_ig(circuit: Circuit) -> dict:
 def write_eap_ig(circuit: Circuit, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_eap_ig(circuit)) + "\n")
+    path.write_text(dumps(to_eap_ig(circuit)) + "\n")
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .circuit import Decision
+from .circuit import Decision, dumps, finite_json
 
 
 def model_fingerprint(model) -> str:
@@ -51,8 +51,9 @@ def task_fingerprint(task) -> str:
 
 
 def differing(saved: dict, now: dict) -> dict:
-    """The settings of `now` that `saved` records otherwise: name -> (saved, now)."""
-    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    """The settings of `now` that `saved` (read back from JSON) records
+    otherwise: name -> (saved, now)."""
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != finite_json(v)}
 
 
 class RunLog:
@@ -73,7 +74,7 @@ class RunLog:
         if not resume:
             path.parent.mkdir(parents=True, exist_ok=True)
             header = {"type": "header", "version": 1, "settings": settings, "initial_metric": initial_metric}
-            path.write_text(json.dumps(header) + "\n")
+            path.write_text(dumps(header) + "\n")
             return cls(path, settings, initial_metric, [])
         if not path.is_file():
             raise FileNotFoundError(f"No decision log to resume from at {path}.")
@@ -131,7 +132,7 @@ class RunLog:
     def write(self, decisions: list[Decision]) -> None:
         if self._file is None or not decisions:
             return
-        self._file.write("".join(json.dumps(d.to_json()) + "\n" for d in decisions))
+        self._file.write("".join(dumps(d.to_json()) + "\n" for d in decisions))
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
-import json
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
+from acdc_jax.circuit import dumps
 from acdc_jax.model import TransformerConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,7 +118,7 @@ def result_path(name: str, env: Optional[dict] = None) -> Path:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = result_path(name, payload.setdefault("environment", environment()))
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(dumps(payload, indent=2) + "\n")  # NaN as null: strict readers refuse NaN
     print(f"wrote {path}")
     return path
 

@@ -105,3 +105,40 @@ def test_saved_circuit_commands_refuse_by_name(tmp_path, capsys, command):
     assert "over another graph" in capsys.readouterr().err
     assert main([command, str(tmp_path / "missing.json"), *([str(a)] if command == "compare" else [])]) == 2
     assert "No circuit file at" in capsys.readouterr().err
+
+
+def _strict(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_written_is_strict_json(tmp_path):
+    """JSON has no NaN or Infinity, and strict readers (JavaScript, jq) refuse
+    them: a threshold of inf (keep 0 edges), NaN scores of untried edges and
+    NaN settings are written as null, in circuit files, logs, saved states,
+    exports, comparisons and ROC files."""
+    from acdc_jax.circuit import dumps, finite_json
+    from acdc_jax.runlog import differing
+
+    out = tmp_path / "eap0"
+    assert main(["discover", "--task", "induction", "--method", "eap", "--metric", "nll", "--n-edges", "0",
+                 "--examples", "8", "--out", str(out), "--no-progress"]) == 0
+    saved = _strict((out / "circuit.json").read_text())
+    assert saved["n_kept"] == 0 and saved["settings"]["threshold"] is None  # inf before
+    acdc_out = tmp_path / "acdc"
+    assert main(["discover", "--task", "induction", "--tau", "0.01", "--examples", "8", "--out", str(acdc_out),
+                 "--no-progress", "--stop-after", "0"]) == 0  # a stopped run: untried edges score NaN
+    assert any(v is None for v in _strict((acdc_out / "circuit.json").read_text())["scores"].values())
+    assert main(["export", str(out)]) == 0 and main(["compare", str(out), str(acdc_out), "--out", str(tmp_path / "c")]) == 0
+    assert main(["roc", "--task", "tracr-reverse", "--method", "eap", "--metric", "logit", "--out",
+                 str(tmp_path / "roc"), "--no-progress"]) == 0
+    written = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert len(written) >= 6
+    for path in written:
+        for line in ([path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()):
+            _strict(line)
+    settings = {"x": float("nan"), "y": (1, float("inf")), "z": np.float32(2.5)}
+    assert _strict(dumps(settings)) == {"x": None, "y": [1, None], "z": 2.5} == finite_json(settings)
+    assert differing(_strict(dumps(settings)), settings) == {}  # read back, the same settings

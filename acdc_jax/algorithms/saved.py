@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..circuit import dumps
 from ..runlog import differing, model_fingerprint, task_fingerprint
 
 
@@ -37,8 +38,8 @@ def save_state(path: Path, settings: dict, step: int, arrays: dict, history: lis
     state = {f"array.{k}": _plain(v) for k, v in arrays.items()}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, settings=np.array(json.dumps(settings, sort_keys=True)), step=np.array(step),
-                 history=np.array(json.dumps(history)), **state)
+        np.savez(f, settings=np.array(dumps(settings, sort_keys=True)), step=np.array(step),
+                 history=np.array(dumps(history)), **state)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
