@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -56,6 +57,7 @@ from .sharding import parse_mesh
 from .tasks.base import Task
 
 MetricArg = Union[None, str, Callable]
+UNLOGGED_EDGES = 1000  # a run over more edges without a log warns: docstring's 1,281 take minutes on a CPU
 
 
 def check_tau(tau) -> float:
@@ -133,7 +135,9 @@ def acdc(
       allows NVIDIA tensor cores' TF32 (10-bit mantissas, several times the
       throughput on an A100/H100); "default" is JAX's platform default (TF32 on
       NVIDIA GPUs, one bf16 pass on TPUs). The same on CPUs.
-    log_path: JSON-lines decision log, written as the run goes.
+    log_path: JSON-lines decision log, written as the run goes (a run over
+      more than UNLOGGED_EDGES edges without one warns that a crash would
+      lose its decisions).
     resume: a log from an interrupted run with the same settings; the run
       continues from its last decision (and appends to it).
     stop_after: stop after the first pass that ends this many seconds in and return the circuit so far
@@ -210,6 +214,10 @@ def acdc(
                           write=jax.process_index() == 0)
         if resume is not None:
             log.replay(schedule, state)
+        elif log_path is None and schedule.start.sum() > UNLOGGED_EDGES:
+            warnings.warn(f"This ACDC run over {int(schedule.start.sum())} edges keeps no decision log, so a crash "
+                          "would lose its decisions: pass log_path='decisions.jsonl' (and, after a crash, resume= "
+                          "that file).", stacklevel=2)
 
         bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)

@@ -108,3 +108,23 @@ def test_stop_after_then_resume(small_gpt2, tmp_path):
     assert _decisions(part) == _decisions(whole)[: len(part.decisions)]
     resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
     assert resumed.settings["finished"] and _decisions(resumed) == _decisions(whole)
+
+
+def test_a_large_run_without_a_log_warns(monkeypatch, tmp_path):
+    """A Python run over many edges without `log_path` warns that a crash
+    would lose its decisions; with a log, or over few edges, it does not."""
+    import importlib
+    import warnings
+
+    from acdc_jax.tasks import get
+
+    acdc_module = importlib.import_module("acdc_jax.acdc")  # the package's `acdc` is the function
+    model, task = get("induction")
+    monkeypatch.setattr(acdc_module, "UNLOGGED_EDGES", 50)  # induction has 105 edges
+    with pytest.warns(UserWarning, match="over 105 edges keeps no decision log.*pass log_path="):
+        acdc(model, task, 0.1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acdc(model, task, 0.1, progress=False, log_path=tmp_path / "log.jsonl")
+        monkeypatch.setattr(acdc_module, "UNLOGGED_EDGES", 105)
+        acdc(model, task, 0.1, progress=False)
