@@ -22,7 +22,9 @@ def finite_json(value):
     NaN and Infinity that Python would write."""
     if isinstance(value, dict):
         return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, np.ndarray):
+        return finite_json(value.tolist())
+    if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None

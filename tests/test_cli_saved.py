@@ -139,6 +139,8 @@ def test_every_json_written_is_strict_json(tmp_path):
     for path in written:
         for line in ([path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()):
             _strict(line)
-    settings = {"x": float("nan"), "y": (1, float("inf")), "z": np.float32(2.5)}
-    assert _strict(dumps(settings)) == {"x": None, "y": [1, None], "z": 2.5} == finite_json(settings)
+    settings = {"x": float("nan"), "y": (1, float("inf")), "z": np.float32(2.5), "w": np.array([[1.0, np.nan]]),
+                "v": np.array(2.0)}
+    expected = {"x": None, "y": [1, None], "z": 2.5, "w": [[1.0, None]], "v": 2.0}
+    assert _strict(dumps(settings)) == expected == finite_json(settings)
     assert differing(_strict(dumps(settings)), settings) == {}  # read back, the same settings
