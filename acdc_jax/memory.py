@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import numpy as np
 
 from .graph import CircuitGraph
 from .model import Transformer
@@ -155,6 +156,10 @@ def plan_task(model: Transformer, graph: CircuitGraph, task, max_width: Optional
               mesh=None) -> tuple[list[int], Optional[int]]:
     """`plan_batch` for `task`'s prompts over `mesh`'s shards (None: one
     device), at most `max_width` wide (default: `default_max_width`)."""
+    if max_width is not None and (isinstance(max_width, bool) or not isinstance(max_width, (int, np.integer))
+                                  or max_width < 1):
+        raise ValueError(f"max_width (the most candidates in one batched pass) must be a whole number >= 1, "
+                         f"got {max_width!r}; leave it out for the device's default.")
     return plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
                       max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
 

@@ -47,7 +47,7 @@ def main(argv=None):
                              "at the full model (logit difference, NLL, tracr output), which gradient methods need")
     args = parser.parse_args(argv)
 
-    tasks = {n: get(n, n_examples=args.examples) for n in args.tasks}
+    tasks = {n: get(n, n_examples=None if n == "tracr-reverse" else args.examples) for n in args.tasks}  # all 6
     if args.gpt2:
         for n in ("ioi", "greater-than"):
             tasks[n] = get(n, checkpoint=args.gpt2, tokenizer=args.gpt2_tokenizer, n_examples=args.examples)

@@ -11,7 +11,7 @@ import pytest
 
 import acdc_jax as aj
 from acdc_jax import ConfigError, TaskError
-from acdc_jax.algorithms import eap_ig, edge_pruning, subnetwork_probing, top_k_threshold
+from acdc_jax.algorithms import eap_ig, edge_pruning, exact_patching, subnetwork_probing, top_k_threshold
 from acdc_jax.candidates import Candidates
 from acdc_jax.schedule import Schedule
 from acdc_jax.sharding import make_mesh
@@ -38,7 +38,11 @@ def task():
     (lambda m, t: edge_pruning(m, t, sparsity=float("nan")), ValueError, "sparsity .* got nan"),
     (lambda m, t: subnetwork_probing(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
     (lambda m, t: eap_ig(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
-], ids=["mode", "dtype", "metric", "head_order", "sparsity", "sparsity-nan", "probing-steps", "eap_ig-steps"])
+    (lambda m, t: aj.acdc(m, t, 0.1, max_width=0), ValueError, "max_width .* must be a whole number >= 1, got 0"),
+    (lambda m, t: exact_patching(m, t, max_width=-2), ValueError, "max_width .* got -2"),
+    (lambda m, t: aj.algorithms.acdc_nodes(m, t, 0.1, max_width=2.5), ValueError, "max_width .* got 2.5"),
+], ids=["mode", "dtype", "metric", "head_order", "sparsity", "sparsity-nan", "probing-steps", "eap_ig-steps",
+        "acdc-max_width", "patching-max_width", "nodes-max_width"])
 def test_bad_method_arguments_are_named(model, task, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(model, task)

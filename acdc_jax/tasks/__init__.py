@@ -49,6 +49,7 @@ def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = 
         return _convert(checkpoint), task
     if name not in TASKS:
         raise TaskError(f"Unknown task {name!r}; choose from {TASKS}, or give a task file (*.json).")
+    _check_examples(name, n_examples)
     kw = {} if n_examples is None else {"n_examples": n_examples}
     if name.startswith("tracr-"):
         if checkpoint is not None:
@@ -79,6 +80,24 @@ def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = 
     from .docstring import docstring
 
     return model, docstring(model, tokenizer, seed=seed, **kw)
+
+
+# how many prompts each task can make: induction's corrupted prompts are other prompts' sequences, and
+# tracr-proportion draws distinct strings of 4 letters from 4
+EXAMPLES = {"induction": (2, None), "tracr-proportion": (1, 4 ** 4)}
+
+
+def _check_examples(name: str, n_examples) -> None:
+    if n_examples is None:
+        return
+    if name == "tracr-reverse":
+        raise TaskError("tracr-reverse runs on all 6 orderings of its input, always; do not pass n_examples "
+                        "(--examples).")
+    low, high = EXAMPLES.get(name, (1, None))
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < low or (
+            high is not None and n_examples > high):
+        span = f"between {low} and {high}" if high is not None else f"a whole number >= {low}"
+        raise TaskError(f"Task {name}: n_examples (--examples) must be {span}, got {n_examples!r}.")
 
 
 def _convert(checkpoint: str):

@@ -87,6 +87,9 @@ class Task:
         clean = np.asarray(self.clean)
         if clean.ndim != 2 or not np.issubdtype(clean.dtype, np.integer):
             raise TaskError(f"Task {self.name}: clean tokens must be an int array [batch, pos], got {clean.dtype} {clean.shape}.")
+        if clean.shape[0] == 0 or clean.shape[1] == 0:
+            raise TaskError(f"Task {self.name} has no prompts (clean tokens of shape {clean.shape}): give at least "
+                            "one prompt of at least one token (--examples N with N >= 1).")
         object.__setattr__(self, "clean", clean.astype(np.int32))
         if self.corrupted is not None:
             corrupted = np.asarray(self.corrupted)
