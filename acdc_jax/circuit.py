@@ -115,7 +115,17 @@ class Circuit:
         return out
 
     @classmethod
-    def from_json(cls, d: dict) -> "Circuit":
+    def from_json(cls, d: dict, source=None) -> "Circuit":
+        """The circuit of `d`; its errors name `source` (the file it came from), if given."""
+        try:
+            return cls._from_json(d)
+        except ValueError as e:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {e}") from e
+
+    @classmethod
+    def _from_json(cls, d: dict) -> "Circuit":
         if not isinstance(d, dict) or d.get("format") != CIRCUIT_FORMAT:
             found = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"Not an acdc-jax circuit file (format={found!r}).")
@@ -149,10 +159,7 @@ class Circuit:
     def load(cls, path) -> "Circuit":
         """Read a circuit.json, or the one in a run's output directory."""
         path, d = read_json(path)
-        try:
-            return cls.from_json(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+        return cls.from_json(d, source=path)
 
 
 def read_json(path) -> tuple[Path, Any]:

@@ -26,10 +26,7 @@ def cmd_evaluate(args) -> int:
     model, task = _task(args)
     path, data = read_json(args.circuit)
     if isinstance(data, dict) and "format" in data:
-        try:
-            circuit = Circuit.from_json(data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+        circuit = Circuit.from_json(data, source=path)
     else:
         circuit = from_eap_ig(data, task.graph(model))
     faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .circuit import Circuit
-from .graph import CircuitGraph
+from .graph import CircuitGraph, component_order
 
 COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "attn_in": "#8c564b", "mlp_in": "#7f7f7f", "logits": "#7f7f7f"}
 LEGEND = "into q blue, k green, v purple"
@@ -63,13 +63,14 @@ def to_dot(circuit: Circuit, canonical: Optional[Iterable[str]] = None, title: s
              '  edge [fontname="Helvetica", fontsize=10];']
     if drawn > MANY:
         lines.append("  mclimit=0.1; nslimit=1;")
-    if drawn > CROWDED:  # straight lines: routing thousands of splines is a fifth of the time
+    letters = drawn <= CROWDED
+    if not letters:  # straight lines: routing thousands of splines is a fifth of the time
         lines.append("  splines=line;")
         title = f"{title} ({LEGEND})".strip()
     if title:
         lines.append(f'  labelloc="t"; label="{title}";')
     by_rank: dict[int, list[str]] = {}
-    for n in sorted(nodes, key=_in_rank):
+    for n in sorted(nodes, key=component_order):
         by_rank.setdefault(_rank(n, g.n_layers), []).append(n)
         lines.append(f'  "{n}" [fillcolor="{_fill(n)}"];')
     for rank in sorted(by_rank):
@@ -79,19 +80,14 @@ def to_dot(circuit: Circuit, canonical: Optional[Iterable[str]] = None, title: s
         width = 1.0
         if truth is not None and (s, r, letter) not in truth:
             color, width = EXTRA, 2.5
-        label = "" if drawn > CROWDED else f', label="{letter}"'
+        label = f', label="{letter}"' if letters else ""
         lines.append(f'  "{s}" -> "{r}" [color="{color}", fontcolor="{color}", penwidth={width}{label}];')
     if truth is not None:
         for (s, r, letter) in sorted(set(truth) - set(kept)):
-            label = "" if drawn > CROWDED else f', label="{letter}"'
+            label = f', label="{letter}"' if letters else ""
             lines.append(f'  "{s}" -> "{r}" [color="#aaaaaa", style=dashed{label}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _in_rank(component: str) -> tuple:
-    """Heads by number (a0.2 before a0.10), the rest by name."""
-    return (component.startswith("a"), int(component.split(".")[1]) if component.startswith("a") else 0, component)
 
 
 def _rank(component: str, n_layers: int) -> int:
@@ -152,7 +148,7 @@ def _matplotlib_png(circuit: Circuit, path: Path, canonical, title: str) -> Path
         ranks.setdefault(_rank(n, g.n_layers), []).append(n)
     pos = {}
     for rank, names in ranks.items():
-        for i, n in enumerate(sorted(names, key=_in_rank)):
+        for i, n in enumerate(sorted(names, key=component_order)):
             pos[n] = (i - (len(names) - 1) / 2, rank)
     width = max(6.0, 1.2 * max((len(v) for v in ranks.values()), default=1))
     fig, ax = plt.subplots(figsize=(width, 1.0 + 0.9 * len(ranks)))

@@ -12,7 +12,7 @@ import numpy as np
 
 from .circuit import Circuit
 from .errors import TaskError, check_finite
-from .graph import CircuitGraph
+from .graph import CircuitGraph, component_order
 from .model import Transformer
 from .tasks.base import Task
 
@@ -69,7 +69,7 @@ def overlap(first: Circuit, second: Circuit) -> dict:
     first.graph.check_same_edges(second.graph, "The second circuit")
     g = first.graph
     sets = {"edges": (set(first.edges), set(second.edges), g.edge_names),
-            "nodes": (nodes_of(g, first.edges), nodes_of(g, second.edges), sorted(all_nodes(g), key=_node_order))}
+            "nodes": (nodes_of(g, first.edges), nodes_of(g, second.edges), sorted(all_nodes(g), key=component_order))}
     out = {}
     for kind, (a, b, order) in sets.items():
         either = a | b
@@ -77,12 +77,6 @@ def overlap(first: Circuit, second: Circuit) -> dict:
                      "only_second": [n for n in order if n in b - a],
                      "jaccard": len(a & b) / len(either) if either else 1.0}
     return out
-
-
-def _node_order(name: str) -> tuple:
-    """a0.1 < a0.2 < m0 < a1.0: by layer, heads before the MLP."""
-    layer, _, head = name[1:].partition(".")
-    return int(layer), name[0] == "m", int(head or 0)
 
 
 def all_nodes(graph: CircuitGraph) -> set[str]:
@@ -179,11 +173,9 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     _, corr = resolve_corruption(model, task, corruption if corruption is not None else circuit.settings.get("corruption"))
     with matmul_precision(circuit.settings.get("precision")):
         scorer = Scorer(model, circuit.graph, task.bind(model), corr, metric_fn, static_task=task)
-        full = scorer.full(np.ones(circuit.graph.n_edges, np.float32))
-        empty = scorer.full(np.zeros(circuit.graph.n_edges, np.float32))
-        value = scorer.full(np.asarray(circuit.mask, np.float32))
-    for what, v in (("the full model", full), ("the empty circuit", empty), ("the circuit", value)):
-        check_finite(v, f"The metric of {what}")
+        full = _finite_metric(scorer, np.ones(circuit.graph.n_edges), "the full model")
+        empty = _finite_metric(scorer, np.zeros(circuit.graph.n_edges), "the empty circuit")
+        value = _finite_metric(scorer, circuit.mask, "the circuit")
     span = empty - full
     return {"circuit": value, "full": full, "empty": empty,
             "normalized": float((empty - value) / span) if span != 0 else float("nan")}
@@ -246,6 +238,11 @@ def _curve_area(points: Sequence[tuple[float, float]], f: Callable[[float], floa
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
 
 
+def _finite_metric(scorer, mask, what: str) -> float:
+    """The metric of the circuit `mask` in a full pass, refused unless finite."""
+    return check_finite(scorer.full(np.asarray(mask, np.float32)), f"The metric of {what}")
+
+
 def faithfulness_curve(model: Transformer, task: Task, masks: Sequence[np.ndarray], *, metric=None,
                        corruption=None) -> list[tuple[float, float]]:
     """(fraction of edges kept, normalised faithfulness) for each mask; MIB's
@@ -258,11 +255,10 @@ def faithfulness_curve(model: Transformer, task: Task, masks: Sequence[np.ndarra
     _, metric_fn = resolve_metric(task, metric)
     _, corr = resolve_corruption(model, task, corruption)
     scorer = Scorer(model, graph, task.bind(model), corr, metric_fn, static_task=task)
-    full = check_finite(scorer.full(np.ones(graph.n_edges, np.float32)), "The metric of the full model")
-    empty = check_finite(scorer.full(np.zeros(graph.n_edges, np.float32)), "The metric of the empty circuit")
+    full = _finite_metric(scorer, np.ones(graph.n_edges), "the full model")
+    empty = _finite_metric(scorer, np.zeros(graph.n_edges), "the empty circuit")
     span = empty - full if empty != full else float("nan")
-    values = [check_finite(scorer.full(np.asarray(m, np.float32)),
-                           f"The metric of the circuit keeping {int(np.sum(np.asarray(m) > 0.5))} edges") for m in masks]
+    values = [_finite_metric(scorer, m, f"the circuit keeping {int(np.sum(np.asarray(m) > 0.5))} edges") for m in masks]
     return [(float(np.mean(m > 0.5)), float((empty - v) / span)) for m, v in zip(masks, values)]
 
 

@@ -71,6 +71,15 @@ class Node:
         return f"a{self.layer}.{self.head}"
 
 
+def component_order(component: str) -> tuple:
+    """A sort key for `Node.component` labels in the model's order: the
+    embeddings, then by layer a0.1 < a0.2 < a0.10 < m0 < a1.0, then the logits."""
+    if component in ("embed", "pos", "logits"):
+        return (-1 if component != "logits" else float("inf"), False, 0, component)
+    layer, _, head = component[1:].partition(".")
+    return (int(layer), component[0] == "m", int(head or 0), "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Edge:
     index: int
