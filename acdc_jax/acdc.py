@@ -43,7 +43,7 @@ from . import compile_ahead
 from .circuit import Circuit, Decision, start_mask
 from .corruption import Corruption
 from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
-from .errors import MetricError
+from .errors import MetricError, check_stop_after
 from .graph import CircuitGraph
 from .model import Transformer, cast
 from .programs import compile_seconds
@@ -163,6 +163,7 @@ def acdc(
       is within that rounding of tau.
     """
     tau = check_tau(tau)
+    check_stop_after(stop_after)
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
     model = cast_for(model, dtype)

@@ -82,6 +82,13 @@ class Circuit:
     settings: dict = dataclasses.field(default_factory=dict)
     scores: Optional[np.ndarray] = None
 
+    def __post_init__(self):
+        n = self.graph.n_edges
+        for name, value in (("mask", self.mask), ("scores", self.scores)):
+            if value is not None and np.shape(value) != (n,):
+                raise ValueError(f"A circuit's {name} holds one value per edge of its graph ({n}); got shape "
+                                 f"{np.shape(value)}.")
+
     @property
     def edges(self) -> list[str]:
         return self.graph.edges_in(self.mask)

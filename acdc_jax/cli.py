@@ -32,6 +32,36 @@ def _summary(circuit, task, faith) -> list[str]:
 SAVED = {"exact_patching": "patching.npz", "eap_ig": "eap_ig.npz", "edge_pruning": "training.npz",
          "subnetwork_probing": "training.npz"}
 RESUMABLE = ("acdc", "acdc_nodes", *SAVED)  # ACDC keeps a decision log
+ACDCS, SCORED, TRAINED = ("acdc", "acdc_nodes"), ("eap", "eap_ig", "exact_patching", "hisp"), (
+    "edge_pruning", "subnetwork_probing")
+# flags (and their defaults) that only some methods read: given to another, they would silently do nothing
+ONLY_FOR = {"tau": (None, ACDCS + SCORED), "n_edges": (None, SCORED), "ties": ("refuse", SCORED),
+            "rank": ("abs", SCORED), "abs_value": (False, ACDCS), "head_order": ("ascending", ACDCS),
+            "mode": ("batched", ACDCS), "rescore_ties": (None, ACDCS), "max_width": (None, ACDCS + ("exact_patching",)),
+            "sparse": ("auto", ("acdc",)), "steps": (None, ("eap_ig", *TRAINED)), "sparsity": (None, TRAINED)}
+
+
+def _check_flags(args) -> None:
+    """Refuse a flag the chosen method would ignore, before any loading."""
+    for name, (default, methods) in ONLY_FOR.items():
+        if getattr(args, name, default) != default and args.method not in methods:
+            raise ValueError(f"--{name.replace('_', '-')} does nothing for --method {args.method}; it is for "
+                             f"{', '.join(methods)}. Leave it out, or choose one of those methods.")
+    if args.dtype != "float32" and args.precision != "float32":
+        raise ValueError(f"--precision {args.precision} chooses how float32 matrix products are multiplied; with "
+                         f"--dtype {args.dtype} there are none. Leave --precision out.")
+    if getattr(args, "ties", "refuse") != "refuse" and args.n_edges is None:
+        raise ValueError("--ties decides ties at the --n-edges K-th score; it does nothing without --n-edges.")
+    if args.command == "discover" and args.method in ACDCS and args.tau is None:
+        raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau)."
+                         if args.method == "acdc" else "ACDC over nodes needs --tau (a head or MLP is removed when "
+                         "the metric rises by less).")
+    _check_start(args)
+
+
+def _precision(args) -> str:
+    """The methods' matmul precision: the flag's in float32; in bf16 JAX's default, as `acdc` takes it."""
+    return args.precision if args.dtype == "float32" else "default"
 
 
 def _run_method(args, model, task, state=None):
@@ -39,20 +69,26 @@ def _run_method(args, model, task, state=None):
     their progress to `state` as they go (and resume from it with --resume)."""
     from .algorithms import METHODS
 
-    scored = args.method not in ("edge_pruning", "subnetwork_probing")
-    if scored and args.n_edges is None and args.tau is None:  # before the run, which may be long
-        raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-ranked edges) or --tau T "
-                         "(keep edges ranked >= T: |score|, or the score with --rank signed).")
-    kw = {"metric": args.metric, "corruption": args.corruption, "precision": args.precision, "mesh": args.mesh}
+    from .acdc import cast_for
+    from .algorithms import check_keep
+
+    scored = args.method in SCORED
+    if scored:  # before the run, which may be long
+        if args.n_edges is None and args.tau is None:
+            raise ValueError(f"--method {args.method} needs --n-edges K (keep the K highest-ranked edges) or --tau T "
+                             "(keep edges ranked >= T: |score|, or the score with --rank signed).")
+        check_keep(args.n_edges, args.tau, args.rank, getattr(args, "ties", "refuse"), task.graph(model).n_edges)
+    model = cast_for(model, args.dtype)
+    kw = {"metric": args.metric, "corruption": args.corruption, "precision": _precision(args), "mesh": args.mesh}
     if args.method == "eap_ig":
-        kw["steps"] = args.steps or 16
+        kw["steps"] = args.steps if args.steps is not None else 16
     if args.method in SAVED:  # the long ones
         kw["progress"] = not args.no_progress
         if state is not None:
             kw.update(checkpoint=state, resume=state if getattr(args, "resume", False) else None,
                       stop_after=getattr(args, "stop_after", None))
     if args.method in ("edge_pruning", "subnetwork_probing"):
-        kw["steps"] = args.steps or 1500
+        kw["steps"] = args.steps if args.steps is not None else 1500
         if args.sparsity is not None:
             kw["sparsity"] = args.sparsity
     if args.method == "exact_patching":
@@ -63,14 +99,14 @@ def _run_method(args, model, task, state=None):
     from .algorithms import circuit_from_scores
 
     return circuit_from_scores(circuit.graph, circuit.scores, circuit.settings, n_edges=args.n_edges,
-                               threshold=None if args.n_edges is not None else args.tau, rank=args.rank,
+                               threshold=args.tau, rank=args.rank,
                                ties=getattr(args, "ties", "refuse"))
 
 
 def _nodes_kwargs(args) -> dict:
     return dict(metric=args.metric, corruption=args.corruption, mode=args.mode,
                 abs_value=getattr(args, "abs_value", False), head_order=getattr(args, "head_order", "ascending"),
-                max_width=getattr(args, "max_width", None), precision=args.precision, progress=not args.no_progress,
+                max_width=getattr(args, "max_width", None), precision=_precision(args), progress=not args.no_progress,
                 mesh=args.mesh, rescore_ties=ON_OFF[getattr(args, "rescore_ties", None)])
 
 
@@ -93,11 +129,12 @@ def _keep_progress(state: Path, saved: Path) -> None:
 def cmd_discover(args) -> int:
     """Find a circuit (ACDC by default) and write circuit.json, the decision log, circuit.dot, a picture
     and edges.html."""
-    from .acdc import acdc
+    from .acdc import acdc, cast_for
     from .draw import render
     from .explore import write_html
     from .evaluate import faithfulness
 
+    _check_flags(args)
     for flag, given in (("--resume", args.resume), ("--stop-after", args.stop_after is not None)):
         if given and args.method not in RESUMABLE:
             raise ValueError(f"{flag} is for {', '.join(RESUMABLE)}, whose runs save their progress; "
@@ -109,10 +146,7 @@ def cmd_discover(args) -> int:
         _keep_progress(log, out / "circuit.json")
     model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
-    _check_start(args)
     if args.method == "acdc":
-        if args.tau is None:
-            raise ValueError("ACDC needs --tau (an edge is removed when the metric rises by less than tau).")
         circuit = acdc(model, task, args.tau, metric=args.metric, corruption=args.corruption, mode=args.mode,
                        abs_value=args.abs_value, head_order=args.head_order, max_width=args.max_width,
                        mesh=args.mesh, dtype=args.dtype, precision=args.precision,
@@ -120,11 +154,9 @@ def cmd_discover(args) -> int:
                        progress=not args.no_progress, sparse=args.sparse, start=args.start,
                        rescore_ties=ON_OFF[args.rescore_ties], stop_after=args.stop_after)
     elif args.method == "acdc_nodes":
-        if args.tau is None:
-            raise ValueError("ACDC over nodes needs --tau (a head or MLP is removed when the metric rises by less).")
         from .algorithms import acdc_nodes
 
-        circuit = acdc_nodes(model, task, args.tau, log_path=None if args.resume else log,
+        circuit = acdc_nodes(cast_for(model, args.dtype), task, args.tau, log_path=None if args.resume else log,
                              resume=log if args.resume else None, stop_after=args.stop_after, **_nodes_kwargs(args))
     else:
         circuit = _run_method(args, model, task, state=log)
@@ -145,8 +177,10 @@ def cmd_discover(args) -> int:
 
 def cmd_roc(args) -> int:
     """Sweep tau, score each circuit against the canonical one, plot the ROC curve."""
+    from .acdc import cast_for
     from .draw import plot_roc
 
+    _check_flags(args)
     if args.resume and args.method not in ("acdc", "acdc_nodes"):
         raise ValueError(f"roc --resume is for acdc and acdc_nodes, whose sweeps save a circuit per tau; "
                          f"{args.method} scores every edge in one run.")
@@ -159,12 +193,11 @@ def cmd_roc(args) -> int:
     model, task = _task(args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _check_start(args)
     if args.method == "acdc_nodes":
         from .algorithms import acdc_nodes
         from .evaluate import roc
 
-        result = roc(model, task, args.taus, method=acdc_nodes, out=out, resume=args.resume, **_nodes_kwargs(args))
+        result = roc(cast_for(model, args.dtype), task, args.taus, method=acdc_nodes, out=out, resume=args.resume, **_nodes_kwargs(args))
     elif args.method == "acdc":
         from .evaluate import roc
 

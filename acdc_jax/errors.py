@@ -1,5 +1,8 @@
 """Exceptions that name the offending input and say how to fix it."""
 
+import math
+from typing import Optional
+
 
 class ConfigError(ValueError):
     """A model config field is missing, malformed or not supported."""
@@ -15,6 +18,40 @@ class TaskError(ValueError):
 
 class MetricError(ValueError):
     """A metric returned NaN or a value of the wrong shape."""
+
+
+def check_whole(value, what: str, low: int = 0, high: Optional[int] = None, error=ValueError) -> int:
+    """`value` as an int (a Python or numpy integer, not a bool), or an
+    `error` naming `what` and the range it must lie in."""
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+            high is not None and value > high):
+        span = f"a whole number between {low} and {high}" if high is not None else f"a whole number >= {low}"
+        raise error(f"{what} must be {span}, got {value!r}.")
+    return int(value)
+
+
+def check_number(value, what: str, low: Optional[float] = None, high: Optional[float] = None, *,
+                 above: bool = False, error=ValueError) -> float:
+    """`value` as a finite float (>= `low`, or > it with `above`, and <=
+    `high`), or an `error` naming `what` and the range."""
+    import numpy as np
+
+    fine = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(
+        value) and (low is None or value > low if above else low is None or value >= low) and (
+        high is None or value <= high)
+    if not fine:
+        span = " and ".join(s for s in (low is not None and f"{'>' if above else '>='} {low:g}",
+                                         high is not None and f"<= {high:g}") if s)
+        raise error(f"{what} must be a finite number{' ' + span if span else ''}, got {value!r}.")
+    return float(value)
+
+
+def check_stop_after(seconds) -> None:
+    """`stop_after` (--stop-after) is None or a number of seconds >= 0 (0: stop after the first pass or step)."""
+    if seconds is not None:
+        check_number(seconds, "stop_after (seconds, --stop-after)", 0)
 
 
 def check_finite(values, what: str):

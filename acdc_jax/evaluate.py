@@ -84,6 +84,8 @@ def all_nodes(graph: CircuitGraph) -> set[str]:
 
 
 def roc_from_circuits(circuits: Sequence[Circuit], canonical: Iterable[str], taus: Optional[list] = None) -> RocResult:
+    if not circuits:
+        raise ValueError("No circuits to make an ROC curve of.")
     graph = circuits[0].graph
     canonical = set(canonical)
     universe = set(graph.edge_names)
@@ -111,6 +113,11 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
     is found; with `resume`, those saved are read back (refused if another
     model, other prompts or another method made them) and an unfinished one
     continues from its log."""
+    from .acdc import check_tau
+
+    taus = [check_tau(tau) for tau in taus]  # all of them before a long sweep
+    if not taus:
+        raise ValueError("No thresholds (taus) to sweep; give at least one.")
     if method is None:
         from .acdc import acdc as method
     if out is None:

@@ -26,6 +26,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from .errors import check_whole
 from .graph import CircuitGraph
 from .model import Transformer
 from .sharding import candidate_shards, prompt_shards
@@ -156,10 +157,9 @@ def plan_task(model: Transformer, graph: CircuitGraph, task, max_width: Optional
               mesh=None) -> tuple[list[int], Optional[int]]:
     """`plan_batch` for `task`'s prompts over `mesh`'s shards (None: one
     device), at most `max_width` wide (default: `default_max_width`)."""
-    if max_width is not None and (isinstance(max_width, bool) or not isinstance(max_width, (int, np.integer))
-                                  or max_width < 1):
-        raise ValueError(f"max_width (the most candidates in one batched pass) must be a whole number >= 1, "
-                         f"got {max_width!r}; leave it out for the device's default.")
+    if max_width is not None:
+        max_width = check_whole(max_width, "max_width (the most candidates in one batched pass; leave it out for "
+                                "the device's default)", 1)
     return plan_batch(model, graph, task.clean.shape[0], task.clean.shape[1], len(task.positions),
                       max_width or default_max_width(), candidate_shards(mesh), prompt_shards(mesh))
 

@@ -128,9 +128,14 @@ class Scorer:
     def _dtype(self):
         return self.model.embed.W_E.dtype
 
-    def _rep(self, masks) -> jax.Array:
-        """Masks in the model's dtype, on every device of the mesh."""
-        return put_replicated(jnp.asarray(np.asarray(masks, np.float32), self._dtype), self.mesh)
+    def _rep(self, masks, ndim: int = 1) -> jax.Array:
+        """Masks in the model's dtype, on every device of the mesh; `ndim` 1
+        for one mask, 2 for a stack of them."""
+        masks = np.asarray(masks, np.float32)
+        if masks.ndim != ndim or masks.shape[-1] != self.graph.n_edges:  # JAX's gathers would clamp, silently
+            raise ValueError(f"A mask holds one value per edge of the graph ({self.graph.n_edges}); expected "
+                             f"{'one mask' if ndim == 1 else 'a stack of masks'}, got an array of shape {masks.shape}.")
+        return put_replicated(jnp.asarray(masks, self._dtype), self.mesh)
 
     def flops_of_pass(self, start_layer: int, heads: int, upstream_rows: Optional[int] = None) -> int:
         """Matrix-multiply FLOPs of one candidate over the task's prompts, in a
@@ -168,7 +173,7 @@ class Scorer:
         self.passes += len(masks)
         self.flops += 3 * len(masks) * self.flops_of_pass(0, self.graph.n_heads)  # backward ~ 2x forward
         values, grads = dense.metric_grads(self.model, self.graph, self.corruption, self.metric, self.task, self.arrays,
-                                           self._rep(masks), self.tokens, self.positions, self.grad_chunk)
+                                           self._rep(masks, 2), self.tokens, self.positions, self.grad_chunk)
         return np.asarray(fetch(values), np.float64), np.asarray(fetch(grads), np.float64)
 
     def _head_columns(self, mask: np.ndarray, layer: int) -> np.ndarray:

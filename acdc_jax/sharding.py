@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .errors import check_whole
+
 AXES = ("candidates", "prompts")
 
 
@@ -27,8 +29,7 @@ def make_mesh(candidates: Optional[int] = None, prompts: int = 1, devices: Optio
     bit for bit); ``prompts > 1`` also splits the prompt batch, which lowers
     the memory per device."""
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(prompts, int) or prompts < 1:
-        raise ValueError(f"prompts must be a positive int, got {prompts!r}.")
+    prompts = check_whole(prompts, "prompts (the prompt shards)", 1)
     if candidates is None:
         if len(devices) % prompts:
             raise ValueError(f"{len(devices)} devices cannot be split into {prompts} prompt shards.")

@@ -36,16 +36,58 @@ def task():
     (lambda m, t: aj.acdc(m, t, 0.1, head_order="random"), ValueError, "head_order must be 'ascending' or"),
     (lambda m, t: edge_pruning(m, t, sparsity=1.0), ValueError, r"sparsity .* must be in \[0, 1\), got 1.0"),
     (lambda m, t: edge_pruning(m, t, sparsity=float("nan")), ValueError, "sparsity .* got nan"),
-    (lambda m, t: subnetwork_probing(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
-    (lambda m, t: eap_ig(m, t, steps=0), ValueError, "steps must be >= 1, got 0"),
+    (lambda m, t: subnetwork_probing(m, t, steps=0), ValueError, r"steps \(training steps, --steps\) must be a whole "
+     "number >= 1, got 0"),
+    (lambda m, t: eap_ig(m, t, steps=0), ValueError, r"steps \(interpolation steps, --steps\) must be a whole number "
+     ">= 1, got 0"),
+    # before: a TypeError from range() or the PRNG, a negative learning rate trained away from sparsity, a negative
+    # stop_after stopped at once, and a NaN threshold or a fractional n_edges kept nothing or raised an IndexError
+    (lambda m, t: eap_ig(m, t, steps=2.5), ValueError, "steps .* must be a whole number >= 1, got 2.5"),
+    (lambda m, t: edge_pruning(m, t, steps=10.0), ValueError, "steps .* must be a whole number >= 1, got 10.0"),
+    (lambda m, t: edge_pruning(m, t, lr=-0.05), ValueError, r"lr \(the gates' learning rate\) must be a finite "
+     "number > 0, got -0.05"),
+    (lambda m, t: edge_pruning(m, t, lambda_lr=float("inf")), ValueError, "lambda_lr .* must be a finite number >= 0"),
+    (lambda m, t: subnetwork_probing(m, t, seed=1.5), ValueError, "seed must be a whole number >= 0, got 1.5"),
+    (lambda m, t: edge_pruning(m, t, stop_after=-1), ValueError, r"stop_after \(seconds, --stop-after\) must be a "
+     "finite number >= 0, got -1"),
+    (lambda m, t: aj.acdc(m, t, 0.1, stop_after=float("nan")), ValueError, "stop_after .* got nan"),
+    (lambda m, t: aj.algorithms.acdc_nodes(m, t, 0.1, stop_after=-5), ValueError, "stop_after .* got -5"),
+    (lambda m, t: exact_patching(m, t, n_edges=2.5), ValueError, r"n_edges \(the number of edges to keep, "
+     r"--n-edges\) must be a whole number between 0 and \d+, got 2.5"),
+    (lambda m, t: aj.algorithms.eap(m, t, n_edges=True), ValueError, "n_edges .* got True"),
+    (lambda m, t: aj.algorithms.hisp(m, t, threshold=float("nan")), ValueError, "threshold .* must be a number, "
+     "got nan"),
+    (lambda m, t: eap_ig(m, t, n_edges=5, threshold=0.1), ValueError, "Give n_edges .* or threshold .*, not both"),
     (lambda m, t: aj.acdc(m, t, 0.1, max_width=0), ValueError, "max_width .* must be a whole number >= 1, got 0"),
     (lambda m, t: exact_patching(m, t, max_width=-2), ValueError, "max_width .* got -2"),
     (lambda m, t: aj.algorithms.acdc_nodes(m, t, 0.1, max_width=2.5), ValueError, "max_width .* got 2.5"),
 ], ids=["mode", "dtype", "metric", "head_order", "sparsity", "sparsity-nan", "probing-steps", "eap_ig-steps",
-        "acdc-max_width", "patching-max_width", "nodes-max_width"])
+        "eap_ig-fractional-steps", "pruning-float-steps", "lr", "lambda_lr", "seed", "pruning-stop_after",
+        "acdc-stop_after", "nodes-stop_after", "fractional-n_edges", "bool-n_edges", "nan-threshold",
+        "n_edges-and-threshold", "acdc-max_width", "patching-max_width", "nodes-max_width"])
 def test_bad_method_arguments_are_named(model, task, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(model, task)
+
+
+def test_masks_of_the_wrong_size_are_refused(model, task):
+    """A mask with more or fewer entries than the graph has edges used to be
+    read through JAX's clamping gathers: faithfulness_curve scored a 5-entry
+    mask as the full model."""
+    graph = task.graph(model)
+    with pytest.raises(ValueError, match=rf"A circuit's mask holds one value per edge of its graph \({graph.n_edges}\); "
+                       r"got shape \(5,\)"):
+        aj.Circuit(graph, np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="A circuit's scores holds one value per edge"):
+        aj.Circuit(graph, np.ones(graph.n_edges, np.float32), scores=np.zeros(graph.n_edges + 1))
+    for mask, shape in ((np.ones(5), r"\(5,\)"), (np.ones((2, graph.n_edges)), rf"\(2, {graph.n_edges}\)")):
+        with pytest.raises(ValueError, match=rf"one value per edge of the graph \({graph.n_edges}\); expected one "
+                           rf"mask, got an array of shape {shape}"):
+            aj.evaluate.faithfulness_curve(model, task, [mask])
+    with pytest.raises(ValueError, match="No thresholds"):
+        aj.evaluate.sweep(model, task, [])
+    with pytest.raises(ValueError, match="tau must be a finite number"):  # every tau before the first run
+        aj.evaluate.sweep(model, task, [0.1, -1.0], method=lambda *a, **k: pytest.fail("ran before checking"))
 
 
 def test_bad_tokens_are_named(model):
@@ -87,11 +129,11 @@ def test_bad_candidates_graphs_and_meshes_are_named():
         graph.edge_index(graph.n_edges)
     with pytest.raises(ValueError, match="head_order must be 'ascending' or 'descending'"):
         Schedule(graph, head_order="sideways")
-    with pytest.raises(ValueError, match="prompts must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"prompts \(the prompt shards\) must be a whole number >= 1, got 0"):
         make_mesh(prompts=0)
     with pytest.raises(ValueError, match="1 devices cannot be split into 2 prompt shards"):
         make_mesh(prompts=2, devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="k must be between 0 and 3, got 4"):
+    with pytest.raises(ValueError, match=r"n_edges .* must be a whole number between 0 and 3, got 4"):
         top_k_threshold(np.array([0.1, 0.2, 0.3]), 4)
 
 

@@ -213,11 +213,12 @@ def test_named_tasks_say_what_they_need(tmp_path):
     # tracr-proportion beyond its 256 strings an IndexError, and tracr-reverse ignored the number
     for name, n, pattern in [("induction", 1, "must be a whole number >= 2, got 1"),
                              ("induction", 0, "must be a whole number >= 2, got 0"),
-                             ("tracr-proportion", 257, "must be between 1 and 256, got 257"),
+                             ("tracr-proportion", 257, "must be a whole number between 1 and 256, got 257"),
                              ("tracr-reverse", 4, "all 6 orderings of its input, always"),
                              ("ioi", -1, "must be a whole number >= 1, got -1")]:
         with pytest.raises(TaskError, match=pattern):
             get(name, n_examples=n)
+    assert get("induction", n_examples=np.int64(3))[1].clean.shape[0] == 3  # a numpy integer is a whole number
     with pytest.raises(TaskError, match=r"has no prompts \(clean tokens of shape \(0, 3\)\)"):
         Task("empty", np.zeros((0, 3), np.int32), None, [1], {"kl": kl_divergence})
     with pytest.raises(TaskError, match="No tokenizer at"):

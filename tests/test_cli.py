@@ -187,10 +187,38 @@ def test_tasks_command_says_when_tracr_is_missing(capsys, monkeypatch):
      "--resume is for acdc, acdc_nodes, exact_patching, eap_ig, edge_pruning, subnetwork_probing"),
     (["discover", "--task", "induction", "--method", "hisp", "--n-edges", "3", "--stop-after", "5"],
      "--stop-after is for acdc, acdc_nodes"),
+    # flags the method would have ignored, and settings that were silently replaced or dropped
+    (["discover", "--task", "induction", "--tau", "0.1", "--n-edges", "5"],
+     "--n-edges does nothing for --method acdc; it is for eap, eap_ig, exact_patching, hisp"),
+    (["discover", "--task", "induction", "--method", "eap", "--n-edges", "5", "--steps", "3"],
+     "--steps does nothing for --method eap"),
+    (["discover", "--task", "induction", "--method", "edge_pruning", "--tau", "0.1"],
+     "--tau does nothing for --method edge_pruning"),
+    (["roc", "--task", "induction", "--method", "eap", "--mode", "sequential"], "--mode does nothing for --method eap"),
+    (["discover", "--task", "induction", "--method", "eap", "--tau", "0.1", "--ties", "more"],
+     "it does nothing without --n-edges"),
+    (["discover", "--task", "induction", "--method", "eap", "--tau", "0.1", "--n-edges", "5"], "not both"),
+    (["discover", "--task", "induction", "--method", "eap_ig", "--n-edges", "5", "--steps", "0"],
+     "steps (interpolation steps, --steps) must be a whole number >= 1, got 0"),
+    (["discover", "--task", "induction", "--tau", "0.1", "--dtype", "bfloat16", "--precision", "tensorfloat32"],
+     "with --dtype bfloat16 there are none"),
+    (["discover", "--task", "induction", "--method", "exact_patching", "--n-edges", "106"],
+     "must be a whole number between 0 and 105, got 106"),
 ])
 def test_command_errors(tmp_path, capsys, args, words):
     assert main(args + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_dtype_reaches_every_method(tmp_path):
+    """--dtype bfloat16 runs the other methods in bf16 too (it used to reach
+    only ACDC over edges), with JAX's default matmul precision, as ACDC does."""
+    for method, extra in (("eap", ["--n-edges", "10"]), ("acdc_nodes", ["--tau", "0.05"])):
+        out = tmp_path / method
+        assert main(["discover", "--task", "induction", "--method", method, *extra, "--dtype", "bfloat16",
+                     "--out", str(out), "--no-progress"]) == 0
+        settings = json.loads((out / "circuit.json").read_text())["settings"]
+        assert (settings["dtype"], settings["precision"]) == ("bfloat16", "default")
 
 
 @pytest.mark.parametrize("method, extra", [("exact_patching", ["--tau", "0.01"]), ("edge_pruning", ["--steps", "2"])])

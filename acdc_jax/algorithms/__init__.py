@@ -2,7 +2,7 @@
 `Circuit` whose ``scores`` estimate how much the metric rises when an edge is
 cut (or, for the trained masks, how strongly it is kept)."""
 
-from .attribution import (RANKS, TIES, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_mask,
+from .attribution import (RANKS, TIES, check_keep, circuit_from_scores, eap, eap_ig, edge_ranking, exact_patching, hisp, top_k_mask,
                           top_k_threshold)
 from .nodes import acdc_nodes, node_order
 from .pruning import edge_pruning, subnetwork_probing
@@ -16,5 +16,5 @@ METHODS = {
     "hisp": hisp,
 }
 
-__all__ = ["METHODS", "RANKS", "acdc_nodes", "node_order", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
+__all__ = ["METHODS", "RANKS", "acdc_nodes", "node_order", "check_keep", "circuit_from_scores", "eap", "eap_ig", "edge_pruning", "edge_ranking", "exact_patching", "hisp",
            "subnetwork_probing", "TIES", "top_k_mask", "top_k_threshold"]

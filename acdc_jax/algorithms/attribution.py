@@ -25,7 +25,7 @@ from .. import compile_ahead
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..decide import PassOutOfMemory, narrow, score_pass
-from ..errors import check_finite
+from ..errors import check_finite, check_stop_after, check_whole
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
@@ -56,6 +56,7 @@ def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGrap
                 "mesh": None if mesh is None else dict(mesh.shape),
                 "n_prompts": int(task.clean.shape[0]), "n_pos": int(task.clean.shape[1]),
                 "graph": {"split_qkv": graph.split_qkv, "qkv_edges": graph.qkv_edges, "split_embed": graph.split_embed},
+                "dtype": str(model.embed.W_E.dtype),
                 "precision": jax.config.jax_default_matmul_precision}  # in effect (None: JAX's platform default)
     return graph, scorer, settings
 
@@ -78,8 +79,7 @@ def top_k_mask(importance: np.ndarray, k: int, ties: str = "refuse") -> tuple[np
     if ties not in TIES:
         raise ValueError(f"ties={ties!r} is not one of {TIES}.")
     importance = np.asarray(importance, np.float64)
-    if not 0 <= k <= len(importance):
-        raise ValueError(f"k must be between 0 and {len(importance)}, got {k}.")
+    k = check_whole(k, "n_edges (the number of edges to keep, --n-edges)", 0, len(importance))
     if k == 0:
         return np.zeros(len(importance), bool), np.inf
     kth = float(np.sort(importance)[::-1][k - 1])
@@ -113,6 +113,22 @@ def edge_ranking(scores: np.ndarray, rank: str = "abs") -> np.ndarray:
     return np.nan_to_num(np.abs(scores) if rank == "abs" else scores, nan=-np.inf)
 
 
+def check_keep(n_edges, threshold, rank: str, ties: str, n_total: Optional[int] = None) -> None:
+    """Refuse a bad choice of which edges to keep before a long scoring run, not after it."""
+    if n_edges is not None and threshold is not None:
+        raise ValueError(f"Give n_edges (keep the {n_edges} edges ranked highest) or threshold (keep those ranked >= "
+                         f"{threshold}), not both; on the command line, --n-edges or --tau.")
+    if n_edges is not None:
+        check_whole(n_edges, "n_edges (the number of edges to keep, --n-edges)", 0, n_total)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))
+                                  or np.isnan(threshold)):
+        raise ValueError(f"threshold (--tau for a scoring method) must be a number, got {threshold!r}.")
+    if rank not in RANKS:
+        raise ValueError(f"rank={rank!r} is not one of {RANKS}.")
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES}.")
+
+
 def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict, *, n_edges: Optional[int] = None,
                         threshold: Optional[float] = None, metric: Optional[float] = None,
                         rank: str = "abs", ties: str = "refuse") -> Circuit:
@@ -120,6 +136,7 @@ def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict,
     `threshold` (default: every edge ranked above 0), by |score| or, with
     ``rank="signed"``, by the score itself. `ties`: what to do where edges
     tie at the `n_edges`-th rank (`top_k_mask`)."""
+    check_keep(n_edges, threshold, rank, ties, graph.n_edges)
     ranked = edge_ranking(scores, rank)
     if n_edges is not None:
         mask, threshold = top_k_mask(ranked, n_edges, ties)
@@ -166,6 +183,8 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     start = time.perf_counter()
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh)
+    check_keep(n_edges, threshold, rank, ties, graph.n_edges)
+    check_stop_after(stop_after)
     widths, chunk = plan_task(model, graph, task, max_width, mesh)
     graph, scorer, settings = setup(model, task, metric, corruption, graph, prompt_chunk=chunk, mesh=mesh,
                                     widths=widths, ahead=True)  # on accelerators: programs compiled ahead
@@ -235,6 +254,7 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     one backward pass). `mesh` (a Mesh, "auto" or "CxP"): the prompts are
     spread over its prompt axis (a gradient has no candidates to spread, so
     "auto" puts the devices on prompts; a CxP mesh holds C copies)."""
+    check_keep(n_edges, threshold, rank, ties)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     value, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")
@@ -256,8 +276,9 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     `stop_after`: as for `exact_patching` (a stopped run has no scores yet)."""
     from ..acdc import progress_bar
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
+    steps = check_whole(steps, "steps (interpolation steps, --steps)", 1)
+    check_keep(n_edges, threshold, rank, ties)
+    check_stop_after(stop_after)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     run = run_settings(model, task, settings, "eap_ig", steps=steps)
@@ -319,6 +340,7 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     outgoing edges, so its gradient is the sum of their mask gradients. The
     metric is taken over the whole batch. Edges score as their weaker end.
     `mesh`: as for `eap`."""
+    check_keep(n_edges, threshold, rank, ties)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     _, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")

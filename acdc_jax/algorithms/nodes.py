@@ -33,7 +33,7 @@ from ..acdc import check_tau, progress_bar
 from ..decide import PassOutOfMemory, TieBand, narrow, score_pass, tie_band
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
-from ..errors import MetricError
+from ..errors import MetricError, check_stop_after
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
@@ -109,6 +109,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     import jax
 
     tau = check_tau(tau)
+    check_stop_after(stop_after)
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
     start_time = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from ..dense import metric_of_mask
-from ..errors import check_finite
+from ..errors import check_finite, check_number, check_stop_after, check_whole
 from ..precision import takes_precision
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
 from .saved import load_state, run_settings, save_state, state_path
@@ -46,12 +46,15 @@ def expected_density(log_alpha):
     return jax.nn.sigmoid(log_alpha - BETA * np.log(-LEFT / RIGHT)).mean()
 
 
-def _check(sparsity: float, steps: int) -> None:
+def _check(sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int, stop_after) -> None:
     """Refuse bad training settings before any compiling."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity (the fraction of gates removed) must be in [0, 1), got {sparsity}.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.number)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity (the fraction of gates removed, --sparsity) must be in [0, 1), got {sparsity!r}.")
+    check_whole(steps, "steps (training steps, --steps)", 1)
+    check_number(lr, "lr (the gates' learning rate)", 0, above=True)
+    check_number(lambda_lr, "lambda_lr (the sparsity multiplier's learning rate)", 0)
+    check_whole(seed, "seed", 0)
+    check_stop_after(stop_after)
 
 
 def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
@@ -145,7 +148,7 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
     `resume`: continue from one, to the gates of a run never stopped;
     `stop_after`: stop after this many seconds of training
     (``settings["finished"]`` is False) and resume later."""
-    _check(sparsity, steps)
+    _check(sparsity, steps, lr, lambda_lr, seed, stop_after)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     run = run_settings(model, task, settings, "edge_pruning", n_params=graph.n_edges, sparsity=sparsity, steps=steps,
@@ -169,7 +172,7 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     edges), trained to `sparsity` (the fraction of nodes removed). Edges score
     as their weaker end; the circuit keeps the edges between kept nodes.
     `mesh`, `checkpoint`, `resume` and `stop_after`: as for `edge_pruning`."""
-    _check(sparsity, steps)
+    _check(sparsity, steps, lr, lambda_lr, seed, stop_after)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     groups = sender_groups(graph)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import TaskError
+from ..errors import TaskError, check_whole
 from .base import Task, kl_divergence, squared_error
 from .prompts import load_task, prompt_task
 from .text import tokenizer_beside
@@ -94,10 +94,7 @@ def _check_examples(name: str, n_examples) -> None:
         raise TaskError("tracr-reverse runs on all 6 orderings of its input, always; do not pass n_examples "
                         "(--examples).")
     low, high = EXAMPLES.get(name, (1, None))
-    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < low or (
-            high is not None and n_examples > high):
-        span = f"between {low} and {high}" if high is not None else f"a whole number >= {low}"
-        raise TaskError(f"Task {name}: n_examples (--examples) must be {span}, got {n_examples!r}.")
+    check_whole(n_examples, f"Task {name}: n_examples (--examples)", low, high, error=TaskError)
 
 
 def _convert(checkpoint: str):
