@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import numpy as np
 
 from .errors import check_whole
 from .graph import CircuitGraph
