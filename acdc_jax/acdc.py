@@ -214,7 +214,8 @@ def acdc(
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
-            log.replay(schedule, state)
+            with log.closed_on_error():  # a log of another run: unlocked for the next try
+                log.replay(schedule, state)
         elif log_path is None and schedule.start.sum() > UNLOGGED_EDGES:
             warnings.warn(f"This ACDC run over {int(schedule.start.sum())} edges keeps no decision log, so a crash "
                           "would lose its decisions: pass log_path='decisions.jsonl' (and, after a crash, resume= "

@@ -5,11 +5,13 @@ metric; every later line is one Decision, appended (and flushed) as soon as it
 is made. Resuming checks that the settings match, replays the logged decisions
 against the schedule (so a log from a different run is refused), and continues
 with the metric values the log recorded, which gives the same result as a run
-that was never interrupted.
+that was never interrupted. A process writing a log holds a lock on it, so a
+second run into the same log is refused instead of interleaving its lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +21,26 @@ from typing import Optional
 import numpy as np
 
 from .circuit import Decision, dumps, finite_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so two runs into one log are not caught there
+    fcntl = None
+
+
+def _locked(path: Path, mode: str):
+    """`path` opened with `mode` and locked for as long as it stays open (the
+    lock goes with the process, so a crashed run leaves none)."""
+    f = open(path, mode, errors="replace")  # bytes that are not text fail the header and line checks
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise ValueError(f"Another process is writing the decision log {path}: the same run started twice, "
+                             "or a second run into the same --out (log_path). Let that one finish, or give this "
+                             "run another --out.") from None
+    return f
 
 
 def model_fingerprint(model) -> str:
@@ -58,12 +80,12 @@ def differing(saved: dict, now: dict) -> dict:
 
 class RunLog:
     def __init__(self, path: Optional[Path], settings: dict, initial_metric: float, logged: list[Decision],
-                 write: bool = True):
+                 file=None):
         self.path = path
         self.settings = settings
         self.initial_metric = initial_metric
         self.logged = logged
-        self._file = open(path, "a") if path is not None and write else None
+        self._file = file  # open and locked, at its end; None: nothing is written
 
     @classmethod
     def open(cls, path, settings: dict, initial_metric: float, resume: bool, write: bool = True) -> "RunLog":
@@ -73,12 +95,27 @@ class RunLog:
         path = Path(path)
         if not resume:
             path.parent.mkdir(parents=True, exist_ok=True)
+            f = _locked(path, "a+")  # emptied only once locked
+            f.truncate(0)
             header = {"type": "header", "version": 1, "settings": settings, "initial_metric": initial_metric}
-            path.write_text(dumps(header) + "\n")
-            return cls(path, settings, initial_metric, [])
+            f.write(dumps(header) + "\n")
+            f.flush()
+            return cls(path, settings, initial_metric, [], f)
         if not path.is_file():
             raise FileNotFoundError(f"No decision log to resume from at {path}.")
-        lines = path.read_text(errors="replace").splitlines()  # bytes that are not text fail the checks below
+        f = _locked(path, "r+") if write else open(path, errors="replace")
+        try:
+            log = cls._read(f, path, settings, write)
+        except BaseException:
+            f.close()
+            raise
+        if not write:
+            f.close()
+        return log
+
+    @classmethod
+    def _read(cls, f, path: Path, settings: dict, write: bool) -> "RunLog":
+        lines = f.read().splitlines()
         if not lines:
             raise ValueError(f"The decision log {path} is empty.")
         try:
@@ -103,8 +140,11 @@ class RunLog:
             except (json.JSONDecodeError, KeyError):
                 break  # a line cut off by the interruption; it is rewritten below
         if write:
-            path.write_text("\n".join(lines[:good]) + "\n")
-        return cls(path, settings, header["initial_metric"], logged, write)
+            f.seek(0)
+            f.truncate()
+            f.write("\n".join(lines[:good]) + "\n")
+            f.flush()
+        return cls(path, settings, header["initial_metric"], logged, f if write else None)
 
     def replay(self, schedule, state) -> None:
         """Re-apply the logged decisions to `state`, checking each against the schedule."""
@@ -135,6 +175,15 @@ class RunLog:
         self._file.write("".join(dumps(d.to_json()) + "\n" for d in decisions))
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    @contextlib.contextmanager
+    def closed_on_error(self):
+        """Close (and unlock) the log if the block raises."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._file is not None:

@@ -95,6 +95,30 @@ def test_resume_refuses_a_log_whose_decisions_are_out_of_order(small_gpt2, tmp_p
     with pytest.raises(ValueError, match=rf"Decision 0 of the log \({second}.*is not what the schedule does next "
                                          rf"\({first}.*belongs to another run"):
         acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+    log.write_text("\n".join(lines) + "\n")  # the refused resume let go of the log: the next one may write it
+    resumed = acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+    assert len(resumed.decisions) == len(lines) - 1
+
+
+def test_a_second_run_into_a_log_being_written_is_refused(small_gpt2, tmp_path):
+    """Two runs appending to one decision log (a job started twice into the
+    same --out) would interleave their lines; the run writing it holds a lock,
+    so the second is refused, whether it starts afresh or resumes."""
+    pytest.importorskip("fcntl")
+    model, task = small_gpt2
+    log = tmp_path / "decisions.jsonl"
+    refused = []
+
+    def second_run(decision):
+        if not refused:
+            for kw in (dict(log_path=log), dict(resume=log)):
+                with pytest.raises(ValueError, match=rf"Another process is writing the decision log {re.escape(str(log))}"):
+                    acdc(model, task, 0.05, progress=False, **kw)
+                refused.append(kw)
+
+    first = acdc(model, task, 0.05, progress=False, max_width=4, log_path=log, callback=second_run)
+    assert len(refused) == 2
+    assert [json.loads(line)["edge"] for line in log.read_text().splitlines()[1:]] == [d.edge for d in first.decisions]
 
 
 def test_stop_after_then_resume(small_gpt2, tmp_path):

@@ -130,7 +130,8 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
         raise MetricError(f"The metric {settings['metric']!r} of the full model is {full_metric}; it must be finite.")
     log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
     run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, band)
-    run.replay(log.logged)
+    with log.closed_on_error():
+        run.replay(log.logged)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
     try:
         while run.next < len(nodes.order):
