@@ -140,9 +140,14 @@ class Circuit:
         if missing:
             raise ValueError(f"The circuit file lacks {missing}: it was cut short or edited; write it again with "
                              "Circuit.save.")
+        _check_fields(d)
         opts = d["graph"]
         graph = CircuitGraph(TransformerConfig.from_dict(d["model_config"]), split_qkv=opts["split_qkv"],
                              qkv_edges=opts["qkv_edges"], split_embed=opts["split_embed"])
+        if opts.get("n_edges", graph.n_edges) != graph.n_edges:
+            raise ValueError(f"The circuit file's graph has {opts['n_edges']} edges, but its model config and "
+                             f"options make {graph!r}: it was edited or made by another version; write it again "
+                             "with Circuit.save.")
         named = list(d["edges"]) + list(d.get("scores") or {})
         unknown = sorted(set(named) - set(graph.edge_names))
         if unknown:
@@ -153,8 +158,12 @@ class Circuit:
         scores = None
         if "scores" in d:
             scores = np.array([np.nan if d["scores"].get(n) is None else d["scores"][n] for n in graph.edge_names])
-        return cls(graph, mask, d.get("metric"), [Decision.from_json(x) for x in d.get("decisions", [])],
-                   d.get("settings", {}), scores)
+        try:
+            decisions = [Decision.from_json(x) for x in d.get("decisions", [])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"The circuit file's decisions are malformed ({type(e).__name__}: {e}); each is "
+                             "{'edge', 'index', 'tried', 'kept', ...}, as Circuit.save writes them.") from None
+        return cls(graph, mask, d.get("metric"), decisions, d.get("settings", {}), scores)
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -167,6 +176,28 @@ class Circuit:
         """Read a circuit.json, or the one in a run's output directory."""
         path, d = read_json(path)
         return cls.from_json(d, source=path)
+
+
+def _check_fields(d: dict) -> None:
+    """The types of a circuit file's fields, so that an edited file fails here
+    by name rather than later, or not at all."""
+    def number(x):
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    opts, decisions = d["graph"], d.get("decisions", [])
+    checks = {
+        "graph (split_qkv, qkv_edges and split_embed: true or false)": isinstance(opts, dict) and all(
+            isinstance(opts.get(k), bool) for k in ("split_qkv", "qkv_edges", "split_embed")),
+        "edges (a list of edge names)": isinstance(d["edges"], list) and all(isinstance(e, str) for e in d["edges"]),
+        "scores (edge name -> number or null)": d.get("scores") is None or (
+            isinstance(d["scores"], dict) and all(map(number, d["scores"].values()))),
+        "decisions (a list of objects)": isinstance(decisions, list) and all(isinstance(x, dict) for x in decisions),
+        "settings (an object)": isinstance(d.get("settings", {}), dict),
+        "metric (a number or null)": number(d.get("metric"))}
+    wrong = [field for field, fine in checks.items() if not fine]
+    if wrong:
+        raise ValueError(f"Malformed field(s) in the circuit file: {'; '.join(wrong)}. It was edited; write it "
+                         "again with Circuit.save.")
 
 
 def read_json(path) -> tuple[Path, Any]:

@@ -137,8 +137,8 @@ class RunLog:
             try:
                 logged.append(Decision.from_json(json.loads(line)))
                 good += 1
-            except (json.JSONDecodeError, KeyError):
-                break  # a line cut off by the interruption; it is rewritten below
+            except (KeyError, TypeError, ValueError):  # JSONDecodeError is a ValueError
+                break  # a line cut off by the interruption (or garbled): it and the rest are decided again
         if write:
             f.seek(0)
             f.truncate()

@@ -38,6 +38,10 @@ def test_resume_after_interruption_gives_the_same_circuit(small_gpt2, tmp_path):
     resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log, mode="sequential")
     assert _decisions(resumed) == _decisions(whole)
     assert np.array_equal(resumed.mask, whole.mask)
+    garbled = {**json.loads(lines[-1]), "index": None}  # valid JSON, wrong type: decided again, not a TypeError
+    log.write_text("\n".join([*lines[:-1], json.dumps(garbled)]) + "\n")
+    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log, mode="sequential")
+    assert _decisions(resumed) == _decisions(whole)
     assert len(log.read_text().splitlines()) == 1 + len(whole.decisions)
     assert all(json.loads(x)["edge"] for x in log.read_text().splitlines()[1:])
     with pytest.raises(ValueError, match="settings differ"):

@@ -251,6 +251,25 @@ def test_a_broken_circuit_file_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(text), "scores": {"no such edge": 1.0}}))  # not silently all NaN
     with pytest.raises(ValueError, match="names 1 edge"):
         aj.Circuit.load(path)
+    # fields of the wrong type: before, a KeyError or TypeError, or a circuit that failed later (a string score,
+    # a list of settings) or never (split_qkv "no" read as true, a metric that is a string)
+    saved = json.loads(text)
+    first = graph.edge_names[0]
+    for change, field in [(dict(graph={}), "graph"), (dict(graph={**saved["graph"], "split_qkv": "no"}), "graph"),
+                          (dict(edges=None), "edges"), (dict(edges=first), "edges"), (dict(edges=[3]), "edges"),
+                          (dict(scores=[1.0]), "scores"), (dict(scores={first: "high"}), "scores"),
+                          (dict(decisions="none"), "decisions"), (dict(settings=[1]), "settings"),
+                          (dict(metric="0.1"), "metric")]:
+        path.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(ValueError, match=rf"circuit.json: Malformed field\(s\) in the circuit file: {field} \("):
+            aj.Circuit.load(path)
+    path.write_text(json.dumps({**saved, "decisions": [{"edge": first}]}))
+    with pytest.raises(ValueError, match=r"decisions are malformed \(KeyError: 'index'\)"):
+        aj.Circuit.load(path)
+    path.write_text(json.dumps({**saved, "graph": {**saved["graph"], "n_edges": graph.n_edges + 1}}))
+    with pytest.raises(ValueError, match=rf"graph has {graph.n_edges + 1} edges, but its model config and options "
+                                         rf"make CircuitGraph\({graph.n_edges} edges"):
+        aj.Circuit.load(path)
 
 
 def test_faithfulness_asks_for_a_callable_metric_it_cannot_name(model):
