@@ -204,6 +204,13 @@ def test_malformed_tasks_are_clear_errors(tmp_path, tokenizer):
         (lambda: prompt_task(ids, ids, bos="<|endoftext|>"), "bos '<|endoftext|>' is a text; pass tokenizer="),
         (lambda: prompt_task(ids, ids, answers=[1.5, 2]), "neither a text nor a token id"),
         (lambda: prompt_task(ids, ids, answers=[" Mary", 2]), "is a text; pass tokenizer="),
+        # a JSON file's fields of the wrong type (before: a float bos was "a text", a string canonical circuit
+        # was split into letters, and a number was taken for the name)
+        (lambda: prompt_task(ids, ids, bos=1.5), "bos 1.5 is neither a text nor a token id"),
+        (lambda: prompt_task(ids, ids, canonical="a0.0->logits"), "canonical must be a list of edge names"),
+        (lambda: prompt_task(ids, ids, canonical=[1, 2]), "canonical must be a list of edge names, got [1, 2]"),
+        (lambda: prompt_task(ids, ids, name=3), "The task's name must be a text, got 3"),
+        (lambda: prompt_task(ids, ids, description=["x"]), "The task's description must be a text"),
     ]
     for make, words in cases:
         with pytest.raises(TaskError) as info:

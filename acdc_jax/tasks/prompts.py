@@ -99,6 +99,8 @@ def _is_ids(p) -> bool:
 def _bos(tokenizer, bos: Union[str, int]) -> int:
     if isinstance(bos, (int, np.integer)) and not isinstance(bos, bool):
         return int(bos)
+    if not isinstance(bos, str):
+        raise TaskError(f"bos {bos!r} is neither a text nor a token id.")
     if tokenizer is None:
         raise TaskError(f"bos {bos!r} is a text; pass tokenizer= or give its token id.")
     return bos_id(tokenizer, bos)
@@ -169,6 +171,11 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
     canonical: edge names of a known circuit, for ROC curves.
     """
     tok = load_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
+    for what, text in (("name", name), ("description", description)):
+        if not isinstance(text, str):
+            raise TaskError(f"The task's {what} must be a text, got {text!r}.")
+    if canonical is not None and (isinstance(canonical, str) or not all(isinstance(e, str) for e in canonical)):
+        raise TaskError(f"canonical must be a list of edge names, got {canonical!r:.120}.")
     if corrupted is None and corruption in (None, "prompts"):
         raise TaskError("There are no corrupted prompts: give corrupted= (one per clean prompt), or "
                         "corruption='zeros' or 'mean' to replace activations by zeros or their mean over the prompts.")
