@@ -81,6 +81,7 @@ def from_eap_ig(data: dict, graph) -> Circuit:
     every q/k/v step kept, and its scores."""
     if not (isinstance(data, dict) and {"cfg", "edges"} <= set(data)):
         raise ValueError("Not an EAP-IG graph: it needs 'cfg' and 'edges' (eap.graph.Graph.to_json writes them).")
+    _check_eap_fields(data)
     c, cfg = graph.config, data["cfg"]
     mine = {"n_layers": c.n_layers, "n_heads": c.n_heads, "parallel_attn_mlp": bool(c.parallel_attn_mlp)}
     differ = {k: (cfg.get(k), v) for k, v in mine.items() if cfg.get(k) != v}
@@ -99,6 +100,23 @@ def from_eap_ig(data: dict, graph) -> Circuit:
         if edge.get("score") is not None:
             scores[index[name]] = float(edge["score"])
     return Circuit(graph, mask, settings={"method": "eap-ig-graph"}, scores=scores)
+
+
+def _check_eap_fields(data: dict) -> None:
+    """Field types, so that an edited graph fails by name ("false" in quotes would read as kept)."""
+    edges = data["edges"]
+    bad = [] if isinstance(data["cfg"], dict) else ["cfg (an object)"]
+    if not isinstance(edges, dict):
+        bad.append("edges (edge name -> {in_graph, score})")
+    else:
+        for name, edge in edges.items():
+            if not (isinstance(edge, dict) and isinstance(edge.get("in_graph", False), bool) and (
+                    edge.get("score") is None or (isinstance(edge["score"], (int, float))
+                                                   and not isinstance(edge["score"], bool)))):
+                bad.append(f"edges[{name!r}] (in_graph true or false, score a number or null; got {edge!r:.80})")
+                break
+    if bad:
+        raise ValueError(f"Malformed field(s) in the EAP-IG graph: {'; '.join(bad)}.")
 
 
 def _is_mlp_edge(name: str) -> bool:

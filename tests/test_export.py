@@ -118,6 +118,12 @@ def test_an_eap_ig_graph_reads_back_to_the_same_function(tmp_path):
         from_eap_ig({**exported, "edges": {"a9.h0->logits": {"score": 1.0, "in_graph": True}}}, graph)
     with pytest.raises(ValueError, match="Not an EAP-IG graph"):
         from_eap_ig({"edges": {}}, graph)
+    name = next(iter(exported["edges"]))
+    for change, field in [(dict(cfg=[1]), r"cfg \(an object\)"), (dict(edges=[name]), r"edges \(edge name ->"),
+                          (dict(edges={name: {"in_graph": "false"}}), rf"edges\['{re.escape(name)}'\] \(in_graph"),
+                          (dict(edges={name: {"in_graph": True, "score": "0.5"}}), rf"edges\['{re.escape(name)}'\]")]:
+        with pytest.raises(ValueError, match=rf"Malformed field\(s\) in the EAP-IG graph: {field}"):
+            from_eap_ig({**exported, **change}, graph)
 
 
 def test_evaluate_command_scores_a_saved_circuit_as_the_run_did(tmp_path, capsys):
