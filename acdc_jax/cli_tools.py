@@ -46,9 +46,13 @@ def quality_lines(circuit, task, faith: dict) -> list[str]:
     lines = [f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
              f"{faith['empty']:.4g}; faithfulness {faith['normalized']:.3f}"]
     if task.canonical is not None:
-        fpr, tpr = rates(kept, set(task.canonical), set(g.edge_names))
-        lines.append(f"canonical circuit ({len(task.canonical)} edges): recovered {len(kept & task.canonical)} "
-                     f"(TPR {tpr:.3f}), extra {len(kept - task.canonical)} (FPR {fpr:.4f})")
+        universe, canonical, which = set(g.edge_names), set(task.canonical), "canonical circuit"
+        if circuit.settings.get("method") == "eap-ig-graph":  # it keeps every q/k/v step: score the rest
+            universe = {n for n, e in zip(g.edge_names, g.edges) if e.kind == "residual"}
+            kept, canonical, which = kept & universe, canonical & universe, "canonical circuit's residual edges"
+        fpr, tpr = rates(kept, canonical, universe)
+        lines.append(f"{which} ({len(canonical)} edges): recovered {len(kept & canonical)} "
+                     f"(TPR {tpr:.3f}), extra {len(kept - canonical)} (FPR {fpr:.4f})")
     nodes = sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == "residual"]))
     lines.append(f"heads and MLPs on its residual edges: {' '.join(nodes) if nodes else '(none)'}")
     return lines

@@ -13,6 +13,7 @@ from acdc_jax import Circuit, CircuitGraph, Corruption, patched_forward
 from acdc_jax.cli import main
 from acdc_jax.config import TransformerConfig
 from acdc_jax.export import from_eap_ig, to_eap_ig
+from acdc_jax.tasks import get
 
 from .helpers import peaked_random_model_and_task
 
@@ -142,7 +143,12 @@ def test_evaluate_command_scores_a_saved_circuit_as_the_run_did(tmp_path, capsys
     assert heads and nodes_line in capsys.readouterr().out
     assert main(["export", str(out)]) == 0
     capsys.readouterr()
+    canonical = get("induction")[1].canonical
     for source in (out, out / "eap_ig_graph.json"):
         assert main(["evaluate", str(source), "--task", "induction", "--examples", "8"]) == 0
         printed = capsys.readouterr().out
         assert f"faithfulness {saved['settings']['faithfulness']['normalized']:.3f}" in printed and nodes_line in printed
+    # an EAP-IG graph has no q/k/v steps to cut (all read back as kept), so only the residual edges are scored
+    residual = {e for e in canonical if not step.fullmatch(e)}
+    assert 0 < len(residual) < len(canonical)
+    assert f"canonical circuit's residual edges ({len(residual)} edges): recovered" in printed
