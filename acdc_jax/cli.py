@@ -67,10 +67,8 @@ def _precision(args) -> str:
 def _run_method(args, model, task, state=None):
     """A scored circuit from a method other than ACDC; the long ones save
     their progress to `state` as they go (and resume from it with --resume)."""
-    from .algorithms import METHODS
-
     from .acdc import cast_for
-    from .algorithms import check_keep
+    from .algorithms import METHODS, check_keep
 
     scored = args.method in SCORED
     if scored:  # before the run, which may be long
@@ -197,7 +195,8 @@ def cmd_roc(args) -> int:
         from .algorithms import acdc_nodes
         from .evaluate import roc
 
-        result = roc(cast_for(model, args.dtype), task, args.taus, method=acdc_nodes, out=out, resume=args.resume, **_nodes_kwargs(args))
+        result = roc(cast_for(model, args.dtype), task, args.taus, method=acdc_nodes, out=out, resume=args.resume,
+                     **_nodes_kwargs(args))
     elif args.method == "acdc":
         from .evaluate import roc
 

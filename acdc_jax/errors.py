@@ -3,6 +3,8 @@
 import math
 from typing import Optional
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A model config field is missing, malformed or not supported."""
@@ -23,8 +25,6 @@ class MetricError(ValueError):
 def check_whole(value, what: str, low: int = 0, high: Optional[int] = None, error=ValueError) -> int:
     """`value` as an int (a Python or numpy integer, not a bool), or an
     `error` naming `what` and the range it must lie in."""
-    import numpy as np
-
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
             high is not None and value > high):
         span = f"a whole number between {low} and {high}" if high is not None else f"a whole number >= {low}"
@@ -36,8 +36,6 @@ def check_number(value, what: str, low: Optional[float] = None, high: Optional[f
                  above: bool = False, error=ValueError) -> float:
     """`value` as a finite float (>= `low`, or > it with `above`, and <=
     `high`), or an `error` naming `what` and the range."""
-    import numpy as np
-
     fine = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(
         value) and (low is None or value > low if above else low is None or value >= low) and (
         high is None or value <= high)
@@ -57,8 +55,6 @@ def check_stop_after(seconds) -> None:
 def check_finite(values, what: str):
     """`values` (a metric or its gradients), or a MetricError naming `what`
     holds NaN or infinity: such a value would rank or decide silently wrong."""
-    import numpy as np
-
     array = np.asarray(values, np.float64)
     if not np.isfinite(array).all():
         bad = array[~np.isfinite(array)].flat[0]
