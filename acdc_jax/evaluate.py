@@ -118,6 +118,13 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
     taus = [check_tau(tau) for tau in taus]  # all of them before a long sweep
     if not taus:
         raise ValueError("No thresholds (taus) to sweep; give at least one.")
+    seen = {}
+    for tau in taus:  # a repeated tau would run twice, and with `out` overwrite its own directory
+        name = tau_dir("", tau).name
+        if name in seen:
+            raise ValueError(f"The taus {seen[name]!r} and {tau!r} are the same to 6 digits ({name}); give each "
+                             "threshold once.")
+        seen[name] = tau
     if method is None:
         from .acdc import acdc as method
     if out is None:
