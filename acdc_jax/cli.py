@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         # the other methods and faithfulness too; bf16 operands leave nothing to choose
         with matmul_precision(args.precision if getattr(args, "dtype", None) == "float32" else None):
             return args.func(args)
-    except (CheckpointError, ConfigError, TaskError, MetricError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, TaskError, MetricError, ValueError, OSError) as e:  # OSError: a path
         print(f"error: {e}", file=sys.stderr)
         return 2
 

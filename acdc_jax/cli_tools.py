@@ -20,6 +20,7 @@ def cmd_evaluate(args) -> int:
     """Score a saved circuit (acdc-jax's circuit.json or an EAP-IG graph JSON) on a task: faithfulness, and recall
     against the task's canonical circuit."""
     from .circuit import Circuit, read_json
+    from .errors import ConfigError
     from .evaluate import faithfulness
     from .export import from_eap_ig
 
@@ -29,6 +30,10 @@ def cmd_evaluate(args) -> int:
         circuit = Circuit.from_json(data, source=path)
     else:
         circuit = from_eap_ig(data, task.graph(model))
+    try:
+        circuit.graph.check_config(model.config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
     print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
           f"({circuit.settings.get('method', 'acdc')})")

@@ -178,6 +178,10 @@ def faithfulness(model: Transformer, task: Task, circuit: Circuit, *, metric=Non
     from .precision import matmul_precision
     from .scoring import Scorer
 
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"faithfulness takes a Circuit (acdc's result, or Circuit.load(path)), got "
+                        f"{type(circuit).__name__}.")
+    circuit.graph.check_config(model.config)  # before the metric: another model's circuit names other metrics too
     if metric is None:
         metric = circuit.settings.get("metric")
         if metric is not None and metric not in task.metrics:

@@ -107,6 +107,21 @@ def test_saved_circuit_commands_refuse_by_name(tmp_path, capsys, command):
     assert "No circuit file at" in capsys.readouterr().err
 
 
+def test_evaluate_names_a_circuit_of_another_model_and_out_paths_that_are_files(tmp_path, capsys):
+    """Before: evaluate blamed the metric ("the metric 'kl', which task ...
+    does not name") for a circuit found on another model, and an --out that
+    is a file ended in a FileExistsError traceback."""
+    saved = _saved(tmp_path / "a.json", 0)  # this file's small config, not the induction model's
+    saved_json = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**saved_json, "settings": {**saved_json["settings"], "metric": "my_metric"}}))
+    assert main(["evaluate", str(saved), "--task", "induction"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {saved}: The graph (or circuit) was built for another model" in err and "my_metric" not in err
+    (tmp_path / "file").write_text("")
+    assert main(["discover", "--task", "induction", "--tau", "0.1", "--out", str(tmp_path / "file"), "--no-progress"]) == 2
+    assert f"File exists: '{tmp_path / 'file'}'" in capsys.readouterr().err
+
+
 def _strict(text: str):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
