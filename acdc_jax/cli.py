@@ -359,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TaskError, MetricError, ValueError, OSError) as e:  # OSError: a path
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved = (args.command == "discover" and args.method in RESUMABLE) or (
+            args.command == "roc" and args.method in ACDCS)
+        print("interrupted" + ("; the same command with --resume continues from the progress saved in --out (ACDC "
+                               "keeps every decision made; the other methods save every 30 s)" if saved else ""),
+              file=sys.stderr)
+        return 130
 
 
 def run() -> None:

@@ -88,6 +88,33 @@ def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
     assert (cut / "decisions.jsonl").read_text().count("\n") == len(lines)
 
 
+def test_an_interrupted_run_says_how_to_continue_and_does(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a run (here: while its third batch of decisions is
+    logged) ends it with exit code 130 and a line naming --resume, not a
+    traceback; --resume then finishes it to the uninterrupted run's circuit."""
+    from acdc_jax.runlog import RunLog
+
+    args = ["discover", "--task", "induction", "--tau", "0.01", "--examples", "10", "--no-progress"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(args + ["--out", str(whole)]) == 0
+    write, calls = RunLog.write, []
+
+    def interrupted(self, decisions):
+        calls.append(len(decisions))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        write(self, decisions)
+
+    monkeypatch.setattr(RunLog, "write", interrupted)
+    assert main(args + ["--out", str(stopped)]) == 130
+    assert "interrupted; the same command with --resume continues" in capsys.readouterr().err
+    monkeypatch.setattr(RunLog, "write", write)
+    logged = (stopped / "decisions.jsonl").read_text().count("\n") - 1
+    assert logged == sum(calls[:2]) and not (stopped / "circuit.json").exists()
+    assert main(args + ["--out", str(stopped), "--resume"]) == 0
+    assert Circuit.load(stopped).edges == Circuit.load(whole).edges
+
+
 @pytest.mark.parametrize("method, extra, state", [
     ("acdc_nodes", ["--tau", "0.5"], "decisions.jsonl"),
     ("exact_patching", ["--n-edges", "20", "--max-width", "4"], "patching.npz"),
