@@ -145,10 +145,18 @@ def cmd_patch(args) -> int:
 
     from .graph import CircuitGraph
     from .corruption import Corruption
+    from .errors import check_whole
     from .patching import patched_forward
 
+    if not args.edges:
+        check_whole(args.n, "--n (how many of the last edges to cut, one at a time)", 1)
     model = converters.convert(args.checkpoint)
     graph = CircuitGraph(model.config)
+    names = args.edges or list(graph.edge_names[-args.n:])
+    unknown = [name for name in names if name not in graph.edge_names]
+    if unknown:
+        raise ValueError(f"No edge named {unknown[0]!r} in {graph!r}. Names look like {graph.edge_names[0]!r}; "
+                         "CircuitGraph(model.config).edge_names lists them.")
     rng = np.random.default_rng(args.seed)
     if not 0 < args.pos <= model.config.n_ctx or args.prompts < 1:
         raise ValueError(f"--pos must be a prompt length from 1 to the model's n_ctx={model.config.n_ctx} and "
@@ -158,7 +166,7 @@ def cmd_patch(args) -> int:
     corruption = Corruption.from_prompts(model, jnp.asarray(rng.integers(0, model.config.d_vocab, shape)))
     base = jax.nn.log_softmax(model(clean)[:, -1])
     print(f"{graph!r}")
-    for name in args.edges or list(graph.edge_names[-args.n:]):
+    for name in names:
         masks = graph.ones().at[graph.edge_index(name)].set(0.0)
         logp = jax.nn.log_softmax(patched_forward(model, clean, masks, corruption, graph)[:, -1])
         kl = float((jnp.exp(base) * (base - logp)).sum(-1).mean())

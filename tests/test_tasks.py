@@ -163,6 +163,16 @@ def test_patch_command_reports_each_edge_and_refuses_long_prompts(capsys):
     assert line.split()[-1] == edge and float(line.split("=")[1].split()[0]) > 0
     assert main(["patch", "--checkpoint", str(DATA), "--pos", "100"]) == 2
     assert "--pos must be a prompt length from 1 to the model's n_ctx=32" in capsys.readouterr().err
+    # before: --n 0 cut every edge in turn (the slice [-0:]), --n -2 all but the first two, and an unknown edge
+    # name ended in a KeyError traceback
+    for n in ("0", "-2"):
+        assert main(["patch", "--checkpoint", str(DATA), "--n", n]) == 2
+        assert f"--n (how many of the last edges to cut, one at a time) must be a whole number >= 1, got {n}" in \
+            capsys.readouterr().err
+    assert main(["patch", "--checkpoint", str(DATA), "--n", "3", "--pos", "10"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if "KL(full || edge cut)" in line]) == 3
+    assert main(["patch", "--checkpoint", str(DATA), "--edges", edge, "a9.h0->logits"]) == 2
+    assert "error: No edge named 'a9.h0->logits'" in capsys.readouterr().err
 
 
 def test_the_papers_circuits_are_given_only_for_the_papers_model_shapes(tmp_path):
