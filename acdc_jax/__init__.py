@@ -1,5 +1,12 @@
 """acdc-jax: automatic circuit discovery for transformers, in JAX."""
 
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("acdc-jax")
+except _metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "unknown"
+
 from .xla_cpu import set_flags
 
 set_flags()  # before JAX starts: the YNN guard (wrong large reductions on CPUs) and faster CPU compiling

@@ -67,6 +67,15 @@ class Decision:
         return cls(d["edge"], int(d["index"]), bool(d["tried"]), bool(d["kept"]), d.get("metric_before"), d.get("metric_after"))
 
 
+def made_with() -> dict:
+    """The versions that made a result, for whoever reads it later."""
+    import jax
+
+    from . import __version__
+
+    return {"acdc_jax": __version__, "jax": jax.__version__, "backend": jax.default_backend()}
+
+
 @dataclasses.dataclass
 class Circuit:
     """A subgraph: ``mask[i] = 1`` keeps edge i of ``graph``.
@@ -108,6 +117,7 @@ class Circuit:
         out = {
             "format": CIRCUIT_FORMAT,
             "version": 1,
+            "made_with": made_with(),
             "model_config": g.config.to_dict(),
             "graph": {"split_qkv": g.split_qkv, "qkv_edges": g.qkv_edges, "split_embed": g.split_embed,
                       "n_edges": g.n_edges},

@@ -283,7 +283,10 @@ def _start_arg(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="acdc-jax", description="Automatic circuit discovery in JAX.")
+    parser.add_argument("--version", action="version", version=f"acdc-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("discover", help=cmd_discover.__doc__)
     _task_args(p)

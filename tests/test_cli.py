@@ -11,6 +11,8 @@ import pytest
 
 from acdc_jax.circuit import Circuit
 from acdc_jax.cli import main
+from acdc_jax.config import TransformerConfig
+from acdc_jax.graph import CircuitGraph
 from acdc_jax.tasks import TASKS
 
 
@@ -173,6 +175,22 @@ def test_rescore_ties_reaches_the_run(tmp_path):
     settings = Circuit.load(out / "circuit.json").settings
     assert settings["precision"] == "tensorfloat32" and settings["rescore_ties"] is True
     assert settings["checked_programs"] >= 1  # the band was measured, as in full float32
+
+
+def test_version_on_the_command_line_and_in_circuit_files(tmp_path, capsys):
+    """--version, and the versions that made a circuit recorded in its file,
+    as installed (importlib.metadata) and as JAX reports them."""
+    from importlib.metadata import version
+
+    import jax
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"acdc-jax {version('acdc-jax')}"
+    graph = CircuitGraph(TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=None, d_vocab=5, n_ctx=4))
+    saved = json.loads(Circuit(graph, np.ones(graph.n_edges, np.float32)).save(tmp_path / "c.json").read_text())
+    assert saved["made_with"] == {"acdc_jax": version("acdc-jax"), "jax": jax.__version__,
+                                  "backend": jax.default_backend()}
 
 
 def test_tasks_command_lists_every_task(capsys):
