@@ -66,6 +66,24 @@ def check_tau(tau) -> float:
     return float(tau)
 
 
+def check_run(tau, mode: str, abs_value, rescore_ties, stop_after, log_path, resume) -> float:
+    """The settings ACDC over edges and over nodes share, checked before any
+    work; returns tau. A string where a flag belongs ("off") would read as
+    True, and a log_path beside another resume log would go unwritten."""
+    tau = check_tau(tau)
+    check_stop_after(stop_after)
+    if mode not in ("batched", "sequential"):
+        raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
+    for name, value, none in (("abs_value", abs_value, False), ("rescore_ties", rescore_ties, True)):
+        if not (isinstance(value, (bool, np.bool_)) or (none and value is None)):
+            raise ValueError(f"{name} must be True or False{' (or None: the default)' if none else ''}, got "
+                             f"{value!r}.")
+    if log_path is not None and resume is not None and Path(log_path).resolve() != Path(resume).resolve():
+        raise ValueError(f"Give log_path (start a new log) or resume (continue a log, appending to it), not both: "
+                         f"{log_path} and {resume} differ.")
+    return tau
+
+
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
     if metric is None or isinstance(metric, str):
         name = metric or task.default_metric
@@ -162,10 +180,9 @@ def acdc(
       Off, a decision can differ from the loop's only where the trial's result
       is within that rounding of tau.
     """
-    tau = check_tau(tau)
-    check_stop_after(stop_after)
-    if mode not in ("batched", "sequential"):
-        raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
+    tau = check_run(tau, mode, abs_value, rescore_ties, stop_after, log_path, resume)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function of each Decision, got {callback!r}.")
     model = cast_for(model, dtype)
     check_precision(precision)
     precision = precision if dtype == "float32" else None  # bf16 operands leave nothing to choose

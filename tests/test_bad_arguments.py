@@ -58,13 +58,20 @@ def task():
     (lambda m, t: aj.algorithms.hisp(m, t, threshold=float("nan")), ValueError, "threshold .* must be a number, "
      "got nan"),
     (lambda m, t: eap_ig(m, t, n_edges=5, threshold=0.1), ValueError, "Give n_edges .* or threshold .*, not both"),
+    # a string flag read as True; a callback that failed only at the first decision; a log_path left unwritten
+    (lambda m, t: aj.acdc(m, t, 0.1, abs_value="no"), ValueError, "abs_value must be True or False, got 'no'"),
+    (lambda m, t: aj.algorithms.acdc_nodes(m, t, 0.1, rescore_ties="off"), ValueError,
+     r"rescore_ties must be True or False \(or None: the default\), got 'off'"),
+    (lambda m, t: aj.acdc(m, t, 0.1, callback="print"), TypeError, "callback must be a function of each Decision"),
+    (lambda m, t: aj.acdc(m, t, 0.1, log_path="a.jsonl", resume="b.jsonl"), ValueError,
+     "Give log_path .* or resume .*, not both: a.jsonl and b.jsonl differ"),
     (lambda m, t: aj.acdc(m, t, 0.1, max_width=0), ValueError, "max_width .* must be a whole number >= 1, got 0"),
     (lambda m, t: exact_patching(m, t, max_width=-2), ValueError, "max_width .* got -2"),
     (lambda m, t: aj.algorithms.acdc_nodes(m, t, 0.1, max_width=2.5), ValueError, "max_width .* got 2.5"),
 ], ids=["mode", "dtype", "metric", "head_order", "sparsity", "sparsity-nan", "probing-steps", "eap_ig-steps",
         "eap_ig-fractional-steps", "pruning-float-steps", "lr", "lambda_lr", "seed", "pruning-stop_after",
         "acdc-stop_after", "nodes-stop_after", "fractional-n_edges", "bool-n_edges", "nan-threshold",
-        "n_edges-and-threshold", "acdc-max_width", "patching-max_width", "nodes-max_width"])
+        "n_edges-and-threshold", "abs_value", "rescore_ties", "callback", "log_path-and-resume", "acdc-max_width", "patching-max_width", "nodes-max_width"])
 def test_bad_method_arguments_are_named(model, task, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(model, task)

@@ -29,11 +29,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..acdc import check_tau, progress_bar
+from ..acdc import check_run, progress_bar
 from ..decide import PassOutOfMemory, TieBand, narrow, score_pass, tie_band
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
-from ..errors import MetricError, check_stop_after
+from ..errors import MetricError
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
@@ -108,10 +108,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     `stop_after` (seconds; nodes not yet tried stay in), as for `acdc`."""
     import jax
 
-    tau = check_tau(tau)
-    check_stop_after(stop_after)
-    if mode not in ("batched", "sequential"):
-        raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}.")
+    tau = check_run(tau, mode, abs_value, rescore_ties, stop_after, log_path, resume)
     start_time = time.perf_counter()
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh)
