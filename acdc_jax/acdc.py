@@ -84,6 +84,24 @@ def check_run(tau, mode: str, abs_value, rescore_ties, stop_after, log_path, res
     return tau
 
 
+def starting_metric(scorer: Scorer, mask: np.ndarray, metric_name: str, tau: float, what: str = "full model"
+                    ) -> float:
+    """The metric of the circuit a run starts from, which must be finite; and
+    a warning when cutting every edge at once moves it by less than tau, as
+    when the corrupted prompts are the clean ones: such a run is likely to
+    remove every edge."""
+    full = scorer.full(mask)
+    if not math.isfinite(full):
+        raise MetricError(f"The metric {metric_name!r} of the {what} is {full}; it must be a finite number.")
+    empty = scorer.full(np.zeros_like(mask))
+    if abs(empty - full) < tau:
+        warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
+                      f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
+                      "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
+                      "clean ones where the metric looks, and the metric itself; or lower tau.", stacklevel=3)
+    return full
+
+
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
     if metric is None or isinstance(metric, str):
         name = metric or task.default_metric
@@ -222,10 +240,7 @@ def acdc(
         }
 
         mask = schedule.start.copy()
-        full_metric = scorer.full(mask)
-        if not math.isfinite(full_metric):
-            raise MetricError(f"The metric {metric_name!r} of the {'full model' if start is None else 'start circuit'} "
-                              f"is {full_metric}; it must be a finite number.")
+        full_metric = starting_metric(scorer, mask, metric_name, tau, "full model" if start is None else "start circuit")
         state = State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
                        tie_band=band)
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,

@@ -5,6 +5,7 @@ model)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -127,8 +128,16 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
         seen[name] = tau
     if method is None:
         from .acdc import acdc as method
+    lowest = min(taus)
+
+    def run(tau, **more):  # warn that every edge may go only at the lowest tau: above it that is the sweep's end
+        with warnings.catch_warnings():
+            if tau != lowest:
+                warnings.filterwarnings("ignore", message="Cutting every edge at once changes the metric")
+            return method(model, task, tau, **kwargs, **more)
+
     if out is None:
-        return [method(model, task, tau, **kwargs) for tau in taus]
+        return [run(tau) for tau in taus]
     from .runlog import differing, model_fingerprint, task_fingerprint
 
     circuits, made = [], None
@@ -148,8 +157,7 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
         else:
             where.mkdir(parents=True, exist_ok=True)
             again = resume and log.is_file()
-            circuit = method(model, task, tau, log_path=None if again else log, resume=log if again else None,
-                             **kwargs)
+            circuit = run(tau, log_path=None if again else log, resume=log if again else None)
             circuit.save(done)
         circuits.append(circuit)
     return circuits

@@ -140,6 +140,32 @@ def test_acdc_on_a_prompt_task_decides_as_on_the_same_task_built_by_hand(metric)
     np.testing.assert_allclose(a.metric, b.metric, rtol=1e-5, atol=1e-7)
 
 
+def test_corrupted_prompts_that_change_nothing_are_warned_of(recwarn):
+    """Corrupted prompts equal to the clean ones (a copy-paste slip) used to
+    give an empty circuit without a word; now ACDC, over edges and over
+    nodes, warns that cutting every edge barely moves the metric. A real
+    corruption does not warn, and a sweep warns only at its lowest tau."""
+    import warnings
+
+    model, induction = get("induction", n_examples=6)
+    clean = np.asarray(induction.clean).tolist()
+    same = prompt_task(clean, clean)
+    for method in (aj.acdc, aj.algorithms.acdc_nodes):
+        with pytest.warns(UserWarning, match=r"Cutting every edge at once changes the metric 'kl' by only .* less "
+                                             r"than tau=0.001, so this run is likely to remove every edge"):
+            circuit = method(model, same, 0.001, progress=False)
+        assert circuit.settings.get("nodes") == [] if method is not aj.acdc else circuit.n_edges == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        aj.acdc(model, prompt_task(clean, np.asarray(induction.corrupted).tolist()), 0.001, progress=False)
+    recwarn.clear()
+    aj.evaluate.sweep(model, prompt_task(clean, np.asarray(induction.corrupted).tolist()), [0.001, 100.0],
+                      progress=False)
+    assert not [w for w in recwarn if "Cutting every edge" in str(w.message)]  # 100 removes all: the sweep's end
+    aj.evaluate.sweep(model, same, [0.001, 100.0], progress=False)
+    assert len([w for w in recwarn if "Cutting every edge" in str(w.message)]) == 1
+
+
 def test_zero_and_mean_corruption_need_no_corrupted_prompts():
     model, _ = get("induction")
     clean, _ = _random_prompts(6, 8, model.config.d_vocab, 2)
