@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = (args.command == "discover" and args.method in RESUMABLE) or (
             args.command == "roc" and args.method in ACDCS)
         print("interrupted" + ("; the same command with --resume continues from the progress saved in --out (ACDC "
-                               "keeps every decision made; the other methods save every 30 s)" if saved else ""),
-              file=sys.stderr)
+                               "and exact patching keep all of it; EAP-IG saves every 30 s, edge pruning and SP "
+                               "every 5% of their steps)" if saved else ""), file=sys.stderr)
         return 130
 
 

@@ -30,12 +30,13 @@ def _train(name, model, task, **kw):
 
 
 def _crash_at_move(monkeypatch, n: int) -> None:
-    """The process dies (KeyboardInterrupt) at the n-th move of a written state into place."""
+    """The process dies (KeyboardInterrupt) at the n-th move of a written state into place (and every later one:
+    a dead process saves nothing more)."""
     moves = []
 
     def replace(src, dst):
         moves.append(dst)
-        if len(moves) == n:
+        if len(moves) >= n:
             raise KeyboardInterrupt
         os.rename(src, dst)
 
@@ -117,6 +118,23 @@ def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run
     assert np.array_equal(exact_patching(model, task, progress=False, resume=crashed).scores, whole.scores)
     with pytest.raises(ValueError, match="settings differ .*'method'"):
         _train("edge_pruning", model, task, resume=crashed)
+
+    passes, score_pass = [], attribution.score_pass
+
+    def interrupted(*args):  # Ctrl-C at the third pass, long before the first 30-s save
+        passes.append(args)
+        if len(passes) == 3:
+            raise KeyboardInterrupt
+        return score_pass(*args)
+
+    monkeypatch.setattr(attribution, "score_pass", interrupted)
+    stopped = tmp_path / "interrupted.npz"
+    with pytest.raises(KeyboardInterrupt):
+        exact_patching(model, task, progress=False, max_width=4, checkpoint=stopped)
+    monkeypatch.undo()
+    with np.load(stopped) as written:
+        assert int(written["step"]) == 8  # the two passes done were saved on the way out
+    assert np.array_equal(exact_patching(model, task, progress=False, resume=stopped).scores, whole.scores)
 
 
 def test_eap_ig_stopped_resumes_to_the_same_scores(random_run, tmp_path):

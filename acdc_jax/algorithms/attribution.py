@@ -173,7 +173,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     start at the edge's receiver layer (with a progress bar unless `progress`
     is False). `mesh` (a Mesh, "auto" or "CxP"): the candidates and prompts
     of each batch are spread over devices, as in `acdc`. `checkpoint`: a path
-    (.npz) the scores so far are saved to every 30 s and at the end; `resume`:
+    (.npz) the scores so far are saved to every 30 s and when it ends or is interrupted; `resume`:
     continue from one, in the same batches, to the scores of a run never
     stopped; `stop_after`: stop after the pass that ends this many seconds in
     (``settings["finished"]`` is False, the edges not scored yet score NaN,
@@ -228,10 +228,10 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                 if stopped or time.perf_counter() - saved_at > SAVE_EVERY:
                     save()
                     saved_at = time.perf_counter()
-    finally:
+    finally:  # Ctrl-C too: a pass's scores and done flags are set before it counts as done
         bar.close()
         scorer.programs.cancel_ahead()
-    save()
+        save()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
     return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, complete=bool(done.all()),
