@@ -28,6 +28,27 @@ HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu
 
 
 
+def _array(value) -> np.ndarray:
+    """A tensor as a numpy array: numpy, JAX, or PyTorch (a state dict passed
+    as it is; its bfloat16 and float16 are widened to float32, exactly)."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):
+        value = value.detach().cpu()
+        return (value.float() if value.is_floating_point() else value).numpy()
+    return np.asarray(value)
+
+
+def plain_config(config) -> Mapping:
+    """A config as the dict of its config.json: a mapping as it is, or a
+    transformers or TransformerLens config object (``model.config``) through
+    its ``to_dict()``."""
+    if isinstance(config, Mapping):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise ConfigError(f"A config must be a dict (a parsed config.json) or a config object with to_dict(), got "
+                      f"{type(config).__name__}.")
+
+
 class Source:
     """A checkpoint's named tensors, consumed one by one."""
 
@@ -42,7 +63,7 @@ class Source:
     def take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in self.tensors:
             raise CheckpointError(f"Missing tensor {key!r} in {self.origin} (expected shape {shape}).")
-        value = np.asarray(self.tensors[key])
+        value = _array(self.tensors[key])
         if value.shape != tuple(shape):
             raise CheckpointError(
                 f"Tensor {key!r} in {self.origin} has shape {value.shape}, expected {tuple(shape)}. "

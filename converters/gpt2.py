@@ -10,7 +10,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, plain_config, require, stack
 
 _ACT = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
@@ -70,7 +70,7 @@ def gpt2_config(hf: Mapping[str, Any], origin: str = "config.json") -> tuple[Tra
 def from_hf_gpt2(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, Any], origin: str = "GPT-2 state dict") -> Transformer:
     """Convert a Hugging Face GPT-2 state dict (numpy arrays, PyTorch names and
     Conv1D layout ``[in, out]``) and its config.json into a Transformer."""
-    config, tied = gpt2_config(hf_config)
+    config, tied = gpt2_config(plain_config(hf_config))
     prefixed = any(k.startswith("transformer.") for k in state_dict)
     src = Source(
         {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in state_dict.items()},

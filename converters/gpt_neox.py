@@ -18,7 +18,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_ACT, HF_INERT, Source, check_fields, require, stack
+from ._source import HF_ACT, HF_INERT, Source, check_fields, plain_config, require, stack
 from .rope import rope_settings
 
 
@@ -64,7 +64,7 @@ def from_hf_gpt_neox(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[st
                      origin: str = "GPT-NeoX state dict") -> Transformer:
     """Convert a GPT-NeoX state dict (numpy arrays, ``GPTNeoXForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
-    config, bias, tied = gpt_neox_config(hf_config)
+    config, bias, tied = gpt_neox_config(plain_config(hf_config))
     src = Source(state_dict, origin)
     L, D, H, K, M, V = config.n_layers, config.d_model, config.n_heads, config.d_head, config.d_mlp, config.d_vocab
     per_layer: dict[str, list[np.ndarray]] = {}

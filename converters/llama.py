@@ -57,7 +57,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import CheckpointError, ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_INERT, Source, check_fields, require, stack
+from ._source import HF_INERT, Source, check_fields, plain_config, require, stack
 from .gemma import gemma3_rotary, image_text_config, image_text_weights, olmo3_rotary
 from .rope import rope_settings
 
@@ -247,6 +247,7 @@ def from_hf_llama(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, 
                   origin: str = "Llama state dict") -> Transformer:
     """Convert a Llama-family state dict (numpy arrays, ``LlamaForCausalLM``
     names, torch ``Linear`` layout ``[out, in]``) and its config.json."""
+    hf_config = plain_config(hf_config)
     if hf_config.get("model_type") == "gemma3":  # an image-text checkpoint: its text model
         hf_config, state_dict = image_text_config(hf_config, origin), image_text_weights(state_dict)
     config, n_kv, (qkv_bias, o_bias), tied, qk_factor = llama_config(hf_config)

@@ -19,7 +19,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import HF_ACT, HF_INERT, Source, check_fields, require, stack
+from ._source import HF_ACT, HF_INERT, Source, check_fields, plain_config, require, stack
 from .rope import rope_settings
 
 _DROPOUT = {"resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"}
@@ -102,6 +102,7 @@ def from_hf_gptj(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, A
 
 
 def _convert(state_dict: Mapping[str, np.ndarray], hf_config: Mapping[str, Any], origin: str, kind: str) -> Transformer:
+    hf_config = plain_config(hf_config)
     if hf_config.get("model_type") != kind:
         raise ConfigError(f"{origin}: model_type {hf_config.get('model_type')!r} is not {kind!r}.")
     config, n_kv = phi_gptj_config(hf_config)

@@ -17,7 +17,7 @@ from acdc_jax.checkpoint import fill_model
 from acdc_jax.errors import ConfigError
 from acdc_jax.model import Transformer, TransformerConfig
 
-from ._source import Source, check_fields, require, stack
+from ._source import Source, check_fields, plain_config, require, stack
 
 _ACT = {"gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 _NORM = {"LN": "LN", "LNPre": "LNPre", None: "none"}
@@ -119,7 +119,7 @@ def from_transformer_lens(
     state_dict: Mapping[str, np.ndarray], tl_cfg: Mapping[str, Any], origin: str = "TransformerLens state dict"
 ) -> Transformer:
     """Convert a HookedTransformer state dict (numpy arrays) and its config dict."""
-    config = tl_config(tl_cfg)
+    config = tl_config(plain_config(tl_cfg))
     return from_transformer_lens_arrays(state_dict, config, origin)
 
 

@@ -49,6 +49,29 @@ def test_hf_gpt2_pytorch_bin_parity(tmp_path):
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-4
 
 
+def test_a_live_pytorch_model_converts_as_it_is(tmp_path):
+    """The numpy-in converters also take what a researcher has in hand: a
+    torch state dict, bf16 included (numpy has no bfloat16: it raised a
+    TypeError), and ``model.config`` itself (a config object was iterated
+    for private attributes and refused)."""
+    import torch
+
+    from .helpers import random_hf_llama
+
+    pt, from_files = random_hf_gpt2(tmp_path, tied=False, seed=3)
+    tokens = np.random.default_rng(1).integers(0, 61, (2, 24))
+    live = converters.from_hf_gpt2(pt.state_dict(), pt.config)
+    assert np.abs(np.asarray(live(jnp.asarray(tokens))) - torch_logits(pt, tokens)).max() <= 1e-4
+    llama, _ = random_hf_llama(tmp_path)
+    state = {k: v.to(torch.bfloat16) for k, v in llama.state_dict().items()}
+    widened = {k: v.float().numpy() for k, v in state.items()}  # widened by PyTorch: the reference values
+    for a, b in zip(jax.tree_util.tree_leaves(converters.from_hf_llama(state, llama.config)),
+                    jax.tree_util.tree_leaves(converters.from_hf_llama(widened, llama.config.to_dict()))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="A config must be a dict .* got list"):
+        converters.from_hf_gpt2(pt.state_dict(), [1])
+
+
 def test_flax_msgpack_parity():
     # Both files were written by Hugging Face from the same model (see make_gpt2_flax_fixture.py).
     from transformers import GPT2LMHeadModel
