@@ -44,6 +44,25 @@ def test_texts_are_tokenized_by_the_tokenizer(tokenizer):
     assert sorted(task.metrics) == ["kl", "logit_diff", "nll", "prob_diff"] and task.default_metric == "kl"
 
 
+def test_a_hugging_face_tokenizer_object_tokenizes_as_its_file(tokenizer):
+    """A transformers fast tokenizer (what AutoTokenizer gives) is used
+    through its backend; before, ``.encode(...).ids`` raised an
+    AttributeError on its list of ids. Its ids here are those of
+    transformers' own encode."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer))
+    kw = dict(answers=[" Mary", " Anna"], wrong_answers=[" John", " Paul"], bos="<|endoftext|>")
+    from_object, from_file = prompt_task(CLEAN, CORRUPTED, tokenizer=hf, **kw), prompt_task(CLEAN, CORRUPTED,
+                                                                                         tokenizer=tokenizer, **kw)
+    bos = hf.convert_tokens_to_ids("<|endoftext|>")
+    assert from_object.clean.tolist() == [[bos] + hf.encode(t, add_special_tokens=False) for t in CLEAN]
+    assert from_object.clean.tolist() == from_file.clean.tolist()
+    assert from_object.labels["answers"].tolist() == from_file.labels["answers"].tolist()
+    with pytest.raises(TaskError, match="tokenizer must be a local tokenizer file .* got dict"):
+        prompt_task(CLEAN, CORRUPTED, tokenizer={"vocab": 1})
+
+
 def test_metrics_against_numpy():
     rng = np.random.default_rng(0)
     V = 11

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..graph import CircuitGraph
 from .base import Task, kl_divergence, with_paper_circuit
-from .text import bos_id, load_tokenizer, need, single_token, single_tokens, tokenize_batch
+from .text import as_tokenizer, bos_id, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "Then, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to"
 
@@ -57,7 +57,7 @@ def logit_diff(logits, task):
 
 def ioi_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str = "<|endoftext|>") -> Task:
     """IOI prompts for `tokenizer` (a path, or a tokenizers.Tokenizer)."""
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    tok = as_tokenizer(tokenizer)
     names = need(single_tokens(tok, NAMES), 5, "names")
     places = need(single_tokens(tok, PLACES), 1, "places")
     objects = need(single_tokens(tok, OBJECTS), 1, "objects")

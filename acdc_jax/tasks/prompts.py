@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import TaskError
 from .base import Task, kl_divergence
-from .text import bos_id, encode, load_tokenizer
+from .text import as_tokenizer, bos_id, encode
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]], np.ndarray]
 FIELDS = ("name", "clean", "corrupted", "answers", "wrong_answers", "position", "bos", "metric", "corruption",
@@ -160,7 +160,7 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
     clean, corrupted: texts (with `tokenizer`) or token ids, one corrupted
       prompt per clean one, of the same token length; without `corrupted`,
       give ``corruption="zeros"`` or ``"mean"``.
-    tokenizer: a path (see `text.load_tokenizer`) or a tokenizers.Tokenizer.
+    tokenizer: a path (see `text.load_tokenizer`), a tokenizers.Tokenizer or a fast Hugging Face tokenizer.
     answers, wrong_answers: per prompt, the token (or list of tokens) the model
       should and should not predict at `position`; they add the metrics
       ``nll`` (answers) and ``logit_diff``, ``prob_diff`` (both).
@@ -170,7 +170,7 @@ def prompt_task(clean: Prompts, corrupted: Optional[Prompts] = None, *, tokenize
     metric: the default metric (``kl`` unless given).
     canonical: edge names of a known circuit, for ROC curves.
     """
-    tok = load_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
+    tok = as_tokenizer(tokenizer)
     for what, text in (("name", name), ("description", description)):
         if not isinstance(text, str):
             raise TaskError(f"The task's {what} must be a text, got {text!r}.")

@@ -71,6 +71,23 @@ def load_tokenizer(path: str):
     )
 
 
+def as_tokenizer(tokenizer):
+    """A tokenizers.Tokenizer from what a user holds: a local path (see
+    `load_tokenizer`), a Hugging Face fast tokenizer (its backend), or a
+    Tokenizer itself; None stays None."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, Path)):
+        return load_tokenizer(str(tokenizer))
+    if hasattr(tokenizer, "backend_tokenizer"):  # transformers' PreTrainedTokenizerFast
+        return tokenizer.backend_tokenizer
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id"):
+        return tokenizer
+    raise TaskError(f"tokenizer must be a local tokenizer file or directory, a tokenizers.Tokenizer or a fast "
+                    f"Hugging Face tokenizer, got {type(tokenizer).__name__} (a slow tokenizer: load it with "
+                    "use_fast=True, or pass its tokenizer.json).")
+
+
 def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
