@@ -103,6 +103,16 @@ class Circuit:
         return self.graph.edges_in(self.mask)
 
     @property
+    def nodes(self) -> list[str]:
+        """The heads and MLPs on the circuit's residual edges ('a1.4', 'm2'),
+        in the graph's order; a head's q/k/v step alone does not put it in."""
+        from .evaluate import nodes_of
+        from .graph import component_order
+
+        residual = [e for e in self.edges if self.graph.edge(e).kind == "residual"]
+        return sorted(nodes_of(self.graph, residual), key=component_order)
+
+    @property
     def n_edges(self) -> int:
         return int((np.asarray(self.mask) > 0.5).sum())
 

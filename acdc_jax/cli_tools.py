@@ -45,7 +45,7 @@ def quality_lines(circuit, task, faith: dict) -> list[str]:
     """How good a circuit is: its metric against the full model's and the empty
     circuit's, its recall of the task's canonical circuit, and the heads and
     MLPs on its residual edges (an EAP-IG graph keeps every head's q/k/v step)."""
-    from .evaluate import nodes_of, rates
+    from .evaluate import rates
 
     g, kept = circuit.graph, set(circuit.edges)
     lines = [f"metric: circuit {faith['circuit']:.4g}, full model {faith['full']:.4g}, empty circuit "
@@ -58,7 +58,7 @@ def quality_lines(circuit, task, faith: dict) -> list[str]:
         fpr, tpr = rates(kept, canonical, universe)
         lines.append(f"{which} ({len(canonical)} edges): recovered {len(kept & canonical)} "
                      f"(TPR {tpr:.3f}), extra {len(kept - canonical)} (FPR {fpr:.4f})")
-    nodes = sorted(nodes_of(g, [e for e in kept if g.edge(e).kind == "residual"]))
+    nodes = circuit.nodes
     lines.append(f"heads and MLPs on its residual edges: {' '.join(nodes) if nodes else '(none)'}")
     return lines
 

@@ -65,12 +65,12 @@ def nodes_of(graph: CircuitGraph, edges: Iterable[str]) -> set[str]:
 
 def overlap(first: Circuit, second: Circuit) -> dict:
     """Where two circuits over the same graph agree: for edges and for heads
-    and MLPs, those in both, in the first only and in the second only, and the
+    and MLPs (`Circuit.nodes`: those on residual edges), those in both, in the first only and in the second only, and the
     Jaccard index |both| / |either| (1 for two empty circuits)."""
     first.graph.check_same_edges(second.graph, "The second circuit")
     g = first.graph
     sets = {"edges": (set(first.edges), set(second.edges), g.edge_names),
-            "nodes": (nodes_of(g, first.edges), nodes_of(g, second.edges), sorted(all_nodes(g), key=component_order))}
+            "nodes": (set(first.nodes), set(second.nodes), sorted(all_nodes(g), key=component_order))}
     out = {}
     for kind, (a, b, order) in sets.items():
         either = a | b

@@ -41,8 +41,9 @@ def test_compare_counts_what_set_arithmetic_on_the_files_gives(tmp_path, capsys)
     assert set(result["edges"]["only_first"]) == edges_a - edges_b
     assert set(result["edges"]["only_second"]) == edges_b - edges_a
     assert result["edges"]["jaccard"] == pytest.approx(len(edges_a & edges_b) / len(edges_a | edges_b))
-    nodes_a = {_part(h) for e in edges_a for h in e.split("->")} - {""}
-    nodes_b = {_part(h) for e in edges_b for h in e.split("->")} - {""}
+    step = re.compile(r"blocks\.\d+\.hook_[qkv]_input\[\d+\]->blocks\.\d+\.attn\.hook_[qkv]\[\d+\]")
+    nodes_a, nodes_b = ({_part(h) for e in edges if not step.fullmatch(e) for h in e.split("->")} - {""}
+                        for edges in (edges_a, edges_b))  # heads and MLPs on residual edges, as discover lists them
     assert set(result["nodes"]["only_first"]) == nodes_a - nodes_b
     assert set(result["nodes"]["both"]) == nodes_a & nodes_b
     assert result["nodes"]["jaccard"] == pytest.approx(len(nodes_a & nodes_b) / len(nodes_a | nodes_b))
@@ -50,6 +51,20 @@ def test_compare_counts_what_set_arithmetic_on_the_files_gives(tmp_path, capsys)
     assert (f"edges: {len(edges_a & edges_b)} in both, {len(edges_a - edges_b)} in the first only, "
             f"{len(edges_b - edges_a)} in the second only") in out
     assert (tmp_path / "cmp" / "compare.dot").is_file()
+
+
+def test_a_heads_own_step_does_not_put_it_in_the_circuit():
+    """Circuit.nodes (the discover and evaluate line, compare's node lists)
+    counts the heads and MLPs on residual edges: a head whose only kept edge
+    is its own q step computes nothing the circuit reads."""
+    graph = CircuitGraph(CONFIG)
+    step = next(e for e in graph.edges if e.kind == "qkv")
+    head = _part(step.name.split("->")[0])
+    only_step = Circuit(graph, np.asarray(graph.mask([step.name])))
+    assert only_step.nodes == [] and only_step.n_edges == 1
+    into = next(e for e in graph.edges if e.kind == "residual" and e.name.endswith(step.name.split("->")[0]))
+    assert Circuit(graph, np.asarray(graph.mask([step.name, into.name]))).nodes == sorted(
+        {head, _part(into.name.split("->")[0])} - {""})
 
 
 def test_compare_of_a_circuit_with_itself_and_with_an_empty_one(tmp_path):
