@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .cli_tools import _task, cmd_compare, cmd_draw, cmd_evaluate, cmd_export, cmd_patch, cmd_tasks, quality_lines
@@ -352,8 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # a command's user wants the advice, not the library line that gave it
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     use_disk_cache()  # CLI runs share compiled programs (ACDC_JAX_CACHE=off disables)
     try:
         # the other methods and faithfulness too; bf16 operands leave nothing to choose

@@ -177,6 +177,22 @@ def test_rescore_ties_reaches_the_run(tmp_path):
     assert settings["checked_programs"] >= 1  # the band was measured, as in full float32
 
 
+def test_a_task_whose_corruption_changes_nothing_is_warned_of_in_one_line(tmp_path):
+    """The command prints the library's warnings as plain "warning:" lines
+    (not file paths and line numbers): here, corrupted prompts equal to the
+    clean ones, which give an empty circuit."""
+    from acdc_jax.tasks.induction import DATA
+
+    task = tmp_path / "same.json"
+    task.write_text(json.dumps({"clean": [[1, 2, 3, 4], [5, 6, 7, 8]], "corrupted": [[1, 2, 3, 4], [5, 6, 7, 8]]}))
+    done = subprocess.run([sys.executable, "-m", "acdc_jax.cli", "discover", "--task", str(task), "--checkpoint",
+                           str(DATA), "--tau", "0.01", "--out", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\nwarning: Cutting every edge at once changes the metric 'kl'" in "\n" + done.stderr
+    assert "UserWarning" not in done.stderr and "kept 0 of" in done.stdout
+
+
 def test_version_on_the_command_line_and_in_circuit_files(tmp_path, capsys):
     """--version, and the versions that made a circuit recorded in its file,
     as installed (importlib.metadata) and as JAX reports them."""
