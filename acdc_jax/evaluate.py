@@ -316,6 +316,9 @@ def compare(methods: dict, tasks: dict, *, taus: Sequence[float] = ACDC_TAUS, co
     """
     import time
 
+    lacking = [name for name, (_, task) in tasks.items() if task.canonical is None]
+    if lacking:  # before hours of runs, not after the first method
+        raise ValueError(f"compare needs a canonical circuit for each task; {lacking} have none.")
     rows = []
     for task_name, (model, task) in tasks.items():
         task_metric = metric.get(task_name) if isinstance(metric, dict) else metric

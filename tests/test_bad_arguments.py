@@ -97,6 +97,8 @@ def test_masks_of_the_wrong_size_are_refused(model, task):
     for taus, first, second in (([0.1, 0.2, 0.1], "0.1", "0.1"), ([0.0100001, 0.01000012], "0.0100001", "0.01000012")):
         with pytest.raises(ValueError, match=rf"The taus {first} and {second} are the same to 6 digits \(tau-{first}\)"):
             aj.evaluate.sweep(model, task, taus, method=lambda *a, **k: pytest.fail("ran before checking"))
+    with pytest.raises(ValueError, match=r"compare needs a canonical circuit for each task; \['mine'\] have none"):
+        aj.evaluate.compare({"fails": lambda *a, **k: pytest.fail("ran before checking")}, {"mine": (model, task)})
     with pytest.raises(ValueError, match="tau must be a finite number"):  # every tau before the first run
         aj.evaluate.sweep(model, task, [0.1, -1.0], method=lambda *a, **k: pytest.fail("ran before checking"))
 
