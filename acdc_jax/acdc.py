@@ -84,22 +84,24 @@ def check_run(tau, mode: str, abs_value, rescore_ties, stop_after, log_path, res
     return tau
 
 
-def starting_metric(scorer: Scorer, mask: np.ndarray, metric_name: str, tau: float, what: str = "full model"
-                    ) -> float:
-    """The metric of the circuit a run starts from, which must be finite; and
-    a warning when cutting every edge at once moves it by less than tau, as
-    when the corrupted prompts are the clean ones: such a run is likely to
-    remove every edge."""
+def starting_metric(scorer: Scorer, mask: np.ndarray, metric_name: str, what: str = "full model") -> float:
+    """The metric of the circuit a run starts from, which must be finite."""
     full = scorer.full(mask)
     if not math.isfinite(full):
         raise MetricError(f"The metric {metric_name!r} of the {what} is {full}; it must be a finite number.")
-    empty = scorer.full(np.zeros_like(mask))
+    return full
+
+
+def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what: str = "full model") -> None:
+    """Warn when cutting every edge at once moves the metric by less than tau,
+    as when the corrupted prompts are the clean ones: such a run is likely to
+    remove every edge. (After the run's other checks: errors come first.)"""
+    empty = scorer.full(np.zeros(scorer.graph.n_edges, np.float32))
     if abs(empty - full) < tau:
         warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
                       f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
                       "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
                       "clean ones where the metric looks, and the metric itself; or lower tau.", stacklevel=3)
-    return full
 
 
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
@@ -240,7 +242,8 @@ def acdc(
         }
 
         mask = schedule.start.copy()
-        full_metric = starting_metric(scorer, mask, metric_name, tau, "full model" if start is None else "start circuit")
+        what = "full model" if start is None else "start circuit"
+        full_metric = starting_metric(scorer, mask, metric_name, what)
         state = State(mask=mask, cursor=(0, 0), metric=full_metric, decisions=[],
                        tie_band=band)
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
@@ -252,6 +255,8 @@ def acdc(
             warnings.warn(f"This ACDC run over {int(schedule.start.sum())} edges keeps no decision log, so a crash "
                           "would lose its decisions: pass log_path='decisions.jsonl' (and, after a crash, resume= "
                           "that file).", stacklevel=2)
+        with log.closed_on_error():
+            warn_if_flat(scorer, full_metric, metric_name, tau, what)
 
         bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)

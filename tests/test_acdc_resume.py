@@ -57,13 +57,13 @@ def test_resume_from_a_log_cut_inside_a_group_of_prunes(small_gpt2, tmp_path):
     finishes the group and then the run, as an uninterrupted run does."""
     model, task = small_gpt2
     log = tmp_path / "decisions.jsonl"
-    whole = acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
+    whole = acdc(model, task, 0.004, progress=False, max_width=4, log_path=log)
     untried = [not d.tried for d in whole.decisions]
     cut = next((i + 1 for i in range(len(untried) - 1) if untried[i] and untried[i + 1]), None)
     assert cut is not None, "this run has no two prunes in a row to cut between"
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:1 + cut]) + "\n")
-    resumed = acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
     assert _decisions(resumed) == _decisions(whole)
     assert np.array_equal(resumed.mask, whole.mask)
     assert log.read_text().splitlines() == lines
@@ -92,15 +92,15 @@ def test_resume_refuses_a_log_whose_decisions_are_out_of_order(small_gpt2, tmp_p
     refused, not replayed into another circuit."""
     model, task = small_gpt2
     log = tmp_path / "decisions.jsonl"
-    acdc(model, task, 0.05, progress=False, max_width=4, log_path=log)
+    acdc(model, task, 0.004, progress=False, max_width=4, log_path=log)
     lines = log.read_text().splitlines()
     first, second = (re.escape(json.loads(line)["edge"]) for line in lines[1:3])
     log.write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
     with pytest.raises(ValueError, match=rf"Decision 0 of the log \({second}.*is not what the schedule does next "
                                          rf"\({first}.*belongs to another run"):
-        acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+        acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
     log.write_text("\n".join(lines) + "\n")  # the refused resume let go of the log: the next one may write it
-    resumed = acdc(model, task, 0.05, progress=False, max_width=4, resume=log)
+    resumed = acdc(model, task, 0.004, progress=False, max_width=4, resume=log)
     assert len(resumed.decisions) == len(lines) - 1
 
 
@@ -117,10 +117,10 @@ def test_a_second_run_into_a_log_being_written_is_refused(small_gpt2, tmp_path):
         if not refused:
             for kw in (dict(log_path=log), dict(resume=log)):
                 with pytest.raises(ValueError, match=rf"Another process is writing the decision log {re.escape(str(log))}"):
-                    acdc(model, task, 0.05, progress=False, **kw)
+                    acdc(model, task, 0.004, progress=False, **kw)
                 refused.append(kw)
 
-    first = acdc(model, task, 0.05, progress=False, max_width=4, log_path=log, callback=second_run)
+    first = acdc(model, task, 0.004, progress=False, max_width=4, log_path=log, callback=second_run)
     assert len(refused) == 2
     assert [json.loads(line)["edge"] for line in log.read_text().splitlines()[1:]] == [d.edge for d in first.decisions]
 

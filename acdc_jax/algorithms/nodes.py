@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..acdc import check_run, progress_bar, starting_metric
+from ..acdc import check_run, progress_bar, starting_metric, warn_if_flat
 from ..decide import PassOutOfMemory, TieBand, narrow, score_pass, tie_band
 from ..candidates import Candidates
 from ..circuit import Circuit, Decision
@@ -122,11 +122,12 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     settings.update(method="acdc_nodes", tau=tau, abs_value=bool(abs_value), head_order=head_order,
                     model=model_fingerprint(model), prompts=task_fingerprint(task), rescore_ties=bool(band.scale))
     mask = np.ones(graph.n_edges, np.float32)
-    full_metric = starting_metric(scorer, mask, settings["metric"], tau)
+    full_metric = starting_metric(scorer, mask, settings["metric"])
     log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
     run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, band)
     with log.closed_on_error():
         run.replay(log.logged)
+        warn_if_flat(scorer, full_metric, settings["metric"], tau)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
     try:
         while run.next < len(nodes.order):
