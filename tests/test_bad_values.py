@@ -220,6 +220,17 @@ def test_named_tasks_say_what_they_need(tmp_path):
         with pytest.raises(TaskError, match=pattern):
             get(name, n_examples=n)
     assert get("induction", n_examples=np.int64(3))[1].clean.shape[0] == 3  # a numpy integer is a whole number
+    # the builders themselves check too, called without tasks.get (induction with one prompt searched forever)
+    from acdc_jax.tasks.docstring import docstring_task
+    from acdc_jax.tasks.greaterthan import greaterthan_task
+    from acdc_jax.tasks.induction import induction_task
+    from acdc_jax.tasks.ioi import ioi_task
+
+    for build, name, n in ((induction_task, "induction", 1), (lambda n_examples: ioi_task(None, n_examples), "ioi", 0),
+                           (lambda n_examples: greaterthan_task(None, n_examples), "greater-than", -3),
+                           (lambda n_examples: docstring_task(None, n_examples), "docstring", 2.5)):
+        with pytest.raises(TaskError, match=f"Task {name}: n_examples .* got {n}"):
+            build(n_examples=n)
     with pytest.raises(TaskError, match=r"has no prompts \(clean tokens of shape \(0, 3\)\)"):
         Task("empty", np.zeros((0, 3), np.int32), None, [1], {"kl": kl_divergence})
     with pytest.raises(TaskError, match="No tokenizer at"):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import TaskError, check_whole
-from .base import Task, kl_divergence, squared_error
+from ..errors import TaskError
+from .base import Task, check_examples, kl_divergence, squared_error
 from .prompts import load_task, prompt_task
 from .text import tokenizer_beside
 
@@ -49,7 +49,7 @@ def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = 
         return _convert(checkpoint), task
     if name not in TASKS:
         raise TaskError(f"Unknown task {name!r}; choose from {TASKS}, or give a task file (*.json).")
-    _check_examples(name, n_examples)
+    check_examples(name, n_examples)
     kw = {} if n_examples is None else {"n_examples": n_examples}
     if name.startswith("tracr-"):
         if checkpoint is not None:
@@ -80,21 +80,6 @@ def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = 
     from .docstring import docstring
 
     return model, docstring(model, tokenizer, seed=seed, **kw)
-
-
-# how many prompts each task can make: induction's corrupted prompts are other prompts' sequences, and
-# tracr-proportion draws distinct strings of 4 letters from 4
-EXAMPLES = {"induction": (2, None), "tracr-proportion": (1, 4 ** 4)}
-
-
-def _check_examples(name: str, n_examples) -> None:
-    if n_examples is None:
-        return
-    if name == "tracr-reverse":
-        raise TaskError("tracr-reverse runs on all 6 orderings of its input, always; do not pass n_examples "
-                        "(--examples).")
-    low, high = EXAMPLES.get(name, (1, None))
-    check_whole(n_examples, f"Task {name}: n_examples (--examples)", low, high, error=TaskError)
 
 
 def _convert(checkpoint: str):

@@ -18,10 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import MetricError, TaskError
+from ..errors import MetricError, TaskError, check_whole
 from ..graph import CircuitGraph
 from ..model import Transformer, check_token_values
 from ..patching import Corruption
+
+# how many prompts each task can make: induction's corrupted prompts are other prompts' sequences, and
+# tracr-proportion draws distinct strings of 4 letters from 4
+EXAMPLES = {"induction": (2, None), "tracr-proportion": (1, 4 ** 4)}
+
+
+def check_examples(name: str, n_examples) -> None:
+    """Refuse a number of prompts the named task cannot make (None: its default)."""
+    if n_examples is None:
+        return
+    if name == "tracr-reverse":
+        raise TaskError("tracr-reverse runs on all 6 orderings of its input, always; do not pass n_examples "
+                        "(--examples).")
+    low, high = EXAMPLES.get(name, (1, None))
+    check_whole(n_examples, f"Task {name}: n_examples (--examples)", low, high, error=TaskError)
+
 
 Metric = Callable[[jax.Array, "Task"], jax.Array]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Task, kl_divergence, with_paper_circuit
+from .base import Task, check_examples, kl_divergence, with_paper_circuit
 from .text import as_tokenizer, bos_id, need, single_token, single_tokens, tokenize_batch
 
 VARIABLES = (
@@ -92,6 +92,7 @@ def _prompt(method: str, desc: list[str], def_args: list[str], doc_args: list[st
 
 
 def docstring_task(tokenizer, n_examples: int = 50, seed: int = 0, bos: str | None = "<|BOS|>") -> Task:
+    check_examples("docstring", n_examples)
     tok = as_tokenizer(tokenizer)
     variables = need(single_tokens(tok, VARIABLES), 14, "variable names")
     nouns = need(single_tokens(tok, NOUNS, prefix=" "), 8, "nouns")

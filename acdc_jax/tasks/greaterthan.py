@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import TaskError
 from ..graph import CircuitGraph
-from .base import Task, kl_divergence, with_paper_circuit
+from .base import Task, check_examples, kl_divergence, with_paper_circuit
 from .text import as_tokenizer, bos_id, encode, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "The {noun} lasted from the year {year} to {century}"
@@ -57,6 +57,7 @@ def _years(tok) -> list[str]:
 
 
 def greaterthan_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = None) -> Task:
+    check_examples("greater-than", n_examples)
     tok = as_tokenizer(tokenizer)
     year_tokens = [single_token(tok, f"{i:02d}") for i in range(100)]
     if None in year_tokens:

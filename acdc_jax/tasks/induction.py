@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model import Transformer
-from .base import Task, kl_divergence
+from .base import Task, check_examples, kl_divergence
 
 DATA = Path(__file__).parent / "data" / "induction"
 N_RANDOM, LENGTH, MIN_REPEAT, MAX_REPEAT = 48, 30, 5, 10  # token ids 1..48 are random tokens, 0 is BOS
@@ -86,6 +86,7 @@ def induction_canonical(previous: list, induction: list) -> frozenset:
 
 
 def induction_task(n_examples: int = 50, seed: int = 0, directory: str | Path = DATA) -> Task:
+    check_examples("induction", n_examples)  # one prompt has no other to be corrupted by: it searched forever
     rng = np.random.default_rng(10_000 + seed)
     tokens, source = repeated_sequences(rng, n_examples)
     positions = np.arange(1, LENGTH - 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import CircuitGraph
-from .base import Task, kl_divergence, with_paper_circuit
+from .base import Task, check_examples, kl_divergence, with_paper_circuit
 from .text import as_tokenizer, bos_id, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "Then, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to"
@@ -57,6 +57,7 @@ def logit_diff(logits, task):
 
 def ioi_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str = "<|endoftext|>") -> Task:
     """IOI prompts for `tokenizer` (a path, or a tokenizers.Tokenizer)."""
+    check_examples("ioi", n_examples)
     tok = as_tokenizer(tokenizer)
     names = need(single_tokens(tok, NAMES), 5, "names")
     places = need(single_tokens(tok, PLACES), 1, "places")

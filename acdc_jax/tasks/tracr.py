@@ -32,7 +32,7 @@ import numpy as np
 from ..graph import CircuitGraph
 from ..model import Transformer
 from ..patching import Corruption, patched_forward
-from .base import Task, predicted_logit, squared_error
+from .base import Task, check_examples, predicted_logit, squared_error
 from .tracr_programs import compile_tracr, compile_tracr_model
 
 GRAPH_OPTIONS = {"split_embed": True}
@@ -67,6 +67,7 @@ def reverse_task(seed: int = 0) -> tuple[Transformer, Task]:
 
 
 def proportion_task(n_examples: int = 50, seed: int = 0) -> tuple[Transformer, Task]:
+    check_examples("tracr-proportion", n_examples)
     model = compile_tracr_model("proportion")
     rng = np.random.default_rng(seed)
     strings = list(itertools.product("wxyz", repeat=4))
