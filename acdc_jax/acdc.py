@@ -43,12 +43,12 @@ from . import compile_ahead
 from .circuit import Circuit, Decision, start_mask
 from .corruption import Corruption
 from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
-from .errors import MetricError, check_stop_after
+from .errors import FlatMetricWarning, MetricError, check_number, check_stop_after
 from .graph import CircuitGraph
 from .model import Transformer, cast
 from .programs import compile_seconds
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
-from .runlog import RunLog, model_fingerprint, task_fingerprint
+from .runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from .schedule import Schedule
 from .speculate import Forecast, plan
 from .memory import plan_task
@@ -61,9 +61,10 @@ UNLOGGED_EDGES = 1000  # a run over more edges without a log warns: docstring's 
 
 
 def check_tau(tau) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}. ACDC removes an edge when the metric rises by less than tau.")
-    return float(tau)
+    try:
+        return check_number(tau, "tau", 0)
+    except ValueError as e:
+        raise ValueError(f"{e} ACDC removes an edge when the metric rises by less than tau.") from None
 
 
 def check_run(tau, mode: str, abs_value, rescore_ties, stop_after, log_path, resume) -> float:
@@ -101,7 +102,8 @@ def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what
         warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
                       f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
                       "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
-                      "clean ones where the metric looks, and the metric itself; or lower tau.", stacklevel=3)
+                      "clean ones where the metric looks, and the metric itself; or lower tau.", FlatMetricWarning,
+                      stacklevel=3)
 
 
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
@@ -249,13 +251,13 @@ def acdc(
         log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None,
                           write=jax.process_index() == 0)
         if resume is not None:
-            with log.closed_on_error():  # a log of another run: unlocked for the next try
+            with closed_on_error(log):  # a log of another run: unlocked for the next try
                 log.replay(schedule, state)
         elif log_path is None and schedule.start.sum() > UNLOGGED_EDGES:
             warnings.warn(f"This ACDC run over {int(schedule.start.sum())} edges keeps no decision log, so a crash "
                           "would lose its decisions: pass log_path='decisions.jsonl' (and, after a crash, resume= "
                           "that file).", stacklevel=2)
-        with log.closed_on_error():
+        with closed_on_error(log):
             warn_if_flat(scorer, full_metric, metric_name, tau, what)
 
         bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))

@@ -180,13 +180,13 @@ def cmd_roc(args) -> int:
     from .draw import plot_roc
 
     _check_flags(args)
-    if args.resume and args.method not in ("acdc", "acdc_nodes"):
+    if args.resume and args.method not in ACDCS:
         raise ValueError(f"roc --resume is for acdc and acdc_nodes, whose sweeps save a circuit per tau; "
                          f"{args.method} scores every edge in one run.")
     from .evaluate import tau_dir
 
     out = Path(args.out or f"runs/{Path(args.task).stem}-roc")
-    if not args.resume and args.method in ("acdc", "acdc_nodes"):
+    if not args.resume and args.method in ACDCS:
         for tau in args.taus:
             _keep_progress(tau_dir(out, tau) / "decisions.jsonl", tau_dir(out, tau) / "circuit.json")
     model, task = _task(args)
@@ -217,17 +217,17 @@ def cmd_roc(args) -> int:
     payload = {"task": task.name, "method": args.method, "metric": args.metric or task.default_metric,
                "corruption": args.corruption or task.corruption, "seconds": round(time.perf_counter() - start, 2),
                **result.to_json()}
-    if args.method in ("acdc", "acdc_nodes"):
+    if args.method in ACDCS:
         payload["circuits"] = [str(tau_dir(out, tau) / "circuit.json") for tau in args.taus]
     (out / "roc.json").write_text(dumps(payload, indent=2) + "\n")
     plot_roc({"edges": result.edge_points, "nodes": result.node_points}, out / "roc.png",
              title=f"{args.method} on {task.name} ({payload['corruption']})")
-    if args.method in ("acdc", "acdc_nodes"):
+    if args.method in ACDCS:
         print(f"{'tau':>10} {'edges':>6} {'edge FPR':>9} {'edge TPR':>9}")
         for tau, c, (f, t) in zip(result.taus, result.circuits, result.edge_points):
             print(f"{tau:>10.4g} {c.n_edges:>6d} {f:>9.4f} {t:>9.4f}")
     print(f"edge AUC {result.edge_auc:.3f}, node AUC {result.node_auc:.3f}; wrote {out / 'roc.json'}, {out / 'roc.png'}"
-          + (f" and a circuit per tau in {out}/tau-T/" if args.method in ("acdc", "acdc_nodes") else ""))
+          + (f" and a circuit per tau in {out}/tau-T/" if args.method in ACDCS else ""))
     return 0
 
 

@@ -31,10 +31,9 @@ def cmd_evaluate(args) -> int:
     else:
         circuit = from_eap_ig(data, task.graph(model))
     try:
-        circuit.graph.check_config(model.config)
-    except ConfigError as e:
+        faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
+    except ConfigError as e:  # the circuit was found on another model
         raise ConfigError(f"{path}: {e}") from None
-    faith = faithfulness(model, task, circuit, metric=args.metric, corruption=args.corruption)
     print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
           f"({circuit.settings.get('method', 'acdc')})")
     print("\n".join(quality_lines(circuit, task, faith)))
@@ -153,10 +152,10 @@ def cmd_patch(args) -> int:
     model = converters.convert(args.checkpoint)
     graph = CircuitGraph(model.config)
     names = args.edges or list(graph.edge_names[-args.n:])
-    unknown = [name for name in names if name not in graph.edge_names]
-    if unknown:
-        raise ValueError(f"No edge named {unknown[0]!r} in {graph!r}. Names look like {graph.edge_names[0]!r}; "
-                         "CircuitGraph(model.config).edge_names lists them.")
+    try:
+        cuts = [graph.edge_index(name) for name in names]  # every name checked before the passes
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
     rng = np.random.default_rng(args.seed)
     if not 0 < args.pos <= model.config.n_ctx or args.prompts < 1:
         raise ValueError(f"--pos must be a prompt length from 1 to the model's n_ctx={model.config.n_ctx} and "
@@ -166,8 +165,8 @@ def cmd_patch(args) -> int:
     corruption = Corruption.from_prompts(model, jnp.asarray(rng.integers(0, model.config.d_vocab, shape)))
     base = jax.nn.log_softmax(model(clean)[:, -1])
     print(f"{graph!r}")
-    for name in names:
-        masks = graph.ones().at[graph.edge_index(name)].set(0.0)
+    for name, cut in zip(names, cuts):
+        masks = graph.ones().at[cut].set(0.0)
         logp = jax.nn.log_softmax(patched_forward(model, clean, masks, corruption, graph)[:, -1])
         kl = float((jnp.exp(base) * (base - logp)).sum(-1).mean())
         print(f"  KL(full || edge cut) = {kl:.3e}   {name}")

@@ -22,6 +22,10 @@ class MetricError(ValueError):
     """A metric returned NaN or a value of the wrong shape."""
 
 
+class FlatMetricWarning(UserWarning):
+    """Cutting every edge at once barely moves the metric: a run is likely to remove every edge."""
+
+
 def check_whole(value, what: str, low: int = 0, high: Optional[int] = None, error=ValueError) -> int:
     """`value` as an int (a Python or numpy integer, not a bool), or an
     `error` naming `what` and the range it must lie in."""

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .circuit import Circuit
-from .errors import TaskError, check_finite
+from .errors import FlatMetricWarning, TaskError, check_finite
 from .graph import CircuitGraph, component_order
 from .model import Transformer
 from .tasks.base import Task
@@ -133,7 +133,7 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
     def run(tau, **more):  # warn that every edge may go only at the lowest tau: above it that is the sweep's end
         with warnings.catch_warnings():
             if tau != lowest:
-                warnings.filterwarnings("ignore", message="Cutting every edge at once changes the metric")
+                warnings.simplefilter("ignore", FlatMetricWarning)
             return method(model, task, tau, **kwargs, **more)
 
     if out is None:

@@ -43,6 +43,16 @@ def _locked(path: Path, mode: str):
     return f
 
 
+@contextlib.contextmanager
+def closed_on_error(thing):
+    """Close `thing` (a file, or a RunLog: unlocking its log) if the block raises."""
+    try:
+        yield thing
+    except BaseException:
+        thing.close()
+        raise
+
+
 def model_fingerprint(model) -> str:
     """A short hash of every weight, to refuse resuming with another model."""
     import equinox as eqx
@@ -104,11 +114,8 @@ class RunLog:
         if not path.is_file():
             raise FileNotFoundError(f"No decision log to resume from at {path}.")
         f = _locked(path, "r+") if write else open(path, errors="replace")
-        try:
+        with closed_on_error(f):
             log = cls._read(f, path, settings, write)
-        except BaseException:
-            f.close()
-            raise
         if not write:
             f.close()
         return log
@@ -175,15 +182,6 @@ class RunLog:
         self._file.write("".join(dumps(d.to_json()) + "\n" for d in decisions))
         self._file.flush()
         os.fsync(self._file.fileno())
-
-    @contextlib.contextmanager
-    def closed_on_error(self):
-        """Close (and unlock) the log if the block raises."""
-        try:
-            yield
-        except BaseException:
-            self.close()
-            raise
 
     def close(self) -> None:
         if self._file is not None:

@@ -170,7 +170,7 @@ def test_corrupted_prompts_that_change_nothing_are_warned_of(recwarn):
     clean = np.asarray(induction.clean).tolist()
     same = prompt_task(clean, clean)
     for method in (aj.acdc, aj.algorithms.acdc_nodes):
-        with pytest.warns(UserWarning, match=r"Cutting every edge at once changes the metric 'kl' by only .* less "
+        with pytest.warns(aj.FlatMetricWarning, match=r"Cutting every edge at once changes the metric 'kl' by only .* less "
                                              r"than tau=0.001, so this run is likely to remove every edge"):
             circuit = method(model, same, 0.001, progress=False)
         assert circuit.settings.get("nodes") == [] if method is not aj.acdc else circuit.n_edges == 0

@@ -37,7 +37,7 @@ from ..errors import MetricError
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
-from ..runlog import RunLog, model_fingerprint, task_fingerprint
+from ..runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from ..sharding import parse_mesh
 from ..speculate import trial_result
 from .attribution import receiver_layers, setup
@@ -125,7 +125,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     full_metric = starting_metric(scorer, mask, settings["metric"])
     log = RunLog.open(resume or log_path, settings, full_metric, resume=resume is not None)
     run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, band)
-    with log.closed_on_error():
+    with closed_on_error(log):
         run.replay(log.logged)
         warn_if_flat(scorer, full_metric, settings["metric"], tau)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
