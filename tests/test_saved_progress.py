@@ -43,6 +43,30 @@ def _crash_at_move(monkeypatch, n: int) -> None:
     monkeypatch.setattr(saved.os, "replace", replace)
 
 
+def _interrupt_at_update(monkeypatch, n: int) -> None:
+    """Ctrl-C at the n-th step the progress bar counts: after that step's result is stored, before any save
+    the run makes at it."""
+    import importlib
+
+    acdc = importlib.import_module("acdc_jax.acdc")  # the module, which the package's acdc function hides
+    make = acdc.progress_bar
+
+    def progress_bar(*args, **kw):
+        bar, updates = make(*args, **kw), []
+        update = bar.update
+
+        def interrupting(k=1):
+            updates.append(k)
+            if len(updates) == n:
+                raise KeyboardInterrupt
+            return update(k)
+
+        bar.update = interrupting
+        return bar
+
+    monkeypatch.setattr(acdc, "progress_bar", progress_bar)
+
+
 def _same(a, b):
     assert np.array_equal(a.scores, b.scores)
     assert np.array_equal(a.mask, b.mask)
@@ -76,6 +100,23 @@ def test_a_crash_while_saving_leaves_the_last_state_whole(random_run, tmp_path, 
     with np.load(state) as written:
         assert int(written["step"]) == 2  # the third state saved; the fourth never replaced it
     _same(_train("edge_pruning", model, task, resume=state), whole)
+
+
+def test_an_interrupted_training_keeps_the_steps_since_its_last_row(random_run, tmp_path, monkeypatch):
+    """With 60 steps a history row, and a saved state, comes every 3rd step. Ctrl-C after step 4 saves steps 3-4
+    on the way out, and the resumed run ends with the gates and history of a run never stopped."""
+    model, task = random_run
+    whole = edge_pruning(model, task, steps=60, sparsity=0.7, progress=False)
+    state = tmp_path / "training.npz"
+    _interrupt_at_update(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        edge_pruning(model, task, steps=60, sparsity=0.7, progress=False, checkpoint=state)
+    monkeypatch.undo()
+    with np.load(state) as written:
+        assert int(written["step"]) == 4
+    resumed = edge_pruning(model, task, steps=60, sparsity=0.7, progress=False, resume=state)
+    assert np.array_equal(resumed.scores, whole.scores) and np.array_equal(resumed.mask, whole.mask)
+    assert resumed.settings["history"] == whole.settings["history"] and resumed.settings["finished"]
 
 
 def test_a_state_from_another_run_is_refused_by_name(random_run, tmp_path):
@@ -137,7 +178,7 @@ def test_exact_patching_stopped_or_crashed_resumes_to_the_same_scores(random_run
     assert np.array_equal(exact_patching(model, task, progress=False, resume=stopped).scores, whole.scores)
 
 
-def test_eap_ig_stopped_resumes_to_the_same_scores(random_run, tmp_path):
+def test_eap_ig_stopped_or_interrupted_resumes_to_the_same_scores(random_run, tmp_path, monkeypatch):
     model, task = random_run
     whole = eap_ig(model, task, steps=5, progress=False)
     state = tmp_path / "eap_ig.npz"
@@ -149,3 +190,12 @@ def test_eap_ig_stopped_resumes_to_the_same_scores(random_run, tmp_path):
     assert np.array_equal(eap_ig(model, task, steps=5, progress=False, resume=state).scores, whole.scores)
     with pytest.raises(ValueError, match=r"settings differ .*'steps': \(5, 6\)"):
         eap_ig(model, task, steps=6, progress=False, resume=state)
+
+    interrupted = tmp_path / "interrupted.npz"  # Ctrl-C after the third step, long before the first 30-s save
+    _interrupt_at_update(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        eap_ig(model, task, steps=5, progress=False, checkpoint=interrupted)
+    monkeypatch.undo()
+    with np.load(interrupted) as written:
+        assert int(written["step"]) == 2  # the three steps summed were saved on the way out
+    assert np.array_equal(eap_ig(model, task, steps=5, progress=False, resume=interrupted).scores, whole.scores)

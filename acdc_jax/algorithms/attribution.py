@@ -273,7 +273,8 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     progress bar unless `progress` is False). The scores add up to the
     effect of cutting every edge, ``metric(empty) - metric(full)``, up to an
     O(1/steps^2) error. `mesh`: as for `eap`. `checkpoint`, `resume` and
-    `stop_after`: as for `exact_patching` (a stopped run has no scores yet)."""
+    `stop_after`: as for `exact_patching` (the sum of gradients is saved; a
+    stopped run has no scores yet)."""
     from ..acdc import progress_bar
 
     steps = check_whole(steps, "steps (interpolation steps, --steps)", 1)
@@ -289,22 +290,32 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     write = state_path(checkpoint, resume)
     ones = np.ones((1, graph.n_edges), np.float32)
     bar = progress_bar(progress, steps, done, desc="EAP-IG", unit="step")
-    saved_at, i = time.perf_counter(), done - 1
+    # (the sum of gradients, the last step in it), stored as one object so that Ctrl-C never splits them
+    summed = (total, done - 1)
+    saved_at, saved_step = time.perf_counter(), done - 1
+
+    def save():
+        nonlocal saved_at, saved_step
+        if write is not None and summed[1] > saved_step:
+            save_state(write, run, summed[1], {"total": summed[0]}, [])
+            saved_at, saved_step = time.perf_counter(), summed[1]
+
     try:
         for i in range(done, steps):
             alpha = (i + 0.5) / steps  # the same program every step
-            total = total + _gradient(scorer, alpha * ones, f"at alpha={alpha:g}")[1][0]
+            summed = (summed[0] + _gradient(scorer, alpha * ones, f"at alpha={alpha:g}")[1][0], i)
             bar.update(1)
             stop = stop_after is not None and time.perf_counter() - start > stop_after
-            if write is not None and (stop or i == steps - 1 or time.perf_counter() - saved_at > SAVE_EVERY):
-                save_state(write, run, i, {"total": total}, [])
-                saved_at = time.perf_counter()
+            if stop or time.perf_counter() - saved_at > SAVE_EVERY:
+                save()
             if stop:
                 break
-    finally:
+    finally:  # the end, a stop, Ctrl-C or an error: the steps summed since the last save are kept
         bar.close()
-    complete = i + 1 == steps  # no scores until the integral is
-    settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=i + 1)
+        save()
+    total, last = summed
+    complete = last + 1 == steps  # no scores until the integral is
+    settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=last + 1)
     return _done(graph, -total / steps if complete else np.full(graph.n_edges, np.nan), settings, start, scorer,
                  complete=complete, n_edges=n_edges, threshold=threshold, rank=rank, ties=ties)
 

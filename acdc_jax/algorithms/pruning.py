@@ -62,7 +62,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
            resume=None, stop_after: Optional[float] = None):
     """Learn log-alphas [n_params]; `to_edges` maps gates to edge masks. The
     state is saved to `checkpoint` (if given) at each history row and when
-    the training stops; `resume` continues from such a state, made with the
+    the training ends, stops or is interrupted; `resume` continues from such a state, made with the
     same `run` settings, to the same log-alphas as a run never stopped.
     `stop_after` (seconds) stops after the step that passes it."""
     from ..acdc import progress_bar
@@ -101,33 +101,46 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
         log_alpha, state, lam, key = jax.tree_util.tree_unflatten(treedef, leaves)
         done = last + 1
     write = state_path(checkpoint, resume)
+    # (the training state, its last step, the history) as one object, so that Ctrl-C never splits them
+    trained = ((log_alpha, state, lam, key), done - 1, history)
+    saved_step = done - 1
 
-    def save(i):
-        if write is not None:
-            flat = jax.tree_util.tree_leaves((log_alpha, state, lam, key))
-            save_state(write, run, i, {str(j): np.asarray(leaf) for j, leaf in enumerate(flat)}, history)
+    def save():
+        nonlocal saved_step
+        carry, i, rows = trained
+        # a NaN state (Ctrl-C between the checks) would only fail again on resume
+        if write is not None and i > saved_step and bool(jnp.isfinite(carry[0]).all()):
+            flat = jax.tree_util.tree_leaves(carry)
+            save_state(write, run, i, {str(j): np.asarray(leaf) for j, leaf in enumerate(flat)}, rows)
+            saved_step = i
 
     began = time.perf_counter()
     bar = progress_bar(progress, steps, done, desc=desc, unit="step")
-    i = done - 1
-    for i in range(done, steps):
-        key, sub = jax.random.split(key)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
-            log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
-        bar.update(1)
-        stop = stop_after is not None and time.perf_counter() - began > stop_after
-        row = i % max(1, steps // 20) == 0 or i == steps - 1
-        if row or stop:  # a NaN metric or gradient makes every gate NaN from its step on: refuse to save that
-            check_finite(value, f"The metric at training step {i} (sampled gates)")
-            check_finite(log_alpha, f"A gate's log-alpha after training step {i} (the metric's gradient?)")
-        if row:
-            history.append({"step": i, "metric": float(value), "density": float(gap) + target, "lambda": float(lam[0])})
-            bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
-        if row or stop:
-            save(i)
-        if stop:
-            break
-    bar.close()
+    try:
+        for i in range(done, steps):
+            (log_alpha, state, lam, key), _, history = trained
+            key, sub = jax.random.split(key)
+            with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
+                log_alpha, state, lam, value, gap = step(log_alpha, state, lam, sub, args, s.tokens)
+            stop = stop_after is not None and time.perf_counter() - began > stop_after
+            row = i % max(1, steps // 20) == 0 or i == steps - 1
+            if row or stop:  # a NaN metric or gradient makes every gate NaN from its step on: refuse to save that
+                check_finite(value, f"The metric at training step {i} (sampled gates)")
+                check_finite(log_alpha, f"A gate's log-alpha after training step {i} (the metric's gradient?)")
+            if row:
+                history = history + [{"step": i, "metric": float(value), "density": float(gap) + target,
+                                      "lambda": float(lam[0])}]
+            trained = ((log_alpha, state, lam, key), i, history)
+            bar.update(1)
+            if row:
+                bar.set_postfix(metric=f"{history[-1]['metric']:.4g}", density=f"{history[-1]['density']:.3f}")
+                save()
+            if stop:
+                break
+    finally:  # the end, a stop, Ctrl-C or an error: the steps trained since the last save are kept
+        bar.close()
+        save()
+    (log_alpha, _, _, _), i, history = trained
     s.passes += i + 1 - done
     log_alpha = np.asarray(log_alpha, np.float64)
     # scores must be >= 0 and rank like log-alpha: circuits and ROC rank by |score|
