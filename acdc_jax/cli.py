@@ -359,8 +359,8 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _warning_line
     use_disk_cache()  # CLI runs share compiled programs (ACDC_JAX_CACHE=off disables)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line  # until this command returns
     try:
         # the other methods and faithfulness too; bf16 operands leave nothing to choose
         with matmul_precision(args.precision if getattr(args, "dtype", None) == "float32" else None):
@@ -371,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         saved = (args.command == "discover" and args.method in RESUMABLE) or (
             args.command == "roc" and args.method in ACDCS)
-        print("interrupted" + ("; the same command with --resume continues from the progress saved in --out (ACDC "
-                               "and exact patching keep all of it; EAP-IG saves every 30 s, edge pruning and SP "
-                               "every 5% of their steps)" if saved else ""), file=sys.stderr)
+        print("interrupted" + ("; the same command with --resume continues from the progress saved in --out"
+                               if saved else ""), file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def run() -> None:

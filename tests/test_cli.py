@@ -210,7 +210,11 @@ def test_version_on_the_command_line_and_in_circuit_files(tmp_path, capsys):
 
 
 def test_tasks_command_lists_every_task(capsys):
+    import warnings
+
+    formatwarning = warnings.formatwarning
     assert main(["tasks"]) == 0
+    assert warnings.formatwarning is formatwarning  # a Python caller keeps its own warning format
     printed = capsys.readouterr().out
     for name in TASKS:
         assert name in printed
