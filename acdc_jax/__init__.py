@@ -12,7 +12,8 @@ from .xla_cpu import set_flags
 set_flags()  # before JAX starts: the YNN guard (wrong large reductions on CPUs) and faster CPU compiling
 
 from .checkpoint import load, save
-from .errors import CheckpointError, ConfigError, FlatMetricWarning, MetricError, TaskError
+from .errors import (CheckpointError, ConfigError, FlatMetricWarning, MetricAtMinimumWarning, MetricError,
+                     TaskError)
 from .graph import CircuitGraph, Edge, Node, expected_edge_count
 from .model import SenderActivations, Transformer, TransformerConfig
 from .corruption import Corruption
@@ -24,7 +25,7 @@ from . import algorithms, draw, evaluate, explore
 
 __all__ = [
     "Circuit", "Decision", "acdc", "algorithms", "draw", "evaluate", "explore",
-    "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "FlatMetricWarning", "MetricError", "Node",
-    "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
+    "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "FlatMetricWarning",
+    "MetricAtMinimumWarning", "MetricError", "Node", "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
     "patched_forward", "save", "use_disk_cache",
 ]

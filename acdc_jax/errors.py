@@ -26,6 +26,10 @@ class FlatMetricWarning(UserWarning):
     """Cutting every edge at once barely moves the metric: a run is likely to remove every edge."""
 
 
+class MetricAtMinimumWarning(UserWarning):
+    """A gradient method takes its gradient where the metric is at its minimum (KL or L2 to the full model)."""
+
+
 def check_whole(value, what: str, low: int = 0, high: Optional[int] = None, error=ValueError) -> int:
     """`value` as an int (a Python or numpy integer, not a bool), or an
     `error` naming `what` and the range it must lie in."""

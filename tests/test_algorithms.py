@@ -3,13 +3,14 @@ exact single-edge patching done one mask at a time, linearity, integrated
 gradients' completeness, the requested sparsity, and the tracr ground truth."""
 
 import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acdc_jax import evaluate
+from acdc_jax import MetricAtMinimumWarning, evaluate
 from acdc_jax.algorithms import (METHODS, eap, eap_ig, edge_pruning, exact_patching, subnetwork_probing,
                                  top_k_mask, top_k_threshold)
 from acdc_jax.model import cast
@@ -210,8 +211,16 @@ def test_pruning_a_bf16_model_keeps_exactly_the_requested_size(method, sparsity)
 
 
 def test_gradients_vanish_for_a_metric_minimised_by_the_full_model(tracr_reverse):
-    model, task = tracr_reverse  # L2 to the full model's outputs is 0 there, and so is its gradient
-    assert not np.any(eap(model, task, corruption="zeros").scores)
+    """L2 to the full model's outputs is 0 there, and so is its gradient: EAP
+    and HISP score every edge 0 and say why, naming a metric that works."""
+    model, task = tracr_reverse
+    with pytest.warns(MetricAtMinimumWarning, match=r"EAP .* 'l2' .* at its minimum.*metric='logit'"):
+        assert not np.any(eap(model, task, corruption="zeros").scores)
+    with pytest.warns(MetricAtMinimumWarning, match="HISP"):
+        assert not any(METHODS["hisp"](model, task, corruption="zeros").settings["node_scores"].values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetricAtMinimumWarning)
+        assert np.any(eap(model, task, corruption="zeros", metric="logit").scores)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

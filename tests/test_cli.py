@@ -277,13 +277,20 @@ def test_command_errors(tmp_path, capsys, args, words):
 
 def test_dtype_reaches_every_method(tmp_path):
     """--dtype bfloat16 runs the other methods in bf16 too (it used to reach
-    only ACDC over edges), with JAX's default matmul precision, as ACDC does."""
-    for method, extra in (("eap", ["--n-edges", "10"]), ("acdc_nodes", ["--tau", "0.05"])):
+    only ACDC over edges), with JAX's default matmul precision, as ACDC does.
+    EAP's bf16 scores are those of a float32 run up to bf16 rounding."""
+    from acdc_jax.algorithms import eap
+    from acdc_jax.tasks import get
+
+    for method, extra in (("eap", ["--n-edges", "10", "--metric", "nll"]), ("acdc_nodes", ["--tau", "0.05"])):
         out = tmp_path / method
         assert main(["discover", "--task", "induction", "--method", method, *extra, "--dtype", "bfloat16",
                      "--out", str(out), "--no-progress"]) == 0
         settings = json.loads((out / "circuit.json").read_text())["settings"]
         assert (settings["dtype"], settings["precision"]) == ("bfloat16", "default")
+    bf16, f32 = Circuit.load(tmp_path / "eap").scores, eap(*get("induction"), metric="nll").scores
+    assert not np.array_equal(bf16, f32) and np.corrcoef(bf16, f32)[0, 1] > 0.99
+    assert np.abs(bf16 - f32).max() < 0.2 * np.abs(f32).max()
 
 
 @pytest.mark.parametrize("method, extra", [("exact_patching", ["--tau", "0.01"]), ("edge_pruning", ["--steps", "2"])])

@@ -15,6 +15,7 @@ full float32 matmuls, as ACDC does, unless given "tensorfloat32" or "default".
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,12 +26,13 @@ from .. import compile_ahead
 from ..candidates import Candidates
 from ..circuit import Circuit
 from ..decide import PassOutOfMemory, narrow, score_pass
-from ..errors import check_finite, check_stop_after, check_whole
+from ..errors import MetricAtMinimumWarning, check_finite, check_stop_after, check_whole
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
 from ..scoring import Scorer
 from ..sharding import parse_mesh
+from ..tasks.base import kl_divergence, squared_error
 from .saved import load_state, run_settings, save_state, state_path
 
 
@@ -238,6 +240,23 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
                  n_edges=n_edges, threshold=threshold, rank=rank, ties=ties)
 
 
+AT_MINIMUM = (kl_divergence, squared_error)  # distances to the full model: zero there, and flat
+
+
+def warn_at_minimum(method: str, task, scorer: Scorer, metric_name: str) -> None:
+    """Warn where `method`, which takes the gradient at the full model, is
+    given a metric minimised there: its scores would rank edges by rounding."""
+    if scorer.metric not in AT_MINIMUM:
+        return
+    others = [name for name, fn in task.metrics.items() if fn not in AT_MINIMUM]
+    use = f"a metric of the task's behaviour (metric={others[0]!r}; --metric {others[0]})" if others else \
+        "a metric of the task's behaviour (a function f(logits, task))"
+    warnings.warn(f"{method} takes the metric's gradient at the full model, where {metric_name!r} (a distance to the "
+                  "full model) is at its minimum, so that gradient is zero up to float rounding and the scores rank "
+                  f"edges by rounding noise. Use {use}, or eap_ig, whose path starts at the corrupted run.",
+                  MetricAtMinimumWarning, stacklevel=3)
+
+
 def _gradient(scorer: Scorer, masks: np.ndarray, where: str):
     """The metric and its gradient with respect to the masks, both finite."""
     value, grads = scorer.value_and_grads(masks)
@@ -257,6 +276,7 @@ def eap(model, task, *, metric=None, corruption=None, graph=None, n_edges=None, 
     check_keep(n_edges, threshold, rank, ties)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
+    warn_at_minimum("EAP", task, scorer, settings["metric"])
     value, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")
     settings.update(method="eap", full_metric=float(value[0]))
     return _done(graph, -grads[0], settings, start, scorer, n_edges=n_edges, threshold=threshold, rank=rank,
@@ -354,6 +374,7 @@ def hisp(model, task, *, metric=None, corruption=None, graph=None, n_edges=None,
     check_keep(n_edges, threshold, rank, ties)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
+    warn_at_minimum("HISP", task, scorer, settings["metric"])
     _, grads = _gradient(scorer, np.ones((1, graph.n_edges), np.float32), "at the full model")
     nodes = {name: float(abs(grads[0, idx].sum())) for name, idx in sender_groups(graph).items()}
     settings.update(method="hisp", node_scores=nodes)
