@@ -254,7 +254,7 @@ def warn_at_minimum(method: str, task, scorer: Scorer, metric_name: str) -> None
     warnings.warn(f"{method} takes the metric's gradient at the full model, where {metric_name!r} (a distance to the "
                   "full model) is at its minimum, so that gradient is zero up to float rounding and the scores rank "
                   f"edges by rounding noise. Use {use}, or eap_ig, whose path starts at the corrupted run.",
-                  MetricAtMinimumWarning, stacklevel=3)
+                  MetricAtMinimumWarning, stacklevel=4)  # the caller of the method (under takes_precision)
 
 
 def _gradient(scorer: Scorer, masks: np.ndarray, where: str):
