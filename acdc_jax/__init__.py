@@ -13,7 +13,7 @@ set_flags()  # before JAX starts: the YNN guard (wrong large reductions on CPUs)
 
 from .checkpoint import load, save
 from .errors import (CheckpointError, ConfigError, FlatMetricWarning, MetricAtMinimumWarning, MetricError,
-                     TaskError)
+                     MetricFallsWarning, TaskError)
 from .graph import CircuitGraph, Edge, Node, expected_edge_count
 from .model import SenderActivations, Transformer, TransformerConfig
 from .corruption import Corruption
@@ -26,6 +26,6 @@ from . import algorithms, draw, evaluate, explore
 __all__ = [
     "Circuit", "Decision", "acdc", "algorithms", "draw", "evaluate", "explore",
     "CheckpointError", "CircuitGraph", "ConfigError", "Corruption", "Edge", "FlatMetricWarning",
-    "MetricAtMinimumWarning", "MetricError", "Node", "SenderActivations", "TaskError", "Transformer", "TransformerConfig", "expected_edge_count", "load",
-    "patched_forward", "save", "use_disk_cache",
+    "MetricAtMinimumWarning", "MetricError", "MetricFallsWarning", "Node", "SenderActivations", "TaskError",
+    "Transformer", "TransformerConfig", "expected_edge_count", "load", "patched_forward", "save", "use_disk_cache",
 ]

@@ -43,7 +43,7 @@ from . import compile_ahead
 from .circuit import Circuit, Decision, start_mask
 from .corruption import Corruption
 from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_below, tie_band
-from .errors import FlatMetricWarning, MetricError, check_number, check_stop_after
+from .errors import FlatMetricWarning, MetricError, MetricFallsWarning, check_number, check_stop_after
 from .graph import CircuitGraph
 from .model import Transformer, cast
 from .programs import compile_seconds
@@ -93,17 +93,27 @@ def starting_metric(scorer: Scorer, mask: np.ndarray, metric_name: str, what: st
     return full
 
 
-def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what: str = "full model") -> None:
+def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what: str = "full model",
+                 abs_value: bool = False) -> None:
     """Warn when cutting every edge at once moves the metric by less than tau,
     as when the corrupted prompts are the clean ones: such a run is likely to
-    remove every edge. (After the run's other checks: errors come first.)"""
+    remove every edge; or lowers it by tau or more (unless `abs_value`), as a
+    higher-is-better metric does, which ACDC would walk the wrong way. (After
+    the run's other checks: errors come first.)"""
     empty = scorer.full(np.zeros(scorer.graph.n_edges, np.float32))
+    moved = f"(from {full:.4g} for the {what} to {empty:.4g})"
     if abs(empty - full) < tau:
         warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
-                      f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
-                      "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
-                      "clean ones where the metric looks, and the metric itself; or lower tau.", FlatMetricWarning,
-                      stacklevel=3)
+                      f"{moved}, less than tau={tau:g}, so this run is likely to remove every edge. Check that the "
+                      "corrupted prompts (or the corruption) differ from the clean ones where the metric looks, and "
+                      "the metric itself; or lower tau.", FlatMetricWarning, stacklevel=3)
+    elif empty < full and not abs_value:
+        warnings.warn(f"Cutting every edge at once lowers the metric {metric_name!r} by {full - empty:.3g} {moved}. "
+                      "ACDC takes a lower metric as better: it keeps an edge only where cutting it raises the metric "
+                      "by tau or more, so with a higher-is-better metric (a logit difference, say) it keeps the edges "
+                      "that work against the task. Negate the metric (the tasks' logit_diff is negated), or pass "
+                      "abs_value=True (--abs-value) to compare the size of each change; or check that the corrupted "
+                      "prompts do not do the task better than the clean ones.", MetricFallsWarning, stacklevel=3)
 
 
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:
@@ -258,7 +268,7 @@ def acdc(
                           "would lose its decisions: pass log_path='decisions.jsonl' (and, after a crash, resume= "
                           "that file).", stacklevel=2)
         with closed_on_error(log):
-            warn_if_flat(scorer, full_metric, metric_name, tau, what)
+            warn_if_flat(scorer, full_metric, metric_name, tau, what, abs_value)
 
         bar = progress_bar(progress, int(schedule.start.sum()), len(state.decisions))
         forecast = Forecast(graph, tau, abs_value)

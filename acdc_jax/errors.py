@@ -26,6 +26,10 @@ class FlatMetricWarning(UserWarning):
     """Cutting every edge at once barely moves the metric: a run is likely to remove every edge."""
 
 
+class MetricFallsWarning(UserWarning):
+    """Cutting every edge at once lowers the metric: it may be higher-is-better, where ACDC minimises."""
+
+
 class MetricAtMinimumWarning(UserWarning):
     """A gradient method takes its gradient where the metric is at its minimum (KL or L2 to the full model)."""
 

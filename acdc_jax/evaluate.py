@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .circuit import Circuit
-from .errors import FlatMetricWarning, TaskError, check_finite
+from .errors import FlatMetricWarning, MetricFallsWarning, TaskError, check_finite
 from .graph import CircuitGraph, component_order
 from .model import Transformer
 from .tasks.base import Task
@@ -132,8 +132,9 @@ def sweep(model: Transformer, task: Task, taus: Sequence[float], *, method: Call
 
     def run(tau, **more):  # warn that every edge may go only at the lowest tau: above it that is the sweep's end
         with warnings.catch_warnings():
-            if tau != lowest:
+            if tau != lowest:  # and the metric's direction once
                 warnings.simplefilter("ignore", FlatMetricWarning)
+                warnings.simplefilter("ignore", MetricFallsWarning)
             return method(model, task, tau, **kwargs, **more)
 
     if out is None:

@@ -185,6 +185,31 @@ def test_corrupted_prompts_that_change_nothing_are_warned_of(recwarn):
     assert len([w for w in recwarn if "Cutting every edge" in str(w.message)]) == 1
 
 
+def test_a_metric_that_falls_when_every_edge_is_cut_is_warned_of(recwarn):
+    """A higher-is-better metric (minus the NLL here) falls as edges are cut,
+    and ACDC, which minimises, removed every edge without a word; now ACDC
+    over edges and over nodes warns, naming the fixes. With abs_value, which
+    compares the size of each change, it does not, and a sweep warns once."""
+    import warnings
+
+    model, task = get("induction", n_examples=6)
+    nll = task.metrics["nll"]
+
+    def minus_nll(logits, t):
+        return -nll(logits, t)
+
+    for method in (aj.acdc, aj.algorithms.acdc_nodes):
+        with pytest.warns(aj.MetricFallsWarning, match=r"lowers the metric 'minus_nll' by .* Negate the metric .*"
+                                                       r"abs_value=True"):
+            method(model, task, 0.01, metric=minus_nll, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            method(model, task, 0.01, metric=minus_nll, abs_value=True, progress=False)
+    recwarn.clear()
+    aj.evaluate.sweep(model, task, [0.01, 0.1], metric=minus_nll, progress=False)
+    assert len([w for w in recwarn if w.category is aj.MetricFallsWarning]) == 1
+
+
 def test_zero_and_mean_corruption_need_no_corrupted_prompts():
     model, _ = get("induction")
     clean, _ = _random_prompts(6, 8, model.config.d_vocab, 2)
