@@ -94,26 +94,36 @@ def starting_metric(scorer: Scorer, mask: np.ndarray, metric_name: str, what: st
 
 
 def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what: str = "full model",
-                 abs_value: bool = False) -> None:
+                 abs_value: bool = False, stacklevel: int = 3) -> None:
     """Warn when cutting every edge at once moves the metric by less than tau,
     as when the corrupted prompts are the clean ones: such a run is likely to
     remove every edge; or lowers it by tau or more (unless `abs_value`), as a
     higher-is-better metric does, which ACDC would walk the wrong way. (After
     the run's other checks: errors come first.)"""
     empty = scorer.full(np.zeros(scorer.graph.n_edges, np.float32))
-    moved = f"(from {full:.4g} for the {what} to {empty:.4g})"
     if abs(empty - full) < tau:
         warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
-                      f"{moved}, less than tau={tau:g}, so this run is likely to remove every edge. Check that the "
-                      "corrupted prompts (or the corruption) differ from the clean ones where the metric looks, and "
-                      "the metric itself; or lower tau.", FlatMetricWarning, stacklevel=3)
+                      f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
+                      "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
+                      "clean ones where the metric looks, and the metric itself; or lower tau.", FlatMetricWarning,
+                      stacklevel=stacklevel)
     elif empty < full and not abs_value:
-        warnings.warn(f"Cutting every edge at once lowers the metric {metric_name!r} by {full - empty:.3g} {moved}. "
-                      "ACDC takes a lower metric as better: it keeps an edge only where cutting it raises the metric "
-                      "by tau or more, so with a higher-is-better metric (a logit difference, say) it keeps the edges "
-                      "that work against the task. Negate the metric (the tasks' logit_diff is negated), or pass "
-                      "abs_value=True (--abs-value) to compare the size of each change; or check that the corrupted "
-                      "prompts do not do the task better than the clean ones.", MetricFallsWarning, stacklevel=3)
+        warn_metric_falls(full, empty, metric_name, "ACDC", "it keeps an edge only where cutting it raises the "
+                          "metric by tau or more, and so keeps the edges that work against the task",
+                          ", or pass abs_value=True (--abs-value) to compare the size of each change", what,
+                          stacklevel)
+
+
+def warn_metric_falls(full: float, empty: float, metric_name: str, method: str, consequence: str, fix: str = "",
+                      what: str = "full model", stacklevel: int = 3) -> None:
+    """Warn that cutting every edge lowers the metric (`empty` < `full`):
+    `method`, which minimises it, then does `consequence`. `stacklevel`
+    counts from the caller, as warnings.warn's does from its caller."""
+    warnings.warn(f"Cutting every edge at once lowers the metric {metric_name!r} by {full - empty:.3g} (from "
+                  f"{full:.4g} for the {what} to {empty:.4g}). {method} takes a lower metric as better, so with a "
+                  f"higher-is-better metric (a logit difference that is not negated, say) {consequence}. Negate the "
+                  f"metric (the tasks' logit_diff is negated){fix}; or check that the corrupted prompts do not do "
+                  "the task better than the clean ones.", MetricFallsWarning, stacklevel=stacklevel + 1)
 
 
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:

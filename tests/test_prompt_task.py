@@ -189,7 +189,8 @@ def test_a_metric_that_falls_when_every_edge_is_cut_is_warned_of(recwarn):
     """A higher-is-better metric (minus the NLL here) falls as edges are cut,
     and ACDC, which minimises, removed every edge without a word; now ACDC
     over edges and over nodes warns, naming the fixes. With abs_value, which
-    compares the size of each change, it does not, and a sweep warns once."""
+    compares the size of each change, it does not, and a sweep warns once.
+    Edge pruning and a signed ranking warn too; a ranking by size does not."""
     import warnings
 
     model, task = get("induction", n_examples=6)
@@ -208,6 +209,14 @@ def test_a_metric_that_falls_when_every_edge_is_cut_is_warned_of(recwarn):
     recwarn.clear()
     aj.evaluate.sweep(model, task, [0.01, 0.1], metric=minus_nll, progress=False)
     assert len([w for w in recwarn if w.category is aj.MetricFallsWarning]) == 1
+    # the methods for which the metric's direction matters: training the gates, and ranking by the signed score
+    with pytest.warns(aj.MetricFallsWarning, match="Edge pruning takes a lower metric as better"):
+        aj.algorithms.edge_pruning(model, task, metric=minus_nll, steps=2, progress=False)
+    with pytest.warns(aj.MetricFallsWarning, match="EAP takes a lower metric .* rank='signed' puts first"):
+        aj.algorithms.eap(model, task, metric=minus_nll, n_edges=5, rank="signed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        aj.algorithms.eap(model, task, metric=minus_nll, n_edges=5)  # ranked by size: the sign does not matter
 
 
 def test_zero_and_mean_corruption_need_no_corrupted_prompts():

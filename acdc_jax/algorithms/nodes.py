@@ -127,7 +127,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     run = _Run(nodes, scorer, mask, full_metric, tau, abs_value, band)
     with closed_on_error(log):
         run.replay(log.logged)
-        warn_if_flat(scorer, full_metric, settings["metric"], tau, abs_value=abs_value)
+        warn_if_flat(scorer, full_metric, settings["metric"], tau, abs_value=abs_value, stacklevel=4)
     bar = progress_bar(progress, len(nodes.order), len(run.decisions), desc="ACDC nodes", unit="node")
     try:
         while run.next < len(nodes.order):
