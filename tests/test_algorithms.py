@@ -210,6 +210,20 @@ def test_pruning_a_bf16_model_keeps_exactly_the_requested_size(method, sparsity)
         assert len(circuit.settings["kept_nodes"]) == round((1 - sparsity) * len(scores))
 
 
+def test_a_sparsity_that_keeps_nothing_is_warned_of_before_training():
+    """round((1 - sparsity) * n) = 0 gives an empty circuit whatever the gates
+    learn: edge pruning says so before it trains (and SP for its nodes)."""
+    model, task = _model(CFG), _task(CFG, _mean_logit)
+    n = task.graph(model).n_edges
+    with pytest.warns(UserWarning, match=rf"keeps round\(.*\) = 0 of the {n} edges, so the circuit will be empty"):
+        assert edge_pruning(model, task, sparsity=1 - 0.4 / n, steps=1, progress=False).n_edges == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sparsity=")
+        assert edge_pruning(model, task, sparsity=1 - 0.6 / n, steps=1, progress=False).n_edges == 1
+    with pytest.warns(UserWarning, match="of the .* heads and MLPs"):
+        subnetwork_probing(model, task, sparsity=0.99, steps=1, progress=False)
+
+
 def test_gradients_vanish_for_a_metric_minimised_by_the_full_model(tracr_reverse):
     """L2 to the full model's outputs is 0 there, and so is its gradient: EAP
     and HISP score every edge 0 and say why, naming a metric that works."""

@@ -12,6 +12,7 @@ highest (threshold found by binary search).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -55,6 +56,15 @@ def _check(sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int, 
     check_number(lambda_lr, "lambda_lr (the sparsity multiplier's learning rate)", 0)
     check_whole(seed, "seed", 0)
     check_stop_after(stop_after)
+
+
+def _warn_if_none_kept(sparsity: float, n: int, what: str) -> None:
+    """Warn, before training, where `sparsity` keeps none of the `n` gates (its rounding)."""
+    if round((1.0 - sparsity) * n) == 0:
+        most = 1 - 0.5 / n  # round(0.5) is 0 in Python: keeping one needs (1 - sparsity) * n above 0.5
+        warnings.warn(f"sparsity={sparsity:g} keeps round({1 - sparsity:.3g} x {n}) = 0 of the {n} {what}, so the "
+                      f"circuit will be empty whatever the training finds; a sparsity below {most:.4g} keeps at least "
+                      "one.", stacklevel=4)
 
 
 def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: float, lambda_lr: float, seed: int,
@@ -168,6 +178,7 @@ def edge_pruning(model, task, *, sparsity: float = 0.95, steps: int = 1500, lr: 
     _check(sparsity, steps, lr, lambda_lr, seed, stop_after)
     start = time.perf_counter()
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
+    _warn_if_none_kept(sparsity, graph.n_edges, "edges")
     run = run_settings(model, task, settings, "edge_pruning", n_params=graph.n_edges, sparsity=sparsity, steps=steps,
                        lr=lr, lambda_lr=lambda_lr, seed=seed)
     log_alpha, density, history, status = _train(scorer, graph.n_edges, lambda g: g, sparsity, steps, lr, lambda_lr,
@@ -194,6 +205,7 @@ def subnetwork_probing(model, task, *, sparsity: float = 0.5, steps: int = 1500,
     graph, scorer, settings = setup(model, task, metric, corruption, graph, mesh=mesh, gradient=True)
     groups = sender_groups(graph)
     names = sorted(groups)
+    _warn_if_none_kept(sparsity, len(names), "heads and MLPs")
     owner = np.full(graph.n_edges, len(names), np.int32)  # edges not out of a head/MLP: gate index n (always 1)
     for i, name in enumerate(names):
         owner[groups[name]] = i
