@@ -107,23 +107,29 @@ def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what
                       "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
                       "clean ones where the metric looks, and the metric itself; or lower tau.", FlatMetricWarning,
                       stacklevel=stacklevel)
-    elif empty < full and not abs_value:
-        warn_metric_falls(full, empty, metric_name, "ACDC", "it keeps an edge only where cutting it raises the "
-                          "metric by tau or more, and so keeps the edges that work against the task",
-                          ", or pass abs_value=True (--abs-value) to compare the size of each change", what,
-                          stacklevel)
+    elif not abs_value:
+        warn_if_metric_falls(scorer, metric_name, "ACDC", "it keeps an edge only where cutting it raises the metric "
+                             "by tau or more, and so keeps the edges that work against the task",
+                             ", or pass abs_value=True (--abs-value) to compare the size of each change", full, empty,
+                             what, stacklevel)
 
 
-def warn_metric_falls(full: float, empty: float, metric_name: str, method: str, consequence: str, fix: str = "",
-                      what: str = "full model", stacklevel: int = 3) -> None:
-    """Warn that cutting every edge lowers the metric (`empty` < `full`):
-    `method`, which minimises it, then does `consequence`. `stacklevel`
-    counts from the caller, as warnings.warn's does from its caller."""
-    warnings.warn(f"Cutting every edge at once lowers the metric {metric_name!r} by {full - empty:.3g} (from "
-                  f"{full:.4g} for the {what} to {empty:.4g}). {method} takes a lower metric as better, so with a "
-                  f"higher-is-better metric (a logit difference that is not negated, say) {consequence}. Negate the "
-                  f"metric (the tasks' logit_diff is negated){fix}; or check that the corrupted prompts do not do "
-                  "the task better than the clean ones.", MetricFallsWarning, stacklevel=stacklevel + 1)
+def warn_if_metric_falls(scorer: Scorer, metric_name: str, method: str, consequence: str, fix: str = "",
+                         full: Optional[float] = None, empty: Optional[float] = None, what: str = "full model",
+                         stacklevel: int = 3) -> None:
+    """Warn where cutting every edge lowers the metric (`empty` < `full`,
+    each a full pass where not given): `method`, which minimises it, then
+    does `consequence`. `stacklevel` counts from the caller, as
+    warnings.warn's does from its caller."""
+    n = scorer.graph.n_edges
+    full = scorer.full(np.ones(n, np.float32)) if full is None else full
+    empty = scorer.full(np.zeros(n, np.float32)) if empty is None else empty
+    if empty < full:
+        warnings.warn(f"Cutting every edge at once lowers the metric {metric_name!r} by {full - empty:.3g} (from "
+                      f"{full:.4g} for the {what} to {empty:.4g}). {method} takes a lower metric as better, so with a "
+                      f"higher-is-better metric (a logit difference that is not negated, say) {consequence}. Negate "
+                      f"the metric (the tasks' logit_diff is negated){fix}; or check that the corrupted prompts do "
+                      "not do the task better than the clean ones.", MetricFallsWarning, stacklevel=stacklevel + 1)
 
 
 def resolve_metric(task: Task, metric: MetricArg) -> tuple[str, Callable]:

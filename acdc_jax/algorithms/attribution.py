@@ -154,15 +154,14 @@ def circuit_from_scores(graph: CircuitGraph, scores: np.ndarray, settings: dict,
 
 def _done(graph, scores, settings, start, scorer, complete: bool = True, **keep) -> Circuit:
     if complete and keep.get("rank") == "signed":  # the sign's meaning rests on a lower-is-better metric
-        from ..acdc import warn_metric_falls
+        from ..acdc import warn_if_metric_falls
 
-        full, empty = (scorer.full(np.full(graph.n_edges, v, np.float32)) for v in (1, 0))
-        if empty < full:
-            method = {"eap": "EAP", "eap_ig": "EAP-IG", "exact_patching": "Exact patching", "hisp": "HISP"}.get(
-                settings["method"], settings["method"])
-            warn_metric_falls(full, empty, settings["metric"], method, "rank='signed' puts first the "
-                              "edges whose cut lowers the metric, the ones working against the task",
-                              ", or rank by size (rank='abs', the default)", stacklevel=4)
+        method = {"eap": "EAP", "eap_ig": "EAP-IG", "exact_patching": "Exact patching", "hisp": "HISP"}.get(
+            settings["method"], settings["method"])
+        warn_if_metric_falls(scorer, settings["metric"], method, "rank='signed' puts first the edges whose cut "
+                             "lowers the metric, the ones working against the task",
+                             ", or rank by size (rank='abs', the default)", full=settings.get("full_metric"),
+                             stacklevel=4)
     settings.update(seconds=round(time.perf_counter() - start, 3), passes=scorer.passes)
     if not complete:  # a stopped scoring run has no ranking yet: keep every edge, as ACDC keeps those not tried
         return Circuit(graph, np.ones(graph.n_edges, np.float32), None, [], dict(settings, **keep), scores)

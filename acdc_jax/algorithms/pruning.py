@@ -75,14 +75,12 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     the training ends, stops or is interrupted; `resume` continues from such a state, made with the
     same `run` settings, to the same log-alphas as a run never stopped.
     `stop_after` (seconds) stops after the step that passes it."""
-    from ..acdc import progress_bar, warn_metric_falls
+    from ..acdc import progress_bar, warn_if_metric_falls
 
     target = 1.0 - sparsity
     s = scorer
-    full, empty = (s.full(np.full(s.graph.n_edges, v, np.float32)) for v in (1, 0))
-    if empty < full:
-        warn_metric_falls(full, empty, (run or {}).get("metric", "metric"), desc[0].upper() + desc[1:],
-                          "it trains the gates to break the task rather than to keep it", stacklevel=4)
+    warn_if_metric_falls(s, (run or {}).get("metric", "metric"), desc[0].upper() + desc[1:],
+                         "it trains the gates to break the task rather than to keep it", stacklevel=4)
     args = (s.model, s.graph, s.corruption, s.metric, s.task, s.arrays)
     opt = optax.adam(lr)
     key = jax.random.PRNGKey(seed)
