@@ -321,6 +321,7 @@ def acdc(
             log.close()
 
         settings.update(mode=mode, width=max(caps), widths=caps, narrowed=narrowed, prompt_chunk=scorer.prompt_chunk,
+                        dense_prompt_chunk=scorer.dense_chunk,
                         passes=scorer.passes, full_passes=scorer.full_passes, programs=len(scorer.shapes),
                         passes_in_larger_programs=scorer.reused,
                         flops=scorer.flops, finished=schedule.finished(state.cursor),

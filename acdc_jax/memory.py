@@ -193,3 +193,18 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
     data = sum(x.nbytes for x in jax.tree_util.tree_leaves((s.deviations, s.corruption.acts)))
     return {"temp": int(analysis.temp_size_in_bytes), "data": int(data),
             "total": int(analysis.temp_size_in_bytes + data)}
+
+
+CACHE_BYTES = 5 << 19  # a layer's q/k/v inputs per step of a CPU pass (docs/performance.md, "Prompt chunks")
+
+
+def cache_prompt_chunk(graph: CircuitGraph, n_prompts: int, n_pos: int, d_model: int, itemsize: int,
+                       budget: int = CACHE_BYTES) -> Optional[int]:
+    """Prompts per step of a dense pass on one CPU device: the largest
+    divisor of `n_prompts` whose layer of q/k/v inputs (the largest array a
+    pass makes) fits in `budget` bytes, at least 1; None where all prompts fit."""
+    one = 3 * graph.n_heads * n_pos * d_model * itemsize
+    if n_prompts * one <= budget:
+        return None
+    fit = max(1, budget // one)
+    return max(d for d in range(1, min(fit, n_prompts) + 1) if n_prompts % d == 0)

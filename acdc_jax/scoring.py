@@ -12,6 +12,7 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import equinox as eqx
@@ -25,7 +26,7 @@ from .corruption import Corruption
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .fused_kl import exact, reference_arrays
 from .graph import CircuitGraph, with_sentinels
-from .memory import grad_prompt_chunk
+from .memory import CACHE_BYTES, cache_prompt_chunk, grad_prompt_chunk
 from .model import Transformer
 from .programs import Shape, shared
 from .patching import senders_before, upstream_offset
@@ -84,6 +85,12 @@ class Scorer:
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
+        # and runs its prompts in chunks small enough that each layer's inputs stay in cache
+        self.dense_chunk = prompt_chunk
+        if self.loop and prompt_chunk is None:
+            budget = int(os.environ.get("ACDC_JAX_CACHE_BYTES", CACHE_BYTES))
+            self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
+                                                  self._dtype.itemsize, budget)
         if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
             self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
@@ -155,7 +162,7 @@ class Scorer:
         flops = self.flops_of_pass(0, self.graph.n_heads)
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
-            self.positions))))
+            self.positions, self.dense_chunk))))
 
     @property
     def grad_chunk(self) -> Optional[int]:
@@ -374,10 +381,10 @@ class Scorer:
         common = (self.corruption, self.metric, self.task, self.arrays, masks, self.tokens, deviations,
                   self.positions)
         if heads is None:
-            return dense.batch_metric, (self.model, self.graph, first, *common, self.prompt_chunk, upstream, loop)
+            return dense.batch_metric, (self.model, self.graph, first, *common, self.dense_chunk, upstream, loop)
         heads = put_replicated(jnp.asarray(heads), self.mesh)
         return dense.batch_metric_heads, (self.model, self.graph, start_layer, *common, base_results, heads,
-                                          self.prompt_chunk, upstream, loop)
+                                          self.dense_chunk, upstream, loop)
 
 
 def shape_flops(graph: CircuitGraph, shape: Shape, n_prompts: int, n_pos: int, n_out: int) -> int:

@@ -169,6 +169,39 @@ def test_prompt_chunks_make_the_same_decisions(small_gpt2):
         acdc(model, task, 0.004, progress=False, prompt_chunk=4)
 
 
+def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypatch):
+    """On one CPU device dense passes (and the sequential loop's full passes)
+    run their prompts in chunks that fit in the cache budget; a budget of one
+    prompt's q/k/v inputs gives chunks of 1, and the decisions stay those of
+    the loop without chunks."""
+    model, task = small_gpt2
+    seq = acdc(model, task, 0.004, progress=False, mode="sequential")
+    assert seq.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
+    c = model.config
+    monkeypatch.setenv("ACDC_JAX_CACHE_BYTES", str(3 * c.n_heads * task.clean.shape[1] * c.d_model * 4))
+    for mode in ("sequential", "batched"):
+        run = acdc(model, task, 0.004, progress=False, mode=mode, max_width=4)
+        assert run.settings["dense_prompt_chunk"] == 1 and run.settings["prompt_chunk"] is None
+        assert _decisions(run) == _decisions(seq)
+        np.testing.assert_allclose([d.metric_after for d in run.decisions if d.tried],
+                                   [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
+
+
+def test_cache_prompt_chunk_is_the_largest_divisor_that_fits():
+    from types import SimpleNamespace
+
+    from acdc_jax.memory import cache_prompt_chunk
+
+    G = SimpleNamespace(n_heads=4)
+    one = 3 * 4 * 10 * 32 * 4  # q/k/v inputs of one prompt: 3 x heads x positions x d_model x bytes
+
+    for n, budget in [(12, 12 * one), (12, 5 * one), (12, 4 * one), (7, 6 * one), (12, one // 2), (40, 3 * one)]:
+        got = cache_prompt_chunk(G, n, 10, 32, 4, budget)
+        fits = [d for d in range(1, n + 1) if n % d == 0 and d * one <= budget]
+        assert got == (None if n * one <= budget else max(fits or [1]))
+        assert got is None or (n % got == 0 and (got == 1 or got * one <= budget))
+
+
 def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
     from acdc_jax.memory import pass_bytes, plan_batch
 
