@@ -191,7 +191,8 @@ def acdc(
     mesh: a `jax.sharding.Mesh` from `sharding.make_mesh` (or "auto": every
       device) to split candidates and prompts over devices and hosts.
     prompt_chunk: prompts per step inside a batched pass (default: all, or
-      fewer when memory would otherwise allow fewer than 8 candidates).
+      fewer when memory would otherwise allow fewer than 8 candidates; on one
+      CPU device dense passes run in cache-sized chunks, `memory.cache_prompt_chunk`).
     dtype: "float32", or "bfloat16" for bf16 weights and activations (the
       metric is still computed in float32); see benchmarks/bench_precision.py
       for how often that changes decisions.

@@ -85,7 +85,8 @@ class Scorer:
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
-        # and runs its prompts in chunks small enough that each layer's inputs stay in cache
+        # and runs its prompts in chunks small enough that each layer's inputs stay in cache (a full pass,
+        # `full`, gained nothing from them: docs/performance.md, "Prompt chunks")
         self.dense_chunk = prompt_chunk
         if self.loop and prompt_chunk is None:
             budget = int(os.environ.get("ACDC_JAX_CACHE_BYTES", CACHE_BYTES))
@@ -162,7 +163,7 @@ class Scorer:
         flops = self.flops_of_pass(0, self.graph.n_heads)
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
-            self.positions, self.dense_chunk))))
+            self.positions))))
 
     @property
     def grad_chunk(self) -> Optional[int]:

@@ -170,21 +170,20 @@ def test_prompt_chunks_make_the_same_decisions(small_gpt2):
 
 
 def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypatch):
-    """On one CPU device dense passes (and the sequential loop's full passes)
-    run their prompts in chunks that fit in the cache budget; a budget of one
-    prompt's q/k/v inputs gives chunks of 1, and the decisions stay those of
-    the loop without chunks."""
+    """On one CPU device dense passes run their prompts in chunks that fit in
+    the cache budget; a budget of one prompt's q/k/v inputs gives chunks of
+    1, and the decisions stay those of the loop."""
     model, task = small_gpt2
     seq = acdc(model, task, 0.004, progress=False, mode="sequential")
-    assert seq.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
+    unchunked = acdc(model, task, 0.004, progress=False, max_width=4)
+    assert unchunked.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
     c = model.config
     monkeypatch.setenv("ACDC_JAX_CACHE_BYTES", str(3 * c.n_heads * task.clean.shape[1] * c.d_model * 4))
-    for mode in ("sequential", "batched"):
-        run = acdc(model, task, 0.004, progress=False, mode=mode, max_width=4)
-        assert run.settings["dense_prompt_chunk"] == 1 and run.settings["prompt_chunk"] is None
-        assert _decisions(run) == _decisions(seq)
-        np.testing.assert_allclose([d.metric_after for d in run.decisions if d.tried],
-                                   [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
+    bat = acdc(model, task, 0.004, progress=False, max_width=4)
+    assert bat.settings["dense_prompt_chunk"] == 1 and bat.settings["prompt_chunk"] is None
+    assert _decisions(bat) == _decisions(seq)
+    np.testing.assert_allclose([d.metric_after for d in bat.decisions if d.tried],
+                               [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
 
 
 def test_cache_prompt_chunk_is_the_largest_divisor_that_fits():
