@@ -21,6 +21,7 @@ inside the pass.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import jax
@@ -195,14 +196,32 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
             "total": int(analysis.temp_size_in_bytes + data)}
 
 
-CACHE_BYTES = 5 << 19  # a layer's q/k/v inputs per step of a CPU pass (docs/performance.md, "Prompt chunks")
+CHUNK_BYTES = 5 << 19  # a layer's q/k/v inputs per step of a CPU pass (docs/performance.md, "Prompt chunks")
+
+
+def chunk_budget() -> int:
+    """Bytes of a layer's q/k/v inputs per step of a dense CPU pass:
+    ``ACDC_JAX_CPU_CHUNK_BYTES`` if set, else `CHUNK_BYTES`."""
+    raw = os.environ.get("ACDC_JAX_CPU_CHUNK_BYTES")
+    if raw is None:
+        return CHUNK_BYTES
+    try:
+        budget = int(raw)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ValueError(f"ACDC_JAX_CPU_CHUNK_BYTES must be a positive whole number of bytes, got {raw!r}; "
+                         f"unset it for the default ({CHUNK_BYTES}).")
+    return budget
 
 
 def cache_prompt_chunk(graph: CircuitGraph, n_prompts: int, n_pos: int, d_model: int, itemsize: int,
-                       budget: int = CACHE_BYTES) -> Optional[int]:
+                       budget: Optional[int] = None) -> Optional[int]:
     """Prompts per step of a dense pass on one CPU device: the largest
     divisor of `n_prompts` whose layer of q/k/v inputs (the largest array a
-    pass makes) fits in `budget` bytes, at least 1; None where all prompts fit."""
+    pass makes) fits in `budget` bytes (default `chunk_budget()`), at least
+    1; None where all prompts fit."""
+    budget = chunk_budget() if budget is None else budget
     one = 3 * graph.n_heads * n_pos * d_model * itemsize
     if n_prompts * one <= budget:
         return None

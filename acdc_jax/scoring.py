@@ -12,7 +12,6 @@ only at the positions the metric reads.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import equinox as eqx
@@ -26,7 +25,7 @@ from .corruption import Corruption
 from .flops import base_heads_flops, pass_flops, upstream_flops
 from .fused_kl import exact, reference_arrays
 from .graph import CircuitGraph, with_sentinels
-from .memory import CACHE_BYTES, cache_prompt_chunk, grad_prompt_chunk
+from .memory import cache_prompt_chunk, grad_prompt_chunk
 from .model import Transformer
 from .programs import Shape, shared
 from .patching import senders_before, upstream_offset
@@ -89,9 +88,8 @@ class Scorer:
         # `full`, gained nothing from them: docs/performance.md, "Prompt chunks")
         self.dense_chunk = prompt_chunk
         if self.loop and prompt_chunk is None:
-            budget = int(os.environ.get("ACDC_JAX_CACHE_BYTES", CACHE_BYTES))
             self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
-                                                  self._dtype.itemsize, budget)
+                                                  self._dtype.itemsize)
         if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
             self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there

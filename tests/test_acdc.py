@@ -178,7 +178,7 @@ def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypat
     unchunked = acdc(model, task, 0.004, progress=False, max_width=4)
     assert unchunked.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
     c = model.config
-    monkeypatch.setenv("ACDC_JAX_CACHE_BYTES", str(3 * c.n_heads * task.clean.shape[1] * c.d_model * 4))
+    monkeypatch.setenv("ACDC_JAX_CPU_CHUNK_BYTES", str(3 * c.n_heads * task.clean.shape[1] * c.d_model * 4))
     bat = acdc(model, task, 0.004, progress=False, max_width=4)
     assert bat.settings["dense_prompt_chunk"] == 1 and bat.settings["prompt_chunk"] is None
     assert _decisions(bat) == _decisions(seq)
@@ -186,7 +186,7 @@ def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypat
                                [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
 
 
-def test_cache_prompt_chunk_is_the_largest_divisor_that_fits():
+def test_cache_prompt_chunk_is_the_largest_divisor_that_fits(monkeypatch):
     from types import SimpleNamespace
 
     from acdc_jax.memory import cache_prompt_chunk
@@ -199,6 +199,12 @@ def test_cache_prompt_chunk_is_the_largest_divisor_that_fits():
         fits = [d for d in range(1, n + 1) if n % d == 0 and d * one <= budget]
         assert got == (None if n * one <= budget else max(fits or [1]))
         assert got is None or (n % got == 0 and (got == 1 or got * one <= budget))
+    monkeypatch.setenv("ACDC_JAX_CPU_CHUNK_BYTES", str(5 * one))
+    assert cache_prompt_chunk(G, 12, 10, 32, 4) == 4
+    for bad in ("2.5MB", "0", "-1"):
+        monkeypatch.setenv("ACDC_JAX_CPU_CHUNK_BYTES", bad)
+        with pytest.raises(ValueError, match="ACDC_JAX_CPU_CHUNK_BYTES must be a positive whole number"):
+            cache_prompt_chunk(G, 12, 10, 32, 4)
 
 
 def test_plan_batch_chunks_prompts_when_memory_is_short(small_gpt2):
