@@ -140,7 +140,7 @@ def full_pass(scorer) -> None:
     s, shape = scorer, Shape("full", 0, 1, None, None)
     if s.programs.compile_ahead(shape, in_this_context(lambda: dense.full_metric.lower(
             s.model, s.graph, s.corruption, s.metric, s.task, s.arrays, s._rep(s.start), s.tokens,
-            s.positions).compile())):
+            s.positions, s.full_chunk).compile())):
         s.ahead.append(shape)
 
 

@@ -92,7 +92,25 @@ def _chunked_metric(model, graph, corruption, metric, task, arrays, tokens, out_
     return f
 
 
-full_metric = eqx.filter_jit(metric_of_mask)
+@eqx.filter_jit
+def full_metric(model, graph, corruption, metric, task, arrays, mask, tokens, positions, chunk=None):
+    """The metric of one circuit (`metric_of_mask`, forward only). With
+    `chunk`, the prompts run that many at a time up to the final residual
+    at the metric's positions; the unembedding then runs over all of them at
+    once, reading `W_U` once rather than once per chunk."""
+    if chunk is None or chunk >= tokens.shape[0]:
+        return metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
+    out_positions = np.asarray(positions)
+
+    def resid(tok, acts):
+        corr = Corruption(corruption.kind, acts) if acts is not None else corruption
+        return patched_logits_and_deviations(model, graph, tok, mask, corr, out_positions, narrow=True,
+                                             residual=True)[0]
+
+    axes = corruption_axes(corruption)
+    x = map_prompts(resid, (tokens, corruption.acts if axes == 0 else None), (0, None if axes != 0 else 0), chunk,
+                    out_axis=0)
+    return apply_metric(metric, model.unembed(model.ln_final(x)), task, arrays)
 
 
 @eqx.filter_jit

@@ -300,17 +300,19 @@ def per_prompt(m_add: Float[Array, "n_senders n_columns"], n: int) -> Float[Arra
 
 
 def patched_logits_and_deviations(model, graph, tokens, masks, corruption, out_positions=None, narrow=False,
-                                  z_at=None):
+                                  z_at=None, residual=False):
     """Batched patched forward that also returns every sender's deviation
     (act - corrupt), [batch, n_senders, pos, d_model]; with `narrow`, only the
     logits at `out_positions` (see `run_from`) and None; with `z_at`, also
-    every head's z at those positions, [batch, n_layers, n_heads, len(z_at), d_head]."""
+    every head's z at those positions, [batch, n_layers, n_heads, len(z_at), d_head];
+    with `residual`, the final residual stream instead of the logits."""
     m_add, m_dir = graph.dense_masks(masks.astype(model.embed.W_E.dtype))
 
     def one(m_add, tok, acts):
         corr, pos_qk = example_inputs(corruption, model, tok, acts)
         up = embed_deviations(model, graph, tok, corr)
-        out = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow, z_at=z_at)
+        out = run_from(model, graph, 0, up, m_add, m_dir, corr, pos_qk, out_positions, narrow=narrow, z_at=z_at,
+                       residual=residual)
         return (out[0], None if out[1] is None else jnp.concatenate([up, out[1]])) + out[2:]
 
     return jax.vmap(one, in_axes=(0, 0, corruption_axes(corruption)))(per_prompt(m_add, tokens.shape[0]), tokens,

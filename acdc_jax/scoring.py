@@ -84,12 +84,14 @@ class Scorer:
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
-        # and runs its prompts in chunks small enough that each layer's inputs stay in cache (a full pass,
-        # `full`, gained nothing from them: docs/performance.md, "Prompt chunks")
-        self.dense_chunk = prompt_chunk
-        if self.loop and prompt_chunk is None:
-            self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
-                                                  self._dtype.itemsize)
+        # and runs its prompts in chunks small enough that each layer's inputs stay in cache, as does a full
+        # pass there (elsewhere a full pass runs all its prompts at once; docs/performance.md, "Prompt chunks")
+        self.dense_chunk, self.full_chunk = prompt_chunk, None
+        if self.loop:
+            if prompt_chunk is None:
+                self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
+                                                      self._dtype.itemsize)
+            self.full_chunk = self.dense_chunk
         if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
             self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
@@ -161,7 +163,7 @@ class Scorer:
         flops = self.flops_of_pass(0, self.graph.n_heads)
         return self._run(Shape("full", 0, 1, None, None), flops, lambda: float(fetch(dense.full_metric(
             self.model, self.graph, self.corruption, self.metric, self.task, self.arrays, self._rep(mask), self.tokens,
-            self.positions))))
+            self.positions, self.full_chunk))))
 
     @property
     def grad_chunk(self) -> Optional[int]:

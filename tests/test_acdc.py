@@ -170,20 +170,39 @@ def test_prompt_chunks_make_the_same_decisions(small_gpt2):
 
 
 def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypatch):
-    """On one CPU device dense passes run their prompts in chunks that fit in
-    the cache budget; a budget of one prompt's q/k/v inputs gives chunks of
-    1, and the decisions stay those of the loop."""
+    """On one CPU device dense passes and the loop's full passes run their
+    prompts in chunks that fit in the cache budget; a budget of one prompt's
+    q/k/v inputs gives chunks of 1, and the decisions stay those of the loop
+    without chunks."""
     model, task = small_gpt2
     seq = acdc(model, task, 0.004, progress=False, mode="sequential")
-    unchunked = acdc(model, task, 0.004, progress=False, max_width=4)
-    assert unchunked.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
+    assert seq.settings["dense_prompt_chunk"] is None  # this small model's prompts all fit
     c = model.config
     monkeypatch.setenv("ACDC_JAX_CPU_CHUNK_BYTES", str(3 * c.n_heads * task.clean.shape[1] * c.d_model * 4))
-    bat = acdc(model, task, 0.004, progress=False, max_width=4)
-    assert bat.settings["dense_prompt_chunk"] == 1 and bat.settings["prompt_chunk"] is None
-    assert _decisions(bat) == _decisions(seq)
-    np.testing.assert_allclose([d.metric_after for d in bat.decisions if d.tried],
-                               [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
+    for mode in ("sequential", "batched"):
+        run = acdc(model, task, 0.004, progress=False, mode=mode, max_width=4)
+        assert run.settings["dense_prompt_chunk"] == 1 and run.settings["prompt_chunk"] is None
+        assert _decisions(run) == _decisions(seq)
+        np.testing.assert_allclose([d.metric_after for d in run.decisions if d.tried],
+                                   [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["prompts", "mean"])
+def test_full_pass_in_prompt_chunks(small_gpt2, kind):
+    """A full pass run in chunks of prompts (the unembedding once over all)
+    gives the unchunked metric, with per-prompt and shared corrupted activations."""
+    from acdc_jax.algorithms.attribution import setup
+    from acdc_jax.dense import full_metric
+
+    model, task = small_gpt2
+    corruption = None if kind == "prompts" else Corruption.mean(model, jnp.asarray(task.corrupted))
+    _, s, _ = setup(model, task, corruption=corruption)
+    rng = np.random.default_rng(0)
+    for mask in (s.graph.ones(), (rng.random(s.graph.n_edges) < 0.7).astype(np.float32)):
+        args = (s.model, s.graph, s.corruption, s.metric, s.task, s.arrays, s._rep(mask), s.tokens, s.positions)
+        whole = float(full_metric(*args))
+        for chunk in (1, 2):
+            np.testing.assert_allclose(float(full_metric(*args, chunk)), whole, rtol=1e-5, atol=1e-7)
 
 
 def test_cache_prompt_chunk_is_the_largest_divisor_that_fits(monkeypatch):
