@@ -28,18 +28,19 @@ except ImportError:  # Windows: no advisory locks, so two runs into one log are 
     fcntl = None
 
 
-def _locked(path: Path, mode: str):
+def locked(path: Path, mode: str, busy: Optional[str] = None):
     """`path` opened with `mode` and locked for as long as it stays open (the
-    lock goes with the process, so a crashed run leaves none)."""
+    lock goes with the process, so a crashed run leaves none); `busy` is the
+    error where another process holds it."""
     f = open(path, mode, errors="replace")  # bytes that are not text fail the header and line checks
     if fcntl is not None:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise ValueError(f"Another process is writing the decision log {path}: the same run started twice, "
-                             "or a second run into the same --out (log_path). Let that one finish, or give this "
-                             "run another --out.") from None
+            raise ValueError(busy or f"Another process is writing the decision log {path}: the same run started "
+                             "twice, or a second run into the same --out (log_path). Let that one finish, or give "
+                             "this run another --out.") from None
     return f
 
 
@@ -105,7 +106,7 @@ class RunLog:
         path = Path(path)
         if not resume:
             path.parent.mkdir(parents=True, exist_ok=True)
-            f = _locked(path, "a+")  # emptied only once locked
+            f = locked(path, "a+")  # emptied only once locked
             f.truncate(0)
             header = {"type": "header", "version": 1, "settings": settings, "initial_metric": initial_metric}
             f.write(dumps(header) + "\n")
@@ -113,7 +114,7 @@ class RunLog:
             return cls(path, settings, initial_metric, [], f)
         if not path.is_file():
             raise FileNotFoundError(f"No decision log to resume from at {path}.")
-        f = _locked(path, "r+") if write else open(path, errors="replace")
+        f = locked(path, "r+") if write else open(path, errors="replace")
         with closed_on_error(f):
             log = cls._read(f, path, settings, write)
         if not write:

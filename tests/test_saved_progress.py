@@ -199,3 +199,28 @@ def test_eap_ig_stopped_or_interrupted_resumes_to_the_same_scores(random_run, tm
     with np.load(interrupted) as written:
         assert int(written["step"]) == 2  # the three steps summed were saved on the way out
     assert np.array_equal(eap_ig(model, task, steps=5, progress=False, resume=interrupted).scores, whole.scores)
+
+
+@pytest.mark.parametrize("name", ["eap_ig", "exact_patching", "edge_pruning"])
+def test_a_second_run_saving_the_same_state_is_refused_while_the_first_runs(random_run, tmp_path, name):
+    """Each save replaces the state's file, so the run holds a lock file
+    beside it; another run saving or resuming that state meanwhile (here:
+    the lock held as a running one holds it) is refused, and once it is
+    released, and after a finished run, the state can be used again."""
+    model, task = random_run
+    run = {"eap_ig": lambda **kw: eap_ig(model, task, steps=2, progress=False, **kw),
+           "exact_patching": lambda **kw: exact_patching(model, task, progress=False, max_width=4, **kw),
+           "edge_pruning": lambda **kw: edge_pruning(model, task, steps=4, sparsity=0.7, progress=False, **kw)}[name]
+    state = tmp_path / "state.npz"
+    run(checkpoint=state, stop_after=0)
+    held = saved.lock_state(state, "state")
+    try:
+        for kw in ({"checkpoint": state}, {"resume": state}):
+            with pytest.raises(ValueError, match="Another process is saving its .* to .*state.npz"):
+                run(**kw)
+    finally:
+        held.close()
+    assert os.path.exists(str(state) + ".lock")
+    resumed = run(resume=state)  # the refused runs neither saved nor kept the lock
+    again = run(resume=state)  # nor did the finished one
+    np.testing.assert_array_equal(resumed.scores, again.scores)

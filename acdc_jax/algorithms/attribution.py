@@ -33,7 +33,7 @@ from ..precision import takes_precision
 from ..scoring import Scorer
 from ..sharding import parse_mesh
 from ..tasks.base import kl_divergence, squared_error
-from .saved import load_state, run_settings, save_state, state_path
+from .saved import load_state, lock_state, run_settings, save_state, state_path
 
 
 def setup(model, task, metric=None, corruption=None, graph: Optional[CircuitGraph] = None,
@@ -213,6 +213,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
     ones = np.ones(graph.n_edges, np.float32)
     full = check_finite(scorer.full(ones), "The metric of the full model")
     layers = receiver_layers(graph)
+    lock = lock_state(write, "exact patching state")
     bar = progress_bar(progress, graph.n_edges, int(done.sum()), desc="exact patching")
     narrowed = []  # passes that ran out of device memory (then narrower ones: `decide.narrow`)
     saved_at, stopped = time.perf_counter(), False
@@ -243,6 +244,8 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
         bar.close()
         scorer.programs.cancel_ahead()
         save()
+        if lock is not None:
+            lock.close()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
     return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, complete=bool(done.all()),
@@ -318,6 +321,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
         total, done = saved["total"], last + 1
     write = state_path(checkpoint, resume)
     ones = np.ones((1, graph.n_edges), np.float32)
+    lock = lock_state(write, "EAP-IG state")
     bar = progress_bar(progress, steps, done, desc="EAP-IG", unit="step")
     # (the sum of gradients, the last step in it), stored as one object so that Ctrl-C never splits them
     summed = (total, done - 1)
@@ -342,6 +346,8 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     finally:  # the end, a stop, Ctrl-C or an error: the steps summed since the last save are kept
         bar.close()
         save()
+        if lock is not None:
+            lock.close()
     total, last = summed
     complete = last + 1 == steps  # no scores until the integral is
     settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=last + 1)

@@ -26,7 +26,7 @@ from ..dense import metric_of_mask
 from ..errors import check_finite, check_number, check_stop_after, check_whole
 from ..precision import takes_precision
 from .attribution import _done, node_scores_to_edges, sender_groups, setup
-from .saved import load_state, run_settings, save_state, state_path
+from .saved import load_state, lock_state, run_settings, save_state, state_path
 
 if TYPE_CHECKING:
     from ..circuit import Circuit
@@ -127,6 +127,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
             saved_step = i
 
     began = time.perf_counter()
+    lock = lock_state(write, "training state")
     bar = progress_bar(progress, steps, done, desc=desc, unit="step")
     try:
         for i in range(done, steps):
@@ -152,6 +153,8 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     finally:  # the end, a stop, Ctrl-C or an error: the steps trained since the last save are kept
         bar.close()
         save()
+        if lock is not None:
+            lock.close()
     (log_alpha, _, _, _), i, history = trained
     s.passes += i + 1 - done
     log_alpha = np.asarray(log_alpha, np.float64)

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from ..circuit import dumps
-from ..runlog import differing, model_fingerprint, task_fingerprint
+from ..runlog import differing, locked, model_fingerprint, task_fingerprint
 
 
 def run_settings(model, task, settings: dict, method: str, **more) -> dict:
@@ -30,6 +30,19 @@ def state_path(checkpoint, resume) -> Optional[Path]:
 
     path = checkpoint or resume
     return Path(path) if path is not None and jax.process_index() == 0 else None
+
+
+def lock_state(path: Optional[Path], what: str):
+    """A lock on the state at `path` for this run, or None where nothing is
+    saved; close it when the run ends. It is a file beside the state (each
+    save replaces the state's file), left in place. A second run saving into
+    the same state meanwhile (the same run started twice, or two runs
+    resuming one state) is refused, rather than doing the work twice."""
+    if path is None:
+        return None
+    return locked(path.with_name(path.name + ".lock"), "a", f"Another process is saving its {what} to {path}: the "
+                  "same run started twice, or two runs resuming one state. Let that one finish (then resume from "
+                  "its state), or give this run another checkpoint.")
 
 
 def save_state(path: Path, settings: dict, step: int, arrays: dict, history: list) -> None:
