@@ -102,14 +102,11 @@ def full_metric(model, graph, corruption, metric, task, arrays, mask, tokens, po
         return metric_of_mask(model, graph, corruption, metric, task, arrays, mask, tokens, positions)
     out_positions = np.asarray(positions)
 
-    def resid(tok, acts):
-        corr = Corruption(corruption.kind, acts) if acts is not None else corruption
-        return patched_logits_and_deviations(model, graph, tok, mask, corr, out_positions, narrow=True,
-                                             residual=True)[0]
+    def resid(tok, acts):  # a chunk of prompts (and of their corrupted activations, where they have their own)
+        return patched_logits_and_deviations(model, graph, tok, mask, Corruption(corruption.kind, acts),
+                                             out_positions, narrow=True, residual=True)[0]
 
-    axes = corruption_axes(corruption)
-    x = map_prompts(resid, (tokens, corruption.acts if axes == 0 else None), (0, None if axes != 0 else 0), chunk,
-                    out_axis=0)
+    x = map_prompts(resid, (tokens, corruption.acts), (0, corruption_axes(corruption)), chunk, out_axis=0)
     return apply_metric(metric, model.unembed(model.ln_final(x)), task, arrays)
 
 

@@ -1,6 +1,7 @@
 """Exceptions that name the offending input and say how to fix it."""
 
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -32,6 +33,17 @@ class MetricFallsWarning(UserWarning):
 
 class MetricAtMinimumWarning(UserWarning):
     """A gradient method takes its gradient where the metric is at its minimum (KL or L2 to the full model)."""
+
+
+def positive_setting(name: str, unit: str = "") -> Optional[int]:
+    """The environment variable `name` as a positive whole number (of
+    `unit`), None where it is unset or empty; anything else raises, naming it."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    if not (raw.isdigit() and int(raw) > 0):
+        raise ValueError(f"{name} must be a positive whole number{unit}, got {raw!r}; unset it for the default.")
+    return int(raw)
 
 
 def check_whole(value, what: str, low: int = 0, high: Optional[int] = None, error=ValueError) -> int:

@@ -21,12 +21,11 @@ inside the pass.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
 
-from .errors import check_whole
+from .errors import check_whole, positive_setting
 from .graph import CircuitGraph
 from .model import Transformer
 from .sharding import candidate_shards, prompt_shards
@@ -144,8 +143,12 @@ def grad_prompt_chunk(model: Transformer, graph: CircuitGraph, n_prompts: int, n
     one = grad_bytes(model, graph, 1, n_pos, n_out)
     if n_prompts * one <= BUDGET_FRACTION * available:
         return None
-    fit = max(1, int(BUDGET_FRACTION * available // one))
-    return max(d for d in range(1, min(fit, n_prompts) + 1) if n_prompts % d == 0)
+    return _largest_divisor(n_prompts, int(BUDGET_FRACTION * available // one))
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (1 if none is)."""
+    return max(d for d in range(1, min(max(1, at_most), n) + 1) if n % d == 0)
 
 
 def default_max_width() -> int:
@@ -199,31 +202,15 @@ def xla_pass_bytes(scorer, start_layer: int, width: int, upstream: bool = False)
 CHUNK_BYTES = 5 << 19  # a layer's q/k/v inputs per step of a CPU pass (docs/performance.md, "Prompt chunks")
 
 
-def chunk_budget() -> int:
-    """Bytes of a layer's q/k/v inputs per step of a dense CPU pass:
-    ``ACDC_JAX_CPU_CHUNK_BYTES`` if set, else `CHUNK_BYTES`."""
-    raw = os.environ.get("ACDC_JAX_CPU_CHUNK_BYTES")
-    if raw is None:
-        return CHUNK_BYTES
-    try:
-        budget = int(raw)
-    except ValueError:
-        budget = 0
-    if budget < 1:
-        raise ValueError(f"ACDC_JAX_CPU_CHUNK_BYTES must be a positive whole number of bytes, got {raw!r}; "
-                         f"unset it for the default ({CHUNK_BYTES}).")
-    return budget
-
-
 def cache_prompt_chunk(graph: CircuitGraph, n_prompts: int, n_pos: int, d_model: int, itemsize: int,
                        budget: Optional[int] = None) -> Optional[int]:
     """Prompts per step of a dense pass on one CPU device: the largest
     divisor of `n_prompts` whose layer of q/k/v inputs (the largest array a
-    pass makes) fits in `budget` bytes (default `chunk_budget()`), at least
-    1; None where all prompts fit."""
-    budget = chunk_budget() if budget is None else budget
+    pass makes) fits in `budget` bytes (default ``ACDC_JAX_CPU_CHUNK_BYTES``
+    if set, else `CHUNK_BYTES`), at least 1; None where all prompts fit."""
+    if budget is None:
+        budget = positive_setting("ACDC_JAX_CPU_CHUNK_BYTES", " of bytes") or CHUNK_BYTES
     one = 3 * graph.n_heads * n_pos * d_model * itemsize
     if n_prompts * one <= budget:
         return None
-    fit = max(1, budget // one)
-    return max(d for d in range(1, min(fit, n_prompts) + 1) if n_prompts % d == 0)
+    return _largest_divisor(n_prompts, budget // one)

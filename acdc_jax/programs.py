@@ -40,6 +40,8 @@ from typing import Callable, Hashable, Optional
 
 import jax
 
+from .errors import positive_setting
+
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]  # in this process, so far
@@ -91,10 +93,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     passes. ``ACDC_JAX_COMPILE_THREADS`` sets how many (default: 4, at most
     half the host's cores; how many pay on a GPU, whose autotuning they share, is not yet measured)."""
     if not _workers:
-        setting = os.environ.get("ACDC_JAX_COMPILE_THREADS", "")
-        if setting and not (setting.isdigit() and int(setting) > 0):
-            raise ValueError(f"ACDC_JAX_COMPILE_THREADS must be a positive whole number, got {setting!r}.")
-        n = int(setting) if setting else max(1, min(4, (os.cpu_count() or 2) // 2))
+        n = positive_setting("ACDC_JAX_COMPILE_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2))
         _workers.append(concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="acdc-jax-compile"))
     return _workers[0]
 

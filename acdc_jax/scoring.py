@@ -84,14 +84,11 @@ class Scorer:
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
-        # and runs its prompts in chunks small enough that each layer's inputs stay in cache, as does a full
-        # pass there (elsewhere a full pass runs all its prompts at once; docs/performance.md, "Prompt chunks")
-        self.dense_chunk, self.full_chunk = prompt_chunk, None
-        if self.loop:
-            if prompt_chunk is None:
-                self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
-                                                      self._dtype.itemsize)
-            self.full_chunk = self.dense_chunk
+        # and runs its prompts in chunks small enough that each layer's inputs stay in cache (`full_chunk`)
+        self.dense_chunk = prompt_chunk
+        if self.loop and prompt_chunk is None:
+            self.dense_chunk = cache_prompt_chunk(graph, *self.tokens.shape, model.config.d_model,
+                                                  self._dtype.itemsize)
         if self.loop and metric is kl_divergence:  # what streamed KL reads of the reference, made once
             self.arrays = reference_arrays(self.model, self.arrays)
         # on one accelerator only the base and the cut edges cross, and the dense masks are made there
@@ -131,6 +128,12 @@ class Scorer:
         """Whether passes take the accelerators' path (vmapped candidates, masks
         made on the device, covers first, compiled ahead): on a GPU or TPU."""
         return jax.default_backend() != "cpu"
+
+    @property
+    def full_chunk(self) -> Optional[int]:
+        """Prompts per step of a full pass: the dense passes' on one CPU
+        device; elsewhere all at once (docs/performance.md, "Prompt chunks")."""
+        return self.dense_chunk if self.loop else None
 
     @property
     def _dtype(self):

@@ -187,15 +187,16 @@ def test_cache_sized_prompt_chunks_make_the_same_decisions(small_gpt2, monkeypat
                                    [d.metric_after for d in seq.decisions if d.tried], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["prompts", "mean"])
+@pytest.mark.parametrize("kind", ["prompts", "mean", "zeros"])
 def test_full_pass_in_prompt_chunks(small_gpt2, kind):
     """A full pass run in chunks of prompts (the unembedding once over all)
-    gives the unchunked metric, with per-prompt and shared corrupted activations."""
+    gives the unchunked metric, with per-prompt, shared and no corrupted activations."""
     from acdc_jax.algorithms.attribution import setup
     from acdc_jax.dense import full_metric
 
     model, task = small_gpt2
-    corruption = None if kind == "prompts" else Corruption.mean(model, jnp.asarray(task.corrupted))
+    corruption = {"prompts": lambda: None, "mean": lambda: Corruption.mean(model, jnp.asarray(task.corrupted)),
+                  "zeros": Corruption.zeros}[kind]()
     _, s, _ = setup(model, task, corruption=corruption)
     rng = np.random.default_rng(0)
     for mask in (s.graph.ones(), (rng.random(s.graph.n_edges) < 0.7).astype(np.float32)):
