@@ -108,7 +108,7 @@ def _decisions(circuit):
     return [(d.edge, d.tried, d.kept) for d in circuit.decisions]
 
 
-@pytest.mark.parametrize("tau", [3e-3, 1e-2, 3e-2])
+@pytest.mark.parametrize("tau", [pytest.param(3e-3, marks=pytest.mark.slow), 1e-2, 3e-2])
 def test_batched_and_sequential_make_the_plain_loops_decisions(gpt2, tau):
     _, model, task = gpt2
     ref = _plain_loop(model, task, tau)

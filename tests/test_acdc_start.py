@@ -76,7 +76,7 @@ def test_wide_passes_as_on_an_accelerator(small, monkeypatch):
     assert _decisions(acdc(model, task, 0.002, progress=False, max_width=64, start=start)) == ref
 
 
-@pytest.mark.parametrize("tau", [0.003, 0.01, 0.03])
+@pytest.mark.parametrize("tau", [pytest.param(0.003, marks=pytest.mark.slow), 0.01, 0.03])
 def test_edges_within_the_node_circuit_of_the_induction_model(tau):
     """The hierarchical use: ACDC over nodes first, then over the edges among
     the kept nodes. Batched (dense and sparse passes) makes the sequential
@@ -154,6 +154,7 @@ def test_bad_start_circuits_are_refused(small):
         start_mask(graph, "runs/none/circuit.json")
 
 
+@pytest.mark.slow
 def test_cli_discover_from_a_node_circuit(tmp_path, capsys):
     from acdc_jax.cli import main
 

@@ -276,6 +276,7 @@ def test_command_errors(tmp_path, capsys, args, words):
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dtype_reaches_every_method(tmp_path):
     """--dtype bfloat16 runs the other methods in bf16 too (it used to reach
     only ACDC over edges), with JAX's default matmul precision, as ACDC does.

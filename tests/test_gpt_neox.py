@@ -133,7 +133,8 @@ def test_one_patched_edge_matches_pytorch_hooks(neox, name):
     assert_cut_matches(pt, model, graph, [name], clean, corrupt, ref)
 
 
-@pytest.mark.parametrize("tau", [1e-3, 1e-2, 3e-2])
+@pytest.mark.parametrize("tau", [pytest.param(1e-3, marks=pytest.mark.slow), 1e-2,
+                                 pytest.param(3e-2, marks=pytest.mark.slow)])
 def test_batched_acdc_decides_like_the_sequential_loop(neox, tau):
     _, model = neox
     rng = np.random.default_rng(3)

@@ -216,7 +216,8 @@ def test_cutting_one_of_two_heads_sharing_keys_is_its_own_intervention(llama):
     assert np.abs(np.asarray(a - full)).max() > 1e-4 and np.abs(np.asarray(a - b)).max() > 1e-4
 
 
-@pytest.mark.parametrize("tau", [1e-3, 1e-2, 3e-2])
+@pytest.mark.parametrize("tau", [pytest.param(1e-3, marks=pytest.mark.slow), 1e-2,
+                                 pytest.param(3e-2, marks=pytest.mark.slow)])
 def test_batched_acdc_decides_like_the_sequential_loop(llama, tau):
     _, model = llama
     rng = np.random.default_rng(3)

@@ -141,7 +141,7 @@ def _random_prompts(n, length, vocab, seed):
     return rng.integers(1, vocab, (n, length)), rng.integers(1, vocab, (n, length))
 
 
-@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+@pytest.mark.parametrize("metric", ["kl", pytest.param("logit_diff", marks=pytest.mark.slow)])
 def test_acdc_on_a_prompt_task_decides_as_on_the_same_task_built_by_hand(metric):
     """The same prompts as a hand-built Task, with IOI's own logit difference as
     the independent metric: ACDC makes the same decisions."""
