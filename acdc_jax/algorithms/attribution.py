@@ -244,8 +244,7 @@ def exact_patching(model, task, *, metric=None, corruption=None, graph=None, max
         bar.close()
         scorer.programs.cancel_ahead()
         save()
-        if lock is not None:
-            lock.close()
+        lock.close()
     settings.update(method="exact_patching", full_metric=full, widths=widths, narrowed=narrowed,
                     compiled_ahead=len(scorer.ahead), finished=bool(done.all()), edges_done=int(done.sum()))
     return _done(graph, np.where(done, scores, np.nan), settings, start, scorer, complete=bool(done.all()),
@@ -346,8 +345,7 @@ def eap_ig(model, task, steps: int = 16, *, metric=None, corruption=None, graph=
     finally:  # the end, a stop, Ctrl-C or an error: the steps summed since the last save are kept
         bar.close()
         save()
-        if lock is not None:
-            lock.close()
+        lock.close()
     total, last = summed
     complete = last + 1 == steps  # no scores until the integral is
     settings.update(method="eap_ig", steps=steps, finished=complete, steps_done=last + 1)

@@ -153,8 +153,7 @@ def _train(scorer, n_params: int, to_edges, sparsity: float, steps: int, lr: flo
     finally:  # the end, a stop, Ctrl-C or an error: the steps trained since the last save are kept
         bar.close()
         save()
-        if lock is not None:
-            lock.close()
+        lock.close()
     (log_alpha, _, _, _), i, history = trained
     s.passes += i + 1 - done
     log_alpha = np.asarray(log_alpha, np.float64)

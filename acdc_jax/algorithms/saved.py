@@ -4,6 +4,7 @@ read back without unpickling anything."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -32,17 +33,18 @@ def state_path(checkpoint, resume) -> Optional[Path]:
     return Path(path) if path is not None and jax.process_index() == 0 else None
 
 
-def lock_state(path: Optional[Path], what: str):
-    """A lock on the state at `path` for this run, or None where nothing is
-    saved; close it when the run ends. It is a file beside the state (each
+def lock_state(path: Optional[Path], what: str) -> contextlib.ExitStack:
+    """A lock on the state at `path` for this run (nothing where nothing is
+    saved); close it when the run ends. It is a file beside the state (each
     save replaces the state's file), left in place. A second run saving into
     the same state meanwhile (the same run started twice, or two runs
     resuming one state) is refused, rather than doing the work twice."""
-    if path is None:
-        return None
-    return locked(path.with_name(path.name + ".lock"), "a", f"Another process is saving its {what} to {path}: the "
-                  "same run started twice, or two runs resuming one state. Let that one finish (then resume from "
-                  "its state), or give this run another checkpoint.")
+    lock = contextlib.ExitStack()
+    if path is not None:
+        lock.enter_context(locked(path.with_name(path.name + ".lock"), "a", f"Another process is saving its {what} "
+                                  f"to {path}: the same run started twice, or two runs resuming one state. Let that "
+                                  "one finish (then resume from its state), or give this run another checkpoint."))
+    return lock
 
 
 def save_state(path: Path, settings: dict, step: int, arrays: dict, history: list) -> None:
