@@ -102,10 +102,14 @@ def warn_if_flat(scorer: Scorer, full: float, metric_name: str, tau: float, what
     the run's other checks: errors come first.)"""
     empty = scorer.full(np.zeros(scorer.graph.n_edges, np.float32))
     if abs(empty - full) < tau:
+        # more than float32 rounding: the metric may be higher-is-better as well as flat
+        falls = not abs_value and full - empty > 1e-5 * max(1.0, abs(full))
         warnings.warn(f"Cutting every edge at once changes the metric {metric_name!r} by only {empty - full:.3g} "
                       f"(from {full:.4g} for the {what} to {empty:.4g}), less than tau={tau:g}, so this run is likely "
                       "to remove every edge. Check that the corrupted prompts (or the corruption) differ from the "
-                      "clean ones where the metric looks, and the metric itself; or lower tau.", FlatMetricWarning,
+                      "clean ones where the metric looks, and the metric itself; or lower tau." +
+                      (" It also falls, as a higher-is-better metric does, and ACDC takes a lower metric as better: "
+                       "if it is one, negate it (or pass abs_value=True)." if falls else ""), FlatMetricWarning,
                       stacklevel=stacklevel)
     elif not abs_value:
         warn_if_metric_falls(scorer, metric_name, "ACDC", "it keeps an edge only where cutting it raises the metric "

@@ -171,9 +171,10 @@ def test_corrupted_prompts_that_change_nothing_are_warned_of(recwarn):
     same = prompt_task(clean, clean)
     for method in (aj.acdc, aj.algorithms.acdc_nodes):
         with pytest.warns(aj.FlatMetricWarning, match=r"Cutting every edge at once changes the metric 'kl' by only .* less "
-                                             r"than tau=0.001, so this run is likely to remove every edge"):
+                                             r"than tau=0.001, so this run is likely to remove every edge") as flat:
             circuit = method(model, same, 0.001, progress=False)
         assert circuit.settings.get("nodes") == [] if method is not aj.acdc else circuit.n_edges == 0
+        assert not [w for w in flat if "It also falls" in str(w.message)]  # KL's rounding is not a fall
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         aj.acdc(model, prompt_task(clean, np.asarray(induction.corrupted).tolist()), 0.001, progress=False)
@@ -217,6 +218,10 @@ def test_a_metric_that_falls_when_every_edge_is_cut_is_warned_of(recwarn):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         aj.algorithms.eap(model, task, metric=minus_nll, n_edges=5)  # ranked by size: the sign does not matter
+    # flat at tau as well as falling: the flat warning says both
+    with pytest.warns(aj.FlatMetricWarning, match=r"less than tau=1000.* It also falls, as a higher-is-better metric "
+                                                  r"does.* negate it \(or pass abs_value=True\)"):
+        aj.algorithms.acdc_nodes(model, task, 1000.0, metric=minus_nll, progress=False)
 
 
 def test_zero_and_mean_corruption_need_no_corrupted_prompts():
