@@ -33,6 +33,7 @@ def test_roc_command_recovers_tracr_reverse(tmp_path, capsys):
     assert len([line for line in table if line.split() and line.split()[0] in ("1e-05", "0.001", "0.1", "10")]) == 4
 
 
+@pytest.mark.slow  # the quick suite runs --method eap --n-edges in test_ties_at_the_kth_score
 def test_scoring_method_keeps_the_top_edges(tmp_path, capsys):
     """--method eap --n-edges K keeps the K edges of largest |score|, or of
     largest score with --rank signed."""
@@ -75,6 +76,7 @@ def test_ties_at_the_kth_score(tmp_path, capsys):
     assert set(kept["fewer"].edges) < set(kept["index"].edges) < set(kept["more"].edges)
 
 
+@pytest.mark.slow  # the quick suite resumes through the CLI in test_an_interrupted_run_says_how_to_continue_and_does
 def test_resume_after_a_cut_log_gives_the_same_circuit(tmp_path):
     """A run whose decision log lost its second half (a crash) resumes with
     --resume to the circuit of the uninterrupted run."""

@@ -185,16 +185,21 @@ def test_narrow_pass_from_every_layer_matches_the_full_forward(gpt2, which):
     """A pass started at any layer from cached deviations, with the last layer
     run at the metric positions only (and the start layer's heads partly taken
     from a cache), gives the full forward's logits at those positions."""
-    from acdc_jax.corruption import example_corruption
-    from acdc_jax.patching import patched_logits_and_deviations, run_from, senders_before, start_layer_heads, \
-        upstream_mix
+    import equinox as eqx
 
+    from acdc_jax import patching
+    from acdc_jax.corruption import example_corruption
+    from acdc_jax.patching import patched_logits_and_deviations, senders_before
+
+    # jitted, as the Scorer runs them (and a program per start layer, rather than thousands of eager ops)
+    run_from, start_layer_heads, upstream_mix = (eqx.filter_jit(f) for f in (
+        patching.run_from, patching.start_layer_heads, patching.upstream_mix))
     model = gpt2[1] if which == "gpt2" else _shortformer_model()
     graph = CircuitGraph(model.config)
     clean, corruption = _tokens(13), Corruption.from_prompts(model, _tokens(14))
     mask = jnp.asarray(np.random.default_rng(3).uniform(size=graph.n_edges), jnp.float32)
-    at = np.array([3, 8])
-    full = patched_forward(model, clean, mask, corruption, graph)[:, at]
+    at = (3, 8)  # static, as the Scorer's positions
+    full = patched_forward(model, clean, mask, corruption, graph)[:, np.array(at)]
     deviations = patched_logits_and_deviations(model, graph, clean, mask, corruption)[1]
     m_add, m_dir = graph.dense_masks(mask)
     other_add = graph.dense_masks(jnp.asarray(np.random.default_rng(4).uniform(size=graph.n_edges), jnp.float32))[0]
