@@ -185,7 +185,7 @@ class SparsePasses:
         first (an accelerator), the dense pass's program, if none covers it.
         The benchmark model (10 prompts, tau 0.1) compiled 24 programs
         sparse, 12 s, against 17 dense, 12.7 s: counting only the sparse side
-        put the choice on a knife edge (dense in 2 of 5 runs, 1.5x slower)."""
+        put the choice on a knife edge (dense in 3 of 9 fresh runs, 30 s against 19-21 s)."""
         s, programs = self.scorer, self.scorer.programs
         cost = (1 + 2 * (shape.start_layer + 1)) * programs.estimate_compile(shape.kind)
         if s.cover_first:
