@@ -13,7 +13,10 @@ for lack of the exact shape add up to what compiling it costs, then buys
 hindsight, per shape. The costs are measured as the run goes: compile
 seconds from `jax.monitoring`, seconds per FLOP from the passes themselves.
 Where compiling is free (programs already compiled earlier in the process),
-the measured cost is near zero and every pass gets its exact shape.
+the measured cost is near zero and every pass gets its exact shape. With
+the programs on disk, a program read back counts as loaded, not compiled,
+and a later process estimates from the compile seconds and shapes that the
+earlier ones recorded beside the cache (`program_record.py`).
 On accelerators, where a pass takes milliseconds and a compilation seconds
 (about 14-27 s each on an H200), the first program a layer needs is a cover
 (every head, no shared upstream sum) from the earliest layer whose passes are
@@ -41,6 +44,7 @@ from typing import Callable, Hashable, Optional
 import jax
 
 from .errors import positive_setting
+from .program_record import DiskRecord
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -54,7 +58,14 @@ def _listen(event: str, duration: float, **_) -> None:
         _thread.seconds = getattr(_thread, "seconds", 0.0) + duration
 
 
+def _count(event: str, **_) -> None:
+    if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):  # miss: written
+        name = event.rsplit("_", 1)[-1]
+        setattr(_thread, name, getattr(_thread, name, 0) + 1)
+
+
 jax.monitoring.register_event_duration_secs_listener(_listen)
+jax.monitoring.register_event_listener(_count)
 
 
 def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
@@ -63,7 +74,8 @@ def use_disk_cache(directory: Optional[str] = None) -> Optional[str]:
     CPU spends more time compiling than scoring. `directory` defaults to
     ``$ACDC_JAX_CACHE`` or ``~/.cache/acdc-jax/xla``; "off" leaves the cache
     off. Programs compiled before the call are not saved, and JAX keeps the
-    first directory a process saved to. Its entries are machine code that
+    first directory a process saved to. Beside them acdc-jax keeps a small
+    JSON file per kind of run (`program_record.py`). The entries are machine code that
     JAX runs: use a directory only you can write to. Returns the directory, or None."""
     where = directory or os.environ.get("ACDC_JAX_CACHE") or str(Path.home() / ".cache" / "acdc-jax" / "xla")
     if str(where).lower() == "off":
@@ -116,10 +128,32 @@ def compiling() -> int:
     return sum(not j.done() for j in _jobs)
 
 
-def _timed(compile_program: Callable[[], object]) -> float:
-    before = thread_compile_seconds()
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What getting one program cost this thread: seconds tracing, lowering
+    and compiling (or loading), and how many programs it read from disk
+    (hits) and wrote there (misses: compiled for real)."""
+
+    seconds: float = 0.0
+    hits: int = 0
+    misses: int = 0
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.seconds - other.seconds, self.hits - other.hits, self.misses - other.misses)
+
+    @property
+    def loaded(self) -> bool:
+        return self.hits > 0 and self.misses == 0
+
+
+def thread_cost() -> Cost:
+    return Cost(thread_compile_seconds(), getattr(_thread, "hits", 0), getattr(_thread, "misses", 0))
+
+
+def _timed(compile_program: Callable[[], object]) -> Cost:
+    before = thread_cost()
     compile_program()
-    return thread_compile_seconds() - before
+    return thread_cost() - before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +210,10 @@ class Programs:
     metric, ...: see `Scorer`), and the choice for each new pass. `shared`
     keeps one per kind in the process, as XLA's compiled programs are kept."""
 
-    def __init__(self, adaptive: bool = True):
+    def __init__(self, adaptive: bool = True, label: Optional[str] = None):
         self.adaptive = adaptive and jax.process_count() == 1
+        self.record = DiskRecord(label) if label is not None else None  # what earlier processes compiled
+        self.load_costs: list[float] = []  # seconds per program read from disk
         self.compiled: set[Shape] = set()
         # seconds of extra work paid so far for lack of each shape, or (per layer) of its own cover
         self.regret: dict[Hashable, float] = {}
@@ -217,8 +253,7 @@ class Programs:
                 elif not job.cancelled():
                     self.compiled.add(shape)
                     self.compiled_ahead += 1
-                    if job.result() > 0:  # zero: JAX had it compiled already
-                        self.compile_costs.setdefault(shape.kind, []).append(job.result())
+                    self._note(shape, job.result())
 
     def cancel_ahead(self) -> None:
         """Drop the programs not yet started (a run that ends early needs them no more)."""
@@ -226,9 +261,34 @@ class Programs:
             job.cancel()
         self.collect()
 
-    def estimate_compile(self, kind: str) -> float:
-        seen = self.compile_costs.get(kind) or [c for cs in self.compile_costs.values() for c in cs]
-        return sum(seen) / len(seen) if seen else 0.0
+    def _note(self, shape: Shape, cost: Cost) -> None:
+        """Count what getting the program `shape` cost, as loading or as compiling."""
+        if cost.seconds <= 0 and not cost.hits:
+            return  # JAX had it compiled already (another Scorer of the same kind)
+        if cost.loaded:
+            self.load_costs.append(cost.seconds)
+        else:
+            self.compile_costs.setdefault(shape.kind, []).append(cost.seconds)
+        if self.record is not None:
+            self.record.note(shape, None if cost.loaded else cost.seconds, cost.hits > 0 or cost.misses > 0)
+
+    def estimate_compile(self, kind: str, shape: Optional[Shape] = None) -> float:
+        """Seconds to get a program of `kind`: to load `shape` where an
+        earlier process left it on disk, else to compile one (as measured in
+        this process, else as recorded beside the disk cache; of this kind if
+        seen, else of any)."""
+        if shape is not None and self.record is not None and self.record.on_disk(shape):
+            return sum(self.load_costs) / len(self.load_costs) if self.load_costs else 0.0
+        recorded = (lambda k: None) if self.record is None else self.record.compile_seconds
+        seen = self.compile_costs.get(kind)
+        if seen:
+            return sum(seen) / len(seen)
+        if recorded(kind) is not None:
+            return recorded(kind)
+        seen = [c for cs in self.compile_costs.values() for c in cs]
+        if seen:
+            return sum(seen) / len(seen)
+        return recorded(None) or 0.0
 
     def covering(self, need: Shape, max_width: Optional[int] = None) -> list[Shape]:
         """The compiled programs (at most `max_width` wide) that can run a pass that needs `need`."""
@@ -270,8 +330,8 @@ class Programs:
         # renting an earlier layer's cover is regretted per layer: this layer's own cover would serve all its passes
         early = cover is not None and best.start_layer < need.start_layer and need.cover() not in self.compiled
         key = ("cover", need.start_layer) if early else need
-        if not self.rent(key, extra, self.estimate_compile(need.kind)):
-            buy = need.cover() if early else need
+        buy = need.cover() if early else need
+        if not self.rent(key, extra, self.estimate_compile(need.kind, buy)):
             if buy_ahead is None or not buy_ahead(buy):
                 return buy
         self.reused += 1
@@ -282,15 +342,14 @@ class Programs:
         measuring its compile seconds and its seconds per FLOP (after waiting
         for the program if it is compiling ahead)."""
         self.collect(wait_for=shape)
-        before, start = thread_compile_seconds(), time.perf_counter()
+        before, start = thread_cost(), time.perf_counter()
         out = fn()
-        wall, compiled = time.perf_counter() - start, thread_compile_seconds() - before
+        wall, cost = time.perf_counter() - start, thread_cost() - before
         if shape not in self.compiled:
             self.compiled.add(shape)
-            if compiled > 0:  # zero: JAX had it compiled already (another Scorer of the same kind)
-                self.compile_costs.setdefault(shape.kind, []).append(compiled)
+            self._note(shape, cost)
         if flops > 0 and shape.kind != "heads":  # the heads program runs asynchronously
-            rate = max(wall - compiled, 0.0) / flops
+            rate = max(wall - cost.seconds, 0.0) / flops
             self.seconds_per_flop = _average(self.seconds_per_flop, rate)
         return out
 
@@ -303,12 +362,13 @@ def _average(old: Optional[float], new: float) -> float:
 _shared: "collections.OrderedDict[Hashable, Programs]" = collections.OrderedDict()
 
 
-def shared(key: Hashable, keep: int = 32) -> Programs:
+def shared(key: Hashable, keep: int = 32, label: Optional[str] = None) -> Programs:
     """The process's `Programs` for passes of kind `key` (the most recent
-    `keep` kinds are remembered). A wrong key costs time, never correctness:
-    a shape believed compiled is compiled when first run."""
+    `keep` kinds are remembered; `label`: its name across processes, see
+    `program_record.py`). A wrong key costs time, never correctness: a shape
+    believed compiled is compiled when first run."""
     if key not in _shared:
-        _shared[key] = Programs()
+        _shared[key] = Programs(label=label)
         while len(_shared) > keep:
             _shared.popitem(last=False)
     _shared.move_to_end(key)

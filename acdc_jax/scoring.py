@@ -28,6 +28,7 @@ from .graph import CircuitGraph, with_sentinels
 from .memory import cache_prompt_chunk, grad_prompt_chunk
 from .model import Transformer
 from .programs import Shape, shared
+from .program_record import label
 from .patching import senders_before, upstream_offset
 from .sharding import check_prompts, fetch, put_candidates, put_prompts, put_replicated, round_width
 from .receivers import cache_flops
@@ -78,9 +79,11 @@ class Scorer:
         self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
-        self.programs = shared((graph, self.task, metric, corruption.kind, tuple(self.tokens.shape), self.positions,
-                                prompt_chunk, mesh, str(model.embed.W_E.dtype),
-                                jax.config.jax_default_matmul_precision))
+        kind = (metric, corruption.kind, tuple(self.tokens.shape), self.positions, prompt_chunk,
+                str(model.embed.W_E.dtype), jax.config.jax_default_matmul_precision)
+        self.programs = shared((graph, self.task, mesh) + kind, label=label(
+            graph.config, graph.split_qkv, graph.qkv_edges, graph.split_embed, type(self.task).__qualname__,
+            None if mesh is None else dict(mesh.shape), *kind))
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
@@ -295,7 +298,7 @@ class Scorer:
         p = self.programs
         if p.seconds_per_flop is None or p.has(need, dense_cap) or not p.has(sparse):
             return False
-        return p.rent(("dense", need), extra_flops * p.seconds_per_flop, p.estimate_compile(need.kind))
+        return p.rent(("dense", need), extra_flops * p.seconds_per_flop, p.estimate_compile(need.kind, need))
 
     def cover_start(self, need: Shape) -> int:
         """The earliest layer from which a pass as wide as `need` fits in

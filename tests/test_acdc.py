@@ -333,7 +333,7 @@ def test_one_cover_serves_several_layers_on_an_accelerator(tmp_path, monkeypatch
             m.setattr(programs, "_shared", collections.OrderedDict())  # nothing compiled yet
             # compiling as dear as on a GPU next to these passes, so that renting is always the choice (on a CPU
             # the measured costs are close enough that a busy machine's timings would tip some layers into buying)
-            m.setattr(programs.Programs, "estimate_compile", lambda self, kind: 1e6)
+            m.setattr(programs.Programs, "estimate_compile", lambda self, kind, shape=None: 1e6)
             m.setattr(Scorer, "_run", lambda self, shape, *a: ran.append(shape) or run(self, shape, *a))
             if cover_start:
                 m.setattr(Scorer, "cover_start", cover_start)

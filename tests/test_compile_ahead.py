@@ -142,7 +142,8 @@ def test_a_program_bought_while_renting_compiles_in_the_background(small, monkey
     cover = scorer.choose(cands, 1, 4)
     assert cover == Shape("pass", 0, 4, None, None)
     first = scorer.batch(cands, 1, 4, cover)  # compiles the cover (nothing to rent yet)
-    monkeypatch.setattr(scorer.programs, "estimate_compile", lambda kind: 0.0)  # compiling looks free: buy now
+    # compiling looks free: buy now
+    monkeypatch.setattr(scorer.programs, "estimate_compile", lambda kind, shape=None: 0.0)
     before = backend_compiles.count("MainThread")
     rented = scorer.choose(cands, 1, 4)
     assert rented == cover and need.cover() in scorer.programs.ahead  # bought layer 1's own cover, rented meanwhile
@@ -168,7 +169,7 @@ def test_acdc_buying_in_the_background_makes_the_loops_decisions(small, monkeypa
     force_accelerator_path(monkeypatch, covers_ahead=True)
     from acdc_jax.programs import Programs
 
-    monkeypatch.setattr(Programs, "estimate_compile", lambda self, kind: 0.0)  # every rental buys at once
+    monkeypatch.setattr(Programs, "estimate_compile", lambda self, kind, shape=None: 0.0)  # every rental buys at once
     bat = acdc(model, task, tau, progress=False, max_width=6, rescore_ties=True)
     assert bat.settings["bought_ahead"] >= 1
     assert [(d.edge, d.tried, d.kept) for d in bat.decisions] == [(d.edge, d.tried, d.kept) for d in seq.decisions]

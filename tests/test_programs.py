@@ -184,6 +184,7 @@ _DISK_CACHE_RUN = """
 import json, sys
 import jax, numpy as np
 import acdc_jax
+from acdc_jax import program_record
 where = acdc_jax.use_disk_cache(sys.argv[1])
 hits = []
 jax.monitoring.register_event_listener(lambda event, **_: hits.append(1) if event.endswith("/cache_hits") else None)
@@ -194,7 +195,10 @@ rng = np.random.default_rng(0)
 task = Task("random-kl", rng.integers(0, 40, (4, 6)), rng.integers(0, 40, (4, 6)), positions=np.array([5]),
             metrics={"kl": kl_divergence})
 circuit = acdc_jax.acdc(Transformer(config, key=jax.random.PRNGKey(0)), task, 1e-3, progress=False)
-print(json.dumps({"where": where, "hits": len(hits), "decisions": [[d.index, d.kept] for d in circuit.decisions]}))
+(p,) = acdc_jax.programs._shared.values()
+print(json.dumps({"where": where, "hits": len(hits), "decisions": [[d.index, d.kept] for d in circuit.decisions],
+                  "compiled": {k: len(v) for k, v in p.compile_costs.items()}, "loaded": len(p.load_costs),
+                  "shapes": sorted(program_record._row(s) for s in p.compiled), "label": p.record.name}))
 """
 
 
@@ -214,6 +218,58 @@ def test_a_later_process_loads_the_programs_from_disk(tmp_path):
     assert first["where"] == str(tmp_path / "xla") and any((tmp_path / "xla").iterdir())
     assert second["hits"] > first["hits"]  # (one process can hit its own entries: equal programs in two jits)
     assert second["decisions"] == first["decisions"]
+    # the first compiled its programs and recorded them; the second, the same kind by name, loaded them all
+    record = json.loads((tmp_path / "xla" / f"acdc-jax-programs-{first['label']}.json").read_text())
+    assert second["label"] == first["label"] and sorted(record["on_disk"]) == first["shapes"] == second["shapes"]
+    assert set(record["compile_seconds"]) == set(first["compiled"]) and first["loaded"] == 0
+    assert second["compiled"] == {} and second["loaded"] == len(second["shapes"])
+
+
+def test_a_later_process_buys_shapes_on_disk_and_rents_the_rest_at_the_recorded_compile_cost(tmp_path, monkeypatch):
+    """The record beside the disk cache: a first process notes its real
+    compile seconds and the shapes it wrote; a second (a fresh `Programs` of
+    the same label), which has only loaded programs, buys a shape on disk as
+    soon as renting costs more than loading it, and rents one that is not
+    until it has paid the recorded compile seconds, not the loading ones."""
+    from acdc_jax import program_record
+    from acdc_jax.programs import Cost
+
+    monkeypatch.setattr(program_record, "_directory", lambda: tmp_path)
+    on_disk, elsewhere = Shape("pass", 2, 4, 1, None), Shape("pass", 2, 4, 2, None)
+    first = Programs(label="kind")
+    first._note(on_disk, Cost(0.8, misses=1))
+    first._note(Shape("pass", 1, 16, None, None), Cost(1.2, misses=1))
+    first._note(Shape("heads", 2, 4, 1, None), Cost(0.4, hits=1))  # loaded: not a compile cost
+    record = (tmp_path / "acdc-jax-programs-kind.json").read_text()
+    assert '"pass": [1.0, 2]' in record and "heads" in record.split('"on_disk"')[1]
+
+    second = Programs(label="kind")
+    assert second.estimate_compile("pass") == pytest.approx(1.0)
+    assert second.estimate_compile("heads") == pytest.approx(1.0)  # no heads compiled: any kind's
+    second._note(Shape("pass", 1, 16, None, None), Cost(0.1, hits=1))
+    assert second.compile_costs == {} and second.load_costs == [0.1]
+    assert second.estimate_compile("pass", on_disk) == pytest.approx(0.1)
+    assert second.estimate_compile("pass", elsewhere) == pytest.approx(1.0)
+    second.compiled, second.seconds_per_flop = {Shape("pass", 1, 16, None, None)}, 1.0
+    flops = lambda s: {16: 1.0}.get(s.width, 0.96)  # renting costs 0.04 s a pass
+    picks = {need: [second.choose(need, flops) for _ in range(30)] for need in (on_disk, elsewhere)}
+    assert picks[on_disk][:2] == [Shape("pass", 1, 16, None, None)] * 2 and picks[on_disk][2] == on_disk
+    assert picks[elsewhere][:24] == [Shape("pass", 1, 16, None, None)] * 24 and picks[elsewhere][24] == elsewhere
+
+
+def test_a_damaged_record_is_read_as_none(tmp_path, monkeypatch):
+    """A record cut short (a crash mid-write elsewhere) is a lost hint, not an
+    error: the estimate falls back to this process's own measurements, and the next note rewrites it whole."""
+    from acdc_jax import program_record
+    from acdc_jax.programs import Cost
+
+    monkeypatch.setattr(program_record, "_directory", lambda: tmp_path)
+    (tmp_path / "acdc-jax-programs-kind.json").write_text('{"compile_seconds": {"pass": [1.0')
+    p = Programs(label="kind")
+    assert p.estimate_compile("pass", Shape("pass", 2, 4, 1, None)) == 0.0
+    p._note(Shape("pass", 2, 4, 1, None), Cost(0.3, misses=1))
+    assert p.estimate_compile("pass") == pytest.approx(0.3)
+    assert Programs(label="kind").record.on_disk(Shape("pass", 2, 4, 1, None))
 
 
 def test_an_earlier_cover_is_rented_then_the_layers_own_cover_bought():
