@@ -257,6 +257,21 @@ def test_a_later_process_buys_shapes_on_disk_and_rents_the_rest_at_the_recorded_
     assert picks[elsewhere][:24] == [Shape("pass", 1, 16, None, None)] * 24 and picks[elsewhere][24] == elsewhere
 
 
+def test_a_record_label_names_the_settings_not_the_objects():
+    """The record's name is the same for equal settings held in different
+    objects (another process's), and differs where a setting does."""
+    from acdc_jax.program_record import label
+
+    def metric(x):
+        return x
+
+    other = eval("lambda x: x")  # a different object, at another address
+    other.__name__, other.__qualname__ = metric.__name__, metric.__qualname__
+    assert label("kl", (4, 6), metric) != label("kl", (4, 7), metric)
+    assert label("kl", (4, 6), metric) != label("logit_diff", (4, 6), metric)
+    assert repr(metric) != repr(other) and label("kl", (4, 6), metric) == label("kl", (4, 6), other)
+
+
 def test_a_damaged_record_is_read_as_none(tmp_path, monkeypatch):
     """A record cut short (a crash mid-write elsewhere) is a lost hint, not an
     error: the estimate falls back to this process's own measurements, and the next note rewrites it whole."""
