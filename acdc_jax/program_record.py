@@ -41,8 +41,8 @@ def label(*parts) -> str:
 
 def _directory() -> Optional[Path]:
     """JAX's disk cache directory, where it is on in this process."""
-    where = jax.config.jax_compilation_cache_dir
-    return Path(where) if where and jax.config.jax_enable_compilation_cache else None
+    where = getattr(jax.config, "jax_compilation_cache_dir", None)
+    return Path(where) if where and getattr(jax.config, "jax_enable_compilation_cache", True) else None
 
 
 def _row(shape) -> list:
