@@ -50,6 +50,15 @@ def _row(shape) -> list:
             for f in dataclasses.fields(shape)]
 
 
+def _well_formed(data) -> bool:
+    if not isinstance(data, dict):
+        return False
+    seconds, rows = data.get("compile_seconds", {}), data.get("on_disk", [])
+    return (isinstance(seconds, dict) and isinstance(rows, list) and all(isinstance(r, list) for r in rows)
+            and all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[1] >= 0
+                    for v in seconds.values()))
+
+
 class DiskRecord:
     """The record of one label's programs in the disk cache directory (none while the cache is off)."""
 
@@ -74,7 +83,7 @@ class DiskRecord:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}  # none yet, or unreadable (a hint only: start afresh)
-        return data if isinstance(data, dict) else {}
+        return data if _well_formed(data) else {}
 
     def on_disk(self, shape) -> bool:
         return _row(shape) in self._load().get("on_disk", [])

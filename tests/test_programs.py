@@ -273,15 +273,16 @@ def test_a_record_label_names_the_settings_not_the_objects():
 
 
 def test_a_damaged_record_is_read_as_none(tmp_path, monkeypatch):
-    """A record cut short (a crash mid-write elsewhere) is a lost hint, not an
+    """A record cut short (a crash mid-write elsewhere) or of the wrong shape is a lost hint, not an
     error: the estimate falls back to this process's own measurements, and the next note rewrites it whole."""
     from acdc_jax import program_record
     from acdc_jax.programs import Cost
 
     monkeypatch.setattr(program_record, "_directory", lambda: tmp_path)
-    (tmp_path / "acdc-jax-programs-kind.json").write_text('{"compile_seconds": {"pass": [1.0')
+    for damaged in ('{"compile_seconds": {"pass": [1.0', '{"compile_seconds": {"pass": "1.0"}}', '[1, 2]'):
+        (tmp_path / "acdc-jax-programs-kind.json").write_text(damaged)
+        assert Programs(label="kind").estimate_compile("pass", Shape("pass", 2, 4, 1, None)) == 0.0
     p = Programs(label="kind")
-    assert p.estimate_compile("pass", Shape("pass", 2, 4, 1, None)) == 0.0
     p._note(Shape("pass", 2, 4, 1, None), Cost(0.3, misses=1))
     assert p.estimate_compile("pass") == pytest.approx(0.3)
     assert Programs(label="kind").record.on_disk(Shape("pass", 2, 4, 1, None))
