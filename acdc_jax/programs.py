@@ -278,17 +278,13 @@ class Programs:
         this process, else as recorded beside the disk cache; of this kind if
         seen, else of any)."""
         if shape is not None and self.record is not None and self.record.on_disk(shape):
-            return sum(self.load_costs) / len(self.load_costs) if self.load_costs else 0.0
-        recorded = (lambda k: None) if self.record is None else self.record.compile_seconds
-        seen = self.compile_costs.get(kind)
-        if seen:
-            return sum(seen) / len(seen)
-        if recorded(kind) is not None:
-            return recorded(kind)
-        seen = [c for cs in self.compile_costs.values() for c in cs]
-        if seen:
-            return sum(seen) / len(seen)
-        return recorded(None) or 0.0
+            return _mean(self.load_costs) or 0.0
+        recorded = (lambda kind: None) if self.record is None else self.record.compile_seconds
+        every = [c for cs in self.compile_costs.values() for c in cs]
+        for guess in (_mean(self.compile_costs.get(kind, [])), recorded(kind), _mean(every), recorded(None)):
+            if guess is not None:
+                return guess
+        return 0.0
 
     def covering(self, need: Shape, max_width: Optional[int] = None) -> list[Shape]:
         """The compiled programs (at most `max_width` wide) that can run a pass that needs `need`."""
@@ -352,6 +348,10 @@ class Programs:
             rate = max(wall - cost.seconds, 0.0) / flops
             self.seconds_per_flop = _average(self.seconds_per_flop, rate)
         return out
+
+
+def _mean(seconds: list[float]) -> Optional[float]:
+    return sum(seconds) / len(seconds) if seconds else None
 
 
 def _average(old: Optional[float], new: float) -> float:

@@ -79,11 +79,11 @@ class Scorer:
         self.full_passes = 0  # of those, passes over the whole model (`full`)
         self.flops = 0  # matrix-multiply FLOPs of every pass so far (see flops.py)
         self._heads_cache = None
-        kind = (metric, corruption.kind, tuple(self.tokens.shape), self.positions, prompt_chunk,
-                str(model.embed.W_E.dtype), jax.config.jax_default_matmul_precision)
-        self.programs = shared((graph, self.task, mesh) + kind, label=label(
+        settings = (metric, corruption.kind, tuple(self.tokens.shape), self.positions, prompt_chunk,
+                    str(model.embed.W_E.dtype), jax.config.jax_default_matmul_precision)
+        self.programs = shared((graph, self.task, mesh) + settings, label=label(
             graph.config, graph.split_qkv, graph.qkv_edges, graph.split_embed, type(self.task).__qualname__,
-            None if mesh is None else dict(mesh.shape), *kind))
+            None if mesh is None else dict(mesh.shape), *settings))
         accelerator = self._on_accelerator()
         # on one CPU device a pass that runs full layers loops over its candidates (`dense.candidates_metric`)
         self.loop = mesh is None and not accelerator
