@@ -46,7 +46,7 @@ from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_
 from .errors import FlatMetricWarning, MetricError, MetricFallsWarning, check_number, check_stop_after
 from .graph import CircuitGraph
 from .model import Transformer, cast
-from .programs import compile_seconds
+from .programs import compile_seconds, program_counts
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from .schedule import Schedule
@@ -234,6 +234,7 @@ def acdc(
       is within that rounding of tau.
     """
     tau = check_run(tau, mode, abs_value, rescore_ties, stop_after, log_path, resume)
+    programs_before = program_counts()  # the call's, its setup included
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function of each Decision, got {callback!r}.")
     model = cast_for(model, dtype)
@@ -335,7 +336,9 @@ def acdc(
                         sparse_passes=scorer.sparse.passes,
                         rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
-                        compile_seconds=round(compile_seconds() - compiled, 3), compiled_ahead=len(scorer.ahead),
+                        compile_seconds=round(compile_seconds() - compiled, 3),
+                        **{f"programs_{k}": n - programs_before[k] for k, n in program_counts().items()},
+                        compiled_ahead=len(scorer.ahead),
                         bought_ahead=scorer.bought_ahead, compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
                         compile_wait_seconds=round(setup_waited + scorer.programs.waited - waited, 3),
                         mesh=None if mesh is None else dict(mesh.shape))

@@ -50,18 +50,23 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]  # in this process, so far
 _thread = threading.local()  # the same, in this thread (programs compiled ahead: `Programs.compile_ahead`)
+_programs = {"got": 0, "hits": 0}  # in this process: executables got from XLA, and of those read from disk
 
 
 def _listen(event: str, duration: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         _compile_seconds[0] += duration
         _thread.seconds = getattr(_thread, "seconds", 0.0) + duration
+        if event == _COMPILE_EVENTS[-1]:  # also sent where the program came from disk
+            _programs["got"] += 1
 
 
 def _count(event: str, **_) -> None:
     if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):  # miss: written
         name = event.rsplit("_", 1)[-1]
         setattr(_thread, name, getattr(_thread, name, 0) + 1)
+        if name == "hits":
+            _programs["hits"] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_listen)
@@ -89,6 +94,12 @@ def compile_seconds() -> float:
     """Seconds spent tracing, lowering and compiling in this process so far
     (in every thread: with programs compiled ahead, more than the wall time it took)."""
     return _compile_seconds[0]
+
+
+def program_counts() -> dict[str, int]:
+    """Programs this process has compiled and loaded (read back from the
+    programs on disk, `use_disk_cache`) so far, every thread's."""
+    return {"compiled": _programs["got"] - _programs["hits"], "loaded": _programs["hits"]}
 
 
 def thread_compile_seconds() -> float:

@@ -125,6 +125,8 @@ def main(argv=None):
         seconds, circuit = run_ours(model, task, float(args.child[0]), "batched", precision=args.precision,
                                     sparse=args.sparse)
         print(json.dumps({"seconds": seconds, "compile_s": circuit.settings["compile_s"],
+                          "programs_compiled": circuit.settings["programs_compiled"],
+                          "programs_loaded": circuit.settings["programs_loaded"],
                           "mask": circuit.mask.astype(int).tolist()}))
         return
     model, task = model_and_task(tmp, args.n_prompts, args.n_pos)
@@ -179,6 +181,10 @@ def main(argv=None):
                                         .stdout.strip().splitlines()[-1]) for _ in range(2))
             row.update(batched_fresh_process_s=fresh["seconds"], batched_disk_cached_s=cached["seconds"],
                        batched_disk_cached_compile_s=cached["compile_s"],
+                       # the run's executables: compiled (and written) by the first child, read back by the second
+                       fresh_programs_compiled=fresh["programs_compiled"],
+                       disk_cached_programs_compiled=cached["programs_compiled"],
+                       disk_cached_programs_loaded=cached["programs_loaded"],
                        speedup_disk_cached=t_seq / cached["seconds"],
                        disk_cached_same_circuit=fresh["mask"] == cached["mask"] == bat.mask.astype(int).tolist())
         save(row)

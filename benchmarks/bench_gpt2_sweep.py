@@ -122,6 +122,8 @@ def main(argv=None):
            "checked_programs": circuit.settings["checked_programs"], "width": circuit.settings["width"],
            "widths_per_start_layer": circuit.settings["widths"], "prompt_chunk": circuit.settings["prompt_chunk"],
            "compile_s": compiling, "disk_cache_files_before": cached_before,
+           "programs_compiled": circuit.settings["programs_compiled"],  # the run's executables; loaded: read back from disk
+           "programs_loaded": circuit.settings["programs_loaded"],
            # compiling ahead: programs compiled in background threads, and the seconds the run itself spent
            # compiling and waiting for those (the rest of compile_s overlapped with passes or each other)
            "compiled_ahead": circuit.settings["compiled_ahead"], "bought_ahead": circuit.settings["bought_ahead"],
@@ -146,7 +148,7 @@ def main(argv=None):
             n = min(len(before), len(codes))
             row.update(compared_with_cold=n, same_as_cold=before[:n] == codes[:n])
     print_table([row], ["edges", "decided", "finished", "seconds", "compile_s", "compile_main_thread_s",
-                        "compile_wait_s", "programs", "passes", "full_passes",
+                        "compile_wait_s", "programs", "programs_compiled", "programs_loaded", "passes", "full_passes",
                         "rescored", "edges_per_s",
                         "projected_full_sweep_s", "floor_s_at_peak",
                         "flops_per_edge_over_forward", "achieved_flops_per_s", "fraction_of_peak", "same_as_cold"])

@@ -198,6 +198,7 @@ circuit = acdc_jax.acdc(Transformer(config, key=jax.random.PRNGKey(0)), task, 1e
 (p,) = acdc_jax.programs._shared.values()
 print(json.dumps({"where": where, "hits": len(hits), "decisions": [[d.index, d.kept] for d in circuit.decisions],
                   "compiled": {k: len(v) for k, v in p.compile_costs.items()}, "loaded": len(p.load_costs),
+                  "counts": [circuit.settings["programs_compiled"], circuit.settings["programs_loaded"]],
                   "shapes": sorted(program_record._row(s) for s in p.compiled), "label": p.record.name}))
 """
 
@@ -223,6 +224,9 @@ def test_a_later_process_loads_the_programs_from_disk(tmp_path):
     assert second["label"] == first["label"] and sorted(record["on_disk"]) == first["shapes"] == second["shapes"]
     assert set(record["compile_seconds"]) == set(first["compiled"]) and first["loaded"] == 0
     assert second["compiled"] == {} and second["loaded"] == len(second["shapes"])
+    # the circuit says so too, counting every executable of the run (the pass programs and the setup's)
+    assert first["counts"][0] > len(first["shapes"])
+    assert second["counts"] == [0, sum(first["counts"])]  # (the first loaded where two jits made one program)
 
 
 def test_a_later_process_buys_shapes_on_disk_and_rents_the_rest_at_the_recorded_compile_cost(tmp_path, monkeypatch):
