@@ -194,11 +194,14 @@ config = TransformerConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_vocab=
 rng = np.random.default_rng(0)
 task = Task("random-kl", rng.integers(0, 40, (4, 6)), rng.integers(0, 40, (4, 6)), positions=np.array([5]),
             metrics={"kl": kl_divergence})
-circuit = acdc_jax.acdc(Transformer(config, key=jax.random.PRNGKey(0)), task, 1e-3, progress=False)
+model = Transformer(config, key=jax.random.PRNGKey(0))
+circuit = acdc_jax.acdc(model, task, 1e-3, progress=False)
 (p,) = acdc_jax.programs._shared.values()
+nodes = acdc_jax.algorithms.acdc_nodes(model, task, 1e-3, progress=False)
 print(json.dumps({"where": where, "hits": len(hits), "decisions": [[d.index, d.kept] for d in circuit.decisions],
                   "compiled": {k: len(v) for k, v in p.compile_costs.items()}, "loaded": len(p.load_costs),
                   "counts": [circuit.settings["programs_compiled"], circuit.settings["programs_loaded"]],
+                  "nodes": [nodes.settings["programs_compiled"], nodes.settings["programs_loaded"]],
                   "shapes": sorted(program_record._row(s) for s in p.compiled), "label": p.record.name}))
 """
 
@@ -227,6 +230,7 @@ def test_a_later_process_loads_the_programs_from_disk(tmp_path):
     # the circuit says so too, counting every executable of the run (the pass programs and the setup's)
     assert first["counts"][0] > len(first["shapes"])
     assert second["counts"] == [0, sum(first["counts"])]  # (the first loaded where two jits made one program)
+    assert first["nodes"][0] > 0 and second["nodes"] == [0, sum(first["nodes"])]  # ACDC over nodes, after it
 
 
 def test_a_later_process_buys_shapes_on_disk_and_rents_the_rest_at_the_recorded_compile_cost(tmp_path, monkeypatch):

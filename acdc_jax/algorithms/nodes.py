@@ -37,6 +37,7 @@ from ..errors import MetricError
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
+from ..programs import program_counts
 from ..runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from ..sharding import parse_mesh
 from ..speculate import trial_result
@@ -109,7 +110,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     import jax
 
     tau = check_run(tau, mode, abs_value, rescore_ties, stop_after, log_path, resume)
-    start_time = time.perf_counter()
+    start_time, programs_before = time.perf_counter(), program_counts()
     graph = task.graph_for(model, graph)
     mesh = parse_mesh(mesh)
     caps, chunk = [1] * (graph.n_layers + 1), None
@@ -148,7 +149,9 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
     settings.update(mode=mode, nodes=kept, n_nodes=len(nodes.order), passes=scorer.passes, rescored=run.rescored,
                     narrowed=run.narrowed, seconds=round(time.perf_counter() - start_time, 3),
                     finished=run.next == len(nodes.order))
-    return Circuit(graph, final, scorer.full(final), run.decisions, settings, scores)
+    metric = scorer.full(final)
+    settings.update({f"programs_{k}": n - programs_before[k] for k, n in program_counts().items()})
+    return Circuit(graph, final, metric, run.decisions, settings, scores)
 
 
 class _Run:
