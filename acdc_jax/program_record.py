@@ -88,6 +88,10 @@ class DiskRecord:
     def on_disk(self, shape) -> bool:
         return _row(shape) in self._load().get("on_disk", [])
 
+    def on_disk_from(self, kinds: tuple, start_layer: int) -> bool:
+        """Whether a program of one of `kinds` from `start_layer` is on disk."""
+        return any(row[:2] == [kind, start_layer] for row in self._load().get("on_disk", []) for kind in kinds)
+
     def compile_seconds(self, kind: Optional[str] = None) -> Optional[float]:
         """The mean real compile seconds of a program of `kind` (None: of any kind), or None if none was recorded."""
         seen = self._load().get("compile_seconds", {})

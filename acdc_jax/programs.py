@@ -297,6 +297,14 @@ class Programs:
                 return guess
         return 0.0
 
+    def estimate_from(self, kinds: tuple, start_layer: int) -> float:
+        """Seconds to get a program of `kinds[0]` from `start_layer` where the
+        exact shape is not known yet: to load one where an earlier process
+        left one of `kinds` from that layer on disk, else to compile one."""
+        if self.record is not None and self.record.on_disk_from(kinds, start_layer):
+            return _mean(self.load_costs) or 0.0
+        return self.estimate_compile(kinds[0])
+
     def covering(self, need: Shape, max_width: Optional[int] = None) -> list[Shape]:
         """The compiled programs (at most `max_width` wide) that can run a pass that needs `need`."""
         return [s for s in self.compiled if s.covers(need) and (max_width is None or s.width <= max_width)]

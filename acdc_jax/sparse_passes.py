@@ -185,16 +185,21 @@ class SparsePasses:
         first (an accelerator), the dense pass's program, if none covers it.
         The benchmark model (10 prompts, tau 0.1) compiled 24 programs
         sparse, 12 s, against 17 dense, 12.7 s: counting only the sparse side
-        put the choice on a knife edge (dense in 3 of 9 fresh runs, 30 s against 19-21 s)."""
+        put the choice on a knife edge (dense in 3 of 9 fresh runs, 30 s against 19-21 s).
+        A layer's programs that an earlier process left on disk (its record,
+        `program_record.py`) cost loading, so that a later process goes the
+        way the first went and loads what it compiled."""
         s, programs = self.scorer, self.scorer.programs
-        cost = (1 + 2 * (shape.start_layer + 1)) * programs.estimate_compile(shape.kind)
+        family = (shape.kind, "rebase", "receivers")  # estimated alike, at the sparse programs' compile seconds
+        cost = programs.estimate_from(family, shape.start_layer)
+        cost += 2 * sum(programs.estimate_from(family, l) for l in range(shape.start_layer + 1))
         if s.cover_first:
             if not any(c.covers(dense) for c in programs.compiled):
                 cost -= programs.estimate_compile(dense.kind)
             return cost
         for kind in ("pass", "heads"):
             have = {c.start_layer for c in programs.compiled if c.kind == kind}
-            cost -= sum(l not in have for l in range(shape.start_layer + 1)) * programs.estimate_compile(kind)
+            cost -= sum(programs.estimate_from((kind,), l) for l in range(shape.start_layer + 1) if l not in have)
         return cost
 
     def passes_left(self, start_layer: int) -> int:

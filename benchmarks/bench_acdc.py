@@ -210,7 +210,8 @@ def main(argv=None):
                     "warm_same_as_sequential"]
     if args.disk_cache:
         columns += ["batched_fresh_process_s", "batched_disk_cached_s", "batched_disk_cached_compile_s",
-                    "speedup_disk_cached", "disk_cached_same_circuit"]
+                    "disk_cached_programs_compiled", "disk_cached_programs_loaded", "speedup_disk_cached",
+                    "disk_cached_same_circuit"]
     if args.auto_circuit_python:
         columns += ["auto_circuit_s", "speedup_vs_auto_circuit", "batched_in_their_order_s",
                     "same_circuit_in_their_order", "jaccard_acdc_vs_auto_circuit"]

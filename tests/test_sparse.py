@@ -228,6 +228,45 @@ def test_auto_mode_weighs_the_compiling_of_sparse_programs():
         Scorer(model, graph, task, corr, kl_divergence, sparse="sometimes")
 
 
+def test_auto_mode_counts_programs_on_disk_at_their_loading_cost(tmp_path, monkeypatch):
+    """With the programs on disk, a layer's programs that an earlier process
+    left there (its record) cost loading in the entry cost, not compiling:
+    a later process goes the way the first went, and loads what it compiled
+    instead of compiling the other family's programs."""
+    from acdc_jax import program_record
+    from acdc_jax.programs import Programs, Shape
+
+    monkeypatch.setattr(program_record, "_directory", lambda: tmp_path)
+    model, graph, corr, task, scorer = _setup("LN", "standard", "prompts", False, [6])
+    base = np.ones(graph.n_edges, np.float32)
+    last_layer = np.flatnonzero(_receiver_layers(graph) == graph.n_layers - 1)
+    cands = Candidates(base, [[e] for e in last_layer[:3]])
+    dense, sparse = scorer.need(cands, 2, 4), scorer.sparse.need(cands, 2, 4)
+    family = {"sparse": [sparse], "rebase": [Shape("rebase", l, 1, None, None, (2, 0)) for l in range(3)],
+              "receivers": [Shape("receivers", l, 1, None, None) for l in range(3)],
+              "pass": [Shape("pass", l, 4, None, None) for l in range(3)],
+              "heads": [Shape("heads", l, 1, 4, None) for l in range(3)]}
+
+    def entry_cost(on_disk):  # a later process: compile seconds from the record, 0.1 s per program loaded
+        (tmp_path / "acdc-jax-programs-kind.json").unlink(missing_ok=True)
+        first = Programs(label="kind")
+        for kind, shapes in family.items():
+            for shape in shapes:
+                first.record.note(shape, 0.975 if kind in ("pass", "heads") else 0.5, kind in on_disk)
+        scorer.programs = later = Programs(label="kind")
+        later.compiled.add(dense)
+        later.load_costs = [0.1]
+        return scorer.sparse.entry_cost(sparse, dense)
+
+    # nothing on disk: the sparse program, per layer 0-2 a receiver cache and a move, at the sparse programs'
+    # recorded 0.5 s; less a pass program for layers 0 and 1 and a head cache for layers 0-2 at 0.975 s
+    assert entry_cost(()) == pytest.approx(7 * 0.5 - 5 * 0.975)
+    # the first went sparse: its programs load, and the dense ones it never needed would be compiled
+    assert entry_cost(("sparse", "rebase", "receivers")) == pytest.approx(7 * 0.1 - 5 * 0.975)
+    # the first stayed dense: the sparse programs would be compiled, the dense ones load
+    assert entry_cost(("pass", "heads")) == pytest.approx(7 * 0.5 - 5 * 0.1)
+
+
 def test_a_compiled_sparse_program_is_rented_before_a_dense_one_is_compiled(monkeypatch):
     """Where a pass costs more sparse than dense (a move to pay, one
     candidate) but only a sparse program that runs it is compiled, the extra
