@@ -24,9 +24,9 @@ def _summary(circuit, task, faith) -> list[str]:
     if s.get("method", "acdc") == "acdc" and s.get("start"):
         how += f", within a start circuit of {s['start']['edges']} edges"
     mode = f", {s['mode']}" if "mode" in s else ""
-    n = s.get("programs_compiled")
-    programs = (f", {n} program{'' if n == 1 else 's'} compiled, {s['programs_loaded']} loaded from disk"
-                if "programs_loaded" in s else "")
+    n, loaded = s.get("programs_compiled"), s.get("programs_loaded")
+    programs = "" if n is None else f", {n} program{'' if n == 1 else 's'} compiled" + (
+        f", {loaded} loaded from disk" if loaded else "")
     return [f"task {task.name}: kept {circuit.n_edges} of {circuit.graph.n_edges} edges, {how} "
             f"({s['metric']}, corruption={s['corruption']}{mode}) in {s['seconds']:.1f}s, {s['passes']} passes"
             f"{programs}",
