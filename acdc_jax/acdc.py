@@ -46,7 +46,7 @@ from .decide import PassOutOfMemory, State, apply_prunes, decide, narrow, probe_
 from .errors import FlatMetricWarning, MetricError, MetricFallsWarning, check_number, check_stop_after
 from .graph import CircuitGraph
 from .model import Transformer, cast
-from .programs import compile_seconds, program_counts
+from .programs import compile_seconds, program_counts, programs_since
 from .precision import PRECISIONS, check_precision, matmul_precision  # noqa: F401 (PRECISIONS: re-exported)
 from .runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from .schedule import Schedule
@@ -337,7 +337,7 @@ def acdc(
                         rebases=scorer.sparse.rebases, unmoved_passes=scorer.sparse.unmoved,
                         seconds=round(time.perf_counter() - start, 3),
                         compile_seconds=round(compile_seconds() - compiled, 3),
-                        **{f"programs_{k}": n - programs_before[k] for k, n in program_counts().items()},
+                        **programs_since(programs_before),
                         compiled_ahead=len(scorer.ahead),
                         bought_ahead=scorer.bought_ahead, compiled_ahead_and_run=len(set(scorer.ahead) & scorer.shapes),
                         compile_wait_seconds=round(setup_waited + scorer.programs.waited - waited, 3),

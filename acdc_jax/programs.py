@@ -102,6 +102,11 @@ def program_counts() -> dict[str, int]:
     return {"compiled": _programs["got"] - _programs["hits"], "loaded": _programs["hits"]}
 
 
+def programs_since(before: dict[str, int]) -> dict[str, int]:
+    """`programs_compiled` and `programs_loaded` since `program_counts()` gave `before` (a run's settings)."""
+    return {f"programs_{k}": n - before[k] for k, n in program_counts().items()}
+
+
 def thread_compile_seconds() -> float:
     """Seconds spent tracing, lowering and compiling in this thread so far."""
     return getattr(_thread, "seconds", 0.0)
@@ -289,7 +294,7 @@ class Programs:
         this process, else as recorded beside the disk cache; of this kind if
         seen, else of any)."""
         if shape is not None and self.record is not None and self.record.on_disk(shape):
-            return _mean(self.load_costs) or 0.0
+            return self.load_estimate()
         recorded = (lambda kind: None) if self.record is None else self.record.compile_seconds
         every = [c for cs in self.compile_costs.values() for c in cs]
         for guess in (_mean(self.compile_costs.get(kind, [])), recorded(kind), _mean(every), recorded(None)):
@@ -302,8 +307,12 @@ class Programs:
         exact shape is not known yet: to load one where an earlier process
         left one of `kinds` from that layer on disk, else to compile one."""
         if self.record is not None and self.record.on_disk_from(kinds, start_layer):
-            return _mean(self.load_costs) or 0.0
+            return self.load_estimate()
         return self.estimate_compile(kinds[0])
+
+    def load_estimate(self) -> float:
+        """Seconds to read a program back from disk, as measured in this process (0 before the first)."""
+        return _mean(self.load_costs) or 0.0
 
     def covering(self, need: Shape, max_width: Optional[int] = None) -> list[Shape]:
         """The compiled programs (at most `max_width` wide) that can run a pass that needs `need`."""

@@ -122,7 +122,8 @@ def main(argv=None):
            "checked_programs": circuit.settings["checked_programs"], "width": circuit.settings["width"],
            "widths_per_start_layer": circuit.settings["widths"], "prompt_chunk": circuit.settings["prompt_chunk"],
            "compile_s": compiling, "disk_cache_files_before": cached_before,
-           "programs_compiled": circuit.settings["programs_compiled"],  # the run's executables; loaded: read back from disk
+           # the run's executables, compiled and read back from disk
+           "programs_compiled": circuit.settings["programs_compiled"],
            "programs_loaded": circuit.settings["programs_loaded"],
            # compiling ahead: programs compiled in background threads, and the seconds the run itself spent
            # compiling and waiting for those (the rest of compile_s overlapped with passes or each other)

@@ -37,7 +37,7 @@ from ..errors import MetricError
 from ..graph import CircuitGraph
 from ..memory import plan_task
 from ..precision import takes_precision
-from ..programs import program_counts
+from ..programs import program_counts, programs_since
 from ..runlog import RunLog, closed_on_error, model_fingerprint, task_fingerprint
 from ..sharding import parse_mesh
 from ..speculate import trial_result
@@ -150,7 +150,7 @@ def acdc_nodes(model, task, tau: float, *, metric=None, corruption=None, mode: s
                     narrowed=run.narrowed, seconds=round(time.perf_counter() - start_time, 3),
                     finished=run.next == len(nodes.order))
     metric = scorer.full(final)
-    settings.update({f"programs_{k}": n - programs_before[k] for k, n in program_counts().items()})
+    settings.update(programs_since(programs_before))
     return Circuit(graph, final, metric, run.decisions, settings, scores)
 
 
