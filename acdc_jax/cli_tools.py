@@ -13,7 +13,13 @@ def _task(args):
     from . import tasks
 
     return tasks.get(args.task, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
-                     n_examples=args.examples, seed=args.seed)
+                     n_examples=args.examples, seed=args.seed, bos=_bos(args.bos))
+
+
+def _bos(arg):
+    from .tasks import TASK_BOS
+
+    return TASK_BOS if arg is None else None if arg.lower() == "none" else arg
 
 
 def cmd_evaluate(args) -> int:
@@ -85,7 +91,8 @@ def cmd_draw(args) -> int:
     if against is not None:
         circuit.graph.check_same_edges(against.graph, f"--against {args.against}")
     base = Path(args.out) if args.out else _beside(args.circuit, "drawn")  # not the run's own circuit.*
-    title = args.title if args.title is not None else f"{circuit.settings.get('task', '')} {_described(circuit)}".strip()
+    task = circuit.settings.get("task")
+    title = args.title if args.title is not None else (f"{task}: " if task else "") + _described(circuit)
     written = render(circuit, base, canonical=None if against is None else against.edges, title=title)
     written.append(write_html(circuit, base.with_suffix(".html")))
     print(f"{args.circuit}: {_described(circuit)}")

@@ -230,3 +230,42 @@ def test_docstring_logit_difference_and_greaterthan_probability_difference(tmp_p
         diffs.append(after - upto)
     got = task.metric("prob_diff")(jax.numpy.asarray(logits), task)
     np.testing.assert_allclose(float(got), -np.mean(diffs), rtol=1e-4, atol=1e-7)
+
+
+def test_bos_picks_the_token_before_every_prompt(tmp_path, capsys):
+    """A model whose tokenizer has no <|endoftext|> (Gemma's <bos>, say): IOI
+    asks for its BOS token, then starts every prompt with the one given, or
+    with none; the command line passes --bos through."""
+    from acdc_jax import tasks
+    from acdc_jax.errors import TaskError
+
+    from .helpers import random_hf_llama
+
+    tokenizer = str(tmp_path / "tokenizer.json")
+    tok = build_tokenizer(_language_texts(), special="<bos>", path=tmp_path / "tokenizer.json")
+    random_hf_llama(tmp_path, vocab=tok.get_vocab_size(), name="llama")
+    ckpt = str(tmp_path / "llama")
+    with pytest.raises(TaskError, match=r"no '<\|endoftext\|>' token.*--bos"):
+        tasks.get("ioi", checkpoint=ckpt, tokenizer=tokenizer, n_examples=4)
+    model, with_bos = tasks.get("ioi", checkpoint=ckpt, tokenizer=tokenizer, n_examples=4, bos="<bos>")
+    _, without = tasks.get("ioi", checkpoint=ckpt, tokenizer=tokenizer, n_examples=4, bos=None)
+    bos = tok.token_to_id("<bos>")
+    for ids in (with_bos.clean, with_bos.corrupted):
+        assert (ids[:, 0] == bos).all()
+    np.testing.assert_array_equal(with_bos.clean[:, 1:], without.clean)
+    np.testing.assert_array_equal(with_bos.corrupted[:, 1:], without.corrupted)
+    assert (without.clean != bos).all()
+    with pytest.raises(TaskError, match="bos .*--bos.* not induction"):
+        tasks.get("induction", bos="<bos>")
+    graph = with_bos.graph(model)
+    out = tmp_path / "circuit.json"
+    Circuit(graph, np.arange(graph.n_edges) % 2 == 0, settings={"method": "acdc", "tau": 0.1}).save(out)
+    evaluate = ["evaluate", str(out), "--task", "ioi", "--checkpoint", ckpt, "--tokenizer", tokenizer,
+                "--examples", "4", "--metric", "logit_diff"]
+    for arg, task in (("none", without), ("<bos>", with_bos)):
+        assert main(evaluate + ["--bos", arg]) == 0
+        logits = jax.vmap(model)(jax.numpy.asarray(task.clean))[:, task.positions]
+        full = float(task.metric("logit_diff")(logits, task))
+        assert f"full model {full:.4g}" in capsys.readouterr().out
+    assert main(evaluate) == 2
+    assert "--bos" in capsys.readouterr().err

@@ -29,14 +29,20 @@ from .prompts import load_task, prompt_task
 from .text import tokenizer_beside
 
 NEEDS_WEIGHTS = {"ioi": "GPT-2 small", "greater-than": "GPT-2 small", "docstring": "attn-only-4l"}
+TASK_BOS = "task default"  # `get`'s bos when not given: each task's own
 TASKS = ("tracr-reverse", "tracr-proportion", "induction", "ioi", "greater-than", "docstring")
 
 
 def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = None,
-        n_examples: Optional[int] = None, seed: int = 0):
+        n_examples: Optional[int] = None, seed: int = 0, bos: Optional[str] = TASK_BOS):
     """(model, task) for a named task, or for a task file (``*.json``, see
     `prompts.load_task`). Without `tokenizer`, the checkpoint directory's own
-    tokenizer files are used where it has them."""
+    tokenizer files are used where it has them. `bos`: the token put before
+    every prompt of ioi, greater-than and docstring (None: none; by default
+    the task's own, GPT-2's ``<|endoftext|>`` for IOI)."""
+    if bos != TASK_BOS and name not in NEEDS_WEIGHTS:
+        raise TaskError(f"bos (--bos) is for the tasks {tuple(NEEDS_WEIGHTS)}, not {name}"
+                        + (": put it in the task file's \"bos\" field." if str(name).endswith(".json") else "."))
     if checkpoint is not None and tokenizer is None:
         tokenizer = tokenizer_beside(checkpoint)
     if str(name).endswith(".json"):
@@ -51,6 +57,8 @@ def get(name: str, checkpoint: Optional[str] = None, tokenizer: Optional[str] = 
         raise TaskError(f"Unknown task {name!r}; choose from {TASKS}, or give a task file (*.json).")
     check_examples(name, n_examples)
     kw = {} if n_examples is None else {"n_examples": n_examples}
+    if bos != TASK_BOS:
+        kw["bos"] = bos
     if name.startswith("tracr-"):
         if checkpoint is not None:
             raise TaskError(f"{name} compiles its own model; do not pass a checkpoint.")

@@ -129,7 +129,7 @@ def greaterthan_canonical(graph: CircuitGraph) -> frozenset:
     return frozenset(edges)
 
 
-def greaterthan(model, tokenizer, n_examples: int = 100, seed: int = 0) -> Task:
-    task = greaterthan_task(tokenizer, n_examples, seed)
+def greaterthan(model, tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = None) -> Task:
+    task = greaterthan_task(tokenizer, n_examples, seed, bos)
     return with_paper_circuit(task, model, "GPT-2 small", (12, 12, False),
                               lambda: greaterthan_canonical(task.graph(model)))

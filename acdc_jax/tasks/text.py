@@ -107,7 +107,9 @@ def bos_id(tokenizer, bos: Optional[str] = GPT2_EOS) -> Optional[int]:
         return None
     i = tokenizer.token_to_id(bos)
     if i is None:
-        raise TaskError(f"The tokenizer has no {bos!r} token to start prompts with; pass bos=None or another token.")
+        raise TaskError(f"The tokenizer has no {bos!r} token to start prompts with: pass the model's own BOS token "
+                        "as bos= (--bos on the command line; '<bos>' for Gemma, '<s>' for Llama 2), or bos=None "
+                        "(--bos none) for none.")
     return i
 
 
