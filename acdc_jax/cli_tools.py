@@ -42,8 +42,26 @@ def cmd_evaluate(args) -> int:
         raise ConfigError(f"{path}: {e}") from None
     print(f"circuit {path}: {circuit.n_edges} of {circuit.graph.n_edges} edges "
           f"({circuit.settings.get('method', 'acdc')})")
-    print("\n".join(quality_lines(circuit, task, faith)))
+    print("\n".join(quality_lines(circuit, task, faith) + _provenance(circuit, model, task)))
     return 0
+
+
+def _provenance(circuit, model, task) -> list[str]:
+    """Whether the model and prompts scored are those the circuit was found
+    on (ACDC records both fingerprints), so that a score on other prompts is
+    not read as the run's own."""
+    from .runlog import model_fingerprint, task_fingerprint
+
+    s = circuit.settings
+    if "model" not in s or "prompts" not in s:
+        return []
+    same_model, same_prompts = s["model"] == model_fingerprint(model), s["prompts"] == task_fingerprint(task)
+    if same_model and same_prompts:
+        return ["scored on the model and prompts it was found on"]
+    return ["scored on " + " and ".join(
+        what for what, same in (("another model (other weights)", same_model),
+                                ("other prompts than it was found on (another --examples, --seed or --bos?)",
+                                 same_prompts)) if not same)]
 
 
 def quality_lines(circuit, task, faith: dict) -> list[str]:

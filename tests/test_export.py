@@ -5,12 +5,14 @@ the exported circuit computes what the circuit computes."""
 import json
 import re
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from acdc_jax import Circuit, CircuitGraph, Corruption, patched_forward
 from acdc_jax.cli import main
+from acdc_jax.cli_tools import _provenance
 from acdc_jax.config import TransformerConfig
 from acdc_jax.export import from_eap_ig, to_eap_ig
 from acdc_jax.tasks import get
@@ -148,6 +150,13 @@ def test_evaluate_command_scores_a_saved_circuit_as_the_run_did(tmp_path, capsys
         assert main(["evaluate", str(source), "--task", "induction", "--examples", "8"]) == 0
         printed = capsys.readouterr().out
         assert f"faithfulness {saved['settings']['faithfulness']['normalized']:.3f}" in printed and nodes_line in printed
+        # the run's fingerprints of its model and prompts; an EAP-IG graph records neither
+        assert ("scored on the model and prompts it was found on" in printed) == (source == out)
+    assert main(["evaluate", str(out), "--task", "induction", "--examples", "8", "--seed", "1"]) == 0
+    assert "scored on other prompts than it was found on" in capsys.readouterr().out
+    model, task = get("induction", n_examples=8)
+    other = eqx.tree_at(lambda m: m.embed.W_E, model, model.embed.W_E * 1.01)
+    assert _provenance(Circuit.load(out), other, task) == ["scored on another model (other weights)"]
     # an EAP-IG graph has no q/k/v steps to cut (all read back as kept), so only the residual edges are scored
     residual = {e for e in canonical if not step.fullmatch(e)}
     assert 0 < len(residual) < len(canonical)
