@@ -211,4 +211,5 @@ def cmd_tasks(args) -> int:
         print(f"{name:18s} {need}")
     print(f"{'PATH.json':18s} your prompts (clean, corrupted, answers, ...); needs --checkpoint, and a tokenizer "
           "for texts")
+    print(f"{'':18s} (ioi, greater-than, docstring on another model: --bos with its BOS token, e.g. '<bos>' for Gemma)")
     return 0
