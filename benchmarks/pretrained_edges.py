@@ -98,8 +98,9 @@ def main() -> None:
                               "projected_seconds_for_all_trials": seconds / max(seq_trials, 1) * trials}
 
     measures = {}
-    for name, circuit in (("nodes", nodes), ("edges", edges)) if nodes is not None else (("edges", edges),):
-        measures[name] = {m: faithfulness(model, task, circuit, metric=m) for m in ("kl", "logit_diff")}
+    for name, circuit in (("nodes", nodes), ("edges", edges)):
+        if circuit is not None:  # no node stage with --all-edges
+            measures[name] = {m: faithfulness(model, task, circuit, metric=m) for m in ("kl", "logit_diff")}
     touched = sorted(nodes_of(edges.graph, edges.edges))
     result = {
         "model": about["source"],

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..graph import CircuitGraph
 from .base import Task, check_examples, kl_divergence, with_paper_circuit
-from .text import as_tokenizer, bos_id, need, single_token, single_tokens, tokenize_batch
+from .text import GPT2_EOS, as_tokenizer, bos_id, need, single_token, single_tokens, tokenize_batch
 
 TEMPLATE = "Then, {A} and {B} went to the {PLACE}. {B} gave a {OBJECT} to"
 
@@ -55,7 +55,7 @@ def logit_diff(logits, task):
     return -(last[rows, task.labels["io"]] - last[rows, task.labels["s"]]).mean()
 
 
-def ioi_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = "<|endoftext|>") -> Task:
+def ioi_task(tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = GPT2_EOS) -> Task:
     """IOI prompts for `tokenizer` (a path, or a tokenizers.Tokenizer)."""
     check_examples("ioi", n_examples)
     tok = as_tokenizer(tokenizer)
@@ -132,6 +132,6 @@ def ioi_canonical(graph: CircuitGraph) -> frozenset:
     return frozenset(keep)
 
 
-def ioi(model, tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = "<|endoftext|>") -> Task:
+def ioi(model, tokenizer, n_examples: int = 100, seed: int = 0, bos: str | None = GPT2_EOS) -> Task:
     task = ioi_task(tokenizer, n_examples, seed, bos)
     return with_paper_circuit(task, model, "GPT-2 small", (12, 12, False), lambda: ioi_canonical(task.graph(model)))
